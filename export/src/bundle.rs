@@ -1,0 +1,455 @@
+//! `duet-export`: a trained run → ONNX graphs → parity checks → a bundle directory.
+//!
+//! The bundle is assembled in a staging directory next to the destination and only moved into
+//! place once every graph has passed parity and the runtime's own [`Bundle::open`] accepts the
+//! result, so a failed export never leaves a half-written or unverified bundle under the real
+//! name, and a previous bundle there survives a failed export untouched.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::backend::NdArray;
+use duet_models::params::named_tensors;
+use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID, UNK_ID};
+use duet_models::{Captioner, ModelConfig};
+use duet_runtime::bundle::{sha256_file, Bundle};
+use duet_runtime::engine::EngineOptions;
+use duet_runtime::manifest::{
+    self, DimSpec, GraphSpec, ImageSpec, Manifest, ModelSpec, TensorSpec, TokenizerSpec,
+    CAPTION_DECODER, MANIFEST_FILE, SCHEMA_VERSION, VISION_ENCODER,
+};
+use duet_train::caption_stage::{image_to_chw, load_run, CONFIG_FILE, TOKENIZER_FILE};
+use duet_train::checkpoint::STATE_FILE;
+use duet_train::shapeworld::{caption, generate_scene, render, SceneConfig};
+use duet_train::tokenizer::encode_caption;
+use ndarray::{ArrayD, IxDyn};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tract_onnx::pb::{tensor_proto::DataType, tensor_shape_proto, type_proto, ModelProto};
+
+use crate::onnx::{
+    build_caption_decoder, build_vision_encoder, save_model, ExportError, GraphDims, Weights,
+};
+use crate::parity::{
+    check_graph, decoder_cases, parity_rng, random_array, random_ids, vision_cases, GraphParity,
+    ParityCase, FP32_TOLERANCE,
+};
+
+/// The Burn backend the exporter evaluates the reference outputs on (CPU, f32).
+type Ref = NdArray<f32>;
+
+/// File names inside a bundle.
+pub const VISION_FILE: &str = "vision_encoder.onnx";
+pub const DECODER_FILE: &str = "caption_decoder.onnx";
+pub const TOKENIZER_BUNDLE_FILE: &str = "tokenizer.json";
+
+/// Seed of every parity input (recorded in the manifest).
+pub const PARITY_SEED: u64 = 20_260_101;
+
+/// What to export and how strictly.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Training run directory (`config.json`, `tokenizer.json`, `model.safetensors`).
+    pub run: PathBuf,
+    /// Bundle directory to write (replaced only after a fully verified export).
+    pub out: PathBuf,
+    /// Bundle name in the manifest (default: the run directory's name).
+    pub name: Option<String>,
+    /// Largest allowed absolute difference to Burn on ort and on tract.
+    pub tolerance: f64,
+    /// Where onnxruntime is loaded from for the ort parity check.
+    pub engine: EngineOptions,
+    /// The command line that ran the export (provenance).
+    pub command: String,
+}
+
+impl ExportOptions {
+    pub fn new(run: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            run: run.into(),
+            out: out.into(),
+            name: None,
+            tolerance: FP32_TOLERANCE,
+            engine: EngineOptions::default(),
+            command: String::new(),
+        }
+    }
+}
+
+/// What a successful export wrote.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub bundle: PathBuf,
+    pub parity: Vec<GraphParity>,
+    pub manifest: Manifest,
+}
+
+/// Exports the run in `opts.run` to a verified bundle in `opts.out`.
+pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
+    if !(opts.tolerance.is_finite() && opts.tolerance > 0.0) {
+        return Err(ExportError::InvalidDims(format!(
+            "tolerance {} must be a positive number",
+            opts.tolerance
+        )));
+    }
+    let device = Default::default();
+    let run = load_run::<Ref>(&opts.run, &device).map_err(|e| ExportError::LoadRun {
+        path: opts.run.clone(),
+        reason: format!("{e:#}"),
+    })?;
+    let cfg = &run.config.model;
+    cfg.validate().map_err(ExportError::InvalidDims)?;
+    let dims = graph_dims(cfg);
+    let weights = weights_of(&run.model)?;
+
+    let staging = sibling(&opts.out, "staging")?;
+    let result = (|| {
+        std::fs::create_dir_all(&staging).map_err(|source| io_err(&staging, source))?;
+        let vision_path = staging.join(VISION_FILE);
+        let decoder_path = staging.join(DECODER_FILE);
+        let vision = build_vision_encoder(&weights, &dims)?;
+        let decoder = build_caption_decoder(&weights, &dims)?;
+        save_model(&vision_path, &vision)?;
+        save_model(&decoder_path, &decoder)?;
+
+        let (vision_cases, decoder_cases) = parity_inputs(&run, &device)?;
+        let mut parity = Vec::new();
+        for (graph, path, cases) in [
+            (VISION_ENCODER, &vision_path, &vision_cases),
+            (CAPTION_DECODER, &decoder_path, &decoder_cases),
+        ] {
+            let p = check_graph(graph, path, cases, opts.tolerance, &opts.engine)?;
+            tracing::info!(
+                graph,
+                ort = p.ort.max_abs_diff,
+                tract = p.tract.max_abs_diff,
+                "parity over {} input sets",
+                p.cases
+            );
+            if !p.passed() {
+                let (worst, which) = if p.ort.max_abs_diff > p.tract.max_abs_diff {
+                    (&p.ort, "ort")
+                } else {
+                    (&p.tract, "tract")
+                };
+                return Err(ExportError::ParityFailed {
+                    graph: graph.to_owned(),
+                    backend: which.to_owned(),
+                    output: worst.worst.clone(),
+                    diff: worst.max_abs_diff,
+                    tolerance: p.tolerance,
+                });
+            }
+            parity.push(p);
+        }
+
+        let tok_src = opts.run.join(TOKENIZER_FILE);
+        let tok_dst = staging.join(TOKENIZER_BUNDLE_FILE);
+        let tok_bytes = std::fs::read(&tok_src).map_err(|source| io_err(&tok_src, source))?;
+        duet_train::fsutil::write_atomic(&tok_dst, &tok_bytes)
+            .map_err(|source| io_err(&tok_dst, source))?;
+
+        let mut files = BTreeMap::new();
+        for name in [VISION_FILE, DECODER_FILE, TOKENIZER_BUNDLE_FILE] {
+            let p = staging.join(name);
+            files.insert(
+                name.to_owned(),
+                sha256_file(&p).map_err(|source| io_err(&p, source))?,
+            );
+        }
+        let graphs = vec![
+            graph_spec(VISION_ENCODER, VISION_FILE, &vision, &parity[0]),
+            graph_spec(CAPTION_DECODER, DECODER_FILE, &decoder, &parity[1]),
+        ];
+        let manifest = Manifest {
+            schema_version: SCHEMA_VERSION,
+            name: opts.name.clone().unwrap_or_else(|| {
+                opts.run
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "duet".to_owned())
+            }),
+            preset: run.config.preset.to_string(),
+            model: model_spec(cfg),
+            image: ImageSpec {
+                size: cfg.image_size,
+                channels: cfg.channels,
+                // The training normalisation `x / 255 * 2 - 1` (see `image_to_chw`).
+                mean: [0.5; 3],
+                std: [0.5; 3],
+            },
+            tokenizer: TokenizerSpec {
+                file: TOKENIZER_BUNDLE_FILE.to_owned(),
+                pad_id: PAD_ID,
+                bos_id: BOS_ID,
+                eos_id: EOS_ID,
+                unk_id: UNK_ID,
+                max_len: cfg.max_len,
+            },
+            graphs,
+            files,
+            provenance: provenance(opts),
+        };
+        let text = manifest
+            .to_json_pretty()
+            .map_err(|e| ExportError::InvalidDims(format!("manifest serialisation: {e}")))?;
+        let mpath = staging.join(MANIFEST_FILE);
+        duet_train::fsutil::write_atomic(&mpath, text.as_bytes())
+            .map_err(|source| io_err(&mpath, source))?;
+        // The runtime's own checks (hashes, schema, I/O contract) must accept what we wrote.
+        Bundle::open(&staging).map_err(|e| ExportError::Parity {
+            graph: "bundle".to_owned(),
+            reason: format!("the runtime refuses the written bundle: {e}"),
+        })?;
+        Ok((parity, manifest))
+    })();
+    let (parity, manifest) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // Best effort: a failed export's staging directory is garbage.
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    publish(&staging, &opts.out)?;
+    Ok(ExportReport {
+        bundle: opts.out.clone(),
+        parity,
+        manifest,
+    })
+}
+
+/// The exporter's view of the model config (same field names, no Burn types).
+pub fn graph_dims(c: &ModelConfig) -> GraphDims {
+    GraphDims {
+        image_size: c.image_size,
+        channels: c.channels,
+        patch_size: c.patch_size,
+        d_model: c.d_model,
+        n_heads: c.n_heads,
+        vision_layers: c.vision_layers,
+        decoder_layers: c.decoder_layers,
+        mlp_ratio: c.mlp_ratio,
+        embed_dim: c.embed_dim,
+        vocab_size: c.vocab_size,
+        max_len: c.max_len,
+        layer_norm_eps: c.layer_norm_eps,
+    }
+}
+
+fn model_spec(c: &ModelConfig) -> ModelSpec {
+    ModelSpec {
+        image_size: c.image_size,
+        channels: c.channels,
+        patch_size: c.patch_size,
+        d_model: c.d_model,
+        n_heads: c.n_heads,
+        vision_layers: c.vision_layers,
+        decoder_layers: c.decoder_layers,
+        mlp_ratio: c.mlp_ratio,
+        embed_dim: c.embed_dim,
+        vocab_size: c.vocab_size,
+        max_len: c.max_len,
+        layer_norm_eps: c.layer_norm_eps,
+    }
+}
+
+/// Every float parameter of the Burn model, by module path, as the graph builders read them.
+pub fn weights_of(model: &Captioner<Ref>) -> Result<Weights, ExportError> {
+    let mut w = Weights::new();
+    for (name, t) in named_tensors(model) {
+        w.insert(name, t.shape, t.data)?;
+    }
+    Ok(w)
+}
+
+/// Parity inputs: real ShapeWorld renders with their captions (seeded, drawn at the model's
+/// image size) and random pixels / random tokens, for both graphs.
+fn parity_inputs<B: burn::tensor::backend::Backend>(
+    run: &duet_train::caption_stage::LoadedRun<B>,
+    device: &B::Device,
+) -> Result<(Vec<ParityCase>, Vec<ParityCase>), ExportError> {
+    let cfg = &run.config.model;
+    let s = cfg.image_size;
+    let scene_cfg = SceneConfig {
+        image_size: s as u32,
+        min_objects: 1,
+        max_objects: 4,
+    };
+    let mut scene_rng = ChaCha8Rng::seed_from_u64(PARITY_SEED);
+    let scenes: Vec<_> = (0..4)
+        .map(|_| generate_scene(&mut scene_rng, &scene_cfg))
+        .collect();
+    let mut pixels = Vec::with_capacity(4 * 3 * s * s);
+    let mut seqs = Vec::new();
+    for scene in &scenes {
+        pixels.extend(image_to_chw(&render(scene, s as u32)));
+        let ids = encode_caption(&run.tokenizer, &caption(scene), cfg.max_len).map_err(|e| {
+            ExportError::Parity {
+                graph: CAPTION_DECODER.to_owned(),
+                reason: format!("encoding a parity caption: {e}"),
+            }
+        })?;
+        seqs.push(ids);
+    }
+    let real_pixels = ArrayD::from_shape_vec(IxDyn(&[4, 3, s, s]), pixels)
+        .expect("4 rendered images fill [4, 3, S, S]");
+    let mut rng = parity_rng(PARITY_SEED);
+    let random_pixels = random_array(&mut rng, &[2, 3, s, s], 1.0);
+    let vision = vision_cases(
+        &run.model,
+        &[
+            ("real ShapeWorld images".to_owned(), real_pixels.clone()),
+            ("random pixels".to_owned(), random_pixels),
+        ],
+        device,
+    );
+
+    // Real captions, cut to the shortest one so they form one [B, L] batch.
+    let l = seqs.iter().map(Vec::len).min().unwrap_or(2).clamp(2, 12);
+    let ids = ArrayD::from_shape_fn(IxDyn(&[4, l]), |ix| i64::from(seqs[ix[0]][ix[1]]));
+    let image_tokens = vision[0].expected[0].1.clone();
+    let mut decoder = decoder_cases(&run.model, "real captions", &image_tokens, &ids, device);
+    let rand_tokens = random_array(&mut rng, &[3, cfg.num_patches(), cfg.d_model], 2.0);
+    let rand_ids = random_ids(&mut rng, 3, 6, cfg.vocab_size);
+    decoder.extend(decoder_cases(
+        &run.model,
+        "random tokens",
+        &rand_tokens,
+        &rand_ids,
+        device,
+    ));
+    Ok((vision, decoder))
+}
+
+/// A graph's manifest entry, with its I/O read back from the built model so the manifest can
+/// never disagree with the file.
+fn graph_spec(name: &str, file: &str, model: &ModelProto, parity: &GraphParity) -> GraphSpec {
+    let graph = model.graph.as_ref();
+    let specs = |infos: &[tract_onnx::pb::ValueInfoProto]| -> Vec<TensorSpec> {
+        infos.iter().map(tensor_spec).collect()
+    };
+    GraphSpec {
+        name: name.to_owned(),
+        file: file.to_owned(),
+        inputs: graph.map(|g| specs(&g.input)).unwrap_or_default(),
+        outputs: graph.map(|g| specs(&g.output)).unwrap_or_default(),
+        parity: Some(parity.to_manifest()),
+    }
+}
+
+fn tensor_spec(info: &tract_onnx::pb::ValueInfoProto) -> TensorSpec {
+    let (elem, dims) = match info.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(type_proto::Value::TensorType(t)) => (
+            t.elem_type,
+            t.shape.as_ref().map(|s| s.dim.clone()).unwrap_or_default(),
+        ),
+        _ => (0, Vec::new()),
+    };
+    let dtype = if elem == DataType::Int64 as i32 {
+        manifest::DType::I64
+    } else {
+        manifest::DType::F32
+    };
+    let shape = dims
+        .iter()
+        .map(|d| match &d.value {
+            Some(tensor_shape_proto::dimension::Value::DimValue(n)) => {
+                DimSpec::Fixed(usize::try_from(*n).unwrap_or(0))
+            }
+            Some(tensor_shape_proto::dimension::Value::DimParam(p)) => {
+                DimSpec::Symbolic(p.clone())
+            }
+            None => DimSpec::Symbolic(String::new()),
+        })
+        .collect();
+    TensorSpec {
+        name: info.name.clone(),
+        dtype,
+        shape,
+    }
+}
+
+/// Training provenance: the run's config (with its command), final state and evaluation, and
+/// the export command.
+fn provenance(opts: &ExportOptions) -> serde_json::Value {
+    let read = |name: &str| -> serde_json::Value {
+        std::fs::read_to_string(opts.run.join(name))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let config = read(CONFIG_FILE);
+    serde_json::json!({
+        "command": opts.command,
+        "run": opts.run,
+        "training": {
+            "command": config.get("command").cloned().unwrap_or(serde_json::Value::Null),
+            "seed": config.get("seed").cloned().unwrap_or(serde_json::Value::Null),
+            "data": config.get("data").cloned().unwrap_or(serde_json::Value::Null),
+            "config": config,
+            "state": read(STATE_FILE),
+            "eval": read("eval.json"),
+        },
+        "parity": { "seed": PARITY_SEED, "backends": ["burn-ndarray", "ort-cpu", "tract"] },
+        "exporter": format!("duet-export {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> ExportError {
+    ExportError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// `<parent>/.<name>.<tag>-<pid>`: a scratch path on the same filesystem as `out`, so the final
+/// renames are atomic.
+fn sibling(out: &Path, tag: &str) -> Result<PathBuf, ExportError> {
+    let name = out.file_name().ok_or_else(|| {
+        io_err(
+            out,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no directory name"),
+        )
+    })?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    Ok(parent.join(format!(
+        ".{}.{tag}-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
+/// Moves the verified staging directory to `out`. An existing `out` is replaced only if it is
+/// a bundle (has a manifest) or empty: anything else is a user's directory, never deleted.
+fn publish(staging: &Path, out: &Path) -> Result<(), ExportError> {
+    if out.exists() {
+        let is_bundle = out.join(MANIFEST_FILE).is_file();
+        let is_empty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !(is_bundle || is_empty) {
+            let _ = std::fs::remove_dir_all(staging);
+            return Err(ExportError::OutputNotBundle {
+                path: out.to_owned(),
+            });
+        }
+        let old = sibling(out, "old")?;
+        std::fs::rename(out, &old).map_err(|source| io_err(out, source))?;
+        if let Err(source) = std::fs::rename(staging, out) {
+            // Put the previous bundle back so a failed publish loses nothing.
+            let _ = std::fs::rename(&old, out);
+            return Err(io_err(out, source));
+        }
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| io_err(parent, source))?;
+        }
+        std::fs::rename(staging, out).map_err(|source| io_err(out, source))?;
+    }
+    Ok(())
+}

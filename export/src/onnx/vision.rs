@@ -1,0 +1,339 @@
+//! `vision_encoder.onnx`: ViT patch tokens and the pooled, L2-normalised image embedding.
+
+use tract_onnx::pb::ModelProto;
+
+use super::builder::{DType, Dim, GraphBuilder};
+use super::{ExportError, GraphDims, Weights};
+
+/// Graph name written into the model.
+pub const VISION_GRAPH_NAME: &str = "vision_encoder";
+
+/// Every parameter the vision graph reads, with its shape, in checkpoint-key form (the list in
+/// `docs/ARCHITECTURE.md`). Lets callers and tests check a checkpoint before building.
+pub fn vision_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
+    let d = dims.d_model;
+    let p = dims.patch_size;
+    let hidden = dims.mlp_hidden();
+    let mut v = vec![
+        (
+            "vision.patch_embed.weight".to_owned(),
+            vec![d, dims.channels, p, p],
+        ),
+        ("vision.patch_embed.bias".to_owned(), vec![d]),
+        ("vision.pos_embed".to_owned(), vec![1, dims.n_patches(), d]),
+    ];
+    for i in 0..dims.vision_layers {
+        let pre = format!("vision.blocks.{i}");
+        for ln in ["ln1", "ln2"] {
+            v.push((format!("{pre}.{ln}.gamma"), vec![d]));
+            v.push((format!("{pre}.{ln}.beta"), vec![d]));
+        }
+        for lin in ["q", "k", "v", "out"] {
+            v.push((format!("{pre}.attn.{lin}.weight"), vec![d, d]));
+            v.push((format!("{pre}.attn.{lin}.bias"), vec![d]));
+        }
+        v.push((format!("{pre}.mlp.fc1.weight"), vec![d, hidden]));
+        v.push((format!("{pre}.mlp.fc1.bias"), vec![hidden]));
+        v.push((format!("{pre}.mlp.fc2.weight"), vec![hidden, d]));
+        v.push((format!("{pre}.mlp.fc2.bias"), vec![d]));
+    }
+    v.push(("vision.ln_final.gamma".to_owned(), vec![d]));
+    v.push(("vision.ln_final.beta".to_owned(), vec![d]));
+    v.push(("vision.proj.weight".to_owned(), vec![d, dims.embed_dim]));
+    v.push(("vision.proj.bias".to_owned(), vec![dims.embed_dim]));
+    v
+}
+
+/// Builds the vision encoder exactly as `docs/ARCHITECTURE.md` specifies:
+/// `pixels [batch, C, S, S]` → `patch_tokens [batch, P, D]`, `embedding [batch, E]`.
+///
+/// Every `vision.*` parameter in `weights` must be consumed; a leftover one means the Burn model
+/// has state this graph would silently drop.
+pub fn build_vision_encoder(
+    weights: &Weights,
+    dims: &GraphDims,
+) -> Result<ModelProto, ExportError> {
+    dims.validate()?;
+    let d = dims.d_model;
+    let p = dims.patch_size;
+    let n_patches = dims.n_patches();
+    let eps = dims.layer_norm_eps as f32;
+
+    let mut g = GraphBuilder::new(weights);
+    g.set_doc(format!(
+        "duet vision encoder (docs/ARCHITECTURE.md): ViT, image {s}x{s}, patch {p}, d_model {d}, \
+         {l} pre-norm blocks, {h} heads; outputs patch tokens and an L2-normalised embedding.",
+        s = dims.image_size,
+        l = dims.vision_layers,
+        h = dims.n_heads,
+    ));
+
+    let pixels = g.input(
+        "pixels",
+        DType::F32,
+        &[
+            Dim::Sym("batch"),
+            Dim::Fixed(dims.channels),
+            Dim::Fixed(dims.image_size),
+            Dim::Fixed(dims.image_size),
+        ],
+    )?;
+
+    // Patch embedding: Conv (kernel = stride = patch) → [B, D, h, w] → [B, D, P] → [B, P, D].
+    let w = g.param("vision.patch_embed.weight", &[d, dims.channels, p, p])?;
+    let b = g.param("vision.patch_embed.bias", &[d])?;
+    let pos = g.param("vision.pos_embed", &[1, n_patches, d])?;
+    let mut x = g.scoped("vision.patch_embed", |g| {
+        let y = g.conv(&pixels, &w, &b, [p as i64; 2], [p as i64; 2]);
+        let y = g.reshape(&y, &[0, d as i64, n_patches as i64]);
+        let y = g.transpose(&y, &[0, 2, 1]);
+        g.add(&y, &pos)
+    });
+
+    for i in 0..dims.vision_layers {
+        let pre = format!("vision.blocks.{i}");
+        x = g.residual(&x, |g, x| {
+            let h = g.layer_norm(x, &format!("{pre}.ln1"), d, eps)?;
+            Ok(
+                g.mha(&h, &h, &format!("{pre}.attn"), dims.n_heads, None, None)?
+                    .out,
+            )
+        })?;
+        x = g.residual(&x, |g, x| {
+            let h = g.layer_norm(x, &format!("{pre}.ln2"), d, eps)?;
+            g.mlp(&h, &format!("{pre}.mlp"), d, dims.mlp_hidden())
+        })?;
+    }
+    let tokens = g.layer_norm(&x, "vision.ln_final", d, eps)?;
+    g.output(
+        &tokens,
+        "patch_tokens",
+        DType::F32,
+        &[Dim::Sym("batch"), Dim::Fixed(n_patches), Dim::Fixed(d)],
+    )?;
+
+    // Pooled embedding: mean over patches → proj → y / sqrt(sum(y²) + 1e-12).
+    let pooled = g.scoped("vision.pool", |g| g.reduce_mean(&tokens, &[1], false));
+    let y = g.linear(&pooled, "vision.proj", d, dims.embed_dim)?;
+    let emb = g.scoped("vision.l2norm", |g| {
+        let sq = g.mul(&y, &y);
+        let ss = g.reduce_sum(&sq, &[-1], true);
+        let tiny = g.scalar_f32("eps", 1e-12);
+        let ss = g.add(&ss, &tiny);
+        let norm = g.sqrt(&ss);
+        g.div(&y, &norm)
+    });
+    g.output(
+        &emb,
+        "embedding",
+        DType::F32,
+        &[Dim::Sym("batch"), Dim::Fixed(dims.embed_dim)],
+    )?;
+
+    g.check_all_used("vision.", VISION_GRAPH_NAME)?;
+    Ok(g.finish(VISION_GRAPH_NAME))
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{Array2, ArrayD, IxDyn};
+    use tract_onnx::prelude::*;
+
+    use super::*;
+    use crate::onnx::model_to_bytes;
+    use crate::onnx::test_util::*;
+
+    /// Plain-Rust vision encoder: conv as a per-patch dot product, then the blocks.
+    fn reference(
+        w: &Weights,
+        dims: &GraphDims,
+        pixels: &ArrayD<f32>,
+    ) -> (ArrayD<f64>, ArrayD<f64>) {
+        let r = Reference { w, dims };
+        let (b, c, s) = (pixels.shape()[0], dims.channels, dims.image_size);
+        let (p, d) = (dims.patch_size, dims.d_model);
+        let side = s / p;
+        let np = dims.n_patches();
+        let (_, kw) = w.get("vision.patch_embed.weight").expect("param");
+        let kb = r.vec("vision.patch_embed.bias");
+        let (_, pos) = w.get("vision.pos_embed").expect("param");
+        let mut tokens = ArrayD::<f64>::zeros(IxDyn(&[b, np, d]));
+        let mut emb = ArrayD::<f64>::zeros(IxDyn(&[b, dims.embed_dim]));
+        for bi in 0..b {
+            let mut x = Array2::<f64>::zeros((np, d));
+            for py in 0..side {
+                for px in 0..side {
+                    let pi = py * side + px;
+                    for o in 0..d {
+                        let mut acc = kb[o];
+                        for ci in 0..c {
+                            for ky in 0..p {
+                                for kx in 0..p {
+                                    let wv = kw[((o * c + ci) * p + ky) * p + kx] as f64;
+                                    let xv = pixels[[bi, ci, py * p + ky, px * p + kx]] as f64;
+                                    acc += wv * xv;
+                                }
+                            }
+                        }
+                        x[[pi, o]] = acc + pos[pi * d + o] as f64;
+                    }
+                }
+            }
+            for i in 0..dims.vision_layers {
+                let pre = format!("vision.blocks.{i}");
+                let h = r.layer_norm(&x, &format!("{pre}.ln1"));
+                x = &x + &r.attention(&h, &h, &format!("{pre}.attn"), |_, _| true);
+                let h = r.layer_norm(&x, &format!("{pre}.ln2"));
+                x = &x + &r.mlp(&h, &format!("{pre}.mlp"));
+            }
+            let x = r.layer_norm(&x, "vision.ln_final");
+            let pooled = x
+                .mean_axis(ndarray::Axis(0))
+                .expect("P > 0")
+                .insert_axis(ndarray::Axis(0));
+            let y = r.linear(&pooled, "vision.proj");
+            let norm = (y.iter().map(|v| v * v).sum::<f64>() + 1e-12).sqrt();
+            for (j, v) in y.iter().enumerate() {
+                emb[[bi, j]] = v / norm;
+            }
+            for pi in 0..np {
+                for o in 0..d {
+                    tokens[[bi, pi, o]] = x[[pi, o]];
+                }
+            }
+        }
+        (tokens, emb)
+    }
+
+    fn setup() -> (GraphDims, Weights, ModelProto) {
+        let dims = tiny_dims();
+        let w = random_weights(&vision_parameters(&dims), 7);
+        let model = build_vision_encoder(&w, &dims).expect("build vision graph");
+        (dims, w, model)
+    }
+
+    #[test]
+    fn vision_runs_in_tract_and_matches_reference() -> TractResult<()> {
+        let (dims, w, model) = setup();
+        let plan = tract_plan(&model_to_bytes(&model))?;
+        let mut r = rng(11);
+        let s = dims.image_size;
+        for batch in [2usize, 1, 3] {
+            let pixels = random_array(&mut r, &[batch, 3, s, s], 1.0);
+            let out = tract_run(&plan, vec![pixels.clone().into()])?;
+            assert_eq!(out.len(), 2);
+            assert_eq!(out[0].shape(), &[batch, dims.n_patches(), dims.d_model]);
+            assert_eq!(out[1].shape(), &[batch, dims.embed_dim]);
+            for row in out[1].rows() {
+                let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                assert!((n - 1.0).abs() < 1e-5, "embedding norm {n}");
+            }
+            let (tokens, emb) = reference(&w, &dims, &pixels);
+            let dt = max_abs_diff(&out[0], &tokens);
+            let de = max_abs_diff(&out[1], &emb);
+            eprintln!(
+                "vision batch {batch}: max |tract - reference| tokens {dt:.2e}, embedding {de:.2e}"
+            );
+            assert!(dt <= 1e-4, "patch_tokens differ from reference by {dt}");
+            assert!(de <= 1e-4, "embedding differs from reference by {de}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn vision_graph_passes_onnx_checker() {
+        let (_, _, model) = setup();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = write_model(dir.path(), "vision_encoder.onnx", &model);
+        onnx_check(&p);
+    }
+
+    #[test]
+    fn vision_io_contract() {
+        let (dims, _, model) = setup();
+        assert_eq!(model.opset_import[0].version, 18);
+        assert_eq!(model.producer_name, "duet-export");
+        let g = model.graph.as_ref().expect("graph");
+        let names = |v: &[tract_onnx::pb::ValueInfoProto]| {
+            v.iter().map(|i| i.name.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&g.input), ["pixels"]);
+        assert_eq!(names(&g.output), ["patch_tokens", "embedding"]);
+        // Every parameter became an initializer named after its checkpoint key.
+        for (name, shape) in vision_parameters(&dims) {
+            let init = g
+                .initializer
+                .iter()
+                .find(|t| t.name == name)
+                .expect("initializer");
+            assert_eq!(
+                init.dims,
+                shape.iter().map(|&d| d as i64).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn missing_wrong_and_unused_parameters_are_named() {
+        let dims = tiny_dims();
+        let params = vision_parameters(&dims);
+        let full = random_weights(&params, 1);
+
+        let mut missing = Weights::new();
+        for (n, s) in &params {
+            if n != "vision.blocks.1.attn.k.weight" {
+                let (_, d) = full.get(n).expect("param");
+                missing
+                    .insert(n.clone(), s.clone(), d.to_vec())
+                    .expect("insert");
+            }
+        }
+        let e = build_vision_encoder(&missing, &dims).expect_err("missing");
+        assert!(
+            e.to_string().contains("vision.blocks.1.attn.k.weight"),
+            "{e}"
+        );
+
+        let mut wrong = full.clone();
+        wrong
+            .insert(
+                "vision.proj.weight",
+                vec![dims.embed_dim, dims.d_model + 1],
+                vec![0.0; dims.embed_dim * (dims.d_model + 1)],
+            )
+            .expect("insert");
+        let e = build_vision_encoder(&wrong, &dims).expect_err("wrong shape");
+        assert!(
+            matches!(e, ExportError::ShapeMismatch { ref name, .. } if name == "vision.proj.weight"),
+            "{e}"
+        );
+
+        let mut extra = full.clone();
+        extra
+            .insert(
+                "vision.cls_token",
+                vec![1, 1, dims.d_model],
+                vec![0.0; dims.d_model],
+            )
+            .expect("insert");
+        extra
+            .insert("decoder.unrelated", vec![1], vec![0.0])
+            .expect("insert");
+        let e = build_vision_encoder(&extra, &dims).expect_err("unused");
+        match e {
+            ExportError::UnusedParameters { names, .. } => assert_eq!(names, ["vision.cls_token"]),
+            other => panic!("unexpected {other}"),
+        }
+
+        let e = Weights::new()
+            .insert("x", vec![2, 2], vec![0.0; 3])
+            .expect_err("length");
+        assert!(matches!(e, ExportError::DataLength { .. }));
+        let mut bad = dims.clone();
+        bad.n_heads = 5;
+        assert!(matches!(
+            build_vision_encoder(&full, &bad),
+            Err(ExportError::InvalidDims(_))
+        ));
+    }
+}

@@ -1,0 +1,108 @@
+//! Model configuration and the `tiny` / `small` presets.
+
+use serde::{Deserialize, Serialize};
+
+/// Size presets: `tiny` for tests and CI, `small` for the shipped bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    Tiny,
+    Small,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tiny" => Ok(Preset::Tiny),
+            "small" => Ok(Preset::Small),
+            other => Err(format!("unknown preset '{other}' (expected tiny or small)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Preset::Tiny => "tiny",
+            Preset::Small => "small",
+        })
+    }
+}
+
+/// Every dimension of the model family (see the table in `docs/ARCHITECTURE.md`).
+///
+/// A plain serde struct rather than a Burn `Config` so that it round-trips through the
+/// checkpoint directory and the bundle manifest with the same field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub image_size: usize,
+    pub channels: usize,
+    pub patch_size: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub vision_layers: usize,
+    pub decoder_layers: usize,
+    pub mlp_ratio: usize,
+    pub embed_dim: usize,
+    pub vocab_size: usize,
+    pub max_len: usize,
+    pub layer_norm_eps: f64,
+}
+
+impl ModelConfig {
+    pub fn preset(preset: Preset, vocab_size: usize, image_size: usize) -> Self {
+        let (d_model, vision_layers, decoder_layers) = match preset {
+            Preset::Tiny => (64, 2, 2),
+            Preset::Small => (128, 4, 4),
+        };
+        Self {
+            image_size,
+            channels: 3,
+            patch_size: image_size / 8,
+            d_model,
+            n_heads: 4,
+            vision_layers,
+            decoder_layers,
+            mlp_ratio: 4,
+            embed_dim: d_model,
+            vocab_size,
+            max_len: 48,
+            layer_norm_eps: 1e-5,
+        }
+    }
+
+    /// Number of image patches `P`.
+    pub fn num_patches(&self) -> usize {
+        let side = self.image_size / self.patch_size;
+        side * side
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// Checks the invariants the modules rely on, so a bad config file fails with a message
+    /// instead of a shape panic deep inside a forward pass.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+            return Err(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            ));
+        }
+        if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
+            return Err(format!(
+                "d_model {} is not a multiple of n_heads {}",
+                self.d_model, self.n_heads
+            ));
+        }
+        if self.vocab_size < 5 {
+            return Err(format!("vocab_size {} is too small", self.vocab_size));
+        }
+        if self.max_len < 3 {
+            return Err(format!("max_len {} is too small", self.max_len));
+        }
+        Ok(())
+    }
+}

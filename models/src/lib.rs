@@ -1,0 +1,23 @@
+//! Burn module definitions of the duet model family.
+//!
+//! The exact shapes, formulas and parameter names are the contract in `docs/ARCHITECTURE.md`:
+//! the exporter rebuilds these modules as ONNX graphs from the same weights and checks parity,
+//! so any change here must be mirrored there.
+
+pub mod attention;
+pub mod caption;
+pub mod config;
+pub mod params;
+pub mod vision;
+
+pub use caption::{CaptionDecoder, Captioner, KvCache};
+pub use config::{ModelConfig, Preset};
+pub use vision::VisionEncoder;
+
+/// Special token ids shared by the tokenizer, the models and the runtime.
+pub mod tokens {
+    pub const PAD_ID: u32 = 0;
+    pub const BOS_ID: u32 = 1;
+    pub const EOS_ID: u32 = 2;
+    pub const UNK_ID: u32 = 3;
+}

@@ -1,0 +1,601 @@
+//! Inference engines: one loaded ONNX graph on one backend.
+//!
+//! Two backends sit behind one [`Engine`] type:
+//! - **onnxruntime** through `ort` (execution providers TensorRT, CUDA or CPU). The shared
+//!   library is loaded at run time (`load-dynamic`), so a machine without it still runs.
+//! - **tract**, pure Rust, always compiled in: the fallback that always works.
+//!
+//! With [`ProviderChoice::Auto`] the providers are tried in the order TensorRT → CUDA → ort CPU
+//! → tract and the first that loads the graph wins; every provider that was passed over is
+//! recorded in the [`ProviderReport`] with the *real* reason (the text onnxruntime returned, the
+//! path where the library was looked for …), so a user can see why a GPU was not used.
+
+#[cfg(feature = "ort")]
+mod ort_backend;
+mod tract_backend;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ndarray::{ArrayD, ArrayViewD};
+use thiserror::Error;
+
+use crate::manifest::DType;
+
+/// A concrete backend/execution provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Provider {
+    /// onnxruntime with the TensorRT execution provider (CUDA EP as fallback for nodes TensorRT
+    /// rejects).
+    TensorRt,
+    /// onnxruntime with the CUDA execution provider.
+    Cuda,
+    /// onnxruntime on the CPU execution provider.
+    OrtCpu,
+    /// tract (pure Rust, CPU).
+    Tract,
+}
+
+impl Provider {
+    /// Every provider in the order `auto` tries them.
+    pub const ALL: [Provider; 4] = [
+        Provider::TensorRt,
+        Provider::Cuda,
+        Provider::OrtCpu,
+        Provider::Tract,
+    ];
+
+    /// The command-line spelling (`tensorrt`, `cuda`, `ort-cpu`, `tract`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::TensorRt => "tensorrt",
+            Provider::Cuda => "cuda",
+            Provider::OrtCpu => "ort-cpu",
+            Provider::Tract => "tract",
+        }
+    }
+
+    /// True for the providers that run on onnxruntime.
+    pub fn is_ort(self) -> bool {
+        !matches!(self, Provider::Tract)
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Valid values of `--provider`, for error messages.
+pub const VALID_PROVIDER_NAMES: &str = "auto, tensorrt, cuda, ort-cpu, tract";
+
+/// A provider name that is not one of [`VALID_PROVIDER_NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unknown provider `{name}` (valid: {valid})", valid = VALID_PROVIDER_NAMES)]
+pub struct ParseProviderError {
+    pub name: String,
+}
+
+impl FromStr for Provider {
+    type Err = ParseProviderError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Provider::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| ParseProviderError {
+                name: s.to_string(),
+            })
+    }
+}
+
+/// What the user asked for: `auto` (first that works) or exactly one provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ProviderChoice {
+    #[default]
+    Auto,
+    Only(Provider),
+}
+
+impl ProviderChoice {
+    /// The providers to try, in order.
+    pub fn candidates(self) -> Vec<Provider> {
+        match self {
+            ProviderChoice::Auto => Provider::ALL.to_vec(),
+            ProviderChoice::Only(p) => vec![p],
+        }
+    }
+}
+
+impl FromStr for ProviderChoice {
+    type Err = ParseProviderError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "auto" {
+            Ok(ProviderChoice::Auto)
+        } else {
+            s.parse().map(ProviderChoice::Only)
+        }
+    }
+}
+
+impl fmt::Display for ProviderChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProviderChoice::Auto => f.write_str("auto"),
+            ProviderChoice::Only(p) => p.fmt(f),
+        }
+    }
+}
+
+impl From<Provider> for ProviderChoice {
+    fn from(p: Provider) -> Self {
+        ProviderChoice::Only(p)
+    }
+}
+
+/// Options shared by every engine of a run.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Turn every skipped provider into an error instead of falling through to the next one.
+    pub strict: bool,
+    /// Explicit path of `libonnxruntime`; wins over `ORT_DYLIB_PATH` and the default search.
+    pub ort_lib: Option<PathBuf>,
+}
+
+/// Which provider runs a graph and why the ones before it were passed over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderReport {
+    pub graph: String,
+    pub used: Provider,
+    /// `(provider, reason)` for every provider tried before `used`.
+    pub skipped: Vec<(Provider, String)>,
+}
+
+impl fmt::Display for ProviderReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: running on {}", self.graph, self.used)?;
+        for (p, why) in &self.skipped {
+            write!(f, "\n  skipped {p}: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Engine failures.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("graph `{graph}`: provider {provider} unavailable: {reason}")]
+    ProviderUnavailable {
+        graph: String,
+        provider: Provider,
+        reason: String,
+    },
+    #[error("graph `{graph}`: no provider could load it:{}", fmt_skipped(.skipped))]
+    NoProvider {
+        graph: String,
+        skipped: Vec<(Provider, String)>,
+    },
+    #[error("graph `{graph}`: model file not found: {}", path.display())]
+    ModelNotFound { graph: String, path: PathBuf },
+    #[error("graph `{graph}`: missing input `{name}`")]
+    MissingInput { graph: String, name: String },
+    #[error("graph `{graph}`: unknown input `{name}` (inputs are: {expected})")]
+    UnknownInput {
+        graph: String,
+        name: String,
+        expected: String,
+    },
+    #[error("graph `{graph}`: input `{name}` given twice")]
+    DuplicateInput { graph: String, name: String },
+    #[error("graph `{graph}`: input `{name}` must be {expected}, got {got}")]
+    InputDType {
+        graph: String,
+        name: String,
+        expected: DType,
+        got: DType,
+    },
+    #[error("graph `{graph}` on {provider}: run failed: {reason}")]
+    Run {
+        graph: String,
+        provider: Provider,
+        reason: String,
+    },
+    #[error("graph `{graph}` on {provider}: output `{name}`: {reason}")]
+    Output {
+        graph: String,
+        provider: Provider,
+        name: String,
+        reason: String,
+    },
+}
+
+fn fmt_skipped(skipped: &[(Provider, String)]) -> String {
+    skipped
+        .iter()
+        .map(|(p, r)| format!("\n  {p}: {r}"))
+        .collect()
+}
+
+/// An owned tensor passed to or returned from a graph.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+}
+
+impl Value {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Value::F32(_) => DType::F32,
+            Value::I64(_) => DType::I64,
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Value::F32(a) => a.shape(),
+            Value::I64(a) => a.shape(),
+        }
+    }
+
+    /// A borrowed view, for [`Engine::run_views`].
+    pub fn view(&self) -> ValueView<'_> {
+        match self {
+            Value::F32(a) => ValueView::F32(a.view()),
+            Value::I64(a) => ValueView::I64(a.view()),
+        }
+    }
+
+    pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
+        match self {
+            Value::F32(a) => Some(a),
+            Value::I64(_) => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<&ArrayD<i64>> {
+        match self {
+            Value::I64(a) => Some(a),
+            Value::F32(_) => None,
+        }
+    }
+
+    pub fn into_f32(self) -> Option<ArrayD<f32>> {
+        match self {
+            Value::F32(a) => Some(a),
+            Value::I64(_) => None,
+        }
+    }
+
+    pub fn into_i64(self) -> Option<ArrayD<i64>> {
+        match self {
+            Value::I64(a) => Some(a),
+            Value::F32(_) => None,
+        }
+    }
+}
+
+impl From<ArrayD<f32>> for Value {
+    fn from(a: ArrayD<f32>) -> Self {
+        Value::F32(a)
+    }
+}
+
+impl From<ArrayD<i64>> for Value {
+    fn from(a: ArrayD<i64>) -> Self {
+        Value::I64(a)
+    }
+}
+
+/// A borrowed tensor: lets callers feed large, reused inputs (image tokens, KV cache) without
+/// copying them for every call. onnxruntime reads standard-layout views in place; tract needs
+/// owned tensors and copies.
+#[derive(Debug, Clone)]
+pub enum ValueView<'a> {
+    F32(ArrayViewD<'a, f32>),
+    I64(ArrayViewD<'a, i64>),
+}
+
+impl ValueView<'_> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            ValueView::F32(_) => DType::F32,
+            ValueView::I64(_) => DType::I64,
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            ValueView::F32(a) => a.shape(),
+            ValueView::I64(a) => a.shape(),
+        }
+    }
+}
+
+impl<'a> From<&'a Value> for ValueView<'a> {
+    fn from(v: &'a Value) -> Self {
+        v.view()
+    }
+}
+
+impl<'a> From<ArrayViewD<'a, f32>> for ValueView<'a> {
+    fn from(a: ArrayViewD<'a, f32>) -> Self {
+        ValueView::F32(a)
+    }
+}
+
+impl<'a> From<ArrayViewD<'a, i64>> for ValueView<'a> {
+    fn from(a: ArrayViewD<'a, i64>) -> Self {
+        ValueView::I64(a)
+    }
+}
+
+/// Name and element type of a graph input, as the backend sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoInfo {
+    pub name: String,
+    /// `None` when the graph uses an element type duet never feeds (checked by the backend).
+    pub dtype: Option<DType>,
+}
+
+enum Backend {
+    #[cfg(feature = "ort")]
+    Ort(ort_backend::OrtEngine),
+    Tract(tract_backend::TractEngine),
+}
+
+/// One loaded graph on one backend. Loaded once, run many times; `run` takes `&self` so an
+/// engine can be shared between threads (the ort session is behind a mutex, the tract plan is
+/// immutable).
+pub struct Engine {
+    graph: String,
+    provider: Provider,
+    inputs: Vec<IoInfo>,
+    outputs: Vec<String>,
+    backend: Backend,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("graph", &self.graph)
+            .field("provider", &self.provider)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Loads `path` (graph `graph_name`, used in messages and reports) on the first provider
+    /// of `choice` that works.
+    ///
+    /// Under `auto` a provider that cannot load the graph is skipped with its reason, unless
+    /// `options.strict` is set; an explicitly chosen provider that cannot be used is always an
+    /// error ([`EngineError::ProviderUnavailable`]).
+    pub fn load(
+        path: impl AsRef<Path>,
+        graph_name: &str,
+        choice: ProviderChoice,
+        options: &EngineOptions,
+    ) -> Result<(Engine, ProviderReport), EngineError> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(EngineError::ModelNotFound {
+                graph: graph_name.to_string(),
+                path: path.to_path_buf(),
+            });
+        }
+        let explicit = matches!(choice, ProviderChoice::Only(_));
+        let mut skipped = Vec::new();
+        for provider in choice.candidates() {
+            match load_backend(provider, path, options) {
+                Ok((backend, inputs, outputs)) => {
+                    let report = ProviderReport {
+                        graph: graph_name.to_string(),
+                        used: provider,
+                        skipped,
+                    };
+                    tracing::debug!("{report}");
+                    let engine = Engine {
+                        graph: graph_name.to_string(),
+                        provider,
+                        inputs,
+                        outputs,
+                        backend,
+                    };
+                    return Ok((engine, report));
+                }
+                Err(reason) => {
+                    if explicit || options.strict {
+                        return Err(EngineError::ProviderUnavailable {
+                            graph: graph_name.to_string(),
+                            provider,
+                            reason,
+                        });
+                    }
+                    tracing::debug!(graph = graph_name, %provider, "skipped: {reason}");
+                    skipped.push((provider, reason));
+                }
+            }
+        }
+        Err(EngineError::NoProvider {
+            graph: graph_name.to_string(),
+            skipped,
+        })
+    }
+
+    /// The provider this engine runs on.
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// The graph name given to [`Engine::load`].
+    pub fn graph(&self) -> &str {
+        &self.graph
+    }
+
+    /// Graph inputs in declaration order.
+    pub fn inputs(&self) -> &[IoInfo] {
+        &self.inputs
+    }
+
+    /// Graph output names in declaration order.
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Runs the graph on owned inputs; see [`Engine::run_views`].
+    pub fn run(&self, inputs: &[(&str, Value)]) -> Result<HashMap<String, Value>, EngineError> {
+        let views: Vec<(&str, ValueView<'_>)> =
+            inputs.iter().map(|(n, v)| (*n, v.view())).collect();
+        self.run_views(&views)
+    }
+
+    /// Runs the graph. Every input must be given exactly once, by name, with the graph's
+    /// element type; the result maps every graph output name to its value.
+    pub fn run_views(
+        &self,
+        inputs: &[(&str, ValueView<'_>)],
+    ) -> Result<HashMap<String, Value>, EngineError> {
+        let ordered = self.order_inputs(inputs)?;
+        let outputs = match &self.backend {
+            #[cfg(feature = "ort")]
+            Backend::Ort(e) => e.run(&self.inputs, &ordered, &self.outputs),
+            Backend::Tract(e) => e.run(&ordered, &self.outputs),
+        };
+        outputs.map_err(|(name, reason)| match name {
+            Some(name) => EngineError::Output {
+                graph: self.graph.clone(),
+                provider: self.provider,
+                name,
+                reason,
+            },
+            None => EngineError::Run {
+                graph: self.graph.clone(),
+                provider: self.provider,
+                reason,
+            },
+        })
+    }
+
+    /// Checks names and dtypes and returns the inputs in the graph's declaration order (what
+    /// tract needs; ort takes names but the same order costs nothing).
+    fn order_inputs<'a, 'v>(
+        &self,
+        inputs: &'a [(&'a str, ValueView<'v>)],
+    ) -> Result<Vec<&'a ValueView<'v>>, EngineError> {
+        let mut slots: Vec<Option<&'a ValueView<'v>>> = vec![None; self.inputs.len()];
+        for (name, value) in inputs {
+            let Some(ix) = self.inputs.iter().position(|i| i.name == *name) else {
+                return Err(EngineError::UnknownInput {
+                    graph: self.graph.clone(),
+                    name: name.to_string(),
+                    expected: self
+                        .inputs
+                        .iter()
+                        .map(|i| i.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            };
+            if slots[ix].is_some() {
+                return Err(EngineError::DuplicateInput {
+                    graph: self.graph.clone(),
+                    name: name.to_string(),
+                });
+            }
+            if let Some(expected) = self.inputs[ix].dtype {
+                if expected != value.dtype() {
+                    return Err(EngineError::InputDType {
+                        graph: self.graph.clone(),
+                        name: name.to_string(),
+                        expected,
+                        got: value.dtype(),
+                    });
+                }
+            }
+            slots[ix] = Some(value);
+        }
+        self.inputs
+            .iter()
+            .zip(slots)
+            .map(|(info, slot)| {
+                slot.ok_or_else(|| EngineError::MissingInput {
+                    graph: self.graph.clone(),
+                    name: info.name.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+type Loaded = (Backend, Vec<IoInfo>, Vec<String>);
+
+fn load_backend(
+    provider: Provider,
+    path: &Path,
+    options: &EngineOptions,
+) -> Result<Loaded, String> {
+    match provider {
+        Provider::Tract => {
+            let e = tract_backend::TractEngine::load(path)?;
+            let (i, o) = (e.inputs(), e.outputs());
+            Ok((Backend::Tract(e), i, o))
+        }
+        #[cfg(feature = "ort")]
+        p => {
+            let e = ort_backend::OrtEngine::load(p, path, options)?;
+            let (i, o) = (e.inputs(), e.outputs());
+            Ok((Backend::Ort(e), i, o))
+        }
+        #[cfg(not(feature = "ort"))]
+        _ => {
+            let _ = options;
+            Err("this duet binary was built without the `ort` feature".to_string())
+        }
+    }
+}
+
+/// What this process can see of onnxruntime, for `duet info`.
+#[derive(Debug, Clone)]
+pub struct OrtInfo {
+    /// The shared library that was loaded.
+    pub library: PathBuf,
+    /// Version, when it can be told from the library file name or build string.
+    pub version: Option<String>,
+    /// onnxruntime's build-info line.
+    pub build_info: String,
+    /// Execution providers compiled into the library (`GetAvailableProviders`).
+    pub providers: Vec<String>,
+}
+
+/// Loads onnxruntime (if not already loaded) and describes it; `Err` carries the reason it is
+/// unavailable, the same text engines report when they skip the ort providers.
+pub fn ort_info(options: &EngineOptions) -> Result<OrtInfo, String> {
+    #[cfg(feature = "ort")]
+    {
+        ort_backend::info(options)
+    }
+    #[cfg(not(feature = "ort"))]
+    {
+        let _ = options;
+        Err("this duet binary was built without the `ort` feature".to_string())
+    }
+}
+
+/// Where the runtime looks for `libonnxruntime`, in order, given `options` and the process
+/// environment. Useful in messages and for `duet info`.
+pub fn ort_library_candidates(options: &EngineOptions) -> Vec<PathBuf> {
+    #[cfg(feature = "ort")]
+    {
+        ort_backend::library_candidates(options.ort_lib.as_deref())
+    }
+    #[cfg(not(feature = "ort"))]
+    {
+        let _ = options;
+        Vec::new()
+    }
+}

@@ -1,0 +1,128 @@
+//! tract backend (pure Rust, always available).
+//!
+//! The ONNX model is parsed once, typed and optimised with its symbolic axes (`batch`, `seq`,
+//! `past`, …) left symbolic, and turned into a runnable plan; tract resolves the symbols from
+//! the concrete input shapes on every run, so one plan serves every batch size and every decode
+//! step, including the first one whose KV-cache inputs have a zero-length `past` axis.
+//!
+//! Zero-length `past` needed no workaround in tract 0.23: `Concat` of a `[B, H, 0, Dh]` cache
+//! with the new `[B, H, seq, Dh]` keys, and the `[B, 1, seq, total]` bias broadcast against
+//! `[B, H, seq, past + seq]` scores, resolve at run time (tract keeps `total` and `past + seq` as
+//! a symbolic broadcast and checks them on concrete shapes). `tests/engine.rs`
+//! (`zero_length_cache_axis_on_tract_and_ort`) and `tests/caption.rs` (KV vs full recompute)
+//! pin this down, so a tract upgrade that breaks it fails loudly; the fallback would be to
+//! concretise the symbols per input-shape signature and cache one plan per signature.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tract_onnx::prelude::*;
+
+use super::{IoInfo, Value, ValueView};
+use crate::manifest::DType;
+
+pub(super) struct TractEngine {
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<IoInfo>,
+    outputs: Vec<String>,
+}
+
+fn dtype_of(dt: Option<DatumType>) -> Option<DType> {
+    match dt {
+        Some(DatumType::F32) => Some(DType::F32),
+        Some(DatumType::I64) => Some(DType::I64),
+        _ => None,
+    }
+}
+
+impl TractEngine {
+    pub(super) fn load(path: &Path) -> Result<TractEngine, String> {
+        let load = || -> TractResult<TractEngine> {
+            let model = tract_onnx::onnx().model_for_path(path)?;
+            let mut inputs = Vec::new();
+            for (ix, outlet) in model.input_outlets()?.iter().enumerate() {
+                inputs.push(IoInfo {
+                    name: model.node(outlet.node).name.clone(),
+                    dtype: dtype_of(model.input_fact(ix)?.datum_type()),
+                });
+            }
+            let outputs = model
+                .output_outlets()?
+                .iter()
+                .map(|o| {
+                    model
+                        .outlet_label(*o)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| model.node(o.node).name.clone())
+                })
+                .collect();
+            let plan = model.into_optimized()?.into_runnable()?;
+            Ok(TractEngine {
+                plan,
+                inputs,
+                outputs,
+            })
+        };
+        // tract reports malformed models as errors; the guard is for the odd assertion deep in
+        // an optimiser pass, which must become a skip reason rather than abort the CLI.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
+            Ok(r) => r.map_err(|e| format!("tract could not load {}: {e:?}", path.display())),
+            Err(_) => Err(format!("tract panicked loading {}", path.display())),
+        }
+    }
+
+    pub(super) fn inputs(&self) -> Vec<IoInfo> {
+        self.inputs.clone()
+    }
+
+    pub(super) fn outputs(&self) -> Vec<String> {
+        self.outputs.clone()
+    }
+
+    pub(super) fn run(
+        &self,
+        ordered: &[&ValueView<'_>],
+        output_names: &[String],
+    ) -> Result<HashMap<String, Value>, (Option<String>, String)> {
+        // tract consumes owned tensors, so this is the one place inputs are copied.
+        let feed: TVec<TValue> = ordered
+            .iter()
+            .map(|v| match v {
+                ValueView::F32(a) => {
+                    Tensor::from(a.as_standard_layout().into_owned()).into_tvalue()
+                }
+                ValueView::I64(a) => {
+                    Tensor::from(a.as_standard_layout().into_owned()).into_tvalue()
+                }
+            })
+            .collect();
+        let results = self.plan.run(feed).map_err(|e| (None, format!("{e:?}")))?;
+        if results.len() != output_names.len() {
+            return Err((
+                None,
+                format!(
+                    "tract returned {} outputs, the graph declares {}",
+                    results.len(),
+                    output_names.len()
+                ),
+            ));
+        }
+        let mut out = HashMap::with_capacity(results.len());
+        for (name, t) in output_names.iter().zip(results) {
+            let t = t.into_tensor();
+            let value = match t.datum_type() {
+                DatumType::F32 => t.into_plain_array::<f32>().map(Value::F32),
+                DatumType::I64 => t.into_plain_array::<i64>().map(Value::I64),
+                other => {
+                    return Err((
+                        Some(name.clone()),
+                        format!("unsupported type {other:?} (duet uses f32 and i64)"),
+                    ))
+                }
+            }
+            .map_err(|e| (Some(name.clone()), format!("{e:?}")))?;
+            out.insert(name.clone(), value);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,37 @@
+//! duet runtime: verified bundle loading and inference on onnxruntime (`ort`) or tract.
+//!
+//! - [`manifest`]: the bundle manifest schema, shared with the exporter.
+//! - [`bundle`]: opening a bundle and refusing anything that does not match (hashes, schema
+//!   version, graph I/O contract).
+//! - [`engine`]: one graph on one backend, with provider selection and honest skip reasons.
+//! - [`preprocess`]: image loading and normalisation.
+//! - [`caption`]: the captioning pipeline (vision encoder + KV-cache greedy decoder).
+//!
+//! This crate never depends on Burn: a bundle is everything it needs.
+
+pub mod bundle;
+pub mod caption;
+pub mod engine;
+pub mod manifest;
+pub mod preprocess;
+
+pub use bundle::{Bundle, BundleError};
+pub use caption::{CaptionError, Captioner};
+pub use engine::{
+    Engine, EngineError, EngineOptions, Provider, ProviderChoice, ProviderReport, Value, ValueView,
+};
+pub use manifest::{Manifest, SCHEMA_VERSION};
+pub use preprocess::ImageError;
+
+/// Any runtime error, for callers that do not care which stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Caption(#[from] CaptionError),
+}

@@ -1,0 +1,221 @@
+//! The bundle manifest (`manifest.json`).
+//!
+//! These types are the single definition of the manifest schema: the exporter writes a bundle
+//! by filling a [`Manifest`] and serialising it, the runtime reads it back with the same types,
+//! so the two can never disagree on a field name. Unknown fields are tolerated on read so that
+//! newer exporters can add optional sections (schedules, sampler defaults …) without breaking
+//! older runtimes; anything the runtime relies on is validated by [`crate::bundle::Bundle::open`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest schema version this runtime reads and the exporter writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Name of the manifest file inside a bundle directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Graph name of the vision encoder (required in every bundle).
+pub const VISION_ENCODER: &str = "vision_encoder";
+/// Graph name of the one-step KV-cache caption decoder (required in every bundle).
+pub const CAPTION_DECODER: &str = "caption_decoder";
+
+/// Top level of `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Must equal [`SCHEMA_VERSION`]; checked before anything else is trusted.
+    pub schema_version: u32,
+    /// Human-readable bundle name.
+    pub name: String,
+    /// Size preset the model was trained with (`tiny`, `small`).
+    pub preset: String,
+    /// Every model dimension (mirrors `ModelConfig` in `duet-models`).
+    pub model: ModelSpec,
+    /// Image size and normalisation expected by the vision encoder.
+    pub image: ImageSpec,
+    /// Tokenizer file and special token ids.
+    pub tokenizer: TokenizerSpec,
+    /// Every ONNX graph in the bundle with its I/O signature.
+    pub graphs: Vec<GraphSpec>,
+    /// Plain file name inside the bundle → lowercase hex sha256 of its bytes.
+    pub files: BTreeMap<String, String>,
+    /// Training provenance (command, config, data, seed, metrics); free-form.
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+}
+
+impl Manifest {
+    /// The graph called `name`, if the bundle has one.
+    pub fn graph(&self, name: &str) -> Option<&GraphSpec> {
+        self.graphs.iter().find(|g| g.name == name)
+    }
+
+    /// Pretty JSON, the form written to `manifest.json`.
+    pub fn to_json_pretty(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(self)
+    }
+}
+
+/// Model dimensions, with the same field names as `ModelConfig` (see `docs/ARCHITECTURE.md`).
+///
+/// Duplicated here rather than imported because the runtime must never depend on Burn (and
+/// therefore not on `duet-models`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub image_size: usize,
+    pub channels: usize,
+    pub patch_size: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub vision_layers: usize,
+    pub decoder_layers: usize,
+    pub mlp_ratio: usize,
+    pub embed_dim: usize,
+    pub vocab_size: usize,
+    pub max_len: usize,
+    pub layer_norm_eps: f64,
+}
+
+impl ModelSpec {
+    /// Number of image patches `P = (image_size / patch_size)^2` (0 if `patch_size` is 0).
+    pub fn num_patches(&self) -> usize {
+        let side = self.image_size.checked_div(self.patch_size).unwrap_or(0);
+        side * side
+    }
+
+    /// Attention head width `Dh = d_model / n_heads` (0 if `n_heads` is 0).
+    pub fn head_dim(&self) -> usize {
+        self.d_model.checked_div(self.n_heads).unwrap_or(0)
+    }
+}
+
+/// What the vision encoder expects: a `size × size` RGB image, scaled to `[0, 1]` by `x / 255`
+/// and then normalised per channel as `(x - mean) / std`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    pub size: usize,
+    pub channels: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// Tokenizer file (Hugging Face `tokenizers` JSON) and its fixed special ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerSpec {
+    /// Plain file name inside the bundle (also listed in [`Manifest::files`]).
+    pub file: String,
+    pub pad_id: u32,
+    pub bos_id: u32,
+    pub eos_id: u32,
+    pub unk_id: u32,
+    /// Maximum caption length in tokens, BOS and EOS included.
+    pub max_len: usize,
+}
+
+/// One ONNX graph and its I/O signature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GraphSpec {
+    /// Logical name (`vision_encoder`, `caption_decoder`, …).
+    pub name: String,
+    /// Plain file name inside the bundle (also listed in [`Manifest::files`]).
+    pub file: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// Export-time parity figures; `None` when the exporter did not check this graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parity: Option<Parity>,
+}
+
+impl GraphSpec {
+    /// The input called `name`.
+    pub fn input(&self, name: &str) -> Option<&TensorSpec> {
+        self.inputs.iter().find(|t| t.name == name)
+    }
+
+    /// The output called `name`.
+    pub fn output(&self, name: &str) -> Option<&TensorSpec> {
+        self.outputs.iter().find(|t| t.name == name)
+    }
+}
+
+/// Name, element type and (possibly symbolic) shape of one graph input or output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<DimSpec>,
+}
+
+impl fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}[", self.name, self.dtype)?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+/// Element types used by duet graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    I64,
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::I64 => "i64",
+        })
+    }
+}
+
+/// One axis of a tensor shape: a fixed size or a symbolic name such as `batch`, `seq`, `past`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DimSpec {
+    Fixed(usize),
+    Symbolic(String),
+}
+
+impl fmt::Display for DimSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DimSpec::Fixed(n) => write!(f, "{n}"),
+            DimSpec::Symbolic(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<usize> for DimSpec {
+    fn from(n: usize) -> Self {
+        DimSpec::Fixed(n)
+    }
+}
+
+impl From<&str> for DimSpec {
+    fn from(s: &str) -> Self {
+        DimSpec::Symbolic(s.to_string())
+    }
+}
+
+/// Export-time numerical agreement of a graph with the Burn model it was built from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parity {
+    /// Largest absolute difference between Burn and onnxruntime (CPU) outputs.
+    pub ort_max_abs_diff: f64,
+    /// Largest absolute difference between Burn and tract outputs.
+    pub tract_max_abs_diff: f64,
+    /// The bound both differences had to stay under for the graph to be written.
+    pub tolerance: f64,
+    /// How many input sets were compared.
+    pub inputs_checked: usize,
+}

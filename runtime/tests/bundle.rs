@@ -1,0 +1,243 @@
+//! Manifest schema and `Bundle::open` refusals.
+
+mod common;
+
+use common::*;
+use duet_runtime::bundle::is_plain_file_name;
+use duet_runtime::manifest::{DType, DimSpec, Manifest, Parity};
+use duet_runtime::{Bundle, BundleError};
+
+/// A valid bundle whose graph files are small placeholders (hashes are all `open` checks).
+fn small_bundle(dir: &std::path::Path) -> Manifest {
+    let spec = tiny_spec(vocab_size());
+    write_bundle(
+        dir,
+        &spec,
+        &[
+            ("vision_encoder.onnx", b"vision".to_vec()),
+            ("caption_decoder.onnx", b"decoder".to_vec()),
+            ("tokenizer.json", tokenizer_json().into_bytes()),
+        ],
+    )
+}
+
+#[test]
+fn manifest_round_trips_through_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = small_bundle(dir.path());
+    m.graphs[0].parity = Some(Parity {
+        ort_max_abs_diff: 1.5e-6,
+        tract_max_abs_diff: 2.0e-6,
+        tolerance: 1e-4,
+        inputs_checked: 8,
+    });
+    let json = m.to_json_pretty().unwrap();
+    let back: Manifest = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, m);
+    // Spot-check the wire format the exporter and runtime share.
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["graphs"][0]["inputs"][0]["dtype"], "f32");
+    assert_eq!(v["graphs"][0]["inputs"][0]["shape"][0], "batch");
+    assert_eq!(v["graphs"][0]["inputs"][0]["shape"][1], 3);
+    assert_eq!(v["graphs"][1]["inputs"][0]["dtype"], "i64");
+    assert!(v["graphs"][1].get("parity").is_none());
+    assert_eq!(
+        back.graphs[0].inputs[0].shape[0],
+        DimSpec::Symbolic("batch".into())
+    );
+    assert_eq!(back.graphs[1].inputs[0].dtype, DType::I64);
+}
+
+#[test]
+fn unknown_manifest_fields_are_tolerated() {
+    let dir = tempfile::tempdir().unwrap();
+    small_bundle(dir.path());
+    let path = dir.path().join("manifest.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["schedule"] = serde_json::json!({"type": "cosine", "steps": 100});
+    std::fs::write(&path, v.to_string()).unwrap();
+    Bundle::open(dir.path()).unwrap();
+}
+
+#[test]
+fn valid_bundle_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = small_bundle(dir.path());
+    let b = Bundle::open(dir.path()).unwrap();
+    assert_eq!(b.manifest(), &m);
+    assert_eq!(
+        b.graph_path("caption_decoder").unwrap(),
+        dir.path().join("caption_decoder.onnx")
+    );
+    assert_eq!(b.tokenizer_path(), dir.path().join("tokenizer.json"));
+}
+
+#[test]
+fn missing_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    match Bundle::open(dir.path()) {
+        Err(BundleError::MissingFile { path }) => assert!(path.ends_with("manifest.json")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn corrupt_manifest_json() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("manifest.json"), "{ not json").unwrap();
+    let e = Bundle::open(dir.path()).unwrap_err();
+    assert!(matches!(e, BundleError::Json { .. }), "{e:?}");
+    assert!(e.to_string().contains("manifest.json"), "{e}");
+}
+
+#[test]
+fn tampered_file_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = small_bundle(dir.path());
+    std::fs::write(dir.path().join("caption_decoder.onnx"), b"tampered").unwrap();
+    match Bundle::open(dir.path()) {
+        Err(e @ BundleError::HashMismatch { .. }) => {
+            let msg = e.to_string();
+            let BundleError::HashMismatch {
+                file,
+                expected,
+                actual,
+            } = e
+            else {
+                unreachable!()
+            };
+            assert_eq!(file, "caption_decoder.onnx");
+            assert_eq!(expected, m.files["caption_decoder.onnx"]);
+            assert_ne!(actual, expected);
+            assert!(
+                msg.contains("caption_decoder.onnx") && msg.contains(&actual),
+                "{msg}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn missing_listed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    small_bundle(dir.path());
+    std::fs::remove_file(dir.path().join("vision_encoder.onnx")).unwrap();
+    match Bundle::open(dir.path()) {
+        Err(BundleError::MissingFile { path }) => assert!(path.ends_with("vision_encoder.onnx")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn non_plain_file_names_are_refused() {
+    for bad in ["../x", "/etc/passwd", "sub/x.onnx", "..", ".", "", "a\\b"] {
+        assert!(!is_plain_file_name(bad), "{bad:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = small_bundle(dir.path());
+        m.files.insert(bad.to_string(), "0".repeat(64));
+        write_manifest(dir.path(), &m);
+        match Bundle::open(dir.path()) {
+            Err(BundleError::BadManifest { field, .. }) => {
+                assert!(field.starts_with("files["), "{bad:?}: {field}")
+            }
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+    assert!(is_plain_file_name("vision_encoder.fp16.onnx"));
+}
+
+#[test]
+fn graph_file_must_be_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = small_bundle(dir.path());
+    m.graphs[1].file = "../caption_decoder.onnx".into();
+    write_manifest(dir.path(), &m);
+    match Bundle::open(dir.path()) {
+        Err(BundleError::BadManifest { field, .. }) => {
+            assert_eq!(field, "graphs[caption_decoder].file")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn missing_required_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = small_bundle(dir.path());
+    m.graphs.retain(|g| g.name != "caption_decoder");
+    write_manifest(dir.path(), &m);
+    let e = Bundle::open(dir.path()).unwrap_err();
+    assert!(matches!(e, BundleError::BadManifest { .. }), "{e:?}");
+    assert!(e.to_string().contains("caption_decoder"), "{e}");
+}
+
+#[test]
+fn wrong_schema_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = small_bundle(dir.path());
+    m.schema_version = 2;
+    write_manifest(dir.path(), &m);
+    match Bundle::open(dir.path()) {
+        Err(BundleError::SchemaVersion { found, supported }) => {
+            assert_eq!((found, supported), (2, 1))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn io_contract_violations_name_graph_and_field() {
+    type Mutation = Box<dyn Fn(&mut Manifest)>;
+    let cases: Vec<(Mutation, &str)> = vec![
+        (
+            Box::new(|m| m.graphs[1].inputs.retain(|t| t.name != "past_value_1")),
+            "graphs[caption_decoder].inputs",
+        ),
+        (
+            Box::new(|m| m.graphs[1].inputs[0].dtype = DType::F32),
+            "graphs[caption_decoder].inputs[input_ids].dtype",
+        ),
+        (
+            Box::new(|m| m.graphs[0].inputs[0].shape[2] = DimSpec::Fixed(64)),
+            "graphs[vision_encoder].inputs[pixels].shape[2]",
+        ),
+        (
+            Box::new(|m| m.graphs[0].inputs[0].shape[0] = DimSpec::Fixed(1)),
+            "graphs[vision_encoder].inputs[pixels].shape[0]",
+        ),
+        (
+            Box::new(|m| m.graphs[1].outputs.retain(|t| t.name != "logits")),
+            "graphs[caption_decoder].outputs",
+        ),
+        (
+            Box::new(|m| {
+                let extra = m.graphs[1].inputs[0].clone();
+                m.graphs[1].inputs.push(duet_runtime::manifest::TensorSpec {
+                    name: "use_cache".into(),
+                    ..extra
+                })
+            }),
+            "graphs[caption_decoder].inputs[use_cache]",
+        ),
+        (
+            Box::new(|m| m.graphs[1].outputs[1].shape.pop().map(|_| ()).unwrap_or(())),
+            "graphs[caption_decoder].outputs[present_key_0].shape",
+        ),
+        (Box::new(|m| m.image.size = 16), "image.size"),
+        (Box::new(|m| m.tokenizer.eos_id = 999), "tokenizer.eos_id"),
+    ];
+    for (mutate, want_field) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = small_bundle(dir.path());
+        mutate(&mut m);
+        write_manifest(dir.path(), &m);
+        match Bundle::open(dir.path()) {
+            Err(BundleError::BadManifest { field, reason }) => {
+                assert_eq!(field, want_field, "reason: {reason}")
+            }
+            other => panic!("{want_field}: {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The captioning pipeline on a small contract-conforming bundle with random weights:
+//! KV-cache and full-recompute greedy decoding must agree, and so must the backends.
+
+mod common;
+
+use common::*;
+use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
+use duet_runtime::{Bundle, Captioner};
+use image::{Rgb, RgbImage};
+use ndarray::Array4;
+
+fn options() -> EngineOptions {
+    EngineOptions {
+        strict: false,
+        ort_lib: ort_lib(),
+    }
+}
+
+fn providers() -> Vec<Provider> {
+    let mut p = vec![Provider::Tract];
+    if ort_lib().is_some() {
+        p.push(Provider::OrtCpu);
+    }
+    p
+}
+
+fn pixels(batch: usize) -> Array4<f32> {
+    let mut rng = Lcg::new(99);
+    Array4::from_shape_vec((batch, 3, 8, 8), rng.vec(batch * 3 * 64, 1.0)).unwrap()
+}
+
+#[test]
+fn kv_cache_and_full_recompute_give_identical_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    // EOS strongly discouraged: every caption runs to max_len, exercising every cache step.
+    caption_bundle(dir.path(), -100.0);
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let mut per_provider = Vec::new();
+    for p in providers() {
+        let cap = Captioner::new(&bundle, ProviderChoice::Only(p), &options()).unwrap();
+        assert!(
+            cap.reports().iter().all(|r| r.used == p),
+            "{:?}",
+            cap.reports()
+        );
+        let tokens = cap.encode(&pixels(3)).unwrap();
+        assert_eq!(tokens.shape(), &[3, 4, 8]);
+        let kv = cap.greedy_tokens_kv(&tokens).unwrap();
+        let full = cap.greedy_tokens_full(&tokens).unwrap();
+        assert_eq!(kv, full, "{p}");
+        for ids in &kv {
+            assert_eq!(ids.len(), 7, "{p}: max_len 8 = BOS + 7 tokens");
+        }
+        // Different images should not all caption identically with random weights.
+        assert!(kv.iter().any(|t| t != &kv[0]) || kv[0].iter().any(|&t| t != kv[0][0]));
+        per_provider.push(kv);
+    }
+    if per_provider.len() == 2 {
+        assert_eq!(per_provider[0], per_provider[1], "tract vs ort-cpu tokens");
+    }
+}
+
+#[test]
+fn captions_stop_at_eos_and_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    // EOS strongly favoured: the first generated token is EOS, so captions are empty.
+    caption_bundle(dir.path(), 100.0);
+    let bundle = Bundle::open(dir.path()).unwrap();
+    for p in providers() {
+        let cap = Captioner::new(&bundle, ProviderChoice::Only(p), &options()).unwrap();
+        let tokens = cap.encode(&pixels(2)).unwrap();
+        assert_eq!(
+            cap.greedy_tokens_kv(&tokens).unwrap(),
+            vec![Vec::<u32>::new(); 2]
+        );
+        assert_eq!(
+            cap.greedy_tokens_full(&tokens).unwrap(),
+            vec![Vec::<u32>::new(); 2]
+        );
+        assert_eq!(
+            cap.caption_pixels(&pixels(2)).unwrap(),
+            vec![String::new(); 2]
+        );
+    }
+}
+
+#[test]
+fn caption_text_and_token_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    caption_bundle(dir.path(), -100.0);
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let cap = Captioner::new(&bundle, ProviderChoice::Auto, &options()).unwrap();
+    // BOS/PAD dropped, stop at EOS: ids 4.. are WORDS.
+    assert_eq!(
+        cap.decode_tokens(&[1, 4, 5, 0, 7, 2, 6]).unwrap(),
+        "a cat sits"
+    );
+    let imgs = vec![
+        RgbImage::from_pixel(8, 8, Rgb([200, 10, 10])),
+        RgbImage::from_pixel(20, 12, Rgb([10, 10, 200])),
+    ];
+    let captions = cap.caption_images(&imgs).unwrap();
+    assert_eq!(captions.len(), 2);
+    for c in &captions {
+        let words: Vec<&str> = c.split(' ').collect();
+        assert_eq!(words.len(), 7, "{c:?}");
+        assert!(words.iter().all(|w| WORDS.contains(w)), "{c:?}");
+    }
+    let report = cap
+        .reports()
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(report.contains("vision_encoder: running on"), "{report}");
+    assert!(report.contains("caption_decoder: running on"), "{report}");
+}
+
+#[test]
+fn bad_pixel_shapes_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    caption_bundle(dir.path(), -100.0);
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let cap = Captioner::new(&bundle, ProviderChoice::Only(Provider::Tract), &options()).unwrap();
+    assert!(cap.encode(&Array4::zeros((1, 3, 16, 16))).is_err());
+    assert!(cap.encode(&Array4::zeros((0, 3, 8, 8))).is_err());
+    assert!(cap
+        .greedy_tokens_kv(&ndarray::Array3::zeros((1, 5, 8)))
+        .is_err());
+}
+
+#[test]
+fn tokenizer_vocab_must_match_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = caption_bundle(dir.path(), 0.0);
+    // Claim a bigger vocabulary than the tokenizer has (graphs don't matter: it fails first).
+    m.model.vocab_size += 1;
+    for g in &mut m.graphs {
+        for t in g.outputs.iter_mut().filter(|t| t.name == "logits") {
+            t.shape[2] = duet_runtime::manifest::DimSpec::Fixed(m.model.vocab_size);
+        }
+    }
+    write_manifest(dir.path(), &m);
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let e = Captioner::new(&bundle, ProviderChoice::Only(Provider::Tract), &options()).unwrap_err();
+    assert!(e.to_string().contains("tokens but model.vocab_size"), "{e}");
+}

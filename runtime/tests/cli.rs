@@ -1,0 +1,170 @@
+//! The `duet` binary end to end on a small random-weight bundle.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use image::{Rgb, RgbImage};
+
+fn duet() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_duet"));
+    c.env("RUST_LOG", "info");
+    if let Some(lib) = ort_lib() {
+        c.env("ORT_DYLIB_PATH", lib);
+    }
+    c
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn caption_prints_path_tab_caption() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir(&bundle).unwrap();
+    caption_bundle(&bundle, -100.0);
+    let a = dir.path().join("a.png");
+    let b = dir.path().join("b.png");
+    RgbImage::from_pixel(8, 8, Rgb([250, 0, 0]))
+        .save(&a)
+        .unwrap();
+    RgbImage::from_pixel(32, 32, Rgb([0, 0, 250]))
+        .save(&b)
+        .unwrap();
+    for provider in ["tract", "auto"] {
+        let out = duet()
+            .args(["caption", "--bundle"])
+            .arg(&bundle)
+            .args(["--provider", provider])
+            .arg(&a)
+            .arg(&b)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{provider}: {stderr}");
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 2, "{stdout}");
+        for (line, img) in lines.iter().zip([&a, &b]) {
+            let (path, caption) = line.split_once('\t').unwrap();
+            assert_eq!(path, img.display().to_string());
+            assert_eq!(caption.split(' ').count(), 7, "{line}");
+        }
+        assert!(stderr.contains("vision_encoder: running on"), "{stderr}");
+        assert!(stderr.contains("caption_decoder: running on"), "{stderr}");
+        assert!(
+            stderr.contains("resizing image from 32x32 to 8x8"),
+            "{stderr}"
+        );
+        if provider == "auto" {
+            eprintln!("{stderr}");
+            assert!(stderr.contains("skipped tensorrt: "), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn info_summarises_bundle_and_providers() {
+    let dir = tempfile::tempdir().unwrap();
+    caption_bundle(dir.path(), 0.0);
+    let out = duet()
+        .args(["info", "--bundle"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for want in [
+        "bundle: test-bundle (preset tiny",
+        "d_model 8",
+        "caption_decoder (caption_decoder.onnx)",
+        "in  past_key_1: f32[batch, 2, past, 4]",
+        "parity: not recorded",
+        "provenance command: cargo test",
+        "tract: always available",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in\n{stdout}");
+    }
+    if ort_lib().is_some() {
+        assert!(stdout.contains("CPUExecutionProvider"), "{stdout}");
+    }
+}
+
+#[test]
+fn errors_exit_non_zero_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    caption_bundle(dir.path(), 0.0);
+    let img = dir.path().join("x.png");
+    RgbImage::new(8, 8).save(&img).unwrap();
+    let corrupt = dir.path().join("corrupt.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\nbroken").unwrap();
+
+    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+        (
+            vec![
+                "caption".into(),
+                "--bundle".into(),
+                dir.path().into(),
+                "--provider".into(),
+                "gpu".into(),
+                img.clone().into(),
+            ],
+            "unknown provider `gpu`",
+        ),
+        (
+            vec![
+                "caption".into(),
+                "--bundle".into(),
+                "/nonexistent".into(),
+                img.clone().into(),
+            ],
+            "manifest.json",
+        ),
+        (
+            vec![
+                "caption".into(),
+                "--bundle".into(),
+                dir.path().into(),
+                corrupt.clone().into(),
+            ],
+            "corrupt.png",
+        ),
+        (
+            vec![
+                "caption".into(),
+                "--bundle".into(),
+                dir.path().into(),
+                "--ort-lib".into(),
+                "/nonexistent/libonnxruntime.so".into(),
+                "--provider".into(),
+                "ort-cpu".into(),
+                img.clone().into(),
+            ],
+            if cfg!(feature = "ort") {
+                "libonnxruntime not found"
+            } else {
+                "without the `ort` feature"
+            },
+        ),
+    ];
+    for (args, want) in cases {
+        let out = duet().args(&args).output().unwrap();
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+
+    // Tampered graph: refused with the file name.
+    std::fs::write(dir.path().join("caption_decoder.onnx"), b"x").unwrap();
+    let out = duet()
+        .args(["caption", "--bundle"])
+        .arg(dir.path())
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("sha256 mismatch for caption_decoder.onnx"));
+}

@@ -1,0 +1,362 @@
+//! Engines on tiny hand-built ONNX graphs: provider selection and reports, ort-cpu vs tract
+//! agreement, symbolic batch, zero-length KV-cache axes, and honest GPU skip reasons.
+
+mod common;
+
+use common::*;
+use duet_runtime::engine::{
+    ort_info, Engine, EngineError, EngineOptions, Provider, ProviderChoice, Value,
+};
+use ndarray::{array, ArrayD, Axis, IxDyn};
+
+fn write(dir: &tempfile::TempDir, name: &str, bytes: Vec<u8>) -> std::path::PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn options() -> EngineOptions {
+    EngineOptions {
+        strict: false,
+        ort_lib: ort_lib(),
+    }
+}
+
+fn linear_expected(x: &ndarray::Array2<f32>) -> ndarray::Array2<f32> {
+    let w = ndarray::Array2::from_shape_vec((3, 2), LINEAR_W.to_vec()).unwrap();
+    x.dot(&w) + &ndarray::arr1(&LINEAR_B)
+}
+
+#[test]
+fn provider_names_parse_and_print() {
+    for p in Provider::ALL {
+        assert_eq!(p.to_string().parse::<Provider>().unwrap(), p);
+        assert_eq!(
+            p.to_string().parse::<ProviderChoice>().unwrap(),
+            ProviderChoice::Only(p)
+        );
+    }
+    assert_eq!("ort-cpu".parse::<Provider>().unwrap(), Provider::OrtCpu);
+    assert_eq!("tensorrt".parse::<Provider>().unwrap(), Provider::TensorRt);
+    assert_eq!(
+        "auto".parse::<ProviderChoice>().unwrap(),
+        ProviderChoice::Auto
+    );
+    assert!("auto".parse::<Provider>().is_err());
+    let e = "cpu".parse::<ProviderChoice>().unwrap_err();
+    assert_eq!(e.name, "cpu");
+    let msg = e.to_string();
+    for valid in ["auto", "tensorrt", "cuda", "ort-cpu", "tract"] {
+        assert!(msg.contains(valid), "{msg}");
+    }
+}
+
+#[test]
+fn linear_model_on_tract_with_symbolic_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "linear.onnx", linear_model());
+    let (engine, report) = Engine::load(
+        &path,
+        "linear",
+        ProviderChoice::Only(Provider::Tract),
+        &options(),
+    )
+    .unwrap();
+    assert_eq!(engine.provider(), Provider::Tract);
+    assert_eq!(report.used, Provider::Tract);
+    assert!(report.skipped.is_empty());
+    for batch in [1usize, 3] {
+        let x = ndarray::Array2::from_shape_fn((batch, 3), |(i, j)| (i * 3 + j) as f32 * 0.5 - 1.0);
+        let out = engine
+            .run(&[("x", Value::F32(x.clone().into_dyn()))])
+            .unwrap();
+        let y = out["y"].as_f32().unwrap();
+        let want = linear_expected(&x).into_dyn();
+        assert!((y - &want).iter().all(|d| d.abs() < 1e-5), "{y} vs {want}");
+    }
+}
+
+#[test]
+fn input_errors_are_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "linear.onnx", linear_model());
+    let (engine, _) = Engine::load(
+        &path,
+        "linear",
+        ProviderChoice::Only(Provider::Tract),
+        &options(),
+    )
+    .unwrap();
+    let x = Value::F32(ArrayD::zeros(IxDyn(&[1, 3])));
+    assert!(matches!(
+        engine.run(&[]),
+        Err(EngineError::MissingInput { name, .. }) if name == "x"
+    ));
+    assert!(matches!(
+        engine.run(&[("x", x.clone()), ("z", x.clone())]),
+        Err(EngineError::UnknownInput { name, .. }) if name == "z"
+    ));
+    assert!(matches!(
+        engine.run(&[("x", x.clone()), ("x", x)]),
+        Err(EngineError::DuplicateInput { .. })
+    ));
+    assert!(matches!(
+        engine.run(&[("x", Value::I64(ArrayD::zeros(IxDyn(&[1, 3]))))]),
+        Err(EngineError::InputDType { .. })
+    ));
+    // A wrong shape is the backend's to reject, as an error rather than a panic.
+    let bad = engine.run(&[("x", Value::F32(ArrayD::zeros(IxDyn(&[1, 5]))))]);
+    assert!(matches!(bad, Err(EngineError::Run { .. })), "{bad:?}");
+}
+
+#[test]
+fn missing_model_file() {
+    let e = Engine::load(
+        "/nonexistent/model.onnx",
+        "g",
+        ProviderChoice::Auto,
+        &options(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, EngineError::ModelNotFound { .. }), "{e:?}");
+}
+
+#[test]
+fn corrupt_model_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "bad.onnx", b"definitely not protobuf".to_vec());
+    let e = Engine::load(
+        &path,
+        "bad",
+        ProviderChoice::Only(Provider::Tract),
+        &options(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EngineError::ProviderUnavailable {
+                provider: Provider::Tract,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = Engine::load(&path, "bad", ProviderChoice::Auto, &options()).unwrap_err();
+    match e {
+        EngineError::NoProvider { skipped, .. } => assert_eq!(skipped.len(), 4),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Zero-length `past` (the first decode step), then a non-empty one, on both backends.
+#[test]
+fn zero_length_cache_axis_on_tract_and_ort() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "cache.onnx", cache_model());
+    let mut providers = vec![Provider::Tract];
+    if ort_lib().is_some() {
+        providers.push(Provider::OrtCpu);
+    }
+    let mut results = Vec::new();
+    for p in providers {
+        let (engine, report) =
+            Engine::load(&path, "cache", ProviderChoice::Only(p), &options()).unwrap();
+        assert_eq!(report.used, p);
+        let mut outs = Vec::new();
+        let mut rng = Lcg::new(5);
+        let mut past = ArrayD::<f32>::zeros(IxDyn(&[2, 0, 4]));
+        for step in 0..3 {
+            let x = ArrayD::from_shape_vec(IxDyn(&[2, 1, 4]), rng.vec(8, 1.0)).unwrap();
+            let bias = ArrayD::<f32>::zeros(IxDyn(&[2, 1, step + 1]));
+            let mut o = engine
+                .run(&[
+                    ("x", Value::F32(x)),
+                    ("past", Value::F32(past.clone())),
+                    ("bias", Value::F32(bias)),
+                ])
+                .unwrap_or_else(|e| panic!("{p} step {step}: {e}"));
+            let present = o.remove("present").unwrap().into_f32().unwrap();
+            assert_eq!(present.shape(), &[2, step + 1, 4], "{p}");
+            outs.push(o.remove("out").unwrap().into_f32().unwrap());
+            past = present;
+        }
+        results.push(outs);
+    }
+    if results.len() == 2 {
+        for (a, b) in results[0].iter().zip(&results[1]) {
+            let diff = (a - b).iter().fold(0f32, |m, d| m.max(d.abs()));
+            assert!(diff < 1e-5, "tract vs ort-cpu differ by {diff}");
+        }
+    }
+}
+
+#[test]
+fn ort_cpu_and_tract_agree() {
+    let Some(lib) = ort_lib() else {
+        eprintln!("skipping: onnxruntime not installed (scripts/setup-ort.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "linear.onnx", linear_model());
+    let opts = EngineOptions {
+        strict: false,
+        ort_lib: Some(lib),
+    };
+    let (ort_e, ort_r) = Engine::load(
+        &path,
+        "linear",
+        ProviderChoice::Only(Provider::OrtCpu),
+        &opts,
+    )
+    .unwrap();
+    let (tract_e, tract_r) = Engine::load(
+        &path,
+        "linear",
+        ProviderChoice::Only(Provider::Tract),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(ort_r.used, Provider::OrtCpu);
+    assert_eq!(tract_r.used, Provider::Tract);
+    assert_eq!(ort_e.inputs(), tract_e.inputs());
+    assert_eq!(ort_e.outputs(), tract_e.outputs());
+    let x = array![[1.0f32, 2.0, 3.0], [-1.0, 0.5, 0.25], [0.0, 0.0, 1.0]];
+    let a = ort_e
+        .run(&[("x", Value::F32(x.clone().into_dyn()))])
+        .unwrap();
+    let b = tract_e
+        .run(&[("x", Value::F32(x.clone().into_dyn()))])
+        .unwrap();
+    let (a, b) = (a["y"].as_f32().unwrap(), b["y"].as_f32().unwrap());
+    assert_eq!(a.shape(), &[3, 2]);
+    let want = linear_expected(&x).into_dyn();
+    for row in 0..3 {
+        for (u, v) in a
+            .index_axis(Axis(0), row)
+            .iter()
+            .zip(b.index_axis(Axis(0), row))
+        {
+            assert!((u - v).abs() < 1e-5);
+        }
+    }
+    assert!((a - &want).iter().all(|d| d.abs() < 1e-5));
+    // A non-contiguous input view is copied, not rejected.
+    let xt = x.t().as_standard_layout().into_owned();
+    let xt_view = xt.t();
+    assert!(!xt_view.is_standard_layout());
+    let c = ort_e
+        .run_views(&[("x", duet_runtime::ValueView::F32(xt_view.into_dyn()))])
+        .unwrap();
+    assert_eq!(c["y"].as_f32().unwrap(), a);
+}
+
+/// The PyPI onnxruntime is a CPU build: CUDA/TensorRT must be refused with onnxruntime's own
+/// reason, never silently run on CPU.
+#[test]
+fn gpu_providers_report_real_reasons_on_cpu_onnxruntime() {
+    let Some(lib) = ort_lib() else {
+        eprintln!("skipping: onnxruntime not installed (scripts/setup-ort.sh)");
+        return;
+    };
+    let opts = EngineOptions {
+        strict: false,
+        ort_lib: Some(lib),
+    };
+    let info = ort_info(&opts).unwrap();
+    assert!(
+        info.providers.iter().any(|p| p == "CPUExecutionProvider"),
+        "{info:?}"
+    );
+    if info.providers.iter().any(|p| p == "CUDAExecutionProvider") {
+        eprintln!("skipping: this onnxruntime has CUDA compiled in");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "linear.onnx", linear_model());
+
+    // Explicit provider: always an error, with the reason.
+    for p in [Provider::Cuda, Provider::TensorRt] {
+        match Engine::load(&path, "linear", ProviderChoice::Only(p), &opts) {
+            Err(EngineError::ProviderUnavailable {
+                provider, reason, ..
+            }) => {
+                assert_eq!(provider, p);
+                assert!(!reason.is_empty());
+                eprintln!("{p}: {reason}");
+            }
+            other => panic!("{p}: {other:?}"),
+        }
+    }
+
+    // auto: GPU providers skipped with reasons, the graph lands on ort-cpu.
+    let (engine, report) = Engine::load(&path, "linear", ProviderChoice::Auto, &opts).unwrap();
+    assert_eq!(engine.provider(), Provider::OrtCpu);
+    assert_eq!(report.used, Provider::OrtCpu);
+    let skipped: Vec<Provider> = report.skipped.iter().map(|(p, _)| *p).collect();
+    assert_eq!(skipped, vec![Provider::TensorRt, Provider::Cuda]);
+    assert!(report.to_string().contains("skipped cuda: "), "{report}");
+
+    // strict auto: the first skip is an error.
+    let strict = EngineOptions {
+        strict: true,
+        ..opts
+    };
+    match Engine::load(&path, "linear", ProviderChoice::Auto, &strict) {
+        Err(EngineError::ProviderUnavailable { provider, .. }) => {
+            assert_eq!(provider, Provider::TensorRt)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+#[cfg(feature = "ort")]
+fn missing_ort_library_is_a_skip_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "linear.onnx", linear_model());
+    let bogus = dir.path().join("no-such-libonnxruntime.so");
+    let opts = EngineOptions {
+        strict: false,
+        ort_lib: Some(bogus.clone()),
+    };
+    let (engine, report) = Engine::load(&path, "linear", ProviderChoice::Auto, &opts).unwrap();
+    assert_eq!(engine.provider(), Provider::Tract);
+    assert_eq!(report.skipped.len(), 3);
+    for (_, reason) in &report.skipped {
+        assert!(reason.contains("libonnxruntime not found"), "{reason}");
+        assert!(reason.contains(&bogus.display().to_string()), "{reason}");
+    }
+    let strict = EngineOptions {
+        strict: true,
+        ..opts.clone()
+    };
+    assert!(matches!(
+        Engine::load(&path, "linear", ProviderChoice::Auto, &strict),
+        Err(EngineError::ProviderUnavailable {
+            provider: Provider::TensorRt,
+            ..
+        })
+    ));
+    assert!(matches!(
+        Engine::load(
+            &path,
+            "linear",
+            ProviderChoice::Only(Provider::OrtCpu),
+            &opts
+        ),
+        Err(EngineError::ProviderUnavailable {
+            provider: Provider::OrtCpu,
+            ..
+        })
+    ));
+    assert!(ort_info(&opts).is_err());
+}
+
+/// Engines and the captioner are shared across threads (`run` takes `&self`).
+#[test]
+fn engines_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Engine>();
+    assert_send_sync::<duet_runtime::Captioner>();
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# README command 1: set up, generate ShapeWorld, train the tiny captioner, export it to an ONNX
+# bundle (with parity checks) and caption sample images with ort and with tract.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bash scripts/setup.sh
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/.ort/lib/libonnxruntime.so}"
+out=${DUET_DEMO_DIR:-$root/out/demo}
+steps=${DUET_DEMO_STEPS:-1200}
+mkdir -p "$out"
+cargo build --release -p duet-train -p duet-export -p duet-runtime
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
+"$bin/duet-train" shapeworld --out "$out/data/train" --count 6000 --seed 1 --max-objects 2
+"$bin/duet-train" shapeworld --out "$out/data/val" --count 300 --seed 2 --max-objects 2
+"$bin/duet-train" fit --stage caption --preset tiny --data "$out/data/train" --out "$out/run" --steps "$steps" --seed 0
+"$bin/duet-train" eval --run "$out/run" --data "$out/data/val"
+"$bin/duet-export" --run "$out/run" --out "$out/bundle"
+"$bin/duet" info --bundle "$out/bundle"
+imgs=$(ls "$out"/data/val/images/*.png | head -n 4)
+echo "== ort =="
+"$bin/duet" caption --bundle "$out/bundle" --provider auto $imgs
+echo "== tract =="
+"$bin/duet" caption --bundle "$out/bundle" --provider tract $imgs

@@ -1,0 +1,426 @@
+//! The caption stage: trains the vision encoder and the caption decoder together with
+//! teacher-forced cross-entropy on ShapeWorld captions.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use duet_models::params::{load_named_tensors, named_tensors};
+use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
+use duet_models::{Captioner, ModelConfig, Preset};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::checkpoint::{
+    load_weights, read_json, save_weights, write_json, TrainState, OPTIMIZER_FILE, STATE_FILE,
+    WEIGHTS_FILE,
+};
+use crate::fsutil::write_atomic;
+use crate::shapeworld::{load_dataset, Sample};
+use crate::tokenizer::{decode_caption, encode_caption, load_tokenizer, save_tokenizer, train_tokenizer};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Burn record of the model, kept only so `--resume` can restore the optimizer state (which
+/// Burn keys by parameter id); `model.safetensors` is the portable copy of the weights.
+pub const MODEL_RECORD_FILE: &str = "model_record.bin";
+
+type Rec = BinBytesRecorder<FullPrecisionSettings>;
+
+/// Everything that defines a caption training run; written to `RUN/config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaptionTrainConfig {
+    pub stage: String,
+    pub preset: Preset,
+    pub model: ModelConfig,
+    pub data: PathBuf,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f32,
+    pub grad_clip: f32,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub device: String,
+    /// The exact command line that started the run.
+    pub command: String,
+}
+
+impl CaptionTrainConfig {
+    pub fn for_preset(preset: Preset) -> (usize, usize, f64) {
+        // (steps, batch_size, lr)
+        match preset {
+            Preset::Tiny => (1200, 32, 2e-3),
+            Preset::Small => (6000, 64, 1e-3),
+        }
+    }
+
+    /// Linear warm-up then cosine decay to 5% of the peak rate.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = (self.steps.saturating_sub(self.warmup_steps)).max(1) as f64;
+        let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let min = 0.05 * self.lr;
+        min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+}
+
+/// Images and padded token sequences in memory, ready to batch.
+pub struct PreparedData {
+    pub n: usize,
+    pub image_size: usize,
+    /// `n * 3 * S * S`, normalised to `[-1, 1]`, CHW per image.
+    pub pixels: Vec<f32>,
+    /// `n * seq_len`, `[BOS] … [EOS] [PAD]…`.
+    pub tokens: Vec<i64>,
+    pub seq_len: usize,
+}
+
+/// `x / 255 * 2 - 1` per channel, CHW: the normalisation the manifest declares
+/// (mean 0.5, std 0.5).
+pub fn image_to_chw(img: &image::RgbImage) -> Vec<f32> {
+    let (w, h) = img.dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let mut out = vec![0.0f32; 3 * w * h];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            out[c * w * h + y as usize * w + x as usize] = p.0[c] as f32 / 255.0 * 2.0 - 1.0;
+        }
+    }
+    out
+}
+
+pub fn prepare(
+    samples: &[Sample],
+    tokenizer: &Tokenizer,
+    image_size: usize,
+    max_len: usize,
+) -> anyhow::Result<PreparedData> {
+    let mut pixels = Vec::with_capacity(samples.len() * 3 * image_size * image_size);
+    let mut seqs = Vec::with_capacity(samples.len());
+    for s in samples {
+        let (w, h) = s.image.dimensions();
+        if w as usize != image_size || h as usize != image_size {
+            anyhow::bail!(
+                "{}: image is {w}x{h}, the model expects {image_size}x{image_size}",
+                s.image_path.display()
+            );
+        }
+        pixels.extend(image_to_chw(&s.image));
+        seqs.push(encode_caption(tokenizer, &s.caption, max_len)?);
+    }
+    let seq_len = seqs.iter().map(|s| s.len()).max().unwrap_or(2);
+    let mut tokens = Vec::with_capacity(seqs.len() * seq_len);
+    for s in &seqs {
+        tokens.extend(s.iter().map(|&t| t as i64));
+        tokens.extend(std::iter::repeat_n(PAD_ID as i64, seq_len - s.len()));
+    }
+    Ok(PreparedData {
+        n: samples.len(),
+        image_size,
+        pixels,
+        tokens,
+        seq_len,
+    })
+}
+
+impl PreparedData {
+    pub fn pixels_batch<B: Backend>(&self, idx: &[usize], device: &B::Device) -> Tensor<B, 4> {
+        let per = 3 * self.image_size * self.image_size;
+        let mut data = Vec::with_capacity(idx.len() * per);
+        for &i in idx {
+            data.extend_from_slice(&self.pixels[i * per..(i + 1) * per]);
+        }
+        Tensor::from_data(
+            TensorData::new(data, [idx.len(), 3, self.image_size, self.image_size]),
+            device,
+        )
+    }
+
+    pub fn tokens_batch<B: Backend>(&self, idx: &[usize], device: &B::Device) -> Tensor<B, 2, Int> {
+        let mut data = Vec::with_capacity(idx.len() * self.seq_len);
+        for &i in idx {
+            data.extend_from_slice(&self.tokens[i * self.seq_len..(i + 1) * self.seq_len]);
+        }
+        Tensor::from_data(TensorData::new(data, [idx.len(), self.seq_len]), device)
+    }
+}
+
+/// Mean next-token cross-entropy over non-padding targets.
+pub fn caption_loss<B: Backend>(
+    model: &Captioner<B>,
+    pixels: Tensor<B, 4>,
+    tokens: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
+    let [b, l] = tokens.dims();
+    let inputs = tokens.clone().slice([0..b, 0..l - 1]);
+    let targets = tokens.slice([0..b, 1..l]).reshape([b * (l - 1), 1]);
+    let image_tokens = model.vision.forward(pixels).patch_tokens;
+    let logits = model.decoder.forward(inputs, image_tokens);
+    let v = logits.dims()[2];
+    let logp = log_softmax(logits.reshape([b * (l - 1), v]), 1);
+    let picked = logp.gather(1, targets.clone()).reshape([b * (l - 1)]);
+    let mask = targets.not_equal_elem(PAD_ID as i64).float().reshape([b * (l - 1)]);
+    let count = mask.clone().sum().clamp_min(1.0);
+    (picked * mask).sum().neg() / count
+}
+
+/// The batch indices of a step: a fresh seeded permutation per epoch, so a resumed run sees
+/// exactly the batches the uninterrupted run would have.
+pub fn batch_indices(n: usize, batch: usize, step: usize, seed: u64) -> Vec<usize> {
+    let per_epoch = (n / batch).max(1);
+    let epoch = step / per_epoch;
+    let k = step % per_epoch;
+    let mut perm: Vec<usize> = (0..n).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    perm.shuffle(&mut rng);
+    (0..batch).map(|i| perm[(k * batch + i) % n]).collect()
+}
+
+/// Options of `duet-train fit --stage caption`.
+#[derive(Debug, Clone)]
+pub struct FitArgs {
+    pub preset: Preset,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub steps: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub lr: Option<f64>,
+    pub seed: u64,
+    pub resume: bool,
+    pub device: String,
+    pub command: String,
+    pub quiet: bool,
+}
+
+/// Summary of a finished (or resumed-and-finished) run.
+#[derive(Debug, Clone)]
+pub struct FitOutcome {
+    pub steps_done: usize,
+    pub final_loss: f64,
+    pub seconds: f64,
+}
+
+pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Result<FitOutcome> {
+    let run = &args.out;
+    std::fs::create_dir_all(run)?;
+    let config_path = run.join(CONFIG_FILE);
+    let samples = load_dataset(&args.data)?;
+    if samples.is_empty() {
+        anyhow::bail!("{}: the dataset has no samples", args.data.display());
+    }
+    let image_size = samples[0].image.width() as usize;
+
+    let (cfg, tokenizer, mut state) = if args.resume && config_path.exists() {
+        let mut cfg: CaptionTrainConfig = read_json(&config_path)?;
+        if let Some(s) = args.steps {
+            cfg.steps = s;
+        }
+        let tok = load_tokenizer(&run.join(TOKENIZER_FILE))?;
+        let state: TrainState = read_json(&run.join(STATE_FILE))?;
+        tracing::info!(step = state.step, "resuming from {}", run.display());
+        (cfg, tok, Some(state))
+    } else {
+        if args.resume {
+            tracing::warn!("--resume given but {} has no run yet; starting fresh", run.display());
+        }
+        let captions: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
+        let tok = train_tokenizer(&captions)?;
+        save_tokenizer(&tok, &run.join(TOKENIZER_FILE))?;
+        let (steps, batch, lr) = CaptionTrainConfig::for_preset(args.preset);
+        let model = ModelConfig::preset(args.preset, tok.get_vocab_size(true), image_size);
+        let cfg = CaptionTrainConfig {
+            stage: "caption".into(),
+            preset: args.preset,
+            model,
+            data: args.data.clone(),
+            steps: args.steps.unwrap_or(steps),
+            batch_size: args.batch_size.unwrap_or(batch),
+            lr: args.lr.unwrap_or(lr),
+            warmup_steps: 100,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            seed: args.seed,
+            checkpoint_every: 200,
+            log_every: 10,
+            device: args.device.clone(),
+            command: args.command.clone(),
+        };
+        // A fresh run starts a fresh metrics log.
+        let _ = std::fs::remove_file(run.join(METRICS_FILE));
+        (cfg, tok, None)
+    };
+    cfg.model.validate().map_err(anyhow::Error::msg)?;
+    if cfg.model.image_size != image_size {
+        anyhow::bail!(
+            "{}: images are {image_size}px but the run was configured for {}px",
+            args.data.display(),
+            cfg.model.image_size
+        );
+    }
+    write_json(&config_path, &cfg)?;
+
+    B::seed(device, cfg.seed);
+    let data = prepare(&samples, &tokenizer, image_size, cfg.model.max_len)?;
+    let mut model = Captioner::<B>::new(&cfg.model, device);
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay)
+        .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(
+            cfg.grad_clip,
+        )))
+        .init::<B, Captioner<B>>();
+    let start_step = match &state {
+        Some(s) => {
+            let rec_bytes = std::fs::read(run.join(MODEL_RECORD_FILE))?;
+            let rec = Rec::default().load(rec_bytes, device)?;
+            model = model.load_record(rec);
+            let opt_bytes = std::fs::read(run.join(OPTIMIZER_FILE))?;
+            let orec = Rec::default().load(opt_bytes, device)?;
+            optim = optim.load_record(orec);
+            s.step
+        }
+        None => 0,
+    };
+
+    let pb = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(cfg.steps as u64)
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} caption [{bar:30}] {pos}/{len} {msg} ({elapsed} < {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_position(start_step as u64);
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.join(METRICS_FILE))?;
+    let t0 = Instant::now();
+    let mut last_loss = state.as_ref().map(|s| s.last_loss).unwrap_or(f64::NAN);
+    let mut ema: Option<f64> = None;
+    for step in start_step..cfg.steps {
+        let idx = batch_indices(data.n, cfg.batch_size, step, cfg.seed);
+        let pixels = data.pixels_batch::<B>(&idx, device);
+        let tokens = data.tokens_batch::<B>(&idx, device);
+        let loss = caption_loss(&model, pixels, tokens);
+        let loss_value = loss.clone().into_scalar().elem::<f64>();
+        if !loss_value.is_finite() {
+            anyhow::bail!("loss became {loss_value} at step {step}; lower --lr");
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let lr = cfg.lr_at(step);
+        model = optim.step(lr, model, grads);
+        last_loss = loss_value;
+        let e = ema.map_or(loss_value, |e| 0.95 * e + 0.05 * loss_value);
+        ema = Some(e);
+        pb.set_position(step as u64 + 1);
+        pb.set_message(format!("loss {e:.3}"));
+        if (step + 1) % cfg.log_every == 0 || step + 1 == cfg.steps {
+            let line = serde_json::json!({
+                "step": step + 1, "loss": loss_value, "loss_ema": e, "lr": lr,
+                "elapsed_s": t0.elapsed().as_secs_f64(),
+            });
+            writeln!(metrics, "{line}")?;
+        }
+        if (step + 1) % cfg.checkpoint_every == 0 || step + 1 == cfg.steps {
+            save_checkpoint(run, &model, &optim, step + 1, cfg.seed, last_loss)?;
+            state = Some(TrainState {
+                step: step + 1,
+                seed: cfg.seed,
+                last_loss,
+            });
+        }
+    }
+    pb.finish_and_clear();
+    if state.is_none() {
+        // Nothing to do (steps already reached): still make sure a checkpoint exists.
+        save_checkpoint(run, &model, &optim, start_step, cfg.seed, last_loss)?;
+    }
+    Ok(FitOutcome {
+        steps_done: cfg.steps,
+        final_loss: last_loss,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Captioner<B>, B>>(
+    run: &Path,
+    model: &Captioner<B>,
+    optim: &O,
+    step: usize,
+    seed: u64,
+    last_loss: f64,
+) -> anyhow::Result<()> {
+    save_weights(&run.join(WEIGHTS_FILE), &named_tensors(&model.valid()))?;
+    let rec = Rec::default().record(model.clone().into_record(), ())?;
+    write_atomic(&run.join(MODEL_RECORD_FILE), &rec)?;
+    let orec = Rec::default().record(optim.to_record(), ())?;
+    write_atomic(&run.join(OPTIMIZER_FILE), &orec)?;
+    // state.json last: it is what marks the checkpoint complete for --resume.
+    write_json(
+        &run.join(STATE_FILE),
+        &TrainState {
+            step,
+            seed,
+            last_loss,
+        },
+    )?;
+    Ok(())
+}
+
+/// A trained captioner loaded from a run directory (inference backend, no autodiff).
+pub struct LoadedRun<B: Backend> {
+    pub config: CaptionTrainConfig,
+    pub tokenizer: Tokenizer,
+    pub model: Captioner<B>,
+}
+
+pub fn load_run<B: Backend>(run: &Path, device: &B::Device) -> anyhow::Result<LoadedRun<B>> {
+    let config: CaptionTrainConfig = read_json(&run.join(CONFIG_FILE))?;
+    let tokenizer = load_tokenizer(&run.join(TOKENIZER_FILE))?;
+    let weights = load_weights(&run.join(WEIGHTS_FILE))?;
+    let model = Captioner::<B>::new(&config.model, device);
+    let model = load_named_tensors(model, &weights)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", run.join(WEIGHTS_FILE).display()))?;
+    Ok(LoadedRun {
+        config,
+        tokenizer,
+        model,
+    })
+}
+
+/// Greedy captions for a set of samples, in batches.
+pub fn caption_samples<B: Backend>(
+    run: &LoadedRun<B>,
+    data: &PreparedData,
+    device: &B::Device,
+) -> Vec<String> {
+    let mut out = Vec::with_capacity(data.n);
+    let idx: Vec<usize> = (0..data.n).collect();
+    for chunk in idx.chunks(64) {
+        let px = data.pixels_batch::<B>(chunk, device);
+        for ids in run.model.greedy(px, BOS_ID, EOS_ID, run.config.model.max_len) {
+            out.push(decode_caption(&run.tokenizer, &ids));
+        }
+    }
+    out
+}

@@ -1,0 +1,135 @@
+//! Checkpoints: model weights as plain safetensors (keys = Burn module paths, see
+//! `docs/ARCHITECTURE.md`), the optimizer state as a Burn record, and a small JSON state.
+//! Every file is written atomically.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use duet_models::params::{NamedTensor, NamedTensors};
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::fsutil::write_atomic;
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.bin";
+pub const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("{path}: tensor '{name}' has dtype {dtype:?}, expected F32")]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: Dtype,
+    },
+    #[error("{path}: {reason}")]
+    Json { path: PathBuf, reason: String },
+}
+
+/// Training progress saved next to the weights so `--resume` continues where it stopped.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    pub step: usize,
+    pub seed: u64,
+    pub last_loss: f64,
+}
+
+pub fn save_weights(path: &Path, tensors: &NamedTensors) -> Result<(), CheckpointError> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            let b: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (k.clone(), b, t.shape.clone())
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, b, s)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| CheckpointError::Safetensors {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let meta: HashMap<String, String> =
+        HashMap::from([("format".to_string(), "duet".to_string())]);
+    let data = safetensors::serialize(views, Some(meta)).map_err(|e| {
+        CheckpointError::Safetensors {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    write_atomic(path, &data).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub fn load_weights(path: &Path) -> Result<NamedTensors, CheckpointError> {
+    let data = std::fs::read(path).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| {
+        CheckpointError::Safetensors {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    let mut out = NamedTensors::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(CheckpointError::Dtype {
+                path: path.to_path_buf(),
+                name,
+                dtype: view.dtype(),
+            });
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(
+            name,
+            NamedTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(out)
+}
+
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), CheckpointError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CheckpointError::Json {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(path, text.as_bytes()).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, CheckpointError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| CheckpointError::Json {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,184 @@
+//! `duet-train`: ShapeWorld data generation, training stages and evaluation.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use duet_models::Preset;
+use duet_train::backend::{CpuBackend, DeviceKind};
+use duet_train::caption_stage::{fit, FitArgs};
+use duet_train::checkpoint::write_json;
+use duet_train::eval::eval_caption;
+use duet_train::shapeworld::{write_dataset, SceneConfig};
+
+#[derive(Parser)]
+#[command(name = "duet-train", version, about = "Train duet models with Burn")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a ShapeWorld dataset (PNG images, captions.jsonl, scenes.jsonl).
+    Shapeworld {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Image side in pixels (32 or 64).
+        #[arg(long, default_value_t = 32)]
+        size: u32,
+        #[arg(long, default_value_t = 1)]
+        min_objects: usize,
+        #[arg(long, default_value_t = 4)]
+        max_objects: usize,
+    },
+    /// Train a stage.
+    Fit {
+        #[arg(long, default_value = "caption")]
+        stage: String,
+        #[arg(long, default_value = "tiny")]
+        preset: Preset,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long)]
+        lr: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Continue from the last checkpoint in --out.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Evaluate a trained run on a dataset.
+    Eval {
+        #[arg(long, default_value = "caption")]
+        stage: String,
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Evaluate only the first N samples.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    match Cli::parse().command {
+        Command::Shapeworld {
+            out,
+            count,
+            seed,
+            size,
+            min_objects,
+            max_objects,
+        } => {
+            if size != 32 && size != 64 {
+                anyhow::bail!("--size must be 32 or 64, got {size}");
+            }
+            if min_objects < 1 || max_objects > 4 || min_objects > max_objects {
+                anyhow::bail!("objects per scene must satisfy 1 <= min <= max <= 4");
+            }
+            let cfg = SceneConfig {
+                image_size: size,
+                min_objects,
+                max_objects,
+            };
+            let summary = write_dataset(&out, count, seed, &cfg, &command_line)
+                .with_context(|| format!("writing ShapeWorld to {}", out.display()))?;
+            println!("{summary:?}");
+        }
+        Command::Fit {
+            stage,
+            preset,
+            data,
+            out,
+            device,
+            steps,
+            batch_size,
+            lr,
+            seed,
+            resume,
+        } => {
+            if stage != "caption" {
+                anyhow::bail!("unknown stage '{stage}' (this build trains: caption)");
+            }
+            let kind: DeviceKind = device.parse()?;
+            let args = FitArgs {
+                preset,
+                data,
+                out: out.clone(),
+                steps,
+                batch_size,
+                lr,
+                seed,
+                resume,
+                device: kind.to_string(),
+                command: command_line,
+                quiet: false,
+            };
+            let outcome = match kind {
+                DeviceKind::Cpu => fit::<CpuBackend>(&args, &Default::default())?,
+                DeviceKind::Cuda => fit_cuda(&args)?,
+            };
+            println!(
+                "trained {} steps in {:.1}s, final loss {:.4}; run in {}",
+                outcome.steps_done,
+                outcome.seconds,
+                outcome.final_loss,
+                out.display()
+            );
+        }
+        Command::Eval {
+            stage,
+            run,
+            data,
+            limit,
+        } => {
+            if stage != "caption" {
+                anyhow::bail!("unknown stage '{stage}' (this build evaluates: caption)");
+            }
+            let device = Default::default();
+            let (metrics, examples) =
+                eval_caption::<burn::backend::NdArray<f32>>(&run, &data, limit, &device)?;
+            for (truth, pred) in &examples {
+                println!("truth: {truth}\n pred: {pred}");
+            }
+            println!("{metrics}");
+            write_json(&run.join("eval.json"), &serde_json::json!({
+                "data": data, "metrics": metrics, "command": command_line,
+            }))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn fit_cuda(args: &FitArgs) -> anyhow::Result<duet_train::caption_stage::FitOutcome> {
+    let device = duet_train::backend::probe_cuda()?;
+    fit::<duet_train::backend::CudaBackend>(args, &device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fit_cuda(_args: &FitArgs) -> anyhow::Result<duet_train::caption_stage::FitOutcome> {
+    Err(duet_train::backend::BackendError::CudaNotCompiled.into())
+}

@@ -1,0 +1,321 @@
+//! Word-level caption tokenizer, trained with the Hugging Face `tokenizers` crate and saved as a
+//! standard `tokenizer.json` so the runtime (and Python users) can load the very same file.
+//!
+//! Pipeline: `Lowercase` normaliser → `Whitespace` pre-tokeniser (splits on whitespace and
+//! separates punctuation) → `WordLevel` model with `[UNK]` for unseen words. No post-processor:
+//! [`encode_caption`] adds `[BOS]`/`[EOS]` itself so the ids match the model contract
+//! (docs/ARCHITECTURE.md: `[PAD]`=0, `[BOS]`=1, `[EOS]`=2, `[UNK]`=3) whatever the file says.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::wordlevel::{WordLevel, WordLevelTrainer};
+use tokenizers::normalizers::{Lowercase, NormalizerWrapper};
+use tokenizers::pre_tokenizers::whitespace::Whitespace;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::processors::PostProcessorWrapper;
+use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
+
+/// Padding id; also what the loss ignores.
+pub const PAD_ID: u32 = 0;
+/// Start-of-caption id, the first decoder input.
+pub const BOS_ID: u32 = 1;
+/// End-of-caption id; decoding stops here.
+pub const EOS_ID: u32 = 2;
+/// Id of words not in the vocabulary.
+pub const UNK_ID: u32 = 3;
+
+/// Special tokens in id order: the trainer assigns ids by position in this list.
+pub const SPECIAL_TOKENS: [(&str, u32); 4] = [
+    ("[PAD]", PAD_ID),
+    ("[BOS]", BOS_ID),
+    ("[EOS]", EOS_ID),
+    ("[UNK]", UNK_ID),
+];
+
+/// Errors from training, saving, loading or using a caption tokenizer.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("no training captions")]
+    EmptyCorpus,
+    #[error("tokenizer: {0}")]
+    Tokenizers(#[source] tokenizers::Error),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error("special token {token} has id {found:?}, the model contract requires {expected}")]
+    SpecialTokenId {
+        token: &'static str,
+        expected: u32,
+        found: Option<u32>,
+    },
+    #[error("caption needs {len} tokens including [BOS]/[EOS], more than max_len {max_len}")]
+    TooLong { len: usize, max_len: usize },
+}
+
+/// Trains a word-level tokenizer on `captions`.
+///
+/// The vocabulary is the special tokens (ids 0..4, fixed) followed by every word seen, ordered
+/// by decreasing frequency then alphabetically, so training is deterministic. No minimum
+/// frequency: ShapeWorld's vocabulary is tiny and every word matters.
+pub fn train_tokenizer(captions: &[String]) -> Result<Tokenizer, TokenizerError> {
+    if captions.is_empty() {
+        return Err(TokenizerError::EmptyCorpus);
+    }
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS
+        .iter()
+        .map(|(t, _)| AddedToken::from(*t, true))
+        .collect();
+    let mut trainer = WordLevelTrainer::builder()
+        .show_progress(false)
+        .min_frequency(0)
+        .vocab_size(usize::MAX)
+        .special_tokens(specials)
+        .build()
+        .map_err(|e| TokenizerError::Tokenizers(Box::new(e)))?;
+    let model = WordLevel::builder()
+        .unk_token("[UNK]".to_string())
+        .build()
+        .map_err(TokenizerError::Tokenizers)?;
+    let mut tokenizer = TokenizerBuilder::<
+        WordLevel,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(model)
+    .with_normalizer(Some(Lowercase.into()))
+    .with_pre_tokenizer(Some(Whitespace {}.into()))
+    .build()
+    .map_err(TokenizerError::Tokenizers)?;
+    tokenizer
+        .train(&mut trainer, captions.iter())
+        .map_err(TokenizerError::Tokenizers)?;
+    let tokenizer = Tokenizer::from(tokenizer);
+    check_special_ids(&tokenizer)?;
+    Ok(tokenizer)
+}
+
+/// Verifies that the special tokens have the ids the model contract fixes.
+pub fn check_special_ids(tokenizer: &Tokenizer) -> Result<(), TokenizerError> {
+    for (token, expected) in SPECIAL_TOKENS {
+        let found = tokenizer.token_to_id(token);
+        if found != Some(expected) {
+            return Err(TokenizerError::SpecialTokenId {
+                token,
+                expected,
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Vocabulary size including special tokens (the model's `vocab_size`).
+pub fn vocab_size(tokenizer: &Tokenizer) -> usize {
+    tokenizer.get_vocab_size(true)
+}
+
+/// Saves as Hugging Face `tokenizer.json` (pretty-printed), atomically: written to a temp file
+/// in the same directory and renamed, so a reader never sees half a file.
+pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<(), TokenizerError> {
+    let json = tokenizer
+        .to_string(true)
+        .map_err(TokenizerError::Tokenizers)?;
+    crate::fsutil::write_atomic(path, json.as_bytes()).map_err(|source| TokenizerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Loads a `tokenizer.json` and checks the special-token ids, so a file from elsewhere cannot
+/// silently shift `[BOS]`/`[EOS]`.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, TokenizerError> {
+    let tokenizer = Tokenizer::from_file(path).map_err(|source| TokenizerError::Load {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    check_special_ids(&tokenizer)?;
+    Ok(tokenizer)
+}
+
+/// Encodes a caption as `[BOS] ids… [EOS]`, failing if that exceeds `max_len` (the decoder's
+/// position table); captions are never silently truncated.
+///
+/// Special-token strings typed inside the text (e.g. a literal "[EOS]") become `[UNK]`, so a
+/// caption can never end itself early or inject padding.
+pub fn encode_caption(
+    tokenizer: &Tokenizer,
+    text: &str,
+    max_len: usize,
+) -> Result<Vec<u32>, TokenizerError> {
+    let encoding = tokenizer
+        .encode(text, false)
+        .map_err(TokenizerError::Tokenizers)?;
+    let body = encoding.get_ids();
+    let len = body.len() + 2;
+    if len > max_len {
+        return Err(TokenizerError::TooLong { len, max_len });
+    }
+    let mut ids = Vec::with_capacity(len);
+    ids.push(BOS_ID);
+    ids.extend(body.iter().map(|&id| match id {
+        PAD_ID | BOS_ID | EOS_ID => UNK_ID,
+        other => other,
+    }));
+    ids.push(EOS_ID);
+    Ok(ids)
+}
+
+/// Decodes model output: stops at the first `[EOS]`, skips `[BOS]` and `[PAD]`, joins words
+/// with single spaces. Unknown ids (outside the vocabulary) render as `[UNK]`. Infallible so
+/// metrics never lose a prediction to a decoding error.
+pub fn decode_caption(tokenizer: &Tokenizer, ids: &[u32]) -> String {
+    ids.iter()
+        .copied()
+        .take_while(|&id| id != EOS_ID)
+        .filter(|&id| id != BOS_ID && id != PAD_ID)
+        .map(|id| tokenizer.id_to_token(id).unwrap_or_else(|| "[UNK]".into()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use crate::shapeworld::{caption, generate_scene, SceneConfig};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn captions(n: usize, seed: u64) -> Vec<String> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| caption(&generate_scene(&mut rng, &SceneConfig::default())))
+            .collect()
+    }
+
+    #[test]
+    fn special_ids_are_fixed() {
+        let tok = train_tokenizer(&captions(200, 1)).unwrap();
+        for (t, id) in SPECIAL_TOKENS {
+            assert_eq!(tok.token_to_id(t), Some(id), "{t}");
+            assert_eq!(tok.id_to_token(id).as_deref(), Some(t));
+        }
+        // 4 specials + a, and, the, at, on, in + 2 sizes + 8 colours + 5 shapes
+        // + top, bottom, left, right, centre.
+        assert_eq!(vocab_size(&tok), 4 + 6 + 2 + 8 + 5 + 5);
+    }
+
+    #[test]
+    fn round_trip_generated_captions() {
+        let tok = train_tokenizer(&captions(500, 2)).unwrap();
+        for c in captions(500, 3) {
+            let ids = encode_caption(&tok, &c, 48).unwrap();
+            assert_eq!(ids[0], BOS_ID);
+            assert_eq!(*ids.last().unwrap(), EOS_ID);
+            assert!(!ids[1..ids.len() - 1].contains(&UNK_ID));
+            assert_eq!(decode_caption(&tok, &ids), c);
+            // Padding after EOS and garbage after EOS are ignored.
+            let mut padded = ids.clone();
+            padded.extend([PAD_ID, 7, 9, PAD_ID]);
+            assert_eq!(decode_caption(&tok, &padded), c);
+        }
+    }
+
+    #[test]
+    fn unknown_words_and_case() {
+        let tok = train_tokenizer(&captions(200, 4)).unwrap();
+        let ids = encode_caption(&tok, "a Small MAGENTA circle [EOS] [PAD]", 48).unwrap();
+        assert_eq!(ids.len(), 8);
+        assert_eq!(ids[2], tok.token_to_id("small").unwrap());
+        assert_eq!(ids[3], UNK_ID);
+        assert_eq!(&ids[5..], &[UNK_ID, UNK_ID, EOS_ID]);
+        assert_eq!(
+            decode_caption(&tok, &ids),
+            "a small [UNK] circle [UNK] [UNK]"
+        );
+        assert_eq!(decode_caption(&tok, &[BOS_ID, 100_000, EOS_ID]), "[UNK]");
+        assert_eq!(decode_caption(&tok, &[]), "");
+    }
+
+    #[test]
+    fn too_long_is_an_error() {
+        let tok = train_tokenizer(&captions(50, 5)).unwrap();
+        assert!(matches!(
+            encode_caption(&tok, "a b c", 4),
+            Err(TokenizerError::TooLong { len: 5, max_len: 4 })
+        ));
+        assert!(encode_caption(&tok, "a b c", 5).is_ok());
+        assert!(matches!(
+            train_tokenizer(&[]),
+            Err(TokenizerError::EmptyCorpus)
+        ));
+    }
+
+    #[test]
+    fn save_load_identical_and_hf_format() {
+        let tok = train_tokenizer(&captions(300, 6)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        save_tokenizer(&tok, &path).unwrap();
+        let loaded = load_tokenizer(&path).unwrap();
+        for c in captions(100, 7) {
+            assert_eq!(
+                encode_caption(&tok, &c, 48).unwrap(),
+                encode_caption(&loaded, &c, 48).unwrap()
+            );
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(json["model"]["type"], "WordLevel");
+        assert_eq!(json["model"]["unk_token"], "[UNK]");
+        assert_eq!(json["model"]["vocab"]["[BOS]"], 1);
+        assert_eq!(json["normalizer"]["type"], "Lowercase");
+        assert_eq!(json["pre_tokenizer"]["type"], "Whitespace");
+        assert_eq!(json["added_tokens"][2]["content"], "[EOS]");
+        assert_eq!(json["added_tokens"][2]["id"], 2);
+        // Training is deterministic: same captions → byte-identical file.
+        let path2 = dir.path().join("again.json");
+        save_tokenizer(&train_tokenizer(&captions(300, 6)).unwrap(), &path2).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), fs::read(&path2).unwrap());
+        // Only the two tokenizer files remain (no temp files).
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn load_rejects_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        assert!(matches!(
+            load_tokenizer(&path),
+            Err(TokenizerError::Load { .. })
+        ));
+        fs::write(&path, "{ not json").unwrap();
+        assert!(load_tokenizer(&path).is_err());
+        // A valid HF tokenizer with other special ids is refused.
+        let vocab = [("[UNK]".to_string(), 0), ("a".to_string(), 1)]
+            .into_iter()
+            .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("[UNK]".into())
+            .build()
+            .unwrap();
+        Tokenizer::new(model).save(&path, false).unwrap();
+        assert!(matches!(
+            load_tokenizer(&path),
+            Err(TokenizerError::SpecialTokenId { .. })
+        ));
+    }
+}

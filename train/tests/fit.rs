@@ -1,0 +1,111 @@
+//! `duet-train fit`: resuming continues exactly where the run stopped, and bad device requests
+//! are clear errors.
+
+use std::path::Path;
+use std::process::Command;
+
+use duet_models::Preset;
+use duet_train::backend::CpuBackend;
+use duet_train::caption_stage::{fit, FitArgs, METRICS_FILE};
+use duet_train::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIGHTS_FILE};
+use duet_train::shapeworld::{write_dataset, SceneConfig};
+
+fn args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitArgs {
+    FitArgs {
+        preset: Preset::Tiny,
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        steps: Some(steps),
+        batch_size: Some(8),
+        lr: None,
+        seed: 7,
+        resume,
+        device: "cpu".into(),
+        command: "test".into(),
+        quiet: true,
+    }
+}
+
+#[test]
+fn resume_continues_exactly_like_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_dataset(&data, 48, 3, &SceneConfig::default(), "test").unwrap();
+    let straight = dir.path().join("straight");
+    let resumed = dir.path().join("resumed");
+    let device = Default::default();
+    fit::<CpuBackend>(&args(&data, &straight, 6, false), &device).unwrap();
+    fit::<CpuBackend>(&args(&data, &resumed, 3, false), &device).unwrap();
+    let half: TrainState = read_json(&resumed.join(STATE_FILE)).unwrap();
+    assert_eq!(half.step, 3);
+    fit::<CpuBackend>(&args(&data, &resumed, 6, true), &device).unwrap();
+
+    let a = load_weights(&straight.join(WEIGHTS_FILE)).unwrap();
+    let b = load_weights(&resumed.join(WEIGHTS_FILE)).unwrap();
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0.0f32;
+    for (name, t) in &a {
+        let u = &b[name];
+        assert_eq!(t.shape, u.shape, "{name}");
+        for (x, y) in t.data.iter().zip(&u.data) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst <= 1e-6, "resumed weights differ by {worst}");
+    // And training did move the weights: a 3-step checkpoint is not the 6-step one.
+    let state: TrainState = read_json(&resumed.join(STATE_FILE)).unwrap();
+    assert_eq!(state.step, 6);
+    let steps: Vec<u64> = std::fs::read_to_string(resumed.join(METRICS_FILE))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps.last(), Some(&6), "metrics log: {steps:?}");
+}
+
+fn duet_train() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_duet-train"))
+}
+
+#[test]
+fn device_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_dataset(&data, 4, 1, &SceneConfig::default(), "test").unwrap();
+    let run = |device: &str| {
+        let out = duet_train()
+            .args(["fit", "--stage", "caption", "--preset", "tiny", "--steps", "1"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(dir.path().join("run"))
+            .args(["--device", device])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--device {device} must fail here");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run("gpu");
+    assert!(e.contains("unknown device 'gpu'"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    let e = run("cuda");
+    // Without the feature: says how to rebuild; with it on a machine without a GPU: says why.
+    assert!(
+        e.contains("without the `cuda` feature") || e.contains("CUDA backend could not start"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn shapeworld_command_rejects_bad_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = duet_train()
+        .args(["shapeworld", "--count", "2", "--size", "48", "--out"])
+        .arg(dir.path().join("d"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--size must be 32 or 64"), "{e}");
+}
