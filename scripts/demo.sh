@@ -7,11 +7,13 @@ cd "$root"
 bash scripts/setup.sh
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/.ort/lib/libonnxruntime.so}"
 out=${DUET_DEMO_DIR:-$root/out/demo}
-steps=${DUET_DEMO_STEPS:-1200}
+steps=${DUET_DEMO_STEPS:-2000}
 mkdir -p "$out"
 cargo build --release -p duet-train -p duet-export -p duet-runtime
+# Built on its own so its duet-runtime has no onnxruntime at all (tract only).
+cargo build --release -p duet-edge
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
-"$bin/duet-train" shapeworld --out "$out/data/train" --count 6000 --seed 1 --max-objects 2
+"$bin/duet-train" shapeworld --out "$out/data/train" --count 4000 --seed 1 --max-objects 2
 "$bin/duet-train" shapeworld --out "$out/data/val" --count 300 --seed 2 --max-objects 2
 "$bin/duet-train" fit --stage caption --preset tiny --data "$out/data/train" --out "$out/run" --steps "$steps" --seed 0
 "$bin/duet-train" eval --run "$out/run" --data "$out/data/val"
@@ -22,3 +24,5 @@ echo "== ort =="
 "$bin/duet" caption --bundle "$out/bundle" --provider auto $imgs
 echo "== tract =="
 "$bin/duet" caption --bundle "$out/bundle" --provider tract $imgs
+echo "== edge binary (tract only, no onnxruntime linked) =="
+"$bin/duet-edge" "$out/bundle" $imgs

@@ -27,9 +27,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tract_onnx::pb::{tensor_proto::DataType, tensor_shape_proto, type_proto, ModelProto};
 
-use crate::onnx::{
-    build_caption_decoder, build_vision_encoder, save_model, ExportError, GraphDims, Weights,
-};
+use crate::onnx::{build_caption_decoder, build_vision_encoder, save_model, ExportError, Weights};
 use crate::parity::{
     check_graph, decoder_cases, parity_rng, random_array, random_ids, vision_cases, GraphParity,
     ParityCase, FP32_TOLERANCE,
@@ -99,7 +97,7 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
     })?;
     let cfg = &run.config.model;
     cfg.validate().map_err(ExportError::InvalidDims)?;
-    let dims = graph_dims(cfg);
+    let dims = model_spec(cfg);
     let weights = weights_of(&run.model)?;
 
     let staging = sibling(&opts.out, "staging")?;
@@ -170,7 +168,7 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
                     .unwrap_or_else(|| "duet".to_owned())
             }),
             preset: run.config.preset.to_string(),
-            model: model_spec(cfg),
+            model: dims.clone(),
             image: ImageSpec {
                 size: cfg.image_size,
                 channels: cfg.channels,
@@ -219,25 +217,9 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
     })
 }
 
-/// The exporter's view of the model config (same field names, no Burn types).
-pub fn graph_dims(c: &ModelConfig) -> GraphDims {
-    GraphDims {
-        image_size: c.image_size,
-        channels: c.channels,
-        patch_size: c.patch_size,
-        d_model: c.d_model,
-        n_heads: c.n_heads,
-        vision_layers: c.vision_layers,
-        decoder_layers: c.decoder_layers,
-        mlp_ratio: c.mlp_ratio,
-        embed_dim: c.embed_dim,
-        vocab_size: c.vocab_size,
-        max_len: c.max_len,
-        layer_norm_eps: c.layer_norm_eps,
-    }
-}
-
-fn model_spec(c: &ModelConfig) -> ModelSpec {
+/// The manifest's (and the graph builders') view of the model config: same field names, no
+/// Burn types.
+pub fn model_spec(c: &ModelConfig) -> ModelSpec {
     ModelSpec {
         image_size: c.image_size,
         channels: c.channels,
@@ -357,9 +339,7 @@ fn tensor_spec(info: &tract_onnx::pb::ValueInfoProto) -> TensorSpec {
             Some(tensor_shape_proto::dimension::Value::DimValue(n)) => {
                 DimSpec::Fixed(usize::try_from(*n).unwrap_or(0))
             }
-            Some(tensor_shape_proto::dimension::Value::DimParam(p)) => {
-                DimSpec::Symbolic(p.clone())
-            }
+            Some(tensor_shape_proto::dimension::Value::DimParam(p)) => DimSpec::Symbolic(p.clone()),
             None => DimSpec::Symbolic(String::new()),
         })
         .collect();

@@ -10,7 +10,11 @@ use duet_export::{export_run, ExportOptions};
 use duet_runtime::engine::EngineOptions;
 
 #[derive(Parser, Debug)]
-#[command(name = "duet-export", version, about = "Export a trained duet run to a verified ONNX bundle")]
+#[command(
+    name = "duet-export",
+    version,
+    about = "Export a trained duet run to a verified ONNX bundle"
+)]
 struct Cli {
     /// Training run directory (written by `duet-train fit`).
     #[arg(long)]
@@ -50,7 +54,10 @@ fn main() -> anyhow::Result<()> {
     };
     let report = export_run(&opts)
         .with_context(|| format!("exporting {} to {}", cli.run.display(), cli.out.display()))?;
-    println!("{:<16} {:>12} {:>12} {:>10} {:>6}", "graph", "ort max|Δ|", "tract max|Δ|", "tolerance", "cases");
+    println!(
+        "{:<16} {:>12} {:>12} {:>10} {:>6}",
+        "graph", "ort max|Δ|", "tract max|Δ|", "tolerance", "cases"
+    );
     for p in &report.parity {
         println!(
             "{:<16} {:>12.3e} {:>12.3e} {:>10.1e} {:>6}",

@@ -116,13 +116,14 @@ fn backend_diff(engine: &Engine, cases: &[ParityCase]) -> Result<BackendDiff, Ex
             reason: format!("{}: {e}", case.label),
         })?;
         for (name, want) in &case.expected {
-            let got = outputs
-                .get(name)
-                .and_then(Value::as_f32)
-                .ok_or_else(|| ExportError::Parity {
-                    graph: graph.clone(),
-                    reason: format!("{}: output `{name}` missing or not f32", case.label),
-                })?;
+            let got =
+                outputs
+                    .get(name)
+                    .and_then(Value::as_f32)
+                    .ok_or_else(|| ExportError::Parity {
+                        graph: graph.clone(),
+                        reason: format!("{}: output `{name}` missing or not f32", case.label),
+                    })?;
             if got.shape() != want.shape() {
                 return Err(ExportError::Parity {
                     graph: graph.clone(),
@@ -225,9 +226,8 @@ pub fn decoder_cases<B: Backend>(
     let (b, l) = (ids.shape()[0], ids.shape()[1]);
     assert!(l >= 2, "decoder parity needs at least two tokens");
     let img = from_array::<B, 3>(image_tokens, device);
-    let positions = |from: usize, n: usize| {
-        ArrayD::from_shape_fn(IxDyn(&[b, n]), |ix| (from + ix[1]) as i64)
-    };
+    let positions =
+        |from: usize, n: usize| ArrayD::from_shape_fn(IxDyn(&[b, n]), |ix| (from + ix[1]) as i64);
     let bias_array = |seq: usize, past: usize| {
         let t = causal_bias::<B>(seq, past, device).expand([b, 1, seq, past + seq]);
         to_array(t)
@@ -257,7 +257,10 @@ pub fn decoder_cases<B: Backend>(
         ];
         for layer in 0..cfg_layers {
             let (k, v) = match past {
-                Some(c) => (to_array(c.keys[layer].clone()), to_array(c.values[layer].clone())),
+                Some(c) => (
+                    to_array(c.keys[layer].clone()),
+                    to_array(c.values[layer].clone()),
+                ),
                 None => (empty.clone(), empty.clone()),
             };
             inputs.push((format!("past_key_{layer}"), Value::F32(k)));

@@ -17,5 +17,8 @@ fn missing_run_is_a_clear_error() {
     assert!(e.contains("cannot load training run"), "{e}");
     assert!(e.contains("config.json"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
-    assert!(!dir.path().join("bundle").exists(), "nothing may be written");
+    assert!(
+        !dir.path().join("bundle").exists(),
+        "nothing may be written"
+    );
 }

@@ -34,7 +34,8 @@ impl<B: Backend> Attention<B> {
     /// `[B, N, D] → [B, H, N, Dh]`.
     pub fn split_heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, n, d] = x.dims();
-        x.reshape([b, n, self.n_heads, d / self.n_heads]).swap_dims(1, 2)
+        x.reshape([b, n, self.n_heads, d / self.n_heads])
+            .swap_dims(1, 2)
     }
 
     /// Projects keys and values of `kv_in` and splits them into heads.

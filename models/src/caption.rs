@@ -70,9 +70,7 @@ impl<B: Backend> DecoderBlock<B> {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),
         };
-        let x = x + self
-            .self_attn
-            .attend(h, k.clone(), v.clone(), Some(bias));
+        let x = x + self.self_attn.attend(h, k.clone(), v.clone(), Some(bias));
         let h = self.ln2.forward(x.clone());
         let x = x + self.cross_attn.forward(h, image_tokens, None);
         let h = self.ln3.forward(x.clone());
@@ -144,7 +142,11 @@ impl<B: Backend> CaptionDecoder<B> {
     }
 
     /// Teacher-forced logits for a whole sequence `[B, S]` (training and full recomputation).
-    pub fn forward(&self, input_ids: Tensor<B, 2, Int>, image_tokens: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        image_tokens: Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device)
@@ -173,7 +175,13 @@ impl<B: Backend> Captioner<B> {
 
     /// Greedy decoding with the KV cache; returns token ids per image without BOS, up to and
     /// excluding EOS, at most `max_len - 1` tokens.
-    pub fn greedy(&self, pixels: Tensor<B, 4>, bos: u32, eos: u32, max_len: usize) -> Vec<Vec<u32>> {
+    pub fn greedy(
+        &self,
+        pixels: Tensor<B, 4>,
+        bos: u32,
+        eos: u32,
+        max_len: usize,
+    ) -> Vec<Vec<u32>> {
         let device = pixels.device();
         let image_tokens = self.vision.forward(pixels).patch_tokens;
         let b = image_tokens.dims()[0];
@@ -182,7 +190,8 @@ impl<B: Backend> Captioner<B> {
         let mut next: Vec<i64> = vec![bos as i64; b];
         let mut cache: Option<KvCache<B>> = None;
         for step in 0..max_len.saturating_sub(1) {
-            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(next.clone(), [b, 1]), &device);
+            let ids =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(next.clone(), [b, 1]), &device);
             let pos = Tensor::<B, 2, Int>::from_data(
                 TensorData::new(vec![step as i64; b], [b, 1]),
                 &device,

@@ -89,6 +89,11 @@ impl ModelSpec {
     pub fn head_dim(&self) -> usize {
         self.d_model.checked_div(self.n_heads).unwrap_or(0)
     }
+
+    /// MLP hidden width `mlp_ratio · d_model`.
+    pub fn mlp_hidden(&self) -> usize {
+        self.mlp_ratio * self.d_model
+    }
 }
 
 /// What the vision encoder expects: a `size × size` RGB image, scaled to `[0, 1]` by `x / 255`

@@ -51,7 +51,9 @@ pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda<f32, i32>>;
 #[cfg(feature = "cuda")]
 pub fn probe_cuda() -> Result<burn::backend::cuda::CudaDevice, BackendError> {
     use burn::tensor::Tensor;
-    if !std::path::Path::new("/dev/nvidia0").exists() && !std::path::Path::new("/dev/nvidiactl").exists() {
+    if !std::path::Path::new("/dev/nvidia0").exists()
+        && !std::path::Path::new("/dev/nvidiactl").exists()
+    {
         return Err(BackendError::CudaUnavailable(
             "no NVIDIA device node (/dev/nvidia0) on this machine".into(),
         ));

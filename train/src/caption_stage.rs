@@ -27,7 +27,9 @@ use crate::checkpoint::{
 };
 use crate::fsutil::write_atomic;
 use crate::shapeworld::{load_dataset, Sample};
-use crate::tokenizer::{decode_caption, encode_caption, load_tokenizer, save_tokenizer, train_tokenizer};
+use crate::tokenizer::{
+    decode_caption, encode_caption, load_tokenizer, save_tokenizer, train_tokenizer,
+};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -175,7 +177,10 @@ pub fn caption_loss<B: Backend>(
     let v = logits.dims()[2];
     let logp = log_softmax(logits.reshape([b * (l - 1), v]), 1);
     let picked = logp.gather(1, targets.clone()).reshape([b * (l - 1)]);
-    let mask = targets.not_equal_elem(PAD_ID as i64).float().reshape([b * (l - 1)]);
+    let mask = targets
+        .not_equal_elem(PAD_ID as i64)
+        .float()
+        .reshape([b * (l - 1)]);
     let count = mask.clone().sum().clamp_min(1.0);
     (picked * mask).sum().neg() / count
 }
@@ -187,7 +192,8 @@ pub fn batch_indices(n: usize, batch: usize, step: usize, seed: u64) -> Vec<usiz
     let epoch = step / per_epoch;
     let k = step % per_epoch;
     let mut perm: Vec<usize> = (0..n).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     perm.shuffle(&mut rng);
     (0..batch).map(|i| perm[(k * batch + i) % n]).collect()
 }
@@ -237,7 +243,10 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         (cfg, tok, Some(state))
     } else {
         if args.resume {
-            tracing::warn!("--resume given but {} has no run yet; starting fresh", run.display());
+            tracing::warn!(
+                "--resume given but {} has no run yet; starting fresh",
+                run.display()
+            );
         }
         let captions: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
         let tok = train_tokenizer(&captions)?;
@@ -418,7 +427,10 @@ pub fn caption_samples<B: Backend>(
     let idx: Vec<usize> = (0..data.n).collect();
     for chunk in idx.chunks(64) {
         let px = data.pixels_batch::<B>(chunk, device);
-        for ids in run.model.greedy(px, BOS_ID, EOS_ID, run.config.model.max_len) {
+        for ids in run
+            .model
+            .greedy(px, BOS_ID, EOS_ID, run.config.model.max_len)
+        {
             out.push(decode_caption(&run.tokenizer, &ids));
         }
     }

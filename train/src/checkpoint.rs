@@ -62,14 +62,12 @@ pub fn save_weights(path: &Path, tensors: &NamedTensors) -> Result<(), Checkpoin
                 })
         })
         .collect::<Result<_, _>>()?;
-    let meta: HashMap<String, String> =
-        HashMap::from([("format".to_string(), "duet".to_string())]);
-    let data = safetensors::serialize(views, Some(meta)).map_err(|e| {
-        CheckpointError::Safetensors {
+    let meta: HashMap<String, String> = HashMap::from([("format".to_string(), "duet".to_string())]);
+    let data =
+        safetensors::serialize(views, Some(meta)).map_err(|e| CheckpointError::Safetensors {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     write_atomic(path, &data).map_err(|source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
@@ -81,12 +79,11 @@ pub fn load_weights(path: &Path) -> Result<NamedTensors, CheckpointError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| {
-        CheckpointError::Safetensors {
+    let st =
+        safetensors::SafeTensors::deserialize(&data).map_err(|e| CheckpointError::Safetensors {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     let mut out = NamedTensors::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {

@@ -78,8 +78,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let command_line = std::env::args().collect::<Vec<_>>().join(" ");
@@ -164,9 +163,12 @@ fn main() -> anyhow::Result<()> {
                 println!("truth: {truth}\n pred: {pred}");
             }
             println!("{metrics}");
-            write_json(&run.join("eval.json"), &serde_json::json!({
-                "data": data, "metrics": metrics, "command": command_line,
-            }))?;
+            write_json(
+                &run.join("eval.json"),
+                &serde_json::json!({
+                    "data": data, "metrics": metrics, "command": command_line,
+                }),
+            )?;
         }
     }
     Ok(())

@@ -193,10 +193,10 @@ pub fn decode_caption(tokenizer: &Tokenizer, ids: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
     use crate::shapeworld::{caption, generate_scene, SceneConfig};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
+    use std::fs;
 
     fn captions(n: usize, seed: u64) -> Vec<String> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -58,7 +58,11 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
     let steps: Vec<u64> = std::fs::read_to_string(resumed.join(METRICS_FILE))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(steps.last(), Some(&6), "metrics log: {steps:?}");
 }
@@ -74,7 +78,9 @@ fn device_errors_are_clear() {
     write_dataset(&data, 4, 1, &SceneConfig::default(), "test").unwrap();
     let run = |device: &str| {
         let out = duet_train()
-            .args(["fit", "--stage", "caption", "--preset", "tiny", "--steps", "1"])
+            .args([
+                "fit", "--stage", "caption", "--preset", "tiny", "--steps", "1",
+            ])
             .arg("--data")
             .arg(&data)
             .arg("--out")

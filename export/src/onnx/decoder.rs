@@ -61,7 +61,7 @@ pub fn build_caption_decoder(
     weights: &Weights,
     dims: &GraphDims,
 ) -> Result<ModelProto, ExportError> {
-    dims.validate()?;
+    super::validate_dims(dims)?;
     let d = dims.d_model;
     let h = dims.n_heads;
     let dh = dims.head_dim();
@@ -89,7 +89,7 @@ pub fn build_caption_decoder(
     let image_tokens = g.input(
         "image_tokens",
         DType::F32,
-        &[batch.clone(), Dim::Fixed(dims.n_patches()), Dim::Fixed(d)],
+        &[batch.clone(), Dim::Fixed(dims.num_patches()), Dim::Fixed(d)],
     )?;
     let past_shape = [
         batch.clone(),
@@ -196,7 +196,7 @@ mod tests {
         let ids = (0..B)
             .map(|_| std::array::from_fn(|_| r.random_range(4..dims.vocab_size as i64)))
             .collect();
-        let image = random_array(&mut r, &[B, dims.n_patches(), dims.d_model], 1.0);
+        let image = random_array(&mut r, &[B, dims.num_patches(), dims.d_model], 1.0);
         Case {
             dims,
             w,

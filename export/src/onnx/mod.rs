@@ -15,7 +15,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use serde::{Deserialize, Serialize};
 use tract_onnx::pb::ModelProto;
 
 pub use builder::{DType, Dim, GraphBuilder, MhaOutput, PastKv, Value};
@@ -57,7 +56,9 @@ pub enum ExportError {
         diff: f64,
         tolerance: f64,
     },
-    #[error("{path} exists and is not a bundle (no manifest.json) nor empty; refusing to replace it")]
+    #[error(
+        "{path} exists and is not a bundle (no manifest.json) nor empty; refusing to replace it"
+    )]
     OutputNotBundle { path: PathBuf },
     #[error("writing {path}: {source}")]
     Io {
@@ -144,79 +145,48 @@ impl Weights {
     }
 }
 
-/// The sizes a graph is built for; mirrors the model config in `docs/ARCHITECTURE.md`
-/// (`ModelConfig` in the manifest), kept here so the exporter does not depend on Burn types.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GraphDims {
-    pub image_size: usize,
-    pub channels: usize,
-    pub patch_size: usize,
-    pub d_model: usize,
-    pub n_heads: usize,
-    pub vision_layers: usize,
-    pub decoder_layers: usize,
-    pub mlp_ratio: usize,
-    pub embed_dim: usize,
-    pub vocab_size: usize,
-    pub max_len: usize,
-    pub layer_norm_eps: f64,
-}
+/// The sizes a graph is built for: the manifest's model spec (same field names as the Burn
+/// `ModelConfig`, see `docs/ARCHITECTURE.md`), so what the exporter builds from and what the
+/// runtime checks against are one type and the exporter needs no Burn types for it.
+pub type GraphDims = duet_runtime::manifest::ModelSpec;
 
-impl GraphDims {
-    /// Rejects configurations no graph can be built for, before any node is written.
-    pub fn validate(&self) -> Result<(), ExportError> {
-        let nonzero = [
-            ("image_size", self.image_size),
-            ("channels", self.channels),
-            ("patch_size", self.patch_size),
-            ("d_model", self.d_model),
-            ("n_heads", self.n_heads),
-            ("mlp_ratio", self.mlp_ratio),
-            ("embed_dim", self.embed_dim),
-            ("vocab_size", self.vocab_size),
-            ("max_len", self.max_len),
-        ];
-        for (field, v) in nonzero {
-            if v == 0 {
-                return Err(ExportError::InvalidDims(format!("{field} must be > 0")));
-            }
+/// Rejects configurations no graph can be built for, before any node is written.
+pub fn validate_dims(dims: &GraphDims) -> Result<(), ExportError> {
+    let nonzero = [
+        ("image_size", dims.image_size),
+        ("channels", dims.channels),
+        ("patch_size", dims.patch_size),
+        ("d_model", dims.d_model),
+        ("n_heads", dims.n_heads),
+        ("mlp_ratio", dims.mlp_ratio),
+        ("embed_dim", dims.embed_dim),
+        ("vocab_size", dims.vocab_size),
+        ("max_len", dims.max_len),
+    ];
+    for (field, v) in nonzero {
+        if v == 0 {
+            return Err(ExportError::InvalidDims(format!("{field} must be > 0")));
         }
-        if !self.image_size.is_multiple_of(self.patch_size) {
-            return Err(ExportError::InvalidDims(format!(
-                "image_size {} is not a multiple of patch_size {}",
-                self.image_size, self.patch_size
-            )));
-        }
-        if !self.d_model.is_multiple_of(self.n_heads) {
-            return Err(ExportError::InvalidDims(format!(
-                "d_model {} is not divisible by n_heads {}",
-                self.d_model, self.n_heads
-            )));
-        }
-        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
-            return Err(ExportError::InvalidDims(format!(
-                "layer_norm_eps {} must be a positive finite number",
-                self.layer_norm_eps
-            )));
-        }
-        Ok(())
     }
-
-    /// Number of patches `P = (image_size / patch_size)²`.
-    pub fn n_patches(&self) -> usize {
-        let side = self.image_size / self.patch_size;
-        side * side
+    if !dims.image_size.is_multiple_of(dims.patch_size) {
+        return Err(ExportError::InvalidDims(format!(
+            "image_size {} is not a multiple of patch_size {}",
+            dims.image_size, dims.patch_size
+        )));
     }
-
-    /// Head width `Dh = d_model / n_heads`.
-    pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads
+    if !dims.d_model.is_multiple_of(dims.n_heads) {
+        return Err(ExportError::InvalidDims(format!(
+            "d_model {} is not divisible by n_heads {}",
+            dims.d_model, dims.n_heads
+        )));
     }
-
-    /// MLP hidden width `mlp_ratio · d_model`.
-    pub fn mlp_hidden(&self) -> usize {
-        self.mlp_ratio * self.d_model
+    if !(dims.layer_norm_eps > 0.0 && dims.layer_norm_eps.is_finite()) {
+        return Err(ExportError::InvalidDims(format!(
+            "layer_norm_eps {} must be a positive finite number",
+            dims.layer_norm_eps
+        )));
     }
+    Ok(())
 }
 
 /// Serialises a model to ONNX protobuf bytes.

@@ -20,7 +20,10 @@ pub fn vision_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
             vec![d, dims.channels, p, p],
         ),
         ("vision.patch_embed.bias".to_owned(), vec![d]),
-        ("vision.pos_embed".to_owned(), vec![1, dims.n_patches(), d]),
+        (
+            "vision.pos_embed".to_owned(),
+            vec![1, dims.num_patches(), d],
+        ),
     ];
     for i in 0..dims.vision_layers {
         let pre = format!("vision.blocks.{i}");
@@ -53,10 +56,10 @@ pub fn build_vision_encoder(
     weights: &Weights,
     dims: &GraphDims,
 ) -> Result<ModelProto, ExportError> {
-    dims.validate()?;
+    super::validate_dims(dims)?;
     let d = dims.d_model;
     let p = dims.patch_size;
-    let n_patches = dims.n_patches();
+    let n_patches = dims.num_patches();
     let eps = dims.layer_norm_eps as f32;
 
     let mut g = GraphBuilder::new(weights);
@@ -153,7 +156,7 @@ mod tests {
         let (b, c, s) = (pixels.shape()[0], dims.channels, dims.image_size);
         let (p, d) = (dims.patch_size, dims.d_model);
         let side = s / p;
-        let np = dims.n_patches();
+        let np = dims.num_patches();
         let (_, kw) = w.get("vision.patch_embed.weight").expect("param");
         let kb = r.vec("vision.patch_embed.bias");
         let (_, pos) = w.get("vision.pos_embed").expect("param");
@@ -222,7 +225,7 @@ mod tests {
             let pixels = random_array(&mut r, &[batch, 3, s, s], 1.0);
             let out = tract_run(&plan, vec![pixels.clone().into()])?;
             assert_eq!(out.len(), 2);
-            assert_eq!(out[0].shape(), &[batch, dims.n_patches(), dims.d_model]);
+            assert_eq!(out[0].shape(), &[batch, dims.num_patches(), dims.d_model]);
             assert_eq!(out[1].shape(), &[batch, dims.embed_dim]);
             for row in out[1].rows() {
                 let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
