@@ -7,4 +7,12 @@ bash "$root/scripts/setup-ort.sh"
 if ! python3 -c "import onnx" 2>/dev/null; then
   python3 -m pip install --quiet "onnx==1.23.2"
 fi
+# valgrind checks the C ABI example for leaks and invalid accesses (ffi/tests/c_example.rs).
+if ! command -v valgrind >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq valgrind >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq valgrind; }
+  else
+    echo "note: valgrind not found; the C ABI example test will run without it" >&2
+  fi
+fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use image::imageops::{self, FilterType};
-use image::RgbImage;
+pub use image::RgbImage;
 use ndarray::Array4;
 use thiserror::Error;
 

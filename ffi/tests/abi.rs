@@ -1,0 +1,261 @@
+//! The C ABI called the way C calls it (raw pointers, out-parameters) on a small
+//! random-weight bundle: statuses, error texts, ownership, strict mode and concurrency.
+
+#[path = "../../runtime/tests/common/mod.rs"]
+mod common;
+
+use std::ffi::{c_char, CStr, CString};
+use std::ptr;
+
+use duet::*;
+use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
+use duet_runtime::{Bundle, Captioner};
+
+/// Takes ownership of a duet string and returns it (NULL → None).
+fn take(s: *mut c_char) -> Option<String> {
+    if s.is_null() {
+        return None;
+    }
+    let text = unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned();
+    unsafe { duet_string_free(s) };
+    Some(text)
+}
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+/// Creates a runtime; returns the status, the handle (maybe NULL) and the error text.
+fn create(
+    dir: Option<&str>,
+    provider: Option<&str>,
+    strict: bool,
+) -> (DuetStatus, *mut DuetRuntime, Option<String>) {
+    let dir = dir.map(cstr);
+    let provider = provider.map(cstr);
+    let mut rt = ptr::null_mut();
+    let mut err = ptr::null_mut();
+    let status = unsafe {
+        duet_runtime_create(
+            dir.as_ref().map_or(ptr::null(), |d| d.as_ptr()),
+            provider.as_ref().map_or(ptr::null(), |p| p.as_ptr()),
+            strict,
+            &mut rt,
+            &mut err,
+        )
+    };
+    (status, rt, take(err))
+}
+
+fn caption_rgb(
+    rt: *const DuetRuntime,
+    rgb: &[u8],
+    w: u32,
+    h: u32,
+) -> (DuetStatus, Option<String>, Option<String>) {
+    let mut cap = ptr::null_mut();
+    let mut err = ptr::null_mut();
+    let status = unsafe { duet_caption_rgb(rt, rgb.as_ptr(), rgb.len(), w, h, &mut cap, &mut err) };
+    (status, take(cap), take(err))
+}
+
+fn bundle() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    common::caption_bundle(dir.path(), -100.0);
+    dir
+}
+
+fn image(seed: u8) -> Vec<u8> {
+    (0..8 * 8 * 3)
+        .map(|i: usize| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn version_is_the_crate_version() {
+    let v = unsafe { CStr::from_ptr(duet_version()) };
+    assert_eq!(v.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn null_pointers_and_bad_arguments_are_errors() {
+    let (s, rt, e) = create(None, None, false);
+    assert_eq!(s, DuetStatus::NullPointer);
+    assert!(rt.is_null());
+    assert!(e.unwrap().contains("`bundle_dir` is NULL"));
+
+    let dir = bundle();
+    let path = dir.path().to_str().unwrap();
+    let d = cstr(path);
+    let s = unsafe {
+        duet_runtime_create(
+            d.as_ptr(),
+            ptr::null(),
+            false,
+            ptr::null_mut(),
+            ptr::null_mut(),
+        )
+    };
+    assert_eq!(
+        s,
+        DuetStatus::NullPointer,
+        "NULL out and NULL error are fine to pass"
+    );
+
+    let (s, rt, e) = create(Some(path), Some("gpu"), false);
+    assert_eq!(s, DuetStatus::InvalidArgument);
+    assert!(rt.is_null());
+    assert!(e.unwrap().contains("unknown provider `gpu`"));
+
+    let (s, _, e) = create(Some("/no/such/bundle"), None, false);
+    assert_eq!(s, DuetStatus::Bundle);
+    assert!(e.unwrap().contains("manifest.json"));
+
+    let (s, rt, e) = create(Some(path), Some("tract"), false);
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    assert!(e.is_none(), "success clears the error");
+
+    let img = image(0);
+    let (s, cap, e) = caption_rgb(rt, &img, 8, 9);
+    assert_eq!(s, DuetStatus::InvalidArgument);
+    assert!(cap.is_none());
+    assert!(e.unwrap().contains("`len` is 192 bytes"));
+    let (s, _, e) = caption_rgb(rt, &[], 0, 8);
+    assert_eq!(s, DuetStatus::InvalidArgument, "{e:?}");
+    let (s, _, e) = caption_rgb(ptr::null(), &img, 8, 8);
+    assert_eq!(s, DuetStatus::NullPointer);
+    assert!(e.unwrap().contains("`runtime` is NULL"));
+    let mut err = ptr::null_mut();
+    let s = unsafe { duet_caption_rgb(rt, ptr::null(), 192, 8, 8, &mut ptr::null_mut(), &mut err) };
+    assert_eq!(s, DuetStatus::NullPointer);
+    assert!(take(err).unwrap().contains("`rgb` is NULL"));
+    let s = unsafe {
+        duet_caption_rgb(
+            rt,
+            img.as_ptr(),
+            img.len(),
+            8,
+            8,
+            ptr::null_mut(),
+            ptr::null_mut(),
+        )
+    };
+    assert_eq!(s, DuetStatus::NullPointer);
+
+    // Unreadable image file.
+    let png = dir.path().join("corrupt.png");
+    std::fs::write(&png, b"not a png").unwrap();
+    let p = cstr(png.to_str().unwrap());
+    let mut cap = ptr::null_mut();
+    let mut err = ptr::null_mut();
+    let s = unsafe { duet_caption_file(rt, p.as_ptr(), &mut cap, &mut err) };
+    assert_eq!(s, DuetStatus::Image);
+    assert!(cap.is_null());
+    assert!(take(err).unwrap().contains("corrupt.png"));
+
+    unsafe {
+        duet_runtime_destroy(rt);
+        duet_runtime_destroy(ptr::null_mut());
+        duet_string_free(ptr::null_mut());
+    }
+}
+
+#[test]
+fn captions_match_the_rust_runtime_and_report_the_provider() {
+    let dir = bundle();
+    let (s, rt, e) = create(Some(dir.path().to_str().unwrap()), Some("tract"), true);
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    let mut report = ptr::null_mut();
+    assert_eq!(
+        unsafe { duet_provider_report(rt, &mut report, ptr::null_mut()) },
+        DuetStatus::Ok
+    );
+    let report = take(report).unwrap();
+    assert!(
+        report.contains("vision_encoder: running on tract"),
+        "{report}"
+    );
+    assert!(
+        report.contains("caption_decoder: running on tract"),
+        "{report}"
+    );
+
+    let b = Bundle::open(dir.path()).unwrap();
+    let reference = Captioner::new(
+        &b,
+        ProviderChoice::Only(Provider::Tract),
+        &EngineOptions::default(),
+    )
+    .unwrap();
+    for seed in 0..4 {
+        let img = image(seed * 50);
+        let (s, cap, e) = caption_rgb(rt, &img, 8, 8);
+        assert_eq!(s, DuetStatus::Ok, "{e:?}");
+        let want = reference
+            .caption_images(&[image::RgbImage::from_raw(8, 8, img).unwrap()])
+            .unwrap();
+        assert_eq!(cap.unwrap(), want[0]);
+    }
+    unsafe { duet_runtime_destroy(rt) };
+}
+
+#[test]
+fn strict_mode_turns_a_skipped_provider_into_an_error() {
+    let dir = bundle();
+    let path = dir.path().to_str().unwrap();
+    // `auto` on this machine (no GPU, CPU-only onnxruntime or none) must skip TensorRT.
+    let (s, rt, e) = create(Some(path), Some("auto"), true);
+    assert_eq!(s, DuetStatus::Provider);
+    assert!(rt.is_null());
+    let e = e.unwrap();
+    assert!(e.contains("provider tensorrt unavailable"), "{e}");
+    let (s, rt, e) = create(Some(path), Some("auto"), false);
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    let mut report = ptr::null_mut();
+    unsafe { duet_provider_report(rt, &mut report, ptr::null_mut()) };
+    let report = take(report).unwrap();
+    assert!(report.contains("skipped tensorrt"), "{report}");
+    unsafe { duet_runtime_destroy(rt) };
+}
+
+#[test]
+fn eight_threads_on_one_handle_match_sequential_calls() {
+    let dir = bundle();
+    let (s, rt, e) = create(Some(dir.path().to_str().unwrap()), Some("tract"), false);
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    let images: Vec<Vec<u8>> = (0..10).map(|i| image(i * 25)).collect();
+    let sequential: Vec<String> = images
+        .iter()
+        .map(|img| caption_rgb(rt, img, 8, 8).1.unwrap())
+        .collect();
+    // Raw pointers are not Send; the handle's documented contract is that it may be shared.
+    let handle = rt as usize;
+    let results: Vec<Vec<String>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|t| {
+                let images = &images;
+                scope.spawn(move || {
+                    (0..100)
+                        .map(|i| {
+                            let img = &images[(t + i) % images.len()];
+                            let (s, cap, e) = caption_rgb(handle as *const DuetRuntime, img, 8, 8);
+                            assert_eq!(s, DuetStatus::Ok, "{e:?}");
+                            cap.unwrap()
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for (t, got) in results.iter().enumerate() {
+        for (i, cap) in got.iter().enumerate() {
+            assert_eq!(
+                cap,
+                &sequential[(t + i) % images.len()],
+                "thread {t} call {i}"
+            );
+        }
+    }
+    unsafe { duet_runtime_destroy(rt) };
+}
