@@ -91,6 +91,8 @@ fn c_example_captions_like_rust_and_runs_clean() {
         .args([
             "--quiet",
             "--error-exitcode=99",
+            // Deep enough that the suppression's `OptimizerSession::optimize` frame is recorded.
+            "--num-callers=64",
             "--leak-check=full",
             "--errors-for-leak-kinds=definite,indirect",
             "--show-leak-kinds=definite,indirect",
