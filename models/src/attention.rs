@@ -1,7 +1,9 @@
-//! Pre-norm transformer pieces shared by the vision encoder and the caption decoder.
+//! Pre-norm transformer pieces shared by the encoders, the caption decoder and the denoiser.
 
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+
+use crate::config::ModelConfig;
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
@@ -96,5 +98,39 @@ impl<B: Backend> Mlp<B> {
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         self.fc2.forward(gelu(self.fc1.forward(x)))
+    }
+}
+
+/// Pre-norm transformer encoder block (self-attention + MLP): the vision encoder's and the
+/// text encoder's layer.
+#[derive(Module, Debug)]
+pub struct EncoderBlock<B: Backend> {
+    pub ln1: LayerNorm<B>,
+    pub attn: Attention<B>,
+    pub ln2: LayerNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> EncoderBlock<B> {
+    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+        let ln = || {
+            LayerNormConfig::new(cfg.d_model)
+                .with_epsilon(cfg.layer_norm_eps)
+                .init(device)
+        };
+        Self {
+            ln1: ln(),
+            attn: Attention::new(cfg.d_model, cfg.n_heads, device),
+            ln2: ln(),
+            mlp: Mlp::new(cfg.d_model, cfg.d_model * cfg.mlp_ratio, device),
+        }
+    }
+
+    /// `bias`: optional additive attention bias broadcast to `[B, H, N, N]` (key padding).
+    pub fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
+        let h = self.ln1.forward(x.clone());
+        let x = x + self.attn.forward(h.clone(), h, bias);
+        let h = self.ln2.forward(x.clone());
+        x + self.mlp.forward(h)
     }
 }

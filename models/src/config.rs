@@ -48,13 +48,33 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     pub max_len: usize,
     pub layer_norm_eps: f64,
+    /// Transformer layers of the text encoder (generation direction). Defaults keep configs
+    /// written before the generation direction existed loadable.
+    #[serde(default = "default_text_layers")]
+    pub text_layers: usize,
+    /// DiT blocks of the diffusion denoiser.
+    #[serde(default = "default_denoiser_layers")]
+    pub denoiser_layers: usize,
+    /// Side of the denoiser's pixel patches (its token grid is `image_size / this` squared).
+    #[serde(default = "default_denoiser_patch_size")]
+    pub denoiser_patch_size: usize,
+}
+
+fn default_text_layers() -> usize {
+    2
+}
+fn default_denoiser_layers() -> usize {
+    2
+}
+fn default_denoiser_patch_size() -> usize {
+    4
 }
 
 impl ModelConfig {
     pub fn preset(preset: Preset, vocab_size: usize, image_size: usize) -> Self {
-        let (d_model, vision_layers, decoder_layers) = match preset {
-            Preset::Tiny => (64, 2, 2),
-            Preset::Small => (128, 4, 4),
+        let (d_model, vision_layers, decoder_layers, text_layers, denoiser_layers) = match preset {
+            Preset::Tiny => (64, 2, 2, 2, 2),
+            Preset::Small => (128, 4, 4, 2, 4),
         };
         Self {
             image_size,
@@ -69,12 +89,21 @@ impl ModelConfig {
             vocab_size,
             max_len: 48,
             layer_norm_eps: 1e-5,
+            text_layers,
+            denoiser_layers,
+            denoiser_patch_size: (image_size / 8).max(1),
         }
     }
 
     /// Number of image patches `P`.
     pub fn num_patches(&self) -> usize {
         let side = self.image_size / self.patch_size;
+        side * side
+    }
+
+    /// Number of denoiser tokens (pixel patches).
+    pub fn denoiser_tokens(&self) -> usize {
+        let side = self.image_size / self.denoiser_patch_size;
         side * side
     }
 
@@ -89,6 +118,20 @@ impl ModelConfig {
             return Err(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size
+            ));
+        }
+        if self.denoiser_patch_size == 0
+            || !self.image_size.is_multiple_of(self.denoiser_patch_size)
+        {
+            return Err(format!(
+                "image_size {} is not a multiple of denoiser_patch_size {}",
+                self.image_size, self.denoiser_patch_size
+            ));
+        }
+        if !self.d_model.is_multiple_of(2) {
+            return Err(format!(
+                "d_model {} must be even (sinusoidal timestep features)",
+                self.d_model
             ));
         }
         if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {

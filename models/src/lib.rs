@@ -7,11 +7,15 @@
 pub mod attention;
 pub mod caption;
 pub mod config;
+pub mod denoiser;
 pub mod params;
+pub mod text;
 pub mod vision;
 
 pub use caption::{CaptionDecoder, Captioner, KvCache};
 pub use config::{ModelConfig, Preset};
+pub use denoiser::Denoiser;
+pub use text::TextEncoder;
 pub use vision::VisionEncoder;
 
 /// Special token ids shared by the tokenizer, the models and the runtime.

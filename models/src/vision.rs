@@ -6,45 +6,14 @@ use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::attention::{Attention, Mlp};
+use crate::attention::EncoderBlock;
 use crate::config::ModelConfig;
-
-#[derive(Module, Debug)]
-pub struct VisionBlock<B: Backend> {
-    pub ln1: LayerNorm<B>,
-    pub attn: Attention<B>,
-    pub ln2: LayerNorm<B>,
-    pub mlp: Mlp<B>,
-}
-
-impl<B: Backend> VisionBlock<B> {
-    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
-        let ln = || {
-            LayerNormConfig::new(cfg.d_model)
-                .with_epsilon(cfg.layer_norm_eps)
-                .init(device)
-        };
-        Self {
-            ln1: ln(),
-            attn: Attention::new(cfg.d_model, cfg.n_heads, device),
-            ln2: ln(),
-            mlp: Mlp::new(cfg.d_model, cfg.d_model * cfg.mlp_ratio, device),
-        }
-    }
-
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.ln1.forward(x.clone());
-        let x = x + self.attn.forward(h.clone(), h, None);
-        let h = self.ln2.forward(x.clone());
-        x + self.mlp.forward(h)
-    }
-}
 
 #[derive(Module, Debug)]
 pub struct VisionEncoder<B: Backend> {
     pub patch_embed: Conv2d<B>,
     pub pos_embed: Param<Tensor<B, 3>>,
-    pub blocks: Vec<VisionBlock<B>>,
+    pub blocks: Vec<EncoderBlock<B>>,
     pub ln_final: LayerNorm<B>,
     pub proj: Linear<B>,
 }
@@ -70,7 +39,7 @@ impl<B: Backend> VisionEncoder<B> {
             }
             .init([1, cfg.num_patches(), cfg.d_model], device),
             blocks: (0..cfg.vision_layers)
-                .map(|_| VisionBlock::new(cfg, device))
+                .map(|_| EncoderBlock::new(cfg, device))
                 .collect(),
             ln_final: LayerNormConfig::new(cfg.d_model)
                 .with_epsilon(cfg.layer_norm_eps)
@@ -85,7 +54,7 @@ impl<B: Backend> VisionEncoder<B> {
         let [b, d, h, w] = x.dims();
         let mut x = x.reshape([b, d, h * w]).swap_dims(1, 2) + self.pos_embed.val();
         for block in &self.blocks {
-            x = block.forward(x);
+            x = block.forward(x, None);
         }
         let patch_tokens = self.ln_final.forward(x);
         let pooled = patch_tokens.clone().mean_dim(1).squeeze_dim::<2>(1);

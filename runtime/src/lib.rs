@@ -10,6 +10,8 @@
 //! This crate never depends on Burn: a bundle is everything it needs.
 
 pub mod bundle;
+/// Schedule and samplers (the `duet-diffusion` crate, shared with the trainer).
+pub use duet_diffusion as diffusion;
 pub mod caption;
 pub mod engine;
 pub mod manifest;

@@ -5,13 +5,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use duet_models::params::{load_named_tensors, named_tensors};
+use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
 use duet_models::{Captioner, ModelConfig, Preset};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -70,16 +70,21 @@ impl CaptionTrainConfig {
         }
     }
 
-    /// Linear warm-up then cosine decay to 5% of the peak rate.
+    /// See [`warmup_cosine_lr`].
     pub fn lr_at(&self, step: usize) -> f64 {
-        if step < self.warmup_steps {
-            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        let span = (self.steps.saturating_sub(self.warmup_steps)).max(1) as f64;
-        let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
-        let min = 0.05 * self.lr;
-        min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * t).cos())
+        warmup_cosine_lr(self.lr, self.warmup_steps, self.steps, step)
     }
+}
+
+/// Linear warm-up then cosine decay to 5% of the peak rate `lr` (every stage's schedule).
+pub fn warmup_cosine_lr(lr: f64, warmup_steps: usize, steps: usize, step: usize) -> f64 {
+    if step < warmup_steps {
+        return lr * (step + 1) as f64 / warmup_steps as f64;
+    }
+    let span = (steps.saturating_sub(warmup_steps)).max(1) as f64;
+    let t = ((step - warmup_steps) as f64 / span).min(1.0);
+    let min = 0.05 * lr;
+    min + 0.5 * (lr - min) * (1.0 + (std::f64::consts::PI * t).cos())
 }
 
 /// Images and padded token sequences in memory, ready to batch.
@@ -295,12 +300,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         .init::<B, Captioner<B>>();
     let start_step = match &state {
         Some(s) => {
-            let rec_bytes = std::fs::read(run.join(MODEL_RECORD_FILE))?;
-            let rec = Rec::default().load(rec_bytes, device)?;
-            model = model.load_record(rec);
-            let opt_bytes = std::fs::read(run.join(OPTIMIZER_FILE))?;
-            let orec = Rec::default().load(opt_bytes, device)?;
-            optim = optim.load_record(orec);
+            (model, optim) = load_records(run, model, optim, device)?;
             s.step
         }
         None => 0,
@@ -351,18 +351,24 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
             writeln!(metrics, "{line}")?;
         }
         if (step + 1) % cfg.checkpoint_every == 0 || step + 1 == cfg.steps {
-            save_checkpoint(run, &model, &optim, step + 1, cfg.seed, last_loss)?;
-            state = Some(TrainState {
+            let saved = TrainState {
                 step: step + 1,
                 seed: cfg.seed,
                 last_loss,
-            });
+            };
+            save_checkpoint(run, &model, &NamedTensors::new(), &optim, &saved)?;
+            state = Some(saved);
         }
     }
     pb.finish_and_clear();
     if state.is_none() {
         // Nothing to do (steps already reached): still make sure a checkpoint exists.
-        save_checkpoint(run, &model, &optim, start_step, cfg.seed, last_loss)?;
+        let saved = TrainState {
+            step: start_step,
+            seed: cfg.seed,
+            last_loss,
+        };
+        save_checkpoint(run, &model, &NamedTensors::new(), &optim, &saved)?;
     }
     Ok(FitOutcome {
         steps_done: cfg.steps,
@@ -371,29 +377,64 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
     })
 }
 
-fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Captioner<B>, B>>(
+/// Writes a resumable checkpoint: `model.safetensors` (the trained module's parameters plus
+/// `frozen`, tensors carried over unchanged from an earlier stage), the Burn records of the
+/// module and the optimizer, and `state.json` last — its presence marks the checkpoint complete.
+pub fn save_checkpoint<B, M, O>(
     run: &Path,
-    model: &Captioner<B>,
+    model: &M,
+    frozen: &NamedTensors,
     optim: &O,
-    step: usize,
-    seed: u64,
-    last_loss: f64,
-) -> anyhow::Result<()> {
-    save_weights(&run.join(WEIGHTS_FILE), &named_tensors(&model.valid()))?;
+    state: &TrainState,
+) -> anyhow::Result<()>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    O: Optimizer<M, B>,
+{
+    let mut weights = named_tensors(&model.valid());
+    for (name, tensor) in frozen {
+        if weights.insert(name.clone(), tensor.clone()).is_some() {
+            anyhow::bail!("parameter {name} is both trained and frozen");
+        }
+    }
+    save_weights(&run.join(WEIGHTS_FILE), &weights)?;
     let rec = Rec::default().record(model.clone().into_record(), ())?;
     write_atomic(&run.join(MODEL_RECORD_FILE), &rec)?;
     let orec = Rec::default().record(optim.to_record(), ())?;
     write_atomic(&run.join(OPTIMIZER_FILE), &orec)?;
-    // state.json last: it is what marks the checkpoint complete for --resume.
-    write_json(
-        &run.join(STATE_FILE),
-        &TrainState {
-            step,
-            seed,
-            last_loss,
-        },
-    )?;
+    write_json(&run.join(STATE_FILE), state)?;
     Ok(())
+}
+
+/// Restores a module and its optimizer from the Burn records of a checkpoint (`--resume`).
+pub fn load_records<B, M, O>(
+    run: &Path,
+    model: M,
+    optim: O,
+    device: &B::Device,
+) -> anyhow::Result<(M, O)>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    O: Optimizer<M, B>,
+{
+    let rec = Rec::default().load(std::fs::read(run.join(MODEL_RECORD_FILE))?, device)?;
+    let orec = Rec::default().load(std::fs::read(run.join(OPTIMIZER_FILE))?, device)?;
+    Ok((model.load_record(rec), optim.load_record(orec)))
+}
+
+/// The tensors of `weights` whose names start with one of `prefixes` followed by a dot.
+pub fn with_prefixes(weights: &NamedTensors, prefixes: &[&str]) -> NamedTensors {
+    weights
+        .iter()
+        .filter(|(k, _)| {
+            prefixes
+                .iter()
+                .any(|p| k.strip_prefix(p).is_some_and(|rest| rest.starts_with('.')))
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// A trained captioner loaded from a run directory (inference backend, no autodiff).
@@ -406,7 +447,11 @@ pub struct LoadedRun<B: Backend> {
 pub fn load_run<B: Backend>(run: &Path, device: &B::Device) -> anyhow::Result<LoadedRun<B>> {
     let config: CaptionTrainConfig = read_json(&run.join(CONFIG_FILE))?;
     let tokenizer = load_tokenizer(&run.join(TOKENIZER_FILE))?;
-    let weights = load_weights(&run.join(WEIGHTS_FILE))?;
+    // A later stage's run holds more than the captioner: take the captioner's part.
+    let weights = with_prefixes(
+        &load_weights(&run.join(WEIGHTS_FILE))?,
+        &["vision", "decoder"],
+    );
     let model = Captioner::<B>::new(&config.model, device);
     let model = load_named_tensors(model, &weights)
         .map_err(|e| anyhow::anyhow!("{}: {e}", run.join(WEIGHTS_FILE).display()))?;

@@ -4,11 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use duet_diffusion::{Sampler, SamplerConfig};
 use duet_models::Preset;
 use duet_train::backend::{CpuBackend, DeviceKind};
 use duet_train::caption_stage::{fit, FitArgs};
 use duet_train::checkpoint::write_json;
-use duet_train::eval::eval_caption;
+use duet_train::eval::{eval_caption, eval_generate, GenerateEvalOptions};
+use duet_train::generate_stage::{fit_generate, GenerateFitArgs, GenerateOutcome};
 use duet_train::shapeworld::{write_dataset, SceneConfig};
 
 #[derive(Parser)]
@@ -59,6 +61,10 @@ enum Command {
         /// Continue from the last checkpoint in --out.
         #[arg(long)]
         resume: bool,
+        /// `--stage generate`: the trained caption run to start from (its vision encoder is
+        /// frozen and its tokenizer reused).
+        #[arg(long)]
+        init: Option<PathBuf>,
     },
     /// Evaluate a trained run on a dataset.
     Eval {
@@ -68,9 +74,30 @@ enum Command {
         run: PathBuf,
         #[arg(long)]
         data: PathBuf,
-        /// Evaluate only the first N samples.
+        /// Evaluate only the first N samples (caption).
         #[arg(long)]
         limit: Option<usize>,
+        /// Prompts per GenEval category (generate).
+        #[arg(long, default_value_t = 20)]
+        per_category: usize,
+        /// Sampling steps (generate).
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Sampler: ddim or dpmpp (generate).
+        #[arg(long, default_value = "ddim")]
+        sampler: String,
+        /// DDIM eta (generate, ddim only).
+        #[arg(long, default_value_t = 0.0)]
+        eta: f32,
+        /// Classifier-free guidance scale (generate).
+        #[arg(long, default_value_t = 3.0)]
+        guidance: f32,
+        /// Noise seed (generate); the prompt set uses seed 0 so runs compare on the same prompts.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Score the untrained generator (the baseline) instead (generate).
+        #[arg(long)]
+        untrained: bool,
     },
 }
 
@@ -117,11 +144,40 @@ fn main() -> anyhow::Result<()> {
             lr,
             seed,
             resume,
+            init,
         } => {
-            if stage != "caption" {
-                anyhow::bail!("unknown stage '{stage}' (this build trains: caption)");
-            }
             let kind: DeviceKind = device.parse()?;
+            if stage == "generate" {
+                let init = init.context("--stage generate needs --init <caption run>")?;
+                let args = GenerateFitArgs {
+                    init,
+                    data,
+                    out: out.clone(),
+                    steps,
+                    batch_size,
+                    lr,
+                    seed,
+                    resume,
+                    device: kind.to_string(),
+                    command: command_line,
+                    quiet: false,
+                };
+                let outcome = match kind {
+                    DeviceKind::Cpu => fit_generate::<CpuBackend>(&args, &Default::default())?,
+                    DeviceKind::Cuda => fit_generate_cuda(&args)?,
+                };
+                println!(
+                    "trained {} steps in {:.1}s, final diffusion loss {:.4}; run in {}",
+                    outcome.steps_done,
+                    outcome.seconds,
+                    outcome.final_diffusion_loss,
+                    out.display()
+                );
+                return Ok(());
+            }
+            if stage != "caption" {
+                anyhow::bail!("unknown stage '{stage}' (this build trains: caption, generate)");
+            }
             let args = FitArgs {
                 preset,
                 data,
@@ -152,11 +208,65 @@ fn main() -> anyhow::Result<()> {
             run,
             data,
             limit,
+            per_category,
+            steps,
+            sampler,
+            eta,
+            guidance,
+            seed,
+            untrained,
         } => {
-            if stage != "caption" {
-                anyhow::bail!("unknown stage '{stage}' (this build evaluates: caption)");
-            }
             let device = Default::default();
+            if stage == "generate" {
+                let sampler = match sampler.as_str() {
+                    "ddim" => Sampler::Ddim { eta },
+                    "dpmpp" => Sampler::DpmSolverPp2M,
+                    other => anyhow::bail!("unknown sampler '{other}' (ddim or dpmpp)"),
+                };
+                let opts = GenerateEvalOptions {
+                    per_category,
+                    prompt_seed: 0,
+                    seed,
+                    sampler: SamplerConfig {
+                        sampler,
+                        steps,
+                        clip_x0: true,
+                    },
+                    guidance,
+                    untrained,
+                    batch: 64,
+                };
+                let (report, images) =
+                    eval_generate::<burn::backend::NdArray<f32>>(&run, &opts, &device)?;
+                println!("{report}");
+                let tag = if untrained {
+                    "geneval-untrained"
+                } else {
+                    "geneval"
+                };
+                let grid_path = run.join(format!("{tag}.png"));
+                // One row per category, the first 8 prompts of each.
+                let shown: Vec<_> = images
+                    .chunks(per_category.max(1))
+                    .flat_map(|c| c.iter().take(8).cloned())
+                    .collect();
+                duet_diffusion::grid(&shown, 8, 4)
+                    .save(&grid_path)
+                    .with_context(|| format!("writing {}", grid_path.display()))?;
+                println!("grid (one row per category) in {}", grid_path.display());
+                write_json(
+                    &run.join(format!("{tag}.json")),
+                    &serde_json::json!({
+                        "report": report, "overall": report.overall(),
+                        "per_category": per_category, "steps": steps, "sampler": format!("{sampler:?}"),
+                        "guidance": guidance, "seed": seed, "command": command_line,
+                    }),
+                )?;
+                return Ok(());
+            }
+            if stage != "caption" {
+                anyhow::bail!("unknown stage '{stage}' (this build evaluates: caption, generate)");
+            }
             let (metrics, examples) =
                 eval_caption::<burn::backend::NdArray<f32>>(&run, &data, limit, &device)?;
             for (truth, pred) in &examples {
@@ -178,6 +288,17 @@ fn main() -> anyhow::Result<()> {
 fn fit_cuda(args: &FitArgs) -> anyhow::Result<duet_train::caption_stage::FitOutcome> {
     let device = duet_train::backend::probe_cuda()?;
     fit::<duet_train::backend::CudaBackend>(args, &device)
+}
+
+#[cfg(feature = "cuda")]
+fn fit_generate_cuda(args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
+    let device = duet_train::backend::probe_cuda()?;
+    fit_generate::<duet_train::backend::CudaBackend>(args, &device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fit_generate_cuda(_args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
+    Err(duet_train::backend::BackendError::CudaNotCompiled.into())
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -1,0 +1,184 @@
+//! DiT-style diffusion denoiser over pixels, conditioned on text tokens by cross-attention and
+//! on the timestep by adaptive LayerNorm ("adaLN-zero", Peebles & Xie 2023).
+//!
+//! `x_t [B, 3, S, S]` is cut into `p × p` patches (a strided convolution, as in the vision
+//! encoder), each block modulates its self-attention and MLP inputs with a shift and scale
+//! computed from the timestep embedding and gates their outputs (zero-initialised, so every
+//! block starts as the identity), cross-attends to the text tokens, and a final modulated
+//! LayerNorm + linear layer maps tokens back to pixel patches. The output has the input's shape
+//! and means ε or v, whichever the run was trained to predict.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::attention::{Attention, Mlp};
+use crate::config::ModelConfig;
+use crate::text::padding_bias;
+
+/// Base of the sinusoidal timestep frequencies (as in the Transformer and DDPM papers).
+pub const TIMESTEP_MAX_PERIOD: f64 = 10_000.0;
+
+/// Sinusoidal features of integer-valued timesteps: `[cos(t f_i), sin(t f_i)]` with
+/// `f_i = P^(−i/half)`, `i < half = dim / 2`. `t`: `[B]` → `[B, dim]`.
+pub fn timestep_features<B: Backend>(t: Tensor<B, 1>, dim: usize) -> Tensor<B, 2> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = timestep_frequencies(dim);
+    let [b] = t.dims();
+    let f = Tensor::<B, 2>::from_data(TensorData::new(freqs, [1, half]), &t.device());
+    let args = t.reshape([b, 1]) * f;
+    Tensor::cat(vec![args.clone().cos(), args.sin()], 1)
+}
+
+/// The frequencies `f_i` of [`timestep_features`] (shared with the exporter).
+pub fn timestep_frequencies(dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    (0..half)
+        .map(|i| (-(TIMESTEP_MAX_PERIOD.ln()) * i as f64 / half as f64).exp() as f32)
+        .collect()
+}
+
+fn zero_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_initializer(Initializer::Zeros)
+        .init(device)
+}
+
+/// LayerNorm without learnt affine parameters: the modulation supplies scale and shift.
+fn plain_ln<B: Backend>(cfg: &ModelConfig, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let mean = x.clone().mean_dim(2);
+    let centred = x - mean;
+    let var = centred.clone().powi_scalar(2).mean_dim(2);
+    centred / var.add_scalar(cfg.layer_norm_eps).sqrt()
+}
+
+/// `x · (1 + scale) + shift`, with `[B, D]` modulation broadcast over tokens.
+fn modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 2>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
+    let [b, d] = shift.dims();
+    x * scale.reshape([b, 1, d]).add_scalar(1.0) + shift.reshape([b, 1, d])
+}
+
+/// Slice `k` of `n` equal chunks along dim 1 of `[B, n·D]`.
+fn chunk<B: Backend>(x: &Tensor<B, 2>, k: usize, n: usize) -> Tensor<B, 2> {
+    let [b, nd] = x.dims();
+    let d = nd / n;
+    x.clone().slice([0..b, k * d..(k + 1) * d])
+}
+
+#[derive(Module, Debug)]
+pub struct DitBlock<B: Backend> {
+    /// `D → 6D`: shift, scale, gate for attention, then for the MLP. Zero-initialised.
+    pub ada: Linear<B>,
+    pub attn: Attention<B>,
+    pub ln_cross: LayerNorm<B>,
+    pub cross_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> DitBlock<B> {
+    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+        Self {
+            ada: zero_linear(cfg.d_model, 6 * cfg.d_model, device),
+            attn: Attention::new(cfg.d_model, cfg.n_heads, device),
+            ln_cross: LayerNormConfig::new(cfg.d_model)
+                .with_epsilon(cfg.layer_norm_eps)
+                .init(device),
+            cross_attn: Attention::new(cfg.d_model, cfg.n_heads, device),
+            mlp: Mlp::new(cfg.d_model, cfg.d_model * cfg.mlp_ratio, device),
+        }
+    }
+
+    /// `c`: `[B, D]` conditioning (SiLU already applied); `text`: `[B, L, D]`;
+    /// `text_bias`: `[B, 1, 1, L]`.
+    pub fn forward(
+        &self,
+        cfg: &ModelConfig,
+        x: Tensor<B, 3>,
+        c: Tensor<B, 2>,
+        text: Tensor<B, 3>,
+        text_bias: Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
+        let m = self.ada.forward(c);
+        let [b, _] = m.dims();
+        let d = m.dims()[1] / 6;
+        let gate = |k: usize| chunk(&m, k, 6).reshape([b, 1, d]);
+        let h = modulate(plain_ln(cfg, x.clone()), chunk(&m, 0, 6), chunk(&m, 1, 6));
+        let x = x + self.attn.forward(h.clone(), h, None) * gate(2);
+        let h = self.ln_cross.forward(x.clone());
+        let x = x + self.cross_attn.forward(h, text, Some(text_bias));
+        let h = modulate(plain_ln(cfg, x.clone()), chunk(&m, 3, 6), chunk(&m, 4, 6));
+        x + self.mlp.forward(h) * gate(5)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Denoiser<B: Backend> {
+    pub patch_embed: Conv2d<B>,
+    pub pos_embed: Param<Tensor<B, 3>>,
+    /// Timestep MLP on the sinusoidal features: `D → D → SiLU → D`.
+    pub time_fc1: Linear<B>,
+    pub time_fc2: Linear<B>,
+    pub blocks: Vec<DitBlock<B>>,
+    /// `D → 2D`: shift and scale of the final LayerNorm. Zero-initialised.
+    pub final_ada: Linear<B>,
+    /// `D → p·p·C`, zero-initialised so the untrained model predicts 0.
+    pub head: Linear<B>,
+}
+
+impl<B: Backend> Denoiser<B> {
+    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+        let p = cfg.denoiser_patch_size;
+        let d = cfg.d_model;
+        Self {
+            patch_embed: Conv2dConfig::new([cfg.channels, d], [p, p])
+                .with_stride([p, p])
+                .init(device),
+            pos_embed: Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            }
+            .init([1, cfg.denoiser_tokens(), d], device),
+            time_fc1: LinearConfig::new(d, d).init(device),
+            time_fc2: LinearConfig::new(d, d).init(device),
+            blocks: (0..cfg.denoiser_layers)
+                .map(|_| DitBlock::new(cfg, device))
+                .collect(),
+            final_ada: zero_linear(d, 2 * d, device),
+            head: zero_linear(d, p * p * cfg.channels, device),
+        }
+    }
+
+    /// `x`: `[B, C, S, S]` noisy image; `t`: `[B]` timesteps (integers as floats);
+    /// `text`: `[B, L, D]` text-encoder tokens; `text_mask`: `[B, L]` 1/0.
+    pub fn forward(
+        &self,
+        cfg: &ModelConfig,
+        x: Tensor<B, 4>,
+        t: Tensor<B, 1>,
+        text: Tensor<B, 3>,
+        text_mask: Tensor<B, 2>,
+    ) -> Tensor<B, 4> {
+        let [b, c, s, _] = x.dims();
+        let p = cfg.denoiser_patch_size;
+        let g = s / p;
+        let h = self.patch_embed.forward(x);
+        let d = h.dims()[1];
+        let mut h = h.reshape([b, d, g * g]).swap_dims(1, 2) + self.pos_embed.val();
+        let temb = self
+            .time_fc2
+            .forward(silu(self.time_fc1.forward(timestep_features(t, d))));
+        let cond = silu(temb);
+        let bias = padding_bias(text_mask);
+        for block in &self.blocks {
+            h = block.forward(cfg, h, cond.clone(), text.clone(), bias.clone());
+        }
+        let m = self.final_ada.forward(cond);
+        let h = modulate(plain_ln(cfg, h), chunk(&m, 0, 2), chunk(&m, 1, 2));
+        // [B, g·g, p·p·C] → [B, g, g, p, p, C] → [B, C, g, p, g, p] → [B, C, S, S]
+        let out = self.head.forward(h).reshape([b, g, g, p, p, c]);
+        out.permute([0, 5, 1, 3, 2, 4]).reshape([b, c, s, s])
+    }
+}
