@@ -182,3 +182,95 @@ impl<B: Backend> Denoiser<B> {
         out.permute([0, 5, 1, 3, 2, 4]).reshape([b, c, s, s])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Preset;
+    use crate::text::TextEncoder;
+    use burn::backend::NdArray;
+    use burn::tensor::{Distribution, Int};
+
+    type B = NdArray<f32>;
+
+    fn cfg() -> ModelConfig {
+        ModelConfig::preset(Preset::Tiny, 30, 32)
+    }
+
+    #[test]
+    fn untrained_denoiser_predicts_zero_with_the_input_shape() {
+        let cfg = cfg();
+        let dev = Default::default();
+        let d = Denoiser::<B>::new(&cfg, &dev);
+        let x = Tensor::<B, 4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &dev);
+        let t = Tensor::<B, 1>::from_data(TensorData::new(vec![10.0f32, 900.0], [2]), &dev);
+        let text = Tensor::<B, 3>::random([2, 5, cfg.d_model], Distribution::Default, &dev);
+        let mask = Tensor::<B, 2>::ones([2, 5], &dev);
+        let out = d.forward(&cfg, x, t, text, mask);
+        assert_eq!(out.dims(), [2, 3, 32, 32]);
+        // adaLN-zero: gates and head start at zero, so the prediction is exactly 0.
+        assert_eq!(out.abs().max().into_scalar(), 0.0);
+    }
+
+    #[test]
+    fn unpatchify_inverts_patchify_order() {
+        // With identity-like weights the head's output layout must map patch (gy, gx), pixel
+        // (py, px), channel c to image position (c, gy·p + py, gx·p + px).
+        let (b, g, p, c) = (1, 2, 3, 2);
+        let data: Vec<f32> = (0..b * g * g * p * p * c).map(|v| v as f32).collect();
+        let dev = Default::default();
+        let out = Tensor::<B, 3>::from_data(TensorData::new(data, [b, g * g, p * p * c]), &dev)
+            .reshape([b, g, g, p, p, c])
+            .permute([0, 5, 1, 3, 2, 4])
+            .reshape([b, c, g * p, g * p]);
+        let v = out.into_data().into_vec::<f32>().unwrap();
+        let at = |ch: usize, y: usize, x: usize| v[ch * 36 + y * 6 + x];
+        // patch (1, 0), pixel (2, 1), channel 1 → token 2, feature (2·3 + 1)·2 + 1 = 15.
+        assert_eq!(at(1, 3 + 2, 1), (2 * 18 + 15) as f32);
+    }
+
+    #[test]
+    fn timestep_features_are_cos_then_sin() {
+        let dev = Default::default();
+        let t = Tensor::<B, 1>::from_data(TensorData::new(vec![0.0f32, 3.0], [2]), &dev);
+        let f = timestep_features(t, 8)
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        assert_eq!(&f[..8], &[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!((f[8] - 3.0f32.cos()).abs() < 1e-6);
+        assert!((f[12] - 3.0f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn text_features_ignore_padding() {
+        let cfg = cfg();
+        let dev = Default::default();
+        let enc = TextEncoder::<B>::new(&cfg, &dev);
+        let ids = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, n]), &dev)
+        };
+        let mask = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::<B, 2>::from_data(TensorData::new(v, [1, n]), &dev)
+        };
+        let short = enc.forward(ids(vec![1, 7, 9, 2]), mask(vec![1.0; 4]));
+        let padded = enc.forward(
+            ids(vec![1, 7, 9, 2, 0, 0, 0]),
+            mask(vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]),
+        );
+        let diff = (short.embedding.clone() - padded.embedding)
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-5, "{diff}");
+        let norm = short.embedding.powi_scalar(2).sum().sqrt().into_scalar();
+        assert!((norm - 1.0).abs() < 1e-5);
+        let tok_diff = (short.tokens - padded.tokens.slice([0..1, 0..4, 0..cfg.d_model]))
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(tok_diff < 1e-5, "{tok_diff}");
+    }
+}
