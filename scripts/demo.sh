@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README command 1: set up, generate ShapeWorld, train the tiny captioner, export it to an ONNX
-# bundle (with parity checks) and caption sample images with ort and with tract.
+# bundle (with parity checks) and caption sample images with ort and with tract; then train the
+# tiny generator on top of it, score it, export all four graphs and generate a PNG grid.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -8,6 +9,7 @@ bash scripts/setup.sh
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/.ort/lib/libonnxruntime.so}"
 out=${DUET_DEMO_DIR:-$root/out/demo}
 steps=${DUET_DEMO_STEPS:-2000}
+gen_steps=${DUET_DEMO_GEN_STEPS:-1500}
 mkdir -p "$out"
 cargo build --release -p duet-train -p duet-export -p duet-runtime
 # Built on its own so its duet-runtime has no onnxruntime at all (tract only).
@@ -26,3 +28,11 @@ echo "== tract =="
 "$bin/duet" caption --bundle "$out/bundle" --provider tract $imgs
 echo "== edge binary (tract only, no onnxruntime linked) =="
 "$bin/duet-edge" "$out/bundle" $imgs
+echo "== generation: tiny generator on top of the captioner =="
+"$bin/duet-train" fit --stage generate --init "$out/run" --data "$out/data/train" --out "$out/gen-run" --steps "$gen_steps" --seed 0
+"$bin/duet-train" eval --stage generate --run "$out/gen-run" --per-category 10 --steps 20
+"$bin/duet-export" --run "$out/gen-run" --out "$out/gen-bundle"
+prompt="a large red circle at the top left"
+"$bin/duet" generate --bundle "$out/gen-bundle" --provider auto --count 4 --seed 0 -o "$out/generated-ort.png" "$prompt"
+"$bin/duet" generate --bundle "$out/gen-bundle" --provider tract --count 4 --seed 0 -o "$out/generated-tract.png" "$prompt"
+echo "generations of \"$prompt\": $out/generated-ort.png (ort), $out/generated-tract.png (tract); GenEval grid: $out/gen-run/geneval.png"

@@ -15,11 +15,13 @@ use duet_models::{Captioner, ModelConfig};
 use duet_runtime::bundle::{sha256_file, Bundle};
 use duet_runtime::engine::EngineOptions;
 use duet_runtime::manifest::{
-    self, DimSpec, GraphSpec, ImageSpec, Manifest, ModelSpec, TensorSpec, TokenizerSpec,
-    CAPTION_DECODER, MANIFEST_FILE, SCHEMA_VERSION, VISION_ENCODER,
+    self, DiffusionSpec, DimSpec, GraphSpec, ImageSpec, Manifest, ModelSpec, TensorSpec,
+    TokenizerSpec, CAPTION_DECODER, DENOISER, MANIFEST_FILE, SCHEMA_VERSION, TEXT_ENCODER,
+    VISION_ENCODER,
 };
 use duet_train::caption_stage::{image_to_chw, load_run, CONFIG_FILE, TOKENIZER_FILE};
 use duet_train::checkpoint::STATE_FILE;
+use duet_train::generate_stage::{load_generator, LoadedGenerator};
 use duet_train::shapeworld::{caption, generate_scene, render, SceneConfig};
 use duet_train::tokenizer::encode_caption;
 use ndarray::{ArrayD, IxDyn};
@@ -27,10 +29,13 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tract_onnx::pb::{tensor_proto::DataType, tensor_shape_proto, type_proto, ModelProto};
 
-use crate::onnx::{build_caption_decoder, build_vision_encoder, save_model, ExportError, Weights};
+use crate::onnx::{
+    build_caption_decoder, build_denoiser, build_text_encoder, build_vision_encoder, save_model,
+    ExportError, Weights,
+};
 use crate::parity::{
-    check_graph, decoder_cases, parity_rng, random_array, random_ids, vision_cases, GraphParity,
-    ParityCase, FP32_TOLERANCE,
+    check_graph, decoder_cases, denoiser_cases, parity_rng, random_array, random_ids, text_cases,
+    vision_cases, DenoiserInputs, GraphParity, ParityCase, FP32_TOLERANCE,
 };
 
 /// The Burn backend the exporter evaluates the reference outputs on (CPU, f32).
@@ -40,6 +45,13 @@ type Ref = NdArray<f32>;
 pub const VISION_FILE: &str = "vision_encoder.onnx";
 pub const DECODER_FILE: &str = "caption_decoder.onnx";
 pub const TOKENIZER_BUNDLE_FILE: &str = "tokenizer.json";
+pub const TEXT_FILE: &str = "text_encoder.onnx";
+pub const DENOISER_FILE: &str = "denoiser.onnx";
+
+/// Sampler defaults written into a generator bundle's manifest: DDIM with 30 steps and
+/// guidance 3 is the setting the generate stage's evaluation uses (see `docs/RESULTS.md`).
+pub const DEFAULT_SAMPLER_STEPS: usize = 30;
+pub const DEFAULT_GUIDANCE: f32 = 3.0;
 
 /// Seed of every parity input (recorded in the manifest).
 pub const PARITY_SEED: u64 = 20_260_101;
@@ -98,25 +110,63 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
     let cfg = &run.config.model;
     cfg.validate().map_err(ExportError::InvalidDims)?;
     let dims = model_spec(cfg);
-    let weights = weights_of(&run.model)?;
+    let mut weights = weights_of(&run.model)?;
+
+    // A generate run carries the whole model: its captioner (exported above) plus the text
+    // encoder and denoiser.
+    let generator = if run_stage(&opts.run) == "generate" {
+        let g =
+            load_generator::<Ref>(&opts.run, false, &device).map_err(|e| ExportError::LoadRun {
+                path: opts.run.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        for (name, t) in named_tensors(&g.generator) {
+            weights.insert(name, t.shape, t.data)?;
+        }
+        Some(g)
+    } else {
+        None
+    };
 
     let staging = sibling(&opts.out, "staging")?;
     let result = (|| {
         std::fs::create_dir_all(&staging).map_err(|source| io_err(&staging, source))?;
-        let vision_path = staging.join(VISION_FILE);
-        let decoder_path = staging.join(DECODER_FILE);
-        let vision = build_vision_encoder(&weights, &dims)?;
-        let decoder = build_caption_decoder(&weights, &dims)?;
-        save_model(&vision_path, &vision)?;
-        save_model(&decoder_path, &decoder)?;
-
         let (vision_cases, decoder_cases) = parity_inputs(&run, &device)?;
+        let mut jobs = vec![
+            (
+                VISION_ENCODER,
+                VISION_FILE,
+                build_vision_encoder(&weights, &dims)?,
+                vision_cases,
+            ),
+            (
+                CAPTION_DECODER,
+                DECODER_FILE,
+                build_caption_decoder(&weights, &dims)?,
+                decoder_cases,
+            ),
+        ];
+        if let Some(gen) = &generator {
+            let (text_cases, denoiser_cases) = generator_parity_inputs(&run, gen, &device)?;
+            jobs.push((
+                TEXT_ENCODER,
+                TEXT_FILE,
+                build_text_encoder(&weights, &dims)?,
+                text_cases,
+            ));
+            jobs.push((
+                DENOISER,
+                DENOISER_FILE,
+                build_denoiser(&weights, &dims)?,
+                denoiser_cases,
+            ));
+        }
         let mut parity = Vec::new();
-        for (graph, path, cases) in [
-            (VISION_ENCODER, &vision_path, &vision_cases),
-            (CAPTION_DECODER, &decoder_path, &decoder_cases),
-        ] {
-            let p = check_graph(graph, path, cases, opts.tolerance, &opts.engine)?;
+        let mut graphs = Vec::new();
+        for (graph, file, model, cases) in &jobs {
+            let path = staging.join(file);
+            save_model(&path, model)?;
+            let p = check_graph(graph, &path, cases, opts.tolerance, &opts.engine)?;
             tracing::info!(
                 graph,
                 ort = p.ort.max_abs_diff,
@@ -131,13 +181,14 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
                     (&p.tract, "tract")
                 };
                 return Err(ExportError::ParityFailed {
-                    graph: graph.to_owned(),
+                    graph: (*graph).to_owned(),
                     backend: which.to_owned(),
                     output: worst.worst.clone(),
                     diff: worst.max_abs_diff,
                     tolerance: p.tolerance,
                 });
             }
+            graphs.push(graph_spec(graph, file, model, &p));
             parity.push(p);
         }
 
@@ -148,17 +199,17 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
             .map_err(|source| io_err(&tok_dst, source))?;
 
         let mut files = BTreeMap::new();
-        for name in [VISION_FILE, DECODER_FILE, TOKENIZER_BUNDLE_FILE] {
+        let names = jobs
+            .iter()
+            .map(|(_, file, _, _)| *file)
+            .chain([TOKENIZER_BUNDLE_FILE]);
+        for name in names {
             let p = staging.join(name);
             files.insert(
                 name.to_owned(),
                 sha256_file(&p).map_err(|source| io_err(&p, source))?,
             );
         }
-        let graphs = vec![
-            graph_spec(VISION_ENCODER, VISION_FILE, &vision, &parity[0]),
-            graph_spec(CAPTION_DECODER, DECODER_FILE, &decoder, &parity[1]),
-        ];
         let manifest = Manifest {
             schema_version: SCHEMA_VERSION,
             name: opts.name.clone().unwrap_or_else(|| {
@@ -187,6 +238,13 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
             graphs,
             files,
             provenance: provenance(opts),
+            diffusion: generator.as_ref().map(|g| DiffusionSpec {
+                prediction: g.config.diffusion.prediction,
+                schedule: "cosine".to_owned(),
+                alphas_cumprod: g.schedule.alphas_cumprod().to_vec(),
+                default_steps: DEFAULT_SAMPLER_STEPS,
+                default_guidance: DEFAULT_GUIDANCE,
+            }),
         };
         let text = manifest
             .to_json_pretty()
@@ -233,6 +291,9 @@ pub fn model_spec(c: &ModelConfig) -> ModelSpec {
         vocab_size: c.vocab_size,
         max_len: c.max_len,
         layer_norm_eps: c.layer_norm_eps,
+        text_layers: c.text_layers,
+        denoiser_layers: c.denoiser_layers,
+        denoiser_patch_size: c.denoiser_patch_size,
     }
 }
 
@@ -253,15 +314,7 @@ fn parity_inputs<B: burn::tensor::backend::Backend>(
 ) -> Result<(Vec<ParityCase>, Vec<ParityCase>), ExportError> {
     let cfg = &run.config.model;
     let s = cfg.image_size;
-    let scene_cfg = SceneConfig {
-        image_size: s as u32,
-        min_objects: 1,
-        max_objects: 4,
-    };
-    let mut scene_rng = ChaCha8Rng::seed_from_u64(PARITY_SEED);
-    let scenes: Vec<_> = (0..4)
-        .map(|_| generate_scene(&mut scene_rng, &scene_cfg))
-        .collect();
+    let scenes = parity_scenes(s);
     let mut pixels = Vec::with_capacity(4 * 3 * s * s);
     let mut seqs = Vec::new();
     for scene in &scenes {
@@ -302,6 +355,118 @@ fn parity_inputs<B: burn::tensor::backend::Backend>(
         device,
     ));
     Ok((vision, decoder))
+}
+
+/// Four seeded ShapeWorld scenes at image size `s`: the real inputs of every parity check.
+fn parity_scenes(s: usize) -> Vec<duet_train::shapeworld::Scene> {
+    let scene_cfg = SceneConfig {
+        image_size: s as u32,
+        min_objects: 1,
+        max_objects: 4,
+    };
+    let mut scene_rng = ChaCha8Rng::seed_from_u64(PARITY_SEED);
+    (0..4)
+        .map(|_| generate_scene(&mut scene_rng, &scene_cfg))
+        .collect()
+}
+
+/// `stage` of a run's `config.json` (`caption` when absent or unreadable: the caption loader
+/// reports the real problem).
+fn run_stage(run: &Path) -> String {
+    std::fs::read_to_string(run.join(CONFIG_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("stage").and_then(|s| s.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| "caption".to_owned())
+}
+
+/// Parity inputs of the generation graphs: the real captions of [`parity_scenes`] plus the
+/// empty caption (the unconditional branch) and random ids for the text encoder; noisy images
+/// at timesteps across the schedule with real and random text features for the denoiser.
+fn generator_parity_inputs<B: burn::tensor::backend::Backend>(
+    run: &duet_train::caption_stage::LoadedRun<B>,
+    gen: &LoadedGenerator<B>,
+    device: &B::Device,
+) -> Result<(Vec<ParityCase>, Vec<ParityCase>), ExportError> {
+    let cfg = &gen.config.model;
+    let (s, l, d) = (cfg.image_size, cfg.max_len, cfg.d_model);
+    let mut seqs = Vec::new();
+    for scene in parity_scenes(s) {
+        let ids = encode_caption(&run.tokenizer, &caption(&scene), l).map_err(|e| {
+            ExportError::Parity {
+                graph: TEXT_ENCODER.to_owned(),
+                reason: format!("encoding a parity caption: {e}"),
+            }
+        })?;
+        seqs.push(ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
+    }
+    seqs.push(vec![i64::from(BOS_ID), i64::from(EOS_ID)]);
+    let n = seqs.len();
+    let real_ids = ArrayD::from_shape_fn(IxDyn(&[n, l]), |ix| {
+        seqs[ix[0]].get(ix[1]).copied().unwrap_or(i64::from(PAD_ID))
+    });
+    let real_mask = ArrayD::from_shape_fn(IxDyn(&[n, l]), |ix| {
+        f32::from(u8::from(ix[1] < seqs[ix[0]].len()))
+    });
+    let mut rng = parity_rng(PARITY_SEED ^ 0x6E);
+    let rand_ids = random_ids(&mut rng, 2, l, cfg.vocab_size);
+    let rand_mask = ArrayD::from_shape_fn(IxDyn(&[2, l]), |ix| {
+        f32::from(u8::from(ix[1] < 7 + 9 * ix[0]))
+    });
+    let text = text_cases(
+        &gen.generator.text,
+        &[
+            (
+                "real captions + empty caption".to_owned(),
+                real_ids,
+                real_mask.clone(),
+            ),
+            ("random ids".to_owned(), rand_ids, rand_mask),
+        ],
+        device,
+    );
+
+    // Real text features cut to the longest caption, as the runtime feeds them.
+    let longest = seqs.iter().map(Vec::len).max().unwrap_or(2);
+    let tokens = text[0].expected[0]
+        .1
+        .slice(ndarray::s![.., ..longest, ..])
+        .to_owned()
+        .into_dyn();
+    let mask = real_mask
+        .slice(ndarray::s![.., ..longest])
+        .to_owned()
+        .into_dyn();
+    let steps = gen.schedule.train_steps() - 1;
+    let timestep = ArrayD::from_shape_fn(IxDyn(&[n]), |ix| (ix[0] * steps / (n - 1)) as f32);
+    let x = random_array(&mut rng, &[n, 3, s, s], 2.0);
+    let rand_tokens = random_array(&mut rng, &[2, 5, d], 2.0);
+    let rand_mask = ArrayD::from_shape_fn(IxDyn(&[2, 5]), |ix| {
+        f32::from(u8::from(ix[1] < 3 + 2 * ix[0]))
+    });
+    let denoiser = denoiser_cases(
+        cfg,
+        &gen.generator.denoiser,
+        &[
+            DenoiserInputs {
+                label: format!("real text features, timesteps 0..={steps}"),
+                x,
+                timestep,
+                text_tokens: tokens,
+                text_mask: mask,
+            },
+            DenoiserInputs {
+                label: "random text features".to_owned(),
+                x: random_array(&mut rng, &[2, 3, s, s], 1.0),
+                timestep: ArrayD::from_shape_vec(IxDyn(&[2]), vec![17.0, 512.0])
+                    .expect("2 values fill [2]"),
+                text_tokens: rand_tokens,
+                text_mask: rand_mask,
+            },
+        ],
+        device,
+    );
+    Ok((text, denoiser))
 }
 
 /// A graph's manifest entry, with its I/O read back from the built model so the manifest can

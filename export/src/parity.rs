@@ -11,7 +11,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use duet_models::caption::causal_bias;
-use duet_models::{Captioner, KvCache};
+use duet_models::{Captioner, Denoiser, KvCache, ModelConfig, TextEncoder};
 use duet_runtime::engine::{Engine, EngineOptions, Provider, ProviderChoice, Value};
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
@@ -309,6 +309,79 @@ pub fn decoder_cases<B: Backend>(
         Some(&cache),
     );
     vec![prefill, step]
+}
+
+/// Text-encoder cases: token ids and 1/0 masks `[B, max_len]` with Burn's `text_tokens` and
+/// `text_embedding`.
+pub fn text_cases<B: Backend>(
+    text: &TextEncoder<B>,
+    batches: &[(String, ArrayD<i64>, ArrayD<f32>)],
+    device: &B::Device,
+) -> Vec<ParityCase> {
+    batches
+        .iter()
+        .map(|(label, ids, mask)| {
+            let out = text.forward(
+                ids_tensor::<B>(ids, device),
+                from_array::<B, 2>(mask, device),
+            );
+            ParityCase {
+                label: label.clone(),
+                inputs: vec![
+                    ("input_ids".into(), Value::I64(ids.clone())),
+                    ("attn_mask".into(), Value::F32(mask.clone())),
+                ],
+                expected: vec![
+                    ("text_tokens".into(), to_array(out.tokens)),
+                    ("text_embedding".into(), to_array(out.embedding)),
+                ],
+            }
+        })
+        .collect()
+}
+
+/// Inputs of one denoiser evaluation.
+#[derive(Debug, Clone)]
+pub struct DenoiserInputs {
+    pub label: String,
+    /// `[B, C, S, S]` noisy images.
+    pub x: ArrayD<f32>,
+    /// `[B]` timesteps (integers as floats).
+    pub timestep: ArrayD<f32>,
+    /// `[B, L, D]` text features and their `[B, L]` mask.
+    pub text_tokens: ArrayD<f32>,
+    pub text_mask: ArrayD<f32>,
+}
+
+/// Denoiser cases with Burn's `prediction`.
+pub fn denoiser_cases<B: Backend>(
+    cfg: &ModelConfig,
+    denoiser: &Denoiser<B>,
+    batches: &[DenoiserInputs],
+    device: &B::Device,
+) -> Vec<ParityCase> {
+    batches
+        .iter()
+        .map(|c| {
+            let out = denoiser.forward(
+                cfg,
+                from_array::<B, 4>(&c.x, device),
+                from_array::<B, 1>(&c.timestep, device),
+                from_array::<B, 3>(&c.text_tokens, device),
+                from_array::<B, 2>(&c.text_mask, device),
+            );
+            ParityCase {
+                label: c.label.clone(),
+                inputs: vec![
+                    ("x".into(), Value::F32(c.x.clone())),
+                    ("timestep".into(), Value::F32(c.timestep.clone())),
+                    ("text_tokens".into(), Value::F32(c.text_tokens.clone())),
+                    ("text_mask".into(), Value::F32(c.text_mask.clone())),
+                ],
+                expected: vec![("prediction".into(), to_array(out))],
+            }
+        })
+        .collect()
 }
 
 /// Seeded random token ids in `[0, vocab)`, shape `[b, l]`.

@@ -17,6 +17,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::attention::{Attention, Mlp};
 use crate::config::ModelConfig;
+use crate::position::{position_param, sincos_2d};
 use crate::text::padding_bias;
 
 /// Base of the sinusoidal timestep frequencies (as in the Transformer and DDPM papers).
@@ -136,11 +137,13 @@ impl<B: Backend> Denoiser<B> {
             patch_embed: Conv2dConfig::new([cfg.channels, d], [p, p])
                 .with_stride([p, p])
                 .init(device),
-            pos_embed: Initializer::Normal {
-                mean: 0.0,
-                std: 0.02,
-            }
-            .init([1, cfg.denoiser_tokens(), d], device),
+            // Sin-cos init: see `position` for why not a small random one.
+            pos_embed: position_param(
+                sincos_2d(cfg.image_size / p, d),
+                cfg.denoiser_tokens(),
+                d,
+                device,
+            ),
             time_fc1: LinearConfig::new(d, d).init(device),
             time_fc2: LinearConfig::new(d, d).init(device),
             blocks: (0..cfg.denoiser_layers)

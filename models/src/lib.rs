@@ -9,6 +9,7 @@ pub mod caption;
 pub mod config;
 pub mod denoiser;
 pub mod params;
+pub mod position;
 pub mod text;
 pub mod vision;
 

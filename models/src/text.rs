@@ -3,15 +3,14 @@
 //! the vision encoder's embedding (trained contrastively against it).
 
 use burn::module::{Module, Param};
-use burn::nn::{
-    Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::attention::EncoderBlock;
 use crate::caption::MASKED;
 use crate::config::ModelConfig;
+use crate::position::{position_param, sincos_1d};
 
 #[derive(Module, Debug)]
 pub struct TextEncoder<B: Backend> {
@@ -43,11 +42,14 @@ impl<B: Backend> TextEncoder<B> {
     pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
         Self {
             tok_embed: EmbeddingConfig::new(cfg.vocab_size, cfg.d_model).init(device),
-            pos_embed: Initializer::Normal {
-                mean: 0.0,
-                std: 0.02,
-            }
-            .init([1, cfg.max_len, cfg.d_model], device),
+            // Sin-cos init: word order (which colour goes with which shape and place) must be
+            // visible from the first step; see `position`.
+            pos_embed: position_param(
+                sincos_1d(cfg.max_len, cfg.d_model),
+                cfg.max_len,
+                cfg.d_model,
+                device,
+            ),
             blocks: (0..cfg.text_layers)
                 .map(|_| EncoderBlock::new(cfg, device))
                 .collect(),

@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::manifest::{
-    DType, DimSpec, GraphSpec, Manifest, TensorSpec, CAPTION_DECODER, MANIFEST_FILE,
-    SCHEMA_VERSION, VISION_ENCODER,
+    DType, DimSpec, GraphSpec, Manifest, TensorSpec, CAPTION_DECODER, DENOISER, MANIFEST_FILE,
+    SCHEMA_VERSION, TEXT_ENCODER, VISION_ENCODER,
 };
 
 /// Why a bundle was refused.
@@ -306,7 +306,70 @@ fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
             .ok_or_else(|| bad("graphs", format!("required graph `{name}` is missing")))?;
         check_graph(g, &contract)?;
     }
-    Ok(())
+    validate_generation(m)
+}
+
+/// The generation direction is optional, but all of it or none: both graphs, the diffusion
+/// section and the generator's dimensions.
+fn validate_generation(m: &Manifest) -> Result<(), BundleError> {
+    let text = m.graph(TEXT_ENCODER);
+    let denoiser = m.graph(DENOISER);
+    let (text, denoiser, spec) = match (text, denoiser, &m.diffusion) {
+        (None, None, None) => return Ok(()),
+        (Some(t), Some(d), Some(spec)) => (t, d, spec),
+        (t, d, spec) => {
+            let have = |b: bool| if b { "present" } else { "missing" };
+            return Err(bad(
+                "graphs",
+                format!(
+                    "the generation direction is incomplete: `{TEXT_ENCODER}` {}, `{DENOISER}` \
+                     {}, `diffusion` section {}",
+                    have(t.is_some()),
+                    have(d.is_some()),
+                    have(spec.is_some())
+                ),
+            ));
+        }
+    };
+    let s = &m.model;
+    for (field, v) in [
+        ("model.text_layers", s.text_layers),
+        ("model.denoiser_layers", s.denoiser_layers),
+        ("model.denoiser_patch_size", s.denoiser_patch_size),
+    ] {
+        if v == 0 {
+            return Err(bad(field, "must be > 0 in a bundle with a generator"));
+        }
+    }
+    if !s.image_size.is_multiple_of(s.denoiser_patch_size) {
+        return Err(bad(
+            "model.denoiser_patch_size",
+            format!(
+                "{} does not divide image_size {}",
+                s.denoiser_patch_size, s.image_size
+            ),
+        ));
+    }
+    duet_diffusion::NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())
+        .map_err(|e| bad("diffusion.alphas_cumprod", e.to_string()))?;
+    if spec.default_steps == 0 || spec.default_steps > spec.alphas_cumprod.len() {
+        return Err(bad(
+            "diffusion.default_steps",
+            format!(
+                "{} (must be 1 ..= {} training timesteps)",
+                spec.default_steps,
+                spec.alphas_cumprod.len()
+            ),
+        ));
+    }
+    if !(spec.default_guidance.is_finite() && spec.default_guidance >= 0.0) {
+        return Err(bad(
+            "diffusion.default_guidance",
+            format!("{} (must be finite and >= 0)", spec.default_guidance),
+        ));
+    }
+    check_graph(text, &text_encoder_contract(m))?;
+    check_graph(denoiser, &denoiser_contract(m))
 }
 
 /// One expected axis: a fixed size derived from the model config, or "any symbolic name".
@@ -390,6 +453,62 @@ fn caption_decoder_contract(m: &Manifest) -> Contract {
         outputs.push((format!("present_value_{l}"), DType::F32, kv()));
     }
     Contract { inputs, outputs }
+}
+
+fn text_encoder_contract(m: &Manifest) -> Contract {
+    let s = &m.model;
+    let l = m.tokenizer.max_len;
+    Contract {
+        inputs: vec![
+            (
+                "input_ids".into(),
+                DType::I64,
+                vec![Want::Sym, Want::Fixed(l)],
+            ),
+            (
+                "attn_mask".into(),
+                DType::F32,
+                vec![Want::Sym, Want::Fixed(l)],
+            ),
+        ],
+        outputs: vec![
+            (
+                "text_tokens".into(),
+                DType::F32,
+                vec![Want::Sym, Want::Fixed(l), Want::Fixed(s.d_model)],
+            ),
+            (
+                "text_embedding".into(),
+                DType::F32,
+                vec![Want::Sym, Want::Fixed(s.embed_dim)],
+            ),
+        ],
+    }
+}
+
+fn denoiser_contract(m: &Manifest) -> Contract {
+    let s = &m.model;
+    let img = || {
+        vec![
+            Want::Sym,
+            Want::Fixed(s.channels),
+            Want::Fixed(s.image_size),
+            Want::Fixed(s.image_size),
+        ]
+    };
+    Contract {
+        inputs: vec![
+            ("x".into(), DType::F32, img()),
+            ("timestep".into(), DType::F32, vec![Want::Sym]),
+            (
+                "text_tokens".into(),
+                DType::F32,
+                vec![Want::Sym, Want::Sym, Want::Fixed(s.d_model)],
+            ),
+            ("text_mask".into(), DType::F32, vec![Want::Sym, Want::Sym]),
+        ],
+        outputs: vec![("prediction".into(), DType::F32, img())],
+    }
 }
 
 fn check_graph(g: &GraphSpec, c: &Contract) -> Result<(), BundleError> {

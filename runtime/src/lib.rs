@@ -6,6 +6,8 @@
 //! - [`engine`]: one graph on one backend, with provider selection and honest skip reasons.
 //! - [`preprocess`]: image loading and normalisation.
 //! - [`caption`]: the captioning pipeline (vision encoder + KV-cache greedy decoder).
+//! - [`generate`]: the generation pipeline (text encoder + denoiser driven by the shared
+//!   samplers, classifier-free guidance as one batch).
 //!
 //! This crate never depends on Burn: a bundle is everything it needs.
 
@@ -14,6 +16,7 @@ pub mod bundle;
 pub use duet_diffusion as diffusion;
 pub mod caption;
 pub mod engine;
+pub mod generate;
 pub mod manifest;
 pub mod preprocess;
 
@@ -22,6 +25,7 @@ pub use caption::{CaptionError, Captioner};
 pub use engine::{
     Engine, EngineError, EngineOptions, Provider, ProviderChoice, ProviderReport, Value, ValueView,
 };
+pub use generate::{GenerateError, GenerateOptions, Generator};
 pub use manifest::{Manifest, SCHEMA_VERSION};
 pub use preprocess::ImageError;
 
@@ -36,4 +40,6 @@ pub enum Error {
     Image(#[from] ImageError),
     #[error(transparent)]
     Caption(#[from] CaptionError),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
 }

@@ -1,15 +1,18 @@
-//! `duet`: caption images with a bundle, or describe a bundle and this machine's providers.
+//! `duet`: caption images or generate images with a bundle, or describe a bundle and this
+//! machine's providers.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::ort_info;
 use duet_runtime::manifest::Manifest;
 use duet_runtime::preprocess;
-use duet_runtime::{Bundle, Captioner, EngineOptions, ProviderChoice};
+use duet_runtime::{Bundle, Captioner, EngineOptions, GenerateOptions, Generator, ProviderChoice};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,6 +64,40 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Generate images from a text prompt; writes a PNG (a grid when --count > 1).
+    Generate {
+        /// Bundle directory (exported from a generate run).
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// What to draw, e.g. "a large red circle at the top left".
+        prompt: String,
+        /// Output PNG.
+        #[arg(short, long, default_value = "generated.png")]
+        out: PathBuf,
+        /// Sampler steps (default: the bundle's).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Sampler: ddim or dpmpp (DPM-Solver++ 2M).
+        #[arg(long, default_value = "ddim")]
+        sampler: SamplerArg,
+        /// DDIM noise (0: deterministic).
+        #[arg(long, default_value_t = 0.0)]
+        eta: f32,
+        /// Classifier-free guidance scale (default: the bundle's; 1 = no guidance).
+        #[arg(long)]
+        guidance: Option<f32>,
+        /// Noise seed: the same seed, prompt and bundle give the same image.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Images to generate from the prompt (different noise each).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        count: u16,
+        /// Nearest-neighbour upscaling of the written PNG (the model draws 32×32).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
+        scale: u32,
+    },
     /// Summarise a bundle (if given) and the providers available on this machine.
     Info {
         /// Bundle directory.
@@ -89,6 +126,35 @@ fn main() -> ExitCode {
             batch,
             images,
         } => caption(&bundle, &engine, usize::from(batch), &images),
+        Command::Generate {
+            bundle,
+            engine,
+            prompt,
+            out,
+            steps,
+            sampler,
+            eta,
+            guidance,
+            seed,
+            count,
+            scale,
+        } => generate(
+            &bundle,
+            &engine,
+            &prompt,
+            &out,
+            GenerateArgs {
+                steps,
+                sampler: match sampler {
+                    SamplerArg::Ddim => Sampler::Ddim { eta },
+                    SamplerArg::Dpmpp => Sampler::DpmSolverPp2M,
+                },
+                guidance,
+                seed,
+                count: usize::from(count),
+                scale,
+            },
+        ),
         Command::Info { bundle, ort_lib } => info(bundle.as_deref(), ort_lib),
     };
     match result {
@@ -124,6 +190,99 @@ fn caption(
             println!("{}\t{caption}", path.display());
         }
     }
+    Ok(())
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum SamplerArg {
+    Ddim,
+    Dpmpp,
+}
+
+struct GenerateArgs {
+    steps: Option<usize>,
+    sampler: Sampler,
+    guidance: Option<f32>,
+    seed: u64,
+    count: usize,
+    scale: u32,
+}
+
+fn generate(
+    bundle_dir: &Path,
+    engine: &EngineArgs,
+    prompt: &str,
+    out: &Path,
+    args: GenerateArgs,
+) -> Result<()> {
+    if out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        != Some("png".into())
+    {
+        anyhow::bail!("--out {} must end in .png", out.display());
+    }
+    let bundle = Bundle::open(bundle_dir)
+        .with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
+    let generator = Generator::new(&bundle, engine.provider, &engine.options())
+        .context("loading the generation graphs")?;
+    for report in generator.reports() {
+        eprintln!("{report}");
+    }
+    let defaults = generator.default_options();
+    let opts = GenerateOptions {
+        sampler: args.sampler,
+        steps: args.steps.unwrap_or(defaults.steps),
+        guidance: args.guidance.unwrap_or(defaults.guidance),
+        seed: args.seed,
+    };
+    let prompts = vec![prompt; args.count];
+    let t0 = Instant::now();
+    let images = generator.generate_images(&prompts, &opts)?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "{} image(s), {:?}, {} steps, guidance {}, seed {}: {:.2} s ({:.1} ms per step)",
+        images.len(),
+        opts.sampler,
+        opts.steps,
+        opts.guidance,
+        opts.seed,
+        secs,
+        1e3 * secs / opts.steps as f64
+    );
+    let picture = if images.len() == 1 {
+        let img = &images[0];
+        image::imageops::resize(
+            img,
+            img.width() * args.scale,
+            img.height() * args.scale,
+            image::imageops::FilterType::Nearest,
+        )
+    } else {
+        let cols = (images.len() as f64).sqrt().ceil() as usize;
+        duet_runtime::diffusion::grid(&images, cols, args.scale)
+    };
+    save_png_atomic(&picture, out)?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// Writes a PNG next to `out` and renames it into place, so an interrupted run never leaves
+/// a truncated image under the requested name.
+fn save_png_atomic(img: &image::RgbImage, out: &Path) -> Result<()> {
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image.png".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
     Ok(())
 }
 
@@ -196,6 +355,19 @@ fn print_manifest(m: &Manifest) {
         s.vocab_size,
         s.max_len
     );
+    if let Some(d) = &m.diffusion {
+        println!(
+            "generator: text layers {}, denoiser layers {} (patch {}), {:?}-prediction, {} schedule with {} timesteps; defaults {} steps, guidance {}",
+            s.text_layers,
+            s.denoiser_layers,
+            s.denoiser_patch_size,
+            d.prediction,
+            d.schedule,
+            d.alphas_cumprod.len(),
+            d.default_steps,
+            d.default_guidance
+        );
+    }
     println!(
         "image: {}x{} RGB, mean {:?}, std {:?}",
         m.image.size, m.image.size, m.image.mean, m.image.std

@@ -21,6 +21,11 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const VISION_ENCODER: &str = "vision_encoder";
 /// Graph name of the one-step KV-cache caption decoder (required in every bundle).
 pub const CAPTION_DECODER: &str = "caption_decoder";
+/// Graph name of the text encoder (generation direction; optional, with [`DENOISER`]).
+pub const TEXT_ENCODER: &str = "text_encoder";
+/// Graph name of the diffusion denoiser (generation direction; optional, with
+/// [`TEXT_ENCODER`]).
+pub const DENOISER: &str = "denoiser";
 
 /// Top level of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +46,10 @@ pub struct Manifest {
     pub graphs: Vec<GraphSpec>,
     /// Plain file name inside the bundle → lowercase hex sha256 of its bytes.
     pub files: BTreeMap<String, String>,
+    /// Noise schedule and sampler defaults of the generation direction; present exactly when
+    /// the bundle has the [`TEXT_ENCODER`] and [`DENOISER`] graphs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diffusion: Option<DiffusionSpec>,
     /// Training provenance (command, config, data, seed, metrics); free-form.
     #[serde(default)]
     pub provenance: serde_json::Value,
@@ -76,6 +85,16 @@ pub struct ModelSpec {
     pub vocab_size: usize,
     pub max_len: usize,
     pub layer_norm_eps: f64,
+    /// Text-encoder layers of the generation direction; 0 (the default, for bundles written
+    /// before it existed) when the bundle has no generator.
+    #[serde(default)]
+    pub text_layers: usize,
+    /// DiT blocks of the diffusion denoiser (0: no generator).
+    #[serde(default)]
+    pub denoiser_layers: usize,
+    /// Side of the denoiser's pixel patches (0: no generator).
+    #[serde(default)]
+    pub denoiser_patch_size: usize,
 }
 
 impl ModelSpec {
@@ -88,6 +107,16 @@ impl ModelSpec {
     /// Attention head width `Dh = d_model / n_heads` (0 if `n_heads` is 0).
     pub fn head_dim(&self) -> usize {
         self.d_model.checked_div(self.n_heads).unwrap_or(0)
+    }
+
+    /// Number of denoiser tokens `(image_size / denoiser_patch_size)^2` (0 without a
+    /// generator).
+    pub fn denoiser_tokens(&self) -> usize {
+        let side = self
+            .image_size
+            .checked_div(self.denoiser_patch_size)
+            .unwrap_or(0);
+        side * side
     }
 
     /// MLP hidden width `mlp_ratio · d_model`.
@@ -117,6 +146,23 @@ pub struct TokenizerSpec {
     pub unk_id: u32,
     /// Maximum caption length in tokens, BOS and EOS included.
     pub max_len: usize,
+}
+
+/// What a sampler needs to drive the bundle's denoiser: the exact schedule constants it was
+/// trained with (not a formula to re-derive, so a runtime can never disagree with training)
+/// and the defaults `duet generate` uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiffusionSpec {
+    /// What the denoiser predicts (`epsilon` or `v`).
+    pub prediction: duet_diffusion::Prediction,
+    /// Name of the schedule the constants came from (`cosine`), for people reading the file.
+    pub schedule: String,
+    /// `ᾱ_t` for the training timesteps `t = 0 … T−1` (the denoiser's `timestep` input).
+    pub alphas_cumprod: Vec<f64>,
+    /// Default number of sampler steps.
+    pub default_steps: usize,
+    /// Default classifier-free guidance scale.
+    pub default_guidance: f32,
 }
 
 /// One ONNX graph and its I/O signature.

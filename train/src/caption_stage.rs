@@ -356,7 +356,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
                 seed: cfg.seed,
                 last_loss,
             };
-            save_checkpoint(run, &model, &NamedTensors::new(), &optim, &saved)?;
+            save_checkpoint(run, &model, None, &NamedTensors::new(), &optim, &saved)?;
             state = Some(saved);
         }
     }
@@ -368,7 +368,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
             seed: cfg.seed,
             last_loss,
         };
-        save_checkpoint(run, &model, &NamedTensors::new(), &optim, &saved)?;
+        save_checkpoint(run, &model, None, &NamedTensors::new(), &optim, &saved)?;
     }
     Ok(FitOutcome {
         steps_done: cfg.steps,
@@ -377,12 +377,14 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
     })
 }
 
-/// Writes a resumable checkpoint: `model.safetensors` (the trained module's parameters plus
-/// `frozen`, tensors carried over unchanged from an earlier stage), the Burn records of the
-/// module and the optimizer, and `state.json` last — its presence marks the checkpoint complete.
+/// Writes a resumable checkpoint: `model.safetensors` (the trained module's parameters — or
+/// `published` in their place, e.g. their EMA — plus `frozen`, tensors carried over unchanged
+/// from an earlier stage), the Burn records of the module and the optimizer (the raw weights
+/// training resumes from), and `state.json` last — its presence marks the checkpoint complete.
 pub fn save_checkpoint<B, M, O>(
     run: &Path,
     model: &M,
+    published: Option<&NamedTensors>,
     frozen: &NamedTensors,
     optim: &O,
     state: &TrainState,
@@ -392,7 +394,10 @@ where
     M: AutodiffModule<B>,
     O: Optimizer<M, B>,
 {
-    let mut weights = named_tensors(&model.valid());
+    let mut weights = match published {
+        Some(w) => w.clone(),
+        None => named_tensors(&model.valid()),
+    };
     for (name, tensor) in frozen {
         if weights.insert(name.clone(), tensor.clone()).is_some() {
             anyhow::bail!("parameter {name} is both trained and frozen");

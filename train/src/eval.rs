@@ -91,6 +91,7 @@ pub fn eval_generate<B: Backend>(
         )?;
         for (p, img) in chunk.iter().zip(duet_diffusion::to_images(&x)?) {
             report.add(p, &detector.detect(&img));
+            report.add_colour_pixels(p, &img);
             images.push(img);
         }
         pb.inc(chunk.len() as u64);

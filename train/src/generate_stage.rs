@@ -15,13 +15,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use duet_diffusion::{gaussian, guide, sample, NoiseSchedule, Prediction, SamplerConfig};
-use duet_models::params::{load_named_tensors, NamedTensors};
+use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
 use duet_models::{Denoiser, ModelConfig, Preset, TextEncoder, VisionEncoder};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -38,6 +38,7 @@ use crate::caption_stage::{
 use crate::checkpoint::{
     load_weights, read_json, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
 };
+use crate::ema::Ema;
 use crate::shapeworld::load_dataset;
 use crate::tokenizer::{encode_caption, load_tokenizer, save_tokenizer};
 
@@ -68,6 +69,13 @@ pub struct DiffusionSettings {
     pub contrastive_weight: f64,
     /// Softmax temperature of the contrastive loss.
     pub temperature: f64,
+    /// Decay of the weight average that is published (see [`crate::ema`]).
+    #[serde(default = "default_ema_decay")]
+    pub ema_decay: f64,
+}
+
+fn default_ema_decay() -> f64 {
+    0.999
 }
 
 impl Default for DiffusionSettings {
@@ -78,6 +86,7 @@ impl Default for DiffusionSettings {
             cond_dropout: 0.1,
             contrastive_weight: 0.1,
             temperature: 0.07,
+            ema_decay: default_ema_decay(),
         }
     }
 }
@@ -170,6 +179,57 @@ fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ 0xD1FF_u64.wrapping_mul(step as u64 + 1).rotate_left(17))
 }
 
+/// Image embeddings of the frozen vision encoder, computed the first time a sample is drawn:
+/// the encoder never changes during this stage, so every later epoch reuses them.
+pub struct ImageEmbeddings<B: Backend> {
+    vision: VisionEncoder<B>,
+    dim: usize,
+    rows: Vec<Option<Vec<f32>>>,
+}
+
+impl<B: Backend> ImageEmbeddings<B> {
+    pub fn new(vision: VisionEncoder<B>, cfg: &ModelConfig, n: usize) -> Self {
+        Self {
+            vision,
+            dim: cfg.embed_dim,
+            rows: vec![None; n],
+        }
+    }
+
+    /// `[idx.len(), E]` embeddings of the samples `idx`.
+    pub fn batch(
+        &mut self,
+        data: &PreparedData,
+        idx: &[usize],
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
+        let mut missing: Vec<usize> = idx
+            .iter()
+            .copied()
+            .filter(|&i| self.rows[i].is_none())
+            .collect();
+        missing.dedup();
+        if !missing.is_empty() {
+            let emb = self
+                .vision
+                .forward(data.pixels_batch::<B>(&missing, device))
+                .embedding
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap_or_default();
+            for (k, &i) in missing.iter().enumerate() {
+                self.rows[i] = Some(emb[k * self.dim..(k + 1) * self.dim].to_vec());
+            }
+        }
+        let flat: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| self.rows[i].as_deref().unwrap_or(&[]).iter().copied())
+            .collect();
+        Tensor::from_data(TensorData::new(flat, [idx.len(), self.dim]), device)
+    }
+}
+
 /// Diffusion + contrastive loss of one batch. Returns `(total, diffusion)`.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_loss<B: AutodiffBackend>(
@@ -177,20 +237,33 @@ pub fn generate_loss<B: AutodiffBackend>(
     settings: &DiffusionSettings,
     schedule: &NoiseSchedule,
     generator: &Generator<B>,
-    vision: &VisionEncoder<B::InnerBackend>,
+    image_emb: Tensor<B::InnerBackend, 2>,
     data: &PreparedData,
     idx: &[usize],
     rng: &mut ChaCha8Rng,
     device: &B::Device,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let b = idx.len();
-    let l = data.seq_len;
     let s = data.image_size;
+    // Only as many text positions as the batch's longest caption: padding positions are
+    // masked anyway, and the text encoder and cross-attention cost scales with L.
+    let stride = data.seq_len;
+    let l = idx
+        .iter()
+        .map(|&i| {
+            let row = &data.tokens[i * stride..(i + 1) * stride];
+            row.iter()
+                .rposition(|&t| t != PAD_ID as i64)
+                .map_or(0, |p| p + 1)
+        })
+        .max()
+        .unwrap_or(0)
+        .max(2);
     // Captions of the batch plus one empty caption (row b) for the dropped ones.
     let mut ids = Vec::with_capacity((b + 1) * l);
     let mut mask = Vec::with_capacity((b + 1) * l);
     for &i in idx {
-        let row = &data.tokens[i * l..(i + 1) * l];
+        let row = &data.tokens[i * stride..i * stride + l];
         ids.extend_from_slice(row);
         mask.extend(
             row.iter()
@@ -240,7 +313,7 @@ pub fn generate_loss<B: AutodiffBackend>(
     let xt = x0.clone() * a.clone() + noise.clone() * sg.clone();
     let target = match settings.prediction {
         Prediction::Epsilon => noise,
-        Prediction::V => noise * a - x0.clone() * sg,
+        Prediction::V => noise * a - x0 * sg,
     };
     let tt: Vec<f32> = t.iter().map(|&t| t as f32).collect();
     let tt = Tensor::<B, 1>::from_data(TensorData::new(tt, [b]), device);
@@ -250,7 +323,6 @@ pub fn generate_loss<B: AutodiffBackend>(
     let diffusion = (pred - target).powi_scalar(2).mean();
 
     // Contrastive (text → frozen image embedding and back), real captions only.
-    let image_emb = vision.forward(x0.inner()).embedding;
     let image_emb = Tensor::<B, 2>::from_inner(image_emb);
     let e = text.embedding.dims()[1];
     let text_emb = text.embedding.slice([0..b, 0..e]);
@@ -370,6 +442,19 @@ pub fn fit_generate<B: AutodiffBackend>(
         }
         None => 0,
     };
+    // The average starts from the published weights of the checkpoint being resumed (its EMA)
+    // or from the fresh model.
+    let mut weight_avg = Ema::new(
+        cfg.diffusion.ema_decay,
+        match &state {
+            Some(_) => with_prefixes(
+                &load_weights(&run.join(WEIGHTS_FILE))?,
+                &["text", "denoiser"],
+            ),
+            None => named_tensors(&model.valid()),
+        },
+    );
+    let mut image_embeddings = ImageEmbeddings::new(vision, &cfg.model, data.n);
 
     let pb = if args.quiet {
         ProgressBar::hidden()
@@ -395,12 +480,13 @@ pub fn fit_generate<B: AutodiffBackend>(
     for step in start_step..cfg.steps {
         let idx = batch_indices(data.n, cfg.batch_size, step, cfg.seed);
         let mut rng = step_rng(cfg.seed, step);
+        let image_emb = image_embeddings.batch(&data, &idx, device);
         let (loss, diffusion) = generate_loss(
             &cfg.model,
             &cfg.diffusion,
             &schedule,
             &model,
-            &vision,
+            image_emb,
             &data,
             &idx,
             &mut rng,
@@ -414,6 +500,7 @@ pub fn fit_generate<B: AutodiffBackend>(
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let lr = warmup_cosine_lr(cfg.lr, cfg.warmup_steps, cfg.steps, step);
         model = optim.step(lr, model, grads);
+        weight_avg.update(&model.valid(), step);
         last_loss = loss_value;
         last_diffusion = diffusion_value;
         let e = ema.map_or(diffusion_value, |e| 0.95 * e + 0.05 * diffusion_value);
@@ -433,7 +520,14 @@ pub fn fit_generate<B: AutodiffBackend>(
                 seed: cfg.seed,
                 last_loss,
             };
-            save_checkpoint(run, &model, &frozen, &optim, &saved)?;
+            save_checkpoint(
+                run,
+                &model,
+                Some(weight_avg.weights()),
+                &frozen,
+                &optim,
+                &saved,
+            )?;
             state = Some(saved);
         }
     }
@@ -444,7 +538,14 @@ pub fn fit_generate<B: AutodiffBackend>(
             seed: cfg.seed,
             last_loss,
         };
-        save_checkpoint(run, &model, &frozen, &optim, &saved)?;
+        save_checkpoint(
+            run,
+            &model,
+            Some(weight_avg.weights()),
+            &frozen,
+            &optim,
+            &saved,
+        )?;
     }
     Ok(GenerateOutcome {
         steps_done: cfg.steps,

@@ -370,6 +370,11 @@ pub struct GenEvalReport {
     /// Generations whose detected scene equals the prompt exactly (every attribute); not part of
     /// GenEval, reported because ShapeWorld makes it measurable.
     pub exact: (usize, usize),
+    /// Colour fidelity of one-object prompts: `(foreground pixels of the asked colour,
+    /// foreground pixels)`. Not a GenEval category: it measures whether the caption steers the
+    /// colour at all, which shows up long before shapes are drawn well enough to detect.
+    #[serde(default)]
+    pub colour_pixels: (usize, usize),
 }
 
 impl GenEvalReport {
@@ -383,6 +388,34 @@ impl GenEvalReport {
         self.exact.1 += 1;
         if detected == prompt.objects.as_slice() {
             self.exact.0 += 1;
+        }
+    }
+
+    /// Adds the colour-fidelity count of one generated image (only one-object prompts count:
+    /// there every foreground pixel should have the asked colour).
+    pub fn add_colour_pixels(&mut self, prompt: &Prompt, img: &RgbImage) {
+        if prompt.objects.len() != 1 {
+            return;
+        }
+        let want = prompt.objects[0].colour;
+        for p in img.pixels() {
+            if let Some(c) = label(p.0) {
+                self.colour_pixels.1 += 1;
+                if c == want {
+                    self.colour_pixels.0 += 1;
+                }
+            }
+        }
+    }
+
+    /// Share of foreground pixels with the asked colour on one-object prompts (0 when nothing
+    /// was drawn).
+    pub fn colour_fidelity(&self) -> f64 {
+        let (m, t) = self.colour_pixels;
+        if t == 0 {
+            0.0
+        } else {
+            m as f64 / t as f64
         }
     }
 
@@ -429,13 +462,20 @@ impl fmt::Display for GenEvalReport {
         writeln!(f, "{:<20} {:>7.2}%", "overall", 100.0 * self.overall())?;
         let (c, t) = self.exact;
         let exact = if t == 0 { 0.0 } else { c as f64 / t as f64 };
-        write!(
+        writeln!(
             f,
             "{:<20} {:>7.2}% {:>5}/{:<4}",
             "(exact scene)",
             100.0 * exact,
             c,
             t
+        )?;
+        write!(
+            f,
+            "{:<20} {:>7.2}% of {} foreground pixels",
+            "(colour fidelity)",
+            100.0 * self.colour_fidelity(),
+            self.colour_pixels.1
         )
     }
 }

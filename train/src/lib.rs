@@ -3,10 +3,12 @@
 pub mod backend;
 pub mod caption_stage;
 pub mod checkpoint;
+pub mod ema;
 pub mod eval;
 pub mod fsutil;
 pub mod generate_stage;
 pub mod geneval;
+pub mod grpo;
 pub mod metrics;
 pub mod shapeworld;
 pub mod tokenizer;

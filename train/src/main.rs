@@ -72,8 +72,9 @@ enum Command {
         stage: String,
         #[arg(long)]
         run: PathBuf,
+        /// Held-out dataset (caption; generate scores its own seeded prompt set).
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         /// Evaluate only the first N samples (caption).
         #[arg(long)]
         limit: Option<usize>,
@@ -250,8 +251,11 @@ fn main() -> anyhow::Result<()> {
                     .chunks(per_category.max(1))
                     .flat_map(|c| c.iter().take(8).cloned())
                     .collect();
+                let mut png = Vec::new();
                 duet_diffusion::grid(&shown, 8, 4)
-                    .save(&grid_path)
+                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .context("encoding the grid")?;
+                duet_train::fsutil::write_atomic(&grid_path, &png)
                     .with_context(|| format!("writing {}", grid_path.display()))?;
                 println!("grid (one row per category) in {}", grid_path.display());
                 write_json(
@@ -267,6 +271,7 @@ fn main() -> anyhow::Result<()> {
             if stage != "caption" {
                 anyhow::bail!("unknown stage '{stage}' (this build evaluates: caption, generate)");
             }
+            let data = data.context("--data is required for --stage caption")?;
             let (metrics, examples) =
                 eval_caption::<burn::backend::NdArray<f32>>(&run, &data, limit, &device)?;
             for (truth, pred) in &examples {

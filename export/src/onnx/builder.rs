@@ -332,6 +332,23 @@ impl<'w> GraphBuilder<'w> {
         self.node("Erf", &[x], vec![])
     }
 
+    pub fn sigmoid(&mut self, x: &Value) -> Value {
+        self.node("Sigmoid", &[x], vec![])
+    }
+
+    pub fn cos(&mut self, x: &Value) -> Value {
+        self.node("Cos", &[x], vec![])
+    }
+
+    pub fn sin(&mut self, x: &Value) -> Value {
+        self.node("Sin", &[x], vec![])
+    }
+
+    /// Elementwise maximum (broadcasting).
+    pub fn max(&mut self, a: &Value, b: &Value) -> Value {
+        self.node("Max", &[a, b], vec![])
+    }
+
     pub fn identity(&mut self, x: &Value) -> Value {
         self.node("Identity", &[x], vec![])
     }
@@ -434,6 +451,48 @@ impl<'w> GraphBuilder<'w> {
         }))
     }
 
+    /// Columns `k·d_out .. (k+1)·d_out` of the `Linear(d_in → n·d_out)` at `prefix`: chunk
+    /// `k` of its output, computed on its own. The DiT modulation layers produce `n` vectors
+    /// (shift, scale, gate …) in one matrix; slicing the *weights* at export time gives each its
+    /// own small MatMul instead of a Slice of the activations, and the parameter still counts as
+    /// used by the graph.
+    pub fn linear_chunk(
+        &mut self,
+        x: &Value,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<Value, ExportError> {
+        if k >= n {
+            return Err(ExportError::InvalidDims(format!(
+                "{prefix}: chunk {k} of {n} does not exist"
+            )));
+        }
+        let wname = format!("{prefix}.weight");
+        let bname = format!("{prefix}.bias");
+        let w = self.weights.get_shaped(&wname, &[d_in, n * d_out])?;
+        let b = self.weights.get_shaped(&bname, &[n * d_out])?;
+        let cols = k * d_out..(k + 1) * d_out;
+        let w_k: Vec<f32> = (0..d_in)
+            .flat_map(|r| {
+                w[r * n * d_out + cols.start..r * n * d_out + cols.end]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let b_k = b[cols].to_vec();
+        self.used.insert(wname.clone());
+        self.used.insert(bname);
+        let w_k = self.const_f32(&format!("{wname}.chunk{k}"), &[d_in, d_out], &w_k)?;
+        let b_k = self.const_f32(&format!("{prefix}.bias.chunk{k}"), &[d_out], &b_k)?;
+        Ok(self.scoped(prefix, |g| {
+            let y = g.matmul(x, &w_k);
+            g.add(&y, &b_k)
+        }))
+    }
+
     /// LayerNorm over the last axis with `{prefix}.gamma`, `{prefix}.beta` `[d]`.
     pub fn layer_norm(
         &mut self,
@@ -458,6 +517,44 @@ impl<'w> GraphBuilder<'w> {
         let t = self.add(&t, &one);
         let t = self.mul(x, &t);
         self.mul(&t, &half)
+    }
+
+    /// `x · sigmoid(x)` (SiLU / swish), spelled with core ops.
+    pub fn silu(&mut self, x: &Value) -> Value {
+        let s = self.sigmoid(x);
+        self.mul(x, &s)
+    }
+
+    /// LayerNorm over the last axis without learnt affine parameters (γ = 1, β = 0 constants).
+    pub fn plain_layer_norm(
+        &mut self,
+        x: &Value,
+        d: usize,
+        eps: f32,
+    ) -> Result<Value, ExportError> {
+        let gamma = self.const_f32("ln_ones", &[d], &vec![1.0; d])?;
+        let beta = self.const_f32("ln_zeros", &[d], &vec![0.0; d])?;
+        Ok(self.layer_normalization(x, &gamma, &beta, eps))
+    }
+
+    /// `y / sqrt(Σ y² + 1e-12)` over the last axis (the pooled embeddings' normalisation).
+    pub fn l2_normalize(&mut self, y: &Value) -> Value {
+        let sq = self.mul(y, y);
+        let ss = self.reduce_sum(&sq, &[-1], true);
+        let tiny = self.scalar_f32("eps", 1e-12);
+        let ss = self.add(&ss, &tiny);
+        let norm = self.sqrt(&ss);
+        self.div(y, &norm)
+    }
+
+    /// Additive key-padding bias `(mask − 1) · 1e9` reshaped to `[B, 1, 1, L]` from a `[B, L]`
+    /// 1/0 mask (`padding_bias` in `duet-models`).
+    pub fn padding_bias(&mut self, mask: &Value) -> Value {
+        let one = self.scalar_f32("one", 1.0);
+        let big = self.scalar_f32("masked", 1e9);
+        let b = self.sub(mask, &one);
+        let b = self.mul(&b, &big);
+        self.reshape(&b, &[0, 1, 1, -1])
     }
 
     /// `fc2(gelu(fc1(x)))` with `fc1: d→hidden`, `fc2: hidden→d`.

@@ -8,6 +8,8 @@
 
 pub mod builder;
 pub mod decoder;
+pub mod denoiser;
+pub mod text;
 pub mod vision;
 
 use std::collections::HashMap;
@@ -19,6 +21,8 @@ use tract_onnx::pb::ModelProto;
 
 pub use builder::{DType, Dim, GraphBuilder, MhaOutput, PastKv, Value};
 pub use decoder::{build_caption_decoder, decoder_parameters};
+pub use denoiser::{build_denoiser, denoiser_parameters};
+pub use text::{build_text_encoder, text_parameters};
 pub use vision::{build_vision_encoder, vision_parameters};
 
 /// Why a graph could not be built or written.
@@ -259,6 +263,9 @@ pub(crate) mod test_util {
             vocab_size: 40,
             max_len: 48,
             layer_norm_eps: 1e-5,
+            text_layers: 2,
+            denoiser_layers: 2,
+            denoiser_patch_size: 4,
         }
     }
 

@@ -13,7 +13,6 @@ pub const VISION_GRAPH_NAME: &str = "vision_encoder";
 pub fn vision_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
     let d = dims.d_model;
     let p = dims.patch_size;
-    let hidden = dims.mlp_hidden();
     let mut v = vec![
         (
             "vision.patch_embed.weight".to_owned(),
@@ -26,24 +25,60 @@ pub fn vision_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
         ),
     ];
     for i in 0..dims.vision_layers {
-        let pre = format!("vision.blocks.{i}");
-        for ln in ["ln1", "ln2"] {
-            v.push((format!("{pre}.{ln}.gamma"), vec![d]));
-            v.push((format!("{pre}.{ln}.beta"), vec![d]));
-        }
-        for lin in ["q", "k", "v", "out"] {
-            v.push((format!("{pre}.attn.{lin}.weight"), vec![d, d]));
-            v.push((format!("{pre}.attn.{lin}.bias"), vec![d]));
-        }
-        v.push((format!("{pre}.mlp.fc1.weight"), vec![d, hidden]));
-        v.push((format!("{pre}.mlp.fc1.bias"), vec![hidden]));
-        v.push((format!("{pre}.mlp.fc2.weight"), vec![hidden, d]));
-        v.push((format!("{pre}.mlp.fc2.bias"), vec![d]));
+        v.extend(encoder_block_parameters(
+            &format!("vision.blocks.{i}"),
+            dims,
+        ));
     }
     v.push(("vision.ln_final.gamma".to_owned(), vec![d]));
     v.push(("vision.ln_final.beta".to_owned(), vec![d]));
     v.push(("vision.proj.weight".to_owned(), vec![d, dims.embed_dim]));
     v.push(("vision.proj.bias".to_owned(), vec![dims.embed_dim]));
+    v
+}
+
+/// One pre-norm encoder block (`EncoderBlock` in `duet-models`): `x + attn(ln1(x))`, then
+/// `x + mlp(ln2(x))`, with an optional additive key-padding `bias` `[B, 1, 1, N]`. Shared by
+/// the vision and the text encoder.
+pub fn encoder_block(
+    g: &mut GraphBuilder<'_>,
+    x: &super::Value,
+    pre: &str,
+    dims: &GraphDims,
+    bias: Option<&super::Value>,
+) -> Result<super::Value, ExportError> {
+    let d = dims.d_model;
+    let eps = dims.layer_norm_eps as f32;
+    let x = g.residual(x, |g, x| {
+        let h = g.layer_norm(x, &format!("{pre}.ln1"), d, eps)?;
+        Ok(
+            g.mha(&h, &h, &format!("{pre}.attn"), dims.n_heads, bias, None)?
+                .out,
+        )
+    })?;
+    g.residual(&x, |g, x| {
+        let h = g.layer_norm(x, &format!("{pre}.ln2"), d, eps)?;
+        g.mlp(&h, &format!("{pre}.mlp"), d, dims.mlp_hidden())
+    })
+}
+
+/// Parameters of one [`encoder_block`] under `pre`, with shapes.
+pub fn encoder_block_parameters(pre: &str, dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
+    let d = dims.d_model;
+    let hidden = dims.mlp_hidden();
+    let mut v = Vec::new();
+    for ln in ["ln1", "ln2"] {
+        v.push((format!("{pre}.{ln}.gamma"), vec![d]));
+        v.push((format!("{pre}.{ln}.beta"), vec![d]));
+    }
+    for lin in ["q", "k", "v", "out"] {
+        v.push((format!("{pre}.attn.{lin}.weight"), vec![d, d]));
+        v.push((format!("{pre}.attn.{lin}.bias"), vec![d]));
+    }
+    v.push((format!("{pre}.mlp.fc1.weight"), vec![d, hidden]));
+    v.push((format!("{pre}.mlp.fc1.bias"), vec![hidden]));
+    v.push((format!("{pre}.mlp.fc2.weight"), vec![hidden, d]));
+    v.push((format!("{pre}.mlp.fc2.bias"), vec![d]));
     v
 }
 
@@ -94,18 +129,7 @@ pub fn build_vision_encoder(
     });
 
     for i in 0..dims.vision_layers {
-        let pre = format!("vision.blocks.{i}");
-        x = g.residual(&x, |g, x| {
-            let h = g.layer_norm(x, &format!("{pre}.ln1"), d, eps)?;
-            Ok(
-                g.mha(&h, &h, &format!("{pre}.attn"), dims.n_heads, None, None)?
-                    .out,
-            )
-        })?;
-        x = g.residual(&x, |g, x| {
-            let h = g.layer_norm(x, &format!("{pre}.ln2"), d, eps)?;
-            g.mlp(&h, &format!("{pre}.mlp"), d, dims.mlp_hidden())
-        })?;
+        x = encoder_block(&mut g, &x, &format!("vision.blocks.{i}"), dims, None)?;
     }
     let tokens = g.layer_norm(&x, "vision.ln_final", d, eps)?;
     g.output(
@@ -118,14 +142,7 @@ pub fn build_vision_encoder(
     // Pooled embedding: mean over patches → proj → y / sqrt(sum(y²) + 1e-12).
     let pooled = g.scoped("vision.pool", |g| g.reduce_mean(&tokens, &[1], false));
     let y = g.linear(&pooled, "vision.proj", d, dims.embed_dim)?;
-    let emb = g.scoped("vision.l2norm", |g| {
-        let sq = g.mul(&y, &y);
-        let ss = g.reduce_sum(&sq, &[-1], true);
-        let tiny = g.scalar_f32("eps", 1e-12);
-        let ss = g.add(&ss, &tiny);
-        let norm = g.sqrt(&ss);
-        g.div(&y, &norm)
-    });
+    let emb = g.scoped("vision.l2norm", |g| g.l2_normalize(&y));
     g.output(
         &emb,
         "embedding",

@@ -245,6 +245,9 @@ pub fn tiny_spec(vocab: usize) -> ModelSpec {
         vocab_size: vocab,
         max_len: 8,
         layer_norm_eps: 1e-5,
+        text_layers: 2,
+        denoiser_layers: 2,
+        denoiser_patch_size: 4,
     }
 }
 
@@ -669,6 +672,7 @@ pub fn write_bundle(dir: &Path, spec: &ModelSpec, files: &[(&str, Vec<u8>)]) -> 
         graphs: contract_graphs(spec),
         files: hashes,
         provenance: serde_json::json!({"command": "cargo test", "seed": 7}),
+        diffusion: None,
     };
     write_manifest(dir, &manifest);
     manifest

@@ -1,0 +1,189 @@
+//! `denoiser.onnx`: one evaluation of the DiT diffusion denoiser (`Denoiser` in
+//! `duet-models`), the graph a sampler calls once per step.
+
+use tract_onnx::pb::ModelProto;
+
+use super::builder::{DType, Dim, GraphBuilder, Value};
+use super::{ExportError, GraphDims, Weights};
+
+/// Graph name written into the model.
+pub const DENOISER_GRAPH_NAME: &str = "denoiser";
+
+/// Base of the sinusoidal timestep frequencies; must equal `TIMESTEP_MAX_PERIOD` of the Burn
+/// model (checked by the parity gate, which would fail on any other value).
+const TIMESTEP_MAX_PERIOD: f64 = 10_000.0;
+
+/// Every parameter the denoiser graph reads, with its shape, in checkpoint-key form.
+pub fn denoiser_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
+    let d = dims.d_model;
+    let p = dims.denoiser_patch_size;
+    let hidden = dims.mlp_hidden();
+    let lin = |v: &mut Vec<(String, Vec<usize>)>, name: String, i: usize, o: usize| {
+        v.push((format!("{name}.weight"), vec![i, o]));
+        v.push((format!("{name}.bias"), vec![o]));
+    };
+    let mut v = vec![
+        (
+            "denoiser.patch_embed.weight".to_owned(),
+            vec![d, dims.channels, p, p],
+        ),
+        ("denoiser.patch_embed.bias".to_owned(), vec![d]),
+        (
+            "denoiser.pos_embed".to_owned(),
+            vec![1, dims.denoiser_tokens(), d],
+        ),
+    ];
+    lin(&mut v, "denoiser.time_fc1".into(), d, d);
+    lin(&mut v, "denoiser.time_fc2".into(), d, d);
+    for i in 0..dims.denoiser_layers {
+        let pre = format!("denoiser.blocks.{i}");
+        lin(&mut v, format!("{pre}.ada"), d, 6 * d);
+        for attn in ["attn", "cross_attn"] {
+            for l in ["q", "k", "v", "out"] {
+                lin(&mut v, format!("{pre}.{attn}.{l}"), d, d);
+            }
+        }
+        v.push((format!("{pre}.ln_cross.gamma"), vec![d]));
+        v.push((format!("{pre}.ln_cross.beta"), vec![d]));
+        lin(&mut v, format!("{pre}.mlp.fc1"), d, hidden);
+        lin(&mut v, format!("{pre}.mlp.fc2"), hidden, d);
+    }
+    lin(&mut v, "denoiser.final_ada".into(), d, 2 * d);
+    lin(&mut v, "denoiser.head".into(), d, p * p * dims.channels);
+    v
+}
+
+/// `x · (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
+fn modulate(g: &mut GraphBuilder<'_>, x: &Value, shift: &Value, scale: &Value, d: usize) -> Value {
+    let one = g.scalar_f32("one", 1.0);
+    let scale = g.reshape(scale, &[0, 1, d as i64]);
+    let shift = g.reshape(shift, &[0, 1, d as i64]);
+    let s1 = g.add(&scale, &one);
+    let y = g.mul(x, &s1);
+    g.add(&y, &shift)
+}
+
+/// Builds the denoiser: `x [batch, C, S, S]` (the noisy image), `timestep [batch]` f32 (integer
+/// training timesteps), `text_tokens [batch, seq, D]` (the text encoder's features),
+/// `text_mask [batch, seq]` f32 → `prediction [batch, C, S, S]` (ε or v, as the manifest's
+/// `diffusion.prediction` says).
+///
+/// `batch` is symbolic so classifier-free guidance runs the conditional and unconditional
+/// branch as one batch of 2N; `seq` is symbolic so the runtime can drop trailing padding.
+pub fn build_denoiser(weights: &Weights, dims: &GraphDims) -> Result<ModelProto, ExportError> {
+    super::validate_dims(dims)?;
+    let d = dims.d_model;
+    let c = dims.channels;
+    let s = dims.image_size;
+    let p = dims.denoiser_patch_size;
+    if p == 0 || !s.is_multiple_of(p) || dims.denoiser_layers == 0 {
+        return Err(ExportError::InvalidDims(format!(
+            "denoiser_patch_size {p} must divide image_size {s}, and denoiser_layers must be > 0"
+        )));
+    }
+    let side = s / p;
+    let n_tok = side * side;
+    let eps = dims.layer_norm_eps as f32;
+
+    let mut g = GraphBuilder::new(weights);
+    g.set_doc(format!(
+        "duet diffusion denoiser (docs/ARCHITECTURE.md): DiT with adaLN-zero, image {s}x{s}, \
+         patch {p}, d_model {d}, {l} blocks (modulated self-attention, cross-attention to text \
+         tokens, modulated MLP), {h} heads.",
+        l = dims.denoiser_layers,
+        h = dims.n_heads,
+    ));
+    let batch = Dim::Sym("batch");
+    let img = [batch.clone(), Dim::Fixed(c), Dim::Fixed(s), Dim::Fixed(s)];
+    let x = g.input("x", DType::F32, &img)?;
+    let t = g.input("timestep", DType::F32, std::slice::from_ref(&batch))?;
+    let text = g.input(
+        "text_tokens",
+        DType::F32,
+        &[batch.clone(), Dim::Sym("seq"), Dim::Fixed(d)],
+    )?;
+    let mask = g.input("text_mask", DType::F32, &[batch, Dim::Sym("seq")])?;
+
+    // Patch embedding → [B, T, D] + positions.
+    let w = g.param("denoiser.patch_embed.weight", &[d, c, p, p])?;
+    let b = g.param("denoiser.patch_embed.bias", &[d])?;
+    let pos = g.param("denoiser.pos_embed", &[1, n_tok, d])?;
+    let mut h = g.scoped("denoiser.patch_embed", |g| {
+        let y = g.conv(&x, &w, &b, [p as i64; 2], [p as i64; 2]);
+        let y = g.reshape(&y, &[0, d as i64, n_tok as i64]);
+        let y = g.transpose(&y, &[0, 2, 1]);
+        g.add(&y, &pos)
+    });
+
+    // Timestep embedding: [cos(t f), sin(t f)] → fc1 → SiLU → fc2, then SiLU (the modulation
+    // input of every block).
+    let half = d / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(TIMESTEP_MAX_PERIOD.ln()) * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = g.const_f32("timestep_freqs", &[1, half], &freqs)?;
+    let feats = g.scoped("denoiser.timestep", |g| {
+        let tt = g.reshape(&t, &[-1, 1]);
+        let args = g.mul(&tt, &freqs);
+        let cos = g.cos(&args);
+        let sin = g.sin(&args);
+        g.concat(&[&cos, &sin], 1)
+    });
+    let temb = g.linear(&feats, "denoiser.time_fc1", d, d)?;
+    let temb = g.silu(&temb);
+    let temb = g.linear(&temb, "denoiser.time_fc2", d, d)?;
+    let cond = g.silu(&temb);
+
+    let bias = g.scoped("denoiser.padding_bias", |g| g.padding_bias(&mask));
+
+    for i in 0..dims.denoiser_layers {
+        let pre = format!("denoiser.blocks.{i}");
+        let ada = format!("{pre}.ada");
+        let m: Vec<Value> = (0..6)
+            .map(|k| g.linear_chunk(&cond, &ada, d, d, k, 6))
+            .collect::<Result<_, _>>()?;
+        let gate = |g: &mut GraphBuilder<'_>, v: &Value| g.reshape(v, &[0, 1, d as i64]);
+        // Self-attention, modulated and gated.
+        let hn = g.plain_layer_norm(&h, d, eps)?;
+        let hn = modulate(&mut g, &hn, &m[0], &m[1], d);
+        let a = g.mha(&hn, &hn, &format!("{pre}.attn"), dims.n_heads, None, None)?;
+        let g2 = gate(&mut g, &m[2]);
+        let a = g.mul(&a.out, &g2);
+        h = g.add(&h, &a);
+        // Cross-attention to the text tokens (plain pre-norm residual).
+        h = g.residual(&h, |g, h| {
+            let hn = g.layer_norm(h, &format!("{pre}.ln_cross"), d, eps)?;
+            Ok(g.mha(
+                &hn,
+                &text,
+                &format!("{pre}.cross_attn"),
+                dims.n_heads,
+                Some(&bias),
+                None,
+            )?
+            .out)
+        })?;
+        // MLP, modulated and gated.
+        let hn = g.plain_layer_norm(&h, d, eps)?;
+        let hn = modulate(&mut g, &hn, &m[3], &m[4], d);
+        let y = g.mlp(&hn, &format!("{pre}.mlp"), d, dims.mlp_hidden())?;
+        let g5 = gate(&mut g, &m[5]);
+        let y = g.mul(&y, &g5);
+        h = g.add(&h, &y);
+    }
+    let shift = g.linear_chunk(&cond, "denoiser.final_ada", d, d, 0, 2)?;
+    let scale = g.linear_chunk(&cond, "denoiser.final_ada", d, d, 1, 2)?;
+    let hn = g.plain_layer_norm(&h, d, eps)?;
+    let hn = modulate(&mut g, &hn, &shift, &scale, d);
+    let out = g.linear(&hn, "denoiser.head", d, p * p * c)?;
+    // [B, T, p·p·C] → [B, g, g, p, p, C] → [B, C, g, p, g, p] → [B, C, S, S]
+    let out = g.scoped("denoiser.unpatchify", |g| {
+        let (side, p, c, s) = (side as i64, p as i64, c as i64, s as i64);
+        let y = g.reshape(&out, &[0, side, side, p, p, c]);
+        let y = g.transpose(&y, &[0, 5, 1, 3, 2, 4]);
+        g.reshape(&y, &[0, c, s, s])
+    });
+    g.output(&out, "prediction", DType::F32, &img)?;
+    g.check_all_used("denoiser.", DENOISER_GRAPH_NAME)?;
+    Ok(g.finish(DENOISER_GRAPH_NAME))
+}

@@ -1,0 +1,412 @@
+//! Text-to-image generation: text encoder → a diffusion sampler driving the denoiser graph,
+//! with classifier-free guidance run as one batch of `2N` (conditional rows, then
+//! unconditional rows on the empty caption).
+//!
+//! The samplers are `duet-diffusion`'s, the very code the trainer samples with, and the noise
+//! comes from a `ChaCha8Rng` seeded with the caller's seed, so a bundle, a seed and a prompt
+//! give the same image on ort and on tract (up to float rounding) and the same image the
+//! trainer's `LoadedGenerator::generate` makes from the Burn weights.
+
+use std::path::PathBuf;
+
+use image::RgbImage;
+use ndarray::{concatenate, s, Array1, Array2, ArrayD, Axis};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use thiserror::Error;
+use tokenizers::Tokenizer;
+
+use crate::bundle::{Bundle, BundleError};
+use crate::diffusion::{self, DiffusionError, NoiseSchedule, Prediction, Sampler, SamplerConfig};
+use crate::engine::{Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport, Value};
+use crate::manifest::{ModelSpec, TokenizerSpec, DENOISER, TEXT_ENCODER};
+
+/// Most images one call generates (each costs `steps` denoiser evaluations).
+pub const MAX_BATCH: usize = 64;
+
+/// Generation failures.
+#[derive(Debug, Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Diffusion(#[from] DiffusionError),
+    #[error("this bundle has no generator (`{TEXT_ENCODER}` and `{DENOISER}` graphs); export a generate run to get one")]
+    NoGenerator,
+    #[error("cannot load tokenizer {}: {reason}", path.display())]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("no prompt given")]
+    NoPrompts,
+    #[error("{count} images requested; at most {MAX_BATCH} per call")]
+    TooMany { count: usize },
+    #[error("prompt {index} is empty")]
+    EmptyPrompt { index: usize },
+    #[error("prompt {index} is {tokens} tokens with [BOS]/[EOS]; the model reads at most {max}")]
+    PromptTooLong {
+        index: usize,
+        tokens: usize,
+        max: usize,
+    },
+    #[error("prompt {index} has words the model never saw in training: {words:?} (they would be read as [UNK])")]
+    UnknownWords { index: usize, words: Vec<String> },
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    #[error("graph `{graph}`: {reason}")]
+    Shape { graph: String, reason: String },
+}
+
+/// How to sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerateOptions {
+    pub sampler: Sampler,
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 uses the conditional prediction alone (and skips the
+    /// unconditional half of the batch), 0 the unconditional one.
+    pub guidance: f32,
+    pub seed: u64,
+}
+
+/// A bundle's generation pipeline, loaded once and reused.
+pub struct Generator {
+    tokenizer: Tokenizer,
+    text: Engine,
+    denoiser: Engine,
+    schedule: NoiseSchedule,
+    prediction: Prediction,
+    defaults: (usize, f32),
+    model: ModelSpec,
+    tok: TokenizerSpec,
+    reports: Vec<ProviderReport>,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("text", &self.text)
+            .field("denoiser", &self.denoiser)
+            .field("prediction", &self.prediction)
+            .finish_non_exhaustive()
+    }
+}
+
+fn shape_err(graph: &str, reason: impl Into<String>) -> GenerateError {
+    GenerateError::Shape {
+        graph: graph.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Token ids `[N, L]` and their 1/0 mask, `L` = the tokenizer's `max_len`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedPrompts {
+    pub ids: Array2<i64>,
+    pub mask: Array2<f32>,
+    /// Longest prompt in tokens (BOS and EOS included).
+    pub longest: usize,
+}
+
+impl Generator {
+    /// Loads the tokenizer and the text-encoder and denoiser graphs of `bundle`, each on the
+    /// first provider of `choice` that works. Errors with [`GenerateError::NoGenerator`] on a
+    /// caption-only bundle.
+    pub fn new(
+        bundle: &Bundle,
+        choice: ProviderChoice,
+        options: &EngineOptions,
+    ) -> Result<Self, GenerateError> {
+        let m = bundle.manifest();
+        let spec = m.diffusion.as_ref().ok_or(GenerateError::NoGenerator)?;
+        let tok_path = bundle.tokenizer_path();
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| GenerateError::Tokenizer {
+            path: tok_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let vocab = tokenizer.get_vocab_size(true);
+        if vocab != m.model.vocab_size {
+            return Err(GenerateError::Tokenizer {
+                path: tok_path,
+                reason: format!(
+                    "it has {vocab} tokens but model.vocab_size is {}",
+                    m.model.vocab_size
+                ),
+            });
+        }
+        let schedule = NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())?;
+        let (text, r1) = Engine::load(
+            bundle.graph_path(TEXT_ENCODER)?,
+            TEXT_ENCODER,
+            choice,
+            options,
+        )?;
+        let (denoiser, r2) = Engine::load(bundle.graph_path(DENOISER)?, DENOISER, choice, options)?;
+        Ok(Generator {
+            tokenizer,
+            text,
+            denoiser,
+            schedule,
+            prediction: spec.prediction,
+            defaults: (spec.default_steps, spec.default_guidance),
+            model: m.model.clone(),
+            tok: m.tokenizer.clone(),
+            reports: vec![r1, r2],
+        })
+    }
+
+    /// Which provider runs each graph and why the others were skipped.
+    pub fn reports(&self) -> &[ProviderReport] {
+        &self.reports
+    }
+
+    pub fn text_engine(&self) -> &Engine {
+        &self.text
+    }
+
+    pub fn denoiser_engine(&self) -> &Engine {
+        &self.denoiser
+    }
+
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    pub fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
+    pub fn image_size(&self) -> usize {
+        self.model.image_size
+    }
+
+    /// The bundle's defaults: deterministic DDIM with the manifest's steps and guidance.
+    pub fn default_options(&self) -> GenerateOptions {
+        GenerateOptions {
+            sampler: Sampler::Ddim { eta: 0.0 },
+            steps: self.defaults.0,
+            guidance: self.defaults.1,
+            seed: 0,
+        }
+    }
+
+    /// Tokenizes prompts to `[BOS] … [EOS] [PAD]…` rows of `max_len`. An empty prompt, one
+    /// longer than the model reads, or one with words outside the vocabulary is an error (an
+    /// unknown word would silently become `[UNK]` and the image would ignore it).
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<EncodedPrompts, GenerateError> {
+        Ok(self.rows(&self.prompt_seqs(prompts)?))
+    }
+
+    /// `[BOS] … [EOS]` of each prompt (see [`Generator::encode_prompts`]).
+    fn prompt_seqs(&self, prompts: &[&str]) -> Result<Vec<Vec<i64>>, GenerateError> {
+        let l = self.tok.max_len;
+        let mut seqs: Vec<Vec<i64>> = Vec::with_capacity(prompts.len() + 1);
+        for (index, p) in prompts.iter().enumerate() {
+            if p.trim().is_empty() {
+                return Err(GenerateError::EmptyPrompt { index });
+            }
+            let enc = self
+                .tokenizer
+                .encode(*p, false)
+                .map_err(|e| GenerateError::Tokenizer {
+                    path: PathBuf::from(&self.tok.file),
+                    reason: e.to_string(),
+                })?;
+            let special = [self.tok.pad_id, self.tok.bos_id, self.tok.eos_id];
+            let unknown: Vec<String> = enc
+                .get_ids()
+                .iter()
+                .zip(enc.get_offsets())
+                .filter(|(&id, _)| id == self.tok.unk_id || special.contains(&id))
+                .map(|(_, &(a, b))| p.get(a..b).unwrap_or("?").to_owned())
+                .collect();
+            if !unknown.is_empty() {
+                return Err(GenerateError::UnknownWords {
+                    index,
+                    words: unknown,
+                });
+            }
+            let tokens = enc.get_ids().len() + 2;
+            if tokens > l {
+                return Err(GenerateError::PromptTooLong {
+                    index,
+                    tokens,
+                    max: l,
+                });
+            }
+            let mut seq = Vec::with_capacity(tokens);
+            seq.push(i64::from(self.tok.bos_id));
+            seq.extend(enc.get_ids().iter().map(|&t| i64::from(t)));
+            seq.push(i64::from(self.tok.eos_id));
+            seqs.push(seq);
+        }
+        Ok(seqs)
+    }
+
+    fn rows(&self, seqs: &[Vec<i64>]) -> EncodedPrompts {
+        let l = self.tok.max_len;
+        let pad = i64::from(self.tok.pad_id);
+        let ids = Array2::from_shape_fn((seqs.len(), l), |(i, j)| {
+            seqs[i].get(j).copied().unwrap_or(pad)
+        });
+        let mask = Array2::from_shape_fn((seqs.len(), l), |(i, j)| {
+            f32::from(u8::from(j < seqs[i].len()))
+        });
+        EncodedPrompts {
+            ids,
+            mask,
+            longest: seqs.iter().map(Vec::len).max().unwrap_or(0),
+        }
+    }
+
+    /// Runs the text encoder and returns `text_tokens` cut to `longest` positions: padding is
+    /// masked everywhere, so trailing padding only costs time in every denoiser step.
+    fn encode_text(
+        &self,
+        enc: &EncodedPrompts,
+        longest: usize,
+    ) -> Result<(ArrayD<f32>, ArrayD<f32>), GenerateError> {
+        let mut outs = self.text.run(&[
+            ("input_ids", Value::I64(enc.ids.clone().into_dyn())),
+            ("attn_mask", Value::F32(enc.mask.clone().into_dyn())),
+        ])?;
+        let tokens = match outs.remove("text_tokens") {
+            Some(Value::F32(a)) => a,
+            _ => {
+                return Err(shape_err(
+                    TEXT_ENCODER,
+                    "output `text_tokens` missing or not f32",
+                ))
+            }
+        };
+        let want = [enc.ids.nrows(), self.tok.max_len, self.model.d_model];
+        if tokens.shape() != want {
+            return Err(shape_err(
+                TEXT_ENCODER,
+                format!("text_tokens should be {want:?}, got {:?}", tokens.shape()),
+            ));
+        }
+        let tokens = tokens.slice(s![.., ..longest, ..]).to_owned().into_dyn();
+        let mask = enc.mask.slice(s![.., ..longest]).to_owned().into_dyn();
+        Ok((tokens, mask))
+    }
+
+    fn check_options(&self, opts: &GenerateOptions) -> Result<(), GenerateError> {
+        let t = self.schedule.train_steps();
+        if opts.steps == 0 || opts.steps > t {
+            return Err(GenerateError::InvalidOption(format!(
+                "steps must be 1 ..= {t} (the training timesteps), got {}",
+                opts.steps
+            )));
+        }
+        if !(opts.guidance.is_finite() && opts.guidance >= 0.0) {
+            return Err(GenerateError::InvalidOption(format!(
+                "guidance must be a finite number >= 0, got {}",
+                opts.guidance
+            )));
+        }
+        if let Sampler::Ddim { eta } = opts.sampler {
+            if !(eta.is_finite() && eta >= 0.0) {
+                return Err(GenerateError::InvalidOption(format!(
+                    "eta must be a finite number >= 0, got {eta}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Generates one image per prompt; returns `[N, 3, S, S]` in `[-1, 1]`. Prompts may repeat
+    /// (the noise differs per row).
+    pub fn generate(
+        &self,
+        prompts: &[&str],
+        opts: &GenerateOptions,
+    ) -> Result<ArrayD<f32>, GenerateError> {
+        if prompts.is_empty() {
+            return Err(GenerateError::NoPrompts);
+        }
+        if prompts.len() > MAX_BATCH {
+            return Err(GenerateError::TooMany {
+                count: prompts.len(),
+            });
+        }
+        self.check_options(opts)?;
+        let n = prompts.len();
+        let mut seqs = self.prompt_seqs(prompts)?;
+        let guided = opts.guidance != 1.0;
+        if guided {
+            // Conditional rows, then N copies of the empty caption `[BOS] [EOS]`.
+            let empty = vec![i64::from(self.tok.bos_id), i64::from(self.tok.eos_id)];
+            seqs.extend(std::iter::repeat_n(empty, n));
+        }
+        let enc = self.rows(&seqs);
+        let (tokens, mask) = self.encode_text(&enc, enc.longest)?;
+        let rows = tokens.shape()[0];
+        let size = self.model.image_size;
+        let c = self.model.channels;
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+        let x = diffusion::gaussian(&[n, c, size, size], &mut rng);
+        let config = SamplerConfig {
+            sampler: opts.sampler,
+            steps: opts.steps,
+            clip_x0: true,
+        };
+        let denoise = |x: &ArrayD<f32>, t: usize| -> Result<ArrayD<f32>, GenerateError> {
+            let xb = if guided {
+                concatenate(Axis(0), &[x.view(), x.view()])
+                    .map_err(|e| shape_err(DENOISER, e.to_string()))?
+            } else {
+                x.clone()
+            };
+            let tb = Array1::from_elem(rows, t as f32).into_dyn();
+            let mut outs = self.denoiser.run(&[
+                ("x", Value::F32(xb)),
+                ("timestep", Value::F32(tb)),
+                ("text_tokens", Value::F32(tokens.clone())),
+                ("text_mask", Value::F32(mask.clone())),
+            ])?;
+            let out = match outs.remove("prediction") {
+                Some(Value::F32(a)) => a,
+                _ => {
+                    return Err(shape_err(
+                        DENOISER,
+                        "output `prediction` missing or not f32",
+                    ))
+                }
+            };
+            if out.shape() != [rows, c, size, size] {
+                return Err(shape_err(
+                    DENOISER,
+                    format!(
+                        "prediction should be {:?}, got {:?}",
+                        [rows, c, size, size],
+                        out.shape()
+                    ),
+                ));
+            }
+            if !guided {
+                return Ok(out);
+            }
+            let cond = out.slice_axis(Axis(0), (0..n).into()).to_owned();
+            let uncond = out.slice_axis(Axis(0), (n..2 * n).into()).to_owned();
+            Ok(diffusion::guide(&uncond, &cond, opts.guidance))
+        };
+        diffusion::sample(
+            &self.schedule,
+            self.prediction,
+            &config,
+            x,
+            &mut rng,
+            denoise,
+        )
+    }
+
+    /// [`Generator::generate`] as RGB images.
+    pub fn generate_images(
+        &self,
+        prompts: &[&str],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<RgbImage>, GenerateError> {
+        let x = self.generate(prompts, opts)?;
+        Ok(diffusion::to_images(&x)?)
+    }
+}
