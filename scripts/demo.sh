@@ -9,7 +9,7 @@ bash scripts/setup.sh
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/.ort/lib/libonnxruntime.so}"
 out=${DUET_DEMO_DIR:-$root/out/demo}
 steps=${DUET_DEMO_STEPS:-2000}
-gen_steps=${DUET_DEMO_GEN_STEPS:-1500}
+gen_steps=${DUET_DEMO_GEN_STEPS:-3000}
 mkdir -p "$out"
 cargo build --release -p duet-train -p duet-export -p duet-runtime
 # Built on its own so its duet-runtime has no onnxruntime at all (tract only).
