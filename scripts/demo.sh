@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # README command 1: set up, generate ShapeWorld, train the tiny captioner, export it to an ONNX
 # bundle (with parity checks) and caption sample images with ort and with tract; then train the
-# tiny generator on top of it, score it, export all four graphs and generate a PNG grid.
+# tiny generator on top of it, score it, export all four graphs and generate a PNG grid; last,
+# a short Unified-GRPO run (captioner rewarded by reconstruction, generator fine-tuned on the
+# captioner's own captions) with reconstruction scores before and after.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -10,6 +12,7 @@ export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/.ort/lib/libonnxruntime.so}"
 out=${DUET_DEMO_DIR:-$root/out/demo}
 steps=${DUET_DEMO_STEPS:-2000}
 gen_steps=${DUET_DEMO_GEN_STEPS:-3000}
+unify_steps=${DUET_DEMO_UNIFY_STEPS:-20}
 mkdir -p "$out"
 cargo build --release -p duet-train -p duet-export -p duet-runtime
 # Built on its own so its duet-runtime has no onnxruntime at all (tract only).
@@ -36,3 +39,8 @@ prompt="a large red circle at the top left"
 "$bin/duet" generate --bundle "$out/gen-bundle" --provider auto --count 4 --seed 0 -o "$out/generated-ort.png" "$prompt"
 "$bin/duet" generate --bundle "$out/gen-bundle" --provider tract --count 4 --seed 0 -o "$out/generated-tract.png" "$prompt"
 echo "generations of \"$prompt\": $out/generated-ort.png (ort), $out/generated-tract.png (tract); GenEval grid: $out/gen-run/geneval.png"
+echo "== unification: Unified-GRPO on the tiny pair =="
+"$bin/duet-train" eval --stage reconstruct --run "$out/gen-run" --data "$out/data/val" --limit 100 --steps 20
+"$bin/duet-train" fit --stage unify --init "$out/gen-run" --data "$out/data/train" --out "$out/unify-run" --steps "$unify_steps" --batch-size 8 --group 8 --gen-steps 200 --seed 0
+"$bin/duet-train" eval --stage reconstruct --run "$out/unify-run/stage2" --data "$out/data/val" --limit 100 --steps 20
+echo "originals over rebuilds: $out/gen-run/reconstruct.png (before), $out/unify-run/stage2/reconstruct.png (after)"

@@ -114,7 +114,7 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
 
     // A generate run carries the whole model: its captioner (exported above) plus the text
     // encoder and denoiser.
-    let generator = if run_stage(&opts.run) == "generate" {
+    let generator = if matches!(run_stage(&opts.run).as_str(), "generate" | "unify") {
         let g =
             load_generator::<Ref>(&opts.run, false, &device).map_err(|e| ExportError::LoadRun {
                 path: opts.run.clone(),

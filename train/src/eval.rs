@@ -99,3 +99,103 @@ pub fn eval_generate<B: Backend>(
     pb.finish_and_clear();
     Ok((report, images))
 }
+
+/// Reconstruction similarity of a run's auto-encoder: mean over the samples of the cosine
+/// between the frozen vision encoder's embeddings of an image and of its rebuild from the
+/// run's own greedy caption, and their pixel MSE.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ReconstructionReport {
+    pub samples: usize,
+    pub cosine: f64,
+    pub pixel_mse: f64,
+}
+
+impl std::fmt::Display for ReconstructionReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "reconstruction over {} images: embedding cosine {:.4}, pixel MSE {:.4}",
+            self.samples, self.cosine, self.pixel_mse
+        )
+    }
+}
+
+/// `duet-train eval --stage reconstruct`: caption every sample with the run's captioner, rebuild
+/// it with the run's generator (one seeded start noise per image) and compare. The vision
+/// encoder that measures is the run's own, which every stage after captioning keeps frozen,
+/// so runs that share a captioner lineage are measured with the same ruler. Returns the
+/// report and `(original, rebuilt)` image pairs for a picture.
+pub fn eval_reconstruction<B: Backend>(
+    run: &Path,
+    data: &Path,
+    limit: Option<usize>,
+    settings: &crate::unify_stage::ReconstructionSettings,
+    seed: u64,
+    device: &B::Device,
+) -> anyhow::Result<(
+    ReconstructionReport,
+    Vec<(image::RgbImage, image::RgbImage)>,
+)> {
+    use duet_models::tokens::{BOS_ID, EOS_ID};
+    let captioner = load_run::<B>(run, device)?;
+    let generator = crate::generate_stage::load_generator::<B>(run, false, device)?;
+    let mut samples = load_dataset(data)?;
+    if let Some(n) = limit {
+        samples.truncate(n);
+    }
+    if samples.is_empty() {
+        anyhow::bail!("{}: no samples to evaluate", data.display());
+    }
+    let cfg = &captioner.config.model;
+    let prepared = prepare(&samples, &captioner.tokenizer, cfg.image_size, cfg.max_len)?;
+    let (mut cos, mut mse) = (0.0f64, 0.0f64);
+    let mut pairs = Vec::new();
+    let idx: Vec<usize> = (0..prepared.n).collect();
+    let pb = indicatif::ProgressBar::new(prepared.n as u64);
+    for (k, chunk) in idx.chunks(64).enumerate() {
+        let pixels = prepared.pixels_batch::<B>(chunk, device);
+        let seqs: Vec<Vec<u32>> = captioner
+            .model
+            .greedy(pixels.clone(), BOS_ID, EOS_ID, cfg.max_len)
+            .into_iter()
+            .map(|body| {
+                let mut s = vec![BOS_ID];
+                s.extend(body.into_iter().take(cfg.max_len.saturating_sub(2)));
+                s.push(EOS_ID);
+                s
+            })
+            .collect();
+        let rebuilt = crate::unify_stage::reconstruct(
+            &generator,
+            &seqs,
+            1,
+            settings,
+            seed.wrapping_add(k as u64),
+            device,
+        )?;
+        for (c, m) in
+            crate::unify_stage::similarity(&captioner.model.vision, pixels, &rebuilt, 1, device)
+        {
+            cos += f64::from(c);
+            mse += f64::from(m);
+        }
+        if pairs.len() < 16 {
+            for (&i, img) in chunk.iter().zip(duet_diffusion::to_images(&rebuilt)?) {
+                if pairs.len() < 16 {
+                    pairs.push((samples[i].image.clone(), img));
+                }
+            }
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let n = prepared.n as f64;
+    Ok((
+        ReconstructionReport {
+            samples: prepared.n,
+            cosine: cos / n,
+            pixel_mse: mse / n,
+        },
+        pairs,
+    ))
+}

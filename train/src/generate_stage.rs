@@ -571,9 +571,10 @@ pub fn load_generator<B: Backend>(
     device: &B::Device,
 ) -> anyhow::Result<LoadedGenerator<B>> {
     let config: GenerateTrainConfig = read_json(&run.join(CONFIG_FILE))?;
-    if config.stage != "generate" {
+    // A unify run carries a (fine-tuned) generator in the same layout.
+    if config.stage != "generate" && config.stage != "unify" {
         anyhow::bail!(
-            "{} is a '{}' run, not a generate run",
+            "{} is a '{}' run, not a generate or unify run",
             run.display(),
             config.stage
         );
@@ -620,14 +621,45 @@ impl<B: Backend> LoadedGenerator<B> {
         seed: u64,
         device: &B::Device,
     ) -> anyhow::Result<ArrayD<f32>> {
+        let l = self.config.model.max_len;
+        let seqs = prompts
+            .iter()
+            .map(|p| encode_caption(&self.tokenizer, p, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let s = self.config.model.image_size;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let x = gaussian(&[prompts.len(), 3, s, s], &mut rng);
+        self.generate_tokens(&seqs, x, sampler, guidance, &mut rng, device)
+    }
+
+    /// [`Self::generate`] from token sequences (`[BOS] … [EOS]`, cut at `max_len`) and a given
+    /// start noise `x` `[N, 3, S, S]`: the unify stage rebuilds a group of sampled captions of
+    /// one image from the same noise, so their rewards differ only by what the captions say.
+    pub fn generate_tokens<R: Rng + ?Sized>(
+        &self,
+        seqs: &[Vec<u32>],
+        x: ArrayD<f32>,
+        sampler: &SamplerConfig,
+        guidance: f32,
+        rng: &mut R,
+        device: &B::Device,
+    ) -> anyhow::Result<ArrayD<f32>> {
         let cfg = &self.config.model;
-        let n = prompts.len();
+        let n = seqs.len();
+        let s = cfg.image_size;
+        if x.shape() != [n, 3, s, s] {
+            anyhow::bail!(
+                "start noise is {:?}, expected [{n}, 3, {s}, {s}]",
+                x.shape()
+            );
+        }
+        // Padded to `max_len` like the exported graphs' callers, so Burn and the runtime see
+        // the same inputs.
         let l = cfg.max_len;
-        // Rows 0..n: the prompts; rows n..2n: the empty caption (unconditional branch).
+        // Rows 0..n: the captions; rows n..2n: the empty caption (unconditional branch).
         let mut ids = Vec::with_capacity(2 * n * l);
         let mut mask = Vec::with_capacity(2 * n * l);
-        for p in prompts {
-            let seq = encode_caption(&self.tokenizer, p, l)?;
+        for seq in seqs {
             for k in 0..l {
                 ids.push(seq.get(k).map_or(PAD_ID as i64, |&t| t as i64));
                 mask.push(if k < seq.len() { 1.0f32 } else { 0.0 });
@@ -641,9 +673,6 @@ impl<B: Backend> LoadedGenerator<B> {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [2 * n, l]), device);
         let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [2 * n, l]), device);
         let text = self.generator.text.forward(ids, mask.clone()).tokens;
-        let s = cfg.image_size;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let x = gaussian(&[n, 3, s, s], &mut rng);
         let denoise = |x: &ArrayD<f32>, t: usize| -> anyhow::Result<ArrayD<f32>> {
             let flat: Vec<f32> = x.iter().copied().collect();
             let xb = Tensor::<B, 4>::from_data(TensorData::new(flat, [n, 3, s, s]), device);
@@ -663,7 +692,7 @@ impl<B: Backend> LoadedGenerator<B> {
             self.config.diffusion.prediction,
             sampler,
             x,
-            &mut rng,
+            rng,
             denoise,
         )
     }

@@ -179,6 +179,12 @@ pub struct GrpoStats {
     pub loss: f64,
     /// Mean per-token k3 KL to the reference.
     pub kl: f64,
+    /// Mean reward of the sampled captions.
+    pub mean_reward: f64,
+    /// Share of groups whose rewards were not all equal.
+    pub informative_groups: f64,
+    /// Mean sampled length in tokens, BOS and EOS included.
+    pub mean_len: f64,
 }
 
 /// The GRPO loss of sampled captions `seqs` (grouped as [`sample_captions`] returns them) for
@@ -229,11 +235,13 @@ pub fn grpo_loss<B: AutodiffBackend>(
     (loss, kl_mean)
 }
 
-/// One GRPO update: samples a group per image, scores every caption with `reward(image index,
-/// caption ids)`, and takes one optimizer step. Returns the updated policy, the mean reward of
-/// the samples and the loss statistics.
+/// One GRPO update: samples a group per image, scores all captions at once with `reward`
+/// (given every sampled caption, grouped as [`sample_captions`] returns them; batched because a
+/// real reward — rebuilding each image with the generator — runs best as one batch), and takes
+/// one optimizer step. Returns the updated policy, the mean reward of the samples and the loss
+/// statistics.
 #[allow(clippy::too_many_arguments)]
-pub fn grpo_step<B, O, R, F>(
+pub fn grpo_step<B, O, R, F, E>(
     policy: Captioner<B>,
     reference: &Captioner<B::InnerBackend>,
     optim: &mut O,
@@ -243,12 +251,12 @@ pub fn grpo_step<B, O, R, F>(
     max_len: usize,
     rng: &mut R,
     mut reward: F,
-) -> (Captioner<B>, f64, GrpoStats)
+) -> Result<(Captioner<B>, GrpoStats), E>
 where
     B: AutodiffBackend,
     O: Optimizer<Captioner<B>, B>,
     R: Rng + ?Sized,
-    F: FnMut(usize, &[u32]) -> f32,
+    F: FnMut(&[Vec<u32>]) -> Result<Vec<f32>, E>,
 {
     let seqs = sample_captions(
         &policy.valid(),
@@ -258,25 +266,31 @@ where
         max_len,
         rng,
     );
-    let rewards: Vec<f32> = seqs
-        .iter()
-        .enumerate()
-        .map(|(k, s)| reward(k / settings.group, s))
-        .collect();
-    let mean_reward = rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / rewards.len() as f64;
+    let rewards = reward(&seqs)?;
+    let n = rewards.len().max(1) as f64;
+    let mean_reward = rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / n;
     let adv = group_advantages(&rewards, settings.group);
+    // Groups whose samples all scored the same teach nothing (advantage 0).
+    let informative = rewards
+        .chunks(settings.group.max(1))
+        .filter(|g| g.iter().any(|&r| (r - g[0]).abs() > 1e-6))
+        .count() as f64
+        / rewards.chunks(settings.group.max(1)).count().max(1) as f64;
+    let mean_len = seqs.iter().map(|s| s.len() as f64).sum::<f64>() / seqs.len().max(1) as f64;
     let (loss, kl) = grpo_loss(&policy, reference, pixels, &seqs, &adv, settings);
     let loss_value = loss.clone().into_scalar().elem::<f64>();
     let grads = GradientsParams::from_grads(loss.backward(), &policy);
     let policy = optim.step(lr, policy, grads);
-    (
+    Ok((
         policy,
-        mean_reward,
         GrpoStats {
             loss: loss_value,
             kl,
+            mean_reward,
+            informative_groups: informative,
+            mean_len,
         },
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -333,7 +347,7 @@ mod tests {
         let mut policy = policy;
         let mut last = None;
         for _ in 0..8 {
-            let (p, _, stats) = grpo_step(
+            let (p, stats) = grpo_step(
                 policy,
                 &reference,
                 &mut optim,
@@ -342,8 +356,11 @@ mod tests {
                 &settings,
                 12,
                 &mut rng,
-                share,
-            );
+                |seqs: &[Vec<u32>]| {
+                    Ok::<_, std::convert::Infallible>(seqs.iter().map(|s| share(0, s)).collect())
+                },
+            )
+            .unwrap_or_else(|e| match e {});
             policy = p;
             assert!(stats.kl.is_finite() && stats.kl >= 0.0, "{stats:?}");
             last = Some(stats);

@@ -12,3 +12,4 @@ pub mod grpo;
 pub mod metrics;
 pub mod shapeworld;
 pub mod tokenizer;
+pub mod unify_stage;

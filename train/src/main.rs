@@ -9,9 +9,14 @@ use duet_models::Preset;
 use duet_train::backend::{CpuBackend, DeviceKind};
 use duet_train::caption_stage::{fit, FitArgs};
 use duet_train::checkpoint::write_json;
+use duet_train::eval::eval_reconstruction;
 use duet_train::eval::{eval_caption, eval_generate, GenerateEvalOptions};
 use duet_train::generate_stage::{fit_generate, GenerateFitArgs, GenerateOutcome};
 use duet_train::shapeworld::{write_dataset, SceneConfig};
+use duet_train::unify_stage::{
+    fit_unify, ReconstructionSettings, Stage2Captions, UnifyFitArgs, UnifyOutcome, STAGE1_DIR,
+    STAGE2_DIR,
+};
 
 #[derive(Parser)]
 #[command(name = "duet-train", version, about = "Train duet models with Burn")]
@@ -62,9 +67,23 @@ enum Command {
         #[arg(long)]
         resume: bool,
         /// `--stage generate`: the trained caption run to start from (its vision encoder is
-        /// frozen and its tokenizer reused).
+        /// frozen and its tokenizer reused). `--stage unify`: the trained generate run.
         #[arg(long)]
         init: Option<PathBuf>,
+        /// `--stage unify`: captions sampled per image in a GRPO group (stage 1). There
+        /// `--steps`, `--batch-size` (images per step) and `--lr` are stage 1's.
+        #[arg(long)]
+        group: Option<usize>,
+        /// `--stage unify`: generator fine-tune steps (stage 2).
+        #[arg(long)]
+        gen_steps: Option<usize>,
+        /// `--stage unify`: peak learning rate of stage 2.
+        #[arg(long)]
+        gen_lr: Option<f64>,
+        /// `--stage unify`: captions stage 2 trains on: the captioner's own (the loop) or the
+        /// dataset's (the same-budget control).
+        #[arg(long, value_enum)]
+        captions: Option<Stage2Captions>,
     },
     /// Evaluate a trained run on a dataset.
     Eval {
@@ -72,16 +91,16 @@ enum Command {
         stage: String,
         #[arg(long)]
         run: PathBuf,
-        /// Held-out dataset (caption; generate scores its own seeded prompt set).
+        /// Held-out dataset (caption, reconstruct; generate scores its own seeded prompt set).
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Evaluate only the first N samples (caption).
+        /// Evaluate only the first N samples (caption, reconstruct).
         #[arg(long)]
         limit: Option<usize>,
         /// Prompts per GenEval category (generate).
         #[arg(long, default_value_t = 20)]
         per_category: usize,
-        /// Sampling steps (generate).
+        /// Sampling steps (generate; reconstruct uses DDIM with eta 0).
         #[arg(long, default_value_t = 50)]
         steps: usize,
         /// Sampler: ddim or dpmpp (generate).
@@ -146,8 +165,48 @@ fn main() -> anyhow::Result<()> {
             seed,
             resume,
             init,
+            group,
+            gen_steps,
+            gen_lr,
+            captions,
         } => {
             let kind: DeviceKind = device.parse()?;
+            if stage == "unify" {
+                if resume {
+                    anyhow::bail!("unify runs do not resume; start them again (they are short)");
+                }
+                let args = UnifyFitArgs {
+                    init: init.context("--stage unify needs --init <generate run>")?,
+                    data,
+                    out: out.clone(),
+                    understand_steps: steps,
+                    understand_images: batch_size,
+                    understand_lr: lr,
+                    group,
+                    generate_steps: gen_steps,
+                    generate_lr: gen_lr,
+                    captions,
+                    seed,
+                    device: kind.to_string(),
+                    command: command_line,
+                    quiet: false,
+                };
+                let outcome = match kind {
+                    DeviceKind::Cpu => fit_unify::<CpuBackend>(&args, &Default::default())?,
+                    DeviceKind::Cuda => fit_unify_cuda(&args)?,
+                };
+                println!(
+                    "unify: GRPO reward {:.4} -> {:.4} (first/last 10 steps), KL {:.4}; stage-2 \
+                     diffusion loss {:.4}; {:.1}s; stages in {}/{{{STAGE1_DIR},{STAGE2_DIR}}}",
+                    outcome.reward_start,
+                    outcome.reward_end,
+                    outcome.final_kl,
+                    outcome.final_diffusion_loss,
+                    outcome.seconds,
+                    out.display()
+                );
+                return Ok(());
+            }
             if stage == "generate" {
                 let init = init.context("--stage generate needs --init <caption run>")?;
                 let args = GenerateFitArgs {
@@ -177,7 +236,9 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             if stage != "caption" {
-                anyhow::bail!("unknown stage '{stage}' (this build trains: caption, generate)");
+                anyhow::bail!(
+                    "unknown stage '{stage}' (this build trains: caption, generate, unify)"
+                );
             }
             let args = FitArgs {
                 preset,
@@ -218,6 +279,40 @@ fn main() -> anyhow::Result<()> {
             untrained,
         } => {
             let device = Default::default();
+            if stage == "reconstruct" {
+                let data = data.context("--data is required for --stage reconstruct")?;
+                let settings = ReconstructionSettings {
+                    steps,
+                    guidance,
+                    ..Default::default()
+                };
+                let (report, pairs) = eval_reconstruction::<burn::backend::NdArray<f32>>(
+                    &run, &data, limit, &settings, seed, &device,
+                )?;
+                println!("{report}");
+                // Originals on the odd rows, their rebuilds below them.
+                let mut shown = Vec::new();
+                for chunk in pairs.chunks(8) {
+                    shown.extend(chunk.iter().map(|(o, _)| o.clone()));
+                    shown.extend(chunk.iter().map(|(_, r)| r.clone()));
+                }
+                let grid_path = run.join("reconstruct.png");
+                let mut png = Vec::new();
+                duet_diffusion::grid(&shown, 8, 4)
+                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .context("encoding the grid")?;
+                duet_train::fsutil::write_atomic(&grid_path, &png)
+                    .with_context(|| format!("writing {}", grid_path.display()))?;
+                println!("originals and rebuilds in {}", grid_path.display());
+                write_json(
+                    &run.join("reconstruct.json"),
+                    &serde_json::json!({
+                        "data": data, "report": report, "steps": steps, "guidance": guidance,
+                        "seed": seed, "command": command_line,
+                    }),
+                )?;
+                return Ok(());
+            }
             if stage == "generate" {
                 let sampler = match sampler.as_str() {
                     "ddim" => Sampler::Ddim { eta },
@@ -269,7 +364,9 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             if stage != "caption" {
-                anyhow::bail!("unknown stage '{stage}' (this build evaluates: caption, generate)");
+                anyhow::bail!(
+                    "unknown stage '{stage}' (this build evaluates: caption, generate, reconstruct)"
+                );
             }
             let data = data.context("--data is required for --stage caption")?;
             let (metrics, examples) =
@@ -303,6 +400,17 @@ fn fit_generate_cuda(args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> 
 
 #[cfg(not(feature = "cuda"))]
 fn fit_generate_cuda(_args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
+    Err(duet_train::backend::BackendError::CudaNotCompiled.into())
+}
+
+#[cfg(feature = "cuda")]
+fn fit_unify_cuda(args: &UnifyFitArgs) -> anyhow::Result<UnifyOutcome> {
+    let device = duet_train::backend::probe_cuda()?;
+    fit_unify::<duet_train::backend::CudaBackend>(args, &device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fit_unify_cuda(_args: &UnifyFitArgs) -> anyhow::Result<UnifyOutcome> {
     Err(duet_train::backend::BackendError::CudaNotCompiled.into())
 }
 

@@ -1,0 +1,599 @@
+//! The unify stage (Unified-GRPO): the captioner as the encoder and the generator as the decoder
+//! of one auto-encoder, each trained against the other's reconstruction.
+//!
+//! 1. *Generation for understanding* (`stage1/`): for every image the captioner samples a group
+//!    of captions; the frozen generator rebuilds the image from each (a few DDIM steps, from one
+//!    start noise per image so a group's rewards differ only by what its captions say); the
+//!    reward is the cosine between the frozen vision encoder's embeddings of the rebuilt and the
+//!    input image minus `pixel_weight` × their pixel MSE; [`crate::grpo`] turns the rewards into
+//!    a policy-gradient step with a KL penalty to the starting captioner. The vision encoder
+//!    stays frozen too: the generator's text embeddings were aligned to it, and the reward
+//!    measures with it, so only the caption decoder learns.
+//! 2. *Understanding for generation* (`stage2/`): the stage-1 captioner captions every training
+//!    image (greedy) and the generator is fine-tuned with the generate stage's loss to rebuild
+//!    the image from those captions — its conditioning becomes the language its encoder
+//!    actually speaks. With `captions: truth` the same fine-tune runs on the dataset's own
+//!    captions instead: the control that separates the loop's effect from extra training.
+//!
+//! Both stage directories are complete runs (all four modules, tokenizer, config with stage
+//! `unify`), so `eval`, `export` and the runtime read them like a generate run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use duet_diffusion::{gaussian, Sampler, SamplerConfig};
+use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
+use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
+use duet_models::{Captioner, VisionEncoder};
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::{ArrayD, Axis};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::caption_stage::{
+    batch_indices, prepare, warmup_cosine_lr, with_prefixes, PreparedData, CONFIG_FILE,
+    METRICS_FILE, TOKENIZER_FILE,
+};
+use crate::checkpoint::{
+    load_weights, save_weights, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
+};
+use crate::ema::Ema;
+use crate::generate_stage::{
+    generate_loss, load_generator, GenerateTrainConfig, Generator, ImageEmbeddings, LoadedGenerator,
+};
+use crate::grpo::{grpo_step, GrpoSettings};
+use crate::shapeworld::load_dataset;
+use crate::tokenizer::save_tokenizer;
+
+pub const STAGE1_DIR: &str = "stage1";
+pub const STAGE2_DIR: &str = "stage2";
+
+/// Which captions stage 2 fine-tunes the generator on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage2Captions {
+    /// The stage-1 captioner's greedy captions (the loop).
+    Own,
+    /// The dataset's captions (the same-budget control).
+    Truth,
+}
+
+/// How a caption is scored by rebuilding its image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReconstructionSettings {
+    /// DDIM steps (eta 0) of the rebuild.
+    pub steps: usize,
+    pub guidance: f32,
+    /// Weight of the pixel MSE (images in `[-1, 1]`) subtracted from the embedding cosine.
+    pub pixel_weight: f64,
+}
+
+impl Default for ReconstructionSettings {
+    fn default() -> Self {
+        Self {
+            steps: 10,
+            guidance: 3.0,
+            pixel_weight: 1.0,
+        }
+    }
+}
+
+/// Everything the unify stage adds to a generate run's settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnifySettings {
+    pub grpo: GrpoSettings,
+    pub reconstruction: ReconstructionSettings,
+    /// Stage 1: GRPO steps, images per step (each sampled `grpo.group` times), peak lr.
+    pub understand_steps: usize,
+    pub understand_images: usize,
+    pub understand_lr: f64,
+    /// Stage 2: fine-tune steps, batch size, peak lr, and which captions.
+    pub generate_steps: usize,
+    pub generate_batch: usize,
+    pub generate_lr: f64,
+    pub captions: Stage2Captions,
+}
+
+impl Default for UnifySettings {
+    fn default() -> Self {
+        Self {
+            grpo: GrpoSettings::default(),
+            reconstruction: ReconstructionSettings::default(),
+            understand_steps: 100,
+            understand_images: 8,
+            understand_lr: 5e-5,
+            generate_steps: 600,
+            generate_batch: 32,
+            generate_lr: 1e-4,
+            captions: Stage2Captions::Own,
+        }
+    }
+}
+
+/// `config.json` of a unify run and of both its stage directories: a generate config (so every
+/// reader of generate runs reads it; `init` is the generate run it started from, `steps`,
+/// `batch_size` and `lr` are stage 2's) plus the unify settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnifyTrainConfig {
+    #[serde(flatten)]
+    pub base: GenerateTrainConfig,
+    pub unify: UnifySettings,
+}
+
+/// Options of `duet-train fit --stage unify`; `None` keeps [`UnifySettings::default`].
+#[derive(Debug, Clone, Default)]
+pub struct UnifyFitArgs {
+    /// The generate run to start from.
+    pub init: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub understand_steps: Option<usize>,
+    pub understand_images: Option<usize>,
+    pub understand_lr: Option<f64>,
+    pub group: Option<usize>,
+    pub generate_steps: Option<usize>,
+    pub generate_lr: Option<f64>,
+    pub captions: Option<Stage2Captions>,
+    pub seed: u64,
+    pub device: String,
+    pub command: String,
+    pub quiet: bool,
+}
+
+/// Summary of a finished unify run.
+#[derive(Debug, Clone)]
+pub struct UnifyOutcome {
+    /// Mean reward of the first and the last 10 GRPO steps.
+    pub reward_start: f64,
+    pub reward_end: f64,
+    pub final_kl: f64,
+    pub final_diffusion_loss: f64,
+    pub seconds: f64,
+}
+
+/// Rebuilds images from captions with a generator: `seqs` grouped `group` per image, every
+/// group from the image's own start noise (drawn from `seed`). Returns `[N·group, 3, S, S]`.
+pub fn reconstruct<B: Backend>(
+    generator: &LoadedGenerator<B>,
+    seqs: &[Vec<u32>],
+    group: usize,
+    settings: &ReconstructionSettings,
+    seed: u64,
+    device: &B::Device,
+) -> anyhow::Result<ArrayD<f32>> {
+    let group = group.max(1);
+    let images = seqs.len().div_ceil(group);
+    let s = generator.config.model.image_size;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let noise = gaussian(&[images, 3, s, s], &mut rng);
+    let rows: Vec<usize> = (0..seqs.len()).map(|k| k / group).collect();
+    let x = noise.select(Axis(0), &rows);
+    let sampler = SamplerConfig {
+        sampler: Sampler::Ddim { eta: 0.0 },
+        steps: settings.steps,
+        clip_x0: true,
+    };
+    generator.generate_tokens(seqs, x, &sampler, settings.guidance, &mut rng, device)
+}
+
+/// Per rebuilt image: cosine of the frozen vision encoder's embeddings (rebuilt vs original)
+/// and pixel MSE. `originals` is `[N, 3, S, S]`; `rebuilt` holds `group` images per original.
+pub fn similarity<B: Backend>(
+    vision: &VisionEncoder<B>,
+    originals: Tensor<B, 4>,
+    rebuilt: &ArrayD<f32>,
+    group: usize,
+    device: &B::Device,
+) -> Vec<(f32, f32)> {
+    let shape: Vec<usize> = rebuilt.shape().to_vec();
+    let m = shape[0];
+    let per: usize = shape[1..].iter().product();
+    let flat: Vec<f32> = rebuilt.iter().copied().collect();
+    let orig: Vec<f32> = originals
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default();
+    let e_orig = to_vec(vision.forward(originals).embedding);
+    let rebuilt_t = Tensor::<B, 4>::from_data(
+        TensorData::new(flat.clone(), [m, shape[1], shape[2], shape[3]]),
+        device,
+    );
+    let e_reb = to_vec(vision.forward(rebuilt_t).embedding);
+    let e = e_reb.len() / m.max(1);
+    (0..m)
+        .map(|k| {
+            let i = k / group.max(1);
+            // Both embeddings have unit norm.
+            let cos: f32 = (0..e).map(|j| e_reb[k * e + j] * e_orig[i * e + j]).sum();
+            let mse = (0..per)
+                .map(|j| (flat[k * per + j] - orig[i * per + j]).powi(2))
+                .sum::<f32>()
+                / per as f32;
+            (cos, mse)
+        })
+        .collect()
+}
+
+fn to_vec<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default()
+}
+
+/// Greedy captions of samples `idx` as `[BOS] … [EOS]` token rows.
+fn greedy_tokens<B: Backend>(
+    captioner: &Captioner<B>,
+    data: &PreparedData,
+    idx: &[usize],
+    max_len: usize,
+    device: &B::Device,
+) -> Vec<Vec<u32>> {
+    captioner
+        .greedy(data.pixels_batch::<B>(idx, device), BOS_ID, EOS_ID, max_len)
+        .into_iter()
+        .map(|body| {
+            let mut seq = Vec::with_capacity(body.len() + 2);
+            seq.push(BOS_ID);
+            seq.extend(body.into_iter().take(max_len.saturating_sub(2)));
+            seq.push(EOS_ID);
+            seq
+        })
+        .collect()
+}
+
+/// The dataset's images with the captioner's own greedy captions in place of the dataset's,
+/// made the first time each image is drawn.
+struct OwnCaptions {
+    data: PreparedData,
+    done: Vec<bool>,
+    max_len: usize,
+}
+
+impl OwnCaptions {
+    fn new(data: &PreparedData, max_len: usize) -> Self {
+        Self {
+            data: PreparedData {
+                n: data.n,
+                image_size: data.image_size,
+                pixels: data.pixels.clone(),
+                tokens: vec![i64::from(PAD_ID); data.n * max_len],
+                seq_len: max_len,
+            },
+            done: vec![false; data.n],
+            max_len,
+        }
+    }
+
+    /// Captions the not yet captioned samples of `idx`; returns the data to train on.
+    fn caption<B: Backend>(
+        &mut self,
+        captioner: &Captioner<B>,
+        idx: &[usize],
+        device: &B::Device,
+    ) -> &PreparedData {
+        let mut missing: Vec<usize> = idx.iter().copied().filter(|&i| !self.done[i]).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let seqs = greedy_tokens(captioner, &self.data, &missing, self.max_len, device);
+            for (&i, seq) in missing.iter().zip(seqs) {
+                let row = &mut self.data.tokens[i * self.max_len..(i + 1) * self.max_len];
+                for (slot, t) in row.iter_mut().zip(&seq) {
+                    *slot = i64::from(*t);
+                }
+                self.done[i] = true;
+            }
+        }
+        &self.data
+    }
+}
+
+fn progress(quiet: bool, len: usize, what: &str) -> ProgressBar {
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(len as u64)
+    };
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}} < {{eta}})"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb
+}
+
+/// Writes one complete stage directory: weights, tokenizer, config, state (last).
+fn write_stage(
+    dir: &Path,
+    cfg: &UnifyTrainConfig,
+    init: &Path,
+    weights: &NamedTensors,
+    state: &TrainState,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    save_weights(&dir.join(WEIGHTS_FILE), weights)?;
+    let tokenizer = crate::tokenizer::load_tokenizer(&init.join(TOKENIZER_FILE))?;
+    save_tokenizer(&tokenizer, &dir.join(TOKENIZER_FILE))?;
+    write_json(&dir.join(CONFIG_FILE), cfg)?;
+    write_json(&dir.join(STATE_FILE), state)?;
+    Ok(())
+}
+
+fn merged(parts: &[NamedTensors]) -> NamedTensors {
+    parts.iter().flat_map(|p| p.clone()).collect()
+}
+
+/// Runs both unify stages; see the module docs.
+pub fn fit_unify<B: AutodiffBackend>(
+    args: &UnifyFitArgs,
+    device: &B::Device,
+) -> anyhow::Result<UnifyOutcome> {
+    let out = &args.out;
+    let init_cfg: GenerateTrainConfig = crate::checkpoint::read_json(&args.init.join(CONFIG_FILE))
+        .map_err(|e| {
+            anyhow::anyhow!("--init {} is not a generate run: {e}", args.init.display())
+        })?;
+    if init_cfg.stage != "generate" && init_cfg.stage != "unify" {
+        anyhow::bail!(
+            "--init {} is a '{}' run; the unify stage starts from a generate run",
+            args.init.display(),
+            init_cfg.stage
+        );
+    }
+    let defaults = UnifySettings::default();
+    let mut unify = UnifySettings {
+        understand_steps: args.understand_steps.unwrap_or(defaults.understand_steps),
+        understand_images: args.understand_images.unwrap_or(defaults.understand_images),
+        understand_lr: args.understand_lr.unwrap_or(defaults.understand_lr),
+        generate_steps: args.generate_steps.unwrap_or(defaults.generate_steps),
+        generate_lr: args.generate_lr.unwrap_or(defaults.generate_lr),
+        captions: args.captions.unwrap_or(defaults.captions),
+        ..defaults
+    };
+    if let Some(g) = args.group {
+        unify.grpo.group = g;
+    }
+    if unify.grpo.group < 2 {
+        anyhow::bail!("--group must be at least 2 (advantages are relative within a group)");
+    }
+    if unify.understand_images == 0 || unify.generate_batch < 2 {
+        anyhow::bail!(
+            "batch sizes must be positive (stage 2 needs at least 2 for its contrastive loss)"
+        );
+    }
+    let cfg = UnifyTrainConfig {
+        base: GenerateTrainConfig {
+            stage: "unify".into(),
+            init: args.init.clone(),
+            data: args.data.clone(),
+            steps: unify.generate_steps,
+            batch_size: unify.generate_batch,
+            lr: unify.generate_lr,
+            warmup_steps: 20,
+            seed: args.seed,
+            device: args.device.clone(),
+            command: args.command.clone(),
+            ..init_cfg
+        },
+        unify,
+    };
+    std::fs::create_dir_all(out)?;
+    write_json(&out.join(CONFIG_FILE), &cfg)?;
+
+    let samples = load_dataset(&args.data)?;
+    if samples.is_empty() {
+        anyhow::bail!("{}: the dataset has no samples", args.data.display());
+    }
+    let generator = load_generator::<B::InnerBackend>(&args.init, false, device)?;
+    let model_cfg = &cfg.base.model;
+    let data = prepare(
+        &samples,
+        &generator.tokenizer,
+        model_cfg.image_size,
+        model_cfg.max_len,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", args.data.display()))?;
+    let weights = load_weights(&args.init.join(WEIGHTS_FILE))?;
+    let captioner_weights = with_prefixes(&weights, &["vision", "decoder"]);
+    let generator_weights = with_prefixes(&weights, &["text", "denoiser"]);
+    let reference = load_named_tensors(
+        Captioner::<B::InnerBackend>::new(model_cfg, device),
+        &captioner_weights,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
+    let vision = reference.vision.clone();
+    B::seed(device, cfg.base.seed);
+    let t0 = Instant::now();
+
+    // ---- Stage 1: generation for understanding ----
+    let u = &cfg.unify;
+    let mut policy = load_named_tensors(Captioner::<B>::new(model_cfg, device), &captioner_weights)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
+    policy.vision = policy.vision.no_grad();
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(0.0)
+        .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
+        .init::<B, Captioner<B>>();
+    let stage1 = out.join(STAGE1_DIR);
+    std::fs::create_dir_all(&stage1)?;
+    let mut metrics = std::fs::File::create(stage1.join(METRICS_FILE))?;
+    let pb = progress(args.quiet, u.understand_steps, "unify 1/2 grpo");
+    let mut rewards = Vec::with_capacity(u.understand_steps);
+    let mut last_kl = 0.0;
+    let mut last_grpo_loss = f64::NAN;
+    for step in 0..u.understand_steps {
+        let idx = batch_indices(data.n, u.understand_images, step, cfg.base.seed ^ 0x5EED);
+        let pixels = data.pixels_batch::<B>(&idx, device);
+        let originals = data.pixels_batch::<B::InnerBackend>(&idx, device);
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(cfg.base.seed.wrapping_mul(1_000_003) ^ step as u64);
+        let noise_seed = cfg.base.seed.wrapping_add(step as u64);
+        let lr = warmup_cosine_lr(u.understand_lr, 10, u.understand_steps, step);
+        let (p, stats) = grpo_step(
+            policy,
+            &reference,
+            &mut optim,
+            lr,
+            pixels,
+            &u.grpo,
+            model_cfg.max_len,
+            &mut rng,
+            |seqs: &[Vec<u32>]| -> anyhow::Result<Vec<f32>> {
+                let rebuilt = reconstruct(
+                    &generator,
+                    seqs,
+                    u.grpo.group,
+                    &u.reconstruction,
+                    noise_seed,
+                    device,
+                )?;
+                Ok(
+                    similarity(&vision, originals.clone(), &rebuilt, u.grpo.group, device)
+                        .into_iter()
+                        .map(|(cos, mse)| cos - u.reconstruction.pixel_weight as f32 * mse)
+                        .collect(),
+                )
+            },
+        )?;
+        policy = p;
+        if !stats.loss.is_finite() {
+            anyhow::bail!("GRPO loss became {} at step {step}; lower --lr", stats.loss);
+        }
+        rewards.push(stats.mean_reward);
+        last_kl = stats.kl;
+        last_grpo_loss = stats.loss;
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({
+                "step": step + 1, "reward": stats.mean_reward, "kl": stats.kl,
+                "loss": stats.loss, "informative_groups": stats.informative_groups,
+                "mean_len": stats.mean_len, "lr": lr, "elapsed_s": t0.elapsed().as_secs_f64(),
+            })
+        )?;
+        pb.inc(1);
+        pb.set_message(format!(
+            "reward {:.3} kl {:.4} informative {:.0}%",
+            stats.mean_reward,
+            stats.kl,
+            100.0 * stats.informative_groups
+        ));
+    }
+    pb.finish_and_clear();
+    let captioner = policy.valid();
+    let captioner_trained = named_tensors(&captioner);
+    write_stage(
+        &stage1,
+        &cfg,
+        &args.init,
+        &merged(&[captioner_trained.clone(), generator_weights.clone()]),
+        &TrainState {
+            step: u.understand_steps,
+            seed: cfg.base.seed,
+            last_loss: last_grpo_loss,
+        },
+    )?;
+    tracing::info!(dir = %stage1.display(), "stage 1 written");
+
+    // ---- Stage 2: understanding for generation ----
+    // Own captions are made as stage 2 first draws each image (like the cached embeddings):
+    // a short fine-tune sees a fraction of a large dataset, so captioning all of it up front
+    // would cost more than the fine-tune.
+    let mut own = match u.captions {
+        Stage2Captions::Own => Some(OwnCaptions::new(&data, model_cfg.max_len)),
+        Stage2Captions::Truth => None,
+    };
+    let schedule = duet_diffusion::NoiseSchedule::cosine(cfg.base.diffusion.train_timesteps)?;
+    let mut model = load_named_tensors(Generator::<B>::new(model_cfg, device), &generator_weights)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(cfg.base.weight_decay)
+        .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(
+            cfg.base.grad_clip,
+        )))
+        .init::<B, Generator<B>>();
+    let mut weight_avg = Ema::new(cfg.base.diffusion.ema_decay, generator_weights.clone());
+    let mut embeddings = ImageEmbeddings::new(vision.clone(), model_cfg, data.n);
+    let stage2 = out.join(STAGE2_DIR);
+    std::fs::create_dir_all(&stage2)?;
+    let mut metrics = std::fs::File::create(stage2.join(METRICS_FILE))?;
+    let pb = progress(args.quiet, u.generate_steps, "unify 2/2 generator");
+    let mut ema_loss: Option<f64> = None;
+    let mut last_diffusion = f64::NAN;
+    for step in 0..u.generate_steps {
+        let idx = batch_indices(data.n, u.generate_batch, step, cfg.base.seed ^ 0x2);
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.base.seed.rotate_left(23) ^ step as u64);
+        let train_data: &PreparedData = match own.as_mut() {
+            Some(own) => own.caption(&captioner, &idx, device),
+            None => &data,
+        };
+        let image_emb = embeddings.batch(train_data, &idx, device);
+        let (loss, diffusion) = generate_loss(
+            model_cfg,
+            &cfg.base.diffusion,
+            &schedule,
+            &model,
+            image_emb,
+            train_data,
+            &idx,
+            &mut rng,
+            device,
+        );
+        let loss_value = loss.clone().into_scalar().elem::<f64>();
+        last_diffusion = diffusion.into_scalar().elem::<f64>();
+        if !loss_value.is_finite() {
+            anyhow::bail!("loss became {loss_value} at stage-2 step {step}; lower --gen-lr");
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let lr = warmup_cosine_lr(u.generate_lr, cfg.base.warmup_steps, u.generate_steps, step);
+        model = optim.step(lr, model, grads);
+        weight_avg.update(&model.valid(), step);
+        let e = ema_loss.map_or(last_diffusion, |e| 0.95 * e + 0.05 * last_diffusion);
+        ema_loss = Some(e);
+        if (step + 1) % 10 == 0 || step + 1 == u.generate_steps {
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({
+                    "step": step + 1, "loss": loss_value, "diffusion_loss": last_diffusion,
+                    "diffusion_loss_ema": e, "lr": lr, "elapsed_s": t0.elapsed().as_secs_f64(),
+                })
+            )?;
+        }
+        pb.inc(1);
+        pb.set_message(format!("diffusion {e:.3}"));
+    }
+    pb.finish_and_clear();
+    write_stage(
+        &stage2,
+        &cfg,
+        &args.init,
+        &merged(&[captioner_trained, weight_avg.weights().clone()]),
+        &TrainState {
+            step: u.generate_steps,
+            seed: cfg.base.seed,
+            last_loss: last_diffusion,
+        },
+    )?;
+    tracing::info!(dir = %stage2.display(), "stage 2 written");
+    let k = rewards.len().min(10);
+    let mean = |r: &[f64]| r.iter().sum::<f64>() / r.len().max(1) as f64;
+    Ok(UnifyOutcome {
+        reward_start: mean(&rewards[..k]),
+        reward_end: mean(&rewards[rewards.len() - k..]),
+        final_kl: last_kl,
+        final_diffusion_loss: last_diffusion,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
