@@ -195,12 +195,18 @@ fn main() -> anyhow::Result<()> {
                     DeviceKind::Cpu => fit_unify::<CpuBackend>(&args, &Default::default())?,
                     DeviceKind::Cuda => fit_unify_cuda(&args)?,
                 };
+                if outcome.grpo_steps > 0 {
+                    println!(
+                        "stage 1: {} GRPO steps, reward {:.4} -> {:.4} (mean of the first/last \
+                         10), KL {:.4}",
+                        outcome.grpo_steps,
+                        outcome.reward_start,
+                        outcome.reward_end,
+                        outcome.final_kl
+                    );
+                }
                 println!(
-                    "unify: GRPO reward {:.4} -> {:.4} (first/last 10 steps), KL {:.4}; stage-2 \
-                     diffusion loss {:.4}; {:.1}s; stages in {}/{{{STAGE1_DIR},{STAGE2_DIR}}}",
-                    outcome.reward_start,
-                    outcome.reward_end,
-                    outcome.final_kl,
+                    "stage 2: diffusion loss {:.4}; {:.1}s in all; runs in {}/{{{STAGE1_DIR},{STAGE2_DIR}}}",
                     outcome.final_diffusion_loss,
                     outcome.seconds,
                     out.display()

@@ -149,6 +149,7 @@ pub struct UnifyFitArgs {
 /// Summary of a finished unify run.
 #[derive(Debug, Clone)]
 pub struct UnifyOutcome {
+    pub grpo_steps: usize,
     /// Mean reward of the first and the last 10 GRPO steps.
     pub reward_start: f64,
     pub reward_end: f64,
@@ -590,6 +591,7 @@ pub fn fit_unify<B: AutodiffBackend>(
     let k = rewards.len().min(10);
     let mean = |r: &[f64]| r.iter().sum::<f64>() / r.len().max(1) as f64;
     Ok(UnifyOutcome {
+        grpo_steps: rewards.len(),
         reward_start: mean(&rewards[..k]),
         reward_end: mean(&rewards[rewards.len() - k..]),
         final_kl: last_kl,
