@@ -14,7 +14,6 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
 use duet_models::{Captioner, ModelConfig, Preset};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -306,18 +305,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         None => 0,
     };
 
-    let pb = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(cfg.steps as u64)
-    };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} caption [{bar:30}] {pos}/{len} {msg} ({elapsed} < {eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let pb = crate::progress::stage_bar(args.quiet, cfg.steps, "caption");
     pb.set_position(start_step as u64);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)

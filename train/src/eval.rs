@@ -136,7 +136,6 @@ pub fn eval_reconstruction<B: Backend>(
     ReconstructionReport,
     Vec<(image::RgbImage, image::RgbImage)>,
 )> {
-    use duet_models::tokens::{BOS_ID, EOS_ID};
     let captioner = load_run::<B>(run, device)?;
     let generator = crate::generate_stage::load_generator::<B>(run, false, device)?;
     let mut samples = load_dataset(data)?;
@@ -154,17 +153,13 @@ pub fn eval_reconstruction<B: Backend>(
     let pb = indicatif::ProgressBar::new(prepared.n as u64);
     for (k, chunk) in idx.chunks(64).enumerate() {
         let pixels = prepared.pixels_batch::<B>(chunk, device);
-        let seqs: Vec<Vec<u32>> = captioner
-            .model
-            .greedy(pixels.clone(), BOS_ID, EOS_ID, cfg.max_len)
-            .into_iter()
-            .map(|body| {
-                let mut s = vec![BOS_ID];
-                s.extend(body.into_iter().take(cfg.max_len.saturating_sub(2)));
-                s.push(EOS_ID);
-                s
-            })
-            .collect();
+        let seqs = crate::unify_stage::greedy_tokens(
+            &captioner.model,
+            &prepared,
+            chunk,
+            cfg.max_len,
+            device,
+        );
         let rebuilt = crate::unify_stage::reconstruct(
             &generator,
             &seqs,

@@ -24,7 +24,6 @@ use duet_diffusion::{gaussian, guide, sample, NoiseSchedule, Prediction, Sampler
 use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
 use duet_models::{Denoiser, ModelConfig, Preset, TextEncoder, VisionEncoder};
-use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::ArrayD;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -456,18 +455,7 @@ pub fn fit_generate<B: AutodiffBackend>(
     );
     let mut image_embeddings = ImageEmbeddings::new(vision, &cfg.model, data.n);
 
-    let pb = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(cfg.steps as u64)
-    };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} generate [{bar:30}] {pos}/{len} {msg} ({elapsed} < {eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let pb = crate::progress::stage_bar(args.quiet, cfg.steps, "generate");
     pb.set_position(start_step as u64);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)

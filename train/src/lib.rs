@@ -10,6 +10,7 @@ pub mod generate_stage;
 pub mod geneval;
 pub mod grpo;
 pub mod metrics;
+pub mod progress;
 pub mod shapeworld;
 pub mod tokenizer;
 pub mod unify_stage;

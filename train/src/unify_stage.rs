@@ -30,7 +30,6 @@ use duet_diffusion::{gaussian, Sampler, SamplerConfig};
 use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
 use duet_models::{Captioner, VisionEncoder};
-use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{ArrayD, Axis};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -48,6 +47,7 @@ use crate::generate_stage::{
     generate_loss, load_generator, GenerateTrainConfig, Generator, ImageEmbeddings, LoadedGenerator,
 };
 use crate::grpo::{grpo_step, GrpoSettings};
+use crate::progress::stage_bar;
 use crate::shapeworld::load_dataset;
 use crate::tokenizer::save_tokenizer;
 
@@ -231,7 +231,7 @@ fn to_vec<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
 }
 
 /// Greedy captions of samples `idx` as `[BOS] … [EOS]` token rows.
-fn greedy_tokens<B: Backend>(
+pub fn greedy_tokens<B: Backend>(
     captioner: &Captioner<B>,
     data: &PreparedData,
     idx: &[usize],
@@ -296,22 +296,6 @@ impl OwnCaptions {
         }
         &self.data
     }
-}
-
-fn progress(quiet: bool, len: usize, what: &str) -> ProgressBar {
-    let pb = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(len as u64)
-    };
-    pb.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}} < {{eta}})"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    pb
 }
 
 /// Writes one complete stage directory: weights, tokenizer, config, state (last).
@@ -429,7 +413,7 @@ pub fn fit_unify<B: AutodiffBackend>(
     let stage1 = out.join(STAGE1_DIR);
     std::fs::create_dir_all(&stage1)?;
     let mut metrics = std::fs::File::create(stage1.join(METRICS_FILE))?;
-    let pb = progress(args.quiet, u.understand_steps, "unify 1/2 grpo");
+    let pb = stage_bar(args.quiet, u.understand_steps, "unify 1/2 grpo");
     let mut rewards = Vec::with_capacity(u.understand_steps);
     let mut last_kl = 0.0;
     let mut last_grpo_loss = f64::NAN;
@@ -529,7 +513,7 @@ pub fn fit_unify<B: AutodiffBackend>(
     let stage2 = out.join(STAGE2_DIR);
     std::fs::create_dir_all(&stage2)?;
     let mut metrics = std::fs::File::create(stage2.join(METRICS_FILE))?;
-    let pb = progress(args.quiet, u.generate_steps, "unify 2/2 generator");
+    let pb = stage_bar(args.quiet, u.generate_steps, "unify 2/2 generator");
     let mut ema_loss: Option<f64> = None;
     let mut last_diffusion = f64::NAN;
     for step in 0..u.generate_steps {
