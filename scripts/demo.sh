@@ -30,7 +30,7 @@ echo "== ort =="
 echo "== tract =="
 "$bin/duet" caption --bundle "$out/bundle" --provider tract $imgs
 echo "== edge binary (tract only, no onnxruntime linked) =="
-"$bin/duet-edge" "$out/bundle" $imgs
+"$bin/duet-edge" caption "$out/bundle" $imgs
 echo "== generation: tiny generator on top of the captioner =="
 "$bin/duet-train" fit --stage generate --init "$out/run" --data "$out/data/train" --out "$out/gen-run" --steps "$gen_steps" --seed 0
 "$bin/duet-train" eval --stage generate --run "$out/gen-run" --per-category 10 --steps 20
@@ -38,6 +38,7 @@ echo "== generation: tiny generator on top of the captioner =="
 prompt="a large red circle at the top left"
 "$bin/duet" generate --bundle "$out/gen-bundle" --provider auto --count 4 --seed 0 -o "$out/generated-ort.png" "$prompt"
 "$bin/duet" generate --bundle "$out/gen-bundle" --provider tract --count 4 --seed 0 -o "$out/generated-tract.png" "$prompt"
+"$bin/duet-edge" generate "$out/gen-bundle" "$out/generated-edge.png" "$prompt"
 echo "generations of \"$prompt\": $out/generated-ort.png (ort), $out/generated-tract.png (tract); GenEval grid: $out/gen-run/geneval.png"
 echo "== unification: Unified-GRPO on the tiny pair =="
 "$bin/duet-train" eval --stage reconstruct --run "$out/gen-run" --data "$out/data/val" --limit 100 --steps 20

@@ -48,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         engine: EngineOptions {
             strict: true,
             ort_lib: cli.ort_lib,
+            ..EngineOptions::default()
         },
         command: std::env::args().collect::<Vec<_>>().join(" "),
         ..ExportOptions::new(&cli.run, &cli.out)

@@ -1,5 +1,5 @@
 /*
- * duet C ABI: caption images with a duet bundle (libduet.so).
+ * duet C ABI: caption images and generate images with a duet bundle (libduet.so).
  *
  * - Every call returns a DuetStatus; DUET_STATUS_OK (0) is success.
  * - `error` out-parameters (may be NULL) receive a message on failure and NULL on success;
@@ -18,6 +18,12 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+// `DuetGenerateOptions::sampler`: deterministic DDIM (`eta` adds noise when > 0).
+#define DUET_SAMPLER_DDIM 0
+
+// `DuetGenerateOptions::sampler`: DPM-Solver++ (2M) (`eta` is ignored).
+#define DUET_SAMPLER_DPMPP_2M 1
 
 // Result of every duet C call.
 typedef enum DuetStatus {
@@ -38,10 +44,28 @@ typedef enum DuetStatus {
   DUET_STATUS_INFERENCE = 6,
   // An internal panic was caught at the boundary (a bug: please report it).
   DUET_STATUS_PANIC = 7,
+  // The bundle has no pipeline for this call (generation on a caption-only bundle).
+  DUET_STATUS_UNSUPPORTED = 8,
 } DuetStatus;
 
-// A loaded bundle with its captioning pipeline. Opaque to C.
+// A loaded bundle with its pipelines: captioning always, generation when the bundle has the
+// text-encoder and denoiser graphs. Opaque to C.
 typedef struct DuetRuntime DuetRuntime;
+
+// How `duet_generate_rgb` samples. Start from `duet_generate_defaults` (the bundle's
+// settings) and change what you need.
+typedef struct DuetGenerateOptions {
+  // `DUET_SAMPLER_DDIM` or `DUET_SAMPLER_DPMPP_2M`.
+  uint32_t sampler;
+  // DDIM noise: 0 is deterministic.
+  float eta;
+  // Sampler steps (each one denoiser evaluation), 1 to 1000.
+  uint32_t steps;
+  // Classifier-free guidance scale: 1 disables guidance (and halves the work).
+  float guidance;
+  // Noise seed: the same bundle, prompt, options and seed give the same image.
+  uint64_t seed;
+} DuetGenerateOptions;
 
 #ifdef __cplusplus
 extern "C" {
@@ -50,7 +74,8 @@ extern "C" {
 // The library version (`MAJOR.MINOR.PATCH`), a static string: do not free it.
 const char *duet_version(void);
 
-// Opens and verifies the bundle in `bundle_dir` and loads its graphs.
+// Opens and verifies the bundle in `bundle_dir` and loads its graphs: the captioning
+// pipeline, and the generation pipeline when the bundle has one.
 //
 // `provider` is `"auto"` (TensorRT → CUDA → ort CPU → tract, first that works), `"tensorrt"`,
 // `"cuda"`, `"ort-cpu"` or `"tract"`; NULL means `"auto"`. With `strict`, any provider that
@@ -104,6 +129,42 @@ enum DuetStatus duet_caption_rgb(const struct DuetRuntime *runtime,
 enum DuetStatus duet_caption_file(const struct DuetRuntime *runtime,
                                   const char *path,
                                   char **caption,
+                                  char **error);
+
+// `*width` and `*height` of the images `duet_generate_rgb` writes (the buffer it needs is
+// `width * height * 3` bytes). `DUET_STATUS_UNSUPPORTED` on a bundle without a generator.
+//
+// # Safety
+// `runtime` must be NULL or a live handle; `width`, `height` and `error` must be NULL or
+// writable.
+enum DuetStatus duet_generate_image_size(const struct DuetRuntime *runtime,
+                                         uint32_t *width,
+                                         uint32_t *height,
+                                         char **error);
+
+// Fills `*options` with the bundle's sampling defaults (deterministic DDIM, the manifest's
+// steps and guidance, seed 0). `DUET_STATUS_UNSUPPORTED` on a bundle without a generator.
+//
+// # Safety
+// `runtime` must be NULL or a live handle; `options` and `error` must be NULL or writable.
+enum DuetStatus duet_generate_defaults(const struct DuetRuntime *runtime,
+                                       struct DuetGenerateOptions *options,
+                                       char **error);
+
+// Generates one image from `prompt` into the caller's buffer `rgb`: packed 8-bit RGB rows,
+// `len` must be exactly `width * height * 3` of `duet_generate_image_size`. `options` NULL
+// means the bundle's defaults. An empty prompt, words the model never saw, a prompt longer
+// than the model reads, or bad options are `DUET_STATUS_INVALID_ARGUMENT` with the reason;
+// the buffer is written only on success.
+//
+// # Safety
+// `runtime` must be NULL or a live handle; `prompt` NULL or a NUL-terminated string;
+// `options` NULL or readable; `rgb` NULL or writable for `len` bytes; `error` NULL or writable.
+enum DuetStatus duet_generate_rgb(const struct DuetRuntime *runtime,
+                                  const char *prompt,
+                                  const struct DuetGenerateOptions *options,
+                                  uint8_t *rgb,
+                                  size_t len,
                                   char **error);
 
 // Frees a string returned by any duet function. NULL is a no-op.

@@ -18,8 +18,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::ptr;
 
+use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::{EngineOptions, ProviderChoice};
-use duet_runtime::{preprocess, Bundle, Captioner};
+use duet_runtime::{preprocess, Bundle, Captioner, GenerateError, GenerateOptions, Generator};
 
 /// Result of every duet C call.
 #[repr(C)]
@@ -42,11 +43,37 @@ pub enum DuetStatus {
     Inference = 6,
     /// An internal panic was caught at the boundary (a bug: please report it).
     Panic = 7,
+    /// The bundle has no pipeline for this call (generation on a caption-only bundle).
+    Unsupported = 8,
 }
 
-/// A loaded bundle with its captioning pipeline. Opaque to C.
+/// `DuetGenerateOptions::sampler`: deterministic DDIM (`eta` adds noise when > 0).
+pub const DUET_SAMPLER_DDIM: u32 = 0;
+/// `DuetGenerateOptions::sampler`: DPM-Solver++ (2M) (`eta` is ignored).
+pub const DUET_SAMPLER_DPMPP_2M: u32 = 1;
+
+/// How `duet_generate_rgb` samples. Start from `duet_generate_defaults` (the bundle's
+/// settings) and change what you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DuetGenerateOptions {
+    /// `DUET_SAMPLER_DDIM` or `DUET_SAMPLER_DPMPP_2M`.
+    pub sampler: u32,
+    /// DDIM noise: 0 is deterministic.
+    pub eta: f32,
+    /// Sampler steps (each one denoiser evaluation), 1 to 1000.
+    pub steps: u32,
+    /// Classifier-free guidance scale: 1 disables guidance (and halves the work).
+    pub guidance: f32,
+    /// Noise seed: the same bundle, prompt, options and seed give the same image.
+    pub seed: u64,
+}
+
+/// A loaded bundle with its pipelines: captioning always, generation when the bundle has the
+/// text-encoder and denoiser graphs. Opaque to C.
 pub struct DuetRuntime {
     captioner: Captioner,
+    generator: Option<Generator>,
     report: String,
 }
 
@@ -80,6 +107,28 @@ impl From<duet_runtime::CaptionError> for Failure {
             | E::Engine(duet_runtime::EngineError::ModelNotFound { .. }) => DuetStatus::Provider,
             E::Image(_) => DuetStatus::Image,
             E::Engine(_) | E::Decode { .. } | E::Shape { .. } => DuetStatus::Inference,
+        };
+        Failure::new(status, e.to_string())
+    }
+}
+
+impl From<GenerateError> for Failure {
+    fn from(e: GenerateError) -> Self {
+        use duet_runtime::EngineError as Eng;
+        use GenerateError as E;
+        let status = match &e {
+            E::Bundle(_) | E::Tokenizer { .. } => DuetStatus::Bundle,
+            E::Engine(Eng::ProviderUnavailable { .. })
+            | E::Engine(Eng::NoProvider { .. })
+            | E::Engine(Eng::ModelNotFound { .. }) => DuetStatus::Provider,
+            E::NoGenerator => DuetStatus::Unsupported,
+            E::NoPrompts
+            | E::TooMany { .. }
+            | E::EmptyPrompt { .. }
+            | E::PromptTooLong { .. }
+            | E::UnknownWords { .. }
+            | E::InvalidOption(_) => DuetStatus::InvalidArgument,
+            E::Engine(_) | E::Diffusion(_) | E::Shape { .. } => DuetStatus::Inference,
         };
         Failure::new(status, e.to_string())
     }
@@ -163,7 +212,8 @@ pub extern "C" fn duet_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
-/// Opens and verifies the bundle in `bundle_dir` and loads its graphs.
+/// Opens and verifies the bundle in `bundle_dir` and loads its graphs: the captioning
+/// pipeline, and the generation pipeline when the bundle has one.
 ///
 /// `provider` is `"auto"` (TensorRT → CUDA → ort CPU → tract, first that works), `"tensorrt"`,
 /// `"cuda"`, `"ort-cpu"` or `"tract"`; NULL means `"auto"`. With `strict`, any provider that
@@ -206,13 +256,23 @@ pub unsafe extern "C" fn duet_runtime_create(
             ..EngineOptions::default()
         };
         let captioner = Captioner::new(&bundle, choice, &options)?;
+        let generator = if bundle.manifest().diffusion.is_some() {
+            Some(Generator::new(&bundle, choice, &options)?)
+        } else {
+            None
+        };
         let report = captioner
             .reports()
             .iter()
+            .chain(generator.iter().flat_map(|g| g.reports()))
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("\n");
-        *out = Box::into_raw(Box::new(DuetRuntime { captioner, report }));
+        *out = Box::into_raw(Box::new(DuetRuntime {
+            captioner,
+            generator,
+            report,
+        }));
         Ok(())
     })
 }
@@ -321,6 +381,114 @@ pub unsafe extern "C" fn duet_caption_file(
     })
 }
 
+/// `*width` and `*height` of the images `duet_generate_rgb` writes (the buffer it needs is
+/// `width * height * 3` bytes). `DUET_STATUS_UNSUPPORTED` on a bundle without a generator.
+///
+/// # Safety
+/// `runtime` must be NULL or a live handle; `width`, `height` and `error` must be NULL or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn duet_generate_image_size(
+    runtime: *const DuetRuntime,
+    width: *mut u32,
+    height: *mut u32,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        out_arg(width, "width")?;
+        out_arg(height, "height")?;
+        let side = generator_of(runtime_arg(runtime)?)?.image_size();
+        let side = u32::try_from(side)
+            .map_err(|_| Failure::new(DuetStatus::Bundle, "image size does not fit u32"))?;
+        *width = side;
+        *height = side;
+        Ok(())
+    })
+}
+
+/// Fills `*options` with the bundle's sampling defaults (deterministic DDIM, the manifest's
+/// steps and guidance, seed 0). `DUET_STATUS_UNSUPPORTED` on a bundle without a generator.
+///
+/// # Safety
+/// `runtime` must be NULL or a live handle; `options` and `error` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn duet_generate_defaults(
+    runtime: *const DuetRuntime,
+    options: *mut DuetGenerateOptions,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        out_arg(options, "options")?;
+        let d = generator_of(runtime_arg(runtime)?)?.default_options();
+        let (sampler, eta) = match d.sampler {
+            Sampler::Ddim { eta } => (DUET_SAMPLER_DDIM, eta),
+            Sampler::DpmSolverPp2M => (DUET_SAMPLER_DPMPP_2M, 0.0),
+        };
+        *options = DuetGenerateOptions {
+            sampler,
+            eta,
+            steps: u32::try_from(d.steps).unwrap_or(u32::MAX),
+            guidance: d.guidance,
+            seed: d.seed,
+        };
+        Ok(())
+    })
+}
+
+/// Generates one image from `prompt` into the caller's buffer `rgb`: packed 8-bit RGB rows,
+/// `len` must be exactly `width * height * 3` of `duet_generate_image_size`. `options` NULL
+/// means the bundle's defaults. An empty prompt, words the model never saw, a prompt longer
+/// than the model reads, or bad options are `DUET_STATUS_INVALID_ARGUMENT` with the reason;
+/// the buffer is written only on success.
+///
+/// # Safety
+/// `runtime` must be NULL or a live handle; `prompt` NULL or a NUL-terminated string;
+/// `options` NULL or readable; `rgb` NULL or writable for `len` bytes; `error` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn duet_generate_rgb(
+    runtime: *const DuetRuntime,
+    prompt: *const c_char,
+    options: *const DuetGenerateOptions,
+    rgb: *mut u8,
+    len: usize,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        let rt = runtime_arg(runtime)?;
+        let prompt = str_arg(prompt, "prompt")?;
+        if rgb.is_null() {
+            return Err(Failure::new(DuetStatus::NullPointer, "`rgb` is NULL"));
+        }
+        let generator = generator_of(rt)?;
+        let side = generator.image_size();
+        let want = side * side * 3;
+        if len != want {
+            return Err(Failure::new(
+                DuetStatus::InvalidArgument,
+                format!("`len` is {len} bytes but a {side}x{side} RGB image has {want}"),
+            ));
+        }
+        let opts = match options.as_ref() {
+            None => generator.default_options(),
+            Some(o) => generate_options(o)?,
+        };
+        let image = generator
+            .generate_images(&[prompt], &opts)?
+            .pop()
+            .ok_or_else(|| Failure::new(DuetStatus::Inference, "no image was produced"))?;
+        let pixels = image.as_raw();
+        if pixels.len() != len {
+            return Err(Failure::new(
+                DuetStatus::Inference,
+                format!("the generator made {} bytes, not {len}", pixels.len()),
+            ));
+        }
+        // Only now that the image exists is the caller's buffer touched.
+        std::slice::from_raw_parts_mut(rgb, len).copy_from_slice(pixels);
+        Ok(())
+    })
+}
+
 /// Frees a string returned by any duet function. NULL is a no-op.
 ///
 /// # Safety
@@ -338,6 +506,34 @@ fn image_from(width: u32, height: u32, bytes: Vec<u8>) -> Result<preprocess::Rgb
             DuetStatus::InvalidArgument,
             "pixel buffer does not match its size",
         )
+    })
+}
+
+fn generator_of(rt: &DuetRuntime) -> Result<&Generator, Failure> {
+    rt.generator
+        .as_ref()
+        .ok_or_else(|| Failure::from(GenerateError::NoGenerator))
+}
+
+fn generate_options(o: &DuetGenerateOptions) -> Result<GenerateOptions, Failure> {
+    let sampler = match o.sampler {
+        DUET_SAMPLER_DDIM => Sampler::Ddim { eta: o.eta },
+        DUET_SAMPLER_DPMPP_2M => Sampler::DpmSolverPp2M,
+        other => {
+            return Err(Failure::new(
+                DuetStatus::InvalidArgument,
+                format!(
+                    "unknown sampler {other} (DUET_SAMPLER_DDIM = {DUET_SAMPLER_DDIM}, \
+                     DUET_SAMPLER_DPMPP_2M = {DUET_SAMPLER_DPMPP_2M})"
+                ),
+            ))
+        }
+    };
+    Ok(GenerateOptions {
+        sampler,
+        steps: o.steps as usize,
+        guidance: o.guidance,
+        seed: o.seed,
     })
 }
 

@@ -259,3 +259,76 @@ fn eight_threads_on_one_handle_match_sequential_calls() {
     }
     unsafe { duet_runtime_destroy(rt) };
 }
+
+#[test]
+fn generation_on_a_caption_only_bundle_is_unsupported_and_null_checked() {
+    let dir = bundle();
+    let (s, rt, e) = create(Some(dir.path().to_str().unwrap()), Some("tract"), true);
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    let (mut w, mut h) = (0u32, 0u32);
+    let mut err = ptr::null_mut();
+    let s = unsafe { duet_generate_image_size(rt, &mut w, &mut h, &mut err) };
+    assert_eq!(s, DuetStatus::Unsupported);
+    let e = take(err).unwrap();
+    assert!(e.contains("no generator"), "{e}");
+    let mut opts = DuetGenerateOptions {
+        sampler: DUET_SAMPLER_DDIM,
+        eta: 0.0,
+        steps: 1,
+        guidance: 1.0,
+        seed: 0,
+    };
+    let s = unsafe { duet_generate_defaults(rt, &mut opts, ptr::null_mut()) };
+    assert_eq!(s, DuetStatus::Unsupported);
+    let prompt = cstr("a red circle");
+    let mut buf = vec![7u8; 8 * 8 * 3];
+    let mut err = ptr::null_mut();
+    let s = unsafe {
+        duet_generate_rgb(
+            rt,
+            prompt.as_ptr(),
+            &opts,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut err,
+        )
+    };
+    assert_eq!(s, DuetStatus::Unsupported);
+    assert!(take(err).unwrap().contains("no generator"));
+    assert!(buf.iter().all(|&b| b == 7), "buffer written on error");
+
+    // NULL arguments are reported before anything else is looked at.
+    let calls: [(DuetStatus, &str); 5] = unsafe {
+        let mut e = [ptr::null_mut(); 5];
+        let s = [
+            duet_generate_image_size(ptr::null(), &mut w, &mut h, &mut e[0]),
+            duet_generate_image_size(rt, ptr::null_mut(), &mut h, &mut e[1]),
+            duet_generate_defaults(rt, ptr::null_mut(), &mut e[2]),
+            duet_generate_rgb(
+                rt,
+                ptr::null(),
+                &opts,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut e[3],
+            ),
+            duet_generate_rgb(rt, prompt.as_ptr(), &opts, ptr::null_mut(), 3, &mut e[4]),
+        ];
+        let names = ["`runtime`", "`width`", "`options`", "`prompt`", "`rgb`"];
+        for (i, err) in e.into_iter().enumerate() {
+            let text = take(err).unwrap();
+            assert!(text.contains(names[i]), "{i}: {text}");
+        }
+        [
+            (s[0], "runtime"),
+            (s[1], "width"),
+            (s[2], "options"),
+            (s[3], "prompt"),
+            (s[4], "rgb"),
+        ]
+    };
+    for (status, what) in calls {
+        assert_eq!(status, DuetStatus::NullPointer, "NULL {what}");
+    }
+    unsafe { duet_runtime_destroy(rt) };
+}

@@ -2,53 +2,15 @@
 //! run on a bundle (under valgrind when it is installed, which `scripts/setup.sh` ensures in CI):
 //! same captions as the Rust runtime, zero leaks, zero invalid accesses.
 
+#[path = "c_build/mod.rs"]
+mod c_build;
 #[path = "../../runtime/tests/common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
 use duet_runtime::{Bundle, Captioner};
-
-/// Where cargo put `libduet.so` for this build: `target/<profile>/deps` (next to this test's
-/// executable) when built for the tests, `target/<profile>` after a plain `cargo build`.
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    let found = [deps, deps.parent().unwrap()]
-        .into_iter()
-        .find(|d| d.join("libduet.so").is_file())
-        .unwrap_or(deps)
-        .to_path_buf();
-    found
-}
-
-fn compile(out: &Path) -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let lib_dir = lib_dir();
-    assert!(
-        lib_dir.join("libduet.so").is_file(),
-        "no libduet.so in {}",
-        lib_dir.display()
-    );
-    let exe = out.join("caption");
-    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"])
-        .arg("-I")
-        .arg(repo.join("ffi/include"))
-        .arg(repo.join("examples/c/caption.c"))
-        .arg("-L")
-        .arg(&lib_dir)
-        .arg("-lduet")
-        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
-        .arg("-o")
-        .arg(&exe)
-        .status()
-        .expect("a C compiler (cc) is needed for this test");
-    assert!(status.success(), "cc failed");
-    exe
-}
 
 #[test]
 fn c_example_captions_like_rust_and_runs_clean() {
@@ -73,36 +35,9 @@ fn c_example_captions_like_rust_and_runs_clean() {
         .unwrap();
         images.push(p);
     }
-    let exe = compile(dir.path());
-
-    let valgrind = Command::new("valgrind").arg("--version").output().is_ok();
-    // CI must check memory safety, not skip it: there `scripts/setup.sh` installs valgrind.
-    assert!(
-        valgrind || std::env::var("CI").as_deref() != Ok("true"),
-        "valgrind is required in CI"
-    );
-    let mut cmd = if valgrind {
-        let mut c = Command::new("valgrind");
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        c.arg(format!(
-            "--suppressions={}",
-            repo.join("examples/c/valgrind.supp").display()
-        ))
-        .args([
-            "--quiet",
-            "--error-exitcode=99",
-            // Deep enough that the suppression's `OptimizerSession::optimize` frame is recorded.
-            "--num-callers=64",
-            "--leak-check=full",
-            "--errors-for-leak-kinds=definite,indirect",
-            "--show-leak-kinds=definite,indirect",
-        ])
-        .arg(&exe);
-        c
-    } else {
-        eprintln!("valgrind not installed: running the C example without it");
-        Command::new(&exe)
-    };
+    let exe = c_build::compile("caption", dir.path());
+    let valgrind = c_build::have_valgrind();
+    let mut cmd = c_build::command(&exe, valgrind);
     let out = cmd
         .args(["--provider", "tract", "--strict"])
         .arg(&bundle)
@@ -117,13 +52,7 @@ fn c_example_captions_like_rust_and_runs_clean() {
         out.status.code()
     );
     assert!(stderr.contains("running on tract"), "{stderr}");
-    if valgrind {
-        assert!(!stderr.contains("definitely lost"), "{stderr}");
-        assert!(
-            !stderr.contains("Invalid read") && !stderr.contains("Invalid write"),
-            "{stderr}"
-        );
-    }
+    c_build::assert_clean(&stderr, valgrind);
 
     let b = Bundle::open(&bundle).unwrap();
     let reference = Captioner::new(

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use duet_runtime::diffusion::Sampler;
-use duet_runtime::engine::ort_info;
+use duet_runtime::engine::{ort_info, TensorRtOptions};
 use duet_runtime::manifest::Manifest;
 use duet_runtime::preprocess;
 use duet_runtime::{Bundle, Captioner, EngineOptions, GenerateOptions, Generator, ProviderChoice};
@@ -37,6 +37,12 @@ struct EngineArgs {
     /// directory or the executable).
     #[arg(long, value_name = "PATH")]
     ort_lib: Option<PathBuf>,
+    /// TensorRT: allow fp16 kernels.
+    #[arg(long)]
+    trt_fp16: bool,
+    /// TensorRT: cache built engines here, so only the first start builds them.
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
 }
 
 impl EngineArgs {
@@ -44,6 +50,10 @@ impl EngineArgs {
         EngineOptions {
             strict: self.strict,
             ort_lib: self.ort_lib.clone(),
+            tensorrt: TensorRtOptions {
+                fp16: self.trt_fp16,
+                engine_cache: self.trt_cache.clone(),
+            },
         }
     }
 }
@@ -296,6 +306,7 @@ fn info(bundle_dir: Option<&std::path::Path>, ort_lib: Option<PathBuf>) -> Resul
     let options = EngineOptions {
         strict: false,
         ort_lib,
+        ..EngineOptions::default()
     };
     println!("providers on this machine:");
     match ort_info(&options) {

@@ -13,6 +13,7 @@ fn options() -> EngineOptions {
     EngineOptions {
         strict: false,
         ort_lib: ort_lib(),
+        ..EngineOptions::default()
     }
 }
 

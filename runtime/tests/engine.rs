@@ -19,6 +19,7 @@ fn options() -> EngineOptions {
     EngineOptions {
         strict: false,
         ort_lib: ort_lib(),
+        ..EngineOptions::default()
     }
 }
 
@@ -202,6 +203,7 @@ fn ort_cpu_and_tract_agree() {
     let opts = EngineOptions {
         strict: false,
         ort_lib: Some(lib),
+        ..EngineOptions::default()
     };
     let (ort_e, ort_r) = Engine::load(
         &path,
@@ -262,6 +264,7 @@ fn gpu_providers_report_real_reasons_on_cpu_onnxruntime() {
     let opts = EngineOptions {
         strict: false,
         ort_lib: Some(lib),
+        ..EngineOptions::default()
     };
     let info = ort_info(&opts).unwrap();
     assert!(
@@ -275,9 +278,21 @@ fn gpu_providers_report_real_reasons_on_cpu_onnxruntime() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(&dir, "linear.onnx", linear_model());
 
-    // Explicit provider: always an error, with the reason.
-    for p in [Provider::Cuda, Provider::TensorRt] {
-        match Engine::load(&path, "linear", ProviderChoice::Only(p), &opts) {
+    // Explicit provider: always an error, with the reason (TensorRT with its options set too).
+    let trt_cache = tempfile::tempdir().unwrap();
+    let with_trt_options = EngineOptions {
+        tensorrt: duet_runtime::engine::TensorRtOptions {
+            fp16: true,
+            engine_cache: Some(trt_cache.path().to_path_buf()),
+        },
+        ..opts.clone()
+    };
+    for (p, o) in [
+        (Provider::Cuda, &opts),
+        (Provider::TensorRt, &opts),
+        (Provider::TensorRt, &with_trt_options),
+    ] {
+        match Engine::load(&path, "linear", ProviderChoice::Only(p), o) {
             Err(EngineError::ProviderUnavailable {
                 provider, reason, ..
             }) => {
@@ -319,6 +334,7 @@ fn missing_ort_library_is_a_skip_reason() {
     let opts = EngineOptions {
         strict: false,
         ort_lib: Some(bogus.clone()),
+        ..EngineOptions::default()
     };
     let (engine, report) = Engine::load(&path, "linear", ProviderChoice::Auto, &opts).unwrap();
     assert_eq!(engine.provider(), Provider::Tract);
@@ -359,4 +375,67 @@ fn engines_are_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Engine>();
     assert_send_sync::<duet_runtime::Captioner>();
+}
+
+/// The provider report is checked against onnxruntime's own profiler: the nodes of a graph
+/// reported on `ort-cpu` ran on `CPUExecutionProvider`, and that placement does not pass for a
+/// GPU provider. tract reports its own plan.
+#[test]
+fn reported_provider_is_where_ort_profiling_says_the_nodes_ran() {
+    let Some(lib) = ort_lib() else {
+        eprintln!("skipping: onnxruntime not installed (scripts/setup-ort.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "linear.onnx", linear_model());
+    let opts = EngineOptions {
+        strict: false,
+        ort_lib: Some(lib),
+        ..EngineOptions::default()
+    };
+    let x = array![[1.0f32, 2.0, 3.0]].into_dyn();
+    let (engine, report) = Engine::load(&path, "linear", ProviderChoice::Auto, &opts).unwrap();
+    let placement = engine
+        .placement(&[("x", duet_runtime::ValueView::F32(x.view()))])
+        .unwrap();
+    eprintln!("{report}\n  profiled: {placement}");
+    assert!(
+        placement.matches(report.used),
+        "reported {} but ran: {placement}",
+        report.used
+    );
+    if report.used == Provider::OrtCpu {
+        // Every node of the linear model (MatMul + Add, fused or not) on the CPU EP.
+        assert_eq!(
+            placement.nodes.get("CPUExecutionProvider").copied(),
+            Some(placement.nodes.values().sum::<usize>())
+        );
+        assert!(placement.nodes["CPUExecutionProvider"] >= 1);
+        assert!(!placement.matches(Provider::Cuda));
+        assert!(!placement.matches(Provider::TensorRt));
+    }
+    // The profile file is removed after reading.
+    let leftovers = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("duet-profile-{}-", std::process::id()))
+        })
+        .count();
+    assert_eq!(leftovers, 0);
+
+    let (tract, _) = Engine::load(
+        &path,
+        "linear",
+        ProviderChoice::Only(Provider::Tract),
+        &opts,
+    )
+    .unwrap();
+    let placement = tract
+        .placement(&[("x", duet_runtime::ValueView::F32(x.view()))])
+        .unwrap();
+    assert!(placement.matches(Provider::Tract), "{placement}");
+    assert!(!placement.matches(Provider::OrtCpu));
 }

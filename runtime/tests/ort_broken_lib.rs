@@ -24,6 +24,7 @@ fn bogus_ort_library_never_panics() {
     let opts = EngineOptions {
         strict: false,
         ort_lib: Some(garbage.clone()),
+        ..EngineOptions::default()
     };
     let (engine, report) = Engine::load(&model, "linear", ProviderChoice::Auto, &opts).unwrap();
     assert_eq!(engine.provider(), Provider::Tract);
@@ -70,6 +71,7 @@ fn bogus_ort_library_never_panics() {
         let good = EngineOptions {
             strict: false,
             ort_lib: Some(lib),
+            ..EngineOptions::default()
         };
         let (engine, _) = Engine::load(
             &model,

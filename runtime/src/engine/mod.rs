@@ -57,6 +57,17 @@ impl Provider {
         }
     }
 
+    /// The execution providers (onnxruntime's names; `tract` for tract) that may run the
+    /// nodes of a graph loaded on this provider.
+    pub fn execution_provider_names(self) -> &'static [&'static str] {
+        match self {
+            Provider::TensorRt => &["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+            Provider::Cuda => &["CUDAExecutionProvider"],
+            Provider::OrtCpu => &["CPUExecutionProvider"],
+            Provider::Tract => &["tract"],
+        }
+    }
+
     /// True for the providers that run on onnxruntime.
     pub fn is_ort(self) -> bool {
         !matches!(self, Provider::Tract)
@@ -142,6 +153,83 @@ pub struct EngineOptions {
     pub strict: bool,
     /// Explicit path of `libonnxruntime`; wins over `ORT_DYLIB_PATH` and the default search.
     pub ort_lib: Option<PathBuf>,
+    /// Settings of the TensorRT provider (unused by the others).
+    pub tensorrt: TensorRtOptions,
+}
+
+/// TensorRT execution-provider settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TensorRtOptions {
+    /// Let TensorRT pick fp16 kernels (LayerNorm stays fp32).
+    pub fp16: bool,
+    /// Directory for built engines and the timing cache: the first start builds (minutes), later
+    /// starts load. `None` rebuilds at every start.
+    pub engine_cache: Option<PathBuf>,
+}
+
+/// Where onnxruntime really ran a graph's nodes, read from its profiler: execution-provider
+/// name (`CPUExecutionProvider`, `CUDAExecutionProvider`, …, or `tract`) → number of nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Placement {
+    pub nodes: std::collections::BTreeMap<String, usize>,
+}
+
+impl Placement {
+    /// Counts the distinct nodes per provider in an onnxruntime profile (the JSON array of
+    /// trace events `end_profiling` writes; node events have `cat: "Node"` and
+    /// `args.provider`).
+    pub fn from_ort_profile(json: &str) -> Result<Placement, String> {
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(json).map_err(|e| format!("profile is not a JSON array: {e}"))?;
+        let mut seen = std::collections::HashSet::new();
+        let mut nodes = std::collections::BTreeMap::new();
+        for ev in &events {
+            if ev["cat"] != "Node" {
+                continue;
+            }
+            let (Some(name), Some(provider)) =
+                (ev["name"].as_str(), ev["args"]["provider"].as_str())
+            else {
+                continue;
+            };
+            // Each node has `<name>_fence_before`, `_kernel_time`, `_fence_after` events.
+            let node = name.strip_suffix("_kernel_time").unwrap_or(name);
+            if seen.insert(node.to_string()) && name.ends_with("_kernel_time") {
+                *nodes.entry(provider.to_string()).or_insert(0) += 1;
+            }
+        }
+        if nodes.is_empty() {
+            return Err("the profile has no node events".to_string());
+        }
+        Ok(Placement { nodes })
+    }
+
+    /// The provider that ran the most nodes.
+    pub fn main_provider(&self) -> Option<&str> {
+        self.nodes
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(p, _)| p.as_str())
+    }
+
+    /// True when the nodes ran where `provider` says: tract on tract; for an ort provider the
+    /// provider that ran the most nodes is one of its execution providers (GPU providers leave
+    /// shape arithmetic on the CPU by design, so CPU nodes alongside are normal).
+    pub fn matches(&self, provider: Provider) -> bool {
+        self.main_provider()
+            .is_some_and(|main| provider.execution_provider_names().contains(&main))
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(p, n)| format!("{n} nodes on {p}"))
+            .collect();
+        f.write_str(&parts.join(", "))
+    }
 }
 
 /// Which provider runs a graph and why the ones before it were passed over.
@@ -391,7 +479,7 @@ impl Engine {
         let explicit = matches!(choice, ProviderChoice::Only(_));
         let mut skipped = Vec::new();
         for provider in choice.candidates() {
-            match load_backend(provider, path, options) {
+            match load_backend(provider, path, options, graph_name) {
                 Ok((backend, inputs, outputs)) => {
                     let report = ProviderReport {
                         graph: graph_name.to_string(),
@@ -481,6 +569,27 @@ impl Engine {
         })
     }
 
+    /// Where the nodes of this graph really run, checked independently of the report: for ort
+    /// a profiling twin of the session runs `inputs` once and onnxruntime's profile says which
+    /// execution provider ran each node; tract runs every node itself.
+    pub fn placement(&self, inputs: &[(&str, ValueView<'_>)]) -> Result<Placement, EngineError> {
+        let ordered = self.order_inputs(inputs)?;
+        match &self.backend {
+            #[cfg(feature = "ort")]
+            Backend::Ort(e) => {
+                e.placement(&self.inputs, &ordered)
+                    .map_err(|reason| EngineError::Run {
+                        graph: self.graph.clone(),
+                        provider: self.provider,
+                        reason: format!("profiling: {reason}"),
+                    })
+            }
+            Backend::Tract(e) => Ok(Placement {
+                nodes: [("tract".to_string(), e.node_count())].into(),
+            }),
+        }
+    }
+
     /// Checks names and dtypes and returns the inputs in the graph's declaration order (what
     /// tract needs; ort takes names but the same order costs nothing).
     fn order_inputs<'a, 'v>(
@@ -538,6 +647,7 @@ fn load_backend(
     provider: Provider,
     path: &Path,
     options: &EngineOptions,
+    graph: &str,
 ) -> Result<Loaded, String> {
     match provider {
         Provider::Tract => {
@@ -547,13 +657,13 @@ fn load_backend(
         }
         #[cfg(feature = "ort")]
         p => {
-            let e = ort_backend::OrtEngine::load(p, path, options)?;
+            let e = ort_backend::OrtEngine::load(p, path, options, graph)?;
             let (i, o) = (e.inputs(), e.outputs());
             Ok((Backend::Ort(e), i, o))
         }
         #[cfg(not(feature = "ort"))]
         _ => {
-            let _ = options;
+            let _ = (options, graph);
             Err("this duet binary was built without the `ort` feature".to_string())
         }
     }

@@ -28,7 +28,9 @@ use ort::ep::{self, ExecutionProvider, ExecutionProviderDispatch};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{PrimitiveTensorElementType, Tensor, TensorElementType, TensorRef, ValueType};
 
-use super::{EngineOptions, IoInfo, OrtInfo, Provider, Value, ValueView};
+use super::{
+    EngineOptions, IoInfo, OrtInfo, Placement, Provider, TensorRtOptions, Value, ValueView,
+};
 use crate::manifest::DType;
 
 /// The loaded library and the process-wide ort environment (ort allows one per process).
@@ -221,6 +223,11 @@ pub(super) struct OrtEngine {
     session: Mutex<Session>,
     inputs: Vec<IoInfo>,
     outputs: Vec<String>,
+    /// What the session was made from, so [`OrtEngine::placement`] can make a profiling twin.
+    provider: Provider,
+    path: PathBuf,
+    options: EngineOptions,
+    graph: String,
 }
 
 fn dtype_of(t: &ValueType) -> Option<DType> {
@@ -237,14 +244,85 @@ fn dtype_of(t: &ValueType) -> Option<DType> {
     }
 }
 
+/// The TensorRT execution provider with duet's options: fp16 when asked, and an engine (plus
+/// timing) cache in `engine_cache` so a second start loads the engine instead of rebuilding
+/// it. Cached engines are named after the graph (`trt_engine_cache_prefix`), which is how
+/// [`cached_trt_engines`] tells a cold start from a warm one.
+fn tensorrt_ep(options: &TensorRtOptions, graph: &str) -> ep::TensorRT {
+    let mut trt = ep::TensorRT::default().with_fp16(options.fp16);
+    if options.fp16 {
+        // LayerNorm in fp16 loses too much (its variance underflows); TensorRT keeps it fp32.
+        trt = trt.with_layer_norm_fp32_fallback(true);
+    }
+    if let Some(dir) = &options.engine_cache {
+        let dir = dir.display().to_string();
+        trt = trt
+            .with_engine_cache(true)
+            .with_engine_cache_path(&dir)
+            .with_engine_cache_prefix(graph)
+            .with_timing_cache(true)
+            .with_timing_cache_path(&dir);
+    }
+    trt
+}
+
+/// Engine files TensorRT cached for `graph` in `dir` (see [`tensorrt_ep`]).
+pub(super) fn cached_trt_engines(dir: &Path, graph: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(graph) && n[graph.len()..].starts_with('_') && n.ends_with(".engine")
+            })
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Says, before onnxruntime starts TensorRT, whether an engine is about to be built (minutes
+/// for a large graph, so the user should know why nothing happens) or loaded from the cache.
+fn log_trt_start(options: &TensorRtOptions, graph: &str) {
+    match &options.engine_cache {
+        None => tracing::info!(
+            "TensorRT: building the engine for `{graph}` (cold start, can take minutes; \
+             pass --trt-cache DIR to build it once)"
+        ),
+        Some(dir) => {
+            let cached = cached_trt_engines(dir, graph);
+            if cached.is_empty() {
+                tracing::info!(
+                    "TensorRT: no cached engine for `{graph}` in {}: building it (cold start, \
+                     can take minutes; later starts reuse it)",
+                    dir.display()
+                );
+            } else {
+                tracing::info!(
+                    "TensorRT: loading the cached engine for `{graph}` from {}",
+                    cached[0].display()
+                );
+            }
+        }
+    }
+}
+
 /// The execution providers that make up `provider`, each failing loudly.
-fn execution_providers(provider: Provider) -> Vec<(&'static str, ExecutionProviderDispatch)> {
+fn execution_providers(
+    provider: Provider,
+    options: &EngineOptions,
+    graph: &str,
+) -> Vec<(&'static str, ExecutionProviderDispatch)> {
     match provider {
         // TensorRT takes the subgraphs it supports; CUDA (not the CPU) gets the rest.
         Provider::TensorRt => vec![
             (
                 ep::TensorRT::NAME,
-                ep::TensorRT::default().build().error_on_failure(),
+                tensorrt_ep(&options.tensorrt, graph)
+                    .build()
+                    .error_on_failure(),
             ),
             (
                 ep::CUDA::NAME,
@@ -261,47 +339,66 @@ fn execution_providers(provider: Provider) -> Vec<(&'static str, ExecutionProvid
     }
 }
 
+/// A session builder with `provider`'s execution providers registered (each failing loudly),
+/// and the library's list of providers for the error message when one is missing.
+fn session_builder(
+    provider: Provider,
+    options: &EngineOptions,
+    graph: &str,
+) -> Result<ort::session::builder::SessionBuilder, String> {
+    let rt = runtime(options.ort_lib.as_deref())?;
+    let eps = execution_providers(provider, options, graph);
+    let missing: Vec<&str> = eps
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !rt.providers.iter().any(|p| p == name))
+        .collect();
+    let builder = Session::builder(&rt.env).map_err(|e| e.to_string())?;
+    let dispatch: Vec<ExecutionProviderDispatch> = eps.into_iter().map(|(_, d)| d).collect();
+    builder.with_execution_providers(dispatch).map_err(|e| {
+        let mut reason = format!("onnxruntime refused the execution provider: {e}");
+        if !missing.is_empty() {
+            reason.push_str(&format!(
+                " ({} not compiled into {}, which has: {})",
+                missing.join(", "),
+                rt.library.display(),
+                rt.providers.join(", ")
+            ));
+        }
+        reason
+    })
+}
+
+fn commit(
+    mut builder: ort::session::builder::SessionBuilder,
+    provider: Provider,
+    options: &EngineOptions,
+    path: &Path,
+    graph: &str,
+) -> Result<Session, String> {
+    if provider == Provider::TensorRt {
+        log_trt_start(&options.tensorrt, graph);
+    }
+    let load = catch_unwind(AssertUnwindSafe(|| builder.commit_from_file(path)));
+    match load {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("onnxruntime could not load the graph: {e}")),
+        Err(p) => Err(format!(
+            "onnxruntime panicked loading the graph: {}",
+            panic_text(p)
+        )),
+    }
+}
+
 impl OrtEngine {
     pub(super) fn load(
         provider: Provider,
         path: &Path,
         options: &EngineOptions,
+        graph: &str,
     ) -> Result<OrtEngine, String> {
-        let rt = runtime(options.ort_lib.as_deref())?;
-        let eps = execution_providers(provider);
-        let missing: Vec<&str> = eps
-            .iter()
-            .map(|(name, _)| *name)
-            .filter(|name| !rt.providers.iter().any(|p| p == name))
-            .collect();
-        let builder = Session::builder(&rt.env).map_err(|e| e.to_string())?;
-        let dispatch: Vec<ExecutionProviderDispatch> = eps.into_iter().map(|(_, d)| d).collect();
-        let mut builder = match builder.with_execution_providers(dispatch) {
-            Ok(b) => b,
-            Err(e) => {
-                let mut reason = format!("onnxruntime refused the execution provider: {e}");
-                if !missing.is_empty() {
-                    reason.push_str(&format!(
-                        " ({} not compiled into {}, which has: {})",
-                        missing.join(", "),
-                        rt.library.display(),
-                        rt.providers.join(", ")
-                    ));
-                }
-                return Err(reason);
-            }
-        };
-        let load = catch_unwind(AssertUnwindSafe(|| builder.commit_from_file(path)));
-        let session = match load {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(format!("onnxruntime could not load the graph: {e}")),
-            Err(p) => {
-                return Err(format!(
-                    "onnxruntime panicked loading the graph: {}",
-                    panic_text(p)
-                ))
-            }
-        };
+        let builder = session_builder(provider, options, graph)?;
+        let session = commit(builder, provider, options, path, graph)?;
         let inputs = session
             .inputs()
             .iter()
@@ -319,7 +416,48 @@ impl OrtEngine {
             session: Mutex::new(session),
             inputs,
             outputs,
+            provider,
+            path: path.to_path_buf(),
+            options: options.clone(),
+            graph: graph.to_string(),
         })
+    }
+
+    /// Where onnxruntime really ran each node: a twin session with profiling on runs `ordered`
+    /// once, and the profile's node events (each names its execution provider) are counted.
+    /// This is the ground truth the provider report is checked against.
+    pub(super) fn placement(
+        &self,
+        infos: &[IoInfo],
+        ordered: &[&ValueView<'_>],
+    ) -> Result<Placement, String> {
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let prefix = std::env::temp_dir().join(format!(
+            "duet-profile-{}-{}",
+            std::process::id(),
+            COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let builder = session_builder(self.provider, &self.options, &self.graph)?
+            .with_profiling(&prefix)
+            .map_err(|e| format!("enabling profiling: {e}"))?;
+        let mut session = commit(
+            builder,
+            self.provider,
+            &self.options,
+            &self.path,
+            &self.graph,
+        )?;
+        let feed = feed(infos, ordered).map_err(|(_, e)| e)?;
+        session.run(feed).map_err(|e| e.to_string())?;
+        let file = PathBuf::from(
+            session
+                .end_profiling()
+                .map_err(|e| format!("ending profiling: {e}"))?,
+        );
+        let text = std::fs::read_to_string(&file);
+        let _ = std::fs::remove_file(&file);
+        let text = text.map_err(|e| format!("reading the profile {}: {e}", file.display()))?;
+        Placement::from_ort_profile(&text)
     }
 
     pub(super) fn inputs(&self) -> Vec<IoInfo> {
@@ -336,15 +474,7 @@ impl OrtEngine {
         ordered: &[&ValueView<'_>],
         output_names: &[String],
     ) -> Result<HashMap<String, Value>, (Option<String>, String)> {
-        let mut feed: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(ordered.len());
-        for (info, value) in infos.iter().zip(ordered) {
-            let v = match value {
-                ValueView::F32(a) => input_value(a.view()),
-                ValueView::I64(a) => input_value(a.view()),
-            }
-            .map_err(|e| (None, format!("input `{}`: {e}", info.name)))?;
-            feed.push((info.name.clone(), v));
-        }
+        let feed = feed(infos, ordered)?;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session.run(feed).map_err(|e| (None, e.to_string()))?;
         let mut out = HashMap::with_capacity(output_names.len());
@@ -368,6 +498,25 @@ impl OrtEngine {
     }
 }
 
+type Feed<'v> = Vec<(String, SessionInputValue<'v>)>;
+
+/// The inputs as ort values, in the graph's order.
+fn feed<'a>(
+    infos: &[IoInfo],
+    ordered: &[&'a ValueView<'_>],
+) -> Result<Feed<'a>, (Option<String>, String)> {
+    let mut feed = Vec::with_capacity(ordered.len());
+    for (info, value) in infos.iter().zip(ordered) {
+        let v = match value {
+            ValueView::F32(a) => input_value(a.view()),
+            ValueView::I64(a) => input_value(a.view()),
+        }
+        .map_err(|e| (None, format!("input `{}`: {e}", info.name)))?;
+        feed.push((info.name.clone(), v));
+    }
+    Ok(feed)
+}
+
 /// A borrowed ort tensor over the caller's data when it is contiguous (no copy); a copy only for
 /// non-standard layouts, which onnxruntime cannot read in place.
 fn input_value<'v, T>(a: ArrayViewD<'v, T>) -> ort::Result<SessionInputValue<'v>>
@@ -378,5 +527,31 @@ where
         Ok(TensorRef::from_array_view(a)?.into())
     } else {
         Ok(Tensor::from_array(a.as_standard_layout().into_owned())?.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cold vs warm TensorRT start is told by the engines cached under the graph's prefix.
+    #[test]
+    fn cached_engines_are_found_by_graph_prefix() {
+        let dir = std::env::temp_dir().join(format!("duet-trt-cache-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(cached_trt_engines(&dir, "denoiser").is_empty());
+        for name in [
+            "denoiser_1234_0_0_sm90.engine",
+            "denoiser_1234_0_0_sm90.profile",
+            "denoiser2_77_sm90.engine",
+            "text_encoder_9_sm90.engine",
+        ] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        let found = cached_trt_engines(&dir, "denoiser");
+        assert_eq!(found, vec![dir.join("denoiser_1234_0_0_sm90.engine")]);
+        assert_eq!(cached_trt_engines(&dir, "text_encoder").len(), 1);
+        assert!(cached_trt_engines(&dir.join("absent"), "denoiser").is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

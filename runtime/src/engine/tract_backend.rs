@@ -36,6 +36,11 @@ fn dtype_of(dt: Option<DatumType>) -> Option<DType> {
 }
 
 impl TractEngine {
+    /// Nodes of the optimised plan (tract fuses ops, so fewer than the ONNX graph has).
+    pub(super) fn node_count(&self) -> usize {
+        self.plan.model().nodes().len()
+    }
+
     pub(super) fn load(path: &Path) -> Result<TractEngine, String> {
         let load = || -> TractResult<TractEngine> {
             let model = tract_onnx::onnx().model_for_path(path)?;
