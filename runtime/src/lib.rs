@@ -6,11 +6,13 @@
 //! - [`engine`]: one graph on one backend, with provider selection and honest skip reasons.
 //! - [`preprocess`]: image loading and normalisation.
 //! - [`caption`]: the captioning pipeline (vision encoder + KV-cache greedy decoder).
+//! - [`bench`]: `duet bench`'s measurements and table.
 //! - [`generate`]: the generation pipeline (text encoder + denoiser driven by the shared
 //!   samplers, classifier-free guidance as one batch).
 //!
 //! This crate never depends on Burn: a bundle is everything it needs.
 
+pub mod bench;
 pub mod bundle;
 /// Schedule and samplers (the `duet-diffusion` crate, shared with the trainer).
 pub use duet_diffusion as diffusion;

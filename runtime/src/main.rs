@@ -108,6 +108,57 @@ enum Command {
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
         scale: u32,
     },
+    /// Benchmark every pipeline on every provider (each in its own process) and a Python
+    /// onnxruntime reference; prints a Markdown table.
+    Bench {
+        /// Bundle directory.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Providers to measure (comma-separated); unavailable ones are listed with the reason.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "tensorrt,cuda,ort-cpu,tract"
+        )]
+        providers: Vec<duet_runtime::Provider>,
+        /// Timed runs per measurement.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
+        runs: u16,
+        /// Sampler steps of the generation rows.
+        #[arg(long, value_delimiter = ',', default_value = "10,20,50")]
+        steps: Vec<usize>,
+        /// Batch size of the throughput rows.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+        batch: u16,
+        /// Prompt of the generation rows.
+        #[arg(long, default_value = "a large red circle at the top left")]
+        prompt: String,
+        /// Image to caption (default: the bundle's own generation of the prompt, seed 0).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Python interpreter for the reference pipeline (needs onnxruntime and numpy:
+        /// `pip install -r benchmarks/python/requirements.txt`).
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// The reference script.
+        #[arg(long, default_value = "benchmarks/python/bench.py")]
+        python_script: PathBuf,
+        /// Skip the Python reference.
+        #[arg(long)]
+        no_python: bool,
+        /// Also write the table (with the command and machine) to this Markdown file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Path of libonnxruntime (see `caption --help`).
+        #[arg(long, value_name = "PATH")]
+        ort_lib: Option<PathBuf>,
+        /// Internal: measure this one provider and print JSON (what each child process does).
+        #[arg(long, hide = true)]
+        worker: Option<duet_runtime::Provider>,
+        /// Internal: the raw RGB image the children caption.
+        #[arg(long, hide = true)]
+        image_raw: Option<PathBuf>,
+    },
     /// Summarise a bundle (if given) and the providers available on this machine.
     Info {
         /// Bundle directory.
@@ -166,6 +217,42 @@ fn main() -> ExitCode {
             },
         ),
         Command::Info { bundle, ort_lib } => info(bundle.as_deref(), ort_lib),
+        Command::Bench {
+            bundle,
+            providers,
+            runs,
+            steps,
+            batch,
+            prompt,
+            image,
+            python,
+            python_script,
+            no_python,
+            out,
+            ort_lib,
+            worker,
+            image_raw,
+        } => {
+            let settings = duet_runtime::bench::BenchSettings {
+                runs: usize::from(runs),
+                steps,
+                batch: usize::from(batch),
+                prompt,
+                ..Default::default()
+            };
+            match (worker, image_raw) {
+                (Some(p), Some(raw)) => bench_worker(&bundle, p, ort_lib, &settings, &raw),
+                _ => bench(BenchArgs {
+                    bundle: &bundle,
+                    providers: &providers,
+                    settings: &settings,
+                    image: image.as_deref(),
+                    python: (!no_python).then_some((python.as_str(), python_script.as_path())),
+                    out: out.as_deref(),
+                    ort_lib,
+                }),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -414,4 +501,171 @@ fn print_manifest(m: &Manifest) {
         })
         .unwrap_or_else(|| "not recorded".to_string());
     println!("provenance command: {command}");
+}
+
+struct BenchArgs<'a> {
+    bundle: &'a Path,
+    providers: &'a [duet_runtime::Provider],
+    settings: &'a duet_runtime::bench::BenchSettings,
+    image: Option<&'a Path>,
+    python: Option<(&'a str, &'a Path)>,
+    out: Option<&'a Path>,
+    ort_lib: Option<PathBuf>,
+}
+
+/// The benchmark image at the model's size: `--image`, or the bundle's own generation.
+fn bench_image(bundle: &Bundle, args: &BenchArgs<'_>) -> Result<image::RgbImage> {
+    let spec = &bundle.manifest().image;
+    if let Some(path) = args.image {
+        return Ok(preprocess::resize_for(&preprocess::load_image(path)?, spec));
+    }
+    if bundle.manifest().diffusion.is_none() {
+        anyhow::bail!("this bundle has no generator to draw a benchmark image: pass --image");
+    }
+    let generator = Generator::new(
+        bundle,
+        ProviderChoice::Only(duet_runtime::Provider::Tract),
+        &EngineOptions::default(),
+    )?;
+    let opts = GenerateOptions {
+        seed: args.settings.seed,
+        ..generator.default_options()
+    };
+    generator
+        .generate_images(&[args.settings.prompt.as_str()], &opts)?
+        .pop()
+        .context("no image generated")
+}
+
+fn bench(args: BenchArgs<'_>) -> Result<()> {
+    use duet_runtime::bench::{machine_peak_gflops, render_markdown, write_raw_rgb, ProviderBench};
+    let bundle = Bundle::open(args.bundle)
+        .with_context(|| format!("opening bundle {}", args.bundle.display()))?;
+    let image = bench_image(&bundle, &args)?;
+    let tmp = std::env::temp_dir().join(format!("duet-bench-{}.rgb", std::process::id()));
+    write_raw_rgb(&image, &tmp)?;
+    let exe = std::env::current_exe()?;
+    let s = args.settings;
+    let steps: Vec<String> = s.steps.iter().map(ToString::to_string).collect();
+    let common = |cmd: &mut std::process::Command| {
+        cmd.arg("--runs")
+            .arg(s.runs.to_string())
+            .arg("--steps")
+            .arg(steps.join(","))
+            .arg("--batch")
+            .arg(s.batch.to_string())
+            .arg("--prompt")
+            .arg(&s.prompt);
+    };
+    let mut results: Vec<ProviderBench> = Vec::new();
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    let mut record = |name: String, out: std::io::Result<std::process::Output>| match out {
+        Ok(o) if o.status.success() => match serde_json::from_slice::<ProviderBench>(&o.stdout) {
+            Ok(r) => {
+                eprintln!("{name}: done");
+                results.push(r)
+            }
+            Err(e) => skipped.push((name, format!("unreadable result: {e}"))),
+        },
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let why = err
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("failed without a message")
+                .trim_start_matches("error: ")
+                .to_string();
+            eprintln!("{name}: not measured: {why}");
+            skipped.push((name, why));
+        }
+        Err(e) => {
+            eprintln!("{name}: not measured: {e}");
+            skipped.push((name, e.to_string()))
+        }
+    };
+    for p in args.providers {
+        eprintln!("{p}: measuring in a child process");
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("bench")
+            .arg("--bundle")
+            .arg(args.bundle)
+            .arg("--worker")
+            .arg(p.as_str())
+            .arg("--image-raw")
+            .arg(&tmp);
+        if let Some(lib) = &args.ort_lib {
+            cmd.arg("--ort-lib").arg(lib);
+        }
+        common(&mut cmd);
+        record(p.to_string(), cmd.output());
+    }
+    if let Some((python, script)) = args.python {
+        eprintln!("python-ort-cpu: measuring {}", script.display());
+        let mut cmd = std::process::Command::new(python);
+        cmd.arg(script)
+            .arg("--bundle")
+            .arg(args.bundle)
+            .arg("--image-raw")
+            .arg(&tmp);
+        common(&mut cmd);
+        record("python-ort-cpu".to_string(), cmd.output());
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let machine = machine_peak_gflops();
+    let mut table = render_markdown(&results, &skipped, s, machine.as_ref());
+    if let Some(rust) = results.iter().find(|r| r.provider == "ort-cpu") {
+        for r in &results {
+            if r.caption != rust.caption {
+                table.push_str(&format!(
+                    "\n**Mismatch**: {} captions the image \"{}\", ort-cpu \"{}\".\n",
+                    r.provider, r.caption, rust.caption
+                ));
+            }
+        }
+    }
+    println!("{table}");
+    if let Some(out) = args.out {
+        let command: Vec<String> = std::env::args().collect();
+        let doc = format!(
+            "Bundle `{}`, {} timed runs per cell (fewer for the slow rows), benchmark caption \"{}\".\n\nCommand: `{}`\n\n{table}",
+            args.bundle.display(),
+            s.runs,
+            results.first().map(|r| r.caption.as_str()).unwrap_or(""),
+            command.join(" ")
+        );
+        let tmp_out = out.with_extension("md.tmp");
+        std::fs::write(&tmp_out, doc)?;
+        std::fs::rename(&tmp_out, out)?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// One provider, in its own process: JSON on stdout.
+fn bench_worker(
+    bundle_dir: &Path,
+    provider: duet_runtime::Provider,
+    ort_lib: Option<PathBuf>,
+    settings: &duet_runtime::bench::BenchSettings,
+    raw: &Path,
+) -> Result<()> {
+    let bundle = Bundle::open(bundle_dir)?;
+    let side = bundle.manifest().image.size as u32;
+    let bytes = std::fs::read(raw)?;
+    let image = image::RgbImage::from_raw(side, side, bytes)
+        .context("benchmark image does not match the model's size")?;
+    let options = EngineOptions {
+        ort_lib,
+        ..EngineOptions::default()
+    };
+    let r = duet_runtime::bench::run_provider(
+        &bundle,
+        ProviderChoice::Only(provider),
+        &options,
+        settings,
+        &image,
+    )?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
 }

@@ -168,3 +168,90 @@ fn errors_exit_non_zero_with_a_message() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("sha256 mismatch for caption_decoder.onnx"));
 }
+
+/// `duet bench` on a caption-only bundle: each provider measured in its own process, the
+/// unavailable ones listed with onnxruntime's reason, the table rows present, and the placement
+/// read from ort's profiler. (It measures; nothing here asserts a speed.)
+#[test]
+fn bench_prints_the_side_by_side_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir(&bundle).unwrap();
+    caption_bundle(&bundle, -100.0);
+    let img = dir.path().join("a.png");
+    RgbImage::from_pixel(8, 8, Rgb([250, 0, 0]))
+        .save(&img)
+        .unwrap();
+    let md = dir.path().join("bench.md");
+    let out = duet()
+        .args(["bench", "--bundle"])
+        .arg(&bundle)
+        .args([
+            "--providers",
+            "cuda,ort-cpu,tract",
+            "--runs",
+            "1",
+            "--no-python",
+        ])
+        .arg("--image")
+        .arg(&img)
+        .arg("--out")
+        .arg(&md)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let written = std::fs::read_to_string(&md).unwrap();
+    assert!(written.contains(stdout.trim()), "{written}");
+    assert!(written.contains("Command: `"), "{written}");
+    for row in [
+        "cold load, caption graphs (ms)",
+        "caption, batch 1: median / p90 (ms)",
+        "caption, batch 8: images/s",
+        "peak resident memory (MiB)",
+    ] {
+        assert!(stdout.contains(row), "{row}: {stdout}");
+    }
+    assert!(
+        stdout.contains("- tract: vision_encoder: ") && stdout.contains(" nodes on tract"),
+        "{stdout}"
+    );
+    if ort_lib().is_some() {
+        assert!(
+            stdout
+                .lines()
+                .next()
+                .unwrap()
+                .contains("| ort-cpu | tract |"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("- ort-cpu: vision_encoder: ")
+                && stdout.contains(" nodes on CPUExecutionProvider"),
+            "{stdout}"
+        );
+        // The CPU-only onnxruntime cannot run CUDA: listed with the reason, not measured.
+        assert!(
+            stdout.contains("- cuda: ")
+                && stdout.contains("CUDA execution provider is not enabled"),
+            "{stdout}"
+        );
+    }
+    // A caption-only bundle has no generation rows to fill.
+    assert!(
+        stdout.contains("| generate 10 steps, batch 1: median / p90 (ms) | – |"),
+        "{stdout}"
+    );
+}
+
+/// FLOPs come from tract's cost model: `x[4,3] @ W[3,2]` is 24 multiply-adds.
+#[test]
+fn graph_flops_counts_multiply_adds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("linear.onnx");
+    std::fs::write(&path, linear_model()).unwrap();
+    let flops = duet_runtime::engine::graph_flops(&path, &[("x", &[4, 3])]).unwrap();
+    assert_eq!(flops, 2 * 4 * 3 * 2);
+    let e = duet_runtime::engine::graph_flops(&path, &[("y", &[4, 3])]).unwrap_err();
+    assert!(e.contains("no shape given for input `x`"), "{e}");
+}

@@ -669,6 +669,12 @@ fn load_backend(
     }
 }
 
+/// FLOPs of one run of the graph at `path` with inputs of the given shapes (tract's cost
+/// model: 2 per multiply-add, 1 per division; a lower bound dominated by matrix products).
+pub fn graph_flops(path: &Path, shapes: &[(&str, &[usize])]) -> Result<u64, String> {
+    tract_backend::graph_flops(path, shapes)
+}
+
 /// What this process can see of onnxruntime, for `duet info`.
 #[derive(Debug, Clone)]
 pub struct OrtInfo {

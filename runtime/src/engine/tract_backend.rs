@@ -131,3 +131,42 @@ impl TractEngine {
         Ok(out)
     }
 }
+
+/// Floating-point operations of one run of the ONNX graph at `path` with inputs of the given
+/// concrete shapes (all f32 or i64 as the graph declares), from tract's per-op cost model:
+/// 2 FLOPs per fused multiply-add, 1 per division. Used by `duet bench` to report achieved
+/// GFLOP/s; elementwise ops other than those are not counted, so this is a lower bound
+/// dominated by the matrix products.
+pub fn graph_flops(path: &Path, shapes: &[(&str, &[usize])]) -> Result<u64, String> {
+    let count = || -> TractResult<u64> {
+        let mut model = tract_onnx::onnx().model_for_path(path)?;
+        for (ix, outlet) in model.input_outlets()?.to_vec().iter().enumerate() {
+            let name = model.node(outlet.node).name.clone();
+            let Some((_, shape)) = shapes.iter().find(|(n, _)| *n == name) else {
+                return Err(anyhow::anyhow!("no shape given for input `{name}`"));
+            };
+            let dt = model.input_fact(ix)?.datum_type().unwrap_or(DatumType::F32);
+            model.set_input_fact(ix, InferenceFact::dt_shape(dt, shape.to_vec()))?;
+        }
+        let typed = model.into_typed()?.into_decluttered()?;
+        let mut flops = 0u64;
+        for node in typed.eval_order()? {
+            let node = typed.node(node);
+            let facts: TVec<&TypedFact> = node
+                .inputs
+                .iter()
+                .map(|i| typed.outlet_fact(*i))
+                .collect::<TractResult<_>>()?;
+            for (cost, n) in node.op.cost(&facts)? {
+                let n = n.to_i64()? as u64;
+                flops += match cost {
+                    tract_onnx::tract_core::ops::Cost::FMA(_) => 2 * n,
+                    tract_onnx::tract_core::ops::Cost::Div(_) => n,
+                    _ => 0,
+                };
+            }
+        }
+        Ok(flops)
+    };
+    count().map_err(|e| format!("counting FLOPs of {}: {e:?}", path.display()))
+}

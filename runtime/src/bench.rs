@@ -1,0 +1,488 @@
+//! `duet bench`: latency, throughput, cold load time, peak memory and achieved GFLOP/s of every
+//! pipeline on every provider, side by side with a Python onnxruntime + numpy reference of the
+//! same pipelines on the same bundle.
+//!
+//! Each provider is measured in a child process of its own (`duet bench --worker P`), so its
+//! cold load really is cold (the onnxruntime library is loaded in it) and its peak resident
+//! memory (`VmHWM`) is its own. The parent collects the children's JSON ([`ProviderBench`]),
+//! runs `benchmarks/python/bench.py`, which prints the same JSON, and renders one table.
+
+use std::path::Path;
+use std::time::Instant;
+
+use image::RgbImage;
+use ndarray::{ArrayD, IxDyn};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{graph_flops, EngineOptions, ProviderChoice, ValueView};
+use crate::manifest::DENOISER;
+use crate::{Bundle, Captioner, Error, GenerateOptions, Generator};
+
+/// What to measure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchSettings {
+    /// Timed runs per measurement (after `warmup` untimed ones).
+    pub runs: usize,
+    pub warmup: usize,
+    /// Sampler steps of the generation rows (batch 1).
+    pub steps: Vec<usize>,
+    /// Batch size of the throughput rows.
+    pub batch: usize,
+    /// Steps of the batched generation throughput row.
+    pub batch_steps: usize,
+    pub prompt: String,
+    pub seed: u64,
+}
+
+impl Default for BenchSettings {
+    fn default() -> Self {
+        BenchSettings {
+            runs: 10,
+            warmup: 2,
+            steps: vec![10, 20, 50],
+            batch: 8,
+            batch_steps: 20,
+            prompt: "a large red circle at the top left".to_string(),
+            seed: 0,
+        }
+    }
+}
+
+/// Median and 90th percentile of timed runs, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub median_ms: f64,
+    pub p90_ms: f64,
+    pub runs: usize,
+}
+
+impl Stats {
+    /// Nearest-rank percentiles of `samples` (milliseconds); `None` when empty.
+    pub fn from_samples(mut samples: Vec<f64>) -> Option<Stats> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let rank = |q: f64| {
+            samples[((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1]
+        };
+        Some(Stats {
+            median_ms: rank(0.5),
+            p90_ms: rank(0.9),
+            runs: samples.len(),
+        })
+    }
+}
+
+/// One provider's numbers (also what the Python reference prints).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderBench {
+    /// `ort-cpu`, `tract`, … or `python-ort-cpu`.
+    pub provider: String,
+    /// Per graph, where its nodes really ran (ort's profiler; tract's own plan).
+    pub placement: Vec<String>,
+    pub load_caption_ms: f64,
+    pub load_generate_ms: Option<f64>,
+    /// One image, preprocessing + encoder + KV-cache greedy decoding + detokenising.
+    pub caption_b1: Stats,
+    /// Images per second captioning `batch` images per call.
+    pub caption_batch_per_s: f64,
+    /// The caption of the benchmark image (the Python reference must produce the same).
+    pub caption: String,
+    /// `(steps, latency)` of one generated image, guidance on (denoiser batch 2).
+    pub generate_b1: Vec<(usize, Stats)>,
+    /// Images per second generating `batch` images per call at `batch_steps` steps.
+    pub generate_batch_per_s: Option<f64>,
+    /// One denoiser call at batch 2 (one guided step).
+    pub denoiser_call: Option<Stats>,
+    /// FLOPs of that call (tract's cost model).
+    pub denoiser_flops: Option<u64>,
+    /// Peak resident memory of the process (`VmHWM`), MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl ProviderBench {
+    /// Achieved GFLOP/s of the denoiser.
+    pub fn denoiser_gflops(&self) -> Option<f64> {
+        let (s, f) = (self.denoiser_call?, self.denoiser_flops?);
+        Some(f as f64 / (s.median_ms * 1e-3) / 1e9)
+    }
+}
+
+/// Times `f`: `warmup` untimed calls, then `runs` timed ones.
+pub fn time<E>(
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<(), E>,
+) -> Result<Stats, E> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        f()?;
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(Stats::from_samples(samples).expect("at least one run"))
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`); `None` elsewhere.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Nominal fp32 peak of this machine's CPUs: cores × clock × FLOPs per cycle, where a core
+/// with AVX2 + FMA retires two 8-wide FMAs a cycle (32 FLOPs; AVX-512 parts like AMD Zen 4
+/// execute 512-bit FMAs as two 256-bit halves, so 32 is used for them too), AVX alone 16,
+/// SSE 8. A nominal figure: clocks boost and throttle. Linux only.
+pub fn machine_peak_gflops() -> Option<(f64, String)> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let flags: Vec<&str> = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags"))?
+        .split_whitespace()
+        .collect();
+    let mhz: f64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu MHz"))?
+        .trim_start_matches([' ', '\t', ':'])
+        .trim()
+        .parse()
+        .ok()?;
+    let model = info
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".to_string());
+    let cores = std::thread::available_parallelism().ok()?.get();
+    let per_cycle = if flags.contains(&"fma") && flags.contains(&"avx2") {
+        32.0
+    } else if flags.contains(&"avx") {
+        16.0
+    } else {
+        8.0
+    };
+    let peak = cores as f64 * mhz * 1e-3 * per_cycle;
+    Some((
+        peak,
+        format!("{cores} × {model} at {mhz:.0} MHz × {per_cycle} FLOP/cycle"),
+    ))
+}
+
+/// Measures every pipeline of `bundle` on one provider (strictly: no fallback).
+pub fn run_provider(
+    bundle: &Bundle,
+    choice: ProviderChoice,
+    options: &EngineOptions,
+    settings: &BenchSettings,
+    image: &RgbImage,
+) -> Result<ProviderBench, Error> {
+    let options = EngineOptions {
+        strict: true,
+        ..options.clone()
+    };
+    let t = Instant::now();
+    let captioner = Captioner::new(bundle, choice, &options)?;
+    let load_caption_ms = t.elapsed().as_secs_f64() * 1e3;
+    let provider = captioner.reports()[0].used;
+    let pixels = crate::preprocess::to_pixels_batch(
+        &[crate::preprocess::resize_for(image, captioner.image_spec())],
+        captioner.image_spec(),
+    )?;
+    let mut placement = vec![format!(
+        "vision_encoder: {}",
+        captioner
+            .vision_engine()
+            .placement(&[("pixels", ValueView::F32(pixels.view().into_dyn()))])?
+    )];
+    let one = std::slice::from_ref(image);
+    let caption = captioner.caption_images(one)?.pop().unwrap_or_default();
+    let caption_b1 = time(settings.warmup, settings.runs, || {
+        captioner.caption_images(one).map(drop)
+    })?;
+    let many = vec![image.clone(); settings.batch];
+    let batch_stats = time(1, settings.runs.div_ceil(2), || {
+        captioner.caption_images(&many).map(drop)
+    })?;
+    let caption_batch_per_s = settings.batch as f64 / (batch_stats.median_ms * 1e-3);
+
+    let mut out = ProviderBench {
+        provider: provider.to_string(),
+        placement: Vec::new(),
+        load_caption_ms,
+        load_generate_ms: None,
+        caption_b1,
+        caption_batch_per_s,
+        caption,
+        generate_b1: Vec::new(),
+        generate_batch_per_s: None,
+        denoiser_call: None,
+        denoiser_flops: None,
+        peak_rss_mib: None,
+    };
+    if bundle.manifest().diffusion.is_some() {
+        let t = Instant::now();
+        let generator = Generator::new(bundle, choice, &options)?;
+        out.load_generate_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+        let prompt = [settings.prompt.as_str()];
+        let defaults = generator.default_options();
+        for &steps in &settings.steps {
+            let opts = GenerateOptions {
+                steps,
+                seed: settings.seed,
+                ..defaults
+            };
+            let runs = if steps >= 50 {
+                settings.runs.div_ceil(2)
+            } else {
+                settings.runs
+            };
+            let s = time(1, runs, || generator.generate(&prompt, &opts).map(drop))?;
+            out.generate_b1.push((steps, s));
+        }
+        let prompts = vec![settings.prompt.as_str(); settings.batch];
+        let opts = GenerateOptions {
+            steps: settings.batch_steps,
+            seed: settings.seed,
+            ..defaults
+        };
+        let s = time(0, 2, || generator.generate(&prompts, &opts).map(drop))?;
+        out.generate_batch_per_s = Some(settings.batch as f64 / (s.median_ms * 1e-3));
+
+        // One guided denoiser step: batch 2 (conditional + unconditional rows), the prompt's
+        // token length, random inputs (the cost does not depend on values).
+        let longest = generator.encode_prompts(&prompt)?.longest;
+        let m = &bundle.manifest().model;
+        let (side, d) = (m.image_size, m.d_model);
+        let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+        let x = crate::diffusion::gaussian(&[2, m.channels, side, side], &mut rng);
+        let tstep = ArrayD::from_elem(IxDyn(&[2]), 500.0f32);
+        let tokens = crate::diffusion::gaussian(&[2, longest, d], &mut rng);
+        let mask = ArrayD::from_elem(IxDyn(&[2, longest]), 1.0f32);
+        let inputs = [
+            ("x", ValueView::F32(x.view())),
+            ("timestep", ValueView::F32(tstep.view())),
+            ("text_tokens", ValueView::F32(tokens.view())),
+            ("text_mask", ValueView::F32(mask.view())),
+        ];
+        let den = generator.denoiser_engine();
+        out.denoiser_call = Some(time(settings.warmup, settings.runs * 3, || {
+            den.run_views(&inputs).map(drop)
+        })?);
+        out.denoiser_flops = graph_flops(
+            &bundle.graph_path(DENOISER)?,
+            &[
+                ("x", &[2, m.channels, side, side]),
+                ("timestep", &[2]),
+                ("text_tokens", &[2, longest, d]),
+                ("text_mask", &[2, longest]),
+            ],
+        )
+        .map_err(|e| {
+            tracing::warn!("{e}");
+            e
+        })
+        .ok();
+        placement.push(format!("denoiser: {}", den.placement(&inputs)?));
+    }
+    out.placement = placement;
+    out.peak_rss_mib = peak_rss_mib();
+    Ok(out)
+}
+
+fn ms(s: &Stats) -> String {
+    format!("{:.1} / {:.1}", s.median_ms, s.p90_ms)
+}
+
+fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "–".to_string())
+}
+
+/// The side-by-side table (Markdown): one column per provider, then the ratios the issue asks
+/// about (Rust ort vs Python ort, tract vs ort), each as "how many times faster".
+pub fn render_markdown(
+    results: &[ProviderBench],
+    skipped: &[(String, String)],
+    settings: &BenchSettings,
+    machine: Option<&(f64, String)>,
+) -> String {
+    let mut md = String::new();
+    let head: Vec<&str> = results.iter().map(|r| r.provider.as_str()).collect();
+    md.push_str(&format!("| | {} |\n", head.join(" | ")));
+    md.push_str(&format!("|---|{}\n", "---|".repeat(results.len())));
+    let mut row = |name: String, cells: Vec<String>| {
+        md.push_str(&format!("| {name} | {} |\n", cells.join(" | ")));
+    };
+    row(
+        "cold load, caption graphs (ms)".into(),
+        results
+            .iter()
+            .map(|r| format!("{:.0}", r.load_caption_ms))
+            .collect(),
+    );
+    row(
+        "cold load, generation graphs (ms)".into(),
+        results
+            .iter()
+            .map(|r| opt(r.load_generate_ms, |v| format!("{v:.0}")))
+            .collect(),
+    );
+    row(
+        "caption, batch 1: median / p90 (ms)".into(),
+        results.iter().map(|r| ms(&r.caption_b1)).collect(),
+    );
+    row(
+        format!("caption, batch {}: images/s", settings.batch),
+        results
+            .iter()
+            .map(|r| format!("{:.1}", r.caption_batch_per_s))
+            .collect(),
+    );
+    for &steps in &settings.steps {
+        row(
+            format!("generate {steps} steps, batch 1: median / p90 (ms)"),
+            results
+                .iter()
+                .map(|r| {
+                    opt(
+                        r.generate_b1
+                            .iter()
+                            .find(|(s, _)| *s == steps)
+                            .map(|(_, s)| s),
+                        ms,
+                    )
+                })
+                .collect(),
+        );
+    }
+    row(
+        format!(
+            "generate {} steps, batch {}: images/s",
+            settings.batch_steps, settings.batch
+        ),
+        results
+            .iter()
+            .map(|r| opt(r.generate_batch_per_s, |v| format!("{v:.2}")))
+            .collect(),
+    );
+    row(
+        "denoiser call, batch 2: median (ms)".into(),
+        results
+            .iter()
+            .map(|r| opt(r.denoiser_call, |s| format!("{:.2}", s.median_ms)))
+            .collect(),
+    );
+    row(
+        "denoiser achieved GFLOP/s".into(),
+        results
+            .iter()
+            .map(|r| {
+                opt(r.denoiser_gflops(), |g| match machine {
+                    Some((peak, _)) => format!("{g:.1} ({:.0}% of peak)", 100.0 * g / peak),
+                    None => format!("{g:.1}"),
+                })
+            })
+            .collect(),
+    );
+    row(
+        "classify with a missing modality".into(),
+        results
+            .iter()
+            .map(|_| "not built yet (issue 5)".to_string())
+            .collect(),
+    );
+    row(
+        "peak resident memory (MiB)".into(),
+        results
+            .iter()
+            .map(|r| opt(r.peak_rss_mib, |m| format!("{m:.0}")))
+            .collect(),
+    );
+    md.push('\n');
+
+    // Ratios: > 1 means the first is faster.
+    let find = |p: &str| results.iter().find(|r| r.provider == p);
+    let mut ratios = Vec::new();
+    for (a, b, what) in [
+        ("ort-cpu", "python-ort-cpu", "Rust ort vs Python ort"),
+        ("tract", "python-ort-cpu", "Rust tract vs Python ort"),
+        ("tract", "ort-cpu", "tract vs ort (CPU)"),
+    ] {
+        let (Some(fast), Some(slow)) = (find(a), find(b)) else {
+            continue;
+        };
+        let cap = slow.caption_b1.median_ms / fast.caption_b1.median_ms;
+        let gens: Vec<String> = fast
+            .generate_b1
+            .iter()
+            .filter_map(|(steps, s)| {
+                let o = slow.generate_b1.iter().find(|(t, _)| t == steps)?;
+                Some(format!("{steps} steps {:.2}×", o.1.median_ms / s.median_ms))
+            })
+            .collect();
+        ratios.push(format!(
+            "- {what} (> 1: {a} faster): caption {cap:.2}×; generate {}",
+            gens.join(", ")
+        ));
+    }
+    if !ratios.is_empty() {
+        md.push_str("Speed ratios (median latency of the second ÷ the first):\n\n");
+        md.push_str(&ratios.join("\n"));
+        md.push_str("\n\n");
+    }
+    md.push_str("Where each graph ran (onnxruntime's profiler for ort, the plan for tract):\n\n");
+    for r in results {
+        md.push_str(&format!("- {}: {}\n", r.provider, r.placement.join("; ")));
+    }
+    if !skipped.is_empty() {
+        md.push_str("\nNot measured:\n\n");
+        for (p, why) in skipped {
+            md.push_str(&format!("- {p}: {}\n", why.replace('\n', " ")));
+        }
+    }
+    if let Some((peak, how)) = machine {
+        md.push_str(&format!(
+            "\nMachine fp32 peak (nominal): {peak:.0} GFLOP/s = {how}.\n"
+        ));
+    }
+    md
+}
+
+/// Writes `image` as raw packed RGB for the Python reference (no image library needed there).
+pub fn write_raw_rgb(image: &RgbImage, path: &Path) -> std::io::Result<()> {
+    std::fs::write(path, image.as_raw())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let s = Stats::from_samples((1..=10).rev().map(f64::from).collect()).unwrap();
+        assert_eq!((s.median_ms, s.p90_ms, s.runs), (5.0, 9.0, 10));
+        let s = Stats::from_samples(vec![3.0]).unwrap();
+        assert_eq!((s.median_ms, s.p90_ms), (3.0, 3.0));
+        assert!(Stats::from_samples(vec![]).is_none());
+    }
+
+    #[test]
+    fn peak_memory_is_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            let mib = peak_rss_mib().unwrap();
+            assert!(mib > 1.0 && mib < 1e6, "{mib}");
+        }
+    }
+}
