@@ -38,18 +38,10 @@ fn c_example_captions_like_rust_and_runs_clean() {
     let exe = c_build::compile("caption", dir.path());
     let valgrind = c_build::have_valgrind();
     let mut cmd = c_build::command(&exe, valgrind);
-    let out = cmd
-        .args(["--provider", "tract", "--strict"])
-        .arg(&bundle)
-        .args(&images)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{stdout}\n{stderr}",
-        out.status.code()
+    let (stdout, stderr) = c_build::run_ok(
+        cmd.args(["--provider", "tract", "--strict"])
+            .arg(&bundle)
+            .args(&images),
     );
     assert!(stderr.contains("running on tract"), "{stderr}");
     c_build::assert_clean(&stderr, valgrind);

@@ -194,17 +194,13 @@ fn zero_length_cache_axis_on_tract_and_ort() {
 
 #[test]
 fn ort_cpu_and_tract_agree() {
-    let Some(lib) = ort_lib() else {
+    if ort_lib().is_none() {
         eprintln!("skipping: onnxruntime not installed (scripts/setup-ort.sh)");
         return;
-    };
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write(&dir, "linear.onnx", linear_model());
-    let opts = EngineOptions {
-        strict: false,
-        ort_lib: Some(lib),
-        ..EngineOptions::default()
-    };
+    let opts = options();
     let (ort_e, ort_r) = Engine::load(
         &path,
         "linear",
@@ -257,15 +253,11 @@ fn ort_cpu_and_tract_agree() {
 /// reason, never silently run on CPU.
 #[test]
 fn gpu_providers_report_real_reasons_on_cpu_onnxruntime() {
-    let Some(lib) = ort_lib() else {
+    if ort_lib().is_none() {
         eprintln!("skipping: onnxruntime not installed (scripts/setup-ort.sh)");
         return;
-    };
-    let opts = EngineOptions {
-        strict: false,
-        ort_lib: Some(lib),
-        ..EngineOptions::default()
-    };
+    }
+    let opts = options();
     let info = ort_info(&opts).unwrap();
     assert!(
         info.providers.iter().any(|p| p == "CPUExecutionProvider"),
@@ -382,17 +374,13 @@ fn engines_are_send_and_sync() {
 /// GPU provider. tract reports its own plan.
 #[test]
 fn reported_provider_is_where_ort_profiling_says_the_nodes_ran() {
-    let Some(lib) = ort_lib() else {
+    if ort_lib().is_none() {
         eprintln!("skipping: onnxruntime not installed (scripts/setup-ort.sh)");
         return;
-    };
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write(&dir, "linear.onnx", linear_model());
-    let opts = EngineOptions {
-        strict: false,
-        ort_lib: Some(lib),
-        ..EngineOptions::default()
-    };
+    let opts = options();
     let x = array![[1.0f32, 2.0, 3.0]].into_dyn();
     let (engine, report) = Engine::load(&path, "linear", ProviderChoice::Auto, &opts).unwrap();
     let placement = engine

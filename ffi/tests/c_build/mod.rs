@@ -100,3 +100,16 @@ pub fn assert_clean(stderr: &str, valgrind: bool) {
         );
     }
 }
+
+/// Runs `cmd`, asserts it exited 0, and returns its stdout and stderr.
+pub fn run_ok(cmd: &mut Command) -> (String, String) {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status.code()
+    );
+    (stdout, stderr)
+}

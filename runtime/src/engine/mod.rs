@@ -183,19 +183,18 @@ impl Placement {
             serde_json::from_str(json).map_err(|e| format!("profile is not a JSON array: {e}"))?;
         let mut seen = std::collections::HashSet::new();
         let mut nodes = std::collections::BTreeMap::new();
-        for ev in &events {
-            if ev["cat"] != "Node" {
-                continue;
-            }
+        for ev in events.iter().filter(|ev| ev["cat"] == "Node") {
+            // Each node has `<name>_fence_before`, `_kernel_time` and `_fence_after` events;
+            // the kernel event is the one that ran, once per node per run.
             let (Some(name), Some(provider)) =
                 (ev["name"].as_str(), ev["args"]["provider"].as_str())
             else {
                 continue;
             };
-            // Each node has `<name>_fence_before`, `_kernel_time`, `_fence_after` events.
-            let node = name.strip_suffix("_kernel_time").unwrap_or(name);
-            if seen.insert(node.to_string()) && name.ends_with("_kernel_time") {
-                *nodes.entry(provider.to_string()).or_insert(0) += 1;
+            if let Some(node) = name.strip_suffix("_kernel_time") {
+                if seen.insert(node.to_string()) {
+                    *nodes.entry(provider.to_string()).or_insert(0) += 1;
+                }
             }
         }
         if nodes.is_empty() {
