@@ -10,12 +10,14 @@ pub mod config;
 pub mod denoiser;
 pub mod params;
 pub mod position;
+pub mod restorer;
 pub mod text;
 pub mod vision;
 
 pub use caption::{CaptionDecoder, Captioner, KvCache};
 pub use config::{ModelConfig, Preset};
 pub use denoiser::Denoiser;
+pub use restorer::{FeatureRestorer, FusionHead, MissingTokens, RestoreConfig, Restorers};
 pub use text::TextEncoder;
 pub use vision::VisionEncoder;
 

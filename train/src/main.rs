@@ -12,6 +12,11 @@ use duet_train::checkpoint::write_json;
 use duet_train::eval::eval_reconstruction;
 use duet_train::eval::{eval_caption, eval_generate, GenerateEvalOptions};
 use duet_train::generate_stage::{fit_generate, GenerateFitArgs, GenerateOutcome};
+use duet_train::pair_tasks::PairTask;
+use duet_train::restore_eval::{eval_restore, RestoreEvalOptions};
+use duet_train::restore_stage::{
+    fit_fusion, fit_restore, PairFitArgs, FUSION_STAGE, RESTORE_STAGE,
+};
 use duet_train::shapeworld::{write_dataset, SceneConfig};
 use duet_train::unify_stage::{
     fit_unify, ReconstructionSettings, Stage2Captions, UnifyFitArgs, UnifyOutcome, STAGE1_DIR,
@@ -49,8 +54,10 @@ enum Command {
         stage: String,
         #[arg(long, default_value = "tiny")]
         preset: Preset,
+        /// Training data (caption, generate, unify; fusion and restore draw their own examples
+        /// of --task).
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value = "cpu")]
@@ -84,6 +91,9 @@ enum Command {
         /// dataset's (the same-budget control).
         #[arg(long, value_enum)]
         captions: Option<Stage2Captions>,
+        /// `--stage fusion`: the two-modality task (colour-column or shape-count).
+        #[arg(long)]
+        task: Option<PairTask>,
     },
     /// Evaluate a trained run on a dataset.
     Eval {
@@ -169,8 +179,56 @@ fn main() -> anyhow::Result<()> {
             gen_steps,
             gen_lr,
             captions,
+            task,
         } => {
             let kind: DeviceKind = device.parse()?;
+            if stage == FUSION_STAGE || stage == RESTORE_STAGE {
+                let args = PairFitArgs {
+                    init: init.with_context(|| {
+                        format!(
+                            "--stage {stage} needs --init <{}>",
+                            if stage == FUSION_STAGE {
+                                "generate run"
+                            } else {
+                                "fusion run"
+                            }
+                        )
+                    })?,
+                    out: out.clone(),
+                    task,
+                    train_examples: None,
+                    test_examples: None,
+                    steps,
+                    batch_size,
+                    lr,
+                    seed,
+                    settings: None,
+                    device: kind.to_string(),
+                    command: command_line,
+                    quiet: false,
+                };
+                let outcome = match (kind, stage == FUSION_STAGE) {
+                    (DeviceKind::Cpu, true) => {
+                        fit_fusion::<CpuBackend>(&args, &Default::default())?
+                    }
+                    (DeviceKind::Cpu, false) => {
+                        fit_restore::<CpuBackend>(&args, &Default::default())?
+                    }
+                    (DeviceKind::Cuda, _) => anyhow::bail!(
+                        "--stage {stage} trains small MLPs on cached embeddings; use --device cpu"
+                    ),
+                };
+                println!(
+                    "{stage}: held-out accuracy on complete pairs {:.4}, final loss {:.4}, \
+                     {:.1}s; run in {}",
+                    outcome.complete_accuracy,
+                    outcome.final_loss,
+                    outcome.seconds,
+                    out.display()
+                );
+                return Ok(());
+            }
+            let data = data.with_context(|| format!("--stage {stage} needs --data <dataset>"))?;
             if stage == "unify" {
                 if resume {
                     anyhow::bail!("unify runs do not resume; start them again (they are short)");
@@ -243,7 +301,7 @@ fn main() -> anyhow::Result<()> {
             }
             if stage != "caption" {
                 anyhow::bail!(
-                    "unknown stage '{stage}' (this build trains: caption, generate, unify)"
+                    "unknown stage '{stage}' (this build trains: caption, generate, unify, fusion, restore)"
                 );
             }
             let args = FitArgs {
@@ -285,6 +343,25 @@ fn main() -> anyhow::Result<()> {
             untrained,
         } => {
             let device = Default::default();
+            if stage == RESTORE_STAGE {
+                let opts = RestoreEvalOptions { seed, limit };
+                let report = eval_restore::<burn::backend::NdArray<f32>>(&run, &opts, &device)?;
+                println!("{report}");
+                let plot_path = run.join("restore_eval.png");
+                let mut png = Vec::new();
+                report
+                    .plot()
+                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .context("encoding the plot")?;
+                duet_train::fsutil::write_atomic(&plot_path, &png)
+                    .with_context(|| format!("writing {}", plot_path.display()))?;
+                println!("plot in {}", plot_path.display());
+                write_json(
+                    &run.join("restore_eval.json"),
+                    &serde_json::json!({"report": report, "seed": seed, "command": command_line}),
+                )?;
+                return Ok(());
+            }
             if stage == "reconstruct" {
                 let data = data.context("--data is required for --stage reconstruct")?;
                 let settings = ReconstructionSettings {
@@ -371,7 +448,7 @@ fn main() -> anyhow::Result<()> {
             }
             if stage != "caption" {
                 anyhow::bail!(
-                    "unknown stage '{stage}' (this build evaluates: caption, generate, reconstruct)"
+                    "unknown stage '{stage}' (this build evaluates: caption, generate, reconstruct, restore)"
                 );
             }
             let data = data.context("--data is required for --stage caption")?;
