@@ -170,7 +170,21 @@ enum Command {
     },
 }
 
+/// `duet info | head` must stop quietly when the reader goes away, as every Unix tool does.
+/// Rust starts programs with SIGPIPE ignored, so `println!` would panic on the broken pipe
+/// instead; the default action (end the process) is what a pipeline expects.
+#[cfg(unix)]
+fn restore_default_sigpipe() {
+    // SAFETY: called first thing in `main`, before any thread exists; `signal` with `SIG_DFL`
+    // only resets the disposition of SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    restore_default_sigpipe();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

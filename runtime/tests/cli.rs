@@ -92,6 +92,36 @@ fn info_summarises_bundle_and_providers() {
     }
 }
 
+/// A closed pipe ends `duet` quietly (SIGPIPE), never with a panic message.
+#[cfg(unix)]
+#[test]
+fn closed_stdout_pipe_is_not_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    caption_bundle(dir.path(), 0.0);
+    let mut child = duet()
+        .args(["info", "--bundle"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before `duet` has printed anything (it loads the bundle first).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.signal() == Some(SIGPIPE) || out.status.success(),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
+/// SIGPIPE's number on Linux and the BSDs.
+#[cfg(unix)]
+const SIGPIPE: i32 = 13;
+
 #[test]
 fn errors_exit_non_zero_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
