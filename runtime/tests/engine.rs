@@ -144,8 +144,45 @@ fn corrupt_model_is_an_error_not_a_panic() {
         "{e:?}"
     );
     let e = Engine::load(&path, "bad", ProviderChoice::Auto, &options()).unwrap_err();
-    match e {
-        EngineError::NoProvider { skipped, .. } => assert_eq!(skipped.len(), 4),
+    let skipped = match e {
+        EngineError::NoProvider { skipped, .. } => skipped,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(skipped.len(), 4);
+    assert!(
+        skipped.iter().all(|(_, why)| !why.is_empty()),
+        "{skipped:?}"
+    );
+    if ort_lib().is_none() {
+        return;
+    }
+    // onnxruntime's own words for the corrupt file are the ort-cpu skip reason …
+    let (_, ort_reason) = skipped
+        .iter()
+        .find(|(p, _)| *p == Provider::OrtCpu)
+        .unwrap();
+    eprintln!("ort-cpu: {ort_reason}");
+    assert!(
+        ort_reason.contains("could not load the graph")
+            && ort_reason.contains("Protobuf parsing failed"),
+        "{ort_reason}"
+    );
+    // … and strict mode turns that skip into an error naming the graph, ort-cpu and the reason.
+    let strict = EngineOptions {
+        strict: true,
+        ..options()
+    };
+    match Engine::load(
+        &path,
+        "bad",
+        ProviderChoice::Only(Provider::OrtCpu),
+        &strict,
+    ) {
+        Err(e @ EngineError::ProviderUnavailable { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("bad") && text.contains("ort-cpu"), "{text}");
+            assert!(text.contains(ort_reason.as_str()), "{text}");
+        }
         other => panic!("{other:?}"),
     }
 }
