@@ -4,7 +4,8 @@
 //! Each example is an image and a text of the *same* scene, and each is a faulty view of it:
 //! one attribute of the label is corrupted half of the time in the image and the other
 //! attribute half of the time in the text. So either modality alone is informative (it gets
-//! one attribute right always and the other one half of the time), both together give the label
+//! one attribute right always and the other one at least half of the time; see
+//! [`PairTask::single_view_ceiling`]), both together give the label
 //! exactly, and the two modalities overlap enough (shape, size, the uncorrupted half) that the
 //! missing one can be partly restored from the present one.
 

@@ -294,7 +294,7 @@ pub fn restore_all<B: Backend>(
             noise(&mut rng),
             v.gating,
         )?;
-        image.extend(to_vec(model.t2i.blend(r, txt, v.gating))?);
+        image.extend(to_vec(model.t2i.blend(r, txt, v.trusts()))?);
         let r = ddim_restore(
             &model.i2t,
             &schedule,
@@ -303,7 +303,7 @@ pub fn restore_all<B: Backend>(
             noise(&mut rng),
             v.gating,
         )?;
-        text.extend(to_vec(model.i2t.blend(r, img, v.gating))?);
+        text.extend(to_vec(model.i2t.blend(r, img, v.trusts()))?);
     }
     Ok((image, text))
 }
@@ -330,7 +330,7 @@ pub fn eval_restore<B: Backend>(
         .min(cfg.test_examples);
     let examples = cfg.task.examples(
         cfg.test_examples,
-        cfg.data_seed + 1,
+        cfg.data_seed.wrapping_add(1),
         cfg.model.image_size as u32,
     );
     let test = extract_features(&loaded.backbones, &examples[..n], device)?;

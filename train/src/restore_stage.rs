@@ -61,6 +61,15 @@ pub struct Variant {
     pub mutual: bool,
 }
 
+impl Variant {
+    /// Whether the head's input blends the restoration with μ through the trust gate. The gate
+    /// learns only from the agreement loss, so without mutual learning it has no training
+    /// signal and stays out (τ = 1) instead of blending at its random initial value.
+    pub fn trusts(self) -> bool {
+        self.gating && self.mutual
+    }
+}
+
 pub const VARIANTS: [Variant; 3] = [
     Variant {
         prefix: "restorer",
@@ -120,7 +129,8 @@ pub struct PairTrainConfig {
     /// The generate run (fusion) or fusion run (restore) this run starts from.
     pub init: PathBuf,
     /// Training examples, drawn from `data_seed`; the held-out test set is drawn from
-    /// `data_seed + 1`.
+    /// `data_seed + 1` (fresh draws: the scene space is small, so many test images and texts
+    /// also occur in training — the hidden view is what is new).
     pub train_examples: usize,
     pub test_examples: usize,
     pub data_seed: u64,
@@ -476,7 +486,7 @@ pub fn fit_fusion<B: AutodiffBackend>(
     )?;
     let test = extract_features(
         &bb,
-        &task.examples(cfg.test_examples, cfg.data_seed + 1, size),
+        &task.examples(cfg.test_examples, cfg.data_seed.wrapping_add(1), size),
         device,
     )?;
 
@@ -679,15 +689,16 @@ fn restore_loss<B: AutodiffBackend>(
     let target = softmax(head.forward(image.clone(), text.clone()), 1).detach();
     let f_image = model
         .t2i
-        .blend(r_image.clone(), text.clone(), variant.gating);
+        .blend(r_image.clone(), text.clone(), variant.trusts());
     let f_text = model
         .i2t
-        .blend(r_text.clone(), image.clone(), variant.gating);
+        .blend(r_text.clone(), image.clone(), variant.trusts());
     let agreement = kl_from(target.clone(), head.forward(f_image, text.clone()))
         + kl_from(target, head.forward(image.clone(), f_text));
     // Cycle consistency: restoring back from a restored feature should land on the real
-    // feature of the start modality. The cycle's second leg is the sampler's first x0
-    // estimate from pure noise (one step, not the unrolled sampler, to keep a step cheap).
+    // feature of the start modality (raw cosine distance). The cycle's second leg is the
+    // sampler's first x0 estimate from pure noise (one step, not the unrolled sampler, to keep
+    // a step cheap).
     let t_last = t_max - 1;
     let ab = schedule.alpha_bar(Some(t_last));
     let one_step = |r: &FeatureRestorer<B>, cond: Tensor<B, 2>, rng: &mut ChaCha8Rng| {
@@ -889,7 +900,7 @@ pub fn fit_restore<B: AutodiffBackend>(
         &bb,
         &cfg.task.examples(
             cfg.test_examples,
-            cfg.data_seed + 1,
+            cfg.data_seed.wrapping_add(1),
             cfg.model.image_size as u32,
         ),
         device,
@@ -975,9 +986,17 @@ mod tests {
         let dev = Default::default();
         let cfg = RestoreConfig::new(8, 3);
         B::seed(&dev, 3);
-        let r = FeatureRestorer::<B>::new(&cfg, &dev);
-        let schedule = NoiseSchedule::cosine(1000).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
+        // Real (non-trivial) statistics, so the standardised space differs from the raw one.
+        let stat = |rng: &mut ChaCha8Rng, lo: f32| {
+            let v: Vec<f32> = (0..8).map(|_| lo + rng.random::<f32>()).collect();
+            Tensor::<B, 1>::from_data(TensorData::new(v, [8]), &dev)
+        };
+        let r = FeatureRestorer::<B>::new(&cfg, &dev).with_statistics(
+            (stat(&mut rng, -0.5), stat(&mut rng, 0.1)),
+            (stat(&mut rng, -0.5), stat(&mut rng, 0.1)),
+        );
+        let schedule = NoiseSchedule::cosine(1000).unwrap();
         let cond = gaussian::<B, _>(&mut rng, [2, 8], &dev);
         let x = gaussian::<B, _>(&mut rng, [2, 8], &dev);
         let ours =
@@ -1003,6 +1022,12 @@ mod tests {
                 Ok(ArrayD::from_shape_vec(vec![2, 8], to_vec(v)?)?)
             },
         )
+        .unwrap();
+        // The shared sampler walks the standardised space; map its result back to embeddings.
+        let theirs = to_vec(r.unstandardise(Tensor::<B, 2>::from_data(
+            TensorData::new(theirs.iter().copied().collect::<Vec<_>>(), [2, 8]),
+            &dev,
+        )))
         .unwrap();
         for (a, b) in ours.iter().zip(theirs.iter()) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
