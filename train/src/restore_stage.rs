@@ -443,6 +443,32 @@ fn resolve_config(
     }
 }
 
+/// Rejects options the stages cannot honour, before anything is loaded or written (the
+/// defaults are always valid).
+fn validate_args(args: &PairFitArgs) -> anyhow::Result<()> {
+    if args.steps == Some(0) || args.batch_size == Some(0) {
+        anyhow::bail!("--steps and --batch-size must be at least 1");
+    }
+    if args.train_examples == Some(0) || args.test_examples == Some(0) {
+        anyhow::bail!("the task needs at least one training and one held-out example");
+    }
+    if let Some(lr) = args.lr {
+        if lr.is_nan() || lr <= 0.0 {
+            anyhow::bail!("--lr must be positive, got {lr}");
+        }
+    }
+    if let Some(s) = &args.settings {
+        if s.sampler_steps == 0 || s.sampler_steps > s.train_timesteps {
+            anyhow::bail!(
+                "sampler steps must be in 1..={}, got {}",
+                s.train_timesteps,
+                s.sampler_steps
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Creates `out` and refuses to overwrite a finished run.
 fn prepare_out(out: &Path) -> anyhow::Result<()> {
     if out.join(STATE_FILE).exists() {
@@ -470,6 +496,7 @@ pub fn fit_fusion<B: AutodiffBackend>(
     device: &B::Device,
 ) -> anyhow::Result<PairOutcome> {
     let t0 = Instant::now();
+    validate_args(args)?;
     let task = args
         .task
         .context("--stage fusion needs --task colour-column|shape-count")?;
@@ -737,6 +764,7 @@ pub fn fit_restore<B: AutodiffBackend>(
     device: &B::Device,
 ) -> anyhow::Result<PairOutcome> {
     let t0 = Instant::now();
+    validate_args(args)?;
     let fusion: PairTrainConfig = read_json(&args.init.join(CONFIG_FILE))?;
     if fusion.stage != FUSION_STAGE {
         anyhow::bail!(

@@ -115,3 +115,56 @@ fn shapeworld_command_rejects_bad_sizes() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("--size must be 32 or 64"), "{e}");
 }
+
+/// `fit --stage fusion|restore` and `eval --stage restore`: bad options and wrong runs are
+/// clear errors before anything is written, never panics.
+#[test]
+fn restore_stages_refuse_bad_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = |args: &[&str]| {
+        let o = duet_train().args(args).output().unwrap();
+        assert!(!o.status.success(), "{args:?} must fail");
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    };
+    let out_s = out.to_str().unwrap();
+    let missing = dir.path().join("no-run");
+    let missing_s = missing.to_str().unwrap();
+    let e = run(&[
+        "fit",
+        "--stage",
+        "fusion",
+        "--out",
+        out_s,
+        "--task",
+        "colour-column",
+    ]);
+    assert!(e.contains("--stage fusion needs --init"), "{e}");
+    let e = run(&[
+        "fit",
+        "--stage",
+        "fusion",
+        "--init",
+        missing_s,
+        "--out",
+        out_s,
+        "--task",
+        "colour-column",
+        "--batch-size",
+        "0",
+    ]);
+    assert!(e.contains("--batch-size must be at least 1"), "{e}");
+    let e = run(&[
+        "fit", "--stage", "fusion", "--init", missing_s, "--out", out_s, "--task", "colour",
+    ]);
+    assert!(e.contains("unknown task 'colour'"), "{e}");
+    let e = run(&[
+        "fit", "--stage", "restore", "--init", missing_s, "--out", out_s,
+    ]);
+    assert!(e.contains("config.json"), "{e}");
+    let e = run(&["eval", "--stage", "restore", "--run", missing_s]);
+    assert!(e.contains("config.json"), "{e}");
+    assert!(!out.exists(), "nothing is written on a refused run");
+}
