@@ -1124,6 +1124,15 @@ fn restore_stage_freezes_backbones_and_restores_closer_than_mean_fill() {
     )
     .expect("eval restore");
     eprintln!("{report}");
+    let none = eval_restore::<Cpu>(
+        &restore,
+        &RestoreEvalOptions {
+            seed: 0,
+            limit: Some(0),
+        },
+        &Default::default(),
+    );
+    assert!(format!("{:#}", none.unwrap_err()).contains("--limit 0"));
     let cos = |m: &str| {
         let c = report.closeness.iter().find(|c| c.method == m).unwrap();
         (

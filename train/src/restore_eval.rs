@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::plot::{LineChart, Series};
 use crate::restore_stage::{
-    ddim_restore, extract_features, load_restore, LoadedRestore, PairFeatures, VARIANTS,
+    ddim_restore, extract_features, load_restore, to_vec, LoadedRestore, PairFeatures, VARIANTS,
 };
 use duet_diffusion::NoiseSchedule;
 
@@ -225,13 +225,6 @@ struct StandIns {
     text: Vec<f32>,
 }
 
-fn to_vec<B: Backend>(t: Tensor<B, 2>) -> anyhow::Result<Vec<f32>> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("reading a tensor: {e:?}"))
-}
-
 fn repeat(row: &[f32], n: usize) -> Vec<f32> {
     row.iter().copied().cycle().take(row.len() * n).collect()
 }
@@ -328,6 +321,9 @@ pub fn eval_restore<B: Backend>(
         .limit
         .unwrap_or(cfg.test_examples)
         .min(cfg.test_examples);
+    if n == 0 {
+        anyhow::bail!("--limit 0 leaves no held-out example to score");
+    }
     let examples = cfg.task.examples(
         cfg.test_examples,
         cfg.data_seed.wrapping_add(1),
