@@ -28,3 +28,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     result
 }
+
+/// Encodes `img` as PNG and writes it atomically (grids, plots).
+pub fn write_png(path: &Path, img: &image::RgbImage) -> std::io::Result<()> {
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(std::io::Error::other)?;
+    write_atomic(path, &png)
+}

@@ -11,6 +11,7 @@ use duet_train::caption_stage::{fit, FitArgs};
 use duet_train::checkpoint::write_json;
 use duet_train::eval::eval_reconstruction;
 use duet_train::eval::{eval_caption, eval_generate, GenerateEvalOptions};
+use duet_train::fsutil::write_png;
 use duet_train::generate_stage::{fit_generate, GenerateFitArgs, GenerateOutcome};
 use duet_train::pair_tasks::PairTask;
 use duet_train::restore_eval::{eval_restore, RestoreEvalOptions};
@@ -348,12 +349,7 @@ fn main() -> anyhow::Result<()> {
                 let report = eval_restore::<burn::backend::NdArray<f32>>(&run, &opts, &device)?;
                 println!("{report}");
                 let plot_path = run.join("restore_eval.png");
-                let mut png = Vec::new();
-                report
-                    .plot()
-                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                    .context("encoding the plot")?;
-                duet_train::fsutil::write_atomic(&plot_path, &png)
+                write_png(&plot_path, &report.plot())
                     .with_context(|| format!("writing {}", plot_path.display()))?;
                 println!("plot in {}", plot_path.display());
                 write_json(
@@ -380,11 +376,7 @@ fn main() -> anyhow::Result<()> {
                     shown.extend(chunk.iter().map(|(_, r)| r.clone()));
                 }
                 let grid_path = run.join("reconstruct.png");
-                let mut png = Vec::new();
-                duet_diffusion::grid(&shown, 8, 4)
-                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                    .context("encoding the grid")?;
-                duet_train::fsutil::write_atomic(&grid_path, &png)
+                write_png(&grid_path, &duet_diffusion::grid(&shown, 8, 4))
                     .with_context(|| format!("writing {}", grid_path.display()))?;
                 println!("originals and rebuilds in {}", grid_path.display());
                 write_json(
@@ -429,11 +421,7 @@ fn main() -> anyhow::Result<()> {
                     .chunks(per_category.max(1))
                     .flat_map(|c| c.iter().take(8).cloned())
                     .collect();
-                let mut png = Vec::new();
-                duet_diffusion::grid(&shown, 8, 4)
-                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                    .context("encoding the grid")?;
-                duet_train::fsutil::write_atomic(&grid_path, &png)
+                write_png(&grid_path, &duet_diffusion::grid(&shown, 8, 4))
                     .with_context(|| format!("writing {}", grid_path.display()))?;
                 println!("grid (one row per category) in {}", grid_path.display());
                 write_json(

@@ -293,7 +293,8 @@ pub struct PairFeatures {
     pub labels: Vec<usize>,
 }
 
-fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> anyhow::Result<Vec<f32>> {
+/// A tensor's values as plain `f32`s.
+pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> anyhow::Result<Vec<f32>> {
     t.into_data()
         .convert::<f32>()
         .into_vec::<f32>()
@@ -393,6 +394,22 @@ pub fn accuracy<B: Backend>(logits: Tensor<B, 2>, labels: &[usize]) -> anyhow::R
         .filter(|(p, &l)| **p as usize == l)
         .count();
     Ok(right as f64 / labels.len().max(1) as f64)
+}
+
+/// Accuracy of `head` on the complete pairs of `features`.
+fn complete_accuracy<B: Backend>(
+    head: &FusionHead<B>,
+    features: &PairFeatures,
+    device: &B::Device,
+) -> anyhow::Result<f64> {
+    let all: Vec<usize> = (0..features.n).collect();
+    accuracy(
+        head.forward(
+            features.image_rows(&all, device),
+            features.text_rows(&all, device),
+        ),
+        &features.labels,
+    )
 }
 
 /// The outcome of a fusion or restore run.
@@ -544,11 +561,7 @@ pub fn fit_fusion<B: AutodiffBackend>(
     }
     pb.finish_and_clear();
     let head = head.valid();
-    let all: Vec<usize> = (0..test.n).collect();
-    let complete_accuracy = accuracy(
-        head.forward(test.image_rows(&all, device), test.text_rows(&all, device)),
-        &test.labels,
-    )?;
+    let complete_accuracy = complete_accuracy(&head, &test, device)?;
     let mut weights = load_weights(&args.init.join(WEIGHTS_FILE))?;
     weights.retain(|k, _| !k.starts_with("head."));
     weights.extend(prefixed(named_tensors(&head), HEAD));
@@ -933,11 +946,7 @@ pub fn fit_restore<B: AutodiffBackend>(
         ),
         device,
     )?;
-    let all: Vec<usize> = (0..test.n).collect();
-    let complete_accuracy = accuracy(
-        head.forward(test.image_rows(&all, device), test.text_rows(&all, device)),
-        &test.labels,
-    )?;
+    let complete_accuracy = complete_accuracy(&head, &test, device)?;
     Ok(PairOutcome {
         complete_accuracy,
         final_loss: last,
