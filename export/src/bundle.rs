@@ -9,37 +9,47 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
+use duet_diffusion::{NoiseSchedule, Prediction};
 use duet_models::params::named_tensors;
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID, UNK_ID};
-use duet_models::{Captioner, ModelConfig};
+use duet_models::{Captioner, FusionHead, ModelConfig, Restorers};
 use duet_runtime::bundle::{sha256_file, Bundle};
 use duet_runtime::engine::EngineOptions;
 use duet_runtime::manifest::{
-    self, DiffusionSpec, DimSpec, GraphSpec, ImageSpec, Manifest, ModelSpec, TensorSpec,
-    TokenizerSpec, CAPTION_DECODER, DENOISER, MANIFEST_FILE, SCHEMA_VERSION, TEXT_ENCODER,
-    VISION_ENCODER,
+    self, DiffusionSpec, DimSpec, GraphSpec, ImageSpec, Manifest, ModelSpec, RestoreSpec,
+    TensorSpec, TokenizerSpec, CAPTION_DECODER, DENOISER, FUSION_HEAD, MANIFEST_FILE, RESTORER_I2T,
+    RESTORER_T2I, SCHEMA_VERSION, TEXT_ENCODER, VISION_ENCODER,
 };
-use duet_train::caption_stage::{image_to_chw, load_run, CONFIG_FILE, TOKENIZER_FILE};
+use duet_train::caption_stage::{
+    image_to_chw, load_captioner, load_run, CONFIG_FILE, TOKENIZER_FILE,
+};
 use duet_train::checkpoint::STATE_FILE;
-use duet_train::generate_stage::{load_generator, LoadedGenerator};
+use duet_train::generate_stage::{load_generator, load_generator_weights, Generator};
+use duet_train::pair_tasks::PairTask;
+use duet_train::restore_stage::{
+    load_restore, Backbones, PairTrainConfig, FUSION_STAGE, HEAD, RESTORE_STAGE, VARIANTS,
+};
 use duet_train::shapeworld::{caption, generate_scene, render, SceneConfig};
-use duet_train::tokenizer::encode_caption;
+use duet_train::tokenizer::{encode_caption, load_tokenizer};
 use ndarray::{ArrayD, IxDyn};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use tokenizers::Tokenizer;
 use tract_onnx::pb::{tensor_proto::DataType, tensor_shape_proto, type_proto, ModelProto};
 
 use crate::onnx::{
-    build_caption_decoder, build_denoiser, build_text_encoder, build_vision_encoder, save_model,
-    ExportError, Weights,
+    build_caption_decoder, build_denoiser, build_fusion_head, build_restorer, build_text_encoder,
+    build_vision_encoder, save_model, ExportError, RestoreDims, Weights,
 };
 use crate::parity::{
-    check_graph, decoder_cases, denoiser_cases, parity_rng, random_array, random_ids, text_cases,
-    vision_cases, DenoiserInputs, GraphParity, ParityCase, FP32_TOLERANCE,
+    check_graph, decoder_cases, denoiser_cases, fusion_head_cases, parity_rng, random_array,
+    random_ids, restorer_cases, text_cases, vision_cases, DenoiserInputs, GraphParity, ParityCase,
+    RestorerInputs, FP32_TOLERANCE,
 };
 
 /// The Burn backend the exporter evaluates the reference outputs on (CPU, f32).
 type Ref = NdArray<f32>;
+type RefDevice = burn::backend::ndarray::NdArrayDevice;
 
 /// File names inside a bundle.
 pub const VISION_FILE: &str = "vision_encoder.onnx";
@@ -47,6 +57,9 @@ pub const DECODER_FILE: &str = "caption_decoder.onnx";
 pub const TOKENIZER_BUNDLE_FILE: &str = "tokenizer.json";
 pub const TEXT_FILE: &str = "text_encoder.onnx";
 pub const DENOISER_FILE: &str = "denoiser.onnx";
+pub const RESTORER_T2I_FILE: &str = "restorer_t2i.onnx";
+pub const RESTORER_I2T_FILE: &str = "restorer_i2t.onnx";
+pub const FUSION_HEAD_FILE: &str = "fusion_head.onnx";
 
 /// Sampler defaults written into a generator bundle's manifest: DDIM with 30 steps and
 /// guidance 3 is the setting the generate stage's evaluation uses (see `docs/RESULTS.md`).
@@ -103,35 +116,34 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
         )));
     }
     let device = Default::default();
-    let run = load_run::<Ref>(&opts.run, &device).map_err(|e| ExportError::LoadRun {
+    let load_err = |e: anyhow::Error| ExportError::LoadRun {
         path: opts.run.clone(),
         reason: format!("{e:#}"),
-    })?;
-    let cfg = &run.config.model;
+    };
+    let src = load_source(&opts.run, &device).map_err(load_err)?;
+    let cfg = &src.model;
     cfg.validate().map_err(ExportError::InvalidDims)?;
     let dims = model_spec(cfg);
-    let mut weights = weights_of(&run.model)?;
-
-    // A generate run carries the whole model: its captioner (exported above) plus the text
-    // encoder and denoiser.
-    let generator = if matches!(run_stage(&opts.run).as_str(), "generate" | "unify") {
-        let g =
-            load_generator::<Ref>(&opts.run, false, &device).map_err(|e| ExportError::LoadRun {
-                path: opts.run.clone(),
-                reason: format!("{e:#}"),
-            })?;
+    let mut weights = weights_of(&src.captioner)?;
+    if let Some(g) = &src.generator {
         for (name, t) in named_tensors(&g.generator) {
             weights.insert(name, t.shape, t.data)?;
         }
-        Some(g)
-    } else {
-        None
-    };
+    }
+    if let Some(r) = &src.restore {
+        for (name, t) in named_tensors(&r.restorers) {
+            weights.insert(format!("restorer.{name}"), t.shape, t.data)?;
+        }
+        for (name, t) in named_tensors(&r.head) {
+            weights.insert(format!("{HEAD}.{name}"), t.shape, t.data)?;
+        }
+    }
+    let generator = src.generator.as_ref();
 
     let staging = sibling(&opts.out, "staging")?;
     let result = (|| {
         std::fs::create_dir_all(&staging).map_err(|source| io_err(&staging, source))?;
-        let (vision_cases, decoder_cases) = parity_inputs(&run, &device)?;
+        let (vision_cases, decoder_cases) = parity_inputs(&src, &device)?;
         let mut jobs = vec![
             (
                 VISION_ENCODER,
@@ -146,8 +158,8 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
                 decoder_cases,
             ),
         ];
-        if let Some(gen) = &generator {
-            let (text_cases, denoiser_cases) = generator_parity_inputs(&run, gen, &device)?;
+        if let Some(gen) = generator {
+            let (text_cases, denoiser_cases) = generator_parity_inputs(&src, gen, &device)?;
             jobs.push((
                 TEXT_ENCODER,
                 TEXT_FILE,
@@ -159,6 +171,28 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
                 DENOISER_FILE,
                 build_denoiser(&weights, &dims)?,
                 denoiser_cases,
+            ));
+        }
+        if let Some(r) = &src.restore {
+            let rd = restore_dims(&r.config);
+            let (t2i_cases, i2t_cases, head_cases) = restore_parity_inputs(&src, r, &device)?;
+            jobs.push((
+                RESTORER_T2I,
+                RESTORER_T2I_FILE,
+                build_restorer(&weights, "restorer.t2i", RESTORER_T2I, &rd)?,
+                t2i_cases,
+            ));
+            jobs.push((
+                RESTORER_I2T,
+                RESTORER_I2T_FILE,
+                build_restorer(&weights, "restorer.i2t", RESTORER_I2T, &rd)?,
+                i2t_cases,
+            ));
+            jobs.push((
+                FUSION_HEAD,
+                FUSION_HEAD_FILE,
+                build_fusion_head(&weights, HEAD, &rd)?,
+                head_cases,
             ));
         }
         let mut parity = Vec::new();
@@ -218,7 +252,7 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "duet".to_owned())
             }),
-            preset: run.config.preset.to_string(),
+            preset: src.preset.clone(),
             model: dims.clone(),
             image: ImageSpec {
                 size: cfg.image_size,
@@ -238,12 +272,24 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
             graphs,
             files,
             provenance: provenance(opts),
-            diffusion: generator.as_ref().map(|g| DiffusionSpec {
-                prediction: g.config.diffusion.prediction,
+            diffusion: generator.map(|g| DiffusionSpec {
+                prediction: g.prediction,
                 schedule: "cosine".to_owned(),
                 alphas_cumprod: g.schedule.alphas_cumprod().to_vec(),
                 default_steps: DEFAULT_SAMPLER_STEPS,
                 default_guidance: DEFAULT_GUIDANCE,
+            }),
+            restore: src.restore.as_ref().map(|r| RestoreSpec {
+                task: r.config.task.to_string(),
+                classes: (0..r.config.task.classes())
+                    .map(|c| r.config.task.class_name(c))
+                    .collect(),
+                prediction: Prediction::V,
+                schedule: "cosine".to_owned(),
+                alphas_cumprod: r.schedule.alphas_cumprod().to_vec(),
+                sampler_steps: r.sampler_steps,
+                gating: true,
+                trust_gate: true,
             }),
         };
         let text = manifest
@@ -297,6 +343,177 @@ pub fn model_spec(c: &ModelConfig) -> ModelSpec {
     }
 }
 
+/// What an export reads from a run: the captioner always, the generator from a generate,
+/// unify or restore run, the restorers and head from a restore run.
+struct Source {
+    preset: String,
+    model: ModelConfig,
+    tokenizer: Tokenizer,
+    captioner: Captioner<Ref>,
+    generator: Option<GeneratorSource>,
+    restore: Option<RestoreSource>,
+}
+
+struct GeneratorSource {
+    generator: Generator<Ref>,
+    prediction: Prediction,
+    schedule: NoiseSchedule,
+}
+
+struct RestoreSource {
+    config: PairTrainConfig,
+    backbones: Backbones<Ref>,
+    head: FusionHead<Ref>,
+    /// The full restorer (gating and mutual learning); the ablations are evaluation baselines
+    /// and stay in the run.
+    restorers: Restorers<Ref>,
+    schedule: NoiseSchedule,
+    sampler_steps: usize,
+}
+
+fn load_source(run: &Path, device: &RefDevice) -> anyhow::Result<Source> {
+    let stage = run_stage(run);
+    match stage.as_str() {
+        RESTORE_STAGE => {
+            let r = load_restore::<Ref>(run, device)?;
+            let diffusion = r.config.generator_diffusion.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} was trained before restore runs recorded their generator's diffusion \
+                     settings; re-run `fit --stage fusion` and `fit --stage restore` to export it",
+                    run.display()
+                )
+            })?;
+            let settings = r.config.settings.clone().unwrap_or_default();
+            let full = VARIANTS
+                .iter()
+                .position(|v| v.gating && v.mutual)
+                .expect("VARIANTS holds the full restorer");
+            let mut models = r.models;
+            let restorers = models.restorers.swap_remove(full);
+            Ok(Source {
+                preset: r.config.preset.to_string(),
+                model: r.config.model.clone(),
+                tokenizer: load_tokenizer(&run.join(TOKENIZER_FILE))?,
+                captioner: load_captioner(run, &r.config.model, device)?,
+                generator: Some(GeneratorSource {
+                    generator: load_generator_weights(run, &r.config.model, device)?,
+                    prediction: diffusion.prediction,
+                    schedule: NoiseSchedule::cosine(diffusion.train_timesteps)?,
+                }),
+                restore: Some(RestoreSource {
+                    schedule: NoiseSchedule::cosine(settings.train_timesteps)?,
+                    sampler_steps: settings.sampler_steps,
+                    config: r.config,
+                    backbones: r.backbones,
+                    head: models.head,
+                    restorers,
+                }),
+            })
+        }
+        FUSION_STAGE => anyhow::bail!(
+            "{} is a fusion run: export the restore run trained from it (`fit --stage restore \
+             --init {}`), which carries the head and the restorers",
+            run.display(),
+            run.display()
+        ),
+        _ => {
+            let r = load_run::<Ref>(run, device)?;
+            let generator = if matches!(stage.as_str(), "generate" | "unify") {
+                let g = load_generator::<Ref>(run, false, device)?;
+                Some(GeneratorSource {
+                    prediction: g.config.diffusion.prediction,
+                    generator: g.generator,
+                    schedule: g.schedule,
+                })
+            } else {
+                None
+            };
+            Ok(Source {
+                preset: r.config.preset.to_string(),
+                model: r.config.model.clone(),
+                tokenizer: r.tokenizer,
+                captioner: r.model,
+                generator,
+                restore: None,
+            })
+        }
+    }
+}
+
+fn restore_dims(c: &PairTrainConfig) -> RestoreDims {
+    RestoreDims {
+        embed_dim: c.restore.embed_dim,
+        hidden: c.restore.hidden,
+        blocks: c.restore.blocks,
+        head_hidden: c.restore.head_hidden,
+        classes: c.restore.classes,
+    }
+}
+
+/// Parity cases of `restorer_t2i`, `restorer_i2t` and `fusion_head`.
+type RestoreCases = (Vec<ParityCase>, Vec<ParityCase>, Vec<ParityCase>);
+
+/// Parity inputs of the restoration graphs: real embeddings of seeded task examples (the
+/// restorers' conditions and the head's pairs), samples at timesteps across the schedule, and
+/// random embeddings.
+fn restore_parity_inputs(
+    src: &Source,
+    r: &RestoreSource,
+    device: &RefDevice,
+) -> Result<RestoreCases, ExportError> {
+    let err = |e: anyhow::Error| ExportError::Parity {
+        graph: FUSION_HEAD.to_owned(),
+        reason: format!("embedding the parity examples: {e:#}"),
+    };
+    let task: PairTask = r.config.task;
+    let examples = task.examples(6, PARITY_SEED, src.model.image_size as u32);
+    let images: Vec<&image::RgbImage> = examples.iter().map(|e| &e.image).collect();
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let n = examples.len();
+    let e = r.config.restore.embed_dim;
+    let image = crate::parity::to_array(r.backbones.embed_images(&images, device).map_err(err)?);
+    let text = crate::parity::to_array(r.backbones.embed_texts(&texts, device).map_err(err)?);
+    let mut rng = parity_rng(PARITY_SEED ^ 0x7E57);
+    let steps = r.schedule.train_steps() - 1;
+    let timestep = ArrayD::from_shape_fn(IxDyn(&[n]), |ix| (ix[0] * steps / (n - 1)) as f32);
+    let cases = |restorer, cond: &ArrayD<f32>, rng: &mut rand_chacha::ChaCha8Rng| {
+        restorer_cases(
+            restorer,
+            &[
+                RestorerInputs {
+                    label: format!("real conditions, timesteps 0..={steps}"),
+                    x: random_array(rng, &[n, e], 2.0),
+                    timestep: timestep.clone(),
+                    condition: cond.clone(),
+                },
+                RestorerInputs {
+                    label: "random conditions".to_owned(),
+                    x: random_array(rng, &[2, e], 1.0),
+                    timestep: ArrayD::from_shape_vec(IxDyn(&[2]), vec![3.0, 640.0])
+                        .expect("2 values fill [2]"),
+                    condition: random_array(rng, &[2, e], 0.3),
+                },
+            ],
+            device,
+        )
+    };
+    let t2i = cases(&r.restorers.t2i, &text, &mut rng);
+    let i2t = cases(&r.restorers.i2t, &image, &mut rng);
+    let head = fusion_head_cases(
+        &r.head,
+        &[
+            ("real pairs".to_owned(), image.clone(), text.clone()),
+            (
+                "random embeddings".to_owned(),
+                random_array(&mut rng, &[3, e], 0.3),
+                random_array(&mut rng, &[3, e], 0.3),
+            ),
+        ],
+        device,
+    );
+    Ok((t2i, i2t, head))
+}
+
 /// Every float parameter of the Burn model, by module path, as the graph builders read them.
 pub fn weights_of(model: &Captioner<Ref>) -> Result<Weights, ExportError> {
     let mut w = Weights::new();
@@ -308,18 +525,18 @@ pub fn weights_of(model: &Captioner<Ref>) -> Result<Weights, ExportError> {
 
 /// Parity inputs: real ShapeWorld renders with their captions (seeded, drawn at the model's
 /// image size) and random pixels / random tokens, for both graphs.
-fn parity_inputs<B: burn::tensor::backend::Backend>(
-    run: &duet_train::caption_stage::LoadedRun<B>,
-    device: &B::Device,
+fn parity_inputs(
+    src: &Source,
+    device: &RefDevice,
 ) -> Result<(Vec<ParityCase>, Vec<ParityCase>), ExportError> {
-    let cfg = &run.config.model;
+    let cfg = &src.model;
     let s = cfg.image_size;
     let scenes = parity_scenes(s);
     let mut pixels = Vec::with_capacity(4 * 3 * s * s);
     let mut seqs = Vec::new();
     for scene in &scenes {
         pixels.extend(image_to_chw(&render(scene, s as u32)));
-        let ids = encode_caption(&run.tokenizer, &caption(scene), cfg.max_len).map_err(|e| {
+        let ids = encode_caption(&src.tokenizer, &caption(scene), cfg.max_len).map_err(|e| {
             ExportError::Parity {
                 graph: CAPTION_DECODER.to_owned(),
                 reason: format!("encoding a parity caption: {e}"),
@@ -332,7 +549,7 @@ fn parity_inputs<B: burn::tensor::backend::Backend>(
     let mut rng = parity_rng(PARITY_SEED);
     let random_pixels = random_array(&mut rng, &[2, 3, s, s], 1.0);
     let vision = vision_cases(
-        &run.model,
+        &src.captioner,
         &[
             ("real ShapeWorld images".to_owned(), real_pixels.clone()),
             ("random pixels".to_owned(), random_pixels),
@@ -344,11 +561,11 @@ fn parity_inputs<B: burn::tensor::backend::Backend>(
     let l = seqs.iter().map(Vec::len).min().unwrap_or(2).clamp(2, 12);
     let ids = ArrayD::from_shape_fn(IxDyn(&[4, l]), |ix| i64::from(seqs[ix[0]][ix[1]]));
     let image_tokens = vision[0].expected[0].1.clone();
-    let mut decoder = decoder_cases(&run.model, "real captions", &image_tokens, &ids, device);
+    let mut decoder = decoder_cases(&src.captioner, "real captions", &image_tokens, &ids, device);
     let rand_tokens = random_array(&mut rng, &[3, cfg.num_patches(), cfg.d_model], 2.0);
     let rand_ids = random_ids(&mut rng, 3, 6, cfg.vocab_size);
     decoder.extend(decoder_cases(
-        &run.model,
+        &src.captioner,
         "random tokens",
         &rand_tokens,
         &rand_ids,
@@ -383,16 +600,16 @@ fn run_stage(run: &Path) -> String {
 /// Parity inputs of the generation graphs: the real captions of [`parity_scenes`] plus the
 /// empty caption (the unconditional branch) and random ids for the text encoder; noisy images
 /// at timesteps across the schedule with real and random text features for the denoiser.
-fn generator_parity_inputs<B: burn::tensor::backend::Backend>(
-    run: &duet_train::caption_stage::LoadedRun<B>,
-    gen: &LoadedGenerator<B>,
-    device: &B::Device,
+fn generator_parity_inputs(
+    src: &Source,
+    gen: &GeneratorSource,
+    device: &RefDevice,
 ) -> Result<(Vec<ParityCase>, Vec<ParityCase>), ExportError> {
-    let cfg = &gen.config.model;
+    let cfg = &src.model;
     let (s, l, d) = (cfg.image_size, cfg.max_len, cfg.d_model);
     let mut seqs = Vec::new();
     for scene in parity_scenes(s) {
-        let ids = encode_caption(&run.tokenizer, &caption(&scene), l).map_err(|e| {
+        let ids = encode_caption(&src.tokenizer, &caption(&scene), l).map_err(|e| {
             ExportError::Parity {
                 graph: TEXT_ENCODER.to_owned(),
                 reason: format!("encoding a parity caption: {e}"),

@@ -11,7 +11,9 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use duet_models::caption::causal_bias;
-use duet_models::{Captioner, Denoiser, KvCache, ModelConfig, TextEncoder};
+use duet_models::{
+    Captioner, Denoiser, FeatureRestorer, FusionHead, KvCache, ModelConfig, TextEncoder,
+};
 use duet_runtime::engine::{Engine, EngineOptions, Provider, ProviderChoice, Value};
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
@@ -379,6 +381,80 @@ pub fn denoiser_cases<B: Backend>(
                     ("text_mask".into(), Value::F32(c.text_mask.clone())),
                 ],
                 expected: vec![("prediction".into(), to_array(out))],
+            }
+        })
+        .collect()
+}
+
+/// Inputs of one restorer evaluation.
+#[derive(Debug, Clone)]
+pub struct RestorerInputs {
+    pub label: String,
+    /// `[B, E]` samples in the standardised space.
+    pub x: ArrayD<f32>,
+    /// `[B]` timesteps (integers as floats).
+    pub timestep: ArrayD<f32>,
+    /// `[B, E]` raw embeddings of the present modality.
+    pub condition: ArrayD<f32>,
+}
+
+/// Restorer cases (the full model: step gate and trust gate) with Burn's `prediction`,
+/// `trust` and `restored` (`blend(unstandardise(x))`, what the trainer hands the head).
+pub fn restorer_cases<B: Backend>(
+    restorer: &FeatureRestorer<B>,
+    batches: &[RestorerInputs],
+    device: &B::Device,
+) -> Vec<ParityCase> {
+    batches
+        .iter()
+        .map(|c| {
+            let x = from_array::<B, 2>(&c.x, device);
+            let cond = from_array::<B, 2>(&c.condition, device);
+            let prediction = restorer.forward(
+                x.clone(),
+                from_array::<B, 1>(&c.timestep, device),
+                cond.clone(),
+                true,
+            );
+            let trust = restorer.trust(cond.clone(), true);
+            let restored = restorer.blend(restorer.unstandardise(x), cond, true);
+            ParityCase {
+                label: c.label.clone(),
+                inputs: vec![
+                    ("x".into(), Value::F32(c.x.clone())),
+                    ("timestep".into(), Value::F32(c.timestep.clone())),
+                    ("condition".into(), Value::F32(c.condition.clone())),
+                ],
+                expected: vec![
+                    ("prediction".into(), to_array(prediction)),
+                    ("trust".into(), to_array(trust)),
+                    ("restored".into(), to_array(restored)),
+                ],
+            }
+        })
+        .collect()
+}
+
+/// Fusion-head cases: pairs of embedding batches `[B, E]` with Burn's `logits`.
+pub fn fusion_head_cases<B: Backend>(
+    head: &FusionHead<B>,
+    batches: &[(String, ArrayD<f32>, ArrayD<f32>)],
+    device: &B::Device,
+) -> Vec<ParityCase> {
+    batches
+        .iter()
+        .map(|(label, image, text)| {
+            let logits = head.forward(
+                from_array::<B, 2>(image, device),
+                from_array::<B, 2>(text, device),
+            );
+            ParityCase {
+                label: label.clone(),
+                inputs: vec![
+                    ("image_embedding".into(), Value::F32(image.clone())),
+                    ("text_embedding".into(), Value::F32(text.clone())),
+                ],
+                expected: vec![("logits".into(), to_array(logits))],
             }
         })
         .collect()

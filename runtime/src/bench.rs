@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{graph_flops, EngineOptions, ProviderChoice, ValueView};
 use crate::manifest::DENOISER;
-use crate::{Bundle, Captioner, Error, GenerateOptions, Generator};
+use crate::{Bundle, Captioner, Classifier, Error, GenerateOptions, Generator};
 
 /// What to measure.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +99,13 @@ pub struct ProviderBench {
     pub denoiser_call: Option<Stats>,
     /// FLOPs of that call (tract's cost model).
     pub denoiser_flops: Option<u64>,
+    /// Classifying one pair with the text missing (image embedding, restoring the text
+    /// embedding with the bundle's sampler steps, head); bundles with restoration only.
+    #[serde(default)]
+    pub classify_text_missing: Option<Stats>,
+    /// The same with the image missing (text embedding, restoring the image embedding, head).
+    #[serde(default)]
+    pub classify_image_missing: Option<Stats>,
     /// Peak resident memory of the process (`VmHWM`), MiB.
     pub peak_rss_mib: Option<f64>,
 }
@@ -230,6 +237,8 @@ pub fn run_provider(
         generate_batch_per_s: None,
         denoiser_call: None,
         denoiser_flops: None,
+        classify_text_missing: None,
+        classify_image_missing: None,
         peak_rss_mib: None,
     };
     if bundle.manifest().diffusion.is_some() {
@@ -296,6 +305,20 @@ pub fn run_provider(
         })
         .ok();
         placement.push(format!("denoiser: {}", den.placement(&inputs)?));
+    }
+    if bundle.manifest().restore.is_some() {
+        let classifier = Classifier::new(bundle, choice, &options)?;
+        let text = settings.prompt.as_str();
+        out.classify_text_missing = Some(time(settings.warmup, settings.runs * 3, || {
+            classifier
+                .classify(Some(image), None, settings.seed)
+                .map(drop)
+        })?);
+        out.classify_image_missing = Some(time(settings.warmup, settings.runs * 3, || {
+            classifier
+                .classify(None, Some(text), settings.seed)
+                .map(drop)
+        })?);
     }
     out.placement = placement;
     out.peak_rss_mib = peak_rss_mib();
@@ -397,10 +420,17 @@ pub fn render_markdown(
             .collect(),
     );
     row(
-        "classify with a missing modality".into(),
+        "classify, text missing (restored from the image) (ms)".into(),
         results
             .iter()
-            .map(|_| "not built yet (issue 5)".to_string())
+            .map(|r| opt(r.classify_text_missing.as_ref(), ms))
+            .collect(),
+    );
+    row(
+        "classify, image missing (restored from the text) (ms)".into(),
+        results
+            .iter()
+            .map(|r| opt(r.classify_image_missing.as_ref(), ms))
             .collect(),
     );
     row(

@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::manifest::{
-    DType, DimSpec, GraphSpec, Manifest, TensorSpec, CAPTION_DECODER, DENOISER, MANIFEST_FILE,
-    SCHEMA_VERSION, TEXT_ENCODER, VISION_ENCODER,
+    DType, DimSpec, GraphSpec, Manifest, TensorSpec, CAPTION_DECODER, DENOISER, FUSION_HEAD,
+    MANIFEST_FILE, RESTORER_I2T, RESTORER_T2I, SCHEMA_VERSION, TEXT_ENCODER, VISION_ENCODER,
 };
 
 /// Why a bundle was refused.
@@ -306,7 +306,61 @@ fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
             .ok_or_else(|| bad("graphs", format!("required graph `{name}` is missing")))?;
         check_graph(g, &contract)?;
     }
-    validate_generation(m)
+    validate_generation(m)?;
+    validate_restoration(m)
+}
+
+/// Restoration is optional, but all of it or none: both restorers, the head and the `restore`
+/// section; it needs the text encoder for text embeddings.
+fn validate_restoration(m: &Manifest) -> Result<(), BundleError> {
+    let graphs = [RESTORER_T2I, RESTORER_I2T, FUSION_HEAD].map(|n| m.graph(n));
+    let spec = match (&graphs, &m.restore) {
+        ([None, None, None], None) => return Ok(()),
+        ([Some(_), Some(_), Some(_)], Some(spec)) => spec,
+        (g, spec) => {
+            let have = |b: bool| if b { "present" } else { "missing" };
+            return Err(bad(
+                "graphs",
+                format!(
+                    "restoration is incomplete: `{RESTORER_T2I}` {}, `{RESTORER_I2T}` {}, \
+                     `{FUSION_HEAD}` {}, `restore` section {}",
+                    have(g[0].is_some()),
+                    have(g[1].is_some()),
+                    have(g[2].is_some()),
+                    have(spec.is_some())
+                ),
+            ));
+        }
+    };
+    if m.graph(TEXT_ENCODER).is_none() {
+        return Err(bad(
+            "graphs",
+            format!("restoration needs the `{TEXT_ENCODER}` graph for text embeddings"),
+        ));
+    }
+    if spec.classes.len() < 2 {
+        return Err(bad("restore.classes", "must name at least 2 classes"));
+    }
+    duet_diffusion::NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())
+        .map_err(|e| bad("restore.alphas_cumprod", e.to_string()))?;
+    if spec.sampler_steps == 0 || spec.sampler_steps > spec.alphas_cumprod.len() {
+        return Err(bad(
+            "restore.sampler_steps",
+            format!(
+                "{} (must be 1 ..= {} training timesteps)",
+                spec.sampler_steps,
+                spec.alphas_cumprod.len()
+            ),
+        ));
+    }
+    let e = m.model.embed_dim;
+    for g in [&graphs[0], &graphs[1]].into_iter().flatten() {
+        check_graph(g, &restorer_contract(e))?;
+    }
+    if let Some(head) = graphs[2] {
+        check_graph(head, &fusion_head_contract(e, spec.classes.len()))?;
+    }
+    Ok(())
 }
 
 /// The generation direction is optional, but all of it or none: both graphs, the diffusion
@@ -508,6 +562,37 @@ fn denoiser_contract(m: &Manifest) -> Contract {
             ("text_mask".into(), DType::F32, vec![Want::Sym, Want::Sym]),
         ],
         outputs: vec![("prediction".into(), DType::F32, img())],
+    }
+}
+
+fn restorer_contract(e: usize) -> Contract {
+    let row = || vec![Want::Sym, Want::Fixed(e)];
+    Contract {
+        inputs: vec![
+            ("x".into(), DType::F32, row()),
+            ("timestep".into(), DType::F32, vec![Want::Sym]),
+            ("condition".into(), DType::F32, row()),
+        ],
+        outputs: vec![
+            ("prediction".into(), DType::F32, row()),
+            ("trust".into(), DType::F32, vec![Want::Sym, Want::Fixed(1)]),
+            ("restored".into(), DType::F32, row()),
+        ],
+    }
+}
+
+fn fusion_head_contract(e: usize, classes: usize) -> Contract {
+    let row = || vec![Want::Sym, Want::Fixed(e)];
+    Contract {
+        inputs: vec![
+            ("image_embedding".into(), DType::F32, row()),
+            ("text_embedding".into(), DType::F32, row()),
+        ],
+        outputs: vec![(
+            "logits".into(),
+            DType::F32,
+            vec![Want::Sym, Want::Fixed(classes)],
+        )],
     }
 }
 

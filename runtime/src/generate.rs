@@ -198,48 +198,11 @@ impl Generator {
 
     /// `[BOS] … [EOS]` of each prompt (see [`Generator::encode_prompts`]).
     fn prompt_seqs(&self, prompts: &[&str]) -> Result<Vec<Vec<i64>>, GenerateError> {
-        let l = self.tok.max_len;
-        let mut seqs: Vec<Vec<i64>> = Vec::with_capacity(prompts.len() + 1);
-        for (index, p) in prompts.iter().enumerate() {
-            if p.trim().is_empty() {
-                return Err(GenerateError::EmptyPrompt { index });
-            }
-            let enc = self
-                .tokenizer
-                .encode(*p, false)
-                .map_err(|e| GenerateError::Tokenizer {
-                    path: PathBuf::from(&self.tok.file),
-                    reason: e.to_string(),
-                })?;
-            let special = [self.tok.pad_id, self.tok.bos_id, self.tok.eos_id];
-            let unknown: Vec<String> = enc
-                .get_ids()
-                .iter()
-                .zip(enc.get_offsets())
-                .filter(|(&id, _)| id == self.tok.unk_id || special.contains(&id))
-                .map(|(_, &(a, b))| p.get(a..b).unwrap_or("?").to_owned())
-                .collect();
-            if !unknown.is_empty() {
-                return Err(GenerateError::UnknownWords {
-                    index,
-                    words: unknown,
-                });
-            }
-            let tokens = enc.get_ids().len() + 2;
-            if tokens > l {
-                return Err(GenerateError::PromptTooLong {
-                    index,
-                    tokens,
-                    max: l,
-                });
-            }
-            let mut seq = Vec::with_capacity(tokens);
-            seq.push(i64::from(self.tok.bos_id));
-            seq.extend(enc.get_ids().iter().map(|&t| i64::from(t)));
-            seq.push(i64::from(self.tok.eos_id));
-            seqs.push(seq);
-        }
-        Ok(seqs)
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(index, p)| prompt_ids(&self.tokenizer, &self.tok, index, p))
+            .collect()
     }
 
     fn rows(&self, seqs: &[Vec<i64>]) -> EncodedPrompts {
@@ -409,4 +372,51 @@ impl Generator {
         let x = self.generate(prompts, opts)?;
         Ok(diffusion::to_images(&x)?)
     }
+}
+
+/// `[BOS] … [EOS]` ids of one prompt. An empty prompt, one longer than the model reads, or one
+/// with words outside the vocabulary is an error (an unknown word would silently become
+/// `[UNK]` and the model would ignore it). `index` names the prompt in errors.
+pub(crate) fn prompt_ids(
+    tokenizer: &Tokenizer,
+    tok: &TokenizerSpec,
+    index: usize,
+    prompt: &str,
+) -> Result<Vec<i64>, GenerateError> {
+    if prompt.trim().is_empty() {
+        return Err(GenerateError::EmptyPrompt { index });
+    }
+    let enc = tokenizer
+        .encode(prompt, false)
+        .map_err(|e| GenerateError::Tokenizer {
+            path: PathBuf::from(&tok.file),
+            reason: e.to_string(),
+        })?;
+    let special = [tok.pad_id, tok.bos_id, tok.eos_id];
+    let unknown: Vec<String> = enc
+        .get_ids()
+        .iter()
+        .zip(enc.get_offsets())
+        .filter(|(&id, _)| id == tok.unk_id || special.contains(&id))
+        .map(|(_, &(a, b))| prompt.get(a..b).unwrap_or("?").to_owned())
+        .collect();
+    if !unknown.is_empty() {
+        return Err(GenerateError::UnknownWords {
+            index,
+            words: unknown,
+        });
+    }
+    let tokens = enc.get_ids().len() + 2;
+    if tokens > tok.max_len {
+        return Err(GenerateError::PromptTooLong {
+            index,
+            tokens,
+            max: tok.max_len,
+        });
+    }
+    let mut seq = Vec::with_capacity(tokens);
+    seq.push(i64::from(tok.bos_id));
+    seq.extend(enc.get_ids().iter().map(|&t| i64::from(t)));
+    seq.push(i64::from(tok.eos_id));
+    Ok(seq)
 }

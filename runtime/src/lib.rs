@@ -9,6 +9,8 @@
 //! - [`bench`]: `duet bench`'s measurements and table.
 //! - [`generate`]: the generation pipeline (text encoder + denoiser driven by the shared
 //!   samplers, classifier-free guidance as one batch).
+//! - [`classify`]: image + text classification that restores a missing modality's embedding
+//!   with the feature-space diffusion restorers.
 //!
 //! This crate never depends on Burn: a bundle is everything it needs.
 
@@ -17,6 +19,7 @@ pub mod bundle;
 /// Schedule and samplers (the `duet-diffusion` crate, shared with the trainer).
 pub use duet_diffusion as diffusion;
 pub mod caption;
+pub mod classify;
 pub mod engine;
 pub mod generate;
 pub mod manifest;
@@ -24,6 +27,7 @@ pub mod preprocess;
 
 pub use bundle::{Bundle, BundleError};
 pub use caption::{CaptionError, Captioner};
+pub use classify::{Classification, Classifier, ClassifyError, Modality};
 pub use engine::{
     Engine, EngineError, EngineOptions, Provider, ProviderChoice, ProviderReport, Value, ValueView,
 };
@@ -44,4 +48,6 @@ pub enum Error {
     Caption(#[from] CaptionError),
     #[error(transparent)]
     Generate(#[from] GenerateError),
+    #[error(transparent)]
+    Classify(#[from] ClassifyError),
 }

@@ -1,5 +1,5 @@
-//! `duet`: caption images or generate images with a bundle, or describe a bundle and this
-//! machine's providers.
+//! `duet`: caption images, generate images or classify image + text pairs (either may be
+//! missing) with a bundle, or describe a bundle and this machine's providers.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -107,6 +107,27 @@ enum Command {
         /// Nearest-neighbour upscaling of the written PNG (the model draws 32×32).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
         scale: u32,
+    },
+    /// Classify an image + text pair with the bundle's task head; either may be missing (its
+    /// embedding is restored from the other by the feature-space diffusion restorer).
+    Classify {
+        /// Bundle directory (exported from a restore run).
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Image file (leave out to restore the image from the text).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Text describing the same scene (leave out to restore it from the image).
+        #[arg(long)]
+        text: Option<String>,
+        /// Seed of the restorer's start noise.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Classes to list, most probable first.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        top: u16,
     },
     /// Benchmark every pipeline on every provider (each in its own process) and a Python
     /// onnxruntime reference; prints a Markdown table.
@@ -230,6 +251,21 @@ fn main() -> ExitCode {
                 scale,
             },
         ),
+        Command::Classify {
+            bundle,
+            engine,
+            image,
+            text,
+            seed,
+            top,
+        } => classify(
+            &bundle,
+            &engine,
+            image.as_deref(),
+            text.as_deref(),
+            seed,
+            usize::from(top),
+        ),
         Command::Info { bundle, ort_lib } => info(bundle.as_deref(), ort_lib),
         Command::Bench {
             bundle,
@@ -300,6 +336,55 @@ fn caption(
         for (path, caption) in paths.iter().zip(captions) {
             println!("{}\t{caption}", path.display());
         }
+    }
+    Ok(())
+}
+
+/// Prints which modality was restored (and its trust), the class and the runner-up classes.
+fn classify(
+    bundle_dir: &Path,
+    engine: &EngineArgs,
+    image: Option<&Path>,
+    text: Option<&str>,
+    seed: u64,
+    top: usize,
+) -> Result<()> {
+    if image.is_none() && text.is_none() {
+        return Err(duet_runtime::ClassifyError::NothingGiven.into());
+    }
+    if text.is_some_and(|t| t.trim().is_empty()) {
+        return Err(duet_runtime::ClassifyError::EmptyText.into());
+    }
+    let bundle = Bundle::open(bundle_dir)
+        .with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
+    // Decode the image before loading models so a bad file fails fast.
+    let image = image.map(preprocess::load_image).transpose()?;
+    let classifier = duet_runtime::Classifier::new(&bundle, engine.provider, &engine.options())
+        .context("loading the classification graphs")?;
+    for report in classifier.reports() {
+        eprintln!("{report}");
+    }
+    let out = classifier.classify(image.as_ref(), text, seed)?;
+    match &out.restored {
+        Some(r) => {
+            let from = match r.modality {
+                duet_runtime::Modality::Image => "text",
+                duet_runtime::Modality::Text => "image",
+            };
+            println!(
+                "restored: {} (missing; restored from the {from}, trust {:.3})",
+                r.modality, r.trust
+            );
+        }
+        None => println!("restored: nothing (image and text given)"),
+    }
+    println!(
+        "class: {} (p = {:.3})",
+        out.label, out.probabilities[out.class]
+    );
+    let classes = &classifier.spec().classes;
+    for (rank, (i, p)) in out.top(top).into_iter().enumerate() {
+        println!("  {}. {} (p = {p:.3})", rank + 1, classes[i]);
     }
     Ok(())
 }
@@ -478,6 +563,19 @@ fn print_manifest(m: &Manifest) {
             d.alphas_cumprod.len(),
             d.default_steps,
             d.default_guidance
+        );
+    }
+    if let Some(r) = &m.restore {
+        println!(
+            "restoration: task {} ({} classes), feature restorers with {:?}-prediction, {} schedule with {} timesteps, {} DDIM steps, step gate {}, trust gate {}",
+            r.task,
+            r.classes.len(),
+            r.prediction,
+            r.schedule,
+            r.alphas_cumprod.len(),
+            r.sampler_steps,
+            if r.gating { "on" } else { "off" },
+            if r.trust_gate { "on" } else { "off" },
         );
     }
     println!(

@@ -26,6 +26,13 @@ pub const TEXT_ENCODER: &str = "text_encoder";
 /// Graph name of the diffusion denoiser (generation direction; optional, with
 /// [`TEXT_ENCODER`]).
 pub const DENOISER: &str = "denoiser";
+/// Graph name of the feature restorer text → image embedding (restoration; optional, with
+/// [`RESTORER_I2T`] and [`FUSION_HEAD`]).
+pub const RESTORER_T2I: &str = "restorer_t2i";
+/// Graph name of the feature restorer image → text embedding.
+pub const RESTORER_I2T: &str = "restorer_i2t";
+/// Graph name of the task head over `[image ‖ text]` embeddings.
+pub const FUSION_HEAD: &str = "fusion_head";
 
 /// Top level of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +57,10 @@ pub struct Manifest {
     /// the bundle has the [`TEXT_ENCODER`] and [`DENOISER`] graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diffusion: Option<DiffusionSpec>,
+    /// Missing-modality restoration and the task head; present exactly when the bundle has the
+    /// [`RESTORER_T2I`], [`RESTORER_I2T`] and [`FUSION_HEAD`] graphs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSpec>,
     /// Training provenance (command, config, data, seed, metrics); free-form.
     #[serde(default)]
     pub provenance: serde_json::Value,
@@ -163,6 +174,35 @@ pub struct DiffusionSpec {
     pub default_steps: usize,
     /// Default classifier-free guidance scale.
     pub default_guidance: f32,
+}
+
+/// How the bundle classifies an image + text pair and restores a missing modality's
+/// embedding (see `docs/RESTORE.md`).
+///
+/// A restorer graph is one denoiser evaluation in a standardised feature space: the runtime
+/// draws `x ~ N(0, I)` of shape `[1, embed_dim]`, runs deterministic DDIM (eta 0, no clipping)
+/// with these constants, calling the graph once per step for its `prediction`, and calls it
+/// once more on the final sample for `restored`, the embedding (statistics baked into the
+/// graph, trust gate applied) that goes to the `fusion_head`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    /// Name of the task the head was trained on (`colour-column`, `shape-count`).
+    pub task: String,
+    /// Class names in logit order.
+    pub classes: Vec<String>,
+    /// What the restorers predict (`v`).
+    pub prediction: duet_diffusion::Prediction,
+    /// Name of the schedule the constants came from (`cosine`).
+    pub schedule: String,
+    /// `ᾱ_t` for the restorers' training timesteps (their `timestep` input).
+    pub alphas_cumprod: Vec<f64>,
+    /// DDIM steps the restorers were trained to be sampled with.
+    pub sampler_steps: usize,
+    /// Whether the restorers' step gate is active (dynamic modality gating).
+    pub gating: bool,
+    /// Whether `restored` blends the sample with the mean embedding through the trust gate
+    /// (`τ r + (1 − τ) μ`); when false `trust` is 1.
+    pub trust_gate: bool,
 }
 
 /// One ONNX graph and its I/O signature.

@@ -241,3 +241,39 @@ fn io_contract_violations_name_graph_and_field() {
         }
     }
 }
+
+#[test]
+fn restoration_is_all_or_nothing() {
+    use duet_runtime::manifest::RestoreSpec;
+    let spec = RestoreSpec {
+        task: "colour-column".into(),
+        classes: vec!["a".into(), "b".into()],
+        prediction: duet_runtime::diffusion::Prediction::V,
+        schedule: "cosine".into(),
+        alphas_cumprod: vec![0.9, 0.5, 0.1],
+        sampler_steps: 2,
+        gating: true,
+        trust_gate: true,
+    };
+    // A `restore` section without its graphs (and without a text encoder) is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = small_bundle(dir.path());
+    m.restore = Some(spec);
+    write_manifest(dir.path(), &m);
+    match Bundle::open(dir.path()) {
+        Err(BundleError::BadManifest { field, reason }) => {
+            assert_eq!(field, "graphs");
+            assert!(reason.contains("restoration is incomplete"), "{reason}");
+            assert!(reason.contains("`restore` section present"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The valid bundle without one opens, and says it has no restoration.
+    let dir = tempfile::tempdir().unwrap();
+    small_bundle(dir.path());
+    assert!(Bundle::open(dir.path())
+        .unwrap()
+        .manifest()
+        .restore
+        .is_none());
+}

@@ -440,19 +440,27 @@ pub struct LoadedRun<B: Backend> {
 pub fn load_run<B: Backend>(run: &Path, device: &B::Device) -> anyhow::Result<LoadedRun<B>> {
     let config: CaptionTrainConfig = read_json(&run.join(CONFIG_FILE))?;
     let tokenizer = load_tokenizer(&run.join(TOKENIZER_FILE))?;
-    // A later stage's run holds more than the captioner: take the captioner's part.
-    let weights = with_prefixes(
-        &load_weights(&run.join(WEIGHTS_FILE))?,
-        &["vision", "decoder"],
-    );
-    let model = Captioner::<B>::new(&config.model, device);
-    let model = load_named_tensors(model, &weights)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", run.join(WEIGHTS_FILE).display()))?;
+    let model = load_captioner(run, &config.model, device)?;
     Ok(LoadedRun {
         config,
         tokenizer,
         model,
     })
+}
+
+/// The captioner (`vision.*`, `decoder.*`) of any run that carries one, built for `model`.
+pub fn load_captioner<B: Backend>(
+    run: &Path,
+    model: &ModelConfig,
+    device: &B::Device,
+) -> anyhow::Result<Captioner<B>> {
+    // A later stage's run holds more than the captioner: take the captioner's part.
+    let weights = with_prefixes(
+        &load_weights(&run.join(WEIGHTS_FILE))?,
+        &["vision", "decoder"],
+    );
+    load_named_tensors(Captioner::<B>::new(model, device), &weights)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", run.join(WEIGHTS_FILE).display()))
 }
 
 /// Greedy captions for a set of samples, in batches.

@@ -569,15 +569,11 @@ pub fn load_generator<B: Backend>(
     }
     let tokenizer = load_tokenizer(&run.join(TOKENIZER_FILE))?;
     B::seed(device, config.seed);
-    let mut generator = Generator::<B>::new(&config.model, device);
-    if !untrained {
-        let weights: NamedTensors = with_prefixes(
-            &load_weights(&run.join(WEIGHTS_FILE))?,
-            &["text", "denoiser"],
-        );
-        generator = load_named_tensors(generator, &weights)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", run.join(WEIGHTS_FILE).display()))?;
-    }
+    let generator = if untrained {
+        Generator::<B>::new(&config.model, device)
+    } else {
+        load_generator_weights(run, &config.model, device)?
+    };
     let schedule = NoiseSchedule::cosine(config.diffusion.train_timesteps)?;
     Ok(LoadedGenerator {
         config,
@@ -585,6 +581,20 @@ pub fn load_generator<B: Backend>(
         generator,
         schedule,
     })
+}
+
+/// The generator (`text.*`, `denoiser.*`) of any run that carries one, built for `model`.
+pub fn load_generator_weights<B: Backend>(
+    run: &Path,
+    model: &ModelConfig,
+    device: &B::Device,
+) -> anyhow::Result<Generator<B>> {
+    let weights: NamedTensors = with_prefixes(
+        &load_weights(&run.join(WEIGHTS_FILE))?,
+        &["text", "denoiser"],
+    );
+    load_named_tensors(Generator::<B>::new(model, device), &weights)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", run.join(WEIGHTS_FILE).display()))
 }
 
 fn to_ndarray<B: Backend>(t: Tensor<B, 4>) -> anyhow::Result<ArrayD<f32>> {

@@ -138,6 +138,11 @@ pub struct PairTrainConfig {
     pub batch_size: usize,
     pub lr: f64,
     pub seed: u64,
+    /// The diffusion settings of the generate run the backbones came from (its denoiser rides
+    /// along in the run, so an export of this run ships the whole generator). `None` in runs
+    /// written before this field existed: such runs cannot be exported.
+    #[serde(default)]
+    pub generator_diffusion: Option<crate::generate_stage::DiffusionSettings>,
     pub device: String,
     pub command: String,
     /// Restore stage only.
@@ -428,6 +433,7 @@ fn resolve_config(
     model: ModelConfig,
     task: PairTask,
     from: Option<&PairTrainConfig>,
+    generator_diffusion: Option<crate::generate_stage::DiffusionSettings>,
 ) -> PairTrainConfig {
     let (steps, batch, lr) = match stage {
         FUSION_STAGE => (1500, 128, 1e-3),
@@ -457,6 +463,7 @@ fn resolve_config(
         device: args.device.clone(),
         command: args.command.clone(),
         settings: (stage == RESTORE_STAGE).then(|| args.settings.clone().unwrap_or_default()),
+        generator_diffusion,
     }
 }
 
@@ -518,7 +525,22 @@ pub fn fit_fusion<B: AutodiffBackend>(
         .task
         .context("--stage fusion needs --task colour-column|shape-count")?;
     let bb = load_backbones::<B::InnerBackend>(&args.init, device)?;
-    let cfg = resolve_config(args, FUSION_STAGE, bb.preset, bb.model.clone(), task, None);
+    let generator: crate::generate_stage::GenerateTrainConfig =
+        read_json(&args.init.join(CONFIG_FILE)).with_context(|| {
+            format!(
+                "--stage fusion starts from a generate or unify run; {} is not one",
+                args.init.display()
+            )
+        })?;
+    let cfg = resolve_config(
+        args,
+        FUSION_STAGE,
+        bb.preset,
+        bb.model.clone(),
+        task,
+        None,
+        Some(generator.diffusion),
+    );
     prepare_out(&args.out)?;
     write_json(&args.out.join(CONFIG_FILE), &cfg)?;
     save_tokenizer(&bb.tokenizer, &args.out.join(TOKENIZER_FILE))?;
@@ -800,6 +822,7 @@ pub fn fit_restore<B: AutodiffBackend>(
         fusion.model.clone(),
         fusion.task,
         Some(&fusion),
+        fusion.generator_diffusion.clone(),
     );
     let settings = cfg.settings.clone().unwrap_or_default();
     prepare_out(&args.out)?;

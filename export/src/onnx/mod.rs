@@ -9,6 +9,7 @@
 pub mod builder;
 pub mod decoder;
 pub mod denoiser;
+pub mod restorer;
 pub mod text;
 pub mod vision;
 
@@ -22,6 +23,9 @@ use tract_onnx::pb::ModelProto;
 pub use builder::{DType, Dim, GraphBuilder, MhaOutput, PastKv, Value};
 pub use decoder::{build_caption_decoder, decoder_parameters};
 pub use denoiser::{build_denoiser, denoiser_parameters};
+pub use restorer::{
+    build_fusion_head, build_restorer, fusion_head_parameters, restorer_parameters, RestoreDims,
+};
 pub use text::{build_text_encoder, text_parameters};
 pub use vision::{build_vision_encoder, vision_parameters};
 
