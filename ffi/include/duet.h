@@ -19,6 +19,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// `DuetClassification::restored`: both modalities were given.
+#define DUET_RESTORED_NONE 0
+
+// `DuetClassification::restored`: the image was missing and restored from the text.
+#define DUET_RESTORED_IMAGE 1
+
+// `DuetClassification::restored`: the text was missing and restored from the image.
+#define DUET_RESTORED_TEXT 2
+
 // `DuetGenerateOptions::sampler`: deterministic DDIM (`eta` adds noise when > 0).
 #define DUET_SAMPLER_DDIM 0
 
@@ -44,12 +53,14 @@ typedef enum DuetStatus {
   DUET_STATUS_INFERENCE = 6,
   // An internal panic was caught at the boundary (a bug: please report it).
   DUET_STATUS_PANIC = 7,
-  // The bundle has no pipeline for this call (generation on a caption-only bundle).
+  // The bundle has no pipeline for this call (generation on a caption-only bundle,
+  // classification on a bundle without restoration).
   DUET_STATUS_UNSUPPORTED = 8,
 } DuetStatus;
 
 // A loaded bundle with its pipelines: captioning always, generation when the bundle has the
-// text-encoder and denoiser graphs. Opaque to C.
+// text-encoder and denoiser graphs, classification when it has the restoration graphs.
+// Opaque to C.
 typedef struct DuetRuntime DuetRuntime;
 
 // How `duet_generate_rgb` samples. Start from `duet_generate_defaults` (the bundle's
@@ -66,6 +77,19 @@ typedef struct DuetGenerateOptions {
   // Noise seed: the same bundle, prompt, options and seed give the same image.
   uint64_t seed;
 } DuetGenerateOptions;
+
+// What `duet_classify` found.
+typedef struct DuetClassification {
+  // Index of the most probable class (its name comes back through `label`).
+  uint32_t class_index;
+  // Its softmax probability.
+  float probability;
+  // `DUET_RESTORED_NONE`, `DUET_RESTORED_IMAGE` or `DUET_RESTORED_TEXT`.
+  uint32_t restored;
+  // Trust gate of the restoration in (0, 1) (how much of it the head saw); 1 when nothing
+  // was restored.
+  float trust;
+} DuetClassification;
 
 #ifdef __cplusplus
 extern "C" {
@@ -166,6 +190,31 @@ enum DuetStatus duet_generate_rgb(const struct DuetRuntime *runtime,
                                   uint8_t *rgb,
                                   size_t len,
                                   char **error);
+
+// Classifies an image + text pair with the bundle's task head; either may be missing (its
+// embedding is then restored from the other), not both.
+//
+// The image is packed 8-bit RGB rows (`width * height * 3` bytes, resized like
+// `duet_caption_rgb`); it is missing when `rgb` is NULL, and then `len`, `width` and `height`
+// must be 0. The text is missing when `text` is NULL. `seed` seeds the restorer's start noise
+// (the same inputs and seed give the same answer). `*out` receives the class, its
+// probability, what was restored and the trust gate; `label` (may be NULL) receives the class
+// name, freed with [`duet_string_free`]. Neither input, an empty text or unknown words are
+// `DUET_STATUS_INVALID_ARGUMENT`; a bundle without restoration is `DUET_STATUS_UNSUPPORTED`.
+//
+// # Safety
+// `runtime` must be NULL or a live handle; `rgb` NULL or readable for `len` bytes; `text`
+// NULL or a NUL-terminated string; `out`, `label` and `error` NULL or writable.
+enum DuetStatus duet_classify(const struct DuetRuntime *runtime,
+                              const uint8_t *rgb,
+                              size_t len,
+                              uint32_t width,
+                              uint32_t height,
+                              const char *text,
+                              uint64_t seed,
+                              struct DuetClassification *out,
+                              char **label,
+                              char **error);
 
 // Frees a string returned by any duet function. NULL is a no-op.
 //

@@ -20,7 +20,10 @@ use std::ptr;
 
 use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::{EngineOptions, ProviderChoice};
-use duet_runtime::{preprocess, Bundle, Captioner, GenerateError, GenerateOptions, Generator};
+use duet_runtime::{
+    preprocess, Bundle, Captioner, Classifier, ClassifyError, GenerateError, GenerateOptions,
+    Generator, Modality,
+};
 
 /// Result of every duet C call.
 #[repr(C)]
@@ -43,8 +46,31 @@ pub enum DuetStatus {
     Inference = 6,
     /// An internal panic was caught at the boundary (a bug: please report it).
     Panic = 7,
-    /// The bundle has no pipeline for this call (generation on a caption-only bundle).
+    /// The bundle has no pipeline for this call (generation on a caption-only bundle,
+    /// classification on a bundle without restoration).
     Unsupported = 8,
+}
+
+/// `DuetClassification::restored`: both modalities were given.
+pub const DUET_RESTORED_NONE: u32 = 0;
+/// `DuetClassification::restored`: the image was missing and restored from the text.
+pub const DUET_RESTORED_IMAGE: u32 = 1;
+/// `DuetClassification::restored`: the text was missing and restored from the image.
+pub const DUET_RESTORED_TEXT: u32 = 2;
+
+/// What `duet_classify` found.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DuetClassification {
+    /// Index of the most probable class (its name comes back through `label`).
+    pub class_index: u32,
+    /// Its softmax probability.
+    pub probability: f32,
+    /// `DUET_RESTORED_NONE`, `DUET_RESTORED_IMAGE` or `DUET_RESTORED_TEXT`.
+    pub restored: u32,
+    /// Trust gate of the restoration in (0, 1) (how much of it the head saw); 1 when nothing
+    /// was restored.
+    pub trust: f32,
 }
 
 /// `DuetGenerateOptions::sampler`: deterministic DDIM (`eta` adds noise when > 0).
@@ -70,10 +96,12 @@ pub struct DuetGenerateOptions {
 }
 
 /// A loaded bundle with its pipelines: captioning always, generation when the bundle has the
-/// text-encoder and denoiser graphs. Opaque to C.
+/// text-encoder and denoiser graphs, classification when it has the restoration graphs.
+/// Opaque to C.
 pub struct DuetRuntime {
     captioner: Captioner,
     generator: Option<Generator>,
+    classifier: Option<Classifier>,
     report: String,
 }
 
@@ -128,6 +156,26 @@ impl From<GenerateError> for Failure {
             | E::PromptTooLong { .. }
             | E::UnknownWords { .. }
             | E::InvalidOption(_) => DuetStatus::InvalidArgument,
+            E::Engine(_) | E::Diffusion(_) | E::Shape { .. } => DuetStatus::Inference,
+        };
+        Failure::new(status, e.to_string())
+    }
+}
+
+impl From<ClassifyError> for Failure {
+    fn from(e: ClassifyError) -> Self {
+        use duet_runtime::EngineError as Eng;
+        use ClassifyError as E;
+        let status = match &e {
+            E::Bundle(_) | E::Tokenizer { .. } => DuetStatus::Bundle,
+            E::Engine(Eng::ProviderUnavailable { .. })
+            | E::Engine(Eng::NoProvider { .. })
+            | E::Engine(Eng::ModelNotFound { .. }) => DuetStatus::Provider,
+            E::NoRestorer => DuetStatus::Unsupported,
+            E::Image(_) => DuetStatus::Image,
+            E::NothingGiven | E::EmptyText | E::TextTooLong { .. } | E::UnknownWords { .. } => {
+                DuetStatus::InvalidArgument
+            }
             E::Engine(_) | E::Diffusion(_) | E::Shape { .. } => DuetStatus::Inference,
         };
         Failure::new(status, e.to_string())
@@ -261,16 +309,23 @@ pub unsafe extern "C" fn duet_runtime_create(
         } else {
             None
         };
+        let classifier = if bundle.manifest().restore.is_some() {
+            Some(Classifier::new(&bundle, choice, &options)?)
+        } else {
+            None
+        };
         let report = captioner
             .reports()
             .iter()
             .chain(generator.iter().flat_map(|g| g.reports()))
+            .chain(classifier.iter().flat_map(|c| c.reports()))
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("\n");
         *out = Box::into_raw(Box::new(DuetRuntime {
             captioner,
             generator,
+            classifier,
             report,
         }));
         Ok(())
@@ -331,26 +386,7 @@ pub unsafe extern "C" fn duet_caption_rgb(
         out_arg(caption, "caption")?;
         *caption = ptr::null_mut();
         let rt = runtime_arg(runtime)?;
-        if rgb.is_null() {
-            return Err(Failure::new(DuetStatus::NullPointer, "`rgb` is NULL"));
-        }
-        if width == 0 || height == 0 {
-            return Err(Failure::new(
-                DuetStatus::InvalidArgument,
-                format!("image is {width}x{height}: both sides must be > 0"),
-            ));
-        }
-        let want = (width as usize)
-            .checked_mul(height as usize)
-            .and_then(|n| n.checked_mul(3));
-        if want != Some(len) {
-            return Err(Failure::new(
-                DuetStatus::InvalidArgument,
-                format!("`len` is {len} bytes but a {width}x{height} RGB image has {want:?}"),
-            ));
-        }
-        let bytes = std::slice::from_raw_parts(rgb, len).to_vec();
-        let img = image_from(width, height, bytes)?;
+        let img = rgb_image(rgb, len, width, height)?;
         *caption = c_string(&caption_one(rt, img)?);
         Ok(())
     })
@@ -489,6 +525,84 @@ pub unsafe extern "C" fn duet_generate_rgb(
     })
 }
 
+/// Classifies an image + text pair with the bundle's task head; either may be missing (its
+/// embedding is then restored from the other), not both.
+///
+/// The image is packed 8-bit RGB rows (`width * height * 3` bytes, resized like
+/// `duet_caption_rgb`); it is missing when `rgb` is NULL, and then `len`, `width` and `height`
+/// must be 0. The text is missing when `text` is NULL. `seed` seeds the restorer's start noise
+/// (the same inputs and seed give the same answer). `*out` receives the class, its
+/// probability, what was restored and the trust gate; `label` (may be NULL) receives the class
+/// name, freed with [`duet_string_free`]. Neither input, an empty text or unknown words are
+/// `DUET_STATUS_INVALID_ARGUMENT`; a bundle without restoration is `DUET_STATUS_UNSUPPORTED`.
+///
+/// # Safety
+/// `runtime` must be NULL or a live handle; `rgb` NULL or readable for `len` bytes; `text`
+/// NULL or a NUL-terminated string; `out`, `label` and `error` NULL or writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn duet_classify(
+    runtime: *const DuetRuntime,
+    rgb: *const u8,
+    len: usize,
+    width: u32,
+    height: u32,
+    text: *const c_char,
+    seed: u64,
+    out: *mut DuetClassification,
+    label: *mut *mut c_char,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        out_arg(out, "out")?;
+        if !label.is_null() {
+            *label = ptr::null_mut();
+        }
+        let rt = runtime_arg(runtime)?;
+        let classifier = rt
+            .classifier
+            .as_ref()
+            .ok_or_else(|| Failure::from(ClassifyError::NoRestorer))?;
+        let image = if rgb.is_null() {
+            if len != 0 || width != 0 || height != 0 {
+                return Err(Failure::new(
+                    DuetStatus::NullPointer,
+                    format!(
+                        "`rgb` is NULL but the image is {width}x{height} with {len} bytes; \
+                         pass 0, 0, 0 to leave the image out"
+                    ),
+                ));
+            }
+            None
+        } else {
+            Some(rgb_image(rgb, len, width, height)?)
+        };
+        let text = if text.is_null() {
+            None
+        } else {
+            Some(str_arg(text, "text")?)
+        };
+        let c = classifier.classify(image.as_ref(), text, seed)?;
+        let (restored, trust) = match &c.restored {
+            None => (DUET_RESTORED_NONE, 1.0),
+            Some(r) => match r.modality {
+                Modality::Image => (DUET_RESTORED_IMAGE, r.trust),
+                Modality::Text => (DUET_RESTORED_TEXT, r.trust),
+            },
+        };
+        *out = DuetClassification {
+            class_index: u32::try_from(c.class).unwrap_or(u32::MAX),
+            probability: c.probabilities.get(c.class).copied().unwrap_or(0.0),
+            restored,
+            trust,
+        };
+        if !label.is_null() {
+            *label = c_string(&c.label);
+        }
+        Ok(())
+    })
+}
+
 /// Frees a string returned by any duet function. NULL is a no-op.
 ///
 /// # Safety
@@ -498,6 +612,38 @@ pub unsafe extern "C" fn duet_string_free(s: *mut c_char) {
     if !s.is_null() {
         drop(CString::from_raw(s));
     }
+}
+
+/// Copies a caller's packed RGB buffer into an image, checking the pointer and the sizes.
+///
+/// # Safety
+/// `rgb` must be NULL or readable for `len` bytes.
+unsafe fn rgb_image(
+    rgb: *const u8,
+    len: usize,
+    width: u32,
+    height: u32,
+) -> Result<preprocess::RgbImage, Failure> {
+    if rgb.is_null() {
+        return Err(Failure::new(DuetStatus::NullPointer, "`rgb` is NULL"));
+    }
+    if width == 0 || height == 0 {
+        return Err(Failure::new(
+            DuetStatus::InvalidArgument,
+            format!("image is {width}x{height}: both sides must be > 0"),
+        ));
+    }
+    let want = (width as usize)
+        .checked_mul(height as usize)
+        .and_then(|n| n.checked_mul(3));
+    if want != Some(len) {
+        return Err(Failure::new(
+            DuetStatus::InvalidArgument,
+            format!("`len` is {len} bytes but a {width}x{height} RGB image has {want:?}"),
+        ));
+    }
+    let bytes = std::slice::from_raw_parts(rgb, len).to_vec();
+    image_from(width, height, bytes)
 }
 
 fn image_from(width: u32, height: u32, bytes: Vec<u8>) -> Result<preprocess::RgbImage, Failure> {

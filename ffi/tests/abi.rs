@@ -332,3 +332,71 @@ fn generation_on_a_caption_only_bundle_is_unsupported_and_null_checked() {
     }
     unsafe { duet_runtime_destroy(rt) };
 }
+
+#[test]
+fn classification_on_a_bundle_without_restoration_is_unsupported_and_null_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    common::caption_bundle(dir.path(), -100.0);
+    let (s, rt, e) = create(Some(dir.path().to_str().unwrap()), Some("tract"), true);
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    let text = cstr("a red circle");
+    let mut out = DuetClassification {
+        class_index: 7,
+        probability: 0.0,
+        restored: 9,
+        trust: 0.0,
+    };
+    let mut label = ptr::null_mut();
+    let mut err = ptr::null_mut();
+    let s = unsafe {
+        duet_classify(
+            rt,
+            ptr::null(),
+            0,
+            0,
+            0,
+            text.as_ptr(),
+            0,
+            &mut out,
+            &mut label,
+            &mut err,
+        )
+    };
+    assert_eq!(s, DuetStatus::Unsupported);
+    assert!(take(err).unwrap().contains("no restoration graphs"));
+    assert!(take(label).is_none());
+    // NULL arguments come first.
+    let mut e = [ptr::null_mut(); 2];
+    let s = unsafe {
+        [
+            duet_classify(
+                ptr::null(),
+                ptr::null(),
+                0,
+                0,
+                0,
+                text.as_ptr(),
+                0,
+                &mut out,
+                ptr::null_mut(),
+                &mut e[0],
+            ),
+            duet_classify(
+                rt,
+                ptr::null(),
+                0,
+                0,
+                0,
+                text.as_ptr(),
+                0,
+                ptr::null_mut(),
+                ptr::null_mut(),
+                &mut e[1],
+            ),
+        ]
+    };
+    assert_eq!(s, [DuetStatus::NullPointer; 2]);
+    assert!(take(e[0]).unwrap().contains("`runtime`"));
+    assert!(take(e[1]).unwrap().contains("`out`"));
+    unsafe { duet_runtime_destroy(rt) };
+}

@@ -1461,6 +1461,126 @@ fn restore_bundle_classifies_with_a_missing_modality_on_ort_and_tract_like_burn(
         .unwrap();
     assert!(!ok && stderr.contains("no restoration graphs"), "{stderr}");
 
+    // The C ABI answers like the Rust runtime, with the same inputs and seed.
+    {
+        use duet::*;
+        use std::ffi::{CStr, CString};
+        let dir = CString::new(bundle_dir.to_str().unwrap()).unwrap();
+        let provider = CString::new("tract").unwrap();
+        let mut rt = std::ptr::null_mut();
+        let status = unsafe {
+            duet_runtime_create(
+                dir.as_ptr(),
+                provider.as_ptr(),
+                true,
+                &mut rt,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(status, DuetStatus::Ok);
+        let text = CString::new(ex.text.as_str()).unwrap();
+        let (w, h) = ex.image.dimensions();
+        let rgb = ex.image.as_raw();
+        for (with_image, with_text, restored) in [
+            (true, false, DUET_RESTORED_TEXT),
+            (false, true, DUET_RESTORED_IMAGE),
+            (true, true, DUET_RESTORED_NONE),
+        ] {
+            let mut out = DuetClassification {
+                class_index: u32::MAX,
+                probability: 0.0,
+                restored: u32::MAX,
+                trust: 0.0,
+            };
+            let mut label = std::ptr::null_mut();
+            let (ptr, len, w, h) = if with_image {
+                (rgb.as_ptr(), rgb.len(), w, h)
+            } else {
+                (std::ptr::null(), 0, 0, 0)
+            };
+            let status = unsafe {
+                duet_classify(
+                    rt,
+                    ptr,
+                    len,
+                    w,
+                    h,
+                    if with_text {
+                        text.as_ptr()
+                    } else {
+                        std::ptr::null()
+                    },
+                    5,
+                    &mut out,
+                    &mut label,
+                    std::ptr::null_mut(),
+                )
+            };
+            assert_eq!(status, DuetStatus::Ok);
+            let name = unsafe { CStr::from_ptr(label) }
+                .to_string_lossy()
+                .into_owned();
+            unsafe { duet_string_free(label) };
+            let want = tract
+                .classify(
+                    with_image.then_some(&ex.image),
+                    with_text.then_some(ex.text.as_str()),
+                    5,
+                )
+                .unwrap();
+            assert_eq!(out.restored, restored);
+            assert_eq!(out.class_index as usize, want.class);
+            assert_eq!(name, want.label);
+            assert!((out.probability - want.probabilities[want.class]).abs() < 1e-6);
+            let trust = want.restored.as_ref().map_or(1.0, |r| r.trust);
+            assert!((out.trust - trust).abs() < 1e-6);
+        }
+        // Neither modality, and a NULL image with a size, are errors with a reason.
+        let mut out = DuetClassification {
+            class_index: 0,
+            probability: 0.0,
+            restored: 0,
+            trust: 0.0,
+        };
+        let mut err = std::ptr::null_mut();
+        let status = unsafe {
+            duet_classify(
+                rt,
+                std::ptr::null(),
+                0,
+                0,
+                0,
+                std::ptr::null(),
+                0,
+                &mut out,
+                std::ptr::null_mut(),
+                &mut err,
+            )
+        };
+        assert_eq!(status, DuetStatus::InvalidArgument);
+        let msg = unsafe { CStr::from_ptr(err) }
+            .to_string_lossy()
+            .into_owned();
+        unsafe { duet_string_free(err) };
+        assert!(msg.contains("neither an image nor a text"), "{msg}");
+        let status = unsafe {
+            duet_classify(
+                rt,
+                std::ptr::null(),
+                12,
+                2,
+                2,
+                text.as_ptr(),
+                0,
+                &mut out,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(status, DuetStatus::NullPointer);
+        unsafe { duet_runtime_destroy(rt) };
+    }
+
     // `duet bench` measures classification on a bundle with restoration.
     let out = std::process::Command::new(duet_bin())
         .args(["bench", "--bundle"])
