@@ -140,6 +140,27 @@ impl Bundle {
     pub fn tokenizer_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.tokenizer.file)
     }
+
+    /// Loads the bundle's tokenizer and checks its vocabulary against `model.vocab_size`;
+    /// on failure returns the file and the reason (each pipeline wraps them in its own error).
+    pub fn load_tokenizer(&self) -> Result<tokenizers::Tokenizer, (PathBuf, String)> {
+        let path = self.tokenizer_path();
+        let tokenizer = match tokenizers::Tokenizer::from_file(&path) {
+            Ok(t) => t,
+            Err(e) => return Err((path, e.to_string())),
+        };
+        let (vocab, want) = (
+            tokenizer.get_vocab_size(true),
+            self.manifest.model.vocab_size,
+        );
+        if vocab != want {
+            return Err((
+                path,
+                format!("it has {vocab} tokens but model.vocab_size is {want}"),
+            ));
+        }
+        Ok(tokenizer)
+    }
 }
 
 /// Lowercase hex sha256 of a file, streamed (graphs can be large).

@@ -89,21 +89,9 @@ impl Captioner {
         options: &EngineOptions,
     ) -> Result<Self, CaptionError> {
         let m = bundle.manifest();
-        let tok_path = bundle.tokenizer_path();
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| CaptionError::Tokenizer {
-            path: tok_path.clone(),
-            reason: e.to_string(),
-        })?;
-        let vocab = tokenizer.get_vocab_size(true);
-        if vocab != m.model.vocab_size {
-            return Err(CaptionError::Tokenizer {
-                path: tok_path,
-                reason: format!(
-                    "it has {vocab} tokens but model.vocab_size is {}",
-                    m.model.vocab_size
-                ),
-            });
-        }
+        let tokenizer = bundle
+            .load_tokenizer()
+            .map_err(|(path, reason)| CaptionError::Tokenizer { path, reason })?;
         let (vision, r1) = Engine::load(
             bundle.graph_path(VISION_ENCODER)?,
             VISION_ENCODER,

@@ -174,21 +174,9 @@ impl Classifier {
     ) -> Result<Self, ClassifyError> {
         let m = bundle.manifest();
         let spec = m.restore.clone().ok_or(ClassifyError::NoRestorer)?;
-        let tok_path = bundle.tokenizer_path();
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| ClassifyError::Tokenizer {
-            path: tok_path.clone(),
-            reason: e.to_string(),
-        })?;
-        let vocab = tokenizer.get_vocab_size(true);
-        if vocab != m.model.vocab_size {
-            return Err(ClassifyError::Tokenizer {
-                path: tok_path,
-                reason: format!(
-                    "it has {vocab} tokens but model.vocab_size is {}",
-                    m.model.vocab_size
-                ),
-            });
-        }
+        let tokenizer = bundle
+            .load_tokenizer()
+            .map_err(|(path, reason)| ClassifyError::Tokenizer { path, reason })?;
         let schedule = NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())?;
         let mut reports = Vec::with_capacity(5);
         let mut load = |graph: &str| -> Result<Engine, ClassifyError> {

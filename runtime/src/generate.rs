@@ -118,21 +118,9 @@ impl Generator {
     ) -> Result<Self, GenerateError> {
         let m = bundle.manifest();
         let spec = m.diffusion.as_ref().ok_or(GenerateError::NoGenerator)?;
-        let tok_path = bundle.tokenizer_path();
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| GenerateError::Tokenizer {
-            path: tok_path.clone(),
-            reason: e.to_string(),
-        })?;
-        let vocab = tokenizer.get_vocab_size(true);
-        if vocab != m.model.vocab_size {
-            return Err(GenerateError::Tokenizer {
-                path: tok_path,
-                reason: format!(
-                    "it has {vocab} tokens but model.vocab_size is {}",
-                    m.model.vocab_size
-                ),
-            });
-        }
+        let tokenizer = bundle
+            .load_tokenizer()
+            .map_err(|(path, reason)| GenerateError::Tokenizer { path, reason })?;
         let schedule = NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())?;
         let (text, r1) = Engine::load(
             bundle.graph_path(TEXT_ENCODER)?,
