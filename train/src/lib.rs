@@ -4,6 +4,7 @@ pub mod backend;
 pub mod caption_stage;
 pub mod checkpoint;
 pub mod ema;
+pub mod emoji;
 pub mod eval;
 pub mod fsutil;
 pub mod generate_stage;

@@ -9,6 +9,7 @@ use duet_models::Preset;
 use duet_train::backend::{CpuBackend, DeviceKind};
 use duet_train::caption_stage::{fit, FitArgs};
 use duet_train::checkpoint::write_json;
+use duet_train::emoji::{write_emoji_dataset, ArtStyle, EmojiOptions, EmojiSource};
 use duet_train::eval::eval_reconstruction;
 use duet_train::eval::{eval_caption, eval_generate, GenerateEvalOptions};
 use duet_train::fsutil::write_png;
@@ -48,6 +49,31 @@ enum Command {
         min_objects: usize,
         #[arg(long, default_value_t = 4)]
         max_objects: usize,
+    },
+    /// Build the Emoji-CLDR dataset (real emoji art + CLDR English names) from the sources
+    /// `scripts/fetch-emoji.sh` fetched: train/val/test split by base emoji.
+    Emoji {
+        #[arg(long)]
+        out: PathBuf,
+        /// Image side in pixels (32 or 64).
+        #[arg(long, default_value_t = 32)]
+        size: u32,
+        /// Art set: google (Noto, Apache-2.0) or twitter (Twemoji, CC-BY-4.0).
+        #[arg(long, default_value = "google")]
+        style: ArtStyle,
+        /// The folder scripts/fetch-emoji.sh filled.
+        #[arg(long, default_value = ".data/emoji-src")]
+        source: PathBuf,
+        /// Seed of the train/val/test split.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        #[arg(long, default_value_t = 0.1)]
+        test_fraction: f64,
+        /// Keep only the first N base emoji in Unicode's order (with all their skin tones).
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Train a stage.
     Fit {
@@ -163,6 +189,40 @@ fn main() -> anyhow::Result<()> {
             let summary = write_dataset(&out, count, seed, &cfg, &command_line)
                 .with_context(|| format!("writing ShapeWorld to {}", out.display()))?;
             println!("{summary:?}");
+        }
+        Command::Emoji {
+            out,
+            size,
+            style,
+            source,
+            seed,
+            val_fraction,
+            test_fraction,
+            limit,
+        } => {
+            let opts = EmojiOptions {
+                style,
+                size,
+                seed,
+                val_fraction,
+                test_fraction,
+                limit,
+            };
+            let summary =
+                write_emoji_dataset(&EmojiSource::new(&source), &out, &opts, &command_line)
+                    .with_context(|| format!("writing Emoji-CLDR to {}", out.display()))?;
+            println!(
+                "Emoji-CLDR ({style}, {size} px) in {}: {} train / {} val / {} test pairs \
+                 ({} / {} / {} base emoji); art: {}",
+                out.display(),
+                summary.counts["train"],
+                summary.counts["val"],
+                summary.counts["test"],
+                summary.base_counts["train"],
+                summary.base_counts["val"],
+                summary.base_counts["test"],
+                summary.licence
+            );
         }
         Command::Fit {
             stage,

@@ -840,7 +840,9 @@ pub fn load_dataset_info(dir: &Path) -> Result<DatasetSummary, DataError> {
 }
 
 /// Reads a jsonl file into records, skipping blank lines; errors carry the 1-based line.
-fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<(usize, T)>, DataError> {
+pub(crate) fn read_jsonl<T: for<'de> Deserialize<'de>>(
+    path: &Path,
+) -> Result<Vec<(usize, T)>, DataError> {
     let file = fs::File::open(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
@@ -867,7 +869,12 @@ fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<(usize, T
 
 /// Resolves a jsonl image path inside `dir`, refusing absolute paths and `..` so a dataset
 /// file cannot make the loader read outside its folder.
-fn resolve_image(dir: &Path, rel: &str, jsonl: &Path, line: usize) -> Result<PathBuf, DataError> {
+pub(crate) fn resolve_image(
+    dir: &Path,
+    rel: &str,
+    jsonl: &Path,
+    line: usize,
+) -> Result<PathBuf, DataError> {
     let rel_path = Path::new(rel);
     let ok = !rel.is_empty()
         && rel_path
