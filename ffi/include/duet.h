@@ -99,7 +99,8 @@ extern "C" {
 const char *duet_version(void);
 
 // Opens and verifies the bundle in `bundle_dir` and loads its graphs: the captioning
-// pipeline, and the generation pipeline when the bundle has one.
+// pipeline, the generation pipeline when the bundle has one, and the classification pipeline
+// (restorers and fusion head) when it has that. If any of them fails to load, creation fails.
 //
 // `provider` is `"auto"` (TensorRT → CUDA → ort CPU → tract, first that works), `"tensorrt"`,
 // `"cuda"`, `"ort-cpu"` or `"tract"`; NULL means `"auto"`. With `strict`, any provider that

@@ -21,8 +21,8 @@ use std::ptr;
 use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::{EngineOptions, ProviderChoice};
 use duet_runtime::{
-    preprocess, Bundle, Captioner, Classifier, ClassifyError, GenerateError, GenerateOptions,
-    Generator, Modality,
+    preprocess, Bundle, Captioner, Classifier, ClassifyError, EngineSet, GenerateError,
+    GenerateOptions, Generator, Modality,
 };
 
 /// Result of every duet C call.
@@ -155,6 +155,7 @@ impl From<GenerateError> for Failure {
             | E::EmptyPrompt { .. }
             | E::PromptTooLong { .. }
             | E::UnknownWords { .. }
+            | E::Encode { .. }
             | E::InvalidOption(_) => DuetStatus::InvalidArgument,
             E::Engine(_) | E::Diffusion(_) | E::Shape { .. } => DuetStatus::Inference,
         };
@@ -173,9 +174,11 @@ impl From<ClassifyError> for Failure {
             | E::Engine(Eng::ModelNotFound { .. }) => DuetStatus::Provider,
             E::NoRestorer => DuetStatus::Unsupported,
             E::Image(_) => DuetStatus::Image,
-            E::NothingGiven | E::EmptyText | E::TextTooLong { .. } | E::UnknownWords { .. } => {
-                DuetStatus::InvalidArgument
-            }
+            E::NothingGiven
+            | E::EmptyText
+            | E::TextTooLong { .. }
+            | E::UnknownWords { .. }
+            | E::Encode { .. } => DuetStatus::InvalidArgument,
             E::Engine(_) | E::Diffusion(_) | E::Shape { .. } => DuetStatus::Inference,
         };
         Failure::new(status, e.to_string())
@@ -261,7 +264,8 @@ pub extern "C" fn duet_version() -> *const c_char {
 }
 
 /// Opens and verifies the bundle in `bundle_dir` and loads its graphs: the captioning
-/// pipeline, and the generation pipeline when the bundle has one.
+/// pipeline, the generation pipeline when the bundle has one, and the classification pipeline
+/// (restorers and fusion head) when it has that. If any of them fails to load, creation fails.
 ///
 /// `provider` is `"auto"` (TensorRT → CUDA → ort CPU → tract, first that works), `"tensorrt"`,
 /// `"cuda"`, `"ort-cpu"` or `"tract"`; NULL means `"auto"`. With `strict`, any provider that
@@ -303,22 +307,26 @@ pub unsafe extern "C" fn duet_runtime_create(
             strict,
             ..EngineOptions::default()
         };
-        let captioner = Captioner::new(&bundle, choice, &options)?;
+        // One set: the pipelines share the encoders they have in common (one session each).
+        let mut engines = EngineSet::new(&bundle, choice, &options);
+        let captioner = Captioner::with_engines(&mut engines)?;
         let generator = if bundle.manifest().diffusion.is_some() {
-            Some(Generator::new(&bundle, choice, &options)?)
+            Some(Generator::with_engines(&mut engines)?)
         } else {
             None
         };
         let classifier = if bundle.manifest().restore.is_some() {
-            Some(Classifier::new(&bundle, choice, &options)?)
+            Some(Classifier::with_engines(&mut engines)?)
         } else {
             None
         };
+        let mut seen = std::collections::HashSet::new();
         let report = captioner
             .reports()
             .iter()
             .chain(generator.iter().flat_map(|g| g.reports()))
             .chain(classifier.iter().flat_map(|c| c.reports()))
+            .filter(|r| seen.insert(r.graph.clone()))
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("\n");
@@ -554,10 +562,11 @@ pub unsafe extern "C" fn duet_classify(
     error: *mut *mut c_char,
 ) -> DuetStatus {
     guard(error, || {
-        out_arg(out, "out")?;
+        // Cleared first, so a caller may free `label` after any failure.
         if !label.is_null() {
             *label = ptr::null_mut();
         }
+        out_arg(out, "out")?;
         let rt = runtime_arg(runtime)?;
         let classifier = rt
             .classifier

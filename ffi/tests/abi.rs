@@ -346,7 +346,9 @@ fn classification_on_a_bundle_without_restoration_is_unsupported_and_null_checke
         restored: 9,
         trust: 0.0,
     };
-    let mut label = ptr::null_mut();
+    // A stale pointer the call must clear on failure (never dereferenced here).
+    let stale = std::ptr::dangling_mut::<std::ffi::c_char>();
+    let mut label = stale;
     let mut err = ptr::null_mut();
     let s = unsafe {
         duet_classify(
@@ -364,7 +366,30 @@ fn classification_on_a_bundle_without_restoration_is_unsupported_and_null_checke
     };
     assert_eq!(s, DuetStatus::Unsupported);
     assert!(take(err).unwrap().contains("no restoration graphs"));
-    assert!(take(label).is_none());
+    assert!(label.is_null(), "label not cleared on failure");
+    assert_eq!(
+        (out.class_index, out.restored),
+        (7, 9),
+        "out written on failure"
+    );
+    // NULL `out` still clears `label` first.
+    let mut label = stale;
+    let s = unsafe {
+        duet_classify(
+            rt,
+            ptr::null(),
+            0,
+            0,
+            0,
+            text.as_ptr(),
+            0,
+            ptr::null_mut(),
+            &mut label,
+            ptr::null_mut(),
+        )
+    };
+    assert_eq!(s, DuetStatus::NullPointer);
+    assert!(label.is_null(), "label not cleared when `out` is NULL");
     // NULL arguments come first.
     let mut e = [ptr::null_mut(); 2];
     let s = unsafe {

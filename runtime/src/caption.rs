@@ -7,6 +7,7 @@
 //! of the exported decoder end to end (positions, bias shape, concat axis).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use image::RgbImage;
 use ndarray::{Array2, Array3, Array4, ArrayD, ArrayView1, Axis, IxDyn};
@@ -17,6 +18,7 @@ use crate::bundle::{Bundle, BundleError};
 use crate::engine::{
     Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport, Value, ValueView,
 };
+use crate::engine_set::EngineSet;
 use crate::manifest::{ImageSpec, ModelSpec, TokenizerSpec, CAPTION_DECODER, VISION_ENCODER};
 use crate::preprocess::{self, ImageError};
 
@@ -40,8 +42,8 @@ pub enum CaptionError {
 /// A bundle's captioning pipeline, loaded once and reused for every image.
 pub struct Captioner {
     tokenizer: Tokenizer,
-    vision: Engine,
-    decoder: Engine,
+    vision: Arc<Engine>,
+    decoder: Arc<Engine>,
     model: ModelSpec,
     tok: TokenizerSpec,
     image: ImageSpec,
@@ -88,22 +90,18 @@ impl Captioner {
         choice: ProviderChoice,
         options: &EngineOptions,
     ) -> Result<Self, CaptionError> {
+        Self::with_engines(&mut EngineSet::new(bundle, choice, options))
+    }
+
+    /// Like [`Captioner::new`], sharing graphs already loaded into `engines`.
+    pub fn with_engines(engines: &mut EngineSet<'_>) -> Result<Self, CaptionError> {
+        let bundle = engines.bundle();
         let m = bundle.manifest();
         let tokenizer = bundle
             .load_tokenizer()
             .map_err(|(path, reason)| CaptionError::Tokenizer { path, reason })?;
-        let (vision, r1) = Engine::load(
-            bundle.graph_path(VISION_ENCODER)?,
-            VISION_ENCODER,
-            choice,
-            options,
-        )?;
-        let (decoder, r2) = Engine::load(
-            bundle.graph_path(CAPTION_DECODER)?,
-            CAPTION_DECODER,
-            choice,
-            options,
-        )?;
+        let (vision, r1) = engines.get::<CaptionError>(VISION_ENCODER)?;
+        let (decoder, r2) = engines.get::<CaptionError>(CAPTION_DECODER)?;
         let layers = m.model.decoder_layers;
         let kv_names = |prefix: &str| -> Vec<String> {
             (0..layers)

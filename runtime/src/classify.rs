@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use image::RgbImage;
 use ndarray::{Array1, Array2, ArrayD, Axis, IxDyn};
@@ -23,6 +24,7 @@ use tokenizers::Tokenizer;
 use crate::bundle::{Bundle, BundleError};
 use crate::diffusion::{self, DiffusionError, NoiseSchedule, Sampler, SamplerConfig};
 use crate::engine::{Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport, Value};
+use crate::engine_set::EngineSet;
 use crate::generate::{prompt_ids, GenerateError};
 use crate::manifest::{
     ImageSpec, RestoreSpec, TokenizerSpec, FUSION_HEAD, RESTORER_I2T, RESTORER_T2I, TEXT_ENCODER,
@@ -53,6 +55,8 @@ pub enum ClassifyError {
     UnknownWords { words: Vec<String> },
     #[error("cannot load tokenizer {}: {reason}", path.display())]
     Tokenizer { path: PathBuf, reason: String },
+    #[error("the text cannot be tokenized: {reason}")]
+    Encode { reason: String },
     #[error("graph `{graph}`: {reason}")]
     Shape { graph: String, reason: String },
 }
@@ -66,6 +70,7 @@ impl From<GenerateError> for ClassifyError {
             }
             GenerateError::UnknownWords { words, .. } => ClassifyError::UnknownWords { words },
             GenerateError::Tokenizer { path, reason } => ClassifyError::Tokenizer { path, reason },
+            GenerateError::Encode { reason, .. } => ClassifyError::Encode { reason },
             GenerateError::Engine(e) => ClassifyError::Engine(e),
             other => ClassifyError::Shape {
                 graph: TEXT_ENCODER.to_owned(),
@@ -140,11 +145,11 @@ impl Classification {
 /// A bundle's classification pipeline, loaded once and reused.
 pub struct Classifier {
     tokenizer: Tokenizer,
-    vision: Engine,
-    text: Engine,
-    t2i: Engine,
-    i2t: Engine,
-    head: Engine,
+    vision: Arc<Engine>,
+    text: Arc<Engine>,
+    t2i: Arc<Engine>,
+    i2t: Arc<Engine>,
+    head: Arc<Engine>,
     schedule: NoiseSchedule,
     spec: RestoreSpec,
     image: ImageSpec,
@@ -172,6 +177,13 @@ impl Classifier {
         choice: ProviderChoice,
         options: &EngineOptions,
     ) -> Result<Self, ClassifyError> {
+        Self::with_engines(&mut EngineSet::new(bundle, choice, options))
+    }
+
+    /// Like [`Classifier::new`], sharing graphs already loaded into `engines` (the encoders of
+    /// a captioner or generator built from the same set).
+    pub fn with_engines(engines: &mut EngineSet<'_>) -> Result<Self, ClassifyError> {
+        let bundle = engines.bundle();
         let m = bundle.manifest();
         let spec = m.restore.clone().ok_or(ClassifyError::NoRestorer)?;
         let tokenizer = bundle
@@ -179,8 +191,8 @@ impl Classifier {
             .map_err(|(path, reason)| ClassifyError::Tokenizer { path, reason })?;
         let schedule = NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())?;
         let mut reports = Vec::with_capacity(5);
-        let mut load = |graph: &str| -> Result<Engine, ClassifyError> {
-            let (engine, report) = Engine::load(bundle.graph_path(graph)?, graph, choice, options)?;
+        let mut load = |graph: &str| -> Result<Arc<Engine>, ClassifyError> {
+            let (engine, report) = engines.get::<ClassifyError>(graph)?;
             reports.push(report);
             Ok(engine)
         };
@@ -350,7 +362,7 @@ impl Classifier {
         let mut outs = call(&z, 0)?;
         let embedding = self.row(&mut outs, graph, "restored")?;
         let trust = match outs.remove("trust") {
-            Some(Value::F32(a)) if a.len() == 1 => a[[0, 0]],
+            Some(Value::F32(a)) if a.shape() == [1, 1] => a[[0, 0]],
             _ => return Err(shape_err(graph, "output `trust` missing or not [1, 1]")),
         };
         Ok(Restoration {
@@ -373,7 +385,14 @@ impl Classifier {
         ])?;
         let c = self.spec.classes.len();
         match outs.remove("logits") {
-            Some(Value::F32(a)) if a.shape() == [1, c] => Ok(a.into_raw_vec_and_offset().0),
+            // A NaN would turn every probability into NaN and still "win" a class.
+            Some(Value::F32(a)) if a.shape() == [1, c] && a.iter().all(|x| x.is_finite()) => {
+                Ok(a.into_raw_vec_and_offset().0)
+            }
+            Some(Value::F32(a)) if a.shape() == [1, c] => Err(shape_err(
+                FUSION_HEAD,
+                format!("`logits` are not finite: {a}"),
+            )),
             _ => Err(shape_err(
                 FUSION_HEAD,
                 format!("output `logits` missing or not [1, {c}]"),

@@ -8,6 +8,7 @@
 //! trainer's `LoadedGenerator::generate` makes from the Burn weights.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use image::RgbImage;
 use ndarray::{concatenate, s, Array1, Array2, ArrayD, Axis};
@@ -19,6 +20,7 @@ use tokenizers::Tokenizer;
 use crate::bundle::{Bundle, BundleError};
 use crate::diffusion::{self, DiffusionError, NoiseSchedule, Prediction, Sampler, SamplerConfig};
 use crate::engine::{Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport, Value};
+use crate::engine_set::EngineSet;
 use crate::manifest::{ModelSpec, TokenizerSpec, DENOISER, TEXT_ENCODER};
 
 /// Most images one call generates (each costs `steps` denoiser evaluations).
@@ -51,6 +53,8 @@ pub enum GenerateError {
     },
     #[error("prompt {index} has words the model never saw in training: {words:?} (they would be read as [UNK])")]
     UnknownWords { index: usize, words: Vec<String> },
+    #[error("prompt {index} cannot be tokenized: {reason}")]
+    Encode { index: usize, reason: String },
     #[error("invalid option: {0}")]
     InvalidOption(String),
     #[error("graph `{graph}`: {reason}")]
@@ -71,8 +75,8 @@ pub struct GenerateOptions {
 /// A bundle's generation pipeline, loaded once and reused.
 pub struct Generator {
     tokenizer: Tokenizer,
-    text: Engine,
-    denoiser: Engine,
+    text: Arc<Engine>,
+    denoiser: Arc<Engine>,
     schedule: NoiseSchedule,
     prediction: Prediction,
     defaults: (usize, f32),
@@ -116,19 +120,20 @@ impl Generator {
         choice: ProviderChoice,
         options: &EngineOptions,
     ) -> Result<Self, GenerateError> {
+        Self::with_engines(&mut EngineSet::new(bundle, choice, options))
+    }
+
+    /// Like [`Generator::new`], sharing graphs already loaded into `engines`.
+    pub fn with_engines(engines: &mut EngineSet<'_>) -> Result<Self, GenerateError> {
+        let bundle = engines.bundle();
         let m = bundle.manifest();
         let spec = m.diffusion.as_ref().ok_or(GenerateError::NoGenerator)?;
         let tokenizer = bundle
             .load_tokenizer()
             .map_err(|(path, reason)| GenerateError::Tokenizer { path, reason })?;
         let schedule = NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())?;
-        let (text, r1) = Engine::load(
-            bundle.graph_path(TEXT_ENCODER)?,
-            TEXT_ENCODER,
-            choice,
-            options,
-        )?;
-        let (denoiser, r2) = Engine::load(bundle.graph_path(DENOISER)?, DENOISER, choice, options)?;
+        let (text, r1) = engines.get::<GenerateError>(TEXT_ENCODER)?;
+        let (denoiser, r2) = engines.get::<GenerateError>(DENOISER)?;
         Ok(Generator {
             tokenizer,
             text,
@@ -376,8 +381,8 @@ pub(crate) fn prompt_ids(
     }
     let enc = tokenizer
         .encode(prompt, false)
-        .map_err(|e| GenerateError::Tokenizer {
-            path: PathBuf::from(&tok.file),
+        .map_err(|e| GenerateError::Encode {
+            index,
             reason: e.to_string(),
         })?;
     let special = [tok.pad_id, tok.bos_id, tok.eos_id];

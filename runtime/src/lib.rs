@@ -4,6 +4,7 @@
 //! - [`bundle`]: opening a bundle and refusing anything that does not match (hashes, schema
 //!   version, graph I/O contract).
 //! - [`engine`]: one graph on one backend, with provider selection and honest skip reasons.
+//! - [`engine_set`]: each graph of a bundle loaded once and shared by the pipelines.
 //! - [`preprocess`]: image loading and normalisation.
 //! - [`caption`]: the captioning pipeline (vision encoder + KV-cache greedy decoder).
 //! - [`bench`]: `duet bench`'s measurements and table.
@@ -21,6 +22,7 @@ pub use duet_diffusion as diffusion;
 pub mod caption;
 pub mod classify;
 pub mod engine;
+pub mod engine_set;
 pub mod generate;
 pub mod manifest;
 pub mod preprocess;
@@ -31,6 +33,7 @@ pub use classify::{Classification, Classifier, ClassifyError, Modality};
 pub use engine::{
     Engine, EngineError, EngineOptions, Provider, ProviderChoice, ProviderReport, Value, ValueView,
 };
+pub use engine_set::EngineSet;
 pub use generate::{GenerateError, GenerateOptions, Generator};
 pub use manifest::{Manifest, SCHEMA_VERSION};
 pub use preprocess::ImageError;

@@ -146,3 +146,33 @@ fn tokenizer_vocab_must_match_model() {
     let e = Captioner::new(&bundle, ProviderChoice::Only(Provider::Tract), &options()).unwrap_err();
     assert!(e.to_string().contains("tokens but model.vocab_size"), "{e}");
 }
+
+#[test]
+fn pipelines_built_from_one_engine_set_share_each_graph() {
+    use duet_runtime::manifest::{CAPTION_DECODER, VISION_ENCODER};
+    use duet_runtime::EngineSet;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    caption_bundle(dir.path(), -100.0);
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let tract = ProviderChoice::Only(Provider::Tract);
+    let mut engines = EngineSet::new(&bundle, tract, &options());
+    let a = Captioner::with_engines(&mut engines).unwrap();
+    let b = Captioner::with_engines(&mut engines).unwrap();
+    assert_eq!(engines.loaded(), 2, "two graphs, each loaded once");
+    let (v1, r1) = engines.get::<duet_runtime::Error>(VISION_ENCODER).unwrap();
+    let (v2, _) = engines.get::<duet_runtime::Error>(VISION_ENCODER).unwrap();
+    assert!(Arc::ptr_eq(&v1, &v2));
+    assert_eq!(r1.used, Provider::Tract);
+    assert_eq!(a.reports(), b.reports());
+    // Sharing changes nothing in the answers.
+    let img = RgbImage::from_fn(8, 8, |x, y| Rgb([(x * 30) as u8, (y * 30) as u8, 90]));
+    assert_eq!(
+        a.caption_images(std::slice::from_ref(&img)).unwrap(),
+        b.caption_images(&[img]).unwrap()
+    );
+    // A graph the bundle lacks is the bundle's error, not a panic.
+    assert!(engines.get::<duet_runtime::Error>("denoiser").is_err());
+    assert!(engines.get::<duet_runtime::Error>(CAPTION_DECODER).is_ok());
+    assert_eq!(engines.loaded(), 2);
+}
