@@ -32,7 +32,7 @@ use image::imageops::FilterType;
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
-use crate::shapeworld::{encode_png, read_jsonl, resolve_image, split_by_key, DataError};
+use crate::shapeworld::{encode_png, load_listed_image, read_jsonl, split_by_key, DataError};
 
 /// Name written into `dataset.json`, so a loader can recognise an Emoji-CLDR folder.
 pub const GENERATOR_NAME: &str = "emoji-cldr";
@@ -758,37 +758,15 @@ pub fn load_emoji_split(split_dir: &Path) -> Result<Vec<EmojiSample>, EmojiError
     let mut out = Vec::with_capacity(records.len());
     let mut size = None;
     for (line, record) in records {
-        let invalid = |message: String| {
-            EmojiError::Data(DataError::Invalid {
-                path: jsonl.clone(),
-                line,
-                message,
-            })
-        };
         if record.caption.trim().is_empty() {
-            return Err(invalid(format!("empty caption for {}", record.image)));
-        }
-        let image_path = resolve_image(split_dir, &record.image, &jsonl, line)?;
-        let image = image::open(&image_path)
-            .map_err(|source| DataError::Image {
+            return Err(EmojiError::Data(DataError::Invalid {
                 path: jsonl.clone(),
                 line,
-                image: image_path.clone(),
-                source,
-            })?
-            .to_rgb8();
-        let dims = image.dimensions();
-        let want = *size.get_or_insert(dims);
-        if dims.0 != dims.1 || dims != want {
-            return Err(invalid(format!(
-                "image {} is {}x{}, expected square {}x{}",
-                image_path.display(),
-                dims.0,
-                dims.1,
-                want.0,
-                want.1
-            )));
+                message: format!("empty caption for {}", record.image),
+            }));
         }
+        let (image_path, image) =
+            load_listed_image(split_dir, &record.image, &jsonl, line, &mut size)?;
         out.push(EmojiSample {
             record,
             image_path,

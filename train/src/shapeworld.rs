@@ -869,12 +869,7 @@ pub(crate) fn read_jsonl<T: for<'de> Deserialize<'de>>(
 
 /// Resolves a jsonl image path inside `dir`, refusing absolute paths and `..` so a dataset
 /// file cannot make the loader read outside its folder.
-pub(crate) fn resolve_image(
-    dir: &Path,
-    rel: &str,
-    jsonl: &Path,
-    line: usize,
-) -> Result<PathBuf, DataError> {
+fn resolve_image(dir: &Path, rel: &str, jsonl: &Path, line: usize) -> Result<PathBuf, DataError> {
     let rel_path = Path::new(rel);
     let ok = !rel.is_empty()
         && rel_path
@@ -888,6 +883,43 @@ pub(crate) fn resolve_image(
         });
     }
     Ok(dir.join(rel_path))
+}
+
+/// Loads the image a jsonl line lists (path checked by [`resolve_image`]), decoded to RGB; it
+/// must be square and of the size of the first image loaded (`expected_size` remembers it).
+pub(crate) fn load_listed_image(
+    dir: &Path,
+    rel: &str,
+    jsonl: &Path,
+    line: usize,
+    expected_size: &mut Option<(u32, u32)>,
+) -> Result<(PathBuf, RgbImage), DataError> {
+    let image_path = resolve_image(dir, rel, jsonl, line)?;
+    let image = image::open(&image_path)
+        .map_err(|source| DataError::Image {
+            path: jsonl.to_path_buf(),
+            line,
+            image: image_path.clone(),
+            source,
+        })?
+        .to_rgb8();
+    let dims = image.dimensions();
+    let expected = *expected_size.get_or_insert(dims);
+    if dims.0 != dims.1 || dims != expected {
+        return Err(DataError::Invalid {
+            path: jsonl.to_path_buf(),
+            line,
+            message: format!(
+                "image {} is {}x{}, expected square {}x{}",
+                image_path.display(),
+                dims.0,
+                dims.1,
+                expected.0,
+                expected.1
+            ),
+        });
+    }
+    Ok((image_path, image))
 }
 
 /// Loads a ShapeWorld folder: `captions.jsonl`, `scenes.jsonl` (same images, same order) and
@@ -937,31 +969,8 @@ pub fn load_dataset(dir: &Path) -> Result<Vec<Sample>, DataError> {
                 ),
             });
         }
-        let image_path = resolve_image(dir, &cap.image, &captions_path, line)?;
-        let image = image::open(&image_path)
-            .map_err(|source| DataError::Image {
-                path: captions_path.clone(),
-                line,
-                image: image_path.clone(),
-                source,
-            })?
-            .to_rgb8();
-        let dims = image.dimensions();
-        let expected = *expected_size.get_or_insert(dims);
-        if dims.0 != dims.1 || dims != expected {
-            return Err(DataError::Invalid {
-                path: captions_path.clone(),
-                line,
-                message: format!(
-                    "image {} is {}x{}, expected square {}x{}",
-                    image_path.display(),
-                    dims.0,
-                    dims.1,
-                    expected.0,
-                    expected.1
-                ),
-            });
-        }
+        let (image_path, image) =
+            load_listed_image(dir, &cap.image, &captions_path, line, &mut expected_size)?;
         samples.push(Sample {
             image_path,
             caption: cap.caption,
