@@ -32,7 +32,10 @@ use image::imageops::FilterType;
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
-use crate::shapeworld::{encode_png, load_listed_image, read_jsonl, split_by_key, DataError};
+use crate::shapeworld::{
+    encode_png, load_listed_image, push_json_line, read_jsonl, split_by_key, write_json_file,
+    DataError,
+};
 
 /// Name written into `dataset.json`, so a loader can recognise an Emoji-CLDR folder.
 pub const GENERATOR_NAME: &str = "emoji-cldr";
@@ -674,12 +677,7 @@ fn write_into(
             let path = split_dir.join(&r.image);
             let png = encode_png(&render_art(&entry.art, opts.size)?, &path)?;
             crate::fsutil::write_atomic(&path, &png).map_err(io_err(&path))?;
-            let line = serde_json::to_string(r).map_err(|source| DataError::JsonFile {
-                path: split_dir.join("captions.jsonl"),
-                source,
-            })?;
-            jsonl.push_str(&line);
-            jsonl.push('\n');
+            push_json_line(&mut jsonl, r, &split_dir.join("captions.jsonl"))?;
             bases.insert(r.base.as_str());
             *name_sources
                 .entry(r.name_source.as_str().to_owned())
@@ -715,14 +713,7 @@ fn write_into(
         max_caption_words,
         command: command.into(),
     };
-    let info = dir.join("dataset.json");
-    let mut json =
-        serde_json::to_string_pretty(&summary).map_err(|source| DataError::JsonFile {
-            path: info.clone(),
-            source,
-        })?;
-    json.push('\n');
-    crate::fsutil::write_atomic(&info, json.as_bytes()).map_err(io_err(&info))?;
+    write_json_file(&dir.join("dataset.json"), &summary)?;
     Ok(summary)
 }
 

@@ -808,18 +808,26 @@ pub fn write_dataset(
         total_objects,
         max_caption_words,
     };
-    let info_path = out_dir.join("dataset.json");
-    let mut json =
-        serde_json::to_string_pretty(&summary).map_err(|source| DataError::JsonFile {
-            path: info_path.clone(),
-            source,
-        })?;
-    json.push('\n');
-    write_atomic(&info_path, json.as_bytes())?;
+    write_json_file(&out_dir.join("dataset.json"), &summary)?;
     Ok(summary)
 }
 
-fn push_json_line<T: Serialize>(out: &mut String, value: &T, path: &Path) -> Result<(), DataError> {
+/// Writes `value` as pretty JSON with a final newline, atomically (`dataset.json`).
+pub(crate) fn write_json_file<T: Serialize>(path: &Path, value: &T) -> Result<(), DataError> {
+    let mut json = serde_json::to_string_pretty(value).map_err(|source| DataError::JsonFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    json.push('\n');
+    write_atomic(path, json.as_bytes())
+}
+
+/// Appends `value` as one JSON line to `out` (a jsonl file being built for `path`).
+pub(crate) fn push_json_line<T: Serialize>(
+    out: &mut String,
+    value: &T,
+    path: &Path,
+) -> Result<(), DataError> {
     let line = serde_json::to_string(value).map_err(|source| DataError::JsonFile {
         path: path.to_path_buf(),
         source,
