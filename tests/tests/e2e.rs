@@ -78,7 +78,7 @@ fn fixture() -> &'static Fixture {
         let run = root.join("run");
         let args = FitArgs {
             preset: duet_models::Preset::Tiny,
-            data: train.clone(),
+            data: vec![train.clone()],
             out: run.clone(),
             steps: Some(steps),
             batch_size: None,
@@ -402,7 +402,7 @@ fn gen_fixture() -> &'static GenFixture {
         let run = root.join("run");
         let args = GenerateFitArgs {
             init: f.run.clone(),
-            data: f.train.clone(),
+            data: vec![f.train.clone()],
             out: run.clone(),
             steps: Some(steps),
             batch_size: None,
@@ -693,7 +693,7 @@ fn unify_stages_move_the_captioner_and_write_complete_runs() {
     let _ = std::fs::remove_dir_all(&out);
     let args = UnifyFitArgs {
         init: g.run.clone(),
-        data: f.train.clone(),
+        data: vec![f.train.clone()],
         out: out.clone(),
         understand_steps: Some(6),
         understand_images: Some(4),

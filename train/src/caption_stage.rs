@@ -24,8 +24,9 @@ use crate::checkpoint::{
     load_weights, read_json, save_weights, write_json, TrainState, OPTIMIZER_FILE, STATE_FILE,
     WEIGHTS_FILE,
 };
+use crate::datasets::{folders_display, load_folders};
 use crate::fsutil::write_atomic;
-use crate::shapeworld::{load_dataset, Sample};
+use crate::shapeworld::Sample;
 use crate::tokenizer::{
     decode_caption, encode_caption, load_tokenizer, save_tokenizer, train_tokenizer,
 };
@@ -45,7 +46,9 @@ pub struct CaptionTrainConfig {
     pub stage: String,
     pub preset: Preset,
     pub model: ModelConfig,
-    pub data: PathBuf,
+    /// The training folders, in order (one path in runs made before several were accepted).
+    #[serde(deserialize_with = "crate::datasets::one_or_many_paths")]
+    pub data: Vec<PathBuf>,
     pub steps: usize,
     pub batch_size: usize,
     pub lr: f64,
@@ -206,7 +209,8 @@ pub fn batch_indices(n: usize, batch: usize, step: usize, seed: u64) -> Vec<usiz
 #[derive(Debug, Clone)]
 pub struct FitArgs {
     pub preset: Preset,
-    pub data: PathBuf,
+    /// Training folders: ShapeWorld folders and Emoji-CLDR splits, in any mix.
+    pub data: Vec<PathBuf>,
     pub out: PathBuf,
     pub steps: Option<usize>,
     pub batch_size: Option<usize>,
@@ -230,10 +234,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
     let run = &args.out;
     std::fs::create_dir_all(run)?;
     let config_path = run.join(CONFIG_FILE);
-    let samples = load_dataset(&args.data)?;
-    if samples.is_empty() {
-        anyhow::bail!("{}: the dataset has no samples", args.data.display());
-    }
+    let samples = load_folders(&args.data)?;
     let image_size = samples[0].image.width() as usize;
 
     let (cfg, tokenizer, mut state) = if args.resume && config_path.exists() {
@@ -282,7 +283,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
     if cfg.model.image_size != image_size {
         anyhow::bail!(
             "{}: images are {image_size}px but the run was configured for {}px",
-            args.data.display(),
+            folders_display(&args.data),
             cfg.model.image_size
         );
     }

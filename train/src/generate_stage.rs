@@ -37,8 +37,8 @@ use crate::caption_stage::{
 use crate::checkpoint::{
     load_weights, read_json, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
 };
+use crate::datasets::{folders_display, load_folders};
 use crate::ema::Ema;
-use crate::shapeworld::load_dataset;
 use crate::tokenizer::{encode_caption, load_tokenizer, save_tokenizer};
 
 /// The trained part of the generation direction.
@@ -99,7 +99,9 @@ pub struct GenerateTrainConfig {
     pub model: ModelConfig,
     /// The caption run whose vision encoder (frozen) and decoder this run carries.
     pub init: PathBuf,
-    pub data: PathBuf,
+    /// The training folders, in order (one path in runs made before several were accepted).
+    #[serde(deserialize_with = "crate::datasets::one_or_many_paths")]
+    pub data: Vec<PathBuf>,
     pub steps: usize,
     pub batch_size: usize,
     pub lr: f64,
@@ -140,7 +142,8 @@ impl GenerateTrainConfig {
 #[derive(Debug, Clone)]
 pub struct GenerateFitArgs {
     pub init: PathBuf,
-    pub data: PathBuf,
+    /// Training folders: ShapeWorld folders and Emoji-CLDR splits, in any mix.
+    pub data: Vec<PathBuf>,
     pub out: PathBuf,
     pub steps: Option<usize>,
     pub batch_size: Option<usize>,
@@ -354,10 +357,7 @@ pub fn fit_generate<B: AutodiffBackend>(
     let run = &args.out;
     std::fs::create_dir_all(run)?;
     let config_path = run.join(CONFIG_FILE);
-    let samples = load_dataset(&args.data)?;
-    if samples.is_empty() {
-        anyhow::bail!("{}: the dataset has no samples", args.data.display());
-    }
+    let samples = load_folders(&args.data)?;
 
     let (cfg, mut state) = if args.resume && run.join(STATE_FILE).exists() {
         let mut cfg: GenerateTrainConfig = read_json(&config_path)?;
@@ -402,7 +402,7 @@ pub fn fit_generate<B: AutodiffBackend>(
     if cfg.model.image_size != image_size {
         anyhow::bail!(
             "{}: images are {image_size}px but the captioner in {} is {}px",
-            args.data.display(),
+            folders_display(&args.data),
             cfg.init.display(),
             cfg.model.image_size
         );
@@ -558,15 +558,21 @@ pub fn load_generator<B: Backend>(
     untrained: bool,
     device: &B::Device,
 ) -> anyhow::Result<LoadedGenerator<B>> {
-    let config: GenerateTrainConfig = read_json(&run.join(CONFIG_FILE))?;
+    // The stage is checked before the rest is parsed, so a caption run is named as such
+    // rather than reported as a config with missing fields.
+    #[derive(serde::Deserialize)]
+    struct StageOnly {
+        stage: String,
+    }
+    let StageOnly { stage } = read_json(&run.join(CONFIG_FILE))?;
     // A unify run carries a (fine-tuned) generator in the same layout.
-    if config.stage != "generate" && config.stage != "unify" {
+    if stage != "generate" && stage != "unify" {
         anyhow::bail!(
-            "{} is a '{}' run, not a generate or unify run",
-            run.display(),
-            config.stage
+            "{} is a '{stage}' run, not a generate or unify run",
+            run.display()
         );
     }
+    let config: GenerateTrainConfig = read_json(&run.join(CONFIG_FILE))?;
     let tokenizer = load_tokenizer(&run.join(TOKENIZER_FILE))?;
     B::seed(device, config.seed);
     let generator = if untrained {

@@ -3,8 +3,10 @@
 pub mod backend;
 pub mod caption_stage;
 pub mod checkpoint;
+pub mod datasets;
 pub mod ema;
 pub mod emoji;
+pub mod emoji_eval;
 pub mod eval;
 pub mod fsutil;
 pub mod generate_stage;

@@ -9,7 +9,9 @@ use duet_models::Preset;
 use duet_train::backend::{CpuBackend, DeviceKind};
 use duet_train::caption_stage::{fit, FitArgs};
 use duet_train::checkpoint::write_json;
+use duet_train::datasets::{folder_kind, FolderKind};
 use duet_train::emoji::{write_emoji_dataset, ArtStyle, EmojiOptions, EmojiSource};
+use duet_train::emoji_eval::{eval_emoji_captions, eval_emoji_retrieval, RetrievalOptions};
 use duet_train::eval::eval_reconstruction;
 use duet_train::eval::{eval_caption, eval_generate, GenerateEvalOptions};
 use duet_train::fsutil::write_png;
@@ -82,9 +84,10 @@ enum Command {
         #[arg(long, default_value = "tiny")]
         preset: Preset,
         /// Training data (caption, generate, unify; fusion and restore draw their own examples
-        /// of --task).
+        /// of --task): a ShapeWorld folder or an Emoji-CLDR split (DIR/train); repeat the flag
+        /// to train on several, e.g. `--data data/train --data data/emoji/train`.
         #[arg(long)]
-        data: Option<PathBuf>,
+        data: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value = "cpu")]
@@ -128,28 +131,30 @@ enum Command {
         stage: String,
         #[arg(long)]
         run: PathBuf,
-        /// Held-out dataset (caption, reconstruct; generate scores its own seeded prompt set).
+        /// Held-out dataset: a ShapeWorld folder or an Emoji-CLDR split (caption), an
+        /// Emoji-CLDR split (retrieval), a ShapeWorld folder (reconstruct); generate scores its
+        /// own seeded prompt set.
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Evaluate only the first N samples (caption, reconstruct).
+        /// Evaluate only the first N samples (caption, reconstruct, retrieval).
         #[arg(long)]
         limit: Option<usize>,
         /// Prompts per GenEval category (generate).
         #[arg(long, default_value_t = 20)]
         per_category: usize,
-        /// Sampling steps (generate; reconstruct uses DDIM with eta 0).
+        /// Sampling steps (generate, retrieval; reconstruct uses DDIM with eta 0).
         #[arg(long, default_value_t = 50)]
         steps: usize,
-        /// Sampler: ddim or dpmpp (generate).
+        /// Sampler: ddim or dpmpp (generate, retrieval).
         #[arg(long, default_value = "ddim")]
         sampler: String,
-        /// DDIM eta (generate, ddim only).
+        /// DDIM eta (generate, retrieval; ddim only).
         #[arg(long, default_value_t = 0.0)]
         eta: f32,
-        /// Classifier-free guidance scale (generate).
+        /// Classifier-free guidance scale (generate, retrieval).
         #[arg(long, default_value_t = 3.0)]
         guidance: f32,
-        /// Noise seed (generate); the prompt set uses seed 0 so runs compare on the same prompts.
+        /// Noise seed (generate, retrieval); the prompt set uses seed 0 so runs compare on the same prompts.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Score the untrained generator (the baseline) instead (generate).
@@ -289,7 +294,9 @@ fn main() -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let data = data.with_context(|| format!("--stage {stage} needs --data <dataset>"))?;
+            if data.is_empty() {
+                anyhow::bail!("--stage {stage} needs --data <dataset> (repeat it for several)");
+            }
             if stage == "unify" {
                 if resume {
                     anyhow::bail!("unify runs do not resume; start them again (they are short)");
@@ -494,12 +501,74 @@ fn main() -> anyhow::Result<()> {
                 )?;
                 return Ok(());
             }
+            if stage == "retrieval" {
+                let data = data.context(
+                    "--data is required for --stage retrieval (an Emoji-CLDR split, e.g. \
+                     data/emoji/test)",
+                )?;
+                let sampler = match sampler.as_str() {
+                    "ddim" => Sampler::Ddim { eta },
+                    "dpmpp" => Sampler::DpmSolverPp2M,
+                    other => anyhow::bail!("unknown sampler '{other}' (ddim or dpmpp)"),
+                };
+                let opts = RetrievalOptions {
+                    sampler: SamplerConfig {
+                        sampler,
+                        steps,
+                        clip_x0: true,
+                    },
+                    guidance,
+                    seed,
+                    batch: 64,
+                };
+                let (report, pairs) = eval_emoji_retrieval::<burn::backend::NdArray<f32>>(
+                    &run, &data, limit, &opts, &device,
+                )?;
+                println!("{report}");
+                // Real emoji on the odd rows, the images generated from their names below.
+                let mut shown = Vec::new();
+                for chunk in pairs.chunks(8).take(4) {
+                    shown.extend(chunk.iter().map(|(real, _)| real.clone()));
+                    shown.extend(chunk.iter().map(|(_, generated)| generated.clone()));
+                }
+                let grid_path = run.join("retrieval.png");
+                write_png(&grid_path, &duet_diffusion::grid(&shown, 8, 4))
+                    .with_context(|| format!("writing {}", grid_path.display()))?;
+                println!("real emoji and generations in {}", grid_path.display());
+                write_json(
+                    &run.join("retrieval.json"),
+                    &serde_json::json!({
+                        "data": data, "report": report, "limit": limit, "steps": steps,
+                        "sampler": format!("{sampler:?}"), "guidance": guidance, "seed": seed,
+                        "command": command_line,
+                    }),
+                )?;
+                return Ok(());
+            }
             if stage != "caption" {
                 anyhow::bail!(
-                    "unknown stage '{stage}' (this build evaluates: caption, generate, reconstruct, restore)"
+                    "unknown stage '{stage}' (this build evaluates: caption, generate, reconstruct, \
+                     restore, retrieval)"
                 );
             }
             let data = data.context("--data is required for --stage caption")?;
+            if folder_kind(&data)? == FolderKind::EmojiSplit {
+                let (report, pairs) = eval_emoji_captions::<burn::backend::NdArray<f32>>(
+                    &run, &data, limit, &device,
+                )?;
+                for (truth, pred) in pairs.iter().take(8) {
+                    println!("truth: {truth}\n pred: {pred}");
+                }
+                println!("{report}");
+                write_json(
+                    &run.join("eval-emoji.json"),
+                    &serde_json::json!({
+                        "data": data, "report": report, "limit": limit, "command": command_line,
+                        "captions": pairs,
+                    }),
+                )?;
+                return Ok(());
+            }
             let (metrics, examples) =
                 eval_caption::<burn::backend::NdArray<f32>>(&run, &data, limit, &device)?;
             for (truth, pred) in &examples {

@@ -42,13 +42,13 @@ use crate::caption_stage::{
 use crate::checkpoint::{
     load_weights, save_weights, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
 };
+use crate::datasets::{folders_display, load_folders};
 use crate::ema::Ema;
 use crate::generate_stage::{
     generate_loss, load_generator, GenerateTrainConfig, Generator, ImageEmbeddings, LoadedGenerator,
 };
 use crate::grpo::{grpo_step, GrpoSettings};
 use crate::progress::stage_bar;
-use crate::shapeworld::load_dataset;
 use crate::tokenizer::save_tokenizer;
 
 pub const STAGE1_DIR: &str = "stage1";
@@ -131,7 +131,8 @@ pub struct UnifyTrainConfig {
 pub struct UnifyFitArgs {
     /// The generate run to start from.
     pub init: PathBuf,
-    pub data: PathBuf,
+    /// Training folders: ShapeWorld folders and Emoji-CLDR splits, in any mix.
+    pub data: Vec<PathBuf>,
     pub out: PathBuf,
     pub understand_steps: Option<usize>,
     pub understand_images: Option<usize>,
@@ -376,10 +377,7 @@ pub fn fit_unify<B: AutodiffBackend>(
     std::fs::create_dir_all(out)?;
     write_json(&out.join(CONFIG_FILE), &cfg)?;
 
-    let samples = load_dataset(&args.data)?;
-    if samples.is_empty() {
-        anyhow::bail!("{}: the dataset has no samples", args.data.display());
-    }
+    let samples = load_folders(&args.data)?;
     let generator = load_generator::<B::InnerBackend>(&args.init, false, device)?;
     let model_cfg = &cfg.base.model;
     let data = prepare(
@@ -388,7 +386,7 @@ pub fn fit_unify<B: AutodiffBackend>(
         model_cfg.image_size,
         model_cfg.max_len,
     )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", args.data.display()))?;
+    .map_err(|e| anyhow::anyhow!("{}: {e}", folders_display(&args.data)))?;
     let weights = load_weights(&args.init.join(WEIGHTS_FILE))?;
     let captioner_weights = with_prefixes(&weights, &["vision", "decoder"]);
     let generator_weights = with_prefixes(&weights, &["text", "denoiser"]);

@@ -205,3 +205,189 @@ fn the_command_writes_a_slice_that_loads_back() {
     );
     assert_eq!(load_emoji_info(&out).unwrap(), summary);
 }
+
+#[test]
+fn an_emoji_split_trains_beside_shapeworld() {
+    use duet_train::datasets::{folder_kind, load_folders, FolderKind, FoldersError};
+    use duet_train::emoji::write_emoji_dataset;
+    use duet_train::shapeworld::{write_dataset, SceneConfig};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let emoji = tmp.path().join("emoji");
+    let opts = EmojiOptions {
+        limit: Some(40),
+        ..EmojiOptions::default()
+    };
+    write_emoji_dataset(&source(), &emoji, &opts, "test").unwrap();
+    let shapes = tmp.path().join("shapes");
+    let cfg = SceneConfig {
+        image_size: 32,
+        min_objects: 1,
+        max_objects: 2,
+    };
+    write_dataset(&shapes, 6, 1, &cfg, "test").unwrap();
+
+    let train = emoji.join("train");
+    assert_eq!(folder_kind(&train).unwrap(), FolderKind::EmojiSplit);
+    let err = folder_kind(&emoji).unwrap_err();
+    assert!(matches!(err, FoldersError::EmojiRoot { .. }), "{err}");
+    assert!(err.to_string().contains("train"), "{err}");
+
+    let expected = load_emoji_split(&train).unwrap();
+    let mixed = load_folders(&[shapes.clone(), train.clone()]).unwrap();
+    assert_eq!(mixed.len(), 6 + expected.len());
+    // ShapeWorld first, with its scenes; then the emoji, captioned by name, without scenes.
+    assert!(mixed[..6].iter().all(|s| !s.objects.is_empty()));
+    for (s, e) in mixed[6..].iter().zip(&expected) {
+        assert_eq!(s.caption, e.record.caption);
+        assert!(s.objects.is_empty());
+        assert_eq!(s.image.dimensions(), (32, 32));
+    }
+
+    // A 64 px emoji split does not mix with 32 px ShapeWorld.
+    let big = tmp.path().join("emoji64");
+    let opts = EmojiOptions {
+        size: 64,
+        limit: Some(5),
+        ..EmojiOptions::default()
+    };
+    write_emoji_dataset(&source(), &big, &opts, "test").unwrap();
+    let err = load_folders(&[shapes, big.join("train")]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FoldersError::SizeMismatch {
+                found: 64,
+                expected: 32,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// Trains a tiny captioner and generator on ShapeWorld + an emoji slice for a few steps, then
+/// scores held-out emoji: the numbers are reproducible, consistent with the pairs returned, and
+/// folders or runs of the wrong kind are clear errors.
+#[test]
+fn held_out_emoji_are_scored_by_name_and_by_retrieval() {
+    use duet_diffusion::{Sampler, SamplerConfig};
+    use duet_train::backend::CpuBackend;
+    use duet_train::caption_stage::{fit, FitArgs};
+    use duet_train::emoji::write_emoji_dataset;
+    use duet_train::emoji_eval::{
+        eval_emoji_captions, eval_emoji_retrieval, score_captions, RetrievalOptions,
+    };
+    use duet_train::generate_stage::{fit_generate, GenerateFitArgs};
+    use duet_train::shapeworld::{write_dataset, SceneConfig};
+    type Infer = burn::backend::NdArray<f32>;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let emoji = tmp.path().join("emoji");
+    let opts = EmojiOptions {
+        limit: Some(120),
+        ..EmojiOptions::default()
+    };
+    write_emoji_dataset(&source(), &emoji, &opts, "test").unwrap();
+    let shapes = tmp.path().join("shapes");
+    write_dataset(&shapes, 32, 1, &SceneConfig::default(), "test").unwrap();
+    let data = vec![shapes.clone(), emoji.join("train")];
+    let caption_run = tmp.path().join("caption");
+    let device = Default::default();
+    fit::<CpuBackend>(
+        &FitArgs {
+            preset: duet_models::Preset::Tiny,
+            data: data.clone(),
+            out: caption_run.clone(),
+            steps: Some(8),
+            batch_size: Some(8),
+            lr: None,
+            seed: 1,
+            resume: false,
+            device: "cpu".into(),
+            command: "test".into(),
+            quiet: true,
+        },
+        &device,
+    )
+    .unwrap();
+    let generate_run = tmp.path().join("generate");
+    fit_generate::<CpuBackend>(
+        &GenerateFitArgs {
+            init: caption_run.clone(),
+            data,
+            out: generate_run.clone(),
+            steps: Some(4),
+            batch_size: Some(8),
+            lr: None,
+            seed: 1,
+            resume: false,
+            device: "cpu".into(),
+            command: "test".into(),
+            quiet: true,
+        },
+        &device,
+    )
+    .unwrap();
+
+    let test = emoji.join("test");
+    let held_out = load_emoji_split(&test).unwrap();
+    let (report, pairs) = eval_emoji_captions::<Infer>(&caption_run, &test, None, &device).unwrap();
+    assert_eq!(report.samples, held_out.len());
+    assert_eq!(pairs.len(), held_out.len());
+    for ((truth, _), s) in pairs.iter().zip(&held_out) {
+        assert_eq!(truth, &s.record.caption);
+    }
+    let again = score_captions(&pairs);
+    assert_eq!(report.exact_name, again.exact_name);
+    assert_eq!(report.token_f1, again.token_f1);
+    assert!((0.0..=1.0).contains(&report.token_f1));
+
+    let opts = RetrievalOptions {
+        sampler: SamplerConfig {
+            sampler: Sampler::Ddim { eta: 0.0 },
+            steps: 3,
+            clip_x0: true,
+        },
+        guidance: 2.0,
+        seed: 0,
+        batch: 7,
+    };
+    let limit = Some(10);
+    let (r, images) =
+        eval_emoji_retrieval::<Infer>(&generate_run, &test, limit, &opts, &device).unwrap();
+    assert_eq!(r.samples, 10);
+    assert_eq!(images.len(), 10);
+    assert_eq!(images[0].0, held_out[0].image);
+    for pair in [r.image_to_text, r.text_to_image, r.generated_to_text] {
+        assert!(
+            0.0 <= pair[0] && pair[0] <= pair[1] && pair[1] <= 1.0,
+            "{r}"
+        );
+    }
+    // Batching (7 then 3) and a second call change nothing.
+    let (r2, images2) = eval_emoji_retrieval::<Infer>(
+        &generate_run,
+        &test,
+        limit,
+        &RetrievalOptions {
+            batch: 10,
+            ..opts.clone()
+        },
+        &device,
+    )
+    .unwrap();
+    assert_eq!(r.image_to_text, r2.image_to_text);
+    assert_eq!(r.text_to_image, r2.text_to_image);
+    assert_eq!(images[9].0, images2[9].0);
+
+    // Wrong folders and runs are errors that say what is wrong.
+    let err = eval_emoji_captions::<Infer>(&caption_run, &shapes, None, &device).unwrap_err();
+    assert!(err.to_string().contains("not an Emoji-CLDR split"), "{err}");
+    let err =
+        eval_emoji_retrieval::<Infer>(&caption_run, &test, limit, &opts, &device).unwrap_err();
+    assert!(
+        err.to_string().contains("not a generate or unify run"),
+        "{err}"
+    );
+}

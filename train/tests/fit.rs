@@ -13,7 +13,7 @@ use duet_train::shapeworld::{write_dataset, SceneConfig};
 fn args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitArgs {
     FitArgs {
         preset: Preset::Tiny,
-        data: data.to_path_buf(),
+        data: vec![data.to_path_buf()],
         out: out.to_path_buf(),
         steps: Some(steps),
         batch_size: Some(8),
