@@ -362,6 +362,25 @@ fn validate_restoration(m: &Manifest) -> Result<(), BundleError> {
     if spec.classes.len() < 2 {
         return Err(bad("restore.classes", "must name at least 2 classes"));
     }
+    // `duet classify` reports a class by name: a blank or repeated name would make two
+    // different answers print the same.
+    for (k, name) in spec.classes.iter().enumerate() {
+        if name.trim().is_empty() {
+            return Err(bad(
+                "restore.classes",
+                format!("class {k} has an empty name"),
+            ));
+        }
+        if spec.classes[..k].contains(name) {
+            return Err(bad(
+                "restore.classes",
+                format!("class name {name:?} repeats"),
+            ));
+        }
+    }
+    if spec.task.trim().is_empty() {
+        return Err(bad("restore.task", "is empty"));
+    }
     duet_diffusion::NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())
         .map_err(|e| bad("restore.alphas_cumprod", e.to_string()))?;
     if spec.sampler_steps == 0 || spec.sampler_steps > spec.alphas_cumprod.len() {

@@ -1272,6 +1272,65 @@ fn restore_bundle_classifies_with_a_missing_modality_on_ort_and_tract_like_burn(
     assert_eq!(spec.classes[0], PairTask::ColourColumn.class_name(0));
     assert!(spec.gating && spec.trust_gate);
 
+    // The runtime refuses restoration sections that disagree with themselves or the graphs,
+    // naming the field.
+    type Mutation = Box<dyn Fn(&mut duet_runtime::manifest::Manifest)>;
+    let cases: Vec<(Mutation, &str)> = vec![
+        (
+            Box::new(|m| m.restore.as_mut().unwrap().classes[1] = " ".into()),
+            "restore.classes",
+        ),
+        (
+            Box::new(|m| {
+                let r = m.restore.as_mut().unwrap();
+                r.classes[1] = r.classes[0].clone();
+            }),
+            "restore.classes",
+        ),
+        (
+            Box::new(|m| m.restore.as_mut().unwrap().classes.truncate(1)),
+            "restore.classes",
+        ),
+        (
+            Box::new(|m| m.restore.as_mut().unwrap().task.clear()),
+            "restore.task",
+        ),
+        (
+            Box::new(|m| m.restore.as_mut().unwrap().sampler_steps = 0),
+            "restore.sampler_steps",
+        ),
+        (
+            Box::new(|m| m.restore.as_mut().unwrap().alphas_cumprod[0] = 1.5),
+            "restore.alphas_cumprod",
+        ),
+        (
+            // One class more than the head's logits.
+            Box::new(|m| m.restore.as_mut().unwrap().classes.push("extra".into())),
+            "graphs[fusion_head].outputs[logits].shape[1]",
+        ),
+        (Box::new(|m| m.restore = None), "graphs"),
+    ];
+    for (mutate, want_field) in cases {
+        let copy = root.join("bundle-mutated");
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).unwrap();
+        for entry in std::fs::read_dir(&bundle_dir).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+        }
+        let mpath = copy.join("manifest.json");
+        let mut m: duet_runtime::manifest::Manifest =
+            serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+        mutate(&mut m);
+        std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        match Bundle::open(&copy) {
+            Err(BundleError::BadManifest { field, reason }) => {
+                assert_eq!(field, want_field, "reason: {reason}")
+            }
+            other => panic!("{want_field}: {other:?}"),
+        }
+    }
+
     let bundle = Bundle::open(&bundle_dir).unwrap();
     let load = |p| Classifier::new(&bundle, ProviderChoice::Only(p), &engine_options()).unwrap();
     let (ort, tract) = (load(Provider::OrtCpu), load(Provider::Tract));
