@@ -61,7 +61,9 @@ pub fn folder_kind(dir: &Path) -> Result<FolderKind, FoldersError> {
         return Ok(FolderKind::ShapeWorld);
     }
     if dir.join("captions.jsonl").is_file() {
-        if let Some(parent) = dir.parent() {
+        // Resolved first so that `.` or `train/` still find the dataset root above them.
+        let resolved = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        if let Some(parent) = resolved.parent() {
             if parent.join("dataset.json").is_file() {
                 load_emoji_info(parent)?;
                 return Ok(FolderKind::EmojiSplit);
@@ -102,8 +104,13 @@ pub fn load_folders(dirs: &[PathBuf]) -> Result<Vec<Sample>, FoldersError> {
     }
     let mut all: Vec<Sample> = Vec::new();
     let mut first: Option<(PathBuf, u32)> = None;
+    // Compared resolved, so `a` and `./a` are the same folder.
+    let resolved: Vec<PathBuf> = dirs
+        .iter()
+        .map(|d| d.canonicalize().unwrap_or_else(|_| d.clone()))
+        .collect();
     for (k, dir) in dirs.iter().enumerate() {
-        if dirs[..k].contains(dir) {
+        if resolved[..k].contains(&resolved[k]) {
             return Err(FoldersError::Duplicate { path: dir.clone() });
         }
         let samples = load_folder(dir)?;
@@ -196,6 +203,10 @@ mod tests {
         assert!(matches!(load_folders(&[]), Err(FoldersError::NoFolders)));
         assert!(matches!(
             load_folders(&[a.clone(), a.clone()]),
+            Err(FoldersError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            load_folders(&[a.clone(), root.path().join("b/../a")]),
             Err(FoldersError::Duplicate { .. })
         ));
         let err = load_folders(&[a.clone(), big.clone()]).unwrap_err();

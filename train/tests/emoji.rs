@@ -229,6 +229,10 @@ fn an_emoji_split_trains_beside_shapeworld() {
 
     let train = emoji.join("train");
     assert_eq!(folder_kind(&train).unwrap(), FolderKind::EmojiSplit);
+    assert_eq!(
+        folder_kind(&train.join(".")).unwrap(),
+        FolderKind::EmojiSplit
+    );
     let err = folder_kind(&emoji).unwrap_err();
     assert!(matches!(err, FoldersError::EmojiRoot { .. }), "{err}");
     assert!(err.to_string().contains("train"), "{err}");
