@@ -74,15 +74,17 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
-    /// Generate images from a text prompt; writes a PNG (a grid when --count > 1).
+    /// Generate images from text prompts; writes a PNG (a grid when --count > 1 or with
+    /// several prompts: one row per prompt, --count images each).
     Generate {
         /// Bundle directory (exported from a generate run).
         #[arg(long)]
         bundle: PathBuf,
         #[command(flatten)]
         engine: EngineArgs,
-        /// What to draw, e.g. "a large red circle at the top left".
-        prompt: String,
+        /// What to draw, e.g. "a large red circle at the top left"; give several to compare.
+        #[arg(required = true)]
+        prompt: Vec<String>,
         /// Output PNG.
         #[arg(short, long, default_value = "generated.png")]
         out: PathBuf,
@@ -407,7 +409,7 @@ struct GenerateArgs {
 fn generate(
     bundle_dir: &Path,
     engine: &EngineArgs,
-    prompt: &str,
+    prompt: &[String],
     out: &Path,
     args: GenerateArgs,
 ) -> Result<()> {
@@ -418,6 +420,21 @@ fn generate(
         != Some("png".into())
     {
         anyhow::bail!("--out {} must end in .png", out.display());
+    }
+    // Row-major: each prompt's `count` images side by side.
+    let prompts: Vec<&str> = prompt
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.as_str(), args.count))
+        .collect();
+    // One batch holds them all; keep it to what a small device handles.
+    const MAX_IMAGES: usize = 256;
+    if prompts.len() > MAX_IMAGES {
+        anyhow::bail!(
+            "{} prompts x --count {} = {} images; at most {MAX_IMAGES} per run",
+            prompt.len(),
+            args.count,
+            prompts.len()
+        );
     }
     let bundle = Bundle::open(bundle_dir)
         .with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
@@ -433,7 +450,6 @@ fn generate(
         guidance: args.guidance.unwrap_or(defaults.guidance),
         seed: args.seed,
     };
-    let prompts = vec![prompt; args.count];
     let t0 = Instant::now();
     let images = generator.generate_images(&prompts, &opts)?;
     let secs = t0.elapsed().as_secs_f64();
@@ -455,9 +471,11 @@ fn generate(
             img.height() * args.scale,
             image::imageops::FilterType::Nearest,
         )
-    } else {
+    } else if prompt.len() == 1 {
         let cols = (images.len() as f64).sqrt().ceil() as usize;
         duet_runtime::diffusion::grid(&images, cols, args.scale)
+    } else {
+        duet_runtime::diffusion::grid(&images, args.count, args.scale)
     };
     save_png_atomic(&picture, out)?;
     println!("{}", out.display());

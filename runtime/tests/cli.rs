@@ -179,6 +179,20 @@ fn errors_exit_non_zero_with_a_message() {
             },
         ),
     ];
+    // Several prompts make one grid row each; the images of a run are bounded, checked before
+    // anything is loaded.
+    let mut many: Vec<std::ffi::OsString> = vec![
+        "generate".into(),
+        "--bundle".into(),
+        dir.path().into(),
+        "--count".into(),
+        "64".into(),
+        "-o".into(),
+        dir.path().join("grid.png").into(),
+    ];
+    many.extend(["a", "b", "c", "d", "e"].map(std::ffi::OsString::from));
+    let mut cases = cases;
+    cases.push((many, "5 prompts x --count 64 = 320 images; at most 256"));
     for (args, want) in cases {
         let out = duet().args(&args).output().unwrap();
         let stderr = text(&out.stderr);
