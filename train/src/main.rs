@@ -456,11 +456,7 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             if stage == "generate" {
-                let sampler = match sampler.as_str() {
-                    "ddim" => Sampler::Ddim { eta },
-                    "dpmpp" => Sampler::DpmSolverPp2M,
-                    other => anyhow::bail!("unknown sampler '{other}' (ddim or dpmpp)"),
-                };
+                let sampler = parse_sampler(&sampler, eta)?;
                 let opts = GenerateEvalOptions {
                     per_category,
                     prompt_seed: 0,
@@ -506,11 +502,7 @@ fn main() -> anyhow::Result<()> {
                     "--data is required for --stage retrieval (an Emoji-CLDR split, e.g. \
                      data/emoji/test)",
                 )?;
-                let sampler = match sampler.as_str() {
-                    "ddim" => Sampler::Ddim { eta },
-                    "dpmpp" => Sampler::DpmSolverPp2M,
-                    other => anyhow::bail!("unknown sampler '{other}' (ddim or dpmpp)"),
-                };
+                let sampler = parse_sampler(&sampler, eta)?;
                 let opts = RetrievalOptions {
                     sampler: SamplerConfig {
                         sampler,
@@ -584,6 +576,15 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--sampler` of the generate and retrieval evaluations.
+fn parse_sampler(name: &str, eta: f32) -> anyhow::Result<Sampler> {
+    match name {
+        "ddim" => Ok(Sampler::Ddim { eta }),
+        "dpmpp" => Ok(Sampler::DpmSolverPp2M),
+        other => anyhow::bail!("unknown sampler '{other}' (ddim or dpmpp)"),
+    }
 }
 
 #[cfg(feature = "cuda")]
