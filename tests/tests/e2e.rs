@@ -699,8 +699,13 @@ fn unify_stages_move_the_captioner_and_write_complete_runs() {
         understand_images: Some(4),
         understand_lr: Some(1e-4),
         group: Some(4),
+        // The tiny captioner is near-certain on 1–2-object scenes: at temperature 1 every group
+        // can sample one caption four times (no advantage, no update). 2 makes groups differ.
+        temperature: Some(2.0),
         generate_steps: Some(10),
-        command: "e2e: fit --stage unify --steps 6 --batch-size 4 --group 4 --gen-steps 10".into(),
+        command: "e2e: fit --stage unify --steps 6 --batch-size 4 --group 4 --temperature 2 \
+                  --gen-steps 10"
+            .into(),
         device: "cpu".into(),
         quiet: true,
         ..UnifyFitArgs::default()
@@ -708,6 +713,10 @@ fn unify_stages_move_the_captioner_and_write_complete_runs() {
     let outcome =
         fit_unify::<duet_train::backend::CpuBackend>(&args, &Default::default()).expect("unify");
     eprintln!("{outcome:?}");
+    assert!(
+        outcome.informative_groups >= 0.5 && outcome.informative_groups <= 1.0,
+        "too few groups sampled differing captions: {outcome:?}"
+    );
     assert!(
         outcome.final_kl > 0.0 && outcome.final_kl.is_finite(),
         "{outcome:?}"

@@ -111,6 +111,10 @@ enum Command {
         /// `--steps`, `--batch-size` (images per step) and `--lr` are stage 1's.
         #[arg(long)]
         group: Option<usize>,
+        /// `--stage unify`: sampling temperature of stage 1's captions (default 1). A
+        /// confident captioner needs more to sample differing captions within a group.
+        #[arg(long)]
+        temperature: Option<f64>,
         /// `--stage unify`: generator fine-tune steps (stage 2).
         #[arg(long)]
         gen_steps: Option<usize>,
@@ -242,6 +246,7 @@ fn main() -> anyhow::Result<()> {
             resume,
             init,
             group,
+            temperature,
             gen_steps,
             gen_lr,
             captions,
@@ -309,6 +314,7 @@ fn main() -> anyhow::Result<()> {
                     understand_images: batch_size,
                     understand_lr: lr,
                     group,
+                    temperature,
                     generate_steps: gen_steps,
                     generate_lr: gen_lr,
                     captions,
@@ -323,12 +329,13 @@ fn main() -> anyhow::Result<()> {
                 };
                 if outcome.grpo_steps > 0 {
                     println!(
-                        "stage 1: {} GRPO steps, reward {:.4} -> {:.4} (mean of the first/last \
-                         10), KL {:.4}",
+                        "stage 1: {} GRPO steps, reward {:.4} -> {:.4} (means of the first/last \
+                         min(10, steps/2) steps), KL {:.2e}, informative groups {:.0}%",
                         outcome.grpo_steps,
                         outcome.reward_start,
                         outcome.reward_end,
-                        outcome.final_kl
+                        outcome.final_kl,
+                        100.0 * outcome.informative_groups
                     );
                 }
                 println!(

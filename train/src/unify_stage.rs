@@ -138,6 +138,9 @@ pub struct UnifyFitArgs {
     pub understand_images: Option<usize>,
     pub understand_lr: Option<f64>,
     pub group: Option<usize>,
+    /// Sampling temperature of stage 1's captions; a confident captioner needs more than 1 to
+    /// sample differing captions within a group (identical ones carry no advantage).
+    pub temperature: Option<f64>,
     pub generate_steps: Option<usize>,
     pub generate_lr: Option<f64>,
     pub captions: Option<Stage2Captions>,
@@ -151,10 +154,14 @@ pub struct UnifyFitArgs {
 #[derive(Debug, Clone)]
 pub struct UnifyOutcome {
     pub grpo_steps: usize,
-    /// Mean reward of the first and the last 10 GRPO steps.
+    /// Mean reward of the first and the last `min(10, steps / 2)` GRPO steps (disjoint windows,
+    /// so a short run compares its halves).
     pub reward_start: f64,
     pub reward_end: f64,
     pub final_kl: f64,
+    /// Mean over stage-1 steps of the fraction of groups whose captions scored differently
+    /// (the only ones that move the captioner).
+    pub informative_groups: f64,
     pub final_diffusion_loss: f64,
     pub seconds: f64,
 }
@@ -350,6 +357,12 @@ pub fn fit_unify<B: AutodiffBackend>(
     if let Some(g) = args.group {
         unify.grpo.group = g;
     }
+    if let Some(t) = args.temperature {
+        if !(t.is_finite() && t > 0.0) {
+            anyhow::bail!("--temperature must be a positive number, got {t}");
+        }
+        unify.grpo.temperature = t;
+    }
     if unify.grpo.group < 2 {
         anyhow::bail!("--group must be at least 2 (advantages are relative within a group)");
     }
@@ -413,6 +426,7 @@ pub fn fit_unify<B: AutodiffBackend>(
     let mut metrics = std::fs::File::create(stage1.join(METRICS_FILE))?;
     let pb = stage_bar(args.quiet, u.understand_steps, "unify 1/2 grpo");
     let mut rewards = Vec::with_capacity(u.understand_steps);
+    let mut informative = Vec::with_capacity(u.understand_steps);
     let mut last_kl = 0.0;
     let mut last_grpo_loss = f64::NAN;
     for step in 0..u.understand_steps {
@@ -454,6 +468,7 @@ pub fn fit_unify<B: AutodiffBackend>(
             anyhow::bail!("GRPO loss became {} at step {step}; lower --lr", stats.loss);
         }
         rewards.push(stats.mean_reward);
+        informative.push(stats.informative_groups);
         last_kl = stats.kl;
         last_grpo_loss = stats.loss;
         writeln!(
@@ -474,6 +489,13 @@ pub fn fit_unify<B: AutodiffBackend>(
         ));
     }
     pb.finish_and_clear();
+    if !informative.is_empty() && informative.iter().all(|&f| f == 0.0) {
+        tracing::warn!(
+            temperature = u.grpo.temperature,
+            "stage 1 left the captioner unchanged: every group sampled captions that scored \
+             alike, so no advantage was non-zero; raise --temperature or --group"
+        );
+    }
     let captioner = policy.valid();
     let captioner_trained = named_tensors(&captioner);
     write_stage(
@@ -570,13 +592,14 @@ pub fn fit_unify<B: AutodiffBackend>(
         },
     )?;
     tracing::info!(dir = %stage2.display(), "stage 2 written");
-    let k = rewards.len().min(10);
+    let k = (rewards.len() / 2).clamp(1, 10).min(rewards.len());
     let mean = |r: &[f64]| r.iter().sum::<f64>() / r.len().max(1) as f64;
     Ok(UnifyOutcome {
         grpo_steps: rewards.len(),
         reward_start: mean(&rewards[..k]),
         reward_end: mean(&rewards[rewards.len() - k..]),
         final_kl: last_kl,
+        informative_groups: mean(&informative),
         final_diffusion_loss: last_diffusion,
         seconds: t0.elapsed().as_secs_f64(),
     })
