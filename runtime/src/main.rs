@@ -333,12 +333,40 @@ fn caption(
     for report in captioner.reports() {
         eprintln!("{report}");
     }
+    // The pipeline's stages are run here one by one (what `caption_images` does) so each can be
+    // timed: the vision encoder once per batch, the decoder once per generated token.
+    let (mut encode_s, mut decode_s, mut decode_steps) = (0.0, 0.0, 0usize);
     for (paths, imgs) in images.chunks(batch).zip(loaded.chunks(batch)) {
-        let captions = captioner.caption_images(imgs)?;
-        for (path, caption) in paths.iter().zip(captions) {
-            println!("{}\t{caption}", path.display());
+        let resized: Vec<_> = imgs
+            .iter()
+            .map(|i| preprocess::resize_for(i, captioner.image_spec()))
+            .collect();
+        let pixels = preprocess::to_pixels_batch(&resized, captioner.image_spec())?;
+        let t0 = Instant::now();
+        let image_tokens = captioner.encode(&pixels)?;
+        let t1 = Instant::now();
+        let ids = captioner.greedy_tokens_kv(&image_tokens)?;
+        encode_s += (t1 - t0).as_secs_f64();
+        decode_s += t1.elapsed().as_secs_f64();
+        // One decoder call per token, plus the one that produced EOS when there was room for it.
+        let max_len = captioner
+            .model_spec()
+            .max_len
+            .min(captioner.tokenizer_spec().max_len);
+        decode_steps +=
+            (ids.iter().map(Vec::len).max().unwrap_or(0) + 1).min(max_len.saturating_sub(1));
+        for (path, ids) in paths.iter().zip(&ids) {
+            println!("{}\t{}", path.display(), captioner.decode_tokens(ids)?);
         }
     }
+    eprintln!(
+        "{} image(s) in batches of {batch}: vision encoder {:.1} ms, decoder {decode_steps} \
+         steps {:.1} ms ({:.2} ms per step)",
+        images.len(),
+        1e3 * encode_s,
+        1e3 * decode_s,
+        1e3 * decode_s / decode_steps.max(1) as f64
+    );
     Ok(())
 }
 
@@ -366,7 +394,17 @@ fn classify(
     for report in classifier.reports() {
         eprintln!("{report}");
     }
+    let t0 = Instant::now();
     let out = classifier.classify(image.as_ref(), text, seed)?;
+    let secs = t0.elapsed().as_secs_f64();
+    match &out.restored {
+        Some(_) => eprintln!(
+            "classified in {:.1} ms (embedding, {} restoration steps, head)",
+            1e3 * secs,
+            classifier.spec().sampler_steps
+        ),
+        None => eprintln!("classified in {:.1} ms (embeddings, head)", 1e3 * secs),
+    }
     match &out.restored {
         Some(r) => {
             let from = match r.modality {

@@ -55,6 +55,10 @@ fn caption_prints_path_tab_caption() {
         assert!(stderr.contains("vision_encoder: running on"), "{stderr}");
         assert!(stderr.contains("caption_decoder: running on"), "{stderr}");
         assert!(
+            stderr.contains("2 image(s) in batches of") && stderr.contains(" ms per step)"),
+            "{stderr}"
+        );
+        assert!(
             stderr.contains("resizing image from 32x32 to 8x8"),
             "{stderr}"
         );
