@@ -1,47 +1,53 @@
 #!/usr/bin/env bash
-# README command 1: set up, generate ShapeWorld, train the tiny captioner, export it to an ONNX
-# bundle (with parity checks) and caption sample images with ort and with tract; then train the
-# tiny generator on top of it, score it, export all four graphs and generate a PNG grid; last,
-# a short Unified-GRPO run (captioner rewarded by reconstruction, generator fine-tuned on the
-# captioner's own captions) with reconstruction scores before and after.
+# README command 1: set up, build, and run the shipped `models/duet-small` bundle — no training.
+# Captions the sample images in examples/images/ (emoji and ShapeWorld), generates a PNG grid
+# from several prompts (one row each), and classifies a scene with the text or the image
+# missing (restored in feature space). Each runs on onnxruntime (provider chain `auto`:
+# TensorRT → CUDA → CPU, every skip printed with its reason) and on tract (pure Rust), and the
+# tract-only edge binary, linked without onnxruntime, captions and generates too. Every
+# command prints the provider of each graph and its timings on stderr.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/setup.sh
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/.ort/lib/libonnxruntime.so}"
+bundle=${DUET_BUNDLE:-$root/models/duet-small}
 out=${DUET_DEMO_DIR:-$root/out/demo}
-steps=${DUET_DEMO_STEPS:-2000}
-gen_steps=${DUET_DEMO_GEN_STEPS:-3000}
-unify_steps=${DUET_DEMO_UNIFY_STEPS:-20}
 mkdir -p "$out"
-cargo build --release -p duet-train -p duet-export -p duet-runtime
+cargo build --release -p duet-runtime
 # Built on its own so its duet-runtime has no onnxruntime at all (tract only).
 cargo build --release -p duet-edge
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
-"$bin/duet-train" shapeworld --out "$out/data/train" --count 4000 --seed 1 --max-objects 2
-"$bin/duet-train" shapeworld --out "$out/data/val" --count 300 --seed 2 --max-objects 2
-"$bin/duet-train" fit --stage caption --preset tiny --data "$out/data/train" --out "$out/run" --steps "$steps" --seed 0
-"$bin/duet-train" eval --run "$out/run" --data "$out/data/val"
-"$bin/duet-export" --run "$out/run" --out "$out/bundle"
-"$bin/duet" info --bundle "$out/bundle"
-imgs=$(ls "$out"/data/val/images/*.png | head -n 4)
-echo "== ort =="
-"$bin/duet" caption --bundle "$out/bundle" --provider auto $imgs
-echo "== tract =="
-"$bin/duet" caption --bundle "$out/bundle" --provider tract $imgs
-echo "== edge binary (tract only, no onnxruntime linked) =="
-"$bin/duet-edge" caption "$out/bundle" $imgs
-echo "== generation: tiny generator on top of the captioner =="
-"$bin/duet-train" fit --stage generate --init "$out/run" --data "$out/data/train" --out "$out/gen-run" --steps "$gen_steps" --seed 0
-"$bin/duet-train" eval --stage generate --run "$out/gen-run" --per-category 10 --steps 20
-"$bin/duet-export" --run "$out/gen-run" --out "$out/gen-bundle"
-prompt="a large red circle at the top left"
-"$bin/duet" generate --bundle "$out/gen-bundle" --provider auto --count 4 --seed 0 -o "$out/generated-ort.png" "$prompt"
-"$bin/duet" generate --bundle "$out/gen-bundle" --provider tract --count 4 --seed 0 -o "$out/generated-tract.png" "$prompt"
-"$bin/duet-edge" generate "$out/gen-bundle" "$out/generated-edge.png" "$prompt"
-echo "generations of \"$prompt\": $out/generated-ort.png (ort), $out/generated-tract.png (tract); GenEval grid: $out/gen-run/geneval.png"
-echo "== unification: Unified-GRPO on the tiny pair =="
-"$bin/duet-train" eval --stage reconstruct --run "$out/gen-run" --data "$out/data/val" --limit 100 --steps 20
-"$bin/duet-train" fit --stage unify --init "$out/gen-run" --data "$out/data/train" --out "$out/unify-run" --steps "$unify_steps" --batch-size 8 --group 8 --gen-steps 200 --seed 0
-"$bin/duet-train" eval --stage reconstruct --run "$out/unify-run/stage2" --data "$out/data/val" --limit 100 --steps 20
-echo "originals over rebuilds: $out/gen-run/reconstruct.png (before), $out/unify-run/stage2/reconstruct.png (after)"
+"$bin/duet" info --bundle "$bundle"
+
+images=("$root"/examples/images/*.png)
+for provider in auto tract; do
+    echo "== caption ($provider) =="
+    "$bin/duet" caption --bundle "$bundle" --provider "$provider" "${images[@]}"
+done
+echo "== caption (duet-edge: tract only, no onnxruntime linked) =="
+"$bin/duet-edge" caption "$bundle" "${images[@]}"
+echo "(truths: examples/images/README.md)"
+
+prompts=("grinning face" "red apple" "a large red circle at the top left"
+    "a small blue square on the right and a large green triangle at the bottom")
+for provider in auto tract; do
+    echo "== generate ($provider): ${#prompts[@]} prompts x 4 =="
+    "$bin/duet" generate --bundle "$bundle" --provider "$provider" --count 4 --seed 0 \
+        -o "$out/generated-$provider.png" "${prompts[@]}"
+done
+"$bin/duet-edge" generate "$bundle" "$out/generated-edge.png" "${prompts[0]}"
+
+scene="$root/examples/images/shapeworld-val-000000.png" # a large cyan diamond on the right
+for provider in auto tract; do
+    echo "== classify ($provider): the bundle's task (see duet info above) =="
+    echo "-- image and text"
+    "$bin/duet" classify --bundle "$bundle" --provider "$provider" --image "$scene" \
+        --text "a large cyan diamond on the right"
+    echo "-- text missing"
+    "$bin/duet" classify --bundle "$bundle" --provider "$provider" --image "$scene"
+    echo "-- image missing"
+    "$bin/duet" classify --bundle "$bundle" --provider "$provider" \
+        --text "a large cyan diamond on the right"
+done
+echo "generations (one row per prompt): $out/generated-auto.png (onnxruntime), $out/generated-tract.png (tract), $out/generated-edge.png (duet-edge)"

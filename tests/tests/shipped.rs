@@ -1,0 +1,117 @@
+//! The shipped `models/duet-small` bundle against its model card: the card's held-out emoji
+//! caption scores were computed in Burn by `duet-train eval` (`models/duet-small/eval/`); here the
+//! committed ONNX graphs, run by the runtime on tract and on onnxruntime, caption a slice of the
+//! same held-out emoji (rebuilt from the sources `scripts/setup.sh` fetches) and must agree with
+//! those captions and scores.
+
+use std::path::{Path, PathBuf};
+
+use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
+use duet_runtime::{Bundle, Captioner};
+use duet_train::emoji::{load_emoji_split, write_emoji_dataset, EmojiOptions, EmojiSource};
+use duet_train::emoji_eval::score_captions;
+
+/// Held-out emoji captioned through the runtime: enough to make the slice's token F1 a
+/// meaningful estimate (± about 0.03), few enough to run in seconds.
+const SLICE: usize = 100;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repo")
+        .to_path_buf()
+}
+
+fn engine_options() -> EngineOptions {
+    let local = repo_root().join(".ort/lib/libonnxruntime.so");
+    EngineOptions {
+        strict: true,
+        ort_lib: (std::env::var_os("ORT_DYLIB_PATH").is_none() && local.is_file()).then_some(local),
+        ..EngineOptions::default()
+    }
+}
+
+fn emoji_source() -> EmojiSource {
+    let dir = repo_root().join(".data/emoji-src");
+    assert!(
+        dir.join("cldr-annotations-full/VERSION").exists(),
+        "{}: Emoji-CLDR sources missing; run scripts/setup.sh",
+        dir.display()
+    );
+    EmojiSource::new(dir)
+}
+
+#[test]
+fn shipped_bundle_reproduces_its_cards_held_out_emoji_captions() {
+    let model = repo_root().join("models/duet-small");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.join("eval/eval-emoji-google.json"))
+            .expect("models/duet-small/eval/eval-emoji-google.json"),
+    )
+    .expect("eval json");
+    // Burn's captions of the whole held-out google split, in the split's order.
+    let burn: Vec<(String, String)> =
+        serde_json::from_value(report["captions"].clone()).expect("captions");
+    let card_f1 = report["report"]["token_f1"].as_f64().expect("token_f1");
+    assert!(burn.len() > SLICE, "{} held-out emoji", burn.len());
+
+    // The card quotes the whole split's figure and the slice's, which this test recomputes.
+    let card = std::fs::read_to_string(model.join("MODEL_CARD.md")).expect("MODEL_CARD.md");
+    let burn_slice = score_captions(&burn[..SLICE]);
+    for (what, f1) in [("whole split", card_f1), ("slice", burn_slice.token_f1)] {
+        let quoted = format!("{:.1} %", 100.0 * f1);
+        assert!(
+            card.contains(&quoted),
+            "MODEL_CARD.md does not quote the held-out google token F1 of the {what}, {quoted}"
+        );
+    }
+
+    // The split exactly as the recipe built it (`duet-train emoji --style google`, defaults).
+    let data = tempfile::tempdir().unwrap();
+    write_emoji_dataset(
+        &emoji_source(),
+        data.path(),
+        &EmojiOptions::default(),
+        "shipped-bundle test",
+    )
+    .expect("build the google split");
+    let held_out = load_emoji_split(&data.path().join("test")).expect("test split");
+    assert_eq!(held_out.len(), burn.len(), "held-out split size changed");
+    let slice = &held_out[..SLICE];
+    for (s, (truth, _)) in slice.iter().zip(&burn) {
+        assert_eq!(&s.record.caption, truth, "split order changed");
+    }
+    let images: Vec<_> = slice.iter().map(|s| s.image.clone()).collect();
+
+    let bundle = Bundle::open(&model).expect("the shipped bundle opens");
+    for provider in [Provider::Tract, Provider::OrtCpu] {
+        let captioner = Captioner::new(&bundle, ProviderChoice::Only(provider), &engine_options())
+            .unwrap_or_else(|e| panic!("{provider}: {e}"));
+        let mut predictions = Vec::with_capacity(SLICE);
+        for batch in images.chunks(25) {
+            predictions.extend(captioner.caption_images(batch).expect("caption"));
+        }
+        let pairs: Vec<(String, String)> = slice
+            .iter()
+            .zip(predictions)
+            .map(|(s, p)| (s.record.caption.clone(), p))
+            .collect();
+        // Parity is 1e-4 per graph, so a greedy caption may flip only where two words tie.
+        let same = pairs
+            .iter()
+            .zip(&burn)
+            .filter(|((_, p), (_, b))| p == b)
+            .count();
+        assert!(
+            same >= SLICE - 2,
+            "{provider}: {same}/{SLICE} captions as in Burn's evaluation"
+        );
+        let runtime = score_captions(&pairs);
+        assert!(
+            (runtime.token_f1 - burn_slice.token_f1).abs() <= 0.02,
+            "{provider}: slice token F1 {:.4} vs {:.4} in Burn",
+            runtime.token_f1,
+            burn_slice.token_f1
+        );
+    }
+}
