@@ -8,6 +8,9 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+
+mod common;
+use common::{engine_options, repo_root};
 use std::sync::OnceLock;
 
 use burn::backend::NdArray;
@@ -15,7 +18,7 @@ use duet_export::{export_run, ExportError, ExportOptions};
 use duet_models::Captioner as BurnCaptioner;
 use duet_runtime::bundle::BundleError;
 use duet_runtime::diffusion::{NoiseSchedule, Prediction, Sampler, SamplerConfig};
-use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
+use duet_runtime::engine::{Provider, ProviderChoice};
 use duet_runtime::preprocess::{self, ImageError};
 use duet_runtime::{Bundle, Captioner, GenerateError, GenerateOptions, Generator};
 use duet_train::caption_stage::{caption_samples, fit, load_run, prepare, FitArgs, LoadedRun};
@@ -38,23 +41,6 @@ struct Fixture {
     val: PathBuf,
     run: PathBuf,
     bundle: PathBuf,
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the repo")
-        .to_path_buf()
-}
-
-/// onnxruntime as installed by `scripts/setup.sh`, unless `ORT_DYLIB_PATH` says otherwise.
-fn engine_options() -> EngineOptions {
-    let local = repo_root().join(".ort/lib/libonnxruntime.so");
-    EngineOptions {
-        strict: true,
-        ort_lib: (std::env::var_os("ORT_DYLIB_PATH").is_none() && local.is_file()).then_some(local),
-        ..EngineOptions::default()
-    }
 }
 
 fn fixture() -> &'static Fixture {

@@ -4,9 +4,10 @@
 //! same held-out emoji (rebuilt from the sources `scripts/setup.sh` fetches) and must agree with
 //! those captions and scores.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{engine_options, repo_root};
 
-use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
+use duet_runtime::engine::{Provider, ProviderChoice};
 use duet_runtime::{Bundle, Captioner};
 use duet_train::emoji::{load_emoji_split, write_emoji_dataset, EmojiOptions, EmojiSource};
 use duet_train::emoji_eval::score_captions;
@@ -14,22 +15,6 @@ use duet_train::emoji_eval::score_captions;
 /// Held-out emoji captioned through the runtime: enough to make the slice's token F1 a
 /// meaningful estimate (± about 0.03), few enough to run in seconds.
 const SLICE: usize = 100;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the repo")
-        .to_path_buf()
-}
-
-fn engine_options() -> EngineOptions {
-    let local = repo_root().join(".ort/lib/libonnxruntime.so");
-    EngineOptions {
-        strict: true,
-        ort_lib: (std::env::var_os("ORT_DYLIB_PATH").is_none() && local.is_file()).then_some(local),
-        ..EngineOptions::default()
-    }
-}
 
 fn emoji_source() -> EmojiSource {
     let dir = repo_root().join(".data/emoji-src");
