@@ -396,17 +396,13 @@ fn classify(
     }
     let t0 = Instant::now();
     let out = classifier.classify(image.as_ref(), text, seed)?;
-    let secs = t0.elapsed().as_secs_f64();
-    match &out.restored {
-        Some(_) => eprintln!(
-            "classified in {:.1} ms (embedding, {} restoration steps, head)",
-            1e3 * secs,
-            classifier.spec().sampler_steps
-        ),
-        None => eprintln!("classified in {:.1} ms (embeddings, head)", 1e3 * secs),
-    }
+    let ms = 1e3 * t0.elapsed().as_secs_f64();
     match &out.restored {
         Some(r) => {
+            eprintln!(
+                "classified in {ms:.1} ms (embedding, {} restoration steps, head)",
+                classifier.spec().sampler_steps
+            );
             let from = match r.modality {
                 duet_runtime::Modality::Image => "text",
                 duet_runtime::Modality::Text => "image",
@@ -416,7 +412,10 @@ fn classify(
                 r.modality, r.trust
             );
         }
-        None => println!("restored: nothing (image and text given)"),
+        None => {
+            eprintln!("classified in {ms:.1} ms (embeddings, head)");
+            println!("restored: nothing (image and text given)");
+        }
     }
     println!(
         "class: {} (p = {:.3})",
