@@ -1,0 +1,36 @@
+//! Imports every graph of the shipped bundle with burn-onnx: each `models/duet-small/<graph>.onnx`
+//! becomes `$OUT_DIR/onnx/<graph>.rs` (a Burn module) and `<graph>.bpk` (its weights).
+//!
+//! A graph burn-onnx cannot read fails this build; that failure is the finding the round trip
+//! exists to report, so it is not caught.
+
+use std::path::PathBuf;
+
+use burn_onnx::{LoadStrategy, ModelGen};
+
+/// The graphs of `models/duet-small`, in manifest order.
+const GRAPHS: [&str; 7] = [
+    "vision_encoder",
+    "caption_decoder",
+    "text_encoder",
+    "denoiser",
+    "restorer_i2t",
+    "restorer_t2i",
+    "fusion_head",
+];
+
+fn main() {
+    let bundle = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/duet-small");
+    let mut gen = ModelGen::new();
+    for graph in GRAPHS {
+        let path = bundle.join(format!("{graph}.onnx"));
+        println!("cargo:rerun-if-changed={}", path.display());
+        gen.input(path.to_str().expect("the repository path is UTF-8"));
+    }
+    gen.out_dir("onnx/")
+        .load_strategy(LoadStrategy::File)
+        // burn-onnx's graph simplification rewrites attention patterns in a way that changes
+        // their results (tracel-ai/burn-onnx#436); the plain import is what this test is about.
+        .simplify(false)
+        .run_from_script();
+}
