@@ -333,9 +333,16 @@ fn execution_providers(
             ep::CUDA::NAME,
             ep::CUDA::default().build().error_on_failure(),
         )],
-        Provider::OrtCpu | Provider::Tract => {
-            vec![(ep::CPU::NAME, ep::CPU::default().build().error_on_failure())]
-        }
+        // ort's `ep::CPU::default()` turns onnxruntime's memory arena *off* (its `use_arena`
+        // defaults to false), so every intermediate tensor of every run would be a fresh
+        // malloc/free; onnxruntime's own default (and Python's) keeps the arena on.
+        Provider::OrtCpu | Provider::Tract => vec![(
+            ep::CPU::NAME,
+            ep::CPU::default()
+                .with_arena_allocator(true)
+                .build()
+                .error_on_failure(),
+        )],
     }
 }
 
