@@ -11,7 +11,10 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${DUET_SMALL_DIR:-$root/out/small}
 device=${DUET_DEVICE:-cpu}
-bundle=${DUET_SMALL_BUNDLE:-$root/models/duet-small}
+# Exported next to the runs, not over models/duet-small: that directory also holds the model
+# card and the evaluation files it quotes (copied from runs/ by hand), which duet-export refuses
+# to delete. Compare the new bundle with it, then copy the graphs and manifest across.
+bundle=${DUET_SMALL_BUNDLE:-$work/bundle}
 bin=${DUET_BIN:-}
 if [ -z "$bin" ]; then
     (cd "$root" && cargo build --release -p duet-train -p duet-export)

@@ -785,8 +785,38 @@ fn sibling(out: &Path, tag: &str) -> Result<PathBuf, ExportError> {
     )))
 }
 
+/// Entries of the bundle directory `dir` that are neither its manifest nor a file the manifest
+/// lists (a model card, evaluation files, notes): what replacing `dir` would delete. An
+/// unreadable manifest lists nothing, so everything but it counts.
+fn unlisted_entries(dir: &Path) -> Result<Vec<String>, ExportError> {
+    let listed: Vec<String> = std::fs::read_to_string(dir.join(MANIFEST_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|m| {
+            m.get("files")
+                .and_then(|f| f.as_object())
+                .map(|f| f.keys().cloned().collect())
+        })
+        .unwrap_or_default();
+    let mut others = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|source| io_err(dir, source))? {
+        let name = entry
+            .map_err(|source| io_err(dir, source))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if name != MANIFEST_FILE && !listed.contains(&name) {
+            others.push(name);
+        }
+    }
+    others.sort();
+    Ok(others)
+}
+
 /// Moves the verified staging directory to `out`. An existing `out` is replaced only if it is
-/// a bundle (has a manifest) or empty: anything else is a user's directory, never deleted.
+/// empty, or a bundle (has a manifest) holding nothing its manifest does not list: anything
+/// else is a user's directory or a user's files (a model card next to the graphs), never
+/// deleted.
 fn publish(staging: &Path, out: &Path) -> Result<(), ExportError> {
     if out.exists() {
         let is_bundle = out.join(MANIFEST_FILE).is_file();
@@ -798,6 +828,16 @@ fn publish(staging: &Path, out: &Path) -> Result<(), ExportError> {
             return Err(ExportError::OutputNotBundle {
                 path: out.to_owned(),
             });
+        }
+        if is_bundle {
+            let others = unlisted_entries(out)?;
+            if !others.is_empty() {
+                let _ = std::fs::remove_dir_all(staging);
+                return Err(ExportError::OutputHasOtherFiles {
+                    path: out.to_owned(),
+                    others,
+                });
+            }
         }
         let old = sibling(out, "old")?;
         std::fs::rename(out, &old).map_err(|source| io_err(out, source))?;
@@ -814,4 +854,90 @@ fn publish(staging: &Path, out: &Path) -> Result<(), ExportError> {
         std::fs::rename(staging, out).map_err(|source| io_err(out, source))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A staging directory holding a new bundle's manifest and one graph.
+    fn staging(root: &Path) -> PathBuf {
+        let dir = root.join(".staging");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("g.onnx"), b"new").unwrap();
+        std::fs::write(dir.join(MANIFEST_FILE), r#"{"files": {"g.onnx": "x"}}"#).unwrap();
+        dir
+    }
+
+    fn old_bundle(out: &Path) {
+        std::fs::create_dir(out).unwrap();
+        std::fs::write(out.join("g.onnx"), b"old").unwrap();
+        std::fs::write(out.join("old.onnx"), b"old").unwrap();
+        std::fs::write(
+            out.join(MANIFEST_FILE),
+            r#"{"files": {"g.onnx": "x", "old.onnx": "y"}}"#,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn publish_replaces_a_bundle_that_holds_only_its_own_files() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("bundle");
+        old_bundle(&out);
+        let staged = staging(root.path());
+        publish(&staged, &out).unwrap();
+        assert_eq!(std::fs::read(out.join("g.onnx")).unwrap(), b"new");
+        assert!(!out.join("old.onnx").exists(), "the old bundle's graphs go");
+        assert!(!staged.exists());
+    }
+
+    #[test]
+    fn publish_refuses_to_delete_files_the_old_manifest_does_not_list() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("bundle");
+        old_bundle(&out);
+        std::fs::write(out.join("MODEL_CARD.md"), b"# card").unwrap();
+        std::fs::create_dir(out.join("eval")).unwrap();
+        std::fs::write(out.join("eval/eval.json"), b"{}").unwrap();
+        let staged = staging(root.path());
+        let err = publish(&staged, &out).unwrap_err();
+        match &err {
+            ExportError::OutputHasOtherFiles { path, others } => {
+                assert_eq!(path, &out);
+                assert_eq!(others, &["MODEL_CARD.md", "eval"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            err.to_string().contains("[\"MODEL_CARD.md\", \"eval\"]"),
+            "{err}"
+        );
+        // Nothing was touched, and the staging directory was cleaned up.
+        assert_eq!(std::fs::read(out.join("g.onnx")).unwrap(), b"old");
+        assert_eq!(std::fs::read(out.join("MODEL_CARD.md")).unwrap(), b"# card");
+        assert!(out.join("eval/eval.json").is_file());
+        assert!(!staged.exists());
+    }
+
+    #[test]
+    fn publish_refuses_a_directory_that_is_not_a_bundle_and_fills_an_empty_one() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("notes");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("todo.txt"), b"keep").unwrap();
+        let staged = staging(root.path());
+        let err = publish(&staged, &out).unwrap_err();
+        assert!(
+            matches!(err, ExportError::OutputNotBundle { .. }),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::read(out.join("todo.txt")).unwrap(), b"keep");
+
+        let empty = root.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let staged = staging(root.path());
+        publish(&staged, &empty).unwrap();
+        assert_eq!(std::fs::read(empty.join("g.onnx")).unwrap(), b"new");
+    }
 }

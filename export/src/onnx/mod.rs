@@ -68,6 +68,12 @@ pub enum ExportError {
         "{path} exists and is not a bundle (no manifest.json) nor empty; refusing to replace it"
     )]
     OutputNotBundle { path: PathBuf },
+    #[error(
+        "{path} is a bundle but also holds {others:?}, which its manifest does not list and the \
+         new bundle would not keep; refusing to replace it (export to another directory, or move \
+         those out first)"
+    )]
+    OutputHasOtherFiles { path: PathBuf, others: Vec<String> },
     #[error("writing {path}: {source}")]
     Io {
         path: PathBuf,
