@@ -43,6 +43,9 @@ prompt="a large red circle at the top left"
 echo "generations of \"$prompt\": $out/generated-ort.png (ort), $out/generated-tract.png (tract); GenEval grid: $out/gen-run/geneval.png"
 echo "== unification: Unified-GRPO on the tiny pair =="
 "$bin/duet-train" eval --stage reconstruct --run "$out/gen-run" --data "$out/data/val" --limit 100 --steps 20
-"$bin/duet-train" fit --stage unify --init "$out/gen-run" --data "$out/data/train" --out "$out/unify-run" --steps "$unify_steps" --batch-size 8 --group 8 --gen-steps 200 --seed 0
+# Temperature 2: the tiny captioner is near-certain on 1-2-object scenes, so at 1 most GRPO
+# groups sample one caption G times and teach nothing (the e2e test measured 0 % vs 100 %
+# informative groups).
+"$bin/duet-train" fit --stage unify --init "$out/gen-run" --data "$out/data/train" --out "$out/unify-run" --steps "$unify_steps" --batch-size 8 --group 8 --temperature 2 --gen-steps 200 --seed 0
 "$bin/duet-train" eval --stage reconstruct --run "$out/unify-run/stage2" --data "$out/data/val" --limit 100 --steps 20
 echo "originals over rebuilds: $out/gen-run/reconstruct.png (before), $out/unify-run/stage2/reconstruct.png (after)"

@@ -81,8 +81,9 @@ enum Command {
     Fit {
         #[arg(long, default_value = "caption")]
         stage: String,
-        #[arg(long, default_value = "tiny")]
-        preset: Preset,
+        /// `--stage caption`: model size (default tiny); later stages take it from --init.
+        #[arg(long)]
+        preset: Option<Preset>,
         /// Training data (caption, generate, unify; fusion and restore draw their own examples
         /// of --task): a ShapeWorld folder or an Emoji-CLDR split (DIR/train); repeat the flag
         /// to train on several, e.g. `--data data/train --data data/emoji/train`.
@@ -165,6 +166,52 @@ enum Command {
         #[arg(long)]
         untrained: bool,
     },
+}
+
+/// The stage-specific flags of `fit` each stage reads (the common ones — --out, --device,
+/// --steps, --batch-size, --lr, --seed — apply to all). A flag given to a stage that does not
+/// read it is an error rather than silently ignored: `--stage caption --init RUN` would
+/// otherwise train from scratch without a word.
+const FIT_STAGE_FLAGS: [(&str, &[&str]); 5] = [
+    ("caption", &["--preset", "--data", "--resume"]),
+    ("generate", &["--data", "--resume", "--init"]),
+    (
+        "unify",
+        &[
+            "--data",
+            "--init",
+            "--group",
+            "--temperature",
+            "--gen-steps",
+            "--gen-lr",
+            "--captions",
+        ],
+    ),
+    (FUSION_STAGE, &["--init", "--task"]),
+    (RESTORE_STAGE, &["--init", "--task"]),
+];
+
+fn check_fit_flags(stage: &str, given: &[(&str, bool)]) -> anyhow::Result<()> {
+    let Some((_, reads)) = FIT_STAGE_FLAGS.iter().find(|(s, _)| *s == stage) else {
+        let stages: Vec<&str> = FIT_STAGE_FLAGS.iter().map(|(s, _)| *s).collect();
+        anyhow::bail!(
+            "unknown stage '{stage}' (this build trains: {})",
+            stages.join(", ")
+        );
+    };
+    let ignored: Vec<&str> = given
+        .iter()
+        .filter(|(flag, set)| *set && !reads.contains(flag))
+        .map(|(flag, _)| *flag)
+        .collect();
+    if !ignored.is_empty() {
+        anyhow::bail!(
+            "--stage {stage} does not use {} (it reads {} besides the common flags)",
+            ignored.join(", "),
+            reads.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -252,6 +299,22 @@ fn main() -> anyhow::Result<()> {
             captions,
             task,
         } => {
+            check_fit_flags(
+                &stage,
+                &[
+                    ("--preset", preset.is_some()),
+                    ("--data", !data.is_empty()),
+                    ("--resume", resume),
+                    ("--init", init.is_some()),
+                    ("--group", group.is_some()),
+                    ("--temperature", temperature.is_some()),
+                    ("--gen-steps", gen_steps.is_some()),
+                    ("--gen-lr", gen_lr.is_some()),
+                    ("--captions", captions.is_some()),
+                    ("--task", task.is_some()),
+                ],
+            )?;
+            let preset = preset.unwrap_or(Preset::Tiny);
             let kind: DeviceKind = device.parse()?;
             if stage == FUSION_STAGE || stage == RESTORE_STAGE {
                 let args = PairFitArgs {

@@ -103,6 +103,63 @@ fn device_errors_are_clear() {
     assert!(!e.contains("panicked"), "{e}");
 }
 
+/// A flag the chosen stage does not read is an error naming it, before anything is written:
+/// `--stage caption --init RUN` must not quietly train from scratch.
+#[test]
+fn fit_flags_the_stage_does_not_read_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--stage", "caption", "--data", "d", "--init", "runs/x"],
+            "--stage caption does not use --init (it reads --preset, --data, --resume",
+        ),
+        (
+            &[
+                "--stage", "generate", "--init", "r", "--data", "d", "--preset", "small",
+            ],
+            "--stage generate does not use --preset",
+        ),
+        (
+            &[
+                "--stage", "fusion", "--init", "r", "--data", "d", "--resume",
+            ],
+            "--stage fusion does not use --data, --resume",
+        ),
+        (
+            &[
+                "--stage",
+                "restore",
+                "--init",
+                "r",
+                "--group",
+                "8",
+                "--gen-steps",
+                "4",
+            ],
+            "--stage restore does not use --group, --gen-steps",
+        ),
+        (
+            &["--stage", "decode", "--data", "d"],
+            "unknown stage 'decode' (this build trains: caption, generate, unify, fusion, restore)",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = duet_train()
+            .arg("fit")
+            .args(args)
+            .args(["--out", out_s])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} must fail");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{e}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+}
+
 #[test]
 fn shapeworld_command_rejects_bad_sizes() {
     let dir = tempfile::tempdir().unwrap();
