@@ -37,6 +37,11 @@ pub enum CaptionError {
     Decode { ids: Vec<u32>, reason: String },
     #[error("graph `{graph}`: {reason}")]
     Shape { graph: String, reason: String },
+    /// A NaN or infinite logit: a broken graph or weights, or a provider computing in too low a
+    /// precision (TensorRT fp16). Reported rather than decoded, since the argmax of a NaN row is
+    /// an arbitrary token and the caption would look valid.
+    #[error("graph `{graph}` returned a non-finite value (NaN or infinity) in `{output}`")]
+    NonFinite { graph: String, output: String },
 }
 
 /// A bundle's captioning pipeline, loaded once and reused for every image.
@@ -321,6 +326,12 @@ impl Captioner {
                 CAPTION_DECODER,
                 format!("logits should be {want:?}, got {:?}", logits.shape()),
             ));
+        }
+        if !logits.iter().all(|v| v.is_finite()) {
+            return Err(CaptionError::NonFinite {
+                graph: CAPTION_DECODER.to_string(),
+                output: "logits".to_string(),
+            });
         }
         logits
             .into_dimensionality()

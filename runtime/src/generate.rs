@@ -59,6 +59,11 @@ pub enum GenerateError {
     InvalidOption(String),
     #[error("graph `{graph}`: {reason}")]
     Shape { graph: String, reason: String },
+    /// A NaN or infinite prediction: a broken graph or weights, or a provider computing in too
+    /// low a precision (TensorRT fp16). Reported rather than sampled on, since the image would
+    /// come out black or noisy and look like a result.
+    #[error("graph `{graph}` returned a non-finite value (NaN or infinity) in `{output}`")]
+    NonFinite { graph: String, output: String },
 }
 
 /// How to sample.
@@ -338,6 +343,12 @@ impl Generator {
                         out.shape()
                     ),
                 ));
+            }
+            if !out.iter().all(|v| v.is_finite()) {
+                return Err(GenerateError::NonFinite {
+                    graph: DENOISER.to_string(),
+                    output: "prediction".to_string(),
+                });
             }
             if !guided {
                 return Ok(out);

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
-use duet_runtime::{Bundle, Captioner};
+use duet_runtime::{Bundle, CaptionError, Captioner};
 use image::{Rgb, RgbImage};
 use ndarray::Array4;
 
@@ -82,6 +82,34 @@ fn captions_stop_at_eos_and_decode() {
             cap.caption_pixels(&pixels(2)).unwrap(),
             vec![String::new(); 2]
         );
+    }
+}
+
+#[test]
+fn non_finite_logits_are_an_error_not_a_caption() {
+    let dir = tempfile::tempdir().unwrap();
+    // A NaN in the LM head's bias (as a broken export or an fp16 overflow would give): every
+    // logits row holds a NaN, whose argmax would be some arbitrary token.
+    caption_bundle(dir.path(), f32::NAN);
+    let bundle = Bundle::open(dir.path()).unwrap();
+    for p in providers() {
+        let cap = Captioner::new(&bundle, ProviderChoice::Only(p), &options()).unwrap();
+        let tokens = cap.encode(&pixels(2)).unwrap();
+        for err in [
+            cap.greedy_tokens_kv(&tokens).unwrap_err(),
+            cap.greedy_tokens_full(&tokens).unwrap_err(),
+            cap.caption_pixels(&pixels(2)).unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, CaptionError::NonFinite { graph, output }
+                    if graph == "caption_decoder" && output == "logits"),
+                "{p}: {err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                "graph `caption_decoder` returned a non-finite value (NaN or infinity) in `logits`"
+            );
+        }
     }
 }
 
