@@ -10,6 +10,7 @@
 //! - [`bench`]: `duet bench`'s measurements and table.
 //! - [`generate`]: the generation pipeline (text encoder + denoiser driven by the shared
 //!   samplers, classifier-free guidance as one batch).
+//! - [`embed`]: image and text embeddings in the encoders' shared space.
 //! - [`classify`]: image + text classification that restores a missing modality's embedding
 //!   with the feature-space diffusion restorers.
 //!
@@ -21,6 +22,7 @@ pub mod bundle;
 pub use duet_diffusion as diffusion;
 pub mod caption;
 pub mod classify;
+pub mod embed;
 pub mod engine;
 pub mod engine_set;
 pub mod generate;
@@ -30,6 +32,7 @@ pub mod preprocess;
 pub use bundle::{Bundle, BundleError};
 pub use caption::{CaptionError, Captioner};
 pub use classify::{Classification, Classifier, ClassifyError, Modality};
+pub use embed::{EmbedError, Embedder};
 pub use engine::{
     Engine, EngineError, EngineOptions, Provider, ProviderChoice, ProviderReport, Value, ValueView,
 };
@@ -53,4 +56,6 @@ pub enum Error {
     Generate(#[from] GenerateError),
     #[error(transparent)]
     Classify(#[from] ClassifyError),
+    #[error(transparent)]
+    Embed(#[from] EmbedError),
 }

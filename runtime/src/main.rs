@@ -94,9 +94,9 @@ enum Command {
         /// Sampler: ddim or dpmpp (DPM-Solver++ 2M).
         #[arg(long, default_value = "ddim")]
         sampler: SamplerArg,
-        /// DDIM noise (0: deterministic).
-        #[arg(long, default_value_t = 0.0)]
-        eta: f32,
+        /// DDIM noise (default 0: deterministic); DDIM only.
+        #[arg(long)]
+        eta: Option<f32>,
         /// Classifier-free guidance scale (default: the bundle's; 1 = no guidance).
         #[arg(long)]
         guidance: Option<f32>,
@@ -130,6 +130,24 @@ enum Command {
         /// Classes to list, most probable first.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
         top: u16,
+    },
+    /// Embed images and texts in the bundle's shared space: with both, prints their cosine
+    /// similarities and the best-matching text for each image.
+    Embed {
+        /// Bundle directory (texts need a text encoder: a bundle from a generate run or later).
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Image file; repeat for several.
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        /// Text; repeat for several.
+        #[arg(long)]
+        text: Vec<String>,
+        /// Also write every embedding as a JSON line (`kind`, `input`, `embedding`).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Benchmark every pipeline on every provider (each in its own process) and a Python
     /// onnxruntime reference; prints a Markdown table.
@@ -236,23 +254,22 @@ fn main() -> ExitCode {
             seed,
             count,
             scale,
-        } => generate(
-            &bundle,
-            &engine,
-            &prompt,
-            &out,
-            GenerateArgs {
-                steps,
-                sampler: match sampler {
-                    SamplerArg::Ddim => Sampler::Ddim { eta },
-                    SamplerArg::Dpmpp => Sampler::DpmSolverPp2M,
+        } => sampler_of(sampler, eta).and_then(|sampler| {
+            generate(
+                &bundle,
+                &engine,
+                &prompt,
+                &out,
+                GenerateArgs {
+                    steps,
+                    sampler,
+                    guidance,
+                    seed,
+                    count: usize::from(count),
+                    scale,
                 },
-                guidance,
-                seed,
-                count: usize::from(count),
-                scale,
-            },
-        ),
+            )
+        }),
         Command::Classify {
             bundle,
             engine,
@@ -268,6 +285,13 @@ fn main() -> ExitCode {
             seed,
             usize::from(top),
         ),
+        Command::Embed {
+            bundle,
+            engine,
+            image,
+            text,
+            out,
+        } => embed(&bundle, &engine, &image, &text, out.as_deref()),
         Command::Info { bundle, ort_lib } => info(bundle.as_deref(), ort_lib),
         Command::Bench {
             bundle,
@@ -428,6 +452,123 @@ fn classify(
     Ok(())
 }
 
+fn embed(
+    bundle_dir: &Path,
+    engine: &EngineArgs,
+    images: &[PathBuf],
+    texts: &[String],
+    out: Option<&Path>,
+) -> Result<()> {
+    if images.is_empty() && texts.is_empty() {
+        anyhow::bail!("nothing to embed: give --image FILE and/or --text TEXT");
+    }
+    let bundle = Bundle::open(bundle_dir)
+        .with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
+    // Decode every image before loading models so a bad file fails fast.
+    let decoded = images
+        .iter()
+        .map(preprocess::load_image)
+        .collect::<Result<Vec<_>, _>>()?;
+    let embedder = duet_runtime::Embedder::new(&bundle, engine.provider, &engine.options())
+        .context("loading the encoders")?;
+    for report in embedder.reports() {
+        eprintln!("{report}");
+    }
+    let t0 = Instant::now();
+    let image_vecs = embedder.embed_images(&decoded)?;
+    let text_refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let text_vecs = if texts.is_empty() {
+        Vec::new()
+    } else {
+        embedder.embed_texts(&text_refs)?
+    };
+    eprintln!(
+        "embedded {} image(s) and {} text(s) in {:.1} ms ({} dimensions)",
+        images.len(),
+        texts.len(),
+        1e3 * t0.elapsed().as_secs_f64(),
+        embedder.embed_dim()
+    );
+    if !image_vecs.is_empty() && !text_vecs.is_empty() {
+        println!(
+            "cosine similarity (rows: images, columns: texts 1..{})",
+            texts.len()
+        );
+        for (i, t) in texts.iter().enumerate() {
+            println!("  text {}: {t}", i + 1);
+        }
+        for (path, v) in images.iter().zip(&image_vecs) {
+            let sims: Vec<f32> = text_vecs
+                .iter()
+                .map(|t| duet_runtime::embed::cosine(v, t))
+                .collect();
+            let best = (0..sims.len())
+                .max_by(|&a, &b| sims[a].total_cmp(&sims[b]))
+                .unwrap_or(0);
+            let cells: Vec<String> = sims.iter().map(|c| format!("{c:+.3}")).collect();
+            println!(
+                "{}: {}  best: text {} ({})",
+                path.display(),
+                cells.join(" "),
+                best + 1,
+                texts[best]
+            );
+        }
+    }
+    if let Some(out) = out {
+        let mut lines = String::new();
+        let inputs = images
+            .iter()
+            .map(|p| ("image", p.display().to_string()))
+            .zip(&image_vecs)
+            .chain(texts.iter().map(|t| ("text", t.clone())).zip(&text_vecs));
+        for ((kind, input), v) in inputs {
+            let line = serde_json::json!({ "kind": kind, "input": input, "embedding": v });
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+        }
+        write_file_atomic(out, lines.as_bytes())?;
+        println!("{}", out.display());
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `out` through a temporary file in the same directory and a rename, so a
+/// reader never sees half a file.
+fn write_file_atomic(out: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_sibling(out);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
+    Ok(())
+}
+
+/// `.NAME.tmp-PID` next to `out`.
+fn temp_sibling(out: &Path) -> PathBuf {
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    dir.join(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// The sampler `--sampler` and `--eta` ask for; `--eta` with a sampler that has no noise is an
+/// error rather than silently dropped.
+fn sampler_of(sampler: SamplerArg, eta: Option<f32>) -> Result<Sampler> {
+    match (sampler, eta) {
+        (SamplerArg::Ddim, eta) => Ok(Sampler::Ddim {
+            eta: eta.unwrap_or(0.0),
+        }),
+        (SamplerArg::Dpmpp, None) => Ok(Sampler::DpmSolverPp2M),
+        (SamplerArg::Dpmpp, Some(_)) => anyhow::bail!(
+            "--eta is DDIM's noise; --sampler dpmpp (DPM-Solver++) is deterministic and takes none"
+        ),
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum SamplerArg {
     Ddim,
@@ -463,8 +604,9 @@ fn generate(
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.as_str(), args.count))
         .collect();
-    // One batch holds them all; keep it to what a small device handles.
-    const MAX_IMAGES: usize = 256;
+    // One batch holds them all, so the library's per-call bound is the run's bound; checked
+    // here, before any graph is loaded.
+    const MAX_IMAGES: usize = duet_runtime::generate::MAX_BATCH;
     if prompts.len() > MAX_IMAGES {
         anyhow::bail!(
             "{} prompts x --count {} = {} images; at most {MAX_IMAGES} per run",
@@ -522,15 +664,7 @@ fn generate(
 /// Writes a PNG next to `out` and renames it into place, so an interrupted run never leaves
 /// a truncated image under the requested name.
 fn save_png_atomic(img: &image::RgbImage, out: &Path) -> Result<()> {
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image.png".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = temp_sibling(out);
     img.save_with_format(&tmp, image::ImageFormat::Png)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;

@@ -70,6 +70,62 @@ fn caption_prints_path_tab_caption() {
 }
 
 #[test]
+fn embed_prints_the_similarity_table_and_writes_json_lines() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("emb.jsonl");
+    let out = duet()
+        .args(["embed", "--provider", "tract", "--bundle"])
+        .arg(root.join("models/duet-small"))
+        .arg("--image")
+        .arg(root.join("examples/images/emoji-google-1f600.png"))
+        .arg("--image")
+        .arg(root.join("examples/images/shapeworld-val-000000.png"))
+        .args(["--text", "a large cyan diamond on the right"])
+        .args(["--text", "grinning face"])
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("text_encoder: running on tract"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("embedded 2 image(s) and 2 text(s)"),
+        "{stderr}"
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("best: text"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert!(
+        rows[0].contains("emoji-google-1f600.png")
+            && rows[0].ends_with("best: text 2 (grinning face)"),
+        "{stdout}"
+    );
+    assert!(
+        rows[1].ends_with("best: text 1 (a large cyan diamond on the right)"),
+        "{stdout}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["kind"], "image");
+    assert_eq!(lines[3]["kind"], "text");
+    assert_eq!(lines[3]["input"], "grinning face");
+    assert!(lines
+        .iter()
+        .all(|l| l["embedding"].as_array().unwrap().len() == 128));
+}
+
+#[test]
 fn info_summarises_bundle_and_providers() {
     let dir = tempfile::tempdir().unwrap();
     caption_bundle(dir.path(), 0.0);
@@ -190,13 +246,28 @@ fn errors_exit_non_zero_with_a_message() {
         "--bundle".into(),
         dir.path().into(),
         "--count".into(),
-        "64".into(),
+        "13".into(),
         "-o".into(),
         dir.path().join("grid.png").into(),
     ];
     many.extend(["a", "b", "c", "d", "e"].map(std::ffi::OsString::from));
     let mut cases = cases;
-    cases.push((many, "5 prompts x --count 64 = 320 images; at most 256"));
+    // 65 images: one more than the library generates per call.
+    cases.push((many, "5 prompts x --count 13 = 65 images; at most 64"));
+    // DDIM's noise with a deterministic sampler: an error, not silently dropped.
+    cases.push((
+        vec![
+            "generate".into(),
+            "--bundle".into(),
+            dir.path().into(),
+            "--sampler".into(),
+            "dpmpp".into(),
+            "--eta".into(),
+            "0.5".into(),
+            "a".into(),
+        ],
+        "--eta is DDIM's noise",
+    ));
     for (args, want) in cases {
         let out = duet().args(&args).output().unwrap();
         let stderr = text(&out.stderr);
