@@ -63,6 +63,25 @@ typedef enum DuetStatus {
 // Opaque to C.
 typedef struct DuetRuntime DuetRuntime;
 
+// Options of [`duet_runtime_create_with_options`]. Zero-initialise it (`DuetRuntimeOptions
+// options = {0};` in C) and set only what you need: a NULL or false field keeps its default.
+typedef struct DuetRuntimeOptions {
+  // As `provider` of [`duet_runtime_create`]; NULL means `"auto"`.
+  const char *provider;
+  // Make any provider that had to be skipped an error instead of a fallback.
+  bool strict;
+  // Path of the `libonnxruntime` to load; NULL means `ORT_DYLIB_PATH`, then the default
+  // search (`.ort/lib/` in the working directory and its parents, then next to the
+  // executable). An application should set it: the default search is a developer's
+  // convenience, and which library it finds depends on where the process was started.
+  const char *ort_library;
+  // TensorRT: let it pick fp16 kernels (LayerNorm stays fp32).
+  bool tensorrt_fp16;
+  // TensorRT: directory for built engines and the timing cache, so only the first start
+  // builds them (minutes); NULL rebuilds at every start.
+  const char *tensorrt_cache_dir;
+} DuetRuntimeOptions;
+
 // How `duet_generate_rgb` samples. Start from `duet_generate_defaults` (the bundle's
 // settings) and change what you need.
 typedef struct DuetGenerateOptions {
@@ -105,8 +124,9 @@ const char *duet_version(void);
 // `provider` is `"auto"` (TensorRT → CUDA → ort CPU → tract, first that works), `"tensorrt"`,
 // `"cuda"`, `"ort-cpu"` or `"tract"`; NULL means `"auto"`. With `strict`, any provider that
 // had to be skipped is an error instead of a fallback. onnxruntime is loaded from
-// `ORT_DYLIB_PATH` or `.ort/lib/` (see the README). On success `*out` receives a handle to
-// free with [`duet_runtime_destroy`].
+// `ORT_DYLIB_PATH` or `.ort/lib/` (see the README); [`duet_runtime_create_with_options`]
+// names the library explicitly. On success `*out` receives a handle to free with
+// [`duet_runtime_destroy`].
 //
 // # Safety
 // `bundle_dir` and `provider` must be NULL or NUL-terminated strings; `out` must be NULL or
@@ -116,6 +136,19 @@ enum DuetStatus duet_runtime_create(const char *bundle_dir,
                                     bool strict,
                                     struct DuetRuntime **out,
                                     char **error);
+
+// [`duet_runtime_create`] with every engine option: the provider, strict mode, the
+// onnxruntime library to load and the TensorRT settings. `options` NULL means all defaults
+// (the same as `duet_runtime_create(bundle_dir, NULL, false, …)`).
+//
+// # Safety
+// `bundle_dir` must be NULL or a NUL-terminated string; `options` must be NULL or point to a
+// `DuetRuntimeOptions` whose string fields are NULL or NUL-terminated; `out` and `error` must
+// be NULL or writable.
+enum DuetStatus duet_runtime_create_with_options(const char *bundle_dir,
+                                                 const struct DuetRuntimeOptions *options,
+                                                 struct DuetRuntime **out,
+                                                 char **error);
 
 // Frees a runtime. NULL is a no-op. No other call on the handle may be running or follow.
 //

@@ -134,7 +134,9 @@ impl From<duet_runtime::CaptionError> for Failure {
             | E::Engine(duet_runtime::EngineError::NoProvider { .. })
             | E::Engine(duet_runtime::EngineError::ModelNotFound { .. }) => DuetStatus::Provider,
             E::Image(_) => DuetStatus::Image,
-            E::Engine(_) | E::Decode { .. } | E::Shape { .. } => DuetStatus::Inference,
+            E::Engine(_) | E::Decode { .. } | E::Shape { .. } | E::NonFinite { .. } => {
+                DuetStatus::Inference
+            }
         };
         Failure::new(status, e.to_string())
     }
@@ -157,7 +159,9 @@ impl From<GenerateError> for Failure {
             | E::UnknownWords { .. }
             | E::Encode { .. }
             | E::InvalidOption(_) => DuetStatus::InvalidArgument,
-            E::Engine(_) | E::Diffusion(_) | E::Shape { .. } => DuetStatus::Inference,
+            E::Engine(_) | E::Diffusion(_) | E::Shape { .. } | E::NonFinite { .. } => {
+                DuetStatus::Inference
+            }
         };
         Failure::new(status, e.to_string())
     }
@@ -263,6 +267,82 @@ pub extern "C" fn duet_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
+/// Options of [`duet_runtime_create_with_options`]. Zero-initialise it (`DuetRuntimeOptions
+/// options = {0};` in C) and set only what you need: a NULL or false field keeps its default.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DuetRuntimeOptions {
+    /// As `provider` of [`duet_runtime_create`]; NULL means `"auto"`.
+    pub provider: *const c_char,
+    /// Make any provider that had to be skipped an error instead of a fallback.
+    pub strict: bool,
+    /// Path of the `libonnxruntime` to load; NULL means `ORT_DYLIB_PATH`, then the default
+    /// search (`.ort/lib/` in the working directory and its parents, then next to the
+    /// executable). An application should set it: the default search is a developer's
+    /// convenience, and which library it finds depends on where the process was started.
+    pub ort_library: *const c_char,
+    /// TensorRT: let it pick fp16 kernels (LayerNorm stays fp32).
+    pub tensorrt_fp16: bool,
+    /// TensorRT: directory for built engines and the timing cache, so only the first start
+    /// builds them (minutes); NULL rebuilds at every start.
+    pub tensorrt_cache_dir: *const c_char,
+}
+
+/// Opens the bundle and loads every pipeline it has, sharing the common graphs.
+fn create_runtime(
+    dir: PathBuf,
+    choice: ProviderChoice,
+    options: &EngineOptions,
+) -> Result<DuetRuntime, Failure> {
+    let bundle = Bundle::open(&dir).map_err(|e| {
+        Failure::new(
+            DuetStatus::Bundle,
+            format!("opening bundle {}: {e}", dir.display()),
+        )
+    })?;
+    // One set: the pipelines share the encoders they have in common (one session each).
+    let mut engines = EngineSet::new(&bundle, choice, options);
+    let captioner = Captioner::with_engines(&mut engines)?;
+    let generator = if bundle.manifest().diffusion.is_some() {
+        Some(Generator::with_engines(&mut engines)?)
+    } else {
+        None
+    };
+    let classifier = if bundle.manifest().restore.is_some() {
+        Some(Classifier::with_engines(&mut engines)?)
+    } else {
+        None
+    };
+    let mut seen = std::collections::HashSet::new();
+    let report = captioner
+        .reports()
+        .iter()
+        .chain(generator.iter().flat_map(|g| g.reports()))
+        .chain(classifier.iter().flat_map(|c| c.reports()))
+        .filter(|r| seen.insert(r.graph.clone()))
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok(DuetRuntime {
+        captioner,
+        generator,
+        classifier,
+        report,
+    })
+}
+
+/// The provider named by a C string; NULL means `auto`.
+unsafe fn provider_arg(provider: *const c_char, name: &str) -> Result<ProviderChoice, Failure> {
+    if provider.is_null() {
+        return Ok(ProviderChoice::Auto);
+    }
+    str_arg(provider, name)?
+        .parse()
+        .map_err(|e: duet_runtime::engine::ParseProviderError| {
+            Failure::new(DuetStatus::InvalidArgument, e.to_string())
+        })
+}
+
 /// Opens and verifies the bundle in `bundle_dir` and loads its graphs: the captioning
 /// pipeline, the generation pipeline when the bundle has one, and the classification pipeline
 /// (restorers and fusion head) when it has that. If any of them fails to load, creation fails.
@@ -270,8 +350,9 @@ pub extern "C" fn duet_version() -> *const c_char {
 /// `provider` is `"auto"` (TensorRT → CUDA → ort CPU → tract, first that works), `"tensorrt"`,
 /// `"cuda"`, `"ort-cpu"` or `"tract"`; NULL means `"auto"`. With `strict`, any provider that
 /// had to be skipped is an error instead of a fallback. onnxruntime is loaded from
-/// `ORT_DYLIB_PATH` or `.ort/lib/` (see the README). On success `*out` receives a handle to
-/// free with [`duet_runtime_destroy`].
+/// `ORT_DYLIB_PATH` or `.ort/lib/` (see the README); [`duet_runtime_create_with_options`]
+/// names the library explicitly. On success `*out` receives a handle to free with
+/// [`duet_runtime_destroy`].
 ///
 /// # Safety
 /// `bundle_dir` and `provider` must be NULL or NUL-terminated strings; `out` must be NULL or
@@ -288,54 +369,57 @@ pub unsafe extern "C" fn duet_runtime_create(
         out_arg(out, "out")?;
         *out = ptr::null_mut();
         let dir = PathBuf::from(str_arg(bundle_dir, "bundle_dir")?);
-        let choice: ProviderChoice = if provider.is_null() {
-            ProviderChoice::Auto
-        } else {
-            str_arg(provider, "provider")?.parse().map_err(
-                |e: duet_runtime::engine::ParseProviderError| {
-                    Failure::new(DuetStatus::InvalidArgument, e.to_string())
-                },
-            )?
-        };
-        let bundle = Bundle::open(&dir).map_err(|e| {
-            Failure::new(
-                DuetStatus::Bundle,
-                format!("opening bundle {}: {e}", dir.display()),
-            )
-        })?;
+        let choice = provider_arg(provider, "provider")?;
         let options = EngineOptions {
             strict,
             ..EngineOptions::default()
         };
-        // One set: the pipelines share the encoders they have in common (one session each).
-        let mut engines = EngineSet::new(&bundle, choice, &options);
-        let captioner = Captioner::with_engines(&mut engines)?;
-        let generator = if bundle.manifest().diffusion.is_some() {
-            Some(Generator::with_engines(&mut engines)?)
-        } else {
-            None
+        *out = Box::into_raw(Box::new(create_runtime(dir, choice, &options)?));
+        Ok(())
+    })
+}
+
+/// [`duet_runtime_create`] with every engine option: the provider, strict mode, the
+/// onnxruntime library to load and the TensorRT settings. `options` NULL means all defaults
+/// (the same as `duet_runtime_create(bundle_dir, NULL, false, …)`).
+///
+/// # Safety
+/// `bundle_dir` must be NULL or a NUL-terminated string; `options` must be NULL or point to a
+/// `DuetRuntimeOptions` whose string fields are NULL or NUL-terminated; `out` and `error` must
+/// be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn duet_runtime_create_with_options(
+    bundle_dir: *const c_char,
+    options: *const DuetRuntimeOptions,
+    out: *mut *mut DuetRuntime,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        out_arg(out, "out")?;
+        *out = ptr::null_mut();
+        let dir = PathBuf::from(str_arg(bundle_dir, "bundle_dir")?);
+        let (choice, engine) = match options.as_ref() {
+            None => (ProviderChoice::Auto, EngineOptions::default()),
+            Some(o) => {
+                let path = |p: *const c_char, name: &str| -> Result<Option<PathBuf>, Failure> {
+                    if p.is_null() {
+                        Ok(None)
+                    } else {
+                        Ok(Some(PathBuf::from(str_arg(p, name)?)))
+                    }
+                };
+                let mut engine = EngineOptions {
+                    strict: o.strict,
+                    ort_lib: path(o.ort_library, "options.ort_library")?,
+                    ..EngineOptions::default()
+                };
+                engine.tensorrt.fp16 = o.tensorrt_fp16;
+                engine.tensorrt.engine_cache =
+                    path(o.tensorrt_cache_dir, "options.tensorrt_cache_dir")?;
+                (provider_arg(o.provider, "options.provider")?, engine)
+            }
         };
-        let classifier = if bundle.manifest().restore.is_some() {
-            Some(Classifier::with_engines(&mut engines)?)
-        } else {
-            None
-        };
-        let mut seen = std::collections::HashSet::new();
-        let report = captioner
-            .reports()
-            .iter()
-            .chain(generator.iter().flat_map(|g| g.reports()))
-            .chain(classifier.iter().flat_map(|c| c.reports()))
-            .filter(|r| seen.insert(r.graph.clone()))
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n");
-        *out = Box::into_raw(Box::new(DuetRuntime {
-            captioner,
-            generator,
-            classifier,
-            report,
-        }));
+        *out = Box::into_raw(Box::new(create_runtime(dir, choice, &engine)?));
         Ok(())
     })
 }

@@ -199,6 +199,118 @@ fn captions_match_the_rust_runtime_and_report_the_provider() {
     unsafe { duet_runtime_destroy(rt) };
 }
 
+/// Creates a runtime through `duet_runtime_create_with_options`; `options` None passes NULL.
+fn create_with(
+    dir: &str,
+    options: Option<&DuetRuntimeOptions>,
+) -> (DuetStatus, *mut DuetRuntime, Option<String>) {
+    let dir = cstr(dir);
+    let mut rt = ptr::null_mut();
+    let mut err = ptr::null_mut();
+    let status = unsafe {
+        duet_runtime_create_with_options(
+            dir.as_ptr(),
+            options.map_or(ptr::null(), |o| o as *const _),
+            &mut rt,
+            &mut err,
+        )
+    };
+    (status, rt, take(err))
+}
+
+fn report(rt: *const DuetRuntime) -> String {
+    let mut out = ptr::null_mut();
+    assert_eq!(
+        unsafe { duet_provider_report(rt, &mut out, ptr::null_mut()) },
+        DuetStatus::Ok
+    );
+    take(out).unwrap()
+}
+
+#[test]
+fn options_name_the_provider_and_the_onnxruntime_library() {
+    let dir = bundle();
+    let path = dir.path().to_str().unwrap();
+    let none = DuetRuntimeOptions {
+        provider: ptr::null(),
+        strict: false,
+        ort_library: ptr::null(),
+        tensorrt_fp16: false,
+        tensorrt_cache_dir: ptr::null(),
+    };
+
+    // NULL options and all-zero options are the defaults: auto, not strict.
+    for options in [None, Some(&none)] {
+        let (s, rt, e) = create_with(path, options);
+        assert_eq!(s, DuetStatus::Ok, "{e:?}");
+        assert!(report(rt).contains("vision_encoder: running on"));
+        unsafe { duet_runtime_destroy(rt) };
+    }
+
+    // A library that is not there, asked for strictly: the error names the path it was given
+    // and nothing else is searched.
+    let tract = cstr("tract");
+    let ort_cpu = cstr("ort-cpu");
+    let missing = cstr("/nonexistent/libonnxruntime.so");
+    let options = DuetRuntimeOptions {
+        provider: ort_cpu.as_ptr(),
+        strict: true,
+        ort_library: missing.as_ptr(),
+        ..none
+    };
+    let (s, rt, e) = create_with(path, Some(&options));
+    assert_eq!(s, DuetStatus::Provider);
+    assert!(rt.is_null());
+    let e = e.unwrap();
+    let want = if cfg!(feature = "ort") {
+        "libonnxruntime not found: looked in /nonexistent/libonnxruntime.so (from"
+    } else {
+        "without the `ort` feature"
+    };
+    assert!(e.contains(want), "{e}");
+
+    // The same options with tract: the library is never needed.
+    let options = DuetRuntimeOptions {
+        provider: tract.as_ptr(),
+        ..options
+    };
+    let (s, rt, e) = create_with(path, Some(&options));
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    assert!(report(rt).contains("caption_decoder: running on tract"));
+    unsafe { duet_runtime_destroy(rt) };
+
+    // The real library, named explicitly.
+    if let Some(lib) = common::ort_lib() {
+        let lib = cstr(lib.to_str().unwrap());
+        let options = DuetRuntimeOptions {
+            provider: ort_cpu.as_ptr(),
+            strict: true,
+            ort_library: lib.as_ptr(),
+            ..none
+        };
+        let (s, rt, e) = create_with(path, Some(&options));
+        assert_eq!(s, DuetStatus::Ok, "{e:?}");
+        assert!(report(rt).contains("caption_decoder: running on ort-cpu"));
+        unsafe { duet_runtime_destroy(rt) };
+    }
+
+    // Bad fields are argument errors naming the field.
+    let gpu = cstr("gpu");
+    let options = DuetRuntimeOptions {
+        provider: gpu.as_ptr(),
+        ..none
+    };
+    let (s, rt, e) = create_with(path, Some(&options));
+    assert_eq!(s, DuetStatus::InvalidArgument);
+    assert!(rt.is_null());
+    assert!(e.unwrap().contains("gpu"));
+    let mut rt = ptr::null_mut();
+    let status =
+        unsafe { duet_runtime_create_with_options(ptr::null(), &none, &mut rt, ptr::null_mut()) };
+    assert_eq!(status, DuetStatus::NullPointer);
+    assert!(rt.is_null());
+}
+
 #[test]
 fn strict_mode_turns_a_skipped_provider_into_an_error() {
     let dir = bundle();

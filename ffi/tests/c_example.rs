@@ -7,8 +7,6 @@ mod c_build;
 #[path = "../../runtime/tests/common/mod.rs"]
 mod common;
 
-use std::process::Command;
-
 use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
 use duet_runtime::{Bundle, Captioner};
 
@@ -64,7 +62,7 @@ fn c_example_captions_like_rust_and_runs_clean() {
     // A bad image is reported by the C program with duet's message, and it exits non-zero.
     let bad = dir.path().join("bad.png");
     std::fs::write(&bad, b"nope").unwrap();
-    let out = Command::new(&exe)
+    let out = c_build::command(&exe, false)
         .args(["--provider", "tract"])
         .arg(&bundle)
         .arg(&bad)
@@ -76,4 +74,39 @@ fn c_example_captions_like_rust_and_runs_clean() {
         stderr.contains("status 5") && stderr.contains("bad.png"),
         "{stderr}"
     );
+
+    // `--ort-lib` goes through `DuetRuntimeOptions.ort_library`: a missing library is the
+    // provider error naming it, the real one runs the graphs on onnxruntime.
+    if cfg!(feature = "ort") {
+        let out = c_build::command(&exe, false)
+            .args(["--provider", "ort-cpu", "--strict", "--ort-lib"])
+            .arg("/nonexistent/libonnxruntime.so")
+            .arg(&bundle)
+            .arg(&images[0])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("duet_runtime_create_with_options failed (status 4)")
+                && stderr.contains("looked in /nonexistent/libonnxruntime.so"),
+            "{stderr}"
+        );
+    }
+    if let Some(lib) = common::ort_lib() {
+        let out = c_build::command(&exe, false)
+            .args(["--provider", "ort-cpu", "--strict", "--ort-lib"])
+            .arg(lib)
+            .arg(&bundle)
+            .arg(&images[0])
+            .env_remove("ORT_DYLIB_PATH")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("caption_decoder: running on ort-cpu"),
+            "{stderr}"
+        );
+    }
 }

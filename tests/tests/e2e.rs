@@ -1115,7 +1115,7 @@ fn c_abi_generates_like_the_rust_runtime() {
     assert_eq!(&written[..header.len()], header);
     assert_eq!(&written[header.len()..], want6.as_raw().as_slice());
     // An unknown word is reported by the C program with duet's message and a non-zero exit.
-    let out = std::process::Command::new(&exe)
+    let out = c_build::command(&exe, false)
         .args(["--provider", "tract"])
         .arg(&g.bundle)
         .arg(&ppm)

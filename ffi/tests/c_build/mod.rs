@@ -68,11 +68,21 @@ pub fn have_valgrind() -> bool {
 }
 
 /// A command running `exe` under valgrind (leak check, errors exit 99) when `valgrind`.
+///
+/// The loader is pointed at the `libduet.so` `exe` was linked against: cargo runs tests with
+/// `LD_LIBRARY_PATH` holding both `target/<profile>/deps` and `target/<profile>`, and a stale
+/// `libduet.so` from an earlier plain `cargo build` in the latter would otherwise win over the
+/// executable's rpath.
 pub fn command(exe: &Path, valgrind: bool) -> Command {
+    let mut c = if valgrind {
+        Command::new("valgrind")
+    } else {
+        Command::new(exe)
+    };
+    c.env("LD_LIBRARY_PATH", lib_dir());
     if !valgrind {
-        return Command::new(exe);
+        return c;
     }
-    let mut c = Command::new("valgrind");
     c.arg(format!(
         "--suppressions={}",
         repo_root().join("examples/c/valgrind.supp").display()

@@ -83,7 +83,7 @@ fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, String> {
         return Ok(std::path::absolute(found).unwrap_or_else(|_| found.clone()));
     }
     let source = if explicit.is_some() {
-        "the --ort-lib option"
+        "the explicit path: --ort-lib, or `ort_library` in the C ABI"
     } else if std::env::var_os("ORT_DYLIB_PATH").is_some_and(|p| !p.is_empty()) {
         "ORT_DYLIB_PATH"
     } else {
