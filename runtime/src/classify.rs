@@ -15,22 +15,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use image::RgbImage;
-use ndarray::{Array1, Array2, ArrayD, Axis, IxDyn};
+use ndarray::{Array1, ArrayD, Axis, IxDyn};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
-use tokenizers::Tokenizer;
 
 use crate::bundle::{Bundle, BundleError};
 use crate::diffusion::{self, DiffusionError, NoiseSchedule, Sampler, SamplerConfig};
+use crate::embed::{EmbedError, Embedder};
 use crate::engine::{Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport, Value};
 use crate::engine_set::EngineSet;
-use crate::generate::{prompt_ids, GenerateError};
-use crate::manifest::{
-    ImageSpec, RestoreSpec, TokenizerSpec, FUSION_HEAD, RESTORER_I2T, RESTORER_T2I, TEXT_ENCODER,
-    VISION_ENCODER,
-};
-use crate::preprocess::{self, ImageError};
+use crate::generate::GenerateError;
+use crate::manifest::{RestoreSpec, FUSION_HEAD, RESTORER_I2T, RESTORER_T2I, TEXT_ENCODER};
+use crate::preprocess::ImageError;
 
 /// Classification failures.
 #[derive(Debug, Error)]
@@ -59,6 +56,27 @@ pub enum ClassifyError {
     Encode { reason: String },
     #[error("graph `{graph}`: {reason}")]
     Shape { graph: String, reason: String },
+}
+
+impl From<EmbedError> for ClassifyError {
+    fn from(e: EmbedError) -> Self {
+        match e {
+            EmbedError::Bundle(e) => ClassifyError::Bundle(e),
+            EmbedError::Engine(e) => ClassifyError::Engine(e),
+            EmbedError::Image(e) => ClassifyError::Image(e),
+            EmbedError::Tokenizer { path, reason } => ClassifyError::Tokenizer { path, reason },
+            EmbedError::Text(e) => e.into(),
+            EmbedError::Shape { graph, reason } => ClassifyError::Shape { graph, reason },
+            EmbedError::NoTextEncoder => ClassifyError::Shape {
+                graph: TEXT_ENCODER.to_owned(),
+                reason: EmbedError::NoTextEncoder.to_string(),
+            },
+            EmbedError::NonFinite { graph, output } => ClassifyError::Shape {
+                reason: format!("returned a non-finite value (NaN or infinity) in `{output}`"),
+                graph,
+            },
+        }
+    }
 }
 
 impl From<GenerateError> for ClassifyError {
@@ -144,16 +162,13 @@ impl Classification {
 
 /// A bundle's classification pipeline, loaded once and reused.
 pub struct Classifier {
-    tokenizer: Tokenizer,
-    vision: Arc<Engine>,
-    text: Arc<Engine>,
+    /// The two encoders (and the tokenizer) that embed what is given.
+    embedder: Embedder,
     t2i: Arc<Engine>,
     i2t: Arc<Engine>,
     head: Arc<Engine>,
     schedule: NoiseSchedule,
     spec: RestoreSpec,
-    image: ImageSpec,
-    tok: TokenizerSpec,
     embed_dim: usize,
     reports: Vec<ProviderReport>,
 }
@@ -186,33 +201,29 @@ impl Classifier {
         let bundle = engines.bundle();
         let m = bundle.manifest();
         let spec = m.restore.clone().ok_or(ClassifyError::NoRestorer)?;
-        let tokenizer = bundle
-            .load_tokenizer()
-            .map_err(|(path, reason)| ClassifyError::Tokenizer { path, reason })?;
         let schedule = NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())?;
-        let mut reports = Vec::with_capacity(5);
+        let embed_dim = m.model.embed_dim;
+        let embedder = Embedder::with_engines(engines)?;
+        if !embedder.embeds_text() {
+            return Err(EmbedError::NoTextEncoder.into());
+        }
+        let mut reports = embedder.reports().to_vec();
         let mut load = |graph: &str| -> Result<Arc<Engine>, ClassifyError> {
             let (engine, report) = engines.get::<ClassifyError>(graph)?;
             reports.push(report);
             Ok(engine)
         };
-        let vision = load(VISION_ENCODER)?;
-        let text = load(TEXT_ENCODER)?;
         let t2i = load(RESTORER_T2I)?;
         let i2t = load(RESTORER_I2T)?;
         let head = load(FUSION_HEAD)?;
         Ok(Self {
-            tokenizer,
-            vision,
-            text,
+            embedder,
             t2i,
             i2t,
             head,
             schedule,
             spec,
-            image: m.image.clone(),
-            tok: m.tokenizer.clone(),
-            embed_dim: m.model.embed_dim,
+            embed_dim,
             reports,
         })
     }
@@ -235,27 +246,15 @@ impl Classifier {
     /// The pooled image embedding `[E]` of an RGB image of any size (resized to the model's
     /// input size if needed, logged).
     pub fn embed_image(&self, image: &RgbImage) -> Result<Vec<f32>, ClassifyError> {
-        let resized = preprocess::resize_for(image, &self.image);
-        let pixels = preprocess::to_pixels(&resized, &self.image)?;
-        let mut outs = self
-            .vision
-            .run(&[("pixels", Value::F32(pixels.into_dyn()))])?;
-        self.row(&mut outs, VISION_ENCODER, "embedding")
+        let mut rows = self.embedder.embed_images(std::slice::from_ref(image))?;
+        Ok(rows.remove(0))
     }
 
     /// The pooled text embedding `[E]`, the text padded to `max_len` as in training. Empty
     /// text, text longer than the model reads and unknown words are errors.
     pub fn embed_text(&self, text: &str) -> Result<Vec<f32>, ClassifyError> {
-        let seq = prompt_ids(&self.tokenizer, &self.tok, 0, text)?;
-        let l = self.tok.max_len;
-        let pad = i64::from(self.tok.pad_id);
-        let ids = Array2::from_shape_fn((1, l), |(_, j)| seq.get(j).copied().unwrap_or(pad));
-        let mask = Array2::from_shape_fn((1, l), |(_, j)| f32::from(u8::from(j < seq.len())));
-        let mut outs = self.text.run(&[
-            ("input_ids", Value::I64(ids.into_dyn())),
-            ("attn_mask", Value::F32(mask.into_dyn())),
-        ])?;
-        self.row(&mut outs, TEXT_ENCODER, "text_embedding")
+        let mut rows = self.embedder.embed_texts(&[text])?;
+        Ok(rows.remove(0))
     }
 
     /// Output `name` of `graph` as one row of `E` values.
