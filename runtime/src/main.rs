@@ -132,7 +132,8 @@ enum Command {
         top: u16,
     },
     /// Embed images and texts in the bundle's shared space: with both, prints their cosine
-    /// similarities and the best-matching text for each image.
+    /// similarities and the best-matching text for each image; with one kind only, prints the
+    /// embeddings as JSON lines (`kind`, `input`, `embedding`).
     Embed {
         /// Bundle directory (texts need a text encoder: a bundle from a generate run or later).
         #[arg(long)]
@@ -515,20 +516,25 @@ fn embed(
             );
         }
     }
-    if let Some(out) = out {
-        let mut lines = String::new();
-        let inputs = images
-            .iter()
-            .map(|p| ("image", p.display().to_string()))
-            .zip(&image_vecs)
-            .chain(texts.iter().map(|t| ("text", t.clone())).zip(&text_vecs));
-        for ((kind, input), v) in inputs {
-            let line = serde_json::json!({ "kind": kind, "input": input, "embedding": v });
-            lines.push_str(&line.to_string());
-            lines.push('\n');
+    let mut lines = String::new();
+    let inputs = images
+        .iter()
+        .map(|p| ("image", p.display().to_string()))
+        .zip(&image_vecs)
+        .chain(texts.iter().map(|t| ("text", t.clone())).zip(&text_vecs));
+    for ((kind, input), v) in inputs {
+        let line = serde_json::json!({ "kind": kind, "input": input, "embedding": v });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    match out {
+        Some(out) => {
+            write_file_atomic(out, lines.as_bytes())?;
+            println!("{}", out.display());
         }
-        write_file_atomic(out, lines.as_bytes())?;
-        println!("{}", out.display());
+        // One kind only: no table to show, so the embeddings themselves are the answer.
+        None if image_vecs.is_empty() || text_vecs.is_empty() => print!("{lines}"),
+        None => {}
     }
     Ok(())
 }

@@ -123,6 +123,30 @@ fn embed_prints_the_similarity_table_and_writes_json_lines() {
     assert!(lines
         .iter()
         .all(|l| l["embedding"].as_array().unwrap().len() == 128));
+
+    // Texts only, no --out: the embeddings themselves go to stdout, the same as in the file.
+    let out = duet()
+        .args(["embed", "--provider", "tract", "--bundle"])
+        .arg(root.join("models/duet-small"))
+        .args(["--text", "grinning face"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let only: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0]["input"], "grinning face");
+    // Same text, batch of one here and of two above: equal up to float rounding.
+    let (a, b) = (
+        only[0]["embedding"].as_array().unwrap(),
+        lines[3]["embedding"].as_array().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-5);
+    }
 }
 
 #[test]
