@@ -340,6 +340,7 @@ pub fn model_spec(c: &ModelConfig) -> ModelSpec {
         text_layers: c.text_layers,
         denoiser_layers: c.denoiser_layers,
         denoiser_patch_size: c.denoiser_patch_size,
+        denoiser_pooled_text: c.denoiser_pooled_text,
     }
 }
 

@@ -6,7 +6,9 @@
 //! computed from the timestep embedding and gates their outputs (zero-initialised, so every
 //! block starts as the identity), cross-attends to the text tokens, and a final modulated
 //! LayerNorm + linear layer maps tokens back to pixel patches. The output has the input's shape
-//! and means ε or v, whichever the run was trained to predict.
+//! and means ε or v, whichever the run was trained to predict. With
+//! `ModelConfig::denoiser_pooled_text` the masked mean of the text tokens, projected, is added
+//! to the timestep embedding too, so the modulation of every block also carries the prompt.
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -69,6 +71,16 @@ fn chunk<B: Backend>(x: &Tensor<B, 2>, k: usize, n: usize) -> Tensor<B, 2> {
     x.clone().slice([0..b, k * d..(k + 1) * d])
 }
 
+/// Mean of `x [B, L, D]` over the positions where `mask [B, L]` is 1 → `[B, D]`. A row with no
+/// valid position (never produced by the tokenizer, which always emits BOS) gives 0.
+pub fn masked_mean<B: Backend>(x: Tensor<B, 3>, mask: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [b, l, d] = x.dims();
+    let summed = (x * mask.clone().reshape([b, l, 1]))
+        .sum_dim(1)
+        .reshape([b, d]);
+    summed / mask.sum_dim(1).clamp_min(1.0)
+}
+
 #[derive(Module, Debug)]
 pub struct DitBlock<B: Backend> {
     /// `D → 6D`: shift, scale, gate for attention, then for the MLP. Zero-initialised.
@@ -122,6 +134,9 @@ pub struct Denoiser<B: Backend> {
     /// Timestep MLP on the sinusoidal features: `D → D → SiLU → D`.
     pub time_fc1: Linear<B>,
     pub time_fc2: Linear<B>,
+    /// `D → D` projection of the pooled text tokens, added to the timestep embedding
+    /// (`ModelConfig::denoiser_pooled_text`). Zero-initialised, so it starts as a no-op.
+    pub text_pool: Option<Linear<B>>,
     pub blocks: Vec<DitBlock<B>>,
     /// `D → 2D`: shift and scale of the final LayerNorm. Zero-initialised.
     pub final_ada: Linear<B>,
@@ -146,6 +161,7 @@ impl<B: Backend> Denoiser<B> {
             ),
             time_fc1: LinearConfig::new(d, d).init(device),
             time_fc2: LinearConfig::new(d, d).init(device),
+            text_pool: cfg.denoiser_pooled_text.then(|| zero_linear(d, d, device)),
             blocks: (0..cfg.denoiser_layers)
                 .map(|_| DitBlock::new(cfg, device))
                 .collect(),
@@ -173,6 +189,10 @@ impl<B: Backend> Denoiser<B> {
         let temb = self
             .time_fc2
             .forward(silu(self.time_fc1.forward(timestep_features(t, d))));
+        let temb = match &self.text_pool {
+            Some(proj) => temb + proj.forward(masked_mean(text.clone(), text_mask.clone())),
+            None => temb,
+        };
         let cond = silu(temb);
         let bias = padding_bias(text_mask);
         for block in &self.blocks {

@@ -106,6 +106,10 @@ pub struct ModelSpec {
     /// Side of the denoiser's pixel patches (0: no generator).
     #[serde(default)]
     pub denoiser_patch_size: usize,
+    /// Whether the denoiser adds the pooled text tokens to its timestep conditioning (the
+    /// graph does the pooling; recorded so the bundle states the architecture it holds).
+    #[serde(default)]
+    pub denoiser_pooled_text: bool,
 }
 
 impl ModelSpec {

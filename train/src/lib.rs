@@ -3,6 +3,9 @@
 pub mod backend;
 pub mod caption_stage;
 pub mod checkpoint;
+// Not in the unit-test build: its instances would be compiled a second time there for nothing.
+#[cfg(not(test))]
+pub mod cpu;
 pub mod datasets;
 pub mod ema;
 pub mod emoji;

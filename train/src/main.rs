@@ -6,25 +6,22 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use duet_diffusion::{Sampler, SamplerConfig};
 use duet_models::Preset;
-use duet_train::backend::{CpuBackend, DeviceKind};
-use duet_train::caption_stage::{fit, FitArgs};
+use duet_train::backend::DeviceKind;
+use duet_train::caption_stage::FitArgs;
 use duet_train::checkpoint::write_json;
+use duet_train::cpu;
 use duet_train::datasets::{folder_kind, FolderKind};
 use duet_train::emoji::{write_emoji_dataset, ArtStyle, EmojiOptions, EmojiSource};
-use duet_train::emoji_eval::{eval_emoji_captions, eval_emoji_retrieval, RetrievalOptions};
-use duet_train::eval::eval_reconstruction;
-use duet_train::eval::{eval_caption, eval_generate, GenerateEvalOptions};
+use duet_train::emoji_eval::RetrievalOptions;
+use duet_train::eval::GenerateEvalOptions;
 use duet_train::fsutil::write_png;
-use duet_train::generate_stage::{fit_generate, GenerateFitArgs, GenerateOutcome};
+use duet_train::generate_stage::{GenerateFitArgs, GenerateOutcome};
 use duet_train::pair_tasks::PairTask;
-use duet_train::restore_eval::{eval_restore, RestoreEvalOptions};
-use duet_train::restore_stage::{
-    fit_fusion, fit_restore, PairFitArgs, FUSION_STAGE, RESTORE_STAGE,
-};
+use duet_train::restore_eval::RestoreEvalOptions;
+use duet_train::restore_stage::{PairFitArgs, FUSION_STAGE, RESTORE_STAGE};
 use duet_train::shapeworld::{write_dataset, SceneConfig};
 use duet_train::unify_stage::{
-    fit_unify, ReconstructionSettings, Stage2Captions, UnifyFitArgs, UnifyOutcome, STAGE1_DIR,
-    STAGE2_DIR,
+    ReconstructionSettings, Stage2Captions, UnifyFitArgs, UnifyOutcome, STAGE1_DIR, STAGE2_DIR,
 };
 
 #[derive(Parser)]
@@ -342,12 +339,8 @@ fn main() -> anyhow::Result<()> {
                     quiet: false,
                 };
                 let outcome = match (kind, stage == FUSION_STAGE) {
-                    (DeviceKind::Cpu, true) => {
-                        fit_fusion::<CpuBackend>(&args, &Default::default())?
-                    }
-                    (DeviceKind::Cpu, false) => {
-                        fit_restore::<CpuBackend>(&args, &Default::default())?
-                    }
+                    (DeviceKind::Cpu, true) => cpu::fit_fusion(&args)?,
+                    (DeviceKind::Cpu, false) => cpu::fit_restore(&args)?,
                     (DeviceKind::Cuda, _) => anyhow::bail!(
                         "--stage {stage} trains small MLPs on cached embeddings; use --device cpu"
                     ),
@@ -387,7 +380,7 @@ fn main() -> anyhow::Result<()> {
                     quiet: false,
                 };
                 let outcome = match kind {
-                    DeviceKind::Cpu => fit_unify::<CpuBackend>(&args, &Default::default())?,
+                    DeviceKind::Cpu => cpu::fit_unify(&args)?,
                     DeviceKind::Cuda => fit_unify_cuda(&args)?,
                 };
                 if outcome.grpo_steps > 0 {
@@ -425,7 +418,7 @@ fn main() -> anyhow::Result<()> {
                     quiet: false,
                 };
                 let outcome = match kind {
-                    DeviceKind::Cpu => fit_generate::<CpuBackend>(&args, &Default::default())?,
+                    DeviceKind::Cpu => cpu::fit_generate(&args)?,
                     DeviceKind::Cuda => fit_generate_cuda(&args)?,
                 };
                 println!(
@@ -456,7 +449,7 @@ fn main() -> anyhow::Result<()> {
                 quiet: false,
             };
             let outcome = match kind {
-                DeviceKind::Cpu => fit::<CpuBackend>(&args, &Default::default())?,
+                DeviceKind::Cpu => cpu::fit_caption(&args)?,
                 DeviceKind::Cuda => fit_cuda(&args)?,
             };
             println!(
@@ -480,10 +473,9 @@ fn main() -> anyhow::Result<()> {
             seed,
             untrained,
         } => {
-            let device = Default::default();
             if stage == RESTORE_STAGE {
                 let opts = RestoreEvalOptions { seed, limit };
-                let report = eval_restore::<burn::backend::NdArray<f32>>(&run, &opts, &device)?;
+                let report = cpu::eval_restore(&run, &opts)?;
                 println!("{report}");
                 let plot_path = run.join("restore_eval.png");
                 write_png(&plot_path, &report.plot())
@@ -502,9 +494,8 @@ fn main() -> anyhow::Result<()> {
                     guidance,
                     ..Default::default()
                 };
-                let (report, pairs) = eval_reconstruction::<burn::backend::NdArray<f32>>(
-                    &run, &data, limit, &settings, seed, &device,
-                )?;
+                let (report, pairs) =
+                    cpu::eval_reconstruction(&run, &data, limit, &settings, seed)?;
                 println!("{report}");
                 // Originals on the odd rows, their rebuilds below them.
                 let mut shown = Vec::new();
@@ -540,8 +531,7 @@ fn main() -> anyhow::Result<()> {
                     untrained,
                     batch: 64,
                 };
-                let (report, images) =
-                    eval_generate::<burn::backend::NdArray<f32>>(&run, &opts, &device)?;
+                let (report, images) = cpu::eval_generate(&run, &opts)?;
                 println!("{report}");
                 let tag = if untrained {
                     "geneval-untrained"
@@ -583,9 +573,7 @@ fn main() -> anyhow::Result<()> {
                     seed,
                     batch: 64,
                 };
-                let (report, pairs) = eval_emoji_retrieval::<burn::backend::NdArray<f32>>(
-                    &run, &data, limit, &opts, &device,
-                )?;
+                let (report, pairs) = cpu::eval_emoji_retrieval(&run, &data, limit, &opts)?;
                 println!("{report}");
                 // Real emoji on the odd rows, the images generated from their names below.
                 let mut shown = Vec::new();
@@ -615,9 +603,7 @@ fn main() -> anyhow::Result<()> {
             }
             let data = data.context("--data is required for --stage caption")?;
             if folder_kind(&data)? == FolderKind::EmojiSplit {
-                let (report, pairs) = eval_emoji_captions::<burn::backend::NdArray<f32>>(
-                    &run, &data, limit, &device,
-                )?;
+                let (report, pairs) = cpu::eval_emoji_captions(&run, &data, limit)?;
                 for (truth, pred) in pairs.iter().take(8) {
                     println!("truth: {truth}\n pred: {pred}");
                 }
@@ -631,8 +617,7 @@ fn main() -> anyhow::Result<()> {
                 )?;
                 return Ok(());
             }
-            let (metrics, examples) =
-                eval_caption::<burn::backend::NdArray<f32>>(&run, &data, limit, &device)?;
+            let (metrics, examples) = cpu::eval_caption(&run, &data, limit)?;
             for (truth, pred) in &examples {
                 println!("truth: {truth}\n pred: {pred}");
             }
@@ -660,13 +645,13 @@ fn parse_sampler(name: &str, eta: f32) -> anyhow::Result<Sampler> {
 #[cfg(feature = "cuda")]
 fn fit_cuda(args: &FitArgs) -> anyhow::Result<duet_train::caption_stage::FitOutcome> {
     let device = duet_train::backend::probe_cuda()?;
-    fit::<duet_train::backend::CudaBackend>(args, &device)
+    duet_train::caption_stage::fit::<duet_train::backend::CudaBackend>(args, &device)
 }
 
 #[cfg(feature = "cuda")]
 fn fit_generate_cuda(args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
     let device = duet_train::backend::probe_cuda()?;
-    fit_generate::<duet_train::backend::CudaBackend>(args, &device)
+    duet_train::generate_stage::fit_generate::<duet_train::backend::CudaBackend>(args, &device)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -677,7 +662,7 @@ fn fit_generate_cuda(_args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome>
 #[cfg(feature = "cuda")]
 fn fit_unify_cuda(args: &UnifyFitArgs) -> anyhow::Result<UnifyOutcome> {
     let device = duet_train::backend::probe_cuda()?;
-    fit_unify::<duet_train::backend::CudaBackend>(args, &device)
+    duet_train::unify_stage::fit_unify::<duet_train::backend::CudaBackend>(args, &device)
 }
 
 #[cfg(not(feature = "cuda"))]

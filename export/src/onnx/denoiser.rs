@@ -35,6 +35,9 @@ pub fn denoiser_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
     ];
     lin(&mut v, "denoiser.time_fc1".into(), d, d);
     lin(&mut v, "denoiser.time_fc2".into(), d, d);
+    if dims.denoiser_pooled_text {
+        lin(&mut v, "denoiser.text_pool".into(), d, d);
+    }
     for i in 0..dims.denoiser_layers {
         let pre = format!("denoiser.blocks.{i}");
         lin(&mut v, format!("{pre}.ada"), d, 6 * d);
@@ -131,7 +134,22 @@ pub fn build_denoiser(weights: &Weights, dims: &GraphDims) -> Result<ModelProto,
     });
     let temb = g.linear(&feats, "denoiser.time_fc1", d, d)?;
     let temb = g.silu(&temb);
-    let temb = g.linear(&temb, "denoiser.time_fc2", d, d)?;
+    let mut temb = g.linear(&temb, "denoiser.time_fc2", d, d)?;
+    if dims.denoiser_pooled_text {
+        // Masked mean of the text tokens (the mask sum is at least 1: BOS is always there;
+        // the Max keeps a hand-made all-zero mask finite, as Burn's clamp does).
+        let pooled = g.scoped("denoiser.text_mean", |g| {
+            let m = g.reshape(&mask, &[0, -1, 1]);
+            let masked = g.mul(&text, &m);
+            let sum = g.reduce_sum(&masked, &[1], false);
+            let count = g.reduce_sum(&mask, &[1], true);
+            let one = g.scalar_f32("one", 1.0);
+            let count = g.max(&count, &one);
+            g.div(&sum, &count)
+        });
+        let proj = g.linear(&pooled, "denoiser.text_pool", d, d)?;
+        temb = g.add(&temb, &proj);
+    }
     let cond = g.silu(&temb);
 
     let bias = g.scoped("denoiser.padding_bias", |g| g.padding_bias(&mask));

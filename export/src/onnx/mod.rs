@@ -276,6 +276,7 @@ pub(crate) mod test_util {
             text_layers: 2,
             denoiser_layers: 2,
             denoiser_patch_size: 4,
+            denoiser_pooled_text: true,
         }
     }
 

@@ -248,6 +248,7 @@ pub fn tiny_spec(vocab: usize) -> ModelSpec {
         text_layers: 2,
         denoiser_layers: 2,
         denoiser_patch_size: 4,
+        denoiser_pooled_text: true,
     }
 }
 

@@ -1,0 +1,110 @@
+//! Every stage and evaluation on the CPU backend, instantiated once, here.
+//!
+//! Training and evaluation are generic over the Burn backend, and every crate that names a
+//! concrete backend compiles its own copy of Burn's whole autodiff and tensor stack for it —
+//! minutes of codegen per crate on two cores. In the dev/test profile (`-O1` for the
+//! workspace) rustc shares generic instances across crates (`share-generics`): a crate links
+//! an instance an upstream crate already compiled instead of compiling it again. So the
+//! CPU entry points are compiled in this library once, and the `duet-train` binary, the
+//! exporter and every test binary that calls them (or the generic functions with these same
+//! backends) link this copy.
+
+use std::path::Path;
+
+use crate::backend::CpuBackend;
+use crate::caption_stage::{FitArgs, FitOutcome, LoadedRun, PreparedData};
+use crate::emoji_eval::{EmojiCaptionReport, EmojiRetrievalReport, RetrievalOptions};
+use crate::eval::{GenerateEvalOptions, ReconstructionReport};
+use crate::generate_stage::{GenerateFitArgs, GenerateOutcome, LoadedGenerator};
+use crate::geneval::GenEvalReport;
+use crate::metrics::CaptionMetrics;
+use crate::restore_eval::{RestoreEvalOptions, RestoreReport};
+use crate::restore_stage::{LoadedRestore, PairFitArgs, PairOutcome};
+use crate::unify_stage::{ReconstructionSettings, UnifyFitArgs, UnifyOutcome};
+
+/// The inference backend of evaluation and export (the training backend without autodiff).
+pub type Infer = burn::backend::NdArray<f32>;
+
+type Pairs = Vec<(image::RgbImage, image::RgbImage)>;
+
+pub fn fit_caption(args: &FitArgs) -> anyhow::Result<FitOutcome> {
+    crate::caption_stage::fit::<CpuBackend>(args, &Default::default())
+}
+
+pub fn fit_generate(args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
+    crate::generate_stage::fit_generate::<CpuBackend>(args, &Default::default())
+}
+
+pub fn fit_unify(args: &UnifyFitArgs) -> anyhow::Result<UnifyOutcome> {
+    crate::unify_stage::fit_unify::<CpuBackend>(args, &Default::default())
+}
+
+pub fn fit_fusion(args: &PairFitArgs) -> anyhow::Result<PairOutcome> {
+    crate::restore_stage::fit_fusion::<CpuBackend>(args, &Default::default())
+}
+
+pub fn fit_restore(args: &PairFitArgs) -> anyhow::Result<PairOutcome> {
+    crate::restore_stage::fit_restore::<CpuBackend>(args, &Default::default())
+}
+
+pub fn load_run(run: &Path) -> anyhow::Result<LoadedRun<Infer>> {
+    crate::caption_stage::load_run::<Infer>(run, &Default::default())
+}
+
+pub fn load_generator(run: &Path, untrained: bool) -> anyhow::Result<LoadedGenerator<Infer>> {
+    crate::generate_stage::load_generator::<Infer>(run, untrained, &Default::default())
+}
+
+pub fn load_restore(run: &Path) -> anyhow::Result<LoadedRestore<Infer>> {
+    crate::restore_stage::load_restore::<Infer>(run, &Default::default())
+}
+
+pub fn caption_samples(run: &LoadedRun<Infer>, data: &PreparedData) -> Vec<String> {
+    crate::caption_stage::caption_samples(run, data, &Default::default())
+}
+
+pub fn eval_caption(
+    run: &Path,
+    data: &Path,
+    limit: Option<usize>,
+) -> anyhow::Result<(CaptionMetrics, Vec<(String, String)>)> {
+    crate::eval::eval_caption::<Infer>(run, data, limit, &Default::default())
+}
+
+pub fn eval_generate(
+    run: &Path,
+    opts: &GenerateEvalOptions,
+) -> anyhow::Result<(GenEvalReport, Vec<image::RgbImage>)> {
+    crate::eval::eval_generate::<Infer>(run, opts, &Default::default())
+}
+
+pub fn eval_reconstruction(
+    run: &Path,
+    data: &Path,
+    limit: Option<usize>,
+    settings: &ReconstructionSettings,
+    seed: u64,
+) -> anyhow::Result<(ReconstructionReport, Pairs)> {
+    crate::eval::eval_reconstruction::<Infer>(run, data, limit, settings, seed, &Default::default())
+}
+
+pub fn eval_emoji_captions(
+    run: &Path,
+    data: &Path,
+    limit: Option<usize>,
+) -> anyhow::Result<(EmojiCaptionReport, Vec<(String, String)>)> {
+    crate::emoji_eval::eval_emoji_captions::<Infer>(run, data, limit, &Default::default())
+}
+
+pub fn eval_emoji_retrieval(
+    run: &Path,
+    data: &Path,
+    limit: Option<usize>,
+    opts: &RetrievalOptions,
+) -> anyhow::Result<(EmojiRetrievalReport, Pairs)> {
+    crate::emoji_eval::eval_emoji_retrieval::<Infer>(run, data, limit, opts, &Default::default())
+}
+
+pub fn eval_restore(run: &Path, opts: &RestoreEvalOptions) -> anyhow::Result<RestoreReport> {
+    crate::restore_eval::eval_restore::<Infer>(run, opts, &Default::default())
+}
