@@ -57,7 +57,8 @@ for bin in "${e2e_bins[@]}"; do
         cd tests
         started=$(date +%s)
         status=0
-        "$bin" 2>&1 || status=$?
+        # --show-output: the measured accuracies and scores the tests print are in every log.
+        "$bin" --show-output 2>&1 || status=$?
         echo "$status $(($(date +%s) - started))" >"$results/$name"
     ) | sed -u "s/^/[$name] /" &
     e2e_jobs+=($!)

@@ -119,7 +119,7 @@ pub struct GenerateTrainConfig {
 impl GenerateTrainConfig {
     /// `(steps, batch_size, lr)` defaults per preset. The tiny denoiser takes a high rate:
     /// on ShapeWorld at 3e-3 (with the pooled-text conditioning) its diffusion loss is 0.024
-    /// after 380 steps where 1e-3 was still at 0.15 after 300, and 800 steps draw the asked
+    /// after 380 steps where 1e-3 was still at 0.15 after 300, and 1,000 steps draw the asked
     /// colour better than 3,000 did at 1e-3 without it (`docs/RESULTS.md`).
     pub fn for_preset(preset: Preset) -> (usize, usize, f64) {
         match preset {
