@@ -34,7 +34,7 @@ use duet_train::unify_stage::{
 type Cpu = NdArray<f32>;
 
 /// Training steps of the shared fixture: what CI can afford on 2 cores. With the tiny preset's
-/// 8 px patches 1,500 steps take about 5 minutes and reach 98% shape accuracy on the
+/// 8 px patches 1,500 steps take 3.5–5 minutes and reach 98% shape accuracy on the
 /// validation scenes; 1,000 steps stop at 80%, below the floor (`docs/RESULTS.md`).
 const CI_STEPS: usize = 1500;
 
@@ -367,7 +367,7 @@ fn bad_inputs_give_clear_errors() {
 
 // ----- generation direction --------------------------------------------------------------------
 
-/// Generate-stage steps of the generator fixture (`DUET_E2E_GEN_STEPS` overrides): about 8
+/// Generate-stage steps of the generator fixture (`DUET_E2E_GEN_STEPS` overrides): 5.5–8
 /// minutes at the tiny preset's learning rate (`docs/RESULTS.md`). 800 steps fell short of the
 /// colour-fidelity floor on this test's prompt set (0.359).
 const CI_GEN_STEPS: usize = 1000;
@@ -471,7 +471,7 @@ fn trained_tiny_generator_beats_untrained_on_colours() {
     );
 }
 
-/// Measured on this fixture: 0.651 (untrained 0.117). Training is seeded and deterministic on
+/// Measured on this fixture: 0.565 (untrained 0.125). Training is seeded and deterministic on
 /// the CPU backend, so the margin covers float differences between machines, not luck.
 const COLOUR_FIDELITY_FLOOR: f64 = 0.4;
 /// Measured: 6 of 20 colour prompts (untrained 0 of 20).
