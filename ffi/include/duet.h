@@ -70,10 +70,10 @@ typedef struct DuetRuntimeOptions {
   const char *provider;
   // Make any provider that had to be skipped an error instead of a fallback.
   bool strict;
-  // Path of the `libonnxruntime` to load; NULL means `ORT_DYLIB_PATH`, then the default
-  // search (`.ort/lib/` in the working directory and its parents, then next to the
-  // executable). An application should set it: the default search is a developer's
-  // convenience, and which library it finds depends on where the process was started.
+  // Path of the `libonnxruntime` to load; NULL means `ORT_DYLIB_PATH`, then two fixed
+  // places: beside the executable, then the `.ort/lib/` of the source tree duet was built
+  // from. Nothing is searched for from the working directory or its parents. An
+  // application should set it: the build-tree place is a developer's convenience.
   const char *ort_library;
   // TensorRT: let it pick fp16 kernels (LayerNorm stays fp32).
   bool tensorrt_fp16;
@@ -124,7 +124,7 @@ const char *duet_version(void);
 // `provider` is `"auto"` (TensorRT → CUDA → ort CPU → tract, first that works), `"tensorrt"`,
 // `"cuda"`, `"ort-cpu"` or `"tract"`; NULL means `"auto"`. With `strict`, any provider that
 // had to be skipped is an error instead of a fallback. onnxruntime is loaded from
-// `ORT_DYLIB_PATH` or `.ort/lib/` (see the README); [`duet_runtime_create_with_options`]
+// `ORT_DYLIB_PATH`, beside the executable or the build tree's `.ort/lib/` (see the README); [`duet_runtime_create_with_options`]
 // names the library explicitly. On success `*out` receives a handle to free with
 // [`duet_runtime_destroy`].
 //

@@ -276,10 +276,10 @@ pub struct DuetRuntimeOptions {
     pub provider: *const c_char,
     /// Make any provider that had to be skipped an error instead of a fallback.
     pub strict: bool,
-    /// Path of the `libonnxruntime` to load; NULL means `ORT_DYLIB_PATH`, then the default
-    /// search (`.ort/lib/` in the working directory and its parents, then next to the
-    /// executable). An application should set it: the default search is a developer's
-    /// convenience, and which library it finds depends on where the process was started.
+    /// Path of the `libonnxruntime` to load; NULL means `ORT_DYLIB_PATH`, then two fixed
+    /// places: beside the executable, then the `.ort/lib/` of the source tree duet was built
+    /// from. Nothing is searched for from the working directory or its parents. An
+    /// application should set it: the build-tree place is a developer's convenience.
     pub ort_library: *const c_char,
     /// TensorRT: let it pick fp16 kernels (LayerNorm stays fp32).
     pub tensorrt_fp16: bool,
@@ -350,7 +350,7 @@ unsafe fn provider_arg(provider: *const c_char, name: &str) -> Result<ProviderCh
 /// `provider` is `"auto"` (TensorRT → CUDA → ort CPU → tract, first that works), `"tensorrt"`,
 /// `"cuda"`, `"ort-cpu"` or `"tract"`; NULL means `"auto"`. With `strict`, any provider that
 /// had to be skipped is an error instead of a fallback. onnxruntime is loaded from
-/// `ORT_DYLIB_PATH` or `.ort/lib/` (see the README); [`duet_runtime_create_with_options`]
+/// `ORT_DYLIB_PATH`, beside the executable or the build tree's `.ort/lib/` (see the README); [`duet_runtime_create_with_options`]
 /// names the library explicitly. On success `*out` receives a handle to free with
 /// [`duet_runtime_destroy`].
 ///

@@ -33,8 +33,8 @@ struct EngineArgs {
     /// Fail instead of falling back when a provider is skipped.
     #[arg(long)]
     strict: bool,
-    /// Path of libonnxruntime (default: $ORT_DYLIB_PATH, then .ort/lib/ near the working
-    /// directory or the executable).
+    /// Path of libonnxruntime (default: $ORT_DYLIB_PATH, then beside the executable, then the
+    /// build tree's .ort/lib/; never searched for from the working directory).
     #[arg(long, value_name = "PATH")]
     ort_lib: Option<PathBuf>,
     /// TensorRT: allow fp16 kernels.

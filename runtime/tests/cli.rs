@@ -398,3 +398,57 @@ fn graph_flops_counts_multiply_adds() {
     let e = duet_runtime::engine::graph_flops(&path, &[("y", &[4, 3])]).unwrap_err();
     assert!(e.contains("no shape given for input `x`"), "{e}");
 }
+
+/// A library planted as `.ort/lib/libonnxruntime.so` in the working directory or any parent of
+/// it is never loaded: the planted file is a real shared library whose constructor would leave
+/// a marker file the moment anything `dlopen`ed it.
+#[test]
+fn a_library_planted_near_the_working_directory_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("planted-code-ran");
+    let lib_dir = dir.path().join(".ort").join("lib");
+    std::fs::create_dir_all(&lib_dir).unwrap();
+    let src = dir.path().join("planted.c");
+    std::fs::write(
+        &src,
+        format!(
+            "#include <stdio.h>\n__attribute__((constructor)) static void planted(void) {{\n\
+             FILE *f = fopen(\"{}\", \"w\"); if (f) fclose(f); }}\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(lib_dir.join("libonnxruntime.so"))
+        .arg(&src)
+        .output()
+        .expect("a C compiler (cc) is needed for this test");
+    assert!(cc.status.success(), "{}", text(&cc.stderr));
+
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir(&bundle).unwrap();
+    caption_bundle(&bundle, -100.0);
+    let img = dir.path().join("a.png");
+    RgbImage::from_pixel(32, 32, Rgb([250, 0, 0]))
+        .save(&img)
+        .unwrap();
+    // The working directory is a child of the planted tree; no library is named, so the
+    // default places are all the runtime may try.
+    let cwd = dir.path().join("work").join("deeper");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .current_dir(&cwd)
+        .env_remove("ORT_DYLIB_PATH")
+        .args(["caption", "--provider", "ort-cpu", "--bundle"])
+        .arg(&bundle)
+        .arg(&img)
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!marker.exists(), "the planted library ran: {stderr}");
+    assert!(
+        !stderr.contains(&lib_dir.display().to_string()),
+        "the planted path was even considered: {stderr}"
+    );
+}

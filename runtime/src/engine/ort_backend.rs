@@ -60,20 +60,25 @@ pub(super) fn library_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         return vec![PathBuf::from(p)];
     }
-    let rel = Path::new(".ort").join("lib").join(lib_file_name());
+    default_candidates(std::env::current_exe().ok().as_deref())
+}
+
+/// The two fixed places a library is loaded from when none is named: beside the executable
+/// (how an application ships it) and the `.ort/lib/` that `scripts/setup.sh` fills in the
+/// source tree this crate was built from (an absolute path fixed at compile time). Never the
+/// working directory or any parent of it, nor the parents of the executable's folder: a
+/// library planted in any of those would run its code inside every `duet` process and every C
+/// host that passes no library path.
+pub(super) fn default_candidates(exe: Option<&Path>) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    if let Ok(cwd) = std::env::current_dir() {
-        out.extend(cwd.ancestors().map(|d| d.join(&rel)));
-    }
-    if let Some(exe_dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
+    if let Some(exe_dir) = exe.and_then(Path::parent).filter(|d| d.is_absolute()) {
         out.push(exe_dir.join(lib_file_name()));
-        out.extend(exe_dir.ancestors().map(|d| d.join(&rel)));
     }
-    let mut seen = std::collections::HashSet::new();
-    out.retain(|p| seen.insert(p.clone()));
+    let built_tree = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|root| root.join(".ort").join("lib").join(lib_file_name()));
+    out.extend(built_tree.filter(|p| p.is_absolute()));
+    out.dedup();
     out
 }
 
@@ -87,7 +92,8 @@ fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, String> {
     } else if std::env::var_os("ORT_DYLIB_PATH").is_some_and(|p| !p.is_empty()) {
         "ORT_DYLIB_PATH"
     } else {
-        "the default search (run scripts/setup-ort.sh, or set ORT_DYLIB_PATH)"
+        "the default places: beside the executable and the build tree's .ort/lib (run \
+         scripts/setup.sh, or set ORT_DYLIB_PATH)"
     };
     let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
     Err(format!(
@@ -540,6 +546,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the executable's own folder and the build tree's `.ort/lib` are default places:
+    /// no working directory, no parent folders (a library planted there would run its code).
+    #[test]
+    fn default_library_places_are_fixed() {
+        let exe = Path::new("/opt/app/bin/duet");
+        let got = default_candidates(Some(exe));
+        let tree = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Path::new("/opt/app/bin").join(lib_file_name()),
+                tree.join(".ort").join("lib").join(lib_file_name()),
+            ]
+        );
+        let cwd = std::env::current_dir().unwrap();
+        assert!(got.iter().all(|p| p.is_absolute()));
+        assert!(!got.contains(&cwd.join(".ort").join("lib").join(lib_file_name())) || cwd == tree);
+        // A relative executable path (not produced by `current_exe`) adds nothing.
+        assert_eq!(default_candidates(Some(Path::new("duet"))).len(), 1);
+    }
 
     /// Cold vs warm TensorRT start is told by the engines cached under the graph's prefix.
     #[test]
