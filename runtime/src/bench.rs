@@ -7,7 +7,6 @@
 //! memory (`VmHWM`) is its own. The parent collects the children's JSON ([`ProviderBench`]),
 //! runs `benchmarks/python/bench.py`, which prints the same JSON, and renders one table.
 
-use std::path::Path;
 use std::time::Instant;
 
 use image::RgbImage;
@@ -490,9 +489,12 @@ pub fn render_markdown(
     md
 }
 
-/// Writes `image` as raw packed RGB for the Python reference (no image library needed there).
-pub fn write_raw_rgb(image: &RgbImage, path: &Path) -> std::io::Result<()> {
-    std::fs::write(path, image.as_raw())
+/// Writes `image` as raw packed RGB for the Python reference (no image library needed there)
+/// into an already opened file, checking the write and the sync.
+pub fn write_raw_rgb(image: &RgbImage, mut file: &std::fs::File) -> std::io::Result<()> {
+    use std::io::Write;
+    file.write_all(image.as_raw())?;
+    file.sync_all()
 }
 
 #[cfg(test)]

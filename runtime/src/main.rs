@@ -540,16 +540,11 @@ fn embed(
 }
 
 /// Writes `bytes` to `out` through a temporary file in the same directory and a rename, so a
-/// reader never sees half a file.
+/// reader never sees half a file. The temporary file is created exclusively (O_EXCL) under an
+/// unpredictable name, so a planted symlink cannot redirect the write, and the write and the
+/// sync are checked before the rename: on a full disk `out` keeps its previous contents.
 fn write_file_atomic(out: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_sibling(out);
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
-    Ok(())
-}
-
-/// `.NAME.tmp-PID` next to `out`.
-fn temp_sibling(out: &Path) -> PathBuf {
+    use std::io::Write;
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -558,7 +553,17 @@ fn temp_sibling(out: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    dir.join(format!(".{name}.tmp-{}", std::process::id()))
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempfile_in(&dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    tmp.persist(out)
+        .map_err(|e| e.error)
+        .with_context(|| format!("renaming into {}", out.display()))?;
+    Ok(())
 }
 
 /// The sampler `--sampler` and `--eta` ask for; `--eta` with a sampler that has no noise is an
@@ -667,14 +672,14 @@ fn generate(
     Ok(())
 }
 
-/// Writes a PNG next to `out` and renames it into place, so an interrupted run never leaves
-/// a truncated image under the requested name.
+/// Encodes a PNG in memory and writes it with [`write_file_atomic`], so an interrupted run or
+/// a full disk never leaves a truncated image under the requested name (`image`'s own `save`
+/// flushes through a buffered writer whose last error is lost on drop).
 fn save_png_atomic(img: &image::RgbImage, out: &Path) -> Result<()> {
-    let tmp = temp_sibling(out);
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
-    Ok(())
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .context("encoding the PNG")?;
+    write_file_atomic(out, &png)
 }
 
 fn info(bundle_dir: Option<&std::path::Path>, ort_lib: Option<PathBuf>) -> Result<()> {
@@ -849,8 +854,15 @@ fn bench(args: BenchArgs<'_>) -> Result<()> {
     let bundle = Bundle::open(args.bundle)
         .with_context(|| format!("opening bundle {}", args.bundle.display()))?;
     let image = bench_image(&bundle, &args)?;
-    let tmp = std::env::temp_dir().join(format!("duet-bench-{}.rgb", std::process::id()));
-    write_raw_rgb(&image, &tmp)?;
+    // An unpredictable, exclusively created name (removed when `tmp_file` drops), written
+    // through its own handle rather than reopened by name.
+    let tmp_file = tempfile::Builder::new()
+        .prefix("duet-bench-")
+        .suffix(".rgb")
+        .tempfile()
+        .context("creating the benchmark's image file")?;
+    let tmp = tmp_file.path().to_owned();
+    write_raw_rgb(&image, tmp_file.as_file())?;
     let exe = std::env::current_exe()?;
     let s = args.settings;
     let steps: Vec<String> = s.steps.iter().map(ToString::to_string).collect();
@@ -918,7 +930,6 @@ fn bench(args: BenchArgs<'_>) -> Result<()> {
         common(&mut cmd);
         record("python-ort-cpu".to_string(), cmd.output());
     }
-    let _ = std::fs::remove_file(&tmp);
     let machine = machine_peak_gflops();
     let mut table = render_markdown(&results, &skipped, s, machine.as_ref());
     if let Some(rust) = results.iter().find(|r| r.provider == "ort-cpu") {
