@@ -952,9 +952,7 @@ fn bench(args: BenchArgs<'_>) -> Result<()> {
             results.first().map(|r| r.caption.as_str()).unwrap_or(""),
             command.join(" ")
         );
-        let tmp_out = out.with_extension("md.tmp");
-        std::fs::write(&tmp_out, doc)?;
-        std::fs::rename(&tmp_out, out)?;
+        write_file_atomic(out, doc.as_bytes())?;
         eprintln!("wrote {}", out.display());
     }
     Ok(())
