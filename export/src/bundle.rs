@@ -140,9 +140,15 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
     }
     let generator = src.generator.as_ref();
 
-    let staging = sibling(&opts.out, "staging")?;
+    // Staged in a fresh directory beside the destination, created exclusively under an
+    // unpredictable name (nothing planted there can redirect the writes); removed on error.
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| io_err(parent, source))?;
+    }
+    let staging_dir =
+        duet_fsio::temp_dir_beside(&opts.out).map_err(|source| io_err(&opts.out, source))?;
+    let staging = staging_dir.path().to_path_buf();
     let result = (|| {
-        std::fs::create_dir_all(&staging).map_err(|source| io_err(&staging, source))?;
         let (vision_cases, decoder_cases) = parity_inputs(&src, &device)?;
         let mut jobs = vec![
             (
@@ -305,15 +311,9 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
         })?;
         Ok((parity, manifest))
     })();
-    let (parity, manifest) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            // Best effort: a failed export's staging directory is garbage.
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
-        }
-    };
-    publish(&staging, &opts.out)?;
+    // On error the staging directory goes with `staging_dir`'s drop.
+    let (parity, manifest) = result?;
+    publish(staging_dir, &opts.out)?;
     Ok(ExportReport {
         bundle: opts.out.clone(),
         parity,
@@ -766,26 +766,6 @@ fn io_err(path: &Path, source: std::io::Error) -> ExportError {
     }
 }
 
-/// `<parent>/.<name>.<tag>-<pid>`: a scratch path on the same filesystem as `out`, so the final
-/// renames are atomic.
-fn sibling(out: &Path, tag: &str) -> Result<PathBuf, ExportError> {
-    let name = out.file_name().ok_or_else(|| {
-        io_err(
-            out,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no directory name"),
-        )
-    })?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    Ok(parent.join(format!(
-        ".{}.{tag}-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
-}
-
 /// Entries of the bundle directory `dir` that are neither its manifest nor a file the manifest
 /// lists (a model card, evaluation files, notes): what replacing `dir` would delete. An
 /// unreadable manifest lists nothing, so everything but it counts.
@@ -818,14 +798,13 @@ fn unlisted_entries(dir: &Path) -> Result<Vec<String>, ExportError> {
 /// empty, or a bundle (has a manifest) holding nothing its manifest does not list: anything
 /// else is a user's directory or a user's files (a model card next to the graphs), never
 /// deleted.
-fn publish(staging: &Path, out: &Path) -> Result<(), ExportError> {
+fn publish(staging: duet_fsio::TempDir, out: &Path) -> Result<(), ExportError> {
     if out.exists() {
         let is_bundle = out.join(MANIFEST_FILE).is_file();
         let is_empty = std::fs::read_dir(out)
             .map(|mut d| d.next().is_none())
             .unwrap_or(false);
         if !(is_bundle || is_empty) {
-            let _ = std::fs::remove_dir_all(staging);
             return Err(ExportError::OutputNotBundle {
                 path: out.to_owned(),
             });
@@ -833,41 +812,36 @@ fn publish(staging: &Path, out: &Path) -> Result<(), ExportError> {
         if is_bundle {
             let others = unlisted_entries(out)?;
             if !others.is_empty() {
-                let _ = std::fs::remove_dir_all(staging);
                 return Err(ExportError::OutputHasOtherFiles {
                     path: out.to_owned(),
                     others,
                 });
             }
         }
-        let old = sibling(out, "old")?;
-        std::fs::rename(out, &old).map_err(|source| io_err(out, source))?;
-        if let Err(source) = std::fs::rename(staging, out) {
-            // Put the previous bundle back so a failed publish loses nothing.
-            let _ = std::fs::rename(&old, out);
-            return Err(io_err(out, source));
-        }
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| io_err(parent, source))?;
-        }
-        std::fs::rename(staging, out).map_err(|source| io_err(out, source))?;
     }
-    Ok(())
+    // The previous bundle is moved aside and removed only once the new one is in place; a
+    // failed swap puts it back.
+    duet_fsio::replace_dir(staging, out).map_err(|source| io_err(out, source))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A staging directory holding a new bundle's manifest and one graph.
-    fn staging(root: &Path) -> PathBuf {
-        let dir = root.join(".staging");
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::write(dir.join("g.onnx"), b"new").unwrap();
-        std::fs::write(dir.join(MANIFEST_FILE), r#"{"files": {"g.onnx": "x"}}"#).unwrap();
-        dir
+    /// A staging directory holding a new bundle's manifest and one graph, and its path.
+    fn staging(root: &Path) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::Builder::new()
+            .prefix(".staging")
+            .tempdir_in(root)
+            .unwrap();
+        std::fs::write(dir.path().join("g.onnx"), b"new").unwrap();
+        std::fs::write(
+            dir.path().join(MANIFEST_FILE),
+            r#"{"files": {"g.onnx": "x"}}"#,
+        )
+        .unwrap();
+        let path = dir.path().to_path_buf();
+        (dir, path)
     }
 
     fn old_bundle(out: &Path) {
@@ -886,11 +860,13 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let out = root.path().join("bundle");
         old_bundle(&out);
-        let staged = staging(root.path());
-        publish(&staged, &out).unwrap();
+        let (staged, staged_path) = staging(root.path());
+        publish(staged, &out).unwrap();
         assert_eq!(std::fs::read(out.join("g.onnx")).unwrap(), b"new");
         assert!(!out.join("old.onnx").exists(), "the old bundle's graphs go");
-        assert!(!staged.exists());
+        assert!(!staged_path.exists());
+        let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the bundle is left beside it");
     }
 
     #[test]
@@ -901,8 +877,8 @@ mod tests {
         std::fs::write(out.join("MODEL_CARD.md"), b"# card").unwrap();
         std::fs::create_dir(out.join("eval")).unwrap();
         std::fs::write(out.join("eval/eval.json"), b"{}").unwrap();
-        let staged = staging(root.path());
-        let err = publish(&staged, &out).unwrap_err();
+        let (staged, staged_path) = staging(root.path());
+        let err = publish(staged, &out).unwrap_err();
         match &err {
             ExportError::OutputHasOtherFiles { path, others } => {
                 assert_eq!(path, &out);
@@ -918,7 +894,7 @@ mod tests {
         assert_eq!(std::fs::read(out.join("g.onnx")).unwrap(), b"old");
         assert_eq!(std::fs::read(out.join("MODEL_CARD.md")).unwrap(), b"# card");
         assert!(out.join("eval/eval.json").is_file());
-        assert!(!staged.exists());
+        assert!(!staged_path.exists());
     }
 
     #[test]
@@ -927,8 +903,8 @@ mod tests {
         let out = root.path().join("notes");
         std::fs::create_dir(&out).unwrap();
         std::fs::write(out.join("todo.txt"), b"keep").unwrap();
-        let staged = staging(root.path());
-        let err = publish(&staged, &out).unwrap_err();
+        let (staged, _) = staging(root.path());
+        let err = publish(staged, &out).unwrap_err();
         assert!(
             matches!(err, ExportError::OutputNotBundle { .. }),
             "{err:?}"
@@ -937,8 +913,8 @@ mod tests {
 
         let empty = root.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
-        let staged = staging(root.path());
-        publish(&staged, &empty).unwrap();
+        let (staged, _) = staging(root.path());
+        publish(staged, &empty).unwrap();
         assert_eq!(std::fs::read(empty.join("g.onnx")).unwrap(), b"new");
     }
 }

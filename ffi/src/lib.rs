@@ -7,12 +7,14 @@
 //!   out-parameters (captions, reports) are freed the same way.
 //! - Handles are opaque: every `*_create` has a `*_destroy`; destroying NULL is a no-op.
 //! - No panic crosses the boundary: every entry point runs under `catch_unwind`, and a panic
-//!   becomes `DUET_STATUS_PANIC` with its message.
+//!   becomes `DUET_STATUS_PANIC` with its message and location. Nothing is written to the
+//!   host's stderr: the panic hook is silent for panics the boundary catches.
 //! - Thread safety: a `DuetRuntime` may be used from any number of threads at once (the
 //!   onnxruntime sessions are behind a mutex, tract plans are immutable); only
 //!   `duet_runtime_destroy` needs exclusive access, after every other call on the handle has
 //!   returned.
 
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -117,10 +119,12 @@ struct Failure {
 }
 
 impl Failure {
+    /// Control characters (from a hostile bundle's strings) are escaped: the host may print
+    /// the message to a terminal.
     fn new(status: DuetStatus, message: impl Into<String>) -> Self {
         Failure {
             status,
-            message: message.into(),
+            message: duet_runtime::bundle::escape_controls(&message.into()),
         }
     }
 }
@@ -203,8 +207,40 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_string())
 }
 
-/// Runs `f` behind the boundary guarantees: clears `*error`, catches panics, turns failures
-/// into a status and an error string.
+thread_local! {
+    /// How many boundary calls this thread is inside (a callback could nest them).
+    static INSIDE_BOUNDARY: Cell<u32> = const { Cell::new(0) };
+    /// Where the last caught panic happened, for its message.
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` catching any panic, with the process's panic hook silenced for it: the default
+/// hook would print the message to the host's stderr, which belongs to the host; the message
+/// goes into the error string instead.
+fn catch_quietly<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if INSIDE_BOUNDARY.with(Cell::get) == 0 {
+                // Not ours to silence (a Rust host's own panic): the usual report.
+                previous(info);
+                return;
+            }
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()));
+            PANIC_LOCATION.with(|p| *p.borrow_mut() = at);
+        }));
+    });
+    INSIDE_BOUNDARY.with(|c| c.set(c.get() + 1));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    INSIDE_BOUNDARY.with(|c| c.set(c.get() - 1));
+    result
+}
+
+/// Runs `f` behind the boundary guarantees: clears `*error`, catches panics (silently, see
+/// [`catch_quietly`]), turns failures into a status and an error string.
 ///
 /// # Safety
 /// `error` must be NULL or point to writable storage for one pointer.
@@ -212,13 +248,19 @@ unsafe fn guard(error: *mut *mut c_char, f: impl FnOnce() -> Result<(), Failure>
     if !error.is_null() {
         *error = ptr::null_mut();
     }
-    let failure = match catch_unwind(AssertUnwindSafe(f)) {
+    let failure = match catch_quietly(f) {
         Ok(Ok(())) => return DuetStatus::Ok,
         Ok(Err(f)) => f,
-        Err(p) => Failure::new(
-            DuetStatus::Panic,
-            format!("internal panic: {}", panic_text(p.as_ref())),
-        ),
+        Err(p) => {
+            let at = PANIC_LOCATION
+                .with(|l| l.borrow_mut().take())
+                .map(|l| format!(" at {l}"))
+                .unwrap_or_default();
+            Failure::new(
+                DuetStatus::Panic,
+                format!("internal panic{at}: {}", panic_text(p.as_ref())),
+            )
+        }
     };
     if !error.is_null() {
         *error = c_string(&failure.message);
@@ -434,7 +476,7 @@ pub unsafe extern "C" fn duet_runtime_destroy(runtime: *mut DuetRuntime) {
         return;
     }
     // Dropping cannot be allowed to unwind into C either.
-    let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(runtime))));
+    let _ = catch_quietly(|| drop(Box::from_raw(runtime)));
 }
 
 /// Which provider runs each graph and why others were skipped, one line per fact. `*out` is
@@ -781,4 +823,53 @@ fn caption_one(rt: &DuetRuntime, img: preprocess::RgbImage) -> Result<String, Fa
     captions
         .pop()
         .ok_or_else(|| Failure::new(DuetStatus::Inference, "no caption was produced"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic caught at the boundary becomes `DUET_STATUS_PANIC` with its message and
+    /// location, and writes nothing to stderr (the host's). Run in a child process so that
+    /// its stderr can be read whole: the test binary re-runs this one test with `--nocapture`.
+    #[test]
+    fn a_caught_panic_is_reported_and_prints_nothing() {
+        const CHILD: &str = "DUET_FFI_PANIC_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let mut error = ptr::null_mut();
+            // SAFETY: `error` is writable; the message is freed below.
+            let status = unsafe { guard(&mut error, || panic!("planted failure 4217")) };
+            assert_eq!(status, DuetStatus::Panic);
+            // SAFETY: set by `guard` to a string from `c_string`.
+            let message = unsafe { CStr::from_ptr(error) }
+                .to_string_lossy()
+                .into_owned();
+            assert!(message.contains("planted failure 4217"), "{message}");
+            assert!(message.contains("ffi/src/lib.rs:"), "{message}");
+            // SAFETY: from `c_string`, freed once.
+            unsafe { duet_string_free(error) };
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::a_caught_panic_is_reported_and_prints_nothing",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
+        assert!(
+            stdout.contains("1 passed"),
+            "the child ran no test:\n{stdout}"
+        );
+        assert!(
+            !stderr.contains("planted failure") && !stderr.contains("panicked"),
+            "the caught panic reached stderr:\n{stderr}"
+        );
+    }
 }

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{graph_flops, EngineOptions, ProviderChoice, ValueView};
+use crate::engine::{graph_flops_of, EngineOptions, ProviderChoice, ValueView};
 use crate::manifest::DENOISER;
 use crate::{Bundle, Captioner, Classifier, Error, GenerateOptions, Generator};
 
@@ -289,8 +289,8 @@ pub fn run_provider(
         out.denoiser_call = Some(time(settings.warmup, settings.runs * 3, || {
             den.run_views(&inputs).map(drop)
         })?);
-        out.denoiser_flops = graph_flops(
-            &bundle.graph_path(DENOISER)?,
+        out.denoiser_flops = graph_flops_of(
+            &bundle.graph_bytes(DENOISER)?,
             &[
                 ("x", &[2, m.channels, side, side]),
                 ("timestep", &[2]),

@@ -1,18 +1,28 @@
 //! Opening and verifying a bundle directory.
 //!
 //! A bundle is only trusted after [`Bundle::open`] has checked, in this order: the manifest
-//! parses, its schema version is the one this runtime understands, every file name is a plain
-//! name inside the bundle, every listed file exists with the recorded sha256, and the required
-//! graphs declare exactly the I/O of `docs/ARCHITECTURE.md`. Each failure is a typed
-//! [`BundleError`] naming the file or the manifest field, so a user can tell a truncated
-//! download from an exporter/runtime version mismatch.
+//! is a regular file under its size cap and parses with no key repeated, its schema version is
+//! the one this runtime understands, every file name is a plain name inside the bundle, every
+//! dimension is inside the bounds of [`limits`] (checked arithmetic, before anything is
+//! allocated from them), the required graphs declare exactly the I/O of
+//! `docs/ARCHITECTURE.md`, and every listed file is a regular file (not a symlink), read once
+//! under its cap, with the recorded sha256. Graphs and the tokenizer are later loaded from
+//! those same bytes, never read again from disk, so a file swapped after the check is never
+//! loaded. Each failure is a typed [`BundleError`] naming the file or the manifest field, so a
+//! user can tell a truncated download from an exporter/runtime version mismatch.
 
-use std::fs::File;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
+use duet_fsio::{Cap, Follow, ReadError};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+use crate::engine::{IoInfo, MODEL_FILE_CAP};
 
 use crate::manifest::{
     DType, DimSpec, GraphSpec, Manifest, TensorSpec, CAPTION_DECODER, DENOISER, FUSION_HEAD,
@@ -40,6 +50,12 @@ pub enum BundleError {
         #[source]
         source: io::Error,
     },
+    /// A bundle file that is not one to read: a symlink, a FIFO or device, over its size cap.
+    #[error("bundle file refused: {0}")]
+    File(ReadError),
+    /// A loaded graph whose real inputs or outputs differ from what the manifest declares.
+    #[error("graph `{graph}` does not match the manifest: {reason}")]
+    GraphMismatch { graph: String, reason: String },
     #[error("{} is not valid manifest JSON: {source}", path.display())]
     Json {
         path: PathBuf,
@@ -50,16 +66,85 @@ pub enum BundleError {
 
 fn bad(field: impl Into<String>, reason: impl Into<String>) -> BundleError {
     BundleError::BadManifest {
-        field: field.into(),
-        reason: reason.into(),
+        field: escape_controls(&field.into()),
+        reason: escape_controls(&reason.into()),
     }
 }
 
-/// A verified bundle: its directory and parsed manifest.
-#[derive(Debug, Clone)]
+/// `s` with control characters (ANSI escapes, carriage returns, NULs) written as escapes, so a
+/// hostile manifest's strings cannot drive the terminal that prints an error about them.
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Hard upper bounds on what a manifest may ask for, checked before anything is allocated from
+/// it. Generous for the models duet trains (the shipped `small` bundle uses 32 px images, 128
+/// wide, 48 tokens), small enough that no bundle can make the runtime allocate gigabytes.
+pub mod limits {
+    /// Side of the square input image, in pixels.
+    pub const MAX_IMAGE_SIZE: usize = 1024;
+    /// Model width, embedding width.
+    pub const MAX_WIDTH: usize = 8192;
+    /// Attention heads.
+    pub const MAX_HEADS: usize = 256;
+    /// Layers of any stack.
+    pub const MAX_LAYERS: usize = 256;
+    /// MLP ratio.
+    pub const MAX_MLP_RATIO: usize = 64;
+    /// Vocabulary size.
+    pub const MAX_VOCAB: usize = 1 << 20;
+    /// Tokens per sequence (model and tokenizer).
+    pub const MAX_SEQ_LEN: usize = 4096;
+    /// Image patches or denoiser tokens per image.
+    pub const MAX_TOKENS: usize = 16384;
+    /// Bytes of one sequence's KV cache (`2 · layers · max_len · d_model · 4`).
+    pub const MAX_KV_CACHE_BYTES: usize = 1 << 30;
+    /// Diffusion training timesteps (length of `alphas_cumprod`).
+    pub const MAX_TIMESTEPS: usize = 100_000;
+    /// Classes of the fusion head.
+    pub const MAX_CLASSES: usize = 100_000;
+    /// Files listed in the manifest.
+    pub const MAX_FILES: usize = 64;
+    /// All listed files together, in bytes.
+    pub const MAX_BUNDLE_BYTES: u64 = 4 << 30;
+}
+
+/// The largest `manifest.json` read (the shipped one is 68 KB).
+pub const MANIFEST_CAP: Cap = Cap::new(16 << 20, "a bundle manifest");
+
+/// A verified bundle: its directory, parsed manifest, and the bytes of every file it lists,
+/// read once and hashed (cheap to clone: the bytes are shared).
+#[derive(Clone)]
 pub struct Bundle {
     dir: PathBuf,
     manifest: Manifest,
+    files: Arc<BTreeMap<String, Arc<[u8]>>>,
+}
+
+impl fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sizes: BTreeMap<&str, usize> = self
+            .files
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.len()))
+            .collect();
+        f.debug_struct("Bundle")
+            .field("dir", &self.dir)
+            .field("name", &self.manifest.name)
+            .field("file_bytes", &sizes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Bundle {
@@ -67,20 +152,14 @@ impl Bundle {
     pub fn open(dir: impl AsRef<Path>) -> Result<Bundle, BundleError> {
         let dir = dir.as_ref().to_path_buf();
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = match std::fs::read_to_string(&manifest_path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(BundleError::MissingFile {
-                    path: manifest_path,
-                })
-            }
-            Err(source) => {
-                return Err(BundleError::Io {
-                    path: manifest_path,
-                    source,
-                })
-            }
-        };
+        let text = duet_fsio::read_capped_text(&manifest_path, MANIFEST_CAP, Follow::No)
+            .map_err(file_error)?;
+        // serde_json keeps the last of two equal keys without a word; a manifest that says two
+        // things about one field is refused instead.
+        serde_json::from_str::<NoDuplicateKeys>(&text).map_err(|source| BundleError::Json {
+            path: manifest_path.clone(),
+            source,
+        })?;
         // Check the version before the full parse: a future schema may not deserialize into
         // these types at all, and "unsupported version" is the useful message then.
         let raw: serde_json::Value =
@@ -108,9 +187,14 @@ impl Bundle {
                 path: manifest_path,
                 source,
             })?;
-        verify_files(&dir, &manifest)?;
+        check_file_names(&manifest)?;
         validate_manifest(&manifest)?;
-        Ok(Bundle { dir, manifest })
+        let files = read_files(&dir, &manifest)?;
+        Ok(Bundle {
+            dir,
+            manifest,
+            files: Arc::new(files),
+        })
     }
 
     /// The bundle directory as given to [`Bundle::open`].
@@ -128,12 +212,99 @@ impl Bundle {
         self.manifest.graph(name)
     }
 
-    /// Path of the ONNX file of graph `name`.
+    /// Path of the ONNX file of graph `name` (for messages: load from [`Bundle::graph_bytes`]).
     pub fn graph_path(&self, name: &str) -> Result<PathBuf, BundleError> {
         let g = self
             .graph(name)
             .ok_or_else(|| bad("graphs", format!("no graph named `{name}`")))?;
         Ok(self.dir.join(&g.file))
+    }
+
+    /// The verified bytes of graph `name`'s ONNX file, as read and hashed by [`Bundle::open`].
+    pub fn graph_bytes(&self, name: &str) -> Result<Arc<[u8]>, BundleError> {
+        let g = self
+            .graph(name)
+            .ok_or_else(|| bad("graphs", format!("no graph named `{name}`")))?;
+        self.file_bytes(&g.file)
+            .ok_or_else(|| bad(format!("graphs[{name}].file"), "not listed in `files`"))
+    }
+
+    /// The verified bytes of a file listed in the manifest.
+    pub fn file_bytes(&self, file: &str) -> Option<Arc<[u8]>> {
+        self.files.get(file).cloned()
+    }
+
+    /// Checks a loaded graph's real inputs (names, element types, fixed axes) and outputs
+    /// against what the manifest declares for it, so a graph swapped between roles or a
+    /// manifest that lies about a dimension is refused when the graph loads, not at the first
+    /// inference.
+    pub fn check_loaded_graph(
+        &self,
+        name: &str,
+        inputs: &[IoInfo],
+        outputs: &[String],
+    ) -> Result<(), BundleError> {
+        let g = self
+            .graph(name)
+            .ok_or_else(|| bad("graphs", format!("no graph named `{name}`")))?;
+        let mismatch = |reason: String| BundleError::GraphMismatch {
+            graph: name.to_string(),
+            reason: escape_controls(&reason),
+        };
+        let declared: Vec<&str> = g.inputs.iter().map(|t| t.name.as_str()).collect();
+        let real: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+        let (mut d_sorted, mut r_sorted) = (declared.clone(), real.clone());
+        d_sorted.sort_unstable();
+        r_sorted.sort_unstable();
+        if d_sorted != r_sorted {
+            return Err(mismatch(format!(
+                "the graph's inputs are [{}], the manifest declares [{}]",
+                real.join(", "),
+                declared.join(", ")
+            )));
+        }
+        for info in inputs {
+            let spec = g.input(&info.name).expect("same names, checked above");
+            if info.dtype != Some(spec.dtype) {
+                let real = info
+                    .dtype
+                    .map_or("an unsupported type".to_string(), |d| d.to_string());
+                return Err(mismatch(format!(
+                    "input `{}` is {real}, the manifest says {}",
+                    info.name, spec.dtype
+                )));
+            }
+            let Some(dims) = &info.dims else { continue };
+            if dims.len() != spec.shape.len() {
+                return Err(mismatch(format!(
+                    "input `{}` has rank {}, the manifest says {spec}",
+                    info.name,
+                    dims.len()
+                )));
+            }
+            for (axis, (real, declared)) in dims.iter().zip(&spec.shape).enumerate() {
+                // A fixed axis in the graph must be that number in the manifest; a dynamic one
+                // accepts whatever the manifest fixes it to.
+                if let Some(n) = real {
+                    if *declared != DimSpec::Fixed(*n) {
+                        return Err(mismatch(format!(
+                            "input `{}` axis {axis} is {n} in the graph, `{declared}` in the manifest",
+                            info.name
+                        )));
+                    }
+                }
+            }
+        }
+        for t in &g.outputs {
+            if !outputs.contains(&t.name) {
+                return Err(mismatch(format!(
+                    "the manifest declares output `{}`, the graph's outputs are [{}]",
+                    t.name,
+                    outputs.join(", ")
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Path of `tokenizer.json` (or whatever the manifest names it).
@@ -145,9 +316,27 @@ impl Bundle {
     /// on failure returns the file and the reason (each pipeline wraps them in its own error).
     pub fn load_tokenizer(&self) -> Result<tokenizers::Tokenizer, (PathBuf, String)> {
         let path = self.tokenizer_path();
-        let tokenizer = match tokenizers::Tokenizer::from_file(&path) {
-            Ok(t) => t,
-            Err(e) => return Err((path, e.to_string())),
+        let Some(bytes) = self.file_bytes(&self.manifest.tokenizer.file) else {
+            return Err((path, "not listed in `files`".to_string()));
+        };
+        // Valid JSON first (a typed error for the common damage), then the tokenizers crate
+        // under `catch_unwind`: 0.22 panics (`expect("Helper")`) on a `decoder` that matches
+        // none of its forms, which a hostile bundle can hold (kept in the fuzz corpus).
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            return Err((path, format!("not valid JSON: {e}")));
+        }
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes));
+        let tokenizer = match parsed {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err((path, escape_controls(&e.to_string()))),
+            Err(_) => {
+                return Err((
+                    path,
+                    "the tokenizers library could not read it (it panicked on a malformed \
+                     section)"
+                        .to_string(),
+                ))
+            }
         };
         let (vocab, want) = (
             tokenizer.get_vocab_size(true),
@@ -163,12 +352,81 @@ impl Bundle {
     }
 }
 
-/// Lowercase hex sha256 of a file, streamed (graphs can be large).
+/// Lowercase hex sha256 of a file (a regular file under the graph size cap).
 pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
+    let bytes = duet_fsio::read_capped(path, MODEL_FILE_CAP, Follow::Yes).map_err(|e| match e {
+        ReadError::Io { source, .. } => source,
+        ReadError::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, e.to_string()),
+        other => io::Error::other(other.to_string()),
+    })?;
+    Ok(sha256_hex(&bytes))
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn file_error(e: ReadError) -> BundleError {
+    match e {
+        ReadError::NotFound { path } => BundleError::MissingFile { path },
+        ReadError::Io { path, source } => BundleError::Io { path, source },
+        other => BundleError::File(other),
+    }
+}
+
+/// Accepts any JSON value and fails on an object that repeats a key (at any depth).
+struct NoDuplicateKeys;
+
+impl<'de> Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeysVisitor)
+    }
+}
+
+struct NoDuplicateKeysVisitor;
+
+impl<'de> Visitor<'de> for NoDuplicateKeysVisitor {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(de::Error::custom(format!(
+                    "key {:?} appears twice in one object",
+                    escape_controls(&key)
+                )));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(NoDuplicateKeys)
+    }
 }
 
 /// True for a name that stays inside the bundle directory: one normal path component, no
@@ -184,15 +442,23 @@ pub fn is_plain_file_name(name: &str) -> bool {
     )
 }
 
-fn verify_files(dir: &Path, m: &Manifest) -> Result<(), BundleError> {
+/// Names and digests, before any file is opened.
+fn check_file_names(m: &Manifest) -> Result<(), BundleError> {
     if m.files.is_empty() {
         return Err(bad("files", "no files listed"));
     }
+    if m.files.len() > limits::MAX_FILES {
+        return Err(bad(
+            "files",
+            format!("{} files (at most {})", m.files.len(), limits::MAX_FILES),
+        ));
+    }
     for (name, expected) in &m.files {
-        if !is_plain_file_name(name) {
+        if !is_plain_file_name(name) || name == MANIFEST_FILE {
             return Err(bad(
                 format!("files[{name:?}]"),
-                "not a plain file name inside the bundle (no `/`, `..` or absolute paths)",
+                "not a plain file name inside the bundle (no `/`, `..`, absolute paths or the \
+                 manifest itself)",
             ));
         }
         let expected_norm = expected.to_ascii_lowercase();
@@ -202,26 +468,153 @@ fn verify_files(dir: &Path, m: &Manifest) -> Result<(), BundleError> {
                 format!("`{expected}` is not a sha256 hex digest"),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Reads every listed file once — regular files only, symlinks not followed, each under the
+/// graph cap and all under [`limits::MAX_BUNDLE_BYTES`] — and checks its sha256 on those bytes.
+fn read_files(dir: &Path, m: &Manifest) -> Result<BTreeMap<String, Arc<[u8]>>, BundleError> {
+    let mut files = BTreeMap::new();
+    let mut total = 0u64;
+    for (name, expected) in &m.files {
         let path = dir.join(name);
-        if !path.is_file() {
-            return Err(BundleError::MissingFile { path });
+        let bytes =
+            duet_fsio::read_capped(&path, MODEL_FILE_CAP, Follow::No).map_err(file_error)?;
+        total = total.saturating_add(bytes.len() as u64);
+        if total > limits::MAX_BUNDLE_BYTES {
+            return Err(bad(
+                "files",
+                format!(
+                    "the listed files are larger than {} bytes together",
+                    limits::MAX_BUNDLE_BYTES
+                ),
+            ));
         }
-        let actual = sha256_file(&path).map_err(|source| BundleError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        if actual != expected_norm {
+        let actual = sha256_hex(&bytes);
+        if actual != expected.to_ascii_lowercase() {
             return Err(BundleError::HashMismatch {
-                file: name.clone(),
-                expected: expected.clone(),
+                file: escape_controls(name),
+                expected: escape_controls(expected),
                 actual,
             });
         }
+        files.insert(name.clone(), Arc::from(bytes));
+    }
+    Ok(files)
+}
+
+/// `v` within `1 ..= max`, or the manifest error naming `field`.
+fn bounded(field: &str, v: usize, max: usize) -> Result<(), BundleError> {
+    if v == 0 {
+        return Err(bad(field, "must be > 0"));
+    }
+    if v > max {
+        return Err(bad(field, format!("{v} is over the limit of {max}")));
+    }
+    Ok(())
+}
+
+/// The size limits of [`limits`] on the model's dimensions, with checked arithmetic, so that
+/// nothing derived from them later (patches, KV cache, logits) can wrap or allocate without end.
+fn check_bounds(m: &Manifest) -> Result<(), BundleError> {
+    use limits::*;
+    let s = &m.model;
+    bounded("model.image_size", s.image_size, MAX_IMAGE_SIZE)?;
+    bounded("model.channels", s.channels, 4)?;
+    bounded("model.patch_size", s.patch_size, MAX_IMAGE_SIZE)?;
+    bounded("model.d_model", s.d_model, MAX_WIDTH)?;
+    bounded("model.n_heads", s.n_heads, MAX_HEADS)?;
+    bounded("model.decoder_layers", s.decoder_layers, MAX_LAYERS)?;
+    bounded("model.embed_dim", s.embed_dim, MAX_WIDTH)?;
+    bounded("model.vocab_size", s.vocab_size, MAX_VOCAB)?;
+    bounded("model.max_len", s.max_len, MAX_SEQ_LEN)?;
+    bounded("tokenizer.max_len", m.tokenizer.max_len, MAX_SEQ_LEN)?;
+    for (field, v) in [
+        ("model.vision_layers", s.vision_layers),
+        ("model.text_layers", s.text_layers),
+        ("model.denoiser_layers", s.denoiser_layers),
+    ] {
+        if v > MAX_LAYERS {
+            return Err(bad(field, format!("{v} is over the limit of {MAX_LAYERS}")));
+        }
+    }
+    if s.mlp_ratio > MAX_MLP_RATIO {
+        return Err(bad(
+            "model.mlp_ratio",
+            format!("{} is over the limit of {MAX_MLP_RATIO}", s.mlp_ratio),
+        ));
+    }
+    if s.denoiser_patch_size > MAX_IMAGE_SIZE {
+        return Err(bad(
+            "model.denoiser_patch_size",
+            format!(
+                "{} is over the limit of {MAX_IMAGE_SIZE}",
+                s.denoiser_patch_size
+            ),
+        ));
+    }
+    if m.image.size > MAX_IMAGE_SIZE {
+        return Err(bad(
+            "image.size",
+            format!("{} is over the limit of {MAX_IMAGE_SIZE}", m.image.size),
+        ));
+    }
+    if m.tokenizer.max_len > s.max_len {
+        return Err(bad(
+            "tokenizer.max_len",
+            format!(
+                "{} but the decoder's positions stop at model.max_len {}",
+                m.tokenizer.max_len, s.max_len
+            ),
+        ));
+    }
+    if s.num_patches() > MAX_TOKENS || s.denoiser_tokens() > MAX_TOKENS {
+        return Err(bad(
+            "model.patch_size",
+            format!("more than {MAX_TOKENS} patches per image"),
+        ));
+    }
+    let kv = [2, s.decoder_layers, s.max_len, s.d_model, 4]
+        .into_iter()
+        .try_fold(1usize, usize::checked_mul);
+    if kv.is_none_or(|b| b > MAX_KV_CACHE_BYTES) {
+        return Err(bad(
+            "model.max_len",
+            format!(
+                "a KV cache of {} layers × {} tokens × {} wide is over {MAX_KV_CACHE_BYTES} bytes",
+                s.decoder_layers, s.max_len, s.d_model
+            ),
+        ));
+    }
+    for (field, len) in [
+        (
+            "diffusion.alphas_cumprod",
+            m.diffusion.as_ref().map(|d| d.alphas_cumprod.len()),
+        ),
+        (
+            "restore.alphas_cumprod",
+            m.restore.as_ref().map(|r| r.alphas_cumprod.len()),
+        ),
+    ] {
+        if len.is_some_and(|n| n > MAX_TIMESTEPS) {
+            return Err(bad(field, format!("more than {MAX_TIMESTEPS} timesteps")));
+        }
+    }
+    if m.restore
+        .as_ref()
+        .is_some_and(|r| r.classes.len() > MAX_CLASSES)
+    {
+        return Err(bad(
+            "restore.classes",
+            format!("more than {MAX_CLASSES} classes"),
+        ));
     }
     Ok(())
 }
 
 fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
+    check_bounds(m)?;
     let s = &m.model;
     let positive = [
         ("model.image_size", s.image_size),
@@ -304,11 +697,23 @@ fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
         return Err(bad("tokenizer.max_len", "must be >= 2 (BOS and EOS)"));
     }
     let mut seen = std::collections::BTreeSet::new();
+    let mut files_seen = std::collections::BTreeSet::from([t.file.as_str()]);
     for g in &m.graphs {
         if !seen.insert(g.name.as_str()) {
             return Err(bad(
                 format!("graphs[{}]", g.name),
                 "graph name listed twice",
+            ));
+        }
+        // One file per role: a file named by two graphs (or by a graph and the tokenizer)
+        // would load the same bytes as two different things.
+        if !files_seen.insert(g.file.as_str()) {
+            return Err(bad(
+                format!("graphs[{}].file", g.name),
+                format!(
+                    "`{}` is already the file of another graph or the tokenizer",
+                    g.file
+                ),
             ));
         }
         if !m.files.contains_key(&g.file) {

@@ -41,8 +41,10 @@ impl<'b> EngineSet<'b> {
         if let Some((engine, report)) = self.loaded.get(graph) {
             return Ok((Arc::clone(engine), report.clone()));
         }
-        let path = self.bundle.graph_path(graph)?;
-        let (engine, report) = Engine::load(path, graph, self.choice, &self.options)?;
+        let bytes = self.bundle.graph_bytes(graph)?;
+        let (engine, report) = Engine::load_bytes(bytes, graph, self.choice, &self.options)?;
+        self.bundle
+            .check_loaded_graph(graph, engine.inputs(), engine.outputs())?;
         let engine = Arc::new(engine);
         self.loaded
             .insert(graph.to_owned(), (Arc::clone(&engine), report.clone()));

@@ -26,6 +26,11 @@ use crate::manifest::{ModelSpec, TokenizerSpec, DENOISER, TEXT_ENCODER};
 /// Most images one call generates (each costs `steps` denoiser evaluations).
 pub const MAX_BATCH: usize = 64;
 
+/// The longest prompt handed to the tokenizer, in bytes. A prompt that fits the model
+/// (`tokenizer.max_len` tokens, 48 in the shipped bundle) is far shorter; the bound keeps a
+/// megabytes-long prompt from costing the tokenizer gigabytes before it is refused.
+pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
+
 /// Generation failures.
 #[derive(Debug, Error)]
 pub enum GenerateError {
@@ -389,6 +394,15 @@ pub(crate) fn prompt_ids(
 ) -> Result<Vec<i64>, GenerateError> {
     if prompt.trim().is_empty() {
         return Err(GenerateError::EmptyPrompt { index });
+    }
+    if prompt.len() > MAX_PROMPT_BYTES {
+        return Err(GenerateError::Encode {
+            index,
+            reason: format!(
+                "it is {} bytes; at most {MAX_PROMPT_BYTES} are read",
+                prompt.len()
+            ),
+        });
     }
     let enc = tokenizer
         .encode(prompt, false)

@@ -166,8 +166,8 @@ enum Command {
         /// Timed runs per measurement.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
         runs: u16,
-        /// Sampler steps of the generation rows.
-        #[arg(long, value_delimiter = ',', default_value = "10,20,50")]
+        /// Sampler steps of the generation rows (each 1 ..= 1000).
+        #[arg(long, value_delimiter = ',', default_value = "10,20,50", value_parser = sampler_steps)]
         steps: Vec<usize>,
         /// Batch size of the throughput rows.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -334,7 +334,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -348,10 +348,12 @@ fn caption(
 ) -> Result<()> {
     let bundle = Bundle::open(bundle_dir)
         .with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
-    // Decode every image before loading models so a bad path fails fast.
+    // Decode every image before loading models so a bad path fails fast; each is reduced to
+    // the model's size as soon as it is decoded, so only one full-size image is ever held.
+    let spec = &bundle.manifest().image;
     let loaded = images
         .iter()
-        .map(preprocess::load_image)
+        .map(|p| preprocess::load_image_for(p, spec))
         .collect::<Result<Vec<_>, _>>()?;
     let captioner = Captioner::new(&bundle, engine.provider, &engine.options())
         .context("loading the captioning graphs")?;
@@ -381,7 +383,11 @@ fn caption(
         decode_steps +=
             (ids.iter().map(Vec::len).max().unwrap_or(0) + 1).min(max_len.saturating_sub(1));
         for (path, ids) in paths.iter().zip(&ids) {
-            println!("{}\t{}", path.display(), captioner.decode_tokens(ids)?);
+            println!(
+                "{}\t{}",
+                tsv_field(&path.to_string_lossy()),
+                captioner.decode_tokens(ids)?
+            );
         }
     }
     eprintln!(
@@ -463,12 +469,28 @@ fn embed(
     if images.is_empty() && texts.is_empty() {
         anyhow::bail!("nothing to embed: give --image FILE and/or --text TEXT");
     }
+    if let Some(out) = out {
+        check_out_dir(out)?;
+        // Writing the embeddings over one of the images they came from would lose it.
+        if let Ok(out_real) = std::fs::canonicalize(out) {
+            for image in images {
+                if std::fs::canonicalize(image).is_ok_and(|i| i == out_real) {
+                    anyhow::bail!(
+                        "--out {} is one of the input images; choose another file",
+                        out.display()
+                    );
+                }
+            }
+        }
+    }
     let bundle = Bundle::open(bundle_dir)
         .with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
-    // Decode every image before loading models so a bad file fails fast.
+    // Decode every image before loading models so a bad file fails fast, each reduced to the
+    // model's size at once (one full-size image in memory at a time).
+    let spec = &bundle.manifest().image;
     let decoded = images
         .iter()
-        .map(preprocess::load_image)
+        .map(|p| preprocess::load_image_for(p, spec))
         .collect::<Result<Vec<_>, _>>()?;
     let embedder = duet_runtime::Embedder::new(&bundle, engine.provider, &engine.options())
         .context("loading the encoders")?;
@@ -539,31 +561,66 @@ fn embed(
     Ok(())
 }
 
-/// Writes `bytes` to `out` through a temporary file in the same directory and a rename, so a
-/// reader never sees half a file. The temporary file is created exclusively (O_EXCL) under an
-/// unpredictable name, so a planted symlink cannot redirect the write, and the write and the
-/// sync are checked before the rename: on a full disk `out` keeps its previous contents.
+/// Writes `bytes` to `out` atomically ([`duet_fsio::write_atomic`]: an O_EXCL temporary file
+/// beside it, every write and the sync checked, then a rename), so a reader never sees half a
+/// file and a full disk leaves the previous contents.
 fn write_file_atomic(out: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
+    duet_fsio::write_atomic(out, bytes).with_context(|| format!("writing {}", out.display()))
+}
+
+/// `--steps` of `duet bench`: a number of sampler steps, 1 ..= 1000 (0 would measure nothing
+/// and print an empty table).
+fn sampler_steps(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=1000) => Ok(n),
+        Ok(n) => Err(format!("{n} steps: must be 1 ..= 1000")),
+        Err(e) => Err(format!("`{s}` is not a number of steps: {e}")),
+    }
+}
+
+/// The directory `out` will be written in must exist: checked before any work, so a typo costs
+/// nothing.
+fn check_out_dir(out: &Path) -> Result<()> {
     let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
     };
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-"))
-        .tempfile_in(&dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("writing {}", tmp.path().display()))?;
-    tmp.persist(out)
-        .map_err(|e| e.error)
-        .with_context(|| format!("renaming into {}", out.display()))?;
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "cannot write {}: the directory {} does not exist",
+            out.display(),
+            dir.display()
+        );
+    }
     Ok(())
+}
+
+/// A file name as one TSV field: unchanged unless it holds a tab, newline or other control
+/// character, which would split the line; then quoted with those escaped.
+fn tsv_field(s: &str) -> String {
+    if s.chars().any(char::is_control) {
+        format!("{s:?}")
+    } else {
+        s.to_string()
+    }
+}
+
+/// An error and its causes on one line, each cause said once: a cause whose text its parent
+/// already includes (`thiserror` messages often embed their source) is not repeated, and
+/// control characters are escaped so that no message can drive the terminal.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    duet_runtime::bundle::escape_controls(&line)
 }
 
 /// The sampler `--sampler` and `--eta` ask for; `--eta` with a sampler that has no noise is an
@@ -610,6 +667,8 @@ fn generate(
     {
         anyhow::bail!("--out {} must end in .png", out.display());
     }
+    // A missing directory is said now, not after minutes of sampling.
+    check_out_dir(out)?;
     // Row-major: each prompt's `count` images side by side.
     let prompts: Vec<&str> = prompt
         .iter()
@@ -829,7 +888,7 @@ struct BenchArgs<'a> {
 fn bench_image(bundle: &Bundle, args: &BenchArgs<'_>) -> Result<image::RgbImage> {
     let spec = &bundle.manifest().image;
     if let Some(path) = args.image {
-        return Ok(preprocess::resize_for(&preprocess::load_image(path)?, spec));
+        return Ok(preprocess::load_image_for(path, spec)?);
     }
     if bundle.manifest().diffusion.is_none() {
         anyhow::bail!("this bundle has no generator to draw a benchmark image: pass --image");

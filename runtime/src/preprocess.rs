@@ -4,10 +4,13 @@
 //! so it is a separate, visible step ([`resize_for`]) that the CLI takes and logs, while library
 //! callers and tests get an error instead of a silent resample.
 
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
+use duet_fsio::{Cap, Follow, ReadError};
 use image::imageops::{self, FilterType};
 pub use image::RgbImage;
+use image::{DynamicImage, ImageReader, Limits, Rgb};
 use ndarray::Array4;
 use thiserror::Error;
 
@@ -16,11 +19,13 @@ use crate::manifest::ImageSpec;
 /// Image loading and preprocessing failures.
 #[derive(Debug, Error)]
 pub enum ImageError {
-    #[error("cannot read image {}: {source}", path.display())]
+    /// Missing, not a regular file (a FIFO or device is refused without blocking), over
+    /// [`IMAGE_FILE_CAP`], or unreadable; the error names the path.
+    #[error("image: {source}")]
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: ReadError,
     },
     #[error("cannot decode image {}: {reason}", path.display())]
     Decode { path: PathBuf, reason: String },
@@ -30,18 +35,70 @@ pub enum ImageError {
     Channels { channels: usize },
 }
 
-/// Reads and decodes an image file (format guessed from the content), converted to RGB8.
+/// The largest image file read.
+pub const IMAGE_FILE_CAP: Cap = Cap::new(64 << 20, "an image file");
+/// The largest side of an image the decoder accepts, in pixels.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+/// The most memory one decode may allocate (an 8,192² RGBA image is 256 MiB).
+pub const MAX_DECODE_BYTES: u64 = 256 << 20;
+
+/// Reads and decodes an image file (format guessed from the content) into RGB8: a regular file
+/// under [`IMAGE_FILE_CAP`], decoded within [`MAX_IMAGE_SIDE`] and [`MAX_DECODE_BYTES`], and
+/// an alpha channel composited over white as the training data was ([`flatten_over_white`]).
 pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage, ImageError> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| ImageError::Read {
-        path: path.to_path_buf(),
-        source,
+    let bytes = duet_fsio::read_capped(path, IMAGE_FILE_CAP, Follow::Yes).map_err(|source| {
+        ImageError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
-    let img = image::load_from_memory(&bytes).map_err(|e| ImageError::Decode {
+    decode_image(&bytes).map_err(|reason| ImageError::Decode {
         path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    Ok(img.to_rgb8())
+        reason,
+    })
+}
+
+/// Decodes image bytes as [`load_image`] does; the error is the decoder's reason.
+pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, String> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| e.to_string())?;
+    Ok(flatten_over_white(img))
+}
+
+/// RGB8 of `img`, with any alpha composited over white: `c·a + 255·(1 − a)` per channel,
+/// rounded, the transform the Emoji-CLDR training images went through (`duet-train`'s
+/// `render_art`), so a transparent PNG is seen at inference as it was in training rather than
+/// with the hidden colours of its transparent pixels.
+pub fn flatten_over_white(img: DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.into_rgb8();
+    }
+    let rgba = img.into_rgba8();
+    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        let a = f32::from(p[3]) / 255.0;
+        let over = |c: u8| {
+            (f32::from(c) * a + 255.0 * (1.0 - a))
+                .round()
+                .clamp(0.0, 255.0) as u8
+        };
+        Rgb([over(p[0]), over(p[1]), over(p[2])])
+    })
+}
+
+/// [`load_image`] then [`resize_for`]: one full-size image in memory at a time, however many
+/// files a command is given.
+pub fn load_image_for(path: impl AsRef<Path>, spec: &ImageSpec) -> Result<RgbImage, ImageError> {
+    let img = load_image(path)?;
+    Ok(resize_for(&img, spec))
 }
 
 /// Resizes `img` to the spec's `size × size` (Triangle filter, aspect ratio not kept: the

@@ -100,3 +100,27 @@ fn shipped_bundle_reproduces_its_cards_held_out_emoji_captions() {
         );
     }
 }
+
+/// A transparent emoji is seen at inference as it was in training: the runtime's image loader
+/// and the trainer's `render_art` give the same pixels for one RGBA file (alpha over white,
+/// rounded the same way), so a user's PNG with an alpha channel is not read with the hidden
+/// colours of its transparent pixels.
+#[test]
+fn the_runtime_reads_transparent_images_as_training_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rgba.png");
+    let art = image::RgbaImage::from_fn(64, 64, |x, y| {
+        image::Rgba([
+            (x * 4) as u8,
+            (y * 4) as u8,
+            ((x + y) * 2) as u8,
+            ((x * 7 + y * 3) % 256) as u8,
+        ])
+    });
+    art.save(&path).unwrap();
+    let trained = duet_train::emoji::render_art(&path, 64).unwrap();
+    let inferred = duet_runtime::preprocess::load_image(&path).unwrap();
+    assert_eq!(trained, inferred);
+    // Not trivially equal: the hidden colours would differ (alpha 0 at the origin is white).
+    assert_eq!(inferred.get_pixel(0, 0), &image::Rgb([255, 255, 255]));
+}

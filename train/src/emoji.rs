@@ -610,35 +610,23 @@ pub fn write_emoji_dataset(
         entries.retain(|e| keep.contains(&e.record.base));
     }
 
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "emoji".into());
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = write_into(
-        &tmp,
+    // Built in a fresh directory beside `out` (exclusive, unpredictable name: nothing planted
+    // can redirect it), removed on error, swapped in whole on success.
+    let tmp = duet_fsio::temp_dir_beside(out).map_err(io_err(&parent))?;
+    let summary = write_into(
+        tmp.path(),
         entries,
         opts,
         &attribution,
         index.skipped_without_art,
         command,
-    );
-    let summary = match result {
-        Ok(summary) => summary,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    if out.exists() {
-        fs::remove_dir_all(out).map_err(io_err(out))?;
-    }
-    fs::rename(&tmp, out).map_err(io_err(out))?;
+    )?;
+    duet_fsio::replace_dir(tmp, out).map_err(io_err(out))?;
     Ok(summary)
 }
 

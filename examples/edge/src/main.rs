@@ -1,73 +1,142 @@
 //! `duet-edge`: the smallest useful duet program for a device. It opens and verifies a bundle,
 //! loads its graphs on tract (pure Rust: no shared libraries, no onnxruntime) and
 //!
-//! - `duet-edge caption BUNDLE IMAGE...` prints one caption per image (`PATH<TAB>CAPTION`);
-//! - `duet-edge generate BUNDLE OUT.png PROMPT [STEPS [SEED]]` draws the prompt into a PNG
-//!   (the bundle's default steps and seed 0 when not given).
+//! - `duet-edge caption BUNDLE IMAGE...` prints one caption per image (`PATH<TAB>CAPTION`,
+//!   the path quoted when it holds a tab, newline or other control character);
+//! - `duet-edge generate BUNDLE OUT.png PROMPT [--steps N] [--seed S]` draws the prompt into a
+//!   PNG (the bundle's default steps and seed 0 when not given), written atomically: a failed
+//!   write leaves any previous `OUT.png` whole and exits non-zero.
 //!
-//! Copy it as the starting point of an embedded integration. Arguments are parsed by hand
-//! rather than with clap to keep the binary as small as the runtime allows.
+//! Copy it as the starting point of an embedded integration. Arguments are parsed by clap, as
+//! in the main CLI: a non-UTF-8 or unexpected argument is a usage error, never a panic or
+//! silently ignored.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
 use duet_runtime::{preprocess, Bundle, Captioner, Generator};
 
-const USAGE: &str = "usage: duet-edge caption BUNDLE IMAGE...\n       duet-edge generate BUNDLE OUT.png PROMPT [STEPS [SEED]]";
+#[derive(Parser)]
+#[command(
+    name = "duet-edge",
+    version,
+    about = "Caption and generate with a duet bundle on tract"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some(command), Some(bundle_dir)) = (args.first(), args.get(1)) else {
-        bail!("{USAGE}");
-    };
-    let rest = &args[2..];
-    let bundle =
-        Bundle::open(bundle_dir).with_context(|| format!("opening bundle {bundle_dir}"))?;
+#[derive(Subcommand)]
+enum Command {
+    /// One caption per image: `PATH<TAB>CAPTION`.
+    Caption {
+        /// The bundle directory.
+        bundle: PathBuf,
+        /// Images (any size: each is resized to the model's).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Draws PROMPT into OUT (a PNG).
+    Generate {
+        /// The bundle directory.
+        bundle: PathBuf,
+        /// Output PNG; its directory must exist.
+        out: PathBuf,
+        /// What to draw.
+        prompt: String,
+        /// Sampler steps (default: the bundle's).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Seed of the initial noise.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Each cause once (library errors often embed their source already).
+            let mut line = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !line.contains(&text) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&text);
+                }
+            }
+            eprintln!("error: {}", duet_runtime::bundle::escape_controls(&line));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open(dir: &Path) -> anyhow::Result<Bundle> {
+    Bundle::open(dir).with_context(|| format!("opening bundle {}", dir.display()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let tract = ProviderChoice::Only(Provider::Tract);
     let options = EngineOptions::default();
-    match command.as_str() {
-        "caption" => {
-            if rest.is_empty() {
-                bail!("no images given\n{USAGE}");
-            }
+    match cli.command {
+        Command::Caption { bundle, images } => {
+            let bundle = open(&bundle)?;
             let captioner = Captioner::new(&bundle, tract, &options)?;
-            for path in rest {
+            for path in &images {
                 let started = Instant::now();
-                let img = preprocess::load_image(path)?;
+                let img = preprocess::load_image_for(path, captioner.image_spec())?;
                 let caption = captioner
                     .caption_images(std::slice::from_ref(&img))?
                     .pop()
-                    .unwrap_or_default();
-                println!("{path}\t{caption}");
-                eprintln!("{path}: {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+                    .context("the captioner returned no caption")?;
+                let shown = tsv_field(&path.to_string_lossy());
+                println!("{shown}\t{caption}");
+                eprintln!("{shown}: {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
             }
         }
-        "generate" => {
-            let (Some(out), Some(prompt)) = (rest.first(), rest.get(1)) else {
-                bail!("{USAGE}");
+        Command::Generate {
+            bundle,
+            out,
+            prompt,
+            steps,
+            seed,
+        } => {
+            // The output's directory is checked before any sampling, not after.
+            let dir = match out.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
             };
+            anyhow::ensure!(
+                dir.is_dir(),
+                "the directory of {} does not exist",
+                out.display()
+            );
+            let bundle = open(&bundle)?;
             let generator = Generator::new(&bundle, tract, &options)?;
             let mut opts = generator.default_options();
-            if let Some(steps) = rest.get(2) {
-                opts.steps = steps
-                    .parse()
-                    .with_context(|| format!("STEPS `{steps}` is not a number"))?;
+            if let Some(steps) = steps {
+                opts.steps = steps;
             }
-            if let Some(seed) = rest.get(3) {
-                opts.seed = seed
-                    .parse()
-                    .with_context(|| format!("SEED `{seed}` is not a number"))?;
-            }
+            opts.seed = seed;
             let started = Instant::now();
             let image = generator
                 .generate_images(&[prompt.as_str()], &opts)?
                 .pop()
                 .context("no image was produced")?;
-            let out = PathBuf::from(out);
+            let mut png = Vec::new();
             image
-                .save(&out)
+                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .context("encoding the PNG")?;
+            duet_fsio::write_atomic(&out, &png)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("{}", out.display());
             eprintln!(
@@ -76,7 +145,16 @@ fn main() -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64() * 1e3
             );
         }
-        other => bail!("unknown command `{other}`\n{USAGE}"),
     }
     Ok(())
+}
+
+/// A path as one TSV field: as it is when it holds no tab, newline or control character,
+/// otherwise quoted with those escaped, so one line is always one image.
+fn tsv_field(s: &str) -> String {
+    if s.chars().any(char::is_control) {
+        format!("{s:?}")
+    } else {
+        s.to_string()
+    }
 }

@@ -14,7 +14,6 @@ pub mod text;
 pub mod vision;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -217,31 +216,9 @@ pub fn save_model(path: impl AsRef<Path>, model: &ModelProto) -> Result<(), Expo
         path: path.to_owned(),
         source,
     };
-    let file_name = path.file_name().ok_or_else(|| {
-        io_err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "path has no file name",
-        ))
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&model_to_bytes(model))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        // Best effort: the temporary file is garbage whether or not removal works.
-        let _ = std::fs::remove_file(&tmp);
-        io_err(e)
-    })
+    // One atomic-write helper for the workspace: O_EXCL temporary file, checked writes and
+    // sync, rename; the old graph stays whole on any error.
+    duet_fsio::write_atomic(path, &model_to_bytes(model)).map_err(io_err)
 }
 
 /// Shared by the graph tests: tiny config, random weights, tract runner, plain-Rust reference

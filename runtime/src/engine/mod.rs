@@ -18,11 +18,18 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
+
+use duet_fsio::{Cap, Follow};
 
 use ndarray::{ArrayD, ArrayViewD};
 use thiserror::Error;
 
 use crate::manifest::DType;
+
+/// The largest ONNX file read: protobuf's own limit for one message (larger graphs keep their
+/// weights as external data, which duet does not write).
+pub const MODEL_FILE_CAP: Cap = Cap::new(2 << 30, "an ONNX graph");
 
 /// A concrete backend/execution provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -266,6 +273,14 @@ pub enum EngineError {
     },
     #[error("graph `{graph}`: model file not found: {}", path.display())]
     ModelNotFound { graph: String, path: PathBuf },
+    /// The model file exists but is not one to read: not a regular file, a symlink where none
+    /// is followed, over the size limit, or unreadable.
+    #[error("graph `{graph}`: {source}")]
+    ModelFile {
+        graph: String,
+        #[source]
+        source: duet_fsio::ReadError,
+    },
     #[error("graph `{graph}`: missing input `{name}`")]
     MissingInput { graph: String, name: String },
     #[error("graph `{graph}`: unknown input `{name}` (inputs are: {expected})")]
@@ -419,12 +434,15 @@ impl<'a> From<ArrayViewD<'a, i64>> for ValueView<'a> {
     }
 }
 
-/// Name and element type of a graph input, as the backend sees it.
+/// Name, element type and declared shape of a graph input, as the backend sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoInfo {
     pub name: String,
     /// `None` when the graph uses an element type duet never feeds (checked by the backend).
     pub dtype: Option<DType>,
+    /// The declared shape, one entry per axis (`Some(n)` fixed, `None` dynamic); `None` when
+    /// the graph does not declare the rank.
+    pub dims: Option<Vec<Option<usize>>>,
 }
 
 enum Backend {
@@ -469,16 +487,32 @@ impl Engine {
         options: &EngineOptions,
     ) -> Result<(Engine, ProviderReport), EngineError> {
         let path = path.as_ref();
-        if !path.is_file() {
-            return Err(EngineError::ModelNotFound {
-                graph: graph_name.to_string(),
-                path: path.to_path_buf(),
-            });
-        }
+        let bytes =
+            duet_fsio::read_capped(path, MODEL_FILE_CAP, Follow::Yes).map_err(|e| match e {
+                duet_fsio::ReadError::NotFound { path } => EngineError::ModelNotFound {
+                    graph: graph_name.to_string(),
+                    path,
+                },
+                source => EngineError::ModelFile {
+                    graph: graph_name.to_string(),
+                    source,
+                },
+            })?;
+        Engine::load_bytes(bytes.into(), graph_name, choice, options)
+    }
+
+    /// Loads a graph from the bytes of its ONNX file (what [`crate::Bundle`] hands out after
+    /// hashing them, so the bytes checked are the bytes loaded); see [`Engine::load`].
+    pub fn load_bytes(
+        model: Arc<[u8]>,
+        graph_name: &str,
+        choice: ProviderChoice,
+        options: &EngineOptions,
+    ) -> Result<(Engine, ProviderReport), EngineError> {
         let explicit = matches!(choice, ProviderChoice::Only(_));
         let mut skipped = Vec::new();
         for provider in choice.candidates() {
-            match load_backend(provider, path, options, graph_name) {
+            match load_backend(provider, &model, options, graph_name) {
                 Ok((backend, inputs, outputs)) => {
                     let report = ProviderReport {
                         graph: graph_name.to_string(),
@@ -648,19 +682,19 @@ type Loaded = (Backend, Vec<IoInfo>, Vec<String>);
 
 fn load_backend(
     provider: Provider,
-    path: &Path,
+    model: &Arc<[u8]>,
     options: &EngineOptions,
     graph: &str,
 ) -> Result<Loaded, String> {
     match provider {
         Provider::Tract => {
-            let e = tract_backend::TractEngine::load(path)?;
+            let e = tract_backend::TractEngine::load(model)?;
             let (i, o) = (e.inputs(), e.outputs());
             Ok((Backend::Tract(e), i, o))
         }
         #[cfg(feature = "ort")]
         p => {
-            let e = ort_backend::OrtEngine::load(p, path, options, graph)?;
+            let e = ort_backend::OrtEngine::load(p, Arc::clone(model), options, graph)?;
             let (i, o) = (e.inputs(), e.outputs());
             Ok((Backend::Ort(e), i, o))
         }
@@ -675,7 +709,14 @@ fn load_backend(
 /// FLOPs of one run of the graph at `path` with inputs of the given shapes (tract's cost
 /// model: 2 per multiply-add, 1 per division; a lower bound dominated by matrix products).
 pub fn graph_flops(path: &Path, shapes: &[(&str, &[usize])]) -> Result<u64, String> {
-    tract_backend::graph_flops(path, shapes)
+    let bytes =
+        duet_fsio::read_capped(path, MODEL_FILE_CAP, Follow::Yes).map_err(|e| e.to_string())?;
+    graph_flops_of(&bytes, shapes)
+}
+
+/// [`graph_flops`] of a graph already in memory.
+pub fn graph_flops_of(model: &[u8], shapes: &[(&str, &[usize])]) -> Result<u64, String> {
+    tract_backend::graph_flops(model, shapes)
 }
 
 /// What this process can see of onnxruntime, for `duet info`.

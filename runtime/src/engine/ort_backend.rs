@@ -231,9 +231,19 @@ pub(super) struct OrtEngine {
     outputs: Vec<String>,
     /// What the session was made from, so [`OrtEngine::placement`] can make a profiling twin.
     provider: Provider,
-    path: PathBuf,
+    model: Arc<[u8]>,
     options: EngineOptions,
     graph: String,
+}
+
+/// The declared shape of a tensor input (onnxruntime says -1 for a dynamic axis).
+fn dims_of(t: &ValueType) -> Option<Vec<Option<usize>>> {
+    match t {
+        ValueType::Tensor { shape, .. } => {
+            Some(shape.iter().map(|&d| usize::try_from(d).ok()).collect())
+        }
+        _ => None,
+    }
 }
 
 fn dtype_of(t: &ValueType) -> Option<DType> {
@@ -386,13 +396,13 @@ fn commit(
     mut builder: ort::session::builder::SessionBuilder,
     provider: Provider,
     options: &EngineOptions,
-    path: &Path,
+    model: &[u8],
     graph: &str,
 ) -> Result<Session, String> {
     if provider == Provider::TensorRt {
         log_trt_start(&options.tensorrt, graph);
     }
-    let load = catch_unwind(AssertUnwindSafe(|| builder.commit_from_file(path)));
+    let load = catch_unwind(AssertUnwindSafe(|| builder.commit_from_memory(model)));
     match load {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(format!("onnxruntime could not load the graph: {e}")),
@@ -406,18 +416,19 @@ fn commit(
 impl OrtEngine {
     pub(super) fn load(
         provider: Provider,
-        path: &Path,
+        model: Arc<[u8]>,
         options: &EngineOptions,
         graph: &str,
     ) -> Result<OrtEngine, String> {
         let builder = session_builder(provider, options, graph)?;
-        let session = commit(builder, provider, options, path, graph)?;
+        let session = commit(builder, provider, options, &model, graph)?;
         let inputs = session
             .inputs()
             .iter()
             .map(|o| IoInfo {
                 name: o.name().to_string(),
                 dtype: dtype_of(o.dtype()),
+                dims: dims_of(o.dtype()),
             })
             .collect();
         let outputs = session
@@ -430,7 +441,7 @@ impl OrtEngine {
             inputs,
             outputs,
             provider,
-            path: path.to_path_buf(),
+            model,
             options: options.clone(),
             graph: graph.to_string(),
         })
@@ -444,12 +455,13 @@ impl OrtEngine {
         infos: &[IoInfo],
         ordered: &[&ValueView<'_>],
     ) -> Result<Placement, String> {
-        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let prefix = std::env::temp_dir().join(format!(
-            "duet-profile-{}-{}",
-            std::process::id(),
-            COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
+        // onnxruntime names the profile after this prefix; a private directory (created
+        // exclusively, removed on return) keeps it away from predictable names in /tmp.
+        let private = tempfile::Builder::new()
+            .prefix("duet-profile-")
+            .tempdir()
+            .map_err(|e| format!("creating a directory for the profile: {e}"))?;
+        let prefix = private.path().join("profile");
         let builder = session_builder(self.provider, &self.options, &self.graph)?
             .with_profiling(&prefix)
             .map_err(|e| format!("enabling profiling: {e}"))?;
@@ -457,7 +469,7 @@ impl OrtEngine {
             builder,
             self.provider,
             &self.options,
-            &self.path,
+            &self.model,
             &self.graph,
         )?;
         let feed = feed(infos, ordered).map_err(|(_, e)| e)?;

@@ -14,9 +14,9 @@
 //! concretise the symbols per input-shape signature and cache one plan per signature.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
 
 use super::{IoInfo, Value, ValueView};
 use crate::manifest::DType;
@@ -41,14 +41,20 @@ impl TractEngine {
         self.plan.model().nodes().len()
     }
 
-    pub(super) fn load(path: &Path) -> Result<TractEngine, String> {
+    pub(super) fn load(model: &[u8]) -> Result<TractEngine, String> {
         let load = || -> TractResult<TractEngine> {
-            let model = tract_onnx::onnx().model_for_path(path)?;
+            let model = tract_onnx::onnx().model_for_read(&mut &model[..])?;
             let mut inputs = Vec::new();
             for (ix, outlet) in model.input_outlets()?.iter().enumerate() {
+                let fact = model.input_fact(ix)?;
                 inputs.push(IoInfo {
                     name: model.node(outlet.node).name.clone(),
-                    dtype: dtype_of(model.input_fact(ix)?.datum_type()),
+                    dtype: dtype_of(fact.datum_type()),
+                    dims: fact.shape.concretize().map(|dims| {
+                        dims.iter()
+                            .map(|d| d.to_i64().ok().and_then(|n| usize::try_from(n).ok()))
+                            .collect()
+                    }),
                 });
             }
             let outputs = model
@@ -71,8 +77,8 @@ impl TractEngine {
         // tract reports malformed models as errors; the guard is for the odd assertion deep in
         // an optimiser pass, which must become a skip reason rather than abort the CLI.
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
-            Ok(r) => r.map_err(|e| format!("tract could not load {}: {e:?}", path.display())),
-            Err(_) => Err(format!("tract panicked loading {}", path.display())),
+            Ok(r) => r.map_err(|e| format!("tract could not load the graph: {e:?}")),
+            Err(_) => Err("tract panicked loading the graph".to_string()),
         }
     }
 
@@ -132,14 +138,14 @@ impl TractEngine {
     }
 }
 
-/// Floating-point operations of one run of the ONNX graph at `path` with inputs of the given
+/// Floating-point operations of one run of the ONNX graph `model` with inputs of the given
 /// concrete shapes (all f32 or i64 as the graph declares), from tract's per-op cost model:
 /// 2 FLOPs per fused multiply-add, 1 per division. Used by `duet bench` to report achieved
 /// GFLOP/s; elementwise ops other than those are not counted, so this is a lower bound
 /// dominated by the matrix products.
-pub fn graph_flops(path: &Path, shapes: &[(&str, &[usize])]) -> Result<u64, String> {
+pub fn graph_flops(model: &[u8], shapes: &[(&str, &[usize])]) -> Result<u64, String> {
     let count = || -> TractResult<u64> {
-        let mut model = tract_onnx::onnx().model_for_path(path)?;
+        let mut model = tract_onnx::onnx().model_for_read(&mut &model[..])?;
         for (ix, outlet) in model.input_outlets()?.to_vec().iter().enumerate() {
             let name = model.node(outlet.node).name.clone();
             let Some((_, shape)) = shapes.iter().find(|(n, _)| *n == name) else {
@@ -168,5 +174,5 @@ pub fn graph_flops(path: &Path, shapes: &[(&str, &[usize])]) -> Result<u64, Stri
         }
         Ok(flops)
     };
-    count().map_err(|e| format!("counting FLOPs of {}: {e:?}", path.display()))
+    count().map_err(|e| format!("counting FLOPs: {e:?}"))
 }
