@@ -212,6 +212,27 @@ enum Command {
     },
 }
 
+/// A measuring child ends when `duet bench` does (SIGTERM, Ctrl-C, a crash): on Linux the
+/// kernel sends it SIGTERM when its parent dies, so no worker keeps a core busy after the
+/// command that started it is gone.
+fn die_with_parent(cmd: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: `prctl` is async-signal-safe, the only call between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 /// `duet info | head` must stop quietly when the reader goes away, as every Unix tool does.
 /// Rust starts programs with SIGPIPE ignored, so `println!` would panic on the broken pipe
 /// instead; the default action (end the process) is what a pipeline expects.
@@ -934,6 +955,7 @@ fn bench(args: BenchArgs<'_>) -> Result<()> {
             .arg(s.batch.to_string())
             .arg("--prompt")
             .arg(&s.prompt);
+        die_with_parent(cmd);
     };
     let mut results: Vec<ProviderBench> = Vec::new();
     let mut skipped: Vec<(String, String)> = Vec::new();

@@ -452,3 +452,200 @@ fn a_library_planted_near_the_working_directory_never_runs() {
         "the planted path was even considered: {stderr}"
     );
 }
+
+fn shipped() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/duet-small")
+}
+
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue 19, finding 2: with the disk full (a 100-byte file-size limit makes the write fail
+/// as ENOSPC would), `duet generate -o x.png` used to exit 0 and leave a truncated `x.png`.
+/// Now it fails, the old file is whole, and no temporary file is left.
+#[test]
+fn generate_on_a_full_disk_keeps_the_old_png_and_fails() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    std::fs::write(&out, b"the previous picture").unwrap();
+    let mut cmd = duet();
+    cmd.args([
+        "generate",
+        "--provider",
+        "tract",
+        "--steps",
+        "2",
+        "--bundle",
+    ])
+    .arg(shipped())
+    .arg("-o")
+    .arg(&out)
+    .arg("a large red circle at the top left");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 100,
+                rlim_max: 100,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let stderr = text(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("writing"), "{stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"the previous picture");
+    assert_eq!(entries(dir.path()), vec!["x.png".to_string()]);
+}
+
+/// Issue 19, finding 8 and 7: a missing `-o` directory is said before any sampling;
+/// `bench --steps 0` is a usage error, not an empty table; `embed --out` naming one of its own
+/// images is refused and the image kept; a file name with a newline stays on one TSV line; and
+/// an error's cause is not repeated.
+#[test]
+fn outputs_and_arguments_are_checked_before_the_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = duet()
+        .args(["generate", "--bundle"])
+        .arg(shipped())
+        .arg("-o")
+        .arg(dir.path().join("no-such-dir/x.png"))
+        .arg("a red circle")
+        .output()
+        .unwrap();
+    let stderr = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("no-such-dir does not exist"), "{stderr}");
+    assert!(
+        !stderr.contains("running on"),
+        "graphs were loaded first: {stderr}"
+    );
+
+    let o = duet()
+        .args(["bench", "--steps", "0", "--bundle"])
+        .arg(shipped())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("must be 1 ..= 1000"));
+
+    let img = dir.path().join("pic.png");
+    RgbImage::from_pixel(32, 32, Rgb([200, 0, 0]))
+        .save(&img)
+        .unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let o = duet()
+        .args(["embed", "--provider", "tract", "--bundle"])
+        .arg(shipped())
+        .arg("--image")
+        .arg(&img)
+        .arg("--out")
+        .arg(dir.path().join(".").join("pic.png"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("is one of the input images"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+
+    let odd = dir.path().join("two\nlines.png");
+    std::fs::copy(&img, &odd).unwrap();
+    let o = duet()
+        .args(["caption", "--provider", "tract", "--bundle"])
+        .arg(shipped())
+        .arg(&odd)
+        .output()
+        .unwrap();
+    let stdout = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    assert!(
+        stdout.starts_with('"') && stdout.contains("two\\nlines.png"),
+        "{stdout:?}"
+    );
+
+    // A path under a file: the OS error once, not "Not a directory: Not a directory".
+    let o = duet()
+        .args(["caption", "--provider", "tract", "--bundle"])
+        .arg(img.join("bundle"))
+        .arg(&img)
+        .output()
+        .unwrap();
+    let stderr = text(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(stderr.matches("Not a directory").count(), 1, "{stderr}");
+}
+
+/// Issue 19, finding 8: SIGTERM to `duet bench` used to leave its measuring child running.
+/// The child now ends with its parent.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_terminated_bench_takes_its_worker_with_it() {
+    use std::time::{Duration, Instant};
+    let mut parent = duet()
+        .args([
+            "bench",
+            "--providers",
+            "tract",
+            "--no-python",
+            "--runs",
+            "5000",
+        ])
+        .arg("--bundle")
+        .arg(shipped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = parent.id();
+    let children = format!("/proc/{pid}/task/{pid}/children");
+    let started = Instant::now();
+    let worker: u32 = loop {
+        let list = std::fs::read_to_string(&children).unwrap_or_default();
+        if let Some(first) = list.split_whitespace().next() {
+            break first.parse().unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no worker was started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // SAFETY: signalling a child this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    parent.wait().unwrap();
+    let gone = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    let waited = Instant::now();
+    while !gone(worker) {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "worker {worker} still runs after its parent ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
