@@ -772,9 +772,12 @@ unsafe fn rgb_image(
         .checked_mul(height as usize)
         .and_then(|n| n.checked_mul(3));
     if want != Some(len) {
+        let want = want.map_or("more bytes than memory can address".to_string(), |n| {
+            format!("{n} bytes")
+        });
         return Err(Failure::new(
             DuetStatus::InvalidArgument,
-            format!("`len` is {len} bytes but a {width}x{height} RGB image has {want:?}"),
+            format!("`len` is {len} bytes but a {width}x{height} RGB image has {want}"),
         ));
     }
     let bytes = std::slice::from_raw_parts(rgb, len).to_vec();

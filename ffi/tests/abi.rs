@@ -119,7 +119,10 @@ fn null_pointers_and_bad_arguments_are_errors() {
     let (s, cap, e) = caption_rgb(rt, &img, 8, 9);
     assert_eq!(s, DuetStatus::InvalidArgument);
     assert!(cap.is_none());
-    assert!(e.unwrap().contains("`len` is 192 bytes"));
+    let e = e.unwrap();
+    assert!(e.contains("`len` is 192 bytes"), "{e}");
+    // The expected size is a number, not "Some(216)" (issue 19).
+    assert!(e.ends_with("has 216 bytes"), "{e}");
     let (s, _, e) = caption_rgb(rt, &[], 0, 8);
     assert_eq!(s, DuetStatus::InvalidArgument, "{e:?}");
     let (s, _, e) = caption_rgb(ptr::null(), &img, 8, 8);

@@ -2,8 +2,8 @@
 //! tokenizer JSON, ONNX bytes, image bytes (PNG, JPEG, GIF, BMP, WebP) and the bundle's files
 //! on disk. Each case must end in a typed error or a valid result: no panic (every case runs
 //! under `catch_unwind` and a panic fails the test with the case), no hang (a watchdog aborts
-//! with the case after 60 s), and no single allocation above [`ALLOC_BOUND`] (a counting
-//! global allocator records the largest request).
+//! with the case after 60 s), and no more than [`ALLOC_BOUND`] of memory held at once by the
+//! case (a counting global allocator tracks live bytes and their peak).
 //!
 //! The cases are mutations of real, valid inputs — flipped bits, inserted and deleted bytes,
 //! truncations, and for JSON, values replaced by hostile ones (huge and negative numbers,
@@ -33,29 +33,49 @@ use duet_runtime::{Bundle, Captioner};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// The largest single allocation any case may make. The tiny test bundle needs kilobytes; a
-/// hostile manifest that got past the bounds would ask for gigabytes.
+/// The most memory a case may hold at once above what was live when it started. The tiny test
+/// bundle needs a few megabytes; a hostile manifest that got past the bounds would ask for
+/// gigabytes, and a 10 MB prompt used to cost the tokenizer 1.08 GB.
 const ALLOC_BOUND: usize = 256 << 20;
 
+/// Counts live heap bytes and their peak (process-wide: the campaigns of this file run on
+/// several test threads, so a case's figure includes its neighbours' and errs high).
 struct Counting;
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
 
-// SAFETY: forwards to the system allocator; only records the largest request size.
+fn grew(n: usize) {
+    let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        System.alloc(layout)
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
         System.dealloc(ptr, layout)
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        System.alloc_zeroed(layout)
+        let p = System.alloc_zeroed(layout);
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
+        let p = System.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            grew(new_size);
+        }
+        p
     }
 }
 
@@ -127,9 +147,10 @@ impl Campaign {
     /// `f` returns `Ok` for a valid result or the kind of its typed error.
     fn case(&mut self, what: &str, f: impl FnOnce() -> Result<(), String>) {
         self.heartbeat.store(self.ran as u64, Ordering::Relaxed);
-        LARGEST.store(0, Ordering::Relaxed);
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
         let result = catch_unwind(AssertUnwindSafe(f));
-        let largest = LARGEST.load(Ordering::Relaxed);
+        let largest = PEAK.load(Ordering::Relaxed).saturating_sub(base);
         self.ran += 1;
         match result {
             Ok(Ok(())) => self.ok += 1,
@@ -150,7 +171,7 @@ impl Campaign {
         }
         assert!(
             largest <= ALLOC_BOUND,
-            "fuzz {}: case {} ({what}, seed {}) allocated {largest} bytes at once",
+            "fuzz {}: case {} ({what}, seed {}) held {largest} bytes more at its peak",
             self.name,
             self.ran - 1,
             seed()
@@ -591,4 +612,54 @@ fn fuzz_bundle_files() {
         c.case("damaged bundle directory", || open_and_caption(dir.path()));
     }
     assert!(c.finish() >= 150);
+}
+
+/// Prompts as a hostile caller passes them, through the shipped bundle's tokenizer and prompt
+/// checks (`Generator::encode_prompts`): random bytes, control characters, every word of the
+/// vocabulary, and 10 MB (which used to cost the tokenizer 1.08 GB before it was refused).
+#[test]
+fn fuzz_prompts() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/duet-small");
+    let bundle = Bundle::open(&shipped).unwrap();
+    let generator = duet_runtime::Generator::new(
+        &bundle,
+        ProviderChoice::Only(Provider::Tract),
+        &EngineOptions::default(),
+    )
+    .unwrap();
+    let words = [
+        "a", "large", "small", "red", "green", "blue", "circle", "square", "triangle", "at", "the",
+        "top", "left", "right", "bottom", "grinning", "face", "apple", "and",
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed() ^ 6);
+    let mut c = Campaign::new("prompts");
+    let huge = "red ".repeat(10 << 18);
+    c.case("10 MB prompt", || {
+        generator
+            .encode_prompts(&[huge.as_str()])
+            .map(drop)
+            .map_err(|e| kind(&e))
+    });
+    for _ in 0..cases(300) {
+        let prompt: String = match rng.random_range(0..4) {
+            0 => (0..rng.random_range(1..12))
+                .map(|_| words[rng.random_range(0..words.len())])
+                .collect::<Vec<_>>()
+                .join(" "),
+            1 => (0..rng.random_range(0..200))
+                .map(|_| char::from_u32(rng.random_range(0..0x11000)).unwrap_or('\u{fffd}'))
+                .collect(),
+            2 => (0..rng.random_range(0..64))
+                .map(|_| char::from(rng.random_range(0..128u8)))
+                .collect(),
+            _ => words[rng.random_range(0..words.len())].repeat(rng.random_range(1..5000)),
+        };
+        c.case("random prompt", || {
+            generator
+                .encode_prompts(&[prompt.as_str()])
+                .map(drop)
+                .map_err(|e| kind(&e))
+        });
+    }
+    assert!(c.finish() >= 300);
 }
