@@ -54,6 +54,11 @@ fn caption_prints_path_tab_caption() {
         }
         assert!(stderr.contains("vision_encoder: running on"), "{stderr}");
         assert!(stderr.contains("caption_decoder: running on"), "{stderr}");
+        // Whose code runs is said: the onnxruntime library's path when ort runs the graph.
+        if let (Some(lib), "auto") = (ort_lib(), provider) {
+            let line = format!("running on ort-cpu ({})", lib.display());
+            assert!(stderr.contains(&line), "{stderr}");
+        }
         assert!(
             stderr.contains("2 image(s) in batches of") && stderr.contains(" ms per step)"),
             "{stderr}"

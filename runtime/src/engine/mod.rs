@@ -245,11 +245,17 @@ pub struct ProviderReport {
     pub used: Provider,
     /// `(provider, reason)` for every provider tried before `used`.
     pub skipped: Vec<(Provider, String)>,
+    /// The onnxruntime library that runs the graph (`None` on tract), so a report always says
+    /// which file's code is running.
+    pub library: Option<PathBuf>,
 }
 
 impl fmt::Display for ProviderReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: running on {}", self.graph, self.used)?;
+        if let Some(lib) = &self.library {
+            write!(f, " ({})", lib.display())?;
+        }
         for (p, why) in &self.skipped {
             write!(f, "\n  skipped {p}: {why}")?;
         }
@@ -514,10 +520,16 @@ impl Engine {
         for provider in choice.candidates() {
             match load_backend(provider, &model, options, graph_name) {
                 Ok((backend, inputs, outputs)) => {
+                    let library = match &backend {
+                        #[cfg(feature = "ort")]
+                        Backend::Ort(e) => Some(e.library().to_path_buf()),
+                        Backend::Tract(_) => None,
+                    };
                     let report = ProviderReport {
                         graph: graph_name.to_string(),
                         used: provider,
                         skipped,
+                        library,
                     };
                     tracing::debug!("{report}");
                     let engine = Engine {

@@ -232,6 +232,8 @@ pub(super) struct OrtEngine {
     /// What the session was made from, so [`OrtEngine::placement`] can make a profiling twin.
     provider: Provider,
     model: Arc<[u8]>,
+    /// The onnxruntime library the session runs in (for the provider report).
+    library: PathBuf,
     options: EngineOptions,
     graph: String,
 }
@@ -422,6 +424,7 @@ impl OrtEngine {
     ) -> Result<OrtEngine, String> {
         let builder = session_builder(provider, options, graph)?;
         let session = commit(builder, provider, options, &model, graph)?;
+        let library = runtime(options.ort_lib.as_deref())?.library.clone();
         let inputs = session
             .inputs()
             .iter()
@@ -442,6 +445,7 @@ impl OrtEngine {
             outputs,
             provider,
             model,
+            library,
             options: options.clone(),
             graph: graph.to_string(),
         })
@@ -487,6 +491,10 @@ impl OrtEngine {
 
     pub(super) fn inputs(&self) -> Vec<IoInfo> {
         self.inputs.clone()
+    }
+
+    pub(super) fn library(&self) -> &Path {
+        &self.library
     }
 
     pub(super) fn outputs(&self) -> Vec<String> {
