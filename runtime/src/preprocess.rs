@@ -39,8 +39,9 @@ pub enum ImageError {
 pub const IMAGE_FILE_CAP: Cap = Cap::new(64 << 20, "an image file");
 /// The largest side of an image the decoder accepts, in pixels.
 pub const MAX_IMAGE_SIDE: u32 = 16_384;
-/// The most memory one decode may allocate (an 8,192² RGBA image is 256 MiB).
-pub const MAX_DECODE_BYTES: u64 = 256 << 20;
+/// The most memory one decode may allocate: a 10,000² RGBA photo (400 MB) fits, and commands
+/// hold one full-size image at a time.
+pub const MAX_DECODE_BYTES: u64 = 512 << 20;
 
 /// Reads and decodes an image file (format guessed from the content) into RGB8: a regular file
 /// under [`IMAGE_FILE_CAP`], decoded within [`MAX_IMAGE_SIDE`] and [`MAX_DECODE_BYTES`], and

@@ -654,3 +654,45 @@ fn a_terminated_bench_takes_its_worker_with_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Issue 19, finding 8: every image used to be decoded at full size before any was resized
+/// (40 images of 10,000² took 12 GB). Four 8,000² images now cost about one: each is reduced
+/// to the model's size as soon as it is decoded. Peak resident memory of the child, from
+/// `getrusage`: the four held at full size together would be over 768 MB.
+#[cfg(target_os = "linux")]
+#[test]
+fn many_huge_images_are_decoded_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("big-0.png");
+    // Uniform pixels compress to a small file; decoded, each is 192 MB.
+    RgbImage::from_pixel(8_000, 8_000, Rgb([200, 30, 30]))
+        .save(&first)
+        .unwrap();
+    let mut images = vec![first.clone()];
+    for i in 1..4 {
+        let p = dir.path().join(format!("big-{i}.png"));
+        std::fs::copy(&first, &p).unwrap();
+        images.push(p);
+    }
+    let o = duet()
+        .args(["caption", "--provider", "tract", "--bundle"])
+        .arg(shipped())
+        .args(&images)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).lines().count(), 4);
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is writable storage for one `rusage`.
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) },
+        0
+    );
+    // SAFETY: filled by the successful call above.
+    let peak_kib = unsafe { usage.assume_init() }.ru_maxrss;
+    eprintln!("peak resident memory of duet caption: {peak_kib} KiB");
+    assert!(
+        peak_kib < 600_000,
+        "peak {peak_kib} KiB: the images were held at full size together"
+    );
+}

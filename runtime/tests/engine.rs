@@ -164,7 +164,9 @@ fn corrupt_model_is_an_error_not_a_panic() {
     eprintln!("ort-cpu: {ort_reason}");
     assert!(
         ort_reason.contains("could not load the graph")
-            && ort_reason.to_lowercase().contains("protobuf parsing failed"),
+            && ort_reason
+                .to_lowercase()
+                .contains("protobuf parsing failed"),
         "{ort_reason}"
     );
     // … and strict mode turns that skip into an error naming the graph, ort-cpu and the reason.
