@@ -26,10 +26,9 @@ use duet_train::caption_stage::{
 use duet_train::checkpoint::STATE_FILE;
 use duet_train::generate_stage::{load_generator, load_generator_weights, Generator};
 use duet_train::pair_tasks::PairTask;
-use duet_train::restore_stage::{
-    load_restore, Backbones, PairTrainConfig, FUSION_STAGE, HEAD, RESTORE_STAGE, VARIANTS,
-};
+use duet_train::restore_stage::{load_restore, Backbones, PairTrainConfig, HEAD, VARIANTS};
 use duet_train::shapeworld::{caption, generate_scene, render, SceneConfig};
+use duet_train::stage::Stage;
 use duet_train::tokenizer::{encode_caption, load_tokenizer};
 use ndarray::{ArrayD, IxDyn};
 use rand::SeedableRng;
@@ -374,8 +373,8 @@ struct RestoreSource {
 
 fn load_source(run: &Path, device: &RefDevice) -> anyhow::Result<Source> {
     let stage = run_stage(run);
-    match stage.as_str() {
-        RESTORE_STAGE => {
+    match stage {
+        Stage::Restore => {
             let r = load_restore::<Ref>(run, device)?;
             let diffusion = r.config.generator_diffusion.clone().ok_or_else(|| {
                 anyhow::anyhow!(
@@ -411,7 +410,7 @@ fn load_source(run: &Path, device: &RefDevice) -> anyhow::Result<Source> {
                 }),
             })
         }
-        FUSION_STAGE => anyhow::bail!(
+        Stage::Fusion => anyhow::bail!(
             "{} is a fusion run: export the restore run trained from it (`fit --stage restore \
              --init {}`), which carries the head and the restorers",
             run.display(),
@@ -419,7 +418,7 @@ fn load_source(run: &Path, device: &RefDevice) -> anyhow::Result<Source> {
         ),
         _ => {
             let r = load_run::<Ref>(run, device)?;
-            let generator = if matches!(stage.as_str(), "generate" | "unify") {
+            let generator = if matches!(stage, Stage::Generate | Stage::Unify) {
                 let g = load_generator::<Ref>(run, false, device)?;
                 Some(GeneratorSource {
                     prediction: g.config.diffusion.prediction,
@@ -590,12 +589,13 @@ fn parity_scenes(s: usize) -> Vec<duet_train::shapeworld::Scene> {
 
 /// `stage` of a run's `config.json` (`caption` when absent or unreadable: the caption loader
 /// reports the real problem).
-fn run_stage(run: &Path) -> String {
+fn run_stage(run: &Path) -> Stage {
     std::fs::read_to_string(run.join(CONFIG_FILE))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("stage").and_then(|s| s.as_str()).map(str::to_owned))
-        .unwrap_or_else(|| "caption".to_owned())
+        .and_then(|v| v.get("stage").cloned())
+        .and_then(|s| serde_json::from_value(s).ok())
+        .unwrap_or(Stage::Caption)
 }
 
 /// Parity inputs of the generation graphs: the real captions of [`parity_scenes`] plus the

@@ -43,7 +43,7 @@ type Rec = BinBytesRecorder<FullPrecisionSettings>;
 /// Everything that defines a caption training run; written to `RUN/config.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaptionTrainConfig {
-    pub stage: String,
+    pub stage: crate::stage::Stage,
     pub preset: Preset,
     pub model: ModelConfig,
     /// The training folders, in order (one path in runs made before several were accepted).
@@ -259,7 +259,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         let (steps, batch, lr) = CaptionTrainConfig::for_preset(args.preset);
         let model = ModelConfig::preset(args.preset, tok.get_vocab_size(true), image_size);
         let cfg = CaptionTrainConfig {
-            stage: "caption".into(),
+            stage: crate::stage::Stage::Caption,
             preset: args.preset,
             model,
             data: args.data.clone(),

@@ -94,7 +94,7 @@ impl Default for DiffusionSettings {
 /// superset of [`CaptionTrainConfig`]'s so tools that only need the model read either.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerateTrainConfig {
-    pub stage: String,
+    pub stage: crate::stage::Stage,
     pub preset: Preset,
     pub model: ModelConfig,
     /// The caption run whose vision encoder (frozen) and decoder this run carries.
@@ -377,7 +377,7 @@ pub fn fit_generate<B: AutodiffBackend>(
         })?;
         let (steps, batch, lr) = GenerateTrainConfig::for_preset(init.preset);
         let cfg = GenerateTrainConfig {
-            stage: "generate".into(),
+            stage: crate::stage::Stage::Generate,
             preset: init.preset,
             model: GenerateTrainConfig::model_for(init.preset, &init.model),
             init: args.init.clone(),
@@ -566,11 +566,14 @@ pub fn load_generator<B: Backend>(
     // rather than reported as a config with missing fields.
     #[derive(serde::Deserialize)]
     struct StageOnly {
-        stage: String,
+        stage: crate::stage::Stage,
     }
     let StageOnly { stage } = read_json(&run.join(CONFIG_FILE))?;
     // A unify run carries a (fine-tuned) generator in the same layout.
-    if stage != "generate" && stage != "unify" {
+    if !matches!(
+        stage,
+        crate::stage::Stage::Generate | crate::stage::Stage::Unify
+    ) {
         anyhow::bail!(
             "{} is a '{stage}' run, not a generate or unify run",
             run.display()

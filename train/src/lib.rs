@@ -22,5 +22,6 @@ pub mod progress;
 pub mod restore_eval;
 pub mod restore_stage;
 pub mod shapeworld;
+pub mod stage;
 pub mod tokenizer;
 pub mod unify_stage;

@@ -18,8 +18,9 @@ use duet_train::fsutil::write_png;
 use duet_train::generate_stage::{GenerateFitArgs, GenerateOutcome};
 use duet_train::pair_tasks::PairTask;
 use duet_train::restore_eval::RestoreEvalOptions;
-use duet_train::restore_stage::{PairFitArgs, FUSION_STAGE, RESTORE_STAGE};
+use duet_train::restore_stage::PairFitArgs;
 use duet_train::shapeworld::{write_dataset, SceneConfig};
+use duet_train::stage::{Evaluation, Stage};
 use duet_train::unify_stage::{
     ReconstructionSettings, Stage2Captions, UnifyFitArgs, UnifyOutcome, STAGE1_DIR, STAGE2_DIR,
 };
@@ -76,8 +77,8 @@ enum Command {
     },
     /// Train a stage.
     Fit {
-        #[arg(long, default_value = "caption")]
-        stage: String,
+        #[arg(long, value_enum, default_value_t = Stage::Caption)]
+        stage: Stage,
         /// `--stage caption`: model size (default tiny); later stages take it from --init.
         #[arg(long)]
         preset: Option<Preset>,
@@ -129,8 +130,8 @@ enum Command {
     },
     /// Evaluate a trained run on a dataset.
     Eval {
-        #[arg(long, default_value = "caption")]
-        stage: String,
+        #[arg(long, value_enum, default_value_t = Evaluation::Caption)]
+        stage: Evaluation,
         #[arg(long)]
         run: PathBuf,
         /// Held-out dataset: a ShapeWorld folder or an Emoji-CLDR split (caption), an
@@ -169,12 +170,11 @@ enum Command {
 /// --steps, --batch-size, --lr, --seed — apply to all). A flag given to a stage that does not
 /// read it is an error rather than silently ignored: `--stage caption --init RUN` would
 /// otherwise train from scratch without a word.
-const FIT_STAGE_FLAGS: [(&str, &[&str]); 5] = [
-    ("caption", &["--preset", "--data", "--resume"]),
-    ("generate", &["--data", "--resume", "--init"]),
-    (
-        "unify",
-        &[
+fn stage_flags(stage: Stage) -> &'static [&'static str] {
+    match stage {
+        Stage::Caption => &["--preset", "--data", "--resume"],
+        Stage::Generate => &["--data", "--resume", "--init"],
+        Stage::Unify => &[
             "--data",
             "--init",
             "--group",
@@ -183,19 +183,12 @@ const FIT_STAGE_FLAGS: [(&str, &[&str]); 5] = [
             "--gen-lr",
             "--captions",
         ],
-    ),
-    (FUSION_STAGE, &["--init", "--task"]),
-    (RESTORE_STAGE, &["--init", "--task"]),
-];
+        Stage::Fusion | Stage::Restore => &["--init", "--task"],
+    }
+}
 
-fn check_fit_flags(stage: &str, given: &[(&str, bool)]) -> anyhow::Result<()> {
-    let Some((_, reads)) = FIT_STAGE_FLAGS.iter().find(|(s, _)| *s == stage) else {
-        let stages: Vec<&str> = FIT_STAGE_FLAGS.iter().map(|(s, _)| *s).collect();
-        anyhow::bail!(
-            "unknown stage '{stage}' (this build trains: {})",
-            stages.join(", ")
-        );
-    };
+fn check_fit_flags(stage: Stage, given: &[(&str, bool)]) -> anyhow::Result<()> {
+    let reads = stage_flags(stage);
     let ignored: Vec<&str> = given
         .iter()
         .filter(|(flag, set)| *set && !reads.contains(flag))
@@ -297,7 +290,7 @@ fn main() -> anyhow::Result<()> {
             task,
         } => {
             check_fit_flags(
-                &stage,
+                stage,
                 &[
                     ("--preset", preset.is_some()),
                     ("--data", !data.is_empty()),
@@ -313,12 +306,12 @@ fn main() -> anyhow::Result<()> {
             )?;
             let preset = preset.unwrap_or(Preset::Tiny);
             let kind: DeviceKind = device.parse()?;
-            if stage == FUSION_STAGE || stage == RESTORE_STAGE {
+            if matches!(stage, Stage::Fusion | Stage::Restore) {
                 let args = PairFitArgs {
                     init: init.with_context(|| {
                         format!(
                             "--stage {stage} needs --init <{}>",
-                            if stage == FUSION_STAGE {
+                            if stage == Stage::Fusion {
                                 "generate run"
                             } else {
                                 "fusion run"
@@ -338,7 +331,7 @@ fn main() -> anyhow::Result<()> {
                     command: command_line,
                     quiet: false,
                 };
-                let outcome = match (kind, stage == FUSION_STAGE) {
+                let outcome = match (kind, stage == Stage::Fusion) {
                     (DeviceKind::Cpu, true) => cpu::fit_fusion(&args)?,
                     (DeviceKind::Cpu, false) => cpu::fit_restore(&args)?,
                     (DeviceKind::Cuda, _) => anyhow::bail!(
@@ -358,7 +351,7 @@ fn main() -> anyhow::Result<()> {
             if data.is_empty() {
                 anyhow::bail!("--stage {stage} needs --data <dataset> (repeat it for several)");
             }
-            if stage == "unify" {
+            if stage == Stage::Unify {
                 if resume {
                     anyhow::bail!("unify runs do not resume; start them again (they are short)");
                 }
@@ -402,7 +395,7 @@ fn main() -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            if stage == "generate" {
+            if stage == Stage::Generate {
                 let init = init.context("--stage generate needs --init <caption run>")?;
                 let args = GenerateFitArgs {
                     init,
@@ -429,11 +422,6 @@ fn main() -> anyhow::Result<()> {
                     out.display()
                 );
                 return Ok(());
-            }
-            if stage != "caption" {
-                anyhow::bail!(
-                    "unknown stage '{stage}' (this build trains: caption, generate, unify, fusion, restore)"
-                );
             }
             let args = FitArgs {
                 preset,
@@ -473,7 +461,7 @@ fn main() -> anyhow::Result<()> {
             seed,
             untrained,
         } => {
-            if stage == RESTORE_STAGE {
+            if stage == Evaluation::Restore {
                 let opts = RestoreEvalOptions { seed, limit };
                 let report = cpu::eval_restore(&run, &opts)?;
                 println!("{report}");
@@ -487,7 +475,7 @@ fn main() -> anyhow::Result<()> {
                 )?;
                 return Ok(());
             }
-            if stage == "reconstruct" {
+            if stage == Evaluation::Reconstruct {
                 let data = data.context("--data is required for --stage reconstruct")?;
                 let settings = ReconstructionSettings {
                     steps,
@@ -516,7 +504,7 @@ fn main() -> anyhow::Result<()> {
                 )?;
                 return Ok(());
             }
-            if stage == "generate" {
+            if stage == Evaluation::Generate {
                 let sampler = parse_sampler(&sampler, eta)?;
                 let opts = GenerateEvalOptions {
                     per_category,
@@ -557,7 +545,7 @@ fn main() -> anyhow::Result<()> {
                 )?;
                 return Ok(());
             }
-            if stage == "retrieval" {
+            if stage == Evaluation::Retrieval {
                 let data = data.context(
                     "--data is required for --stage retrieval (an Emoji-CLDR split, e.g. \
                      data/emoji/test)",
@@ -594,12 +582,6 @@ fn main() -> anyhow::Result<()> {
                     }),
                 )?;
                 return Ok(());
-            }
-            if stage != "caption" {
-                anyhow::bail!(
-                    "unknown stage '{stage}' (this build evaluates: caption, generate, reconstruct, \
-                     restore, retrieval)"
-                );
             }
             let data = data.context("--data is required for --stage caption")?;
             if folder_kind(&data)? == FolderKind::EmojiSplit {

@@ -41,10 +41,8 @@ use crate::checkpoint::{
     load_weights, read_json, save_weights, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
 };
 use crate::pair_tasks::{PairExample, PairTask};
+use crate::stage::Stage;
 use crate::tokenizer::{encode_caption, load_tokenizer, save_tokenizer};
-
-pub const FUSION_STAGE: &str = "fusion";
-pub const RESTORE_STAGE: &str = "restore";
 
 /// Tensor-name prefixes of the restore run's modules.
 pub const HEAD: &str = "head";
@@ -121,7 +119,7 @@ impl Default for RestoreSettings {
 /// Everything that defines a fusion or restore run; written to `RUN/config.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PairTrainConfig {
-    pub stage: String,
+    pub stage: Stage,
     pub preset: Preset,
     pub model: ModelConfig,
     pub restore: RestoreConfig,
@@ -182,7 +180,7 @@ pub struct Backbones<B: Backend> {
 
 #[derive(Deserialize)]
 struct RunHeader {
-    stage: String,
+    stage: Stage,
     preset: Preset,
     model: ModelConfig,
 }
@@ -216,7 +214,7 @@ fn load_module<B: Backend, M: Module<B>>(
 /// Loads the vision and text encoders of a generate, unify, fusion or restore run.
 pub fn load_backbones<B: Backend>(run: &Path, device: &B::Device) -> anyhow::Result<Backbones<B>> {
     let header: RunHeader = read_json(&run.join(CONFIG_FILE))?;
-    if !["generate", "unify", FUSION_STAGE, RESTORE_STAGE].contains(&header.stage.as_str()) {
+    if !header.stage.has_generator() {
         anyhow::bail!(
             "{} is a '{}' run; restoration needs both encoders (a generate run or later)",
             run.display(),
@@ -428,23 +426,21 @@ pub struct PairOutcome {
 
 fn resolve_config(
     args: &PairFitArgs,
-    stage: &str,
+    stage: Stage,
     preset: Preset,
     model: ModelConfig,
     task: PairTask,
     from: Option<&PairTrainConfig>,
     generator_diffusion: Option<crate::generate_stage::DiffusionSettings>,
 ) -> PairTrainConfig {
-    let (steps, batch, lr) = match stage {
-        FUSION_STAGE => (1500, 128, 1e-3),
-        _ => (1500, 128, 1e-3),
-    };
+    // The same defaults for both stages today; a stage of its own gets its own row here.
+    let (steps, batch, lr) = (1500, 128, 1e-3);
     let (train_n, test_n) = match preset {
         Preset::Tiny => (3000, 1000),
         Preset::Small => (8000, 2000),
     };
     PairTrainConfig {
-        stage: stage.to_string(),
+        stage,
         preset,
         restore: from.map_or_else(
             || RestoreConfig::new(model.embed_dim, task.classes()),
@@ -462,7 +458,7 @@ fn resolve_config(
         seed: args.seed,
         device: args.device.clone(),
         command: args.command.clone(),
-        settings: (stage == RESTORE_STAGE).then(|| args.settings.clone().unwrap_or_default()),
+        settings: (stage == Stage::Restore).then(|| args.settings.clone().unwrap_or_default()),
         generator_diffusion,
     }
 }
@@ -534,7 +530,7 @@ pub fn fit_fusion<B: AutodiffBackend>(
         })?;
     let cfg = resolve_config(
         args,
-        FUSION_STAGE,
+        Stage::Fusion,
         bb.preset,
         bb.model.clone(),
         task,
@@ -576,7 +572,7 @@ pub fn fit_fusion<B: AutodiffBackend>(
             pb.set_message(format!("loss {last:.4}"));
             append_metric(
                 &args.out,
-                &serde_json::json!({"stage": FUSION_STAGE, "step": step, "loss": last}),
+                &serde_json::json!({"stage": Stage::Fusion, "step": step, "loss": last}),
             )?;
         }
         pb.inc(1);
@@ -801,7 +797,7 @@ pub fn fit_restore<B: AutodiffBackend>(
     let t0 = Instant::now();
     validate_args(args)?;
     let fusion: PairTrainConfig = read_json(&args.init.join(CONFIG_FILE))?;
-    if fusion.stage != FUSION_STAGE {
+    if fusion.stage != Stage::Fusion {
         anyhow::bail!(
             "{} is a '{}' run; --stage restore starts from a fusion run",
             args.init.display(),
@@ -817,7 +813,7 @@ pub fn fit_restore<B: AutodiffBackend>(
     let bb = load_backbones::<B::InnerBackend>(&args.init, device)?;
     let cfg = resolve_config(
         args,
-        RESTORE_STAGE,
+        Stage::Restore,
         fusion.preset,
         fusion.model.clone(),
         fusion.task,
@@ -924,7 +920,7 @@ pub fn fit_restore<B: AutodiffBackend>(
                 append_metric(
                     &args.out,
                     &serde_json::json!({
-                        "stage": RESTORE_STAGE, "variant": variant.prefix, "step": step,
+                        "stage": Stage::Restore, "variant": variant.prefix, "step": step,
                         "loss": last, "diffusion": losses.diffusion,
                         "agreement": losses.agreement, "cycle": losses.cycle,
                     }),
@@ -989,7 +985,7 @@ pub fn load_restore<B: Backend>(
     device: &B::Device,
 ) -> anyhow::Result<LoadedRestore<B>> {
     let config: PairTrainConfig = read_json(&run.join(CONFIG_FILE))?;
-    if config.stage != RESTORE_STAGE {
+    if config.stage != Stage::Restore {
         anyhow::bail!(
             "{} is a '{}' run, not a restore run",
             run.display(),

@@ -337,7 +337,10 @@ pub fn fit_unify<B: AutodiffBackend>(
         .map_err(|e| {
             anyhow::anyhow!("--init {} is not a generate run: {e}", args.init.display())
         })?;
-    if init_cfg.stage != "generate" && init_cfg.stage != "unify" {
+    if !matches!(
+        init_cfg.stage,
+        crate::stage::Stage::Generate | crate::stage::Stage::Unify
+    ) {
         anyhow::bail!(
             "--init {} is a '{}' run; the unify stage starts from a generate run",
             args.init.display(),
@@ -373,7 +376,7 @@ pub fn fit_unify<B: AutodiffBackend>(
     }
     let cfg = UnifyTrainConfig {
         base: GenerateTrainConfig {
-            stage: "unify".into(),
+            stage: crate::stage::Stage::Unify,
             init: args.init.clone(),
             data: args.data.clone(),
             steps: unify.generate_steps,
