@@ -121,7 +121,7 @@ fn null_pointers_and_bad_arguments_are_errors() {
     assert!(cap.is_none());
     let e = e.unwrap();
     assert!(e.contains("`len` is 192 bytes"), "{e}");
-    // The expected size is a number, not "Some(216)" (issue 19).
+    // The expected size is a number, not "Some(216)".
     assert!(e.ends_with("has 216 bytes"), "{e}");
     let (s, _, e) = caption_rgb(rt, &[], 0, 8);
     assert_eq!(s, DuetStatus::InvalidArgument, "{e:?}");

@@ -471,7 +471,7 @@ fn entries(dir: &std::path::Path) -> Vec<String> {
     v
 }
 
-/// Issue 19, finding 2: with the disk full (a 100-byte file-size limit makes the write fail
+/// Regression: with the disk full (a 100-byte file-size limit makes the write fail
 /// as ENOSPC would), `duet generate -o x.png` used to exit 0 and leave a truncated `x.png`.
 /// Now it fails, the old file is whole, and no temporary file is left.
 #[test]
@@ -515,7 +515,7 @@ fn generate_on_a_full_disk_keeps_the_old_png_and_fails() {
     assert_eq!(entries(dir.path()), vec!["x.png".to_string()]);
 }
 
-/// Issue 19, finding 8 and 7: a missing `-o` directory is said before any sampling;
+/// Regression: a missing `-o` directory is said before any sampling;
 /// `bench --steps 0` is a usage error, not an empty table; `embed --out` naming one of its own
 /// images is refused and the image kept; a file name with a newline stays on one TSV line; and
 /// an error's cause is not repeated.
@@ -596,7 +596,7 @@ fn outputs_and_arguments_are_checked_before_the_work() {
     assert_eq!(stderr.matches("Not a directory").count(), 1, "{stderr}");
 }
 
-/// Issue 19, finding 8: SIGTERM to `duet bench` used to leave its measuring child running.
+/// Regression: SIGTERM to `duet bench` used to leave its measuring child running.
 /// The child now ends with its parent.
 #[cfg(target_os = "linux")]
 #[test]
@@ -655,7 +655,7 @@ fn a_terminated_bench_takes_its_worker_with_it() {
     }
 }
 
-/// Issue 19, finding 8: every image used to be decoded at full size before any was resized
+/// Regression: every image used to be decoded at full size before any was resized
 /// (40 images of 10,000² took 12 GB). Four 8,000² images now cost about one: each is reduced
 /// to the model's size as soon as it is decoded. Peak resident memory of the child, from
 /// `getrusage`: the four held at full size together would be over 768 MB.

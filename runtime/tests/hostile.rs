@@ -1,4 +1,5 @@
-//! Hostile bundles and images (issue 19's findings, one test each): nothing here may panic,
+//! Hostile bundles and images (one test per way they once got through; docs/SECURITY.md):
+//! nothing here may panic,
 //! hang, allocate without bound, read outside the bundle, or load bytes other than those
 //! hashed. Every refusal is a typed error.
 

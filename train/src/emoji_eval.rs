@@ -1,4 +1,4 @@
-//! Evaluation on held-out Emoji-CLDR splits (DESIGN §6, issue 7 part 5).
+//! Evaluation on held-out Emoji-CLDR splits (`../shared/DESIGN.md` §6).
 //!
 //! - **Captions** (`duet-train eval --stage caption --data EMOJI/test`): the captioner's greedy
 //!   name against CLDR's. *Exact name* compares the two as word sequences (case, spacing and

@@ -1,5 +1,5 @@
 //! `duet-edge` on the shipped bundle: what it prints, and what it does with bad arguments and
-//! a full disk (issue 19: it used to panic on a non-UTF-8 argument, ignore extra ones, and
+//! a full disk (it used to panic on a non-UTF-8 argument, ignore extra ones, and
 //! write its PNG in place, losing the old one when the disk filled).
 
 use std::ffi::OsStr;
