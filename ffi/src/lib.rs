@@ -14,9 +14,7 @@
 //!   `duet_runtime_destroy` needs exclusive access, after every other call on the handle has
 //!   returned.
 
-use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, CStr, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::ptr;
 
@@ -200,47 +198,9 @@ fn c_string(s: &str) -> *mut c_char {
     CString::new(clean).expect("NULs were replaced").into_raw()
 }
 
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
-}
-
-thread_local! {
-    /// How many boundary calls this thread is inside (a callback could nest them).
-    static INSIDE_BOUNDARY: Cell<u32> = const { Cell::new(0) };
-    /// Where the last caught panic happened, for its message.
-    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` catching any panic, with the process's panic hook silenced for it: the default
-/// hook would print the message to the host's stderr, which belongs to the host; the message
-/// goes into the error string instead.
-fn catch_quietly<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if INSIDE_BOUNDARY.with(Cell::get) == 0 {
-                // Not ours to silence (a Rust host's own panic): the usual report.
-                previous(info);
-                return;
-            }
-            let at = info
-                .location()
-                .map(|l| format!("{}:{}", l.file(), l.line()));
-            PANIC_LOCATION.with(|p| *p.borrow_mut() = at);
-        }));
-    });
-    INSIDE_BOUNDARY.with(|c| c.set(c.get() + 1));
-    let result = catch_unwind(AssertUnwindSafe(f));
-    INSIDE_BOUNDARY.with(|c| c.set(c.get() - 1));
-    result
-}
-
-/// Runs `f` behind the boundary guarantees: clears `*error`, catches panics (silently, see
-/// [`catch_quietly`]), turns failures into a status and an error string.
+/// Runs `f` behind the boundary guarantees: clears `*error`, catches panics (silently: the
+/// host's stderr is the host's; see `duet_runtime::panic_guard`), turns failures into a status
+/// and an error string.
 ///
 /// # Safety
 /// `error` must be NULL or point to writable storage for one pointer.
@@ -248,19 +208,10 @@ unsafe fn guard(error: *mut *mut c_char, f: impl FnOnce() -> Result<(), Failure>
     if !error.is_null() {
         *error = ptr::null_mut();
     }
-    let failure = match catch_quietly(f) {
+    let failure = match duet_runtime::panic_guard::catch(f) {
         Ok(Ok(())) => return DuetStatus::Ok,
         Ok(Err(f)) => f,
-        Err(p) => {
-            let at = PANIC_LOCATION
-                .with(|l| l.borrow_mut().take())
-                .map(|l| format!(" at {l}"))
-                .unwrap_or_default();
-            Failure::new(
-                DuetStatus::Panic,
-                format!("internal panic{at}: {}", panic_text(p.as_ref())),
-            )
-        }
+        Err(panic) => Failure::new(DuetStatus::Panic, format!("internal error: {panic}")),
     };
     if !error.is_null() {
         *error = c_string(&failure.message);
@@ -476,7 +427,7 @@ pub unsafe extern "C" fn duet_runtime_destroy(runtime: *mut DuetRuntime) {
         return;
     }
     // Dropping cannot be allowed to unwind into C either.
-    let _ = catch_quietly(|| drop(Box::from_raw(runtime)));
+    let _ = duet_runtime::panic_guard::catch(|| drop(Box::from_raw(runtime)));
 }
 
 /// Which provider runs each graph and why others were skipped, one line per fact. `*out` is

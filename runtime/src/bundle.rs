@@ -325,16 +325,14 @@ impl Bundle {
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
             return Err((path, format!("not valid JSON: {e}")));
         }
-        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes));
+        let parsed = crate::panic_guard::catch(|| tokenizers::Tokenizer::from_bytes(&bytes));
         let tokenizer = match parsed {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return Err((path, escape_controls(&e.to_string()))),
-            Err(_) => {
+            Err(panic) => {
                 return Err((
                     path,
-                    "the tokenizers library could not read it (it panicked on a malformed \
-                     section)"
-                        .to_string(),
+                    format!("the tokenizers library could not read it ({panic})"),
                 ))
             }
         };

@@ -27,6 +27,7 @@ pub mod engine;
 pub mod engine_set;
 pub mod generate;
 pub mod manifest;
+pub mod panic_guard;
 pub mod preprocess;
 
 pub use bundle::{Bundle, BundleError};

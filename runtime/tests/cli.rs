@@ -696,3 +696,37 @@ fn many_huge_images_are_decoded_one_at_a_time() {
         "peak {peak_kib} KiB: the images were held at full size together"
     );
 }
+
+/// A tokenizer that made the `tokenizers` crate (0.22) panic — invalid UTF-8 inside its
+/// `decoder`, found by the fuzzer and kept in its corpus — is a typed error naming the file,
+/// and nothing on stderr speaks of a panic.
+#[test]
+fn a_tokenizer_that_panics_its_parser_is_a_quiet_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = caption_bundle(dir.path(), 0.0);
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz-corpus/tokenizer-decoder-panics-in-tokenizers.json");
+    let bytes = std::fs::read(corpus).unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), &bytes).unwrap();
+    m.files.insert(
+        "tokenizer.json".into(),
+        duet_runtime::bundle::sha256_hex(&bytes),
+    );
+    write_manifest(dir.path(), &m);
+    let img = dir.path().join("x.png");
+    RgbImage::new(8, 8).save(&img).unwrap();
+    let o = duet()
+        .args(["caption", "--provider", "tract", "--bundle"])
+        .arg(dir.path())
+        .arg(&img)
+        .output()
+        .unwrap();
+    let stderr = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tokenizer.json"), "{stderr}");
+    assert!(stderr.contains("not valid JSON"), "{stderr}");
+    assert!(
+        !stderr.contains("thread '"),
+        "a panic report reached stderr: {stderr}"
+    );
+}

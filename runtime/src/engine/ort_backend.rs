@@ -18,7 +18,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -102,13 +101,6 @@ fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, String> {
     ))
 }
 
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
-}
-
 fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
@@ -130,7 +122,7 @@ fn runtime(explicit: Option<&Path>) -> Result<Arc<OrtRuntime>, String> {
             library.display()
         ));
     }
-    let init = catch_unwind(AssertUnwindSafe(|| -> Result<OrtRuntime, String> {
+    let init = crate::panic_guard::catch(|| -> Result<OrtRuntime, String> {
         let builder =
             ort::init_from(&library).map_err(|e| format!("loading {}: {e}", library.display()))?;
         let env = builder
@@ -146,16 +138,10 @@ fn runtime(explicit: Option<&Path>) -> Result<Arc<OrtRuntime>, String> {
             build_info,
             providers,
         })
-    }));
+    });
     let rt = match init {
         Ok(r) => Arc::new(r?),
-        Err(p) => {
-            return Err(format!(
-                "loading {} panicked: {}",
-                library.display(),
-                panic_text(p)
-            ))
-        }
+        Err(panic) => return Err(format!("loading {} {panic}", library.display())),
     };
     tracing::debug!(
         "onnxruntime loaded from {} ({})",
@@ -404,14 +390,10 @@ fn commit(
     if provider == Provider::TensorRt {
         log_trt_start(&options.tensorrt, graph);
     }
-    let load = catch_unwind(AssertUnwindSafe(|| builder.commit_from_memory(model)));
-    match load {
+    match crate::panic_guard::catch(|| builder.commit_from_memory(model)) {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(format!("onnxruntime could not load the graph: {e}")),
-        Err(p) => Err(format!(
-            "onnxruntime panicked loading the graph: {}",
-            panic_text(p)
-        )),
+        Err(panic) => Err(format!("onnxruntime {panic} loading the graph")),
     }
 }
 

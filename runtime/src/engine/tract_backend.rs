@@ -76,9 +76,9 @@ impl TractEngine {
         };
         // tract reports malformed models as errors; the guard is for the odd assertion deep in
         // an optimiser pass, which must become a skip reason rather than abort the CLI.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
+        match crate::panic_guard::catch(load) {
             Ok(r) => r.map_err(|e| format!("tract could not load the graph: {e:?}")),
-            Err(_) => Err("tract panicked loading the graph".to_string()),
+            Err(panic) => Err(format!("tract {panic} loading the graph")),
         }
     }
 
