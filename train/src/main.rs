@@ -306,78 +306,85 @@ fn main() -> anyhow::Result<()> {
             )?;
             let preset = preset.unwrap_or(Preset::Tiny);
             let kind: DeviceKind = device.parse()?;
-            if matches!(stage, Stage::Fusion | Stage::Restore) {
-                let args = PairFitArgs {
-                    init: init.with_context(|| {
-                        format!(
-                            "--stage {stage} needs --init <{}>",
-                            if stage == Stage::Fusion {
-                                "generate run"
-                            } else {
-                                "fusion run"
-                            }
-                        )
-                    })?,
-                    out: out.clone(),
-                    task,
-                    train_examples: None,
-                    test_examples: None,
-                    steps,
-                    batch_size,
-                    lr,
-                    seed,
-                    settings: None,
-                    device: kind.to_string(),
-                    command: command_line,
-                    quiet: false,
-                };
-                let outcome = match (kind, stage == Stage::Fusion) {
-                    (DeviceKind::Cpu, true) => cpu::fit_fusion(&args)?,
-                    (DeviceKind::Cpu, false) => cpu::fit_restore(&args)?,
-                    (DeviceKind::Cuda, _) => anyhow::bail!(
+            // Every stage but the restoration pair trains on --data.
+            let need_data = || -> anyhow::Result<()> {
+                if data.is_empty() {
+                    anyhow::bail!("--stage {stage} needs --data <dataset> (repeat it for several)");
+                }
+                Ok(())
+            };
+            match stage {
+                Stage::Fusion | Stage::Restore => {
+                    let args = PairFitArgs {
+                        init: init.with_context(|| {
+                            format!(
+                                "--stage {stage} needs --init <{}>",
+                                if stage == Stage::Fusion {
+                                    "generate run"
+                                } else {
+                                    "fusion run"
+                                }
+                            )
+                        })?,
+                        out: out.clone(),
+                        task,
+                        train_examples: None,
+                        test_examples: None,
+                        steps,
+                        batch_size,
+                        lr,
+                        seed,
+                        settings: None,
+                        device: kind.to_string(),
+                        command: command_line,
+                        quiet: false,
+                    };
+                    let outcome = match (kind, stage == Stage::Fusion) {
+                        (DeviceKind::Cpu, true) => cpu::fit_fusion(&args)?,
+                        (DeviceKind::Cpu, false) => cpu::fit_restore(&args)?,
+                        (DeviceKind::Cuda, _) => anyhow::bail!(
                         "--stage {stage} trains small MLPs on cached embeddings; use --device cpu"
                     ),
-                };
-                println!(
-                    "{stage}: held-out accuracy on complete pairs {:.4}, final loss {:.4}, \
-                     {:.1}s; run in {}",
-                    outcome.complete_accuracy,
-                    outcome.final_loss,
-                    outcome.seconds,
-                    out.display()
-                );
-                return Ok(());
-            }
-            if data.is_empty() {
-                anyhow::bail!("--stage {stage} needs --data <dataset> (repeat it for several)");
-            }
-            if stage == Stage::Unify {
-                if resume {
-                    anyhow::bail!("unify runs do not resume; start them again (they are short)");
-                }
-                let args = UnifyFitArgs {
-                    init: init.context("--stage unify needs --init <generate run>")?,
-                    data,
-                    out: out.clone(),
-                    understand_steps: steps,
-                    understand_images: batch_size,
-                    understand_lr: lr,
-                    group,
-                    temperature,
-                    generate_steps: gen_steps,
-                    generate_lr: gen_lr,
-                    captions,
-                    seed,
-                    device: kind.to_string(),
-                    command: command_line,
-                    quiet: false,
-                };
-                let outcome = match kind {
-                    DeviceKind::Cpu => cpu::fit_unify(&args)?,
-                    DeviceKind::Cuda => fit_unify_cuda(&args)?,
-                };
-                if outcome.grpo_steps > 0 {
+                    };
                     println!(
+                        "{stage}: held-out accuracy on complete pairs {:.4}, final loss {:.4}, \
+                     {:.1}s; run in {}",
+                        outcome.complete_accuracy,
+                        outcome.final_loss,
+                        outcome.seconds,
+                        out.display()
+                    );
+                }
+                Stage::Unify => {
+                    need_data()?;
+                    if resume {
+                        anyhow::bail!(
+                            "unify runs do not resume; start them again (they are short)"
+                        );
+                    }
+                    let args = UnifyFitArgs {
+                        init: init.context("--stage unify needs --init <generate run>")?,
+                        data,
+                        out: out.clone(),
+                        understand_steps: steps,
+                        understand_images: batch_size,
+                        understand_lr: lr,
+                        group,
+                        temperature,
+                        generate_steps: gen_steps,
+                        generate_lr: gen_lr,
+                        captions,
+                        seed,
+                        device: kind.to_string(),
+                        command: command_line,
+                        quiet: false,
+                    };
+                    let outcome = match kind {
+                        DeviceKind::Cpu => cpu::fit_unify(&args)?,
+                        DeviceKind::Cuda => fit_unify_cuda(&args)?,
+                    };
+                    if outcome.grpo_steps > 0 {
+                        println!(
                         "stage 1: {} GRPO steps, reward {:.4} -> {:.4} (means of the first/last \
                          min(10, steps/2) steps), KL {:.2e}, informative groups {:.0}%",
                         outcome.grpo_steps,
@@ -386,67 +393,70 @@ fn main() -> anyhow::Result<()> {
                         outcome.final_kl,
                         100.0 * outcome.informative_groups
                     );
-                }
-                println!(
+                    }
+                    println!(
                     "stage 2: diffusion loss {:.4}; {:.1}s in all; runs in {}/{{{STAGE1_DIR},{STAGE2_DIR}}}",
                     outcome.final_diffusion_loss,
                     outcome.seconds,
                     out.display()
                 );
-                return Ok(());
+                }
+                Stage::Generate => {
+                    need_data()?;
+                    let init = init.context("--stage generate needs --init <caption run>")?;
+                    let args = GenerateFitArgs {
+                        init,
+                        data,
+                        out: out.clone(),
+                        steps,
+                        batch_size,
+                        lr,
+                        seed,
+                        resume,
+                        device: kind.to_string(),
+                        command: command_line,
+                        quiet: false,
+                    };
+                    let outcome = match kind {
+                        DeviceKind::Cpu => cpu::fit_generate(&args)?,
+                        DeviceKind::Cuda => fit_generate_cuda(&args)?,
+                    };
+                    println!(
+                        "trained {} steps in {:.1}s, final diffusion loss {:.4}; run in {}",
+                        outcome.steps_done,
+                        outcome.seconds,
+                        outcome.final_diffusion_loss,
+                        out.display()
+                    );
+                }
+                Stage::Caption => {
+                    need_data()?;
+                    let args = FitArgs {
+                        preset,
+                        data,
+                        out: out.clone(),
+                        steps,
+                        batch_size,
+                        lr,
+                        seed,
+                        resume,
+                        device: kind.to_string(),
+                        command: command_line,
+                        quiet: false,
+                    };
+                    let outcome = match kind {
+                        DeviceKind::Cpu => cpu::fit_caption(&args)?,
+                        DeviceKind::Cuda => fit_cuda(&args)?,
+                    };
+                    println!(
+                        "trained {} steps in {:.1}s, final loss {:.4}; run in {}",
+                        outcome.steps_done,
+                        outcome.seconds,
+                        outcome.final_loss,
+                        out.display()
+                    );
+                }
             }
-            if stage == Stage::Generate {
-                let init = init.context("--stage generate needs --init <caption run>")?;
-                let args = GenerateFitArgs {
-                    init,
-                    data,
-                    out: out.clone(),
-                    steps,
-                    batch_size,
-                    lr,
-                    seed,
-                    resume,
-                    device: kind.to_string(),
-                    command: command_line,
-                    quiet: false,
-                };
-                let outcome = match kind {
-                    DeviceKind::Cpu => cpu::fit_generate(&args)?,
-                    DeviceKind::Cuda => fit_generate_cuda(&args)?,
-                };
-                println!(
-                    "trained {} steps in {:.1}s, final diffusion loss {:.4}; run in {}",
-                    outcome.steps_done,
-                    outcome.seconds,
-                    outcome.final_diffusion_loss,
-                    out.display()
-                );
-                return Ok(());
-            }
-            let args = FitArgs {
-                preset,
-                data,
-                out: out.clone(),
-                steps,
-                batch_size,
-                lr,
-                seed,
-                resume,
-                device: kind.to_string(),
-                command: command_line,
-                quiet: false,
-            };
-            let outcome = match kind {
-                DeviceKind::Cpu => cpu::fit_caption(&args)?,
-                DeviceKind::Cuda => fit_cuda(&args)?,
-            };
-            println!(
-                "trained {} steps in {:.1}s, final loss {:.4}; run in {}",
-                outcome.steps_done,
-                outcome.seconds,
-                outcome.final_loss,
-                out.display()
-            );
         }
         Command::Eval {
             stage,
@@ -461,155 +471,155 @@ fn main() -> anyhow::Result<()> {
             seed,
             untrained,
         } => {
-            if stage == Evaluation::Restore {
-                let opts = RestoreEvalOptions { seed, limit };
-                let report = cpu::eval_restore(&run, &opts)?;
-                println!("{report}");
-                let plot_path = run.join("restore_eval.png");
-                write_png(&plot_path, &report.plot())
-                    .with_context(|| format!("writing {}", plot_path.display()))?;
-                println!("plot in {}", plot_path.display());
-                write_json(
-                    &run.join("restore_eval.json"),
-                    &serde_json::json!({"report": report, "seed": seed, "command": command_line}),
-                )?;
-                return Ok(());
-            }
-            if stage == Evaluation::Reconstruct {
-                let data = data.context("--data is required for --stage reconstruct")?;
-                let settings = ReconstructionSettings {
-                    steps,
-                    guidance,
-                    ..Default::default()
-                };
-                let (report, pairs) =
-                    cpu::eval_reconstruction(&run, &data, limit, &settings, seed)?;
-                println!("{report}");
-                // Originals on the odd rows, their rebuilds below them.
-                let mut shown = Vec::new();
-                for chunk in pairs.chunks(8) {
-                    shown.extend(chunk.iter().map(|(o, _)| o.clone()));
-                    shown.extend(chunk.iter().map(|(_, r)| r.clone()));
+            match stage {
+                Evaluation::Restore => {
+                    let opts = RestoreEvalOptions { seed, limit };
+                    let report = cpu::eval_restore(&run, &opts)?;
+                    println!("{report}");
+                    let plot_path = run.join("restore_eval.png");
+                    write_png(&plot_path, &report.plot())
+                        .with_context(|| format!("writing {}", plot_path.display()))?;
+                    println!("plot in {}", plot_path.display());
+                    write_json(
+                        &run.join("restore_eval.json"),
+                        &serde_json::json!({"report": report, "seed": seed, "command": command_line}),
+                    )?;
                 }
-                let grid_path = run.join("reconstruct.png");
-                write_png(&grid_path, &duet_diffusion::grid(&shown, 8, 4))
-                    .with_context(|| format!("writing {}", grid_path.display()))?;
-                println!("originals and rebuilds in {}", grid_path.display());
-                write_json(
-                    &run.join("reconstruct.json"),
-                    &serde_json::json!({
-                        "data": data, "report": report, "steps": steps, "guidance": guidance,
-                        "seed": seed, "command": command_line,
-                    }),
-                )?;
-                return Ok(());
-            }
-            if stage == Evaluation::Generate {
-                let sampler = parse_sampler(&sampler, eta)?;
-                let opts = GenerateEvalOptions {
-                    per_category,
-                    prompt_seed: 0,
-                    seed,
-                    sampler: SamplerConfig {
-                        sampler,
+                Evaluation::Reconstruct => {
+                    let data = data.context("--data is required for --stage reconstruct")?;
+                    let settings = ReconstructionSettings {
                         steps,
-                        clip_x0: true,
-                    },
-                    guidance,
-                    untrained,
-                    batch: 64,
-                };
-                let (report, images) = cpu::eval_generate(&run, &opts)?;
-                println!("{report}");
-                let tag = if untrained {
-                    "geneval-untrained"
-                } else {
-                    "geneval"
-                };
-                let grid_path = run.join(format!("{tag}.png"));
-                // One row per category, the first 8 prompts of each.
-                let shown: Vec<_> = images
-                    .chunks(per_category.max(1))
-                    .flat_map(|c| c.iter().take(8).cloned())
-                    .collect();
-                write_png(&grid_path, &duet_diffusion::grid(&shown, 8, 4))
-                    .with_context(|| format!("writing {}", grid_path.display()))?;
-                println!("grid (one row per category) in {}", grid_path.display());
-                write_json(
-                    &run.join(format!("{tag}.json")),
-                    &serde_json::json!({
-                        "report": report, "overall": report.overall(),
-                        "per_category": per_category, "steps": steps, "sampler": format!("{sampler:?}"),
-                        "guidance": guidance, "seed": seed, "command": command_line,
-                    }),
-                )?;
-                return Ok(());
-            }
-            if stage == Evaluation::Retrieval {
-                let data = data.context(
-                    "--data is required for --stage retrieval (an Emoji-CLDR split, e.g. \
+                        guidance,
+                        ..Default::default()
+                    };
+                    let (report, pairs) =
+                        cpu::eval_reconstruction(&run, &data, limit, &settings, seed)?;
+                    println!("{report}");
+                    // Originals on the odd rows, their rebuilds below them.
+                    let mut shown = Vec::new();
+                    for chunk in pairs.chunks(8) {
+                        shown.extend(chunk.iter().map(|(o, _)| o.clone()));
+                        shown.extend(chunk.iter().map(|(_, r)| r.clone()));
+                    }
+                    let grid_path = run.join("reconstruct.png");
+                    write_png(&grid_path, &duet_diffusion::grid(&shown, 8, 4))
+                        .with_context(|| format!("writing {}", grid_path.display()))?;
+                    println!("originals and rebuilds in {}", grid_path.display());
+                    write_json(
+                        &run.join("reconstruct.json"),
+                        &serde_json::json!({
+                            "data": data, "report": report, "steps": steps, "guidance": guidance,
+                            "seed": seed, "command": command_line,
+                        }),
+                    )?;
+                }
+                Evaluation::Generate => {
+                    let sampler = parse_sampler(&sampler, eta)?;
+                    let opts = GenerateEvalOptions {
+                        per_category,
+                        prompt_seed: 0,
+                        seed,
+                        sampler: SamplerConfig {
+                            sampler,
+                            steps,
+                            clip_x0: true,
+                        },
+                        guidance,
+                        untrained,
+                        batch: 64,
+                    };
+                    let (report, images) = cpu::eval_generate(&run, &opts)?;
+                    println!("{report}");
+                    let tag = if untrained {
+                        "geneval-untrained"
+                    } else {
+                        "geneval"
+                    };
+                    let grid_path = run.join(format!("{tag}.png"));
+                    // One row per category, the first 8 prompts of each.
+                    let shown: Vec<_> = images
+                        .chunks(per_category.max(1))
+                        .flat_map(|c| c.iter().take(8).cloned())
+                        .collect();
+                    write_png(&grid_path, &duet_diffusion::grid(&shown, 8, 4))
+                        .with_context(|| format!("writing {}", grid_path.display()))?;
+                    println!("grid (one row per category) in {}", grid_path.display());
+                    write_json(
+                        &run.join(format!("{tag}.json")),
+                        &serde_json::json!({
+                            "report": report, "overall": report.overall(),
+                            "per_category": per_category, "steps": steps, "sampler": format!("{sampler:?}"),
+                            "guidance": guidance, "seed": seed, "command": command_line,
+                        }),
+                    )?;
+                }
+                Evaluation::Retrieval => {
+                    let data = data.context(
+                        "--data is required for --stage retrieval (an Emoji-CLDR split, e.g. \
                      data/emoji/test)",
-                )?;
-                let sampler = parse_sampler(&sampler, eta)?;
-                let opts = RetrievalOptions {
-                    sampler: SamplerConfig {
-                        sampler,
-                        steps,
-                        clip_x0: true,
-                    },
-                    guidance,
-                    seed,
-                    batch: 64,
-                };
-                let (report, pairs) = cpu::eval_emoji_retrieval(&run, &data, limit, &opts)?;
-                println!("{report}");
-                // Real emoji on the odd rows, the images generated from their names below.
-                let mut shown = Vec::new();
-                for chunk in pairs.chunks(8).take(4) {
-                    shown.extend(chunk.iter().map(|(real, _)| real.clone()));
-                    shown.extend(chunk.iter().map(|(_, generated)| generated.clone()));
+                    )?;
+                    let sampler = parse_sampler(&sampler, eta)?;
+                    let opts = RetrievalOptions {
+                        sampler: SamplerConfig {
+                            sampler,
+                            steps,
+                            clip_x0: true,
+                        },
+                        guidance,
+                        seed,
+                        batch: 64,
+                    };
+                    let (report, pairs) = cpu::eval_emoji_retrieval(&run, &data, limit, &opts)?;
+                    println!("{report}");
+                    // Real emoji on the odd rows, the images generated from their names below.
+                    let mut shown = Vec::new();
+                    for chunk in pairs.chunks(8).take(4) {
+                        shown.extend(chunk.iter().map(|(real, _)| real.clone()));
+                        shown.extend(chunk.iter().map(|(_, generated)| generated.clone()));
+                    }
+                    let grid_path = run.join("retrieval.png");
+                    write_png(&grid_path, &duet_diffusion::grid(&shown, 8, 4))
+                        .with_context(|| format!("writing {}", grid_path.display()))?;
+                    println!("real emoji and generations in {}", grid_path.display());
+                    write_json(
+                        &run.join("retrieval.json"),
+                        &serde_json::json!({
+                            "data": data, "report": report, "limit": limit, "steps": steps,
+                            "sampler": format!("{sampler:?}"), "guidance": guidance, "seed": seed,
+                            "command": command_line,
+                        }),
+                    )?;
                 }
-                let grid_path = run.join("retrieval.png");
-                write_png(&grid_path, &duet_diffusion::grid(&shown, 8, 4))
-                    .with_context(|| format!("writing {}", grid_path.display()))?;
-                println!("real emoji and generations in {}", grid_path.display());
-                write_json(
-                    &run.join("retrieval.json"),
-                    &serde_json::json!({
-                        "data": data, "report": report, "limit": limit, "steps": steps,
-                        "sampler": format!("{sampler:?}"), "guidance": guidance, "seed": seed,
-                        "command": command_line,
-                    }),
-                )?;
-                return Ok(());
-            }
-            let data = data.context("--data is required for --stage caption")?;
-            if folder_kind(&data)? == FolderKind::EmojiSplit {
-                let (report, pairs) = cpu::eval_emoji_captions(&run, &data, limit)?;
-                for (truth, pred) in pairs.iter().take(8) {
-                    println!("truth: {truth}\n pred: {pred}");
+                Evaluation::Caption => {
+                    let data = data.context("--data is required for --stage caption")?;
+                    if folder_kind(&data)? == FolderKind::EmojiSplit {
+                        let (report, pairs) = cpu::eval_emoji_captions(&run, &data, limit)?;
+                        for (truth, pred) in pairs.iter().take(8) {
+                            println!("truth: {truth}\n pred: {pred}");
+                        }
+                        println!("{report}");
+                        write_json(
+                            &run.join("eval-emoji.json"),
+                            &serde_json::json!({
+                                "data": data, "report": report, "limit": limit, "command": command_line,
+                                "captions": pairs,
+                            }),
+                        )?;
+                        return Ok(());
+                    }
+                    let (metrics, examples) = cpu::eval_caption(&run, &data, limit)?;
+                    for (truth, pred) in &examples {
+                        println!("truth: {truth}\n pred: {pred}");
+                    }
+                    println!("{metrics}");
+                    write_json(
+                        &run.join("eval.json"),
+                        &serde_json::json!({
+                            "data": data, "metrics": metrics, "command": command_line,
+                        }),
+                    )?;
                 }
-                println!("{report}");
-                write_json(
-                    &run.join("eval-emoji.json"),
-                    &serde_json::json!({
-                        "data": data, "report": report, "limit": limit, "command": command_line,
-                        "captions": pairs,
-                    }),
-                )?;
-                return Ok(());
             }
-            let (metrics, examples) = cpu::eval_caption(&run, &data, limit)?;
-            for (truth, pred) in &examples {
-                println!("truth: {truth}\n pred: {pred}");
-            }
-            println!("{metrics}");
-            write_json(
-                &run.join("eval.json"),
-                &serde_json::json!({
-                    "data": data, "metrics": metrics, "command": command_line,
-                }),
-            )?;
         }
     }
     Ok(())
