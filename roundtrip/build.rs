@@ -1,4 +1,4 @@
-//! Imports every graph of the shipped bundle with burn-onnx: each `models/duet-small/<graph>.onnx`
+//! Imports every graph of the shipped bundle with burn-onnx: each `shipped/duet-small/<graph>.onnx`
 //! becomes `$OUT_DIR/onnx/<graph>.rs` (a Burn module) and `<graph>.bpk` (its weights).
 //!
 //! A graph burn-onnx cannot read fails this build; that failure is the finding the round trip
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use burn_onnx::{LoadStrategy, ModelGen};
 
-/// The graphs of `models/duet-small`, in manifest order.
+/// The graphs of `shipped/duet-small`, in manifest order.
 const GRAPHS: [&str; 7] = [
     "vision_encoder",
     "caption_decoder",
@@ -20,7 +20,7 @@ const GRAPHS: [&str; 7] = [
 ];
 
 fn main() {
-    let bundle = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/duet-small");
+    let bundle = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shipped/duet-small");
     let mut gen = ModelGen::new();
     for graph in GRAPHS {
         let path = bundle.join(format!("{graph}.onnx"));

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command 1: set up, build, and run the shipped `models/duet-small` bundle — no training.
+# README command 1: set up, build, and run the shipped `shipped/duet-small` bundle — no training.
 # Captions the sample images in examples/images/ (emoji and ShapeWorld), generates a PNG grid
 # from several prompts (one row each), and classifies a scene with the text or the image
 # missing (restored in feature space). Each runs on onnxruntime (provider chain `auto`:
@@ -11,7 +11,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/setup.sh
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/.ort/lib/libonnxruntime.so}"
-bundle=${DUET_BUNDLE:-$root/models/duet-small}
+bundle=${DUET_BUNDLE:-$root/shipped/duet-small}
 out=${DUET_DEMO_DIR:-$root/out/demo}
 mkdir -p "$out"
 cargo build --release -p duet-runtime

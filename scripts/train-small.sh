@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The recipe of the shipped `models/duet-small` bundle: the `small` preset trained on ShapeWorld
+# The recipe of the shipped `shipped/duet-small` bundle: the `small` preset trained on ShapeWorld
 # + Emoji-CLDR (both art styles) through every stage — caption, generate, unify (Unified-GRPO),
 # fusion + restore (missing-modality restoration) — then evaluated and exported.
 #
@@ -11,7 +11,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${DUET_SMALL_DIR:-$root/out/small}
 device=${DUET_DEVICE:-cpu}
-# Exported next to the runs, not over models/duet-small: that directory also holds the model
+# Exported next to the runs, not over shipped/duet-small: that directory also holds the model
 # card and the evaluation files it quotes (copied from runs/ by hand), which duet-export refuses
 # to delete. Compare the new bundle with it, then copy the graphs and manifest across.
 bundle=${DUET_SMALL_BUNDLE:-$work/bundle}

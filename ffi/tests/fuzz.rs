@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn shipped() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/duet-small")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shipped/duet-small")
 }
 
 fn take(s: *mut c_char) -> Option<String> {

@@ -36,7 +36,7 @@ pub fn weights(graph: &str) -> PathBuf {
         .join(format!("{graph}.bpk"))
 }
 
-/// The bundle the graphs were imported from, `models/duet-small` in this repository.
+/// The bundle the graphs were imported from, `shipped/duet-small` in this repository.
 pub fn bundle_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/duet-small")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shipped/duet-small")
 }

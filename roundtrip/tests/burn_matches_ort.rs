@@ -1,4 +1,4 @@
-//! The round trip: every graph of `models/duet-small`, imported into Burn by burn-onnx (see
+//! The round trip: every graph of `shipped/duet-small`, imported into Burn by burn-onnx (see
 //! `build.rs`), gives onnxruntime's outputs on the same inputs, within `TOLERANCE`.
 //!
 //! Inputs are what the runtime feeds: the sample images in `examples/images` (decoded and

@@ -81,7 +81,7 @@ fn embed_prints_the_similarity_table_and_writes_json_lines() {
     let out_file = dir.path().join("emb.jsonl");
     let out = duet()
         .args(["embed", "--provider", "tract", "--bundle"])
-        .arg(root.join("models/duet-small"))
+        .arg(root.join("shipped/duet-small"))
         .arg("--image")
         .arg(root.join("examples/images/emoji-google-1f600.png"))
         .arg("--image")
@@ -132,7 +132,7 @@ fn embed_prints_the_similarity_table_and_writes_json_lines() {
     // Texts only, no --out: the embeddings themselves go to stdout, the same as in the file.
     let out = duet()
         .args(["embed", "--provider", "tract", "--bundle"])
-        .arg(root.join("models/duet-small"))
+        .arg(root.join("shipped/duet-small"))
         .args(["--text", "grinning face"])
         .output()
         .unwrap();
@@ -459,7 +459,7 @@ fn a_library_planted_near_the_working_directory_never_runs() {
 }
 
 fn shipped() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/duet-small")
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shipped/duet-small")
 }
 
 fn entries(dir: &std::path::Path) -> Vec<String> {

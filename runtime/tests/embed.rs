@@ -51,7 +51,7 @@ fn sample_paths() -> Vec<PathBuf> {
 
 #[test]
 fn shipped_bundle_embeddings_are_consistent_and_match_images_to_their_captions() {
-    let bundle = Bundle::open(repo().join("models/duet-small")).unwrap();
+    let bundle = Bundle::open(repo().join("shipped/duet-small")).unwrap();
     let images: Vec<_> = sample_paths()
         .iter()
         .map(|p| preprocess::load_image(p).unwrap())
@@ -103,7 +103,7 @@ fn shipped_bundle_embeddings_are_consistent_and_match_images_to_their_captions()
 
 #[test]
 fn texts_the_model_cannot_read_are_errors_naming_them() {
-    let bundle = Bundle::open(repo().join("models/duet-small")).unwrap();
+    let bundle = Bundle::open(repo().join("shipped/duet-small")).unwrap();
     let embedder =
         Embedder::new(&bundle, ProviderChoice::Only(Provider::Tract), &options()).unwrap();
     let err = embedder.embed_texts(&["grinning face", "  "]).unwrap_err();

@@ -619,7 +619,7 @@ fn fuzz_bundle_files() {
 /// vocabulary, and 10 MB (which used to cost the tokenizer 1.08 GB before it was refused).
 #[test]
 fn fuzz_prompts() {
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/duet-small");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shipped/duet-small");
     let bundle = Bundle::open(&shipped).unwrap();
     let generator = duet_runtime::Generator::new(
         &bundle,

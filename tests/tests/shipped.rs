@@ -1,5 +1,5 @@
-//! The shipped `models/duet-small` bundle against its model card: the card's held-out emoji
-//! caption scores were computed in Burn by `duet-train eval` (`models/duet-small/eval/`); here the
+//! The shipped `shipped/duet-small` bundle against its model card: the card's held-out emoji
+//! caption scores were computed in Burn by `duet-train eval` (`shipped/duet-small/eval/`); here the
 //! committed ONNX graphs, run by the runtime on tract and on onnxruntime, caption a slice of the
 //! same held-out emoji (rebuilt from the sources `scripts/setup.sh` fetches) and must agree with
 //! those captions and scores.
@@ -28,10 +28,10 @@ fn emoji_source() -> EmojiSource {
 
 #[test]
 fn shipped_bundle_reproduces_its_cards_held_out_emoji_captions() {
-    let model = repo_root().join("models/duet-small");
+    let model = repo_root().join("shipped/duet-small");
     let report: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(model.join("eval/eval-emoji-google.json"))
-            .expect("models/duet-small/eval/eval-emoji-google.json"),
+            .expect("shipped/duet-small/eval/eval-emoji-google.json"),
     )
     .expect("eval json");
     // Burn's captions of the whole held-out google split, in the split's order.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn bundle() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/duet-small")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shipped/duet-small")
 }
 
 fn edge() -> Command {
