@@ -4,22 +4,15 @@
 #[path = "../../runtime/tests/common/mod.rs"]
 mod common;
 
-use std::ffi::{c_char, CStr, CString};
+mod strings;
+
+use std::ffi::{CStr, CString};
 use std::ptr;
 
 use duet::*;
 use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
 use duet_runtime::{Bundle, Captioner};
-
-/// Takes ownership of a duet string and returns it (NULL → None).
-fn take(s: *mut c_char) -> Option<String> {
-    if s.is_null() {
-        return None;
-    }
-    let text = unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned();
-    unsafe { duet_string_free(s) };
-    Some(text)
-}
+use strings::take;
 
 fn cstr(s: &str) -> CString {
     CString::new(s).unwrap()

@@ -5,8 +5,10 @@
 //! succeed; never `DUET_STATUS_PANIC` (a panic caught at the boundary is still a bug), never
 //! a crash or hang. Seeded (`DUET_FUZZ_SEED`), counts printed past libtest's capture.
 
+mod strings;
+
 use std::collections::BTreeMap;
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::CString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::ptr;
@@ -14,18 +16,10 @@ use std::ptr;
 use duet::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use strings::take;
 
 fn shipped() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shipped/duet-small")
-}
-
-fn take(s: *mut c_char) -> Option<String> {
-    if s.is_null() {
-        return None;
-    }
-    let text = unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned();
-    unsafe { duet_string_free(s) };
-    Some(text)
 }
 
 fn pick<T: Copy>(rng: &mut ChaCha8Rng, xs: &[T]) -> T {

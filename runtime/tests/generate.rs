@@ -14,7 +14,10 @@ use prost::Message;
 use tract_onnx::pb;
 
 fn shipped() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shipped/duet-small"))
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shipped/duet-small"
+    ))
 }
 
 /// Copies the shipped bundle into `dir` with one NaN in the denoiser's largest float weight (a
