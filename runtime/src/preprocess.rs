@@ -21,7 +21,7 @@ use crate::manifest::ImageSpec;
 pub enum ImageError {
     /// Missing, not a regular file (a FIFO or device is refused without blocking), over
     /// [`IMAGE_FILE_CAP`], or unreadable; the error names the path.
-    #[error("image: {source}")]
+    #[error("cannot read image: {source}")]
     Read {
         path: PathBuf,
         #[source]
