@@ -21,7 +21,7 @@ use std::ptr;
 use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::{EngineOptions, ProviderChoice};
 use duet_runtime::{
-    preprocess, Bundle, Captioner, Classifier, ClassifyError, EngineSet, GenerateError,
+    preprocess, Bundle, Captioner, Classifier, ClassifyError, EngineSet, ErrorKind, GenerateError,
     GenerateOptions, Generator, Modality,
 };
 
@@ -127,69 +127,38 @@ impl Failure {
     }
 }
 
-impl From<duet_runtime::CaptionError> for Failure {
-    fn from(e: duet_runtime::CaptionError) -> Self {
-        use duet_runtime::CaptionError as E;
-        let status = match &e {
-            E::Bundle(_) | E::Tokenizer { .. } => DuetStatus::Bundle,
-            E::Engine(duet_runtime::EngineError::ProviderUnavailable { .. })
-            | E::Engine(duet_runtime::EngineError::NoProvider { .. })
-            | E::Engine(duet_runtime::EngineError::ModelNotFound { .. }) => DuetStatus::Provider,
-            E::Image(_) => DuetStatus::Image,
-            E::Engine(_) | E::Decode { .. } | E::Shape { .. } | E::NonFinite { .. } => {
-                DuetStatus::Inference
-            }
-        };
-        Failure::new(status, e.to_string())
+/// One status per kind of runtime error, one-to-one (`duet_runtime::ErrorKind`); the errors
+/// themselves say which kind they are.
+impl From<ErrorKind> for DuetStatus {
+    fn from(kind: ErrorKind) -> Self {
+        match kind {
+            ErrorKind::Bundle => DuetStatus::Bundle,
+            ErrorKind::Provider => DuetStatus::Provider,
+            ErrorKind::Image => DuetStatus::Image,
+            ErrorKind::InvalidArgument => DuetStatus::InvalidArgument,
+            ErrorKind::Inference => DuetStatus::Inference,
+            ErrorKind::Unsupported => DuetStatus::Unsupported,
+        }
     }
 }
 
-impl From<GenerateError> for Failure {
-    fn from(e: GenerateError) -> Self {
-        use duet_runtime::EngineError as Eng;
-        use GenerateError as E;
-        let status = match &e {
-            E::Bundle(_) | E::Tokenizer { .. } => DuetStatus::Bundle,
-            E::Engine(Eng::ProviderUnavailable { .. })
-            | E::Engine(Eng::NoProvider { .. })
-            | E::Engine(Eng::ModelNotFound { .. }) => DuetStatus::Provider,
-            E::NoGenerator => DuetStatus::Unsupported,
-            E::NoPrompts
-            | E::TooMany { .. }
-            | E::EmptyPrompt { .. }
-            | E::PromptTooLong { .. }
-            | E::UnknownWords { .. }
-            | E::Encode { .. }
-            | E::InvalidOption(_) => DuetStatus::InvalidArgument,
-            E::Engine(_) | E::Diffusion(_) | E::Shape { .. } | E::NonFinite { .. } => {
-                DuetStatus::Inference
+/// Every runtime error becomes a failure with its kind's status and its own message.
+macro_rules! failure_from {
+    ($($error:ty),*) => {$(
+        impl From<$error> for Failure {
+            fn from(e: $error) -> Self {
+                Failure::new(e.kind().into(), e.to_string())
             }
-        };
-        Failure::new(status, e.to_string())
-    }
+        }
+    )*};
 }
-
-impl From<ClassifyError> for Failure {
-    fn from(e: ClassifyError) -> Self {
-        use duet_runtime::EngineError as Eng;
-        use ClassifyError as E;
-        let status = match &e {
-            E::Bundle(_) | E::Tokenizer { .. } => DuetStatus::Bundle,
-            E::Engine(Eng::ProviderUnavailable { .. })
-            | E::Engine(Eng::NoProvider { .. })
-            | E::Engine(Eng::ModelNotFound { .. }) => DuetStatus::Provider,
-            E::NoRestorer => DuetStatus::Unsupported,
-            E::Image(_) => DuetStatus::Image,
-            E::NothingGiven
-            | E::EmptyText
-            | E::TextTooLong { .. }
-            | E::UnknownWords { .. }
-            | E::Encode { .. } => DuetStatus::InvalidArgument,
-            E::Engine(_) | E::Diffusion(_) | E::Shape { .. } => DuetStatus::Inference,
-        };
-        Failure::new(status, e.to_string())
-    }
-}
+failure_from!(
+    duet_runtime::CaptionError,
+    GenerateError,
+    ClassifyError,
+    duet_runtime::BundleError,
+    duet_runtime::ImageError
+);
 
 /// A C string for the caller to free with [`duet_string_free`]. Interior NULs (which C cannot
 /// represent) are replaced rather than losing the whole message.
@@ -289,7 +258,7 @@ fn create_runtime(
 ) -> Result<DuetRuntime, Failure> {
     let bundle = Bundle::open(&dir).map_err(|e| {
         Failure::new(
-            DuetStatus::Bundle,
+            e.kind().into(),
             format!("opening bundle {}: {e}", dir.display()),
         )
     })?;
@@ -495,8 +464,7 @@ pub unsafe extern "C" fn duet_caption_file(
         *caption = ptr::null_mut();
         let rt = runtime_arg(runtime)?;
         let path = str_arg(path, "path")?;
-        let img = preprocess::load_image(path)
-            .map_err(|e| Failure::new(DuetStatus::Image, e.to_string()))?;
+        let img = preprocess::load_image(path)?;
         *caption = c_string(&caption_one(rt, img)?);
         Ok(())
     })

@@ -56,6 +56,9 @@ pub enum ClassifyError {
     Encode { reason: String },
     #[error("graph `{graph}`: {reason}")]
     Shape { graph: String, reason: String },
+    /// A NaN or infinite value out of a graph (reported, not classified on).
+    #[error("graph `{graph}` returned a non-finite value (NaN or infinity) in `{output}`")]
+    NonFinite { graph: String, output: String },
 }
 
 impl From<EmbedError> for ClassifyError {
@@ -71,10 +74,8 @@ impl From<EmbedError> for ClassifyError {
                 graph: TEXT_ENCODER.to_owned(),
                 reason: EmbedError::NoTextEncoder.to_string(),
             },
-            EmbedError::NonFinite { graph, output } => ClassifyError::Shape {
-                reason: format!("returned a non-finite value (NaN or infinity) in `{output}`"),
-                graph,
-            },
+            // Said as what it is: a non-finite output, not a shape problem.
+            EmbedError::NonFinite { graph, output } => ClassifyError::NonFinite { graph, output },
         }
     }
 }
@@ -90,6 +91,11 @@ impl From<GenerateError> for ClassifyError {
             GenerateError::Tokenizer { path, reason } => ClassifyError::Tokenizer { path, reason },
             GenerateError::Encode { reason, .. } => ClassifyError::Encode { reason },
             GenerateError::Engine(e) => ClassifyError::Engine(e),
+            GenerateError::Bundle(e) => ClassifyError::Bundle(e),
+            GenerateError::Diffusion(e) => ClassifyError::Diffusion(e),
+            GenerateError::NonFinite { graph, output } => {
+                ClassifyError::NonFinite { graph, output }
+            }
             other => ClassifyError::Shape {
                 graph: TEXT_ENCODER.to_owned(),
                 reason: other.to_string(),

@@ -25,6 +25,7 @@ pub mod classify;
 pub mod embed;
 pub mod engine;
 pub mod engine_set;
+pub mod error_kind;
 pub mod generate;
 pub mod manifest;
 pub mod panic_guard;
@@ -38,6 +39,7 @@ pub use engine::{
     Engine, EngineError, EngineOptions, Provider, ProviderChoice, ProviderReport, Value, ValueView,
 };
 pub use engine_set::EngineSet;
+pub use error_kind::ErrorKind;
 pub use generate::{GenerateError, GenerateOptions, Generator};
 pub use manifest::{Manifest, SCHEMA_VERSION};
 pub use preprocess::ImageError;
