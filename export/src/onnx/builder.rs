@@ -62,9 +62,9 @@ pub enum Dim {
 /// A newtype rather than a bare `String` so a parameter name can never be passed where a graph
 /// value is expected.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Value(String);
+pub struct GraphValue(String);
 
-impl Value {
+impl GraphValue {
     /// The tensor's name in the ONNX graph.
     pub fn name(&self) -> &str {
         &self.0
@@ -74,19 +74,19 @@ impl Value {
 /// Cached key/value tensors of one attention layer from earlier decoding steps.
 #[derive(Debug, Clone)]
 pub struct PastKv {
-    pub key: Value,
-    pub value: Value,
+    pub key: GraphValue,
+    pub value: GraphValue,
 }
 
 /// What [`GraphBuilder::mha`] returns.
 #[derive(Debug, Clone)]
 pub struct MhaOutput {
     /// Attention output after the `out` projection, `[B, N, D]`.
-    pub out: Value,
+    pub out: GraphValue,
     /// Keys over past + current positions, `[B, H, total, Dh]` (the decoder's `present_key_l`).
-    pub k_all: Value,
+    pub k_all: GraphValue,
     /// Values over past + current positions, `[B, H, total, Dh]`.
-    pub v_all: Value,
+    pub v_all: GraphValue,
 }
 
 /// Builds one ONNX graph. Weights are read from a borrowed [`Weights`]; every parameter that is
@@ -100,9 +100,9 @@ pub struct GraphBuilder<'w> {
     initializers: Vec<TensorProto>,
     nodes: Vec<NodeProto>,
     /// Parameter name → initializer, so a parameter read twice is stored once.
-    param_values: HashMap<String, Value>,
+    param_values: HashMap<String, GraphValue>,
     /// Deduplicated i64 constants (reshape targets, axes).
-    i64_consts: HashMap<Vec<i64>, Value>,
+    i64_consts: HashMap<Vec<i64>, GraphValue>,
     /// Every name already used for a tensor or node; ONNX requires SSA-unique tensor names.
     taken: BTreeSet<String>,
     counter: usize,
@@ -192,10 +192,15 @@ impl<'w> GraphBuilder<'w> {
     // ----- graph interface -------------------------------------------------------------------
 
     /// Declares a graph input.
-    pub fn input(&mut self, name: &str, dtype: DType, shape: &[Dim]) -> Result<Value, ExportError> {
+    pub fn input(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[Dim],
+    ) -> Result<GraphValue, ExportError> {
         self.claim(name)?;
         self.inputs.push(value_info(name, dtype, shape));
-        Ok(Value(name.to_owned()))
+        Ok(GraphValue(name.to_owned()))
     }
 
     /// Declares a graph output named `name` carrying `value`.
@@ -204,7 +209,7 @@ impl<'w> GraphBuilder<'w> {
     /// internal naming and a value may be both consumed inside the graph and exported.
     pub fn output(
         &mut self,
-        value: &Value,
+        value: &GraphValue,
         name: &str,
         dtype: DType,
         shape: &[Dim],
@@ -226,7 +231,7 @@ impl<'w> GraphBuilder<'w> {
 
     /// Adds the trained parameter `name` as an initializer (named after the parameter), after
     /// checking it has exactly `expected` shape.
-    pub fn param(&mut self, name: &str, expected: &[usize]) -> Result<Value, ExportError> {
+    pub fn param(&mut self, name: &str, expected: &[usize]) -> Result<GraphValue, ExportError> {
         let data = self.weights.get_shaped(name, expected)?;
         if let Some(v) = self.param_values.get(name) {
             return Ok(v.clone());
@@ -234,7 +239,7 @@ impl<'w> GraphBuilder<'w> {
         self.claim(name)?;
         self.initializers.push(f32_tensor(name, expected, data));
         self.used.insert(name.to_owned());
-        let v = Value(name.to_owned());
+        let v = GraphValue(name.to_owned());
         self.param_values.insert(name.to_owned(), v.clone());
         Ok(v)
     }
@@ -245,7 +250,7 @@ impl<'w> GraphBuilder<'w> {
         stem: &str,
         shape: &[usize],
         data: &[f32],
-    ) -> Result<Value, ExportError> {
+    ) -> Result<GraphValue, ExportError> {
         let n: usize = shape.iter().product();
         if n != data.len() {
             return Err(ExportError::DataLength {
@@ -256,19 +261,19 @@ impl<'w> GraphBuilder<'w> {
         }
         let name = self.fresh(stem);
         self.initializers.push(f32_tensor(&name, shape, data));
-        Ok(Value(name))
+        Ok(GraphValue(name))
     }
 
     /// An f32 scalar constant (shape `[]`), broadcast by the elementwise ops.
-    pub fn scalar_f32(&mut self, stem: &str, v: f32) -> Value {
+    pub fn scalar_f32(&mut self, stem: &str, v: f32) -> GraphValue {
         let name = self.fresh(stem);
         self.initializers.push(f32_tensor(&name, &[], &[v]));
-        Value(name)
+        GraphValue(name)
     }
 
     /// A 1-D i64 constant (shapes for Reshape, axes for reductions); identical constants are
     /// stored once.
-    pub fn const_i64(&mut self, stem: &str, data: &[i64]) -> Value {
+    pub fn const_i64(&mut self, stem: &str, data: &[i64]) -> GraphValue {
         if let Some(v) = self.i64_consts.get(data) {
             return v.clone();
         }
@@ -281,7 +286,7 @@ impl<'w> GraphBuilder<'w> {
             raw_data: raw,
             ..Default::default()
         });
-        let v = Value(name);
+        let v = GraphValue(name);
         self.i64_consts.insert(data.to_vec(), v.clone());
         v
     }
@@ -289,7 +294,12 @@ impl<'w> GraphBuilder<'w> {
     // ----- primitive ops ---------------------------------------------------------------------
 
     /// Appends one single-output node and returns its output.
-    pub fn node(&mut self, op_type: &str, inputs: &[&Value], attrs: Vec<AttributeProto>) -> Value {
+    pub fn node(
+        &mut self,
+        op_type: &str,
+        inputs: &[&GraphValue],
+        attrs: Vec<AttributeProto>,
+    ) -> GraphValue {
         let name = self.fresh(op_type);
         let out = format!("{name}:0");
         self.taken.insert(out.clone());
@@ -301,86 +311,86 @@ impl<'w> GraphBuilder<'w> {
             attribute: attrs,
             ..Default::default()
         });
-        Value(out)
+        GraphValue(out)
     }
 
-    pub fn matmul(&mut self, a: &Value, b: &Value) -> Value {
+    pub fn matmul(&mut self, a: &GraphValue, b: &GraphValue) -> GraphValue {
         self.node("MatMul", &[a, b], vec![])
     }
 
-    pub fn add(&mut self, a: &Value, b: &Value) -> Value {
+    pub fn add(&mut self, a: &GraphValue, b: &GraphValue) -> GraphValue {
         self.node("Add", &[a, b], vec![])
     }
 
-    pub fn sub(&mut self, a: &Value, b: &Value) -> Value {
+    pub fn sub(&mut self, a: &GraphValue, b: &GraphValue) -> GraphValue {
         self.node("Sub", &[a, b], vec![])
     }
 
-    pub fn mul(&mut self, a: &Value, b: &Value) -> Value {
+    pub fn mul(&mut self, a: &GraphValue, b: &GraphValue) -> GraphValue {
         self.node("Mul", &[a, b], vec![])
     }
 
-    pub fn div(&mut self, a: &Value, b: &Value) -> Value {
+    pub fn div(&mut self, a: &GraphValue, b: &GraphValue) -> GraphValue {
         self.node("Div", &[a, b], vec![])
     }
 
-    pub fn sqrt(&mut self, x: &Value) -> Value {
+    pub fn sqrt(&mut self, x: &GraphValue) -> GraphValue {
         self.node("Sqrt", &[x], vec![])
     }
 
-    pub fn erf(&mut self, x: &Value) -> Value {
+    pub fn erf(&mut self, x: &GraphValue) -> GraphValue {
         self.node("Erf", &[x], vec![])
     }
 
-    pub fn sigmoid(&mut self, x: &Value) -> Value {
+    pub fn sigmoid(&mut self, x: &GraphValue) -> GraphValue {
         self.node("Sigmoid", &[x], vec![])
     }
 
-    pub fn cos(&mut self, x: &Value) -> Value {
+    pub fn cos(&mut self, x: &GraphValue) -> GraphValue {
         self.node("Cos", &[x], vec![])
     }
 
-    pub fn sin(&mut self, x: &Value) -> Value {
+    pub fn sin(&mut self, x: &GraphValue) -> GraphValue {
         self.node("Sin", &[x], vec![])
     }
 
     /// Elementwise maximum (broadcasting).
-    pub fn max(&mut self, a: &Value, b: &Value) -> Value {
+    pub fn max(&mut self, a: &GraphValue, b: &GraphValue) -> GraphValue {
         self.node("Max", &[a, b], vec![])
     }
 
-    pub fn identity(&mut self, x: &Value) -> Value {
+    pub fn identity(&mut self, x: &GraphValue) -> GraphValue {
         self.node("Identity", &[x], vec![])
     }
 
     /// Reshape to a constant target. Entries follow ONNX rules with `allowzero = 0`: `0` copies
     /// the input's size on that axis (how symbolic `batch`/`seq` survive), `-1` is inferred.
-    pub fn reshape(&mut self, x: &Value, shape: &[i64]) -> Value {
+    pub fn reshape(&mut self, x: &GraphValue, shape: &[i64]) -> GraphValue {
         let s = self.const_i64("shape", shape);
         self.node("Reshape", &[x, &s], vec![])
     }
 
-    pub fn transpose(&mut self, x: &Value, perm: &[i64]) -> Value {
+    pub fn transpose(&mut self, x: &GraphValue, perm: &[i64]) -> GraphValue {
         self.node("Transpose", &[x], vec![attr_ints("perm", perm)])
     }
 
-    pub fn concat(&mut self, xs: &[&Value], axis: i64) -> Value {
+    pub fn concat(&mut self, xs: &[&GraphValue], axis: i64) -> GraphValue {
         self.node("Concat", xs, vec![attr_int("axis", axis)])
     }
 
     /// Softmax over the last axis (opset ≥ 13 semantics: a single axis, not a flattened tail).
-    pub fn softmax(&mut self, x: &Value) -> Value {
+    pub fn softmax(&mut self, x: &GraphValue) -> GraphValue {
         self.node("Softmax", &[x], vec![attr_int("axis", -1)])
     }
 
     /// `LayerNormalization` over the last axis (opset 17+).
     pub fn layer_normalization(
         &mut self,
-        x: &Value,
-        gamma: &Value,
-        beta: &Value,
+        x: &GraphValue,
+        gamma: &GraphValue,
+        beta: &GraphValue,
         eps: f32,
-    ) -> Value {
+    ) -> GraphValue {
         self.node(
             "LayerNormalization",
             &[x, gamma, beta],
@@ -389,19 +399,19 @@ impl<'w> GraphBuilder<'w> {
     }
 
     /// `Gather` along axis 0: rows of `table` picked by integer `indices`.
-    pub fn gather(&mut self, table: &Value, indices: &Value) -> Value {
+    pub fn gather(&mut self, table: &GraphValue, indices: &GraphValue) -> GraphValue {
         self.node("Gather", &[table, indices], vec![attr_int("axis", 0)])
     }
 
     /// 2-D convolution without padding or dilation.
     pub fn conv(
         &mut self,
-        x: &Value,
-        w: &Value,
-        b: &Value,
+        x: &GraphValue,
+        w: &GraphValue,
+        b: &GraphValue,
         kernel: [i64; 2],
         stride: [i64; 2],
-    ) -> Value {
+    ) -> GraphValue {
         self.node(
             "Conv",
             &[x, w, b],
@@ -413,7 +423,7 @@ impl<'w> GraphBuilder<'w> {
     }
 
     /// `ReduceMean` with axes passed as an input (the opset-18 form).
-    pub fn reduce_mean(&mut self, x: &Value, axes: &[i64], keepdims: bool) -> Value {
+    pub fn reduce_mean(&mut self, x: &GraphValue, axes: &[i64], keepdims: bool) -> GraphValue {
         let a = self.const_i64("axes", axes);
         self.node(
             "ReduceMean",
@@ -423,7 +433,7 @@ impl<'w> GraphBuilder<'w> {
     }
 
     /// `ReduceSum` with axes passed as an input (the opset-13+ form).
-    pub fn reduce_sum(&mut self, x: &Value, axes: &[i64], keepdims: bool) -> Value {
+    pub fn reduce_sum(&mut self, x: &GraphValue, axes: &[i64], keepdims: bool) -> GraphValue {
         let a = self.const_i64("axes", axes);
         self.node(
             "ReduceSum",
@@ -438,11 +448,11 @@ impl<'w> GraphBuilder<'w> {
     /// layout, so no transpose is needed) and `b = {prefix}.bias [d_out]`.
     pub fn linear(
         &mut self,
-        x: &Value,
+        x: &GraphValue,
         prefix: &str,
         d_in: usize,
         d_out: usize,
-    ) -> Result<Value, ExportError> {
+    ) -> Result<GraphValue, ExportError> {
         let w = self.param(&format!("{prefix}.weight"), &[d_in, d_out])?;
         let b = self.param(&format!("{prefix}.bias"), &[d_out])?;
         Ok(self.scoped(prefix, |g| {
@@ -458,13 +468,13 @@ impl<'w> GraphBuilder<'w> {
     /// used by the graph.
     pub fn linear_chunk(
         &mut self,
-        x: &Value,
+        x: &GraphValue,
         prefix: &str,
         d_in: usize,
         d_out: usize,
         k: usize,
         n: usize,
-    ) -> Result<Value, ExportError> {
+    ) -> Result<GraphValue, ExportError> {
         if k >= n {
             return Err(ExportError::InvalidDims(format!(
                 "{prefix}: chunk {k} of {n} does not exist"
@@ -496,11 +506,11 @@ impl<'w> GraphBuilder<'w> {
     /// LayerNorm over the last axis with `{prefix}.gamma`, `{prefix}.beta` `[d]`.
     pub fn layer_norm(
         &mut self,
-        x: &Value,
+        x: &GraphValue,
         prefix: &str,
         d: usize,
         eps: f32,
-    ) -> Result<Value, ExportError> {
+    ) -> Result<GraphValue, ExportError> {
         let gamma = self.param(&format!("{prefix}.gamma"), &[d])?;
         let beta = self.param(&format!("{prefix}.beta"), &[d])?;
         Ok(self.scoped(prefix, |g| g.layer_normalization(x, &gamma, &beta, eps)))
@@ -508,7 +518,7 @@ impl<'w> GraphBuilder<'w> {
 
     /// Exact GELU, `0.5 · x · (1 + erf(x / √2))`, spelled with core ops because the `Gelu`
     /// op only exists from opset 20.
-    pub fn gelu(&mut self, x: &Value) -> Value {
+    pub fn gelu(&mut self, x: &GraphValue) -> GraphValue {
         let sqrt2 = self.scalar_f32("sqrt2", std::f32::consts::SQRT_2);
         let one = self.scalar_f32("one", 1.0);
         let half = self.scalar_f32("half", 0.5);
@@ -520,7 +530,7 @@ impl<'w> GraphBuilder<'w> {
     }
 
     /// `x · sigmoid(x)` (SiLU / swish), spelled with core ops.
-    pub fn silu(&mut self, x: &Value) -> Value {
+    pub fn silu(&mut self, x: &GraphValue) -> GraphValue {
         let s = self.sigmoid(x);
         self.mul(x, &s)
     }
@@ -528,17 +538,17 @@ impl<'w> GraphBuilder<'w> {
     /// LayerNorm over the last axis without learnt affine parameters (γ = 1, β = 0 constants).
     pub fn plain_layer_norm(
         &mut self,
-        x: &Value,
+        x: &GraphValue,
         d: usize,
         eps: f32,
-    ) -> Result<Value, ExportError> {
+    ) -> Result<GraphValue, ExportError> {
         let gamma = self.const_f32("ln_ones", &[d], &vec![1.0; d])?;
         let beta = self.const_f32("ln_zeros", &[d], &vec![0.0; d])?;
         Ok(self.layer_normalization(x, &gamma, &beta, eps))
     }
 
     /// `y / sqrt(Σ y² + 1e-12)` over the last axis (the pooled embeddings' normalisation).
-    pub fn l2_normalize(&mut self, y: &Value) -> Value {
+    pub fn l2_normalize(&mut self, y: &GraphValue) -> GraphValue {
         let sq = self.mul(y, y);
         let ss = self.reduce_sum(&sq, &[-1], true);
         let tiny = self.scalar_f32("eps", 1e-12);
@@ -549,7 +559,7 @@ impl<'w> GraphBuilder<'w> {
 
     /// Additive key-padding bias `(mask − 1) · 1e9` reshaped to `[B, 1, 1, L]` from a `[B, L]`
     /// 1/0 mask (`padding_bias` in `duet-models`).
-    pub fn padding_bias(&mut self, mask: &Value) -> Value {
+    pub fn padding_bias(&mut self, mask: &GraphValue) -> GraphValue {
         let one = self.scalar_f32("one", 1.0);
         let big = self.scalar_f32("masked", 1e9);
         let b = self.sub(mask, &one);
@@ -560,11 +570,11 @@ impl<'w> GraphBuilder<'w> {
     /// `fc2(gelu(fc1(x)))` with `fc1: d→hidden`, `fc2: hidden→d`.
     pub fn mlp(
         &mut self,
-        x: &Value,
+        x: &GraphValue,
         prefix: &str,
         d: usize,
         hidden: usize,
-    ) -> Result<Value, ExportError> {
+    ) -> Result<GraphValue, ExportError> {
         let h = self.linear(x, &format!("{prefix}.fc1"), d, hidden)?;
         let h = self.scoped(prefix, |g| g.gelu(&h));
         self.linear(&h, &format!("{prefix}.fc2"), hidden, d)
@@ -580,11 +590,11 @@ impl<'w> GraphBuilder<'w> {
     /// `[B, Nq, D]` and projected by `out`.
     pub fn mha(
         &mut self,
-        q_in: &Value,
-        kv_in: &Value,
+        q_in: &GraphValue,
+        kv_in: &GraphValue,
         prefix: &str,
         n_heads: usize,
-        bias: Option<&Value>,
+        bias: Option<&GraphValue>,
         past: Option<&PastKv>,
     ) -> Result<MhaOutput, ExportError> {
         let q_name = format!("{prefix}.q.weight");
@@ -600,7 +610,7 @@ impl<'w> GraphBuilder<'w> {
         let v = self.linear(kv_in, &format!("{prefix}.v"), d, d)?;
         let merged = self.scoped(prefix, |g| {
             let split = [0, 0, n_heads as i64, dh as i64];
-            let heads = |g: &mut Self, x: &Value| {
+            let heads = |g: &mut Self, x: &GraphValue| {
                 let x = g.reshape(x, &split);
                 g.transpose(&x, &[0, 2, 1, 3])
             };
@@ -632,9 +642,9 @@ impl<'w> GraphBuilder<'w> {
     /// Pre-norm residual step `x + f(ln(x))`, the shape of every transformer sub-block here.
     pub fn residual(
         &mut self,
-        x: &Value,
-        f: impl FnOnce(&mut Self, &Value) -> Result<Value, ExportError>,
-    ) -> Result<Value, ExportError> {
+        x: &GraphValue,
+        f: impl FnOnce(&mut Self, &GraphValue) -> Result<GraphValue, ExportError>,
+    ) -> Result<GraphValue, ExportError> {
         let y = f(self, x)?;
         Ok(self.add(x, &y))
     }

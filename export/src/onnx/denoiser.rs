@@ -3,7 +3,7 @@
 
 use tract_onnx::pb::ModelProto;
 
-use super::builder::{DType, Dim, GraphBuilder, Value};
+use super::builder::{DType, Dim, GraphBuilder, GraphValue};
 use super::{ExportError, GraphDims, Weights};
 
 /// Graph name written into the model.
@@ -57,7 +57,13 @@ pub fn denoiser_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
 }
 
 /// `x · (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
-fn modulate(g: &mut GraphBuilder<'_>, x: &Value, shift: &Value, scale: &Value, d: usize) -> Value {
+fn modulate(
+    g: &mut GraphBuilder<'_>,
+    x: &GraphValue,
+    shift: &GraphValue,
+    scale: &GraphValue,
+    d: usize,
+) -> GraphValue {
     let one = g.scalar_f32("one", 1.0);
     let scale = g.reshape(scale, &[0, 1, d as i64]);
     let shift = g.reshape(shift, &[0, 1, d as i64]);
@@ -157,10 +163,10 @@ pub fn build_denoiser(weights: &Weights, dims: &GraphDims) -> Result<ModelProto,
     for i in 0..dims.denoiser_layers {
         let pre = format!("denoiser.blocks.{i}");
         let ada = format!("{pre}.ada");
-        let m: Vec<Value> = (0..6)
+        let m: Vec<GraphValue> = (0..6)
             .map(|k| g.linear_chunk(&cond, &ada, d, d, k, 6))
             .collect::<Result<_, _>>()?;
-        let gate = |g: &mut GraphBuilder<'_>, v: &Value| g.reshape(v, &[0, 1, d as i64]);
+        let gate = |g: &mut GraphBuilder<'_>, v: &GraphValue| g.reshape(v, &[0, 1, d as i64]);
         // Self-attention, modulated and gated.
         let hn = g.plain_layer_norm(&h, d, eps)?;
         let hn = modulate(&mut g, &hn, &m[0], &m[1], d);

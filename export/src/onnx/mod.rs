@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use tract_onnx::pb::ModelProto;
 
-pub use builder::{DType, Dim, GraphBuilder, MhaOutput, PastKv, Value};
+pub use builder::{DType, Dim, GraphBuilder, GraphValue, MhaOutput, PastKv};
 pub use decoder::{build_caption_decoder, decoder_parameters};
 pub use denoiser::{build_denoiser, denoiser_parameters};
 pub use restorer::{

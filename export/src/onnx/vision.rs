@@ -42,11 +42,11 @@ pub fn vision_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
 /// the vision and the text encoder.
 pub fn encoder_block(
     g: &mut GraphBuilder<'_>,
-    x: &super::Value,
+    x: &super::GraphValue,
     pre: &str,
     dims: &GraphDims,
-    bias: Option<&super::Value>,
-) -> Result<super::Value, ExportError> {
+    bias: Option<&super::GraphValue>,
+) -> Result<super::GraphValue, ExportError> {
     let d = dims.d_model;
     let eps = dims.layer_norm_eps as f32;
     let x = g.residual(x, |g, x| {
