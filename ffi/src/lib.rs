@@ -122,7 +122,7 @@ impl Failure {
     fn new(status: DuetStatus, message: impl Into<String>) -> Self {
         Failure {
             status,
-            message: duet_runtime::bundle::escape_controls(&message.into()),
+            message: duet_runtime::display::escape_controls(&message.into()),
         }
     }
 }

@@ -22,6 +22,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+pub use crate::display::escape_controls;
 use crate::engine::{IoInfo, MODEL_FILE_CAP};
 
 use crate::manifest::{
@@ -69,23 +70,6 @@ fn bad(field: impl Into<String>, reason: impl Into<String>) -> BundleError {
         field: escape_controls(&field.into()),
         reason: escape_controls(&reason.into()),
     }
-}
-
-/// `s` with control characters (ANSI escapes, carriage returns, NULs) written as escapes, so a
-/// hostile manifest's strings cannot drive the terminal that prints an error about them.
-pub fn escape_controls(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
-        return s.to_string();
-    }
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 /// Hard upper bounds on what a manifest may ask for, checked before anything is allocated from

@@ -22,6 +22,7 @@ pub mod bundle;
 pub use duet_diffusion as diffusion;
 pub mod caption;
 pub mod classify;
+pub mod display;
 pub mod embed;
 pub mod engine;
 pub mod engine_set;

@@ -355,7 +355,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", duet_runtime::display::error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -406,7 +406,7 @@ fn caption(
         for (path, ids) in paths.iter().zip(&ids) {
             println!(
                 "{}\t{}",
-                tsv_field(&path.to_string_lossy()),
+                duet_runtime::display::tsv_field(&path.to_string_lossy()),
                 captioner.decode_tokens(ids)?
             );
         }
@@ -614,34 +614,6 @@ fn check_out_dir(out: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A file name as one TSV field: unchanged unless it holds a tab, newline or other control
-/// character, which would split the line; then quoted with those escaped.
-fn tsv_field(s: &str) -> String {
-    if s.chars().any(char::is_control) {
-        format!("{s:?}")
-    } else {
-        s.to_string()
-    }
-}
-
-/// An error and its causes on one line, each cause said once: a cause whose text its parent
-/// already includes (`thiserror` messages often embed their source) is not repeated, and
-/// control characters are escaped so that no message can drive the terminal.
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    duet_runtime::bundle::escape_controls(&line)
 }
 
 /// The sampler `--sampler` and `--eta` ask for; `--eta` with a sampler that has no noise is an

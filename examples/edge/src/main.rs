@@ -63,18 +63,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Each cause once (library errors often embed their source already).
-            let mut line = String::new();
-            for cause in e.chain() {
-                let text = cause.to_string();
-                if !line.contains(&text) {
-                    if !line.is_empty() {
-                        line.push_str(": ");
-                    }
-                    line.push_str(&text);
-                }
-            }
-            eprintln!("error: {}", duet_runtime::bundle::escape_controls(&line));
+            eprintln!("error: {}", duet_runtime::display::error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -98,7 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .caption_images(std::slice::from_ref(&img))?
                     .pop()
                     .context("the captioner returned no caption")?;
-                let shown = tsv_field(&path.to_string_lossy());
+                let shown = duet_runtime::display::tsv_field(&path.to_string_lossy());
                 println!("{shown}\t{caption}");
                 eprintln!("{shown}: {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
             }
@@ -147,14 +136,4 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A path as one TSV field: as it is when it holds no tab, newline or control character,
-/// otherwise quoted with those escaped, so one line is always one image.
-fn tsv_field(s: &str) -> String {
-    if s.chars().any(char::is_control) {
-        format!("{s:?}")
-    } else {
-        s.to_string()
-    }
 }
