@@ -340,6 +340,8 @@ pub fn model_spec(c: &ModelConfig) -> ModelSpec {
         denoiser_layers: c.denoiser_layers,
         denoiser_patch_size: c.denoiser_patch_size,
         denoiser_pooled_text: c.denoiser_pooled_text,
+        denoiser_long_skips: c.denoiser_long_skips,
+        denoiser_conv_head: c.denoiser_conv_head,
     }
 }
 

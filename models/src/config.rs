@@ -65,6 +65,19 @@ pub struct ModelConfig {
     /// written before it existed, so their checkpoints keep loading.
     #[serde(default)]
     pub denoiser_pooled_text: bool,
+    /// U-ViT long skip connections (Bao et al. 2023): block `L-1-i` of the denoiser's second
+    /// half also reads block `i`'s output (concatenated, projected back to `d_model`), so
+    /// fine spatial detail from the first blocks reaches the output without passing through
+    /// every block. Off in configs written before it existed.
+    #[serde(default)]
+    pub denoiser_long_skips: bool,
+    /// Channels of a small convolutional output head: the last linear layer emits this many
+    /// channels per pixel instead of the image's, and a 3×3 convolution maps them to the image
+    /// (U-ViT's "extra conv"). The convolution sees across patch borders, which a per-token
+    /// linear head cannot, so it can remove the seams between patches. `None`: the linear
+    /// head writes pixels directly (configs written before it existed).
+    #[serde(default)]
+    pub denoiser_conv_head: Option<usize>,
 }
 
 fn default_text_layers() -> usize {
@@ -111,6 +124,8 @@ impl ModelConfig {
             denoiser_layers,
             denoiser_patch_size: (image_size / 8).max(1),
             denoiser_pooled_text: true,
+            denoiser_long_skips: false,
+            denoiser_conv_head: None,
         }
     }
 
@@ -158,6 +173,9 @@ impl ModelConfig {
                 "d_model {} is not a multiple of n_heads {}",
                 self.d_model, self.n_heads
             ));
+        }
+        if self.denoiser_conv_head == Some(0) {
+            return Err("denoiser_conv_head must have at least one channel".into());
         }
         if self.vocab_size < 5 {
             return Err(format!("vocab_size {} is too small", self.vocab_size));

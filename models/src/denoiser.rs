@@ -140,8 +140,25 @@ pub struct Denoiser<B: Backend> {
     pub blocks: Vec<DitBlock<B>>,
     /// `D → 2D`: shift and scale of the final LayerNorm. Zero-initialised.
     pub final_ada: Linear<B>,
-    /// `D → p·p·C`, zero-initialised so the untrained model predicts 0.
+    /// `ModelConfig::denoiser_long_skips`: for each block of the second half, `2D → D` on its
+    /// input concatenated with the matching first-half block's output (outermost pair first
+    /// applied last, as in U-ViT).
+    pub skips: Vec<Linear<B>>,
+    /// `D → p·p·C` (zero-initialised so the untrained model predicts 0), or `D → p·p·H` with
+    /// `ModelConfig::denoiser_conv_head = Some(H)`.
     pub head: Linear<B>,
+    /// The 3×3 convolution `H → C` of the convolutional head, zero-initialised in its place.
+    pub out_conv: Option<Conv2d<B>>,
+}
+
+/// How many long skips a denoiser of `layers` blocks has (the middle block of an odd count
+/// has none).
+pub fn long_skip_count(cfg: &ModelConfig) -> usize {
+    if cfg.denoiser_long_skips {
+        cfg.denoiser_layers / 2
+    } else {
+        0
+    }
 }
 
 impl<B: Backend> Denoiser<B> {
@@ -166,7 +183,21 @@ impl<B: Backend> Denoiser<B> {
                 .map(|_| DitBlock::new(cfg, device))
                 .collect(),
             final_ada: zero_linear(d, 2 * d, device),
-            head: zero_linear(d, p * p * cfg.channels, device),
+            skips: (0..long_skip_count(cfg))
+                .map(|_| LinearConfig::new(2 * d, d).init(device))
+                .collect(),
+            head: match cfg.denoiser_conv_head {
+                None => zero_linear(d, p * p * cfg.channels, device),
+                // The linear layer starts random so the convolution's input carries signal;
+                // the zero convolution keeps the untrained prediction at 0.
+                Some(h) => LinearConfig::new(d, p * p * h).init(device),
+            },
+            out_conv: cfg.denoiser_conv_head.map(|h| {
+                Conv2dConfig::new([h, cfg.channels], [3, 3])
+                    .with_padding(burn::nn::PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .with_initializer(Initializer::Zeros)
+                    .init(device)
+            }),
         }
     }
 
@@ -195,14 +226,30 @@ impl<B: Backend> Denoiser<B> {
         };
         let cond = silu(temb);
         let bias = padding_bias(text_mask);
-        for block in &self.blocks {
+        let n = self.blocks.len();
+        let k = self.skips.len();
+        let mut saved = Vec::with_capacity(k);
+        for (i, block) in self.blocks.iter().enumerate() {
+            // Blocks n-k.. read the outputs of blocks ..k in reverse order (U-ViT).
+            if i >= n - k {
+                let skip: Tensor<B, 3> = saved.pop().expect("one saved output per skip");
+                h = self.skips[i - (n - k)].forward(Tensor::cat(vec![h, skip], 2));
+            }
             h = block.forward(cfg, h, cond.clone(), text.clone(), bias.clone());
+            if i < k {
+                saved.push(h.clone());
+            }
         }
         let m = self.final_ada.forward(cond);
         let h = modulate(plain_ln(cfg, h), chunk(&m, 0, 2), chunk(&m, 1, 2));
-        // [B, g·g, p·p·C] → [B, g, g, p, p, C] → [B, C, g, p, g, p] → [B, C, S, S]
-        let out = self.head.forward(h).reshape([b, g, g, p, p, c]);
-        out.permute([0, 5, 1, 3, 2, 4]).reshape([b, c, s, s])
+        // [B, g·g, p·p·H] → [B, g, g, p, p, H] → [B, H, g, p, g, p] → [B, H, S, S]
+        let hc = cfg.denoiser_conv_head.unwrap_or(c);
+        let out = self.head.forward(h).reshape([b, g, g, p, p, hc]);
+        let out = out.permute([0, 5, 1, 3, 2, 4]).reshape([b, hc, s, s]);
+        match &self.out_conv {
+            Some(conv) => conv.forward(silu(out)),
+            None => out,
+        }
     }
 }
 
@@ -233,6 +280,38 @@ mod tests {
         assert_eq!(out.dims(), [2, 3, 32, 32]);
         // adaLN-zero: gates and head start at zero, so the prediction is exactly 0.
         assert_eq!(out.abs().max().into_scalar(), 0.0);
+    }
+
+    #[test]
+    fn skips_and_conv_head_keep_the_untrained_prediction_at_zero() {
+        let dev = Default::default();
+        for layers in [2, 3, 4] {
+            let cfg = ModelConfig {
+                denoiser_layers: layers,
+                denoiser_long_skips: true,
+                denoiser_conv_head: Some(8),
+                ..cfg()
+            };
+            let d = Denoiser::<B>::new(&cfg, &dev);
+            assert_eq!(d.skips.len(), layers / 2);
+            let x = Tensor::<B, 4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &dev);
+            let t = Tensor::<B, 1>::from_data(TensorData::new(vec![10.0f32, 900.0], [2]), &dev);
+            let text = Tensor::<B, 3>::random([2, 5, cfg.d_model], Distribution::Default, &dev);
+            let mask = Tensor::<B, 2>::ones([2, 5], &dev);
+            let out = d.forward(&cfg, x.clone(), t.clone(), text.clone(), mask.clone());
+            assert_eq!(out.dims(), [2, 3, 32, 32]);
+            assert_eq!(out.abs().max().into_scalar(), 0.0);
+            // With a non-zero convolution the output depends on the input.
+            let mut d = d;
+            let conv = d.out_conv.take().unwrap();
+            let w = conv.weight.val().ones_like().mul_scalar(0.01);
+            d.out_conv = Some(burn::nn::conv::Conv2d {
+                weight: Param::from_tensor(w),
+                ..conv
+            });
+            let out = d.forward(&cfg, x, t, text, mask);
+            assert!(out.abs().max().into_scalar() > 0.0);
+        }
     }
 
     #[test]

@@ -110,6 +110,14 @@ pub struct ModelSpec {
     /// graph does the pooling; recorded so the bundle states the architecture it holds).
     #[serde(default)]
     pub denoiser_pooled_text: bool,
+    /// Whether the denoiser has U-ViT long skips (the second half's blocks also read the first
+    /// half's outputs); recorded like `denoiser_pooled_text`.
+    #[serde(default)]
+    pub denoiser_long_skips: bool,
+    /// Channels of the denoiser's convolutional output head (`None`: a linear head writes the
+    /// pixels); recorded like `denoiser_pooled_text`.
+    #[serde(default)]
+    pub denoiser_conv_head: Option<usize>,
 }
 
 impl ModelSpec {

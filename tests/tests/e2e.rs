@@ -397,6 +397,8 @@ fn gen_fixture() -> &'static GenFixture {
             steps: Some(steps),
             batch_size: None,
             lr: None,
+            min_snr_gamma: None,
+            denoiser: Default::default(),
             seed: 0,
             resume: false,
             device: "cpu".into(),

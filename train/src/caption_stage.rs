@@ -398,6 +398,7 @@ where
     let orec = Rec::default().record(optim.to_record(), ())?;
     write_atomic(&run.join(OPTIMIZER_FILE), &orec)?;
     write_json(&run.join(STATE_FILE), state)?;
+    crate::curves::write_run_curves(run)?;
     Ok(())
 }
 

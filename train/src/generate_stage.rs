@@ -71,6 +71,28 @@ pub struct DiffusionSettings {
     /// Decay of the weight average that is published (see [`crate::ema`]).
     #[serde(default = "default_ema_decay")]
     pub ema_decay: f64,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023): sample i's squared error is weighted by
+    /// `min(SNR_i, γ) / (SNR_i + 1)` for v-prediction (`min(SNR_i, γ) / SNR_i` for ε), which
+    /// stops the nearly-clean timesteps (huge SNR, little to learn) from dominating the
+    /// gradient. `None`: uniform weights (every run written before it existed).
+    #[serde(default)]
+    pub min_snr_gamma: Option<f64>,
+}
+
+impl DiffusionSettings {
+    /// The loss weight of a sample at cumulative signal level `alpha_bar`.
+    pub fn loss_weight(&self, alpha_bar: f64) -> f64 {
+        let Some(gamma) = self.min_snr_gamma else {
+            return 1.0;
+        };
+        // Clamped so the ends of the schedule (ᾱ = 1 or 0) stay finite.
+        let ab = alpha_bar.clamp(1e-8, 1.0 - 1e-8);
+        let snr = ab / (1.0 - ab);
+        match self.prediction {
+            Prediction::V => snr.min(gamma) / (snr + 1.0),
+            Prediction::Epsilon => snr.min(gamma) / snr,
+        }
+    }
 }
 
 fn default_ema_decay() -> f64 {
@@ -86,6 +108,7 @@ impl Default for DiffusionSettings {
             contrastive_weight: 0.1,
             temperature: 0.07,
             ema_decay: default_ema_decay(),
+            min_snr_gamma: None,
         }
     }
 }
@@ -142,6 +165,31 @@ impl GenerateTrainConfig {
     }
 }
 
+/// Denoiser architecture options of a new generate run (`ModelConfig::denoiser_long_skips`,
+/// `ModelConfig::denoiser_conv_head`); the default is the preset's plain DiT.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DenoiserOptions {
+    pub long_skips: bool,
+    pub conv_head: Option<usize>,
+}
+
+impl DenoiserOptions {
+    fn apply(self, model: ModelConfig) -> ModelConfig {
+        ModelConfig {
+            denoiser_long_skips: self.long_skips,
+            denoiser_conv_head: self.conv_head,
+            ..model
+        }
+    }
+
+    fn of(model: &ModelConfig) -> Self {
+        Self {
+            long_skips: model.denoiser_long_skips,
+            conv_head: model.denoiser_conv_head,
+        }
+    }
+}
+
 /// Options of `duet-train fit --stage generate`.
 #[derive(Debug, Clone)]
 pub struct GenerateFitArgs {
@@ -152,6 +200,10 @@ pub struct GenerateFitArgs {
     pub steps: Option<usize>,
     pub batch_size: Option<usize>,
     pub lr: Option<f64>,
+    /// Min-SNR-γ loss weighting ([`DiffusionSettings::min_snr_gamma`]); `None`: uniform.
+    pub min_snr_gamma: Option<f64>,
+    /// Denoiser options beside the preset's (a new run only).
+    pub denoiser: DenoiserOptions,
     pub seed: u64,
     pub resume: bool,
     pub device: String,
@@ -326,7 +378,23 @@ pub fn generate_loss<B: AutodiffBackend>(
     let pred = generator
         .denoiser
         .forward(cfg, xt, tt, cond_tokens, cond_mask);
-    let diffusion = (pred - target).powi_scalar(2).mean();
+    // Per-sample mean squared error, then the batch mean under the loss weights. The plain
+    // (unweighted) mean is what is reported, so runs with and without weighting compare.
+    let per_sample = (pred - target)
+        .powi_scalar(2)
+        .reshape([b, 3 * s * s])
+        .mean_dim(1);
+    let diffusion = per_sample.clone().mean();
+    let objective = if settings.min_snr_gamma.is_some() {
+        let w: Vec<f32> = t
+            .iter()
+            .map(|&t| settings.loss_weight(schedule.alpha_bar(Some(t))) as f32)
+            .collect();
+        let w = Tensor::<B, 2>::from_data(TensorData::new(w, [b, 1]), device);
+        (per_sample * w).mean()
+    } else {
+        diffusion.clone()
+    };
 
     // Contrastive (text → frozen image embedding and back), real captions only.
     let image_emb = Tensor::<B, 2>::from_inner(image_emb);
@@ -349,7 +417,7 @@ pub fn generate_loss<B: AutodiffBackend>(
         .div_scalar(b as f64);
     let i2t = (log_softmax(logits, 0) * eye).sum().div_scalar(b as f64);
     let contrastive = (t2i + i2t).neg().div_scalar(2.0);
-    let total = diffusion.clone() + contrastive.mul_scalar(settings.contrastive_weight);
+    let total = objective + contrastive.mul_scalar(settings.contrastive_weight);
     (total, diffusion)
 }
 
@@ -368,6 +436,23 @@ pub fn fit_generate<B: AutodiffBackend>(
         if let Some(s) = args.steps {
             cfg.steps = s;
         }
+        if args.denoiser != DenoiserOptions::default()
+            && args.denoiser != DenoiserOptions::of(&cfg.model)
+        {
+            anyhow::bail!(
+                "--long-skips / --conv-head differ from the run being resumed ({:?}); a resumed \
+                 run keeps its denoiser",
+                DenoiserOptions::of(&cfg.model)
+            );
+        }
+        if args.min_snr_gamma.is_some() && args.min_snr_gamma != cfg.diffusion.min_snr_gamma {
+            anyhow::bail!(
+                "--min-snr-gamma {:?} differs from the run being resumed ({:?}); a resumed run \
+                 keeps its loss",
+                args.min_snr_gamma,
+                cfg.diffusion.min_snr_gamma
+            );
+        }
         let state: TrainState = read_json(&run.join(STATE_FILE))?;
         tracing::info!(step = state.step, "resuming from {}", run.display());
         (cfg, Some(state))
@@ -379,7 +464,9 @@ pub fn fit_generate<B: AutodiffBackend>(
         let cfg = GenerateTrainConfig {
             stage: crate::stage::Stage::Generate,
             preset: init.preset,
-            model: GenerateTrainConfig::model_for(init.preset, &init.model),
+            model: args
+                .denoiser
+                .apply(GenerateTrainConfig::model_for(init.preset, &init.model)),
             init: args.init.clone(),
             data: args.data.clone(),
             steps: args.steps.unwrap_or(steps),
@@ -393,12 +480,20 @@ pub fn fit_generate<B: AutodiffBackend>(
             log_every: 10,
             device: args.device.clone(),
             command: args.command.clone(),
-            diffusion: DiffusionSettings::default(),
+            diffusion: DiffusionSettings {
+                min_snr_gamma: args.min_snr_gamma,
+                ..DiffusionSettings::default()
+            },
         };
         let _ = std::fs::remove_file(run.join(METRICS_FILE));
         (cfg, None)
     };
     cfg.model.validate().map_err(anyhow::Error::msg)?;
+    if let Some(g) = cfg.diffusion.min_snr_gamma {
+        if !(g.is_finite() && g > 0.0) {
+            anyhow::bail!("--min-snr-gamma must be a positive number, got {g}");
+        }
+    }
     if cfg.batch_size < 2 {
         anyhow::bail!("the contrastive loss needs --batch-size >= 2");
     }
@@ -706,5 +801,33 @@ impl<B: Backend> LoadedGenerator<B> {
             rng,
             denoise,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_snr_weights_cap_the_clean_end_and_keep_the_noisy_end() {
+        let uniform = DiffusionSettings::default();
+        assert_eq!(uniform.loss_weight(0.999), 1.0);
+        let v = DiffusionSettings {
+            min_snr_gamma: Some(5.0),
+            ..DiffusionSettings::default()
+        };
+        // SNR = 1 (ᾱ = 0.5) is under γ: weight SNR / (SNR + 1) = 0.5.
+        assert!((v.loss_weight(0.5) - 0.5).abs() < 1e-12);
+        // SNR = 99 (ᾱ = 0.99) is capped at γ = 5: 5 / 100.
+        assert!((v.loss_weight(0.99) - 0.05).abs() < 1e-9);
+        // The ends of the schedule stay finite.
+        assert!(v.loss_weight(1.0).is_finite() && v.loss_weight(0.0) >= 0.0);
+        let eps = DiffusionSettings {
+            prediction: Prediction::Epsilon,
+            ..v
+        };
+        // ε: min(SNR, γ) / SNR, 1 below γ and γ / SNR above it.
+        assert!((eps.loss_weight(0.5) - 1.0).abs() < 1e-12);
+        assert!((eps.loss_weight(0.99) - 5.0 / 99.0).abs() < 1e-9);
     }
 }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 // Not in the unit-test build: its instances would be compiled a second time there for nothing.
 #[cfg(not(test))]
 pub mod cpu;
+pub mod curves;
 pub mod datasets;
 pub mod ema;
 pub mod emoji;

@@ -15,6 +15,7 @@ use duet_train::emoji::{write_emoji_dataset, ArtStyle, EmojiOptions, EmojiSource
 use duet_train::emoji_eval::RetrievalOptions;
 use duet_train::eval::GenerateEvalOptions;
 use duet_train::fsutil::write_png;
+use duet_train::generate_stage::DenoiserOptions;
 use duet_train::generate_stage::{GenerateFitArgs, GenerateOutcome};
 use duet_train::pair_tasks::PairTask;
 use duet_train::restore_eval::RestoreEvalOptions;
@@ -127,6 +128,17 @@ enum Command {
         /// `--stage fusion`: the two-modality task (colour-column or shape-count).
         #[arg(long)]
         task: Option<PairTask>,
+        /// `--stage generate`: weight each sample's diffusion loss by Min-SNR-γ (Hang et al.
+        /// 2023; γ = 5 there) instead of uniformly. Off by default.
+        #[arg(long)]
+        min_snr_gamma: Option<f64>,
+        /// `--stage generate`: U-ViT long skip connections in the denoiser.
+        #[arg(long)]
+        long_skips: bool,
+        /// `--stage generate`: a convolutional output head of this many channels in the
+        /// denoiser (a 3×3 convolution across patch borders).
+        #[arg(long)]
+        conv_head: Option<usize>,
     },
     /// Evaluate a trained run on a dataset.
     Eval {
@@ -173,7 +185,14 @@ enum Command {
 fn stage_flags(stage: Stage) -> &'static [&'static str] {
     match stage {
         Stage::Caption => &["--preset", "--data", "--resume"],
-        Stage::Generate => &["--data", "--resume", "--init"],
+        Stage::Generate => &[
+            "--data",
+            "--resume",
+            "--init",
+            "--min-snr-gamma",
+            "--long-skips",
+            "--conv-head",
+        ],
         Stage::Unify => &[
             "--data",
             "--init",
@@ -286,6 +305,9 @@ fn main() -> anyhow::Result<()> {
             temperature,
             gen_steps,
             gen_lr,
+            min_snr_gamma,
+            long_skips,
+            conv_head,
             captions,
             task,
         } => {
@@ -302,6 +324,9 @@ fn main() -> anyhow::Result<()> {
                     ("--gen-lr", gen_lr.is_some()),
                     ("--captions", captions.is_some()),
                     ("--task", task.is_some()),
+                    ("--min-snr-gamma", min_snr_gamma.is_some()),
+                    ("--long-skips", long_skips),
+                    ("--conv-head", conv_head.is_some()),
                 ],
             )?;
             let preset = preset.unwrap_or(Preset::Tiny);
@@ -411,6 +436,11 @@ fn main() -> anyhow::Result<()> {
                         steps,
                         batch_size,
                         lr,
+                        min_snr_gamma,
+                        denoiser: DenoiserOptions {
+                            long_skips,
+                            conv_head,
+                        },
                         seed,
                         resume,
                         device: kind.to_string(),

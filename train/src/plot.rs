@@ -170,6 +170,162 @@ impl LineChart {
     }
 }
 
+/// How a [`CurveChart`]'s y axis maps values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YScale {
+    /// Linear between the data's minimum and maximum.
+    Linear,
+    /// log10 between the decades around the data (losses span orders of magnitude); values
+    /// ≤ 0 are left out.
+    Log,
+}
+
+/// A training curve: y against step, the axes fitted to the data, many points per series
+/// drawn as lines without markers.
+#[derive(Debug, Clone)]
+pub struct CurveChart {
+    pub title: String,
+    pub y_scale: YScale,
+    pub series: Vec<Series>,
+}
+
+/// Five round tick values covering `[lo, hi]`.
+fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let raw = (hi - lo) / 4.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    let first = (lo / step).ceil() * step;
+    (0..)
+        .map(|k| first + k as f64 * step)
+        .take_while(|v| *v <= hi + step * 1e-9)
+        .collect()
+}
+
+/// A tick label short enough for the left margin.
+fn short_number(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if a >= 10_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else if a >= 10.0 {
+        format!("{v:.0}")
+    } else if a >= 0.1 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.0e}")
+    }
+}
+
+impl CurveChart {
+    /// Renders the chart (420 × 330 px): plot area on top, legend below.
+    pub fn render(&self) -> RgbImage {
+        let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
+        let (grey, black) = ([200, 200, 200], [0, 0, 0]);
+        let plot_w = W - LEFT - RIGHT;
+        let ty = |y: f64| match self.y_scale {
+            YScale::Linear => Some(y),
+            YScale::Log => (y > 0.0).then(|| y.log10()),
+        };
+        let points = || {
+            self.series.iter().flat_map(|s| {
+                s.points
+                    .iter()
+                    .filter(|p| p.0.is_finite() && p.1.is_finite())
+            })
+        };
+        let range = |it: &mut dyn Iterator<Item = f64>| {
+            it.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                (a.min(v), b.max(v))
+            })
+        };
+        let (x_min, x_max) = range(&mut points().map(|p| p.0));
+        let (x_min, x_max) = if x_min.is_finite() && x_max > x_min {
+            (x_min, x_max)
+        } else {
+            (0.0, 1.0)
+        };
+        let (y_lo, y_hi) = range(&mut points().filter_map(|p| ty(p.1)));
+        let (y_lo, y_hi) = match (y_lo.is_finite(), self.y_scale) {
+            (false, _) => (0.0, 1.0),
+            (true, YScale::Log) => (y_lo.floor(), y_hi.ceil().max(y_lo.floor() + 1.0)),
+            (true, YScale::Linear) if y_hi > y_lo => {
+                let pad = (y_hi - y_lo) * 0.05;
+                (y_lo - pad, y_hi + pad)
+            }
+            (true, YScale::Linear) => (y_lo - 0.5, y_lo + 0.5),
+        };
+        let px = |x: f64| LEFT as i64 + ((x - x_min) / (x_max - x_min) * plot_w as f64) as i64;
+        let py = |v: f64| {
+            let f = ((v - y_lo) / (y_hi - y_lo)).clamp(0.0, 1.0);
+            (TOP + PLOT_H) as i64 - (f * PLOT_H as f64) as i64
+        };
+        let y_ticks: Vec<(f64, String)> = match self.y_scale {
+            YScale::Log => (y_lo as i64..=y_hi as i64)
+                .map(|e| (e as f64, short_number(10f64.powi(e as i32))))
+                .collect(),
+            YScale::Linear => linear_ticks(y_lo, y_hi)
+                .into_iter()
+                .map(|v| (v, short_number(v)))
+                .collect(),
+        };
+        for (v, label) in &y_ticks {
+            line(&mut img, (px(x_min), py(*v)), (px(x_max), py(*v)), grey);
+            text(&mut img, 2, py(*v) - 4, label, black);
+        }
+        for x in linear_ticks(x_min, x_max) {
+            line(&mut img, (px(x), py(y_lo)), (px(x), py(y_lo) + 3), black);
+            let label = short_number(x);
+            let lx = (px(x) - 4 * label.len() as i64).min((W - 8 * label.len() as u32) as i64);
+            text(&mut img, lx, py(y_lo) + 6, &label, black);
+        }
+        line(
+            &mut img,
+            (px(x_min), py(y_lo)),
+            (px(x_max), py(y_lo)),
+            black,
+        );
+        line(
+            &mut img,
+            (px(x_min), py(y_lo)),
+            (px(x_min), py(y_hi)),
+            black,
+        );
+        text(&mut img, 4, 6, &self.title, black);
+        text(
+            &mut img,
+            LEFT as i64 + plot_w as i64 / 2 - 16,
+            (TOP + PLOT_H + 18) as i64,
+            "step",
+            black,
+        );
+        for (i, s) in self.series.iter().enumerate() {
+            let c = PALETTE[i % PALETTE.len()];
+            let pts: Vec<(i64, i64)> = s
+                .points
+                .iter()
+                .filter(|p| p.0.is_finite())
+                .filter_map(|p| ty(p.1).filter(|v| v.is_finite()).map(|v| (px(p.0), py(v))))
+                .collect();
+            for w in pts.windows(2) {
+                line(&mut img, w[0], w[1], c);
+            }
+            if let [only] = pts[..] {
+                put(&mut img, only.0, only.1, c);
+            }
+            let lx = 8 + (i % 2) as i64 * 206;
+            let ly = (TOP + PLOT_H + 34) as i64 + (i / 2) as i64 * 14;
+            line(&mut img, (lx, ly + 4), (lx + 14, ly + 4), c);
+            text(&mut img, lx + 20, ly, &s.name, black);
+        }
+        img
+    }
+}
+
 /// Charts side by side, `cols` per row.
 pub fn grid(charts: &[LineChart], cols: usize) -> RgbImage {
     let cols = cols.max(1);
@@ -214,5 +370,42 @@ mod tests {
             .count();
         assert!(black > 5);
         assert_eq!(grid(&[chart.clone(), chart], 2).dimensions(), (2 * W, H));
+    }
+
+    #[test]
+    fn curves_fit_their_data_on_a_log_axis() {
+        // A loss falling from 1 to 0.01 over 1,000 steps: the first point sits at the top-left
+        // corner of the plot (the 10^0 decade) and the last at the bottom-right (10^-2).
+        let chart = CurveChart {
+            title: "loss".into(),
+            y_scale: YScale::Log,
+            series: vec![Series {
+                name: "loss".into(),
+                points: vec![(0.0, 1.0), (500.0, 0.1), (1000.0, 0.01)],
+            }],
+        };
+        let img = chart.render();
+        let c = Rgb(PALETTE[0]);
+        assert_eq!(*img.get_pixel(LEFT, TOP), c);
+        assert_eq!(*img.get_pixel(W - RIGHT, TOP + PLOT_H), c);
+        // 0.1 is one decade down of two: the middle of the plot's height.
+        assert_eq!(
+            *img.get_pixel(LEFT + (W - LEFT - RIGHT) / 2, TOP + PLOT_H / 2),
+            c
+        );
+        // Non-positive and non-finite values are skipped, not drawn at an edge.
+        let odd = CurveChart {
+            title: "x".into(),
+            y_scale: YScale::Log,
+            series: vec![Series {
+                name: "x".into(),
+                points: vec![(0.0, 0.0), (1.0, f64::NAN), (2.0, 1.0), (3.0, 10.0)],
+            }],
+        };
+        assert_eq!(odd.render().dimensions(), (W, H));
+        assert_eq!(
+            linear_ticks(0.0, 1000.0),
+            vec![0.0, 250.0, 500.0, 750.0, 1000.0]
+        );
     }
 }

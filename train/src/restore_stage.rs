@@ -507,6 +507,7 @@ fn append_metric(out: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
         .append(true)
         .open(out.join(METRICS_FILE))?;
     writeln!(f, "{value}")?;
+    crate::curves::write_run_curves(out)?;
     Ok(())
 }
 

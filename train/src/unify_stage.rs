@@ -512,6 +512,7 @@ pub fn fit_unify<B: AutodiffBackend>(
             last_loss: last_grpo_loss,
         },
     )?;
+    crate::curves::write_run_curves(&stage1)?;
     tracing::info!(dir = %stage1.display(), "stage 1 written");
 
     // ---- Stage 2: understanding for generation ----
@@ -594,6 +595,7 @@ pub fn fit_unify<B: AutodiffBackend>(
             last_loss: last_diffusion,
         },
     )?;
+    crate::curves::write_run_curves(&stage2)?;
     tracing::info!(dir = %stage2.display(), "stage 2 written");
     let k = (rewards.len() / 2).clamp(1, 10).min(rewards.len());
     let mean = |r: &[f64]| r.iter().sum::<f64>() / r.len().max(1) as f64;

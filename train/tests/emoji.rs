@@ -324,6 +324,8 @@ fn held_out_emoji_are_scored_by_name_and_by_retrieval() {
             steps: Some(4),
             batch_size: Some(8),
             lr: None,
+            min_snr_gamma: None,
+            denoiser: Default::default(),
             seed: 1,
             resume: false,
             device: "cpu".into(),

@@ -110,7 +110,19 @@ fn fit_flags_the_stage_does_not_read_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &[
+                "--stage",
+                "caption",
+                "--data",
+                "d",
+                "--conv-head",
+                "8",
+                "--long-skips",
+            ],
+            "--stage caption does not use --long-skips, --conv-head",
+        ),
         (
             &["--stage", "caption", "--data", "d", "--init", "runs/x"],
             "--stage caption does not use --init (it reads --preset, --data, --resume",
@@ -225,4 +237,87 @@ fn restore_stages_refuse_bad_options() {
     let e = run(&["eval", "--stage", "restore", "--run", missing_s]);
     assert!(e.contains("config.json"), "{e}");
     assert!(!out.exists(), "nothing is written on a refused run");
+}
+
+/// The generate stage's recipe options: recorded in the run's config, trained through (the
+/// checkpoint holds the skip and convolution weights), refused on resume when they differ and
+/// refused when out of range, before anything is written.
+#[test]
+fn generate_options_are_recorded_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_dataset(&data, 24, 3, &SceneConfig::default(), "test").unwrap();
+    let caption = dir.path().join("caption");
+    fit::<CpuBackend>(&args(&data, &caption, 2, false), &Default::default()).unwrap();
+    let gen = dir.path().join("gen");
+    let run = |extra: &[&str]| {
+        duet_train()
+            .args(["fit", "--stage", "generate", "--init"])
+            .arg(&caption)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&gen)
+            .args(["--batch-size", "4"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "--steps",
+        "2",
+        "--min-snr-gamma",
+        "5",
+        "--conv-head",
+        "8",
+        "--long-skips",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value = read_json(&gen.join("config.json")).unwrap();
+    assert_eq!(config["diffusion"]["min_snr_gamma"], 5.0);
+    assert_eq!(config["model"]["denoiser_conv_head"], 8);
+    assert_eq!(config["model"]["denoiser_long_skips"], true);
+    let weights = load_weights(&gen.join(WEIGHTS_FILE)).unwrap();
+    assert_eq!(weights["denoiser.out_conv.weight"].shape, vec![3, 8, 3, 3]);
+    assert!(weights.contains_key("denoiser.skips.0.weight"));
+    assert!(gen.join("loss.png").is_file(), "no training curve drawn");
+
+    let o = run(&["--resume", "--steps", "3", "--conv-head", "16"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("a resumed run keeps its denoiser"), "{e}");
+    let o = run(&["--resume", "--steps", "3", "--min-snr-gamma", "1"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("a resumed run keeps its loss"), "{e}");
+    let state: TrainState = read_json(&gen.join(STATE_FILE)).unwrap();
+    assert_eq!(state.step, 2, "a refused resume must not train");
+
+    let fresh = dir.path().join("fresh");
+    for (bad, want) in [
+        (
+            ["--min-snr-gamma", "0"],
+            "--min-snr-gamma must be a positive number",
+        ),
+        (
+            ["--conv-head", "0"],
+            "denoiser_conv_head must have at least one channel",
+        ),
+    ] {
+        let o = duet_train()
+            .args(["fit", "--stage", "generate", "--init"])
+            .arg(&caption)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&fresh)
+            .args(["--steps", "2", "--batch-size", "4"])
+            .args(bad)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{bad:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{bad:?}: {e}");
+        assert!(!fresh.join("model.safetensors").exists(), "{bad:?} trained");
+    }
 }

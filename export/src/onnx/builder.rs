@@ -422,6 +422,27 @@ impl<'w> GraphBuilder<'w> {
         )
     }
 
+    /// 2-D convolution with explicit `pads` (`[top, left, bottom, right]`, ONNX's order).
+    pub fn conv_padded(
+        &mut self,
+        x: &GraphValue,
+        w: &GraphValue,
+        b: &GraphValue,
+        kernel: [i64; 2],
+        stride: [i64; 2],
+        pads: [i64; 4],
+    ) -> GraphValue {
+        self.node(
+            "Conv",
+            &[x, w, b],
+            vec![
+                attr_ints("kernel_shape", &kernel),
+                attr_ints("strides", &stride),
+                attr_ints("pads", &pads),
+            ],
+        )
+    }
+
     /// `ReduceMean` with axes passed as an input (the opset-18 form).
     pub fn reduce_mean(&mut self, x: &GraphValue, axes: &[i64], keepdims: bool) -> GraphValue {
         let a = self.const_i64("axes", axes);

@@ -52,8 +52,30 @@ pub fn denoiser_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
         lin(&mut v, format!("{pre}.mlp.fc2"), hidden, d);
     }
     lin(&mut v, "denoiser.final_ada".into(), d, 2 * d);
-    lin(&mut v, "denoiser.head".into(), d, p * p * dims.channels);
+    for k in 0..long_skips(dims) {
+        lin(&mut v, format!("denoiser.skips.{k}"), 2 * d, d);
+    }
+    match dims.denoiser_conv_head {
+        None => lin(&mut v, "denoiser.head".into(), d, p * p * dims.channels),
+        Some(h) => {
+            lin(&mut v, "denoiser.head".into(), d, p * p * h);
+            v.push((
+                "denoiser.out_conv.weight".to_owned(),
+                vec![dims.channels, h, 3, 3],
+            ));
+            v.push(("denoiser.out_conv.bias".to_owned(), vec![dims.channels]));
+        }
+    }
     v
+}
+
+/// Long skips of the denoiser (`duet_models::denoiser::long_skip_count`).
+fn long_skips(dims: &GraphDims) -> usize {
+    if dims.denoiser_long_skips {
+        dims.denoiser_layers / 2
+    } else {
+        0
+    }
 }
 
 /// `x · (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
@@ -160,8 +182,24 @@ pub fn build_denoiser(weights: &Weights, dims: &GraphDims) -> Result<ModelProto,
 
     let bias = g.scoped("denoiser.padding_bias", |g| g.padding_bias(&mask));
 
-    for i in 0..dims.denoiser_layers {
+    let n = dims.denoiser_layers;
+    let k = long_skips(dims);
+    let mut saved: Vec<GraphValue> = Vec::with_capacity(k);
+    for i in 0..n {
         let pre = format!("denoiser.blocks.{i}");
+        // U-ViT: blocks n-k.. read the outputs of blocks ..k, innermost pair first.
+        if i >= n - k {
+            let skip = saved.pop().ok_or_else(|| {
+                ExportError::InvalidDims("long skip without a saved block output".into())
+            })?;
+            let joined = g.concat(&[&h, &skip], 2);
+            h = g.linear(
+                &joined,
+                &format!("denoiser.skips.{}", i - (n - k)),
+                2 * d,
+                d,
+            )?;
+        }
         let ada = format!("{pre}.ada");
         let m: Vec<GraphValue> = (0..6)
             .map(|k| g.linear_chunk(&cond, &ada, d, d, k, 6))
@@ -194,20 +232,160 @@ pub fn build_denoiser(weights: &Weights, dims: &GraphDims) -> Result<ModelProto,
         let g5 = gate(&mut g, &m[5]);
         let y = g.mul(&y, &g5);
         h = g.add(&h, &y);
+        if i < k {
+            saved.push(h.clone());
+        }
     }
     let shift = g.linear_chunk(&cond, "denoiser.final_ada", d, d, 0, 2)?;
     let scale = g.linear_chunk(&cond, "denoiser.final_ada", d, d, 1, 2)?;
     let hn = g.plain_layer_norm(&h, d, eps)?;
     let hn = modulate(&mut g, &hn, &shift, &scale, d);
-    let out = g.linear(&hn, "denoiser.head", d, p * p * c)?;
-    // [B, T, p·p·C] → [B, g, g, p, p, C] → [B, C, g, p, g, p] → [B, C, S, S]
+    // The head writes `hc` channels per pixel: the image's, or the conv head's hidden ones.
+    let hc = dims.denoiser_conv_head.unwrap_or(c);
+    let out = g.linear(&hn, "denoiser.head", d, p * p * hc)?;
+    // [B, T, p·p·H] → [B, g, g, p, p, H] → [B, H, g, p, g, p] → [B, H, S, S]
     let out = g.scoped("denoiser.unpatchify", |g| {
-        let (side, p, c, s) = (side as i64, p as i64, c as i64, s as i64);
-        let y = g.reshape(&out, &[0, side, side, p, p, c]);
+        let (side, p, hc, s) = (side as i64, p as i64, hc as i64, s as i64);
+        let y = g.reshape(&out, &[0, side, side, p, p, hc]);
         let y = g.transpose(&y, &[0, 5, 1, 3, 2, 4]);
-        g.reshape(&y, &[0, c, s, s])
+        g.reshape(&y, &[0, hc, s, s])
     });
+    let out = match dims.denoiser_conv_head {
+        None => out,
+        Some(h) => {
+            let w = g.param("denoiser.out_conv.weight", &[c, h, 3, 3])?;
+            let b = g.param("denoiser.out_conv.bias", &[c])?;
+            g.scoped("denoiser.out_conv", |g| {
+                let a = g.silu(&out);
+                g.conv_padded(&a, &w, &b, [3, 3], [1, 1], [1, 1, 1, 1])
+            })
+        }
+    };
     g.output(&out, "prediction", DType::F32, &img)?;
     g.check_all_used("denoiser.", DENOISER_GRAPH_NAME)?;
     Ok(g.finish(DENOISER_GRAPH_NAME))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::{Tensor, TensorData};
+    use duet_models::params::{load_named_tensors, named_tensors, NamedTensor};
+    use duet_models::{Denoiser, ModelConfig, Preset};
+    use ndarray::ArrayD;
+    use rand::Rng;
+    use tract_onnx::prelude::Tensor as TractTensor;
+
+    use super::*;
+    use crate::bundle::model_spec;
+    use crate::onnx::model_to_bytes;
+    use crate::onnx::test_util::{random_array, rng, tract_plan, tract_run};
+    use crate::parity::{max_abs_diff, to_array};
+
+    type B = NdArray<f32>;
+
+    fn tensor<const D: usize>(a: &ArrayD<f32>) -> Tensor<B, D> {
+        let data: Vec<f32> = a.iter().copied().collect();
+        Tensor::from_data(
+            TensorData::new(data, a.shape().to_vec()),
+            &Default::default(),
+        )
+    }
+
+    /// Every architecture option of the denoiser, with every parameter random (the zero
+    /// initialisations would otherwise make the output 0 whatever the graph does), against
+    /// Burn's forward pass on tract.
+    #[test]
+    fn denoiser_variants_match_burn_on_tract() {
+        let dev = Default::default();
+        let base = ModelConfig::preset(Preset::Tiny, 40, 32);
+        let variants = [
+            (2, false, None),
+            (3, true, None),
+            (4, true, Some(8)),
+            (2, false, Some(4)),
+        ];
+        for (layers, long_skips, conv_head) in variants {
+            let cfg = ModelConfig {
+                denoiser_layers: layers,
+                denoiser_long_skips: long_skips,
+                denoiser_conv_head: conv_head,
+                ..base.clone()
+            };
+            let mut g = rng(7);
+            let random: duet_models::params::NamedTensors =
+                named_tensors(&Denoiser::<B>::new(&cfg, &dev))
+                    .into_iter()
+                    .map(|(k, t)| {
+                        let data = (0..t.data.len())
+                            .map(|_| g.random_range(-0.2f32..0.2))
+                            .collect();
+                        (
+                            k,
+                            NamedTensor {
+                                shape: t.shape,
+                                data,
+                            },
+                        )
+                    })
+                    .collect();
+            let burn = load_named_tensors(Denoiser::<B>::new(&cfg, &dev), &random).unwrap();
+            let mut w = Weights::new();
+            for (name, t) in &random {
+                w.insert(format!("denoiser.{name}"), t.shape.clone(), t.data.clone())
+                    .unwrap();
+            }
+            let dims = model_spec(&cfg);
+            let mut want: Vec<_> = denoiser_parameters(&dims);
+            want.sort();
+            let mut have: Vec<_> = w
+                .names()
+                .map(|n| (n.to_owned(), w.get(n).unwrap().0.to_vec()))
+                .collect();
+            have.sort();
+            assert_eq!(
+                have, want,
+                "{layers} layers, skips {long_skips}, conv {conv_head:?}"
+            );
+
+            let (b, l, d) = (2, 5, cfg.d_model);
+            let x = random_array(&mut g, &[b, 3, 32, 32], 1.0);
+            let t = ArrayD::from_shape_vec(vec![b], vec![17.0f32, 640.0]).unwrap();
+            let text = random_array(&mut g, &[b, l, d], 1.0);
+            let mask = ArrayD::from_shape_vec(
+                vec![b, l],
+                vec![1.0f32, 1., 1., 0., 0., 1., 1., 1., 1., 1.],
+            )
+            .unwrap();
+            let graph = build_denoiser(&w, &dims).unwrap();
+            let plan = tract_plan(&model_to_bytes(&graph)).unwrap();
+            let got = tract_run(
+                &plan,
+                vec![
+                    TractTensor::from(x.clone()),
+                    TractTensor::from(t.clone()),
+                    TractTensor::from(text.clone()),
+                    TractTensor::from(mask.clone()),
+                ],
+            )
+            .unwrap();
+            let want = to_array(burn.forward(
+                &cfg,
+                tensor::<4>(&x),
+                tensor::<1>(&t),
+                tensor::<3>(&text),
+                tensor::<2>(&mask),
+            ));
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&got[0], &want);
+            assert!(
+                scale > 1e-2,
+                "the test's output is trivially small: {scale}"
+            );
+            assert!(
+                diff < 1e-4,
+                "{layers} layers, skips {long_skips}, conv {conv_head:?}: {diff}"
+            );
+        }
+    }
 }

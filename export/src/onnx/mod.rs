@@ -254,6 +254,8 @@ pub(crate) mod test_util {
             denoiser_layers: 2,
             denoiser_patch_size: 4,
             denoiser_pooled_text: true,
+            denoiser_long_skips: false,
+            denoiser_conv_head: None,
         }
     }
 

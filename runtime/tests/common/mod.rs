@@ -249,6 +249,8 @@ pub fn tiny_spec(vocab: usize) -> ModelSpec {
         denoiser_layers: 2,
         denoiser_patch_size: 4,
         denoiser_pooled_text: true,
+        denoiser_long_skips: false,
+        denoiser_conv_head: None,
     }
 }
 
