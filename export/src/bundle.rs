@@ -12,12 +12,12 @@ use burn::backend::NdArray;
 use duet_diffusion::{NoiseSchedule, Prediction};
 use duet_models::params::named_tensors;
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID, UNK_ID};
-use duet_models::{Captioner, FusionHead, ModelConfig, Restorers};
+use duet_models::{Captioner, FusionHead, ModelSpec, Restorers};
 use duet_runtime::bundle::{sha256_file, Bundle};
 use duet_runtime::engine::EngineOptions;
 use duet_runtime::manifest::{
-    self, DiffusionSpec, DimSpec, GraphSpec, ImageSpec, Manifest, ModelSpec, RestoreSpec,
-    TensorSpec, TokenizerSpec, CAPTION_DECODER, DENOISER, FUSION_HEAD, MANIFEST_FILE, RESTORER_I2T,
+    self, DiffusionSpec, DimSpec, GraphSpec, ImageSpec, Manifest, RestoreSpec, TensorSpec,
+    TokenizerSpec, CAPTION_DECODER, DENOISER, FUSION_HEAD, MANIFEST_FILE, RESTORER_I2T,
     RESTORER_T2I, SCHEMA_VERSION, TEXT_ENCODER, VISION_ENCODER,
 };
 use duet_train::caption_stage::{
@@ -121,8 +121,9 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
     };
     let src = load_source(&opts.run, &device).map_err(load_err)?;
     let cfg = &src.model;
-    cfg.validate().map_err(ExportError::InvalidDims)?;
-    let dims = model_spec(cfg);
+    cfg.validate()
+        .map_err(|e| ExportError::InvalidDims(e.to_string()))?;
+    let dims = cfg.clone();
     let mut weights = weights_of(&src.captioner)?;
     if let Some(g) = &src.generator {
         for (name, t) in named_tensors(&g.generator) {
@@ -320,36 +321,11 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
     })
 }
 
-/// The manifest's (and the graph builders') view of the model config: same field names, no
-/// Burn types.
-pub fn model_spec(c: &ModelConfig) -> ModelSpec {
-    ModelSpec {
-        image_size: c.image_size,
-        channels: c.channels,
-        patch_size: c.patch_size,
-        d_model: c.d_model,
-        n_heads: c.n_heads,
-        vision_layers: c.vision_layers,
-        decoder_layers: c.decoder_layers,
-        mlp_ratio: c.mlp_ratio,
-        embed_dim: c.embed_dim,
-        vocab_size: c.vocab_size,
-        max_len: c.max_len,
-        layer_norm_eps: c.layer_norm_eps,
-        text_layers: c.text_layers,
-        denoiser_layers: c.denoiser_layers,
-        denoiser_patch_size: c.denoiser_patch_size,
-        denoiser_pooled_text: c.denoiser_pooled_text,
-        denoiser_long_skips: c.denoiser_long_skips,
-        denoiser_conv_head: c.denoiser_conv_head,
-    }
-}
-
 /// What an export reads from a run: the captioner always, the generator from a generate,
 /// unify or restore run, the restorers and head from a restore run.
 struct Source {
     preset: String,
-    model: ModelConfig,
+    model: ModelSpec,
     tokenizer: Tokenizer,
     captioner: Captioner<Ref>,
     generator: Option<GeneratorSource>,

@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use duet_models::caption::causal_bias;
 use duet_models::{
-    Captioner, Denoiser, FeatureRestorer, FusionHead, KvCache, ModelConfig, TextEncoder,
+    Captioner, Denoiser, FeatureRestorer, FusionHead, KvCache, ModelSpec, TextEncoder,
 };
 use duet_runtime::engine::{Engine, EngineOptions, Provider, ProviderChoice, Value};
 use ndarray::{ArrayD, IxDyn};
@@ -357,7 +357,7 @@ pub struct DenoiserInputs {
 
 /// Denoiser cases with Burn's `prediction`.
 pub fn denoiser_cases<B: Backend>(
-    cfg: &ModelConfig,
+    cfg: &ModelSpec,
     denoiser: &Denoiser<B>,
     batches: &[DenoiserInputs],
     device: &B::Device,

@@ -3,10 +3,10 @@
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 
-use crate::config::ModelConfig;
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use duet_spec::ModelSpec;
 
 /// Multi-head attention with separate `q`, `k`, `v`, `out` projections (`D → D`).
 ///
@@ -112,7 +112,7 @@ pub struct EncoderBlock<B: Backend> {
 }
 
 impl<B: Backend> EncoderBlock<B> {
-    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
         let ln = || {
             LayerNormConfig::new(cfg.d_model)
                 .with_epsilon(cfg.layer_norm_eps)

@@ -7,8 +7,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::attention::{Attention, Mlp};
-use crate::config::ModelConfig;
 use crate::vision::VisionEncoder;
+use duet_spec::ModelSpec;
 
 /// Additive mask value for disallowed attention (matches the runtime's `attn_bias`).
 pub const MASKED: f32 = -1e9;
@@ -40,7 +40,7 @@ impl<B: Backend> KvCache<B> {
 }
 
 impl<B: Backend> DecoderBlock<B> {
-    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
         let ln = || {
             LayerNormConfig::new(cfg.d_model)
                 .with_epsilon(cfg.layer_norm_eps)
@@ -102,7 +102,7 @@ pub fn causal_bias<B: Backend>(seq: usize, past: usize, device: &B::Device) -> T
 }
 
 impl<B: Backend> CaptionDecoder<B> {
-    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
         Self {
             tok_embed: EmbeddingConfig::new(cfg.vocab_size, cfg.d_model).init(device),
             pos_embed: EmbeddingConfig::new(cfg.max_len, cfg.d_model).init(device),
@@ -166,7 +166,7 @@ pub struct Captioner<B: Backend> {
 }
 
 impl<B: Backend> Captioner<B> {
-    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
         Self {
             vision: VisionEncoder::new(cfg, device),
             decoder: CaptionDecoder::new(cfg, device),

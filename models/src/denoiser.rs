@@ -7,7 +7,7 @@
 //! block starts as the identity), cross-attends to the text tokens, and a final modulated
 //! LayerNorm + linear layer maps tokens back to pixel patches. The output has the input's shape
 //! and means ε or v, whichever the run was trained to predict. With
-//! `ModelConfig::denoiser_pooled_text` the masked mean of the text tokens, projected, is added
+//! `ModelSpec::denoiser_pooled_text` the masked mean of the text tokens, projected, is added
 //! to the timestep embedding too, so the modulation of every block also carries the prompt.
 
 use burn::module::{Module, Param};
@@ -18,12 +18,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::attention::{Attention, Mlp};
-use crate::config::ModelConfig;
 use crate::position::{position_param, sincos_2d};
 use crate::text::padding_bias;
-
-/// Base of the sinusoidal timestep frequencies (as in the Transformer and DDPM papers).
-pub const TIMESTEP_MAX_PERIOD: f64 = 10_000.0;
+use duet_spec::{timestep_frequencies, ModelSpec};
 
 /// Sinusoidal features of integer-valued timesteps: `[cos(t f_i), sin(t f_i)]` with
 /// `f_i = P^(−i/half)`, `i < half = dim / 2`. `t`: `[B]` → `[B, dim]`.
@@ -36,14 +33,6 @@ pub fn timestep_features<B: Backend>(t: Tensor<B, 1>, dim: usize) -> Tensor<B, 2
     Tensor::cat(vec![args.clone().cos(), args.sin()], 1)
 }
 
-/// The frequencies `f_i` of [`timestep_features`] (shared with the exporter).
-pub fn timestep_frequencies(dim: usize) -> Vec<f32> {
-    let half = dim / 2;
-    (0..half)
-        .map(|i| (-(TIMESTEP_MAX_PERIOD.ln()) * i as f64 / half as f64).exp() as f32)
-        .collect()
-}
-
 fn zero_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
     LinearConfig::new(d_in, d_out)
         .with_initializer(Initializer::Zeros)
@@ -51,7 +40,7 @@ fn zero_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Lin
 }
 
 /// LayerNorm without learnt affine parameters: the modulation supplies scale and shift.
-fn plain_ln<B: Backend>(cfg: &ModelConfig, x: Tensor<B, 3>) -> Tensor<B, 3> {
+fn plain_ln<B: Backend>(cfg: &ModelSpec, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let mean = x.clone().mean_dim(2);
     let centred = x - mean;
     let var = centred.clone().powi_scalar(2).mean_dim(2);
@@ -92,7 +81,7 @@ pub struct DitBlock<B: Backend> {
 }
 
 impl<B: Backend> DitBlock<B> {
-    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
         Self {
             ada: zero_linear(cfg.d_model, 6 * cfg.d_model, device),
             attn: Attention::new(cfg.d_model, cfg.n_heads, device),
@@ -108,7 +97,7 @@ impl<B: Backend> DitBlock<B> {
     /// `text_bias`: `[B, 1, 1, L]`.
     pub fn forward(
         &self,
-        cfg: &ModelConfig,
+        cfg: &ModelSpec,
         x: Tensor<B, 3>,
         c: Tensor<B, 2>,
         text: Tensor<B, 3>,
@@ -135,34 +124,24 @@ pub struct Denoiser<B: Backend> {
     pub time_fc1: Linear<B>,
     pub time_fc2: Linear<B>,
     /// `D → D` projection of the pooled text tokens, added to the timestep embedding
-    /// (`ModelConfig::denoiser_pooled_text`). Zero-initialised, so it starts as a no-op.
+    /// (`ModelSpec::denoiser_pooled_text`). Zero-initialised, so it starts as a no-op.
     pub text_pool: Option<Linear<B>>,
     pub blocks: Vec<DitBlock<B>>,
     /// `D → 2D`: shift and scale of the final LayerNorm. Zero-initialised.
     pub final_ada: Linear<B>,
-    /// `ModelConfig::denoiser_long_skips`: for each block of the second half, `2D → D` on its
+    /// `ModelSpec::denoiser_long_skips`: for each block of the second half, `2D → D` on its
     /// input concatenated with the matching first-half block's output (outermost pair first
     /// applied last, as in U-ViT).
     pub skips: Vec<Linear<B>>,
     /// `D → p·p·C` (zero-initialised so the untrained model predicts 0), or `D → p·p·H` with
-    /// `ModelConfig::denoiser_conv_head = Some(H)`.
+    /// `ModelSpec::denoiser_conv_head = Some(H)`.
     pub head: Linear<B>,
     /// The 3×3 convolution `H → C` of the convolutional head, zero-initialised in its place.
     pub out_conv: Option<Conv2d<B>>,
 }
 
-/// How many long skips a denoiser of `layers` blocks has (the middle block of an odd count
-/// has none).
-pub fn long_skip_count(cfg: &ModelConfig) -> usize {
-    if cfg.denoiser_long_skips {
-        cfg.denoiser_layers / 2
-    } else {
-        0
-    }
-}
-
 impl<B: Backend> Denoiser<B> {
-    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
         let p = cfg.denoiser_patch_size;
         let d = cfg.d_model;
         Self {
@@ -183,7 +162,7 @@ impl<B: Backend> Denoiser<B> {
                 .map(|_| DitBlock::new(cfg, device))
                 .collect(),
             final_ada: zero_linear(d, 2 * d, device),
-            skips: (0..long_skip_count(cfg))
+            skips: (0..cfg.denoiser_long_skip_count())
                 .map(|_| LinearConfig::new(2 * d, d).init(device))
                 .collect(),
             head: match cfg.denoiser_conv_head {
@@ -205,7 +184,7 @@ impl<B: Backend> Denoiser<B> {
     /// `text`: `[B, L, D]` text-encoder tokens; `text_mask`: `[B, L]` 1/0.
     pub fn forward(
         &self,
-        cfg: &ModelConfig,
+        cfg: &ModelSpec,
         x: Tensor<B, 4>,
         t: Tensor<B, 1>,
         text: Tensor<B, 3>,
@@ -256,15 +235,15 @@ impl<B: Backend> Denoiser<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Preset;
     use crate::text::TextEncoder;
     use burn::backend::NdArray;
     use burn::tensor::{Distribution, Int};
+    use duet_spec::Preset;
 
     type B = NdArray<f32>;
 
-    fn cfg() -> ModelConfig {
-        ModelConfig::preset(Preset::Tiny, 30, 32)
+    fn cfg() -> ModelSpec {
+        ModelSpec::preset(Preset::Tiny, 30, 32)
     }
 
     #[test]
@@ -286,7 +265,7 @@ mod tests {
     fn skips_and_conv_head_keep_the_untrained_prediction_at_zero() {
         let dev = Default::default();
         for layers in [2, 3, 4] {
-            let cfg = ModelConfig {
+            let cfg = ModelSpec {
                 denoiser_layers: layers,
                 denoiser_long_skips: true,
                 denoiser_conv_head: Some(8),

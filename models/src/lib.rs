@@ -6,7 +6,6 @@
 
 pub mod attention;
 pub mod caption;
-pub mod config;
 pub mod denoiser;
 pub mod params;
 pub mod position;
@@ -15,8 +14,9 @@ pub mod text;
 pub mod vision;
 
 pub use caption::{CaptionDecoder, Captioner, KvCache};
-pub use config::{ModelConfig, Preset};
 pub use denoiser::Denoiser;
+/// The model family's dimensions live in `duet-spec` (no Burn), shared with the runtime.
+pub use duet_spec::{timestep_frequencies, ModelSpec, Preset, SpecError, TIMESTEP_MAX_PERIOD};
 pub use restorer::{FeatureRestorer, FusionHead, MissingTokens, RestoreConfig, Restorers};
 pub use text::TextEncoder;
 pub use vision::VisionEncoder;

@@ -9,8 +9,8 @@ use burn::tensor::{Int, Tensor};
 
 use crate::attention::EncoderBlock;
 use crate::caption::MASKED;
-use crate::config::ModelConfig;
 use crate::position::{position_param, sincos_1d};
+use duet_spec::ModelSpec;
 
 #[derive(Module, Debug)]
 pub struct TextEncoder<B: Backend> {
@@ -39,7 +39,7 @@ pub fn padding_bias<B: Backend>(mask: Tensor<B, 2>) -> Tensor<B, 4> {
 }
 
 impl<B: Backend> TextEncoder<B> {
-    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
         Self {
             tok_embed: EmbeddingConfig::new(cfg.vocab_size, cfg.d_model).init(device),
             // Sin-cos init: word order (which colour goes with which shape and place) must be

@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use crate::attention::EncoderBlock;
-use crate::config::ModelConfig;
+use duet_spec::ModelSpec;
 
 #[derive(Module, Debug)]
 pub struct VisionEncoder<B: Backend> {
@@ -27,7 +27,7 @@ pub struct VisionOutput<B: Backend> {
 }
 
 impl<B: Backend> VisionEncoder<B> {
-    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
         let p = cfg.patch_size;
         Self {
             patch_embed: Conv2dConfig::new([cfg.channels, cfg.d_model], [p, p])

@@ -598,37 +598,9 @@ fn check_bounds(m: &Manifest) -> Result<(), BundleError> {
 fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
     check_bounds(m)?;
     let s = &m.model;
-    let positive = [
-        ("model.image_size", s.image_size),
-        ("model.channels", s.channels),
-        ("model.patch_size", s.patch_size),
-        ("model.d_model", s.d_model),
-        ("model.n_heads", s.n_heads),
-        ("model.decoder_layers", s.decoder_layers),
-        ("model.embed_dim", s.embed_dim),
-        ("model.vocab_size", s.vocab_size),
-        ("model.max_len", s.max_len),
-    ];
-    for (field, v) in positive {
-        if v == 0 {
-            return Err(bad(field, "must be > 0"));
-        }
-    }
-    if !s.image_size.is_multiple_of(s.patch_size) {
-        return Err(bad(
-            "model.patch_size",
-            format!(
-                "{} does not divide image_size {}",
-                s.patch_size, s.image_size
-            ),
-        ));
-    }
-    if !s.d_model.is_multiple_of(s.n_heads) {
-        return Err(bad(
-            "model.n_heads",
-            format!("{} does not divide d_model {}", s.n_heads, s.d_model),
-        ));
-    }
+    // The spec's own invariants (the ones Burn and the exporter checked when it was written).
+    s.validate()
+        .map_err(|e| bad(format!("model.{}", e.field), e.reason))?;
     if s.channels != 3 {
         return Err(bad(
             "model.channels",

@@ -43,7 +43,7 @@ pub struct Manifest {
     pub name: String,
     /// Size preset the model was trained with (`tiny`, `small`).
     pub preset: String,
-    /// Every model dimension (mirrors `ModelConfig` in `duet-models`).
+    /// Every model dimension (the spec the model was trained with).
     pub model: ModelSpec,
     /// Image size and normalisation expected by the vision encoder.
     pub image: ImageSpec,
@@ -78,75 +78,9 @@ impl Manifest {
     }
 }
 
-/// Model dimensions, with the same field names as `ModelConfig` (see `docs/ARCHITECTURE.md`).
-///
-/// Duplicated here rather than imported because the runtime must never depend on Burn (and
-/// therefore not on `duet-models`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelSpec {
-    pub image_size: usize,
-    pub channels: usize,
-    pub patch_size: usize,
-    pub d_model: usize,
-    pub n_heads: usize,
-    pub vision_layers: usize,
-    pub decoder_layers: usize,
-    pub mlp_ratio: usize,
-    pub embed_dim: usize,
-    pub vocab_size: usize,
-    pub max_len: usize,
-    pub layer_norm_eps: f64,
-    /// Text-encoder layers of the generation direction; 0 (the default, for bundles written
-    /// before it existed) when the bundle has no generator.
-    #[serde(default)]
-    pub text_layers: usize,
-    /// DiT blocks of the diffusion denoiser (0: no generator).
-    #[serde(default)]
-    pub denoiser_layers: usize,
-    /// Side of the denoiser's pixel patches (0: no generator).
-    #[serde(default)]
-    pub denoiser_patch_size: usize,
-    /// Whether the denoiser adds the pooled text tokens to its timestep conditioning (the
-    /// graph does the pooling; recorded so the bundle states the architecture it holds).
-    #[serde(default)]
-    pub denoiser_pooled_text: bool,
-    /// Whether the denoiser has U-ViT long skips (the second half's blocks also read the first
-    /// half's outputs); recorded like `denoiser_pooled_text`.
-    #[serde(default)]
-    pub denoiser_long_skips: bool,
-    /// Channels of the denoiser's convolutional output head (`None`: a linear head writes the
-    /// pixels); recorded like `denoiser_pooled_text`.
-    #[serde(default)]
-    pub denoiser_conv_head: Option<usize>,
-}
-
-impl ModelSpec {
-    /// Number of image patches `P = (image_size / patch_size)^2` (0 if `patch_size` is 0).
-    pub fn num_patches(&self) -> usize {
-        let side = self.image_size.checked_div(self.patch_size).unwrap_or(0);
-        side * side
-    }
-
-    /// Attention head width `Dh = d_model / n_heads` (0 if `n_heads` is 0).
-    pub fn head_dim(&self) -> usize {
-        self.d_model.checked_div(self.n_heads).unwrap_or(0)
-    }
-
-    /// Number of denoiser tokens `(image_size / denoiser_patch_size)^2` (0 without a
-    /// generator).
-    pub fn denoiser_tokens(&self) -> usize {
-        let side = self
-            .image_size
-            .checked_div(self.denoiser_patch_size)
-            .unwrap_or(0);
-        side * side
-    }
-
-    /// MLP hidden width `mlp_ratio · d_model`.
-    pub fn mlp_hidden(&self) -> usize {
-        self.mlp_ratio * self.d_model
-    }
-}
+/// Model dimensions: the one spec type Burn's modules are built from and the exporter writes
+/// (`duet-spec` has no Burn dependency, so the runtime stays free of Burn).
+pub use duet_spec::{ModelSpec, Preset, SpecError};
 
 /// What the vision encoder expects: a `size × size` RGB image, scaled to `[0, 1]` by `x / 255`
 /// and then normalised per channel as `(x - mean) / std`.

@@ -13,7 +13,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
-use duet_models::{Captioner, ModelConfig, Preset};
+use duet_models::{Captioner, ModelSpec, Preset};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -45,7 +45,7 @@ type Rec = BinBytesRecorder<FullPrecisionSettings>;
 pub struct CaptionTrainConfig {
     pub stage: crate::stage::Stage,
     pub preset: Preset,
-    pub model: ModelConfig,
+    pub model: ModelSpec,
     /// The training folders, in order (one path in runs made before several were accepted).
     #[serde(deserialize_with = "crate::datasets::one_or_many_paths")]
     pub data: Vec<PathBuf>,
@@ -257,7 +257,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         let tok = train_tokenizer(&captions)?;
         save_tokenizer(&tok, &run.join(TOKENIZER_FILE))?;
         let (steps, batch, lr) = CaptionTrainConfig::for_preset(args.preset);
-        let model = ModelConfig::preset(args.preset, tok.get_vocab_size(true), image_size);
+        let model = ModelSpec::preset(args.preset, tok.get_vocab_size(true), image_size);
         let cfg = CaptionTrainConfig {
             stage: crate::stage::Stage::Caption,
             preset: args.preset,
@@ -453,7 +453,7 @@ pub fn load_run<B: Backend>(run: &Path, device: &B::Device) -> anyhow::Result<Lo
 /// The captioner (`vision.*`, `decoder.*`) of any run that carries one, built for `model`.
 pub fn load_captioner<B: Backend>(
     run: &Path,
-    model: &ModelConfig,
+    model: &ModelSpec,
     device: &B::Device,
 ) -> anyhow::Result<Captioner<B>> {
     // A later stage's run holds more than the captioner: take the captioner's part.

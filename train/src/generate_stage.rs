@@ -23,7 +23,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use duet_diffusion::{gaussian, guide, sample, NoiseSchedule, Prediction, SamplerConfig};
 use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
-use duet_models::{Denoiser, ModelConfig, Preset, TextEncoder, VisionEncoder};
+use duet_models::{Denoiser, ModelSpec, Preset, TextEncoder, VisionEncoder};
 use ndarray::ArrayD;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -49,7 +49,7 @@ pub struct Generator<B: Backend> {
 }
 
 impl<B: Backend> Generator<B> {
-    pub fn new(cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
         Self {
             text: TextEncoder::new(cfg, device),
             denoiser: Denoiser::new(cfg, device),
@@ -119,7 +119,7 @@ impl Default for DiffusionSettings {
 pub struct GenerateTrainConfig {
     pub stage: crate::stage::Stage,
     pub preset: Preset,
-    pub model: ModelConfig,
+    pub model: ModelSpec,
     /// The caption run whose vision encoder (frozen) and decoder this run carries.
     pub init: PathBuf,
     /// The training folders, in order (one path in runs made before several were accepted).
@@ -153,9 +153,9 @@ impl GenerateTrainConfig {
 
     /// Denoiser and text-encoder dimensions come from the preset, the rest from the
     /// captioner the run starts from.
-    pub fn model_for(preset: Preset, captioner: &ModelConfig) -> ModelConfig {
-        let p = ModelConfig::preset(preset, captioner.vocab_size, captioner.image_size);
-        ModelConfig {
+    pub fn model_for(preset: Preset, captioner: &ModelSpec) -> ModelSpec {
+        let p = ModelSpec::preset(preset, captioner.vocab_size, captioner.image_size);
+        ModelSpec {
             text_layers: p.text_layers,
             denoiser_layers: p.denoiser_layers,
             denoiser_patch_size: p.denoiser_patch_size,
@@ -165,8 +165,8 @@ impl GenerateTrainConfig {
     }
 }
 
-/// Denoiser architecture options of a new generate run (`ModelConfig::denoiser_long_skips`,
-/// `ModelConfig::denoiser_conv_head`); the default is the preset's plain DiT.
+/// Denoiser architecture options of a new generate run (`ModelSpec::denoiser_long_skips`,
+/// `ModelSpec::denoiser_conv_head`); the default is the preset's plain DiT.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DenoiserOptions {
     pub long_skips: bool,
@@ -174,15 +174,15 @@ pub struct DenoiserOptions {
 }
 
 impl DenoiserOptions {
-    fn apply(self, model: ModelConfig) -> ModelConfig {
-        ModelConfig {
+    fn apply(self, model: ModelSpec) -> ModelSpec {
+        ModelSpec {
             denoiser_long_skips: self.long_skips,
             denoiser_conv_head: self.conv_head,
             ..model
         }
     }
 
-    fn of(model: &ModelConfig) -> Self {
+    fn of(model: &ModelSpec) -> Self {
         Self {
             long_skips: model.denoiser_long_skips,
             conv_head: model.denoiser_conv_head,
@@ -246,7 +246,7 @@ pub struct ImageEmbeddings<B: Backend> {
 }
 
 impl<B: Backend> ImageEmbeddings<B> {
-    pub fn new(vision: VisionEncoder<B>, cfg: &ModelConfig, n: usize) -> Self {
+    pub fn new(vision: VisionEncoder<B>, cfg: &ModelSpec, n: usize) -> Self {
         Self {
             vision,
             dim: cfg.embed_dim,
@@ -291,7 +291,7 @@ impl<B: Backend> ImageEmbeddings<B> {
 /// Diffusion + contrastive loss of one batch. Returns `(total, diffusion)`.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_loss<B: AutodiffBackend>(
-    cfg: &ModelConfig,
+    cfg: &ModelSpec,
     settings: &DiffusionSettings,
     schedule: &NoiseSchedule,
     generator: &Generator<B>,
@@ -694,7 +694,7 @@ pub fn load_generator<B: Backend>(
 /// The generator (`text.*`, `denoiser.*`) of any run that carries one, built for `model`.
 pub fn load_generator_weights<B: Backend>(
     run: &Path,
-    model: &ModelConfig,
+    model: &ModelSpec,
     device: &B::Device,
 ) -> anyhow::Result<Generator<B>> {
     let weights: NamedTensors = with_prefixes(

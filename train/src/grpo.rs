@@ -298,7 +298,7 @@ mod tests {
     use super::*;
     use burn::backend::{Autodiff, NdArray};
     use burn::optim::AdamConfig;
-    use duet_models::{ModelConfig, Preset};
+    use duet_models::{ModelSpec, Preset};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -318,7 +318,7 @@ mod tests {
     #[test]
     fn grpo_steps_raise_a_toy_reward() {
         let device = Default::default();
-        let cfg = ModelConfig::preset(Preset::Tiny, 16, 32);
+        let cfg = ModelSpec::preset(Preset::Tiny, 16, 32);
         B::seed(&device, 3);
         let policy = Captioner::<B>::new(&cfg, &device);
         let reference = policy.valid();

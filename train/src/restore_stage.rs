@@ -25,7 +25,7 @@ use duet_diffusion::NoiseSchedule;
 use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
 use duet_models::tokens::PAD_ID;
 use duet_models::{
-    FeatureRestorer, FusionHead, MissingTokens, ModelConfig, Preset, RestoreConfig, Restorers,
+    FeatureRestorer, FusionHead, MissingTokens, ModelSpec, Preset, RestoreConfig, Restorers,
     TextEncoder, VisionEncoder,
 };
 use rand::{Rng, SeedableRng};
@@ -121,7 +121,7 @@ impl Default for RestoreSettings {
 pub struct PairTrainConfig {
     pub stage: Stage,
     pub preset: Preset,
-    pub model: ModelConfig,
+    pub model: ModelSpec,
     pub restore: RestoreConfig,
     pub task: PairTask,
     /// The generate run (fusion) or fusion run (restore) this run starts from.
@@ -172,7 +172,7 @@ pub struct PairFitArgs {
 /// The frozen encoders of a run and what they need.
 pub struct Backbones<B: Backend> {
     pub preset: Preset,
-    pub model: ModelConfig,
+    pub model: ModelSpec,
     pub tokenizer: Tokenizer,
     pub vision: VisionEncoder<B>,
     pub text: TextEncoder<B>,
@@ -182,7 +182,7 @@ pub struct Backbones<B: Backend> {
 struct RunHeader {
     stage: Stage,
     preset: Preset,
-    model: ModelConfig,
+    model: ModelSpec,
 }
 
 /// Strips `prefix.` from the names of the tensors under `prefix`.
@@ -428,7 +428,7 @@ fn resolve_config(
     args: &PairFitArgs,
     stage: Stage,
     preset: Preset,
-    model: ModelConfig,
+    model: ModelSpec,
     task: PairTask,
     from: Option<&PairTrainConfig>,
     generator_diffusion: Option<crate::generate_stage::DiffusionSettings>,

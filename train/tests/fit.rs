@@ -301,7 +301,7 @@ fn generate_options_are_recorded_and_checked() {
         ),
         (
             ["--conv-head", "0"],
-            "denoiser_conv_head must have at least one channel",
+            "denoiser_conv_head: must have at least one channel",
         ),
     ] {
         let o = duet_train()

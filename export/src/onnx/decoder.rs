@@ -3,14 +3,14 @@
 use tract_onnx::pb::ModelProto;
 
 use super::builder::{DType, Dim, GraphBuilder, PastKv};
-use super::{ExportError, GraphDims, Weights};
+use super::{ExportError, ModelSpec, Weights};
 
 /// Graph name written into the model.
 pub const DECODER_GRAPH_NAME: &str = "caption_decoder";
 
 /// Every parameter the decoder graph reads, with its shape, in checkpoint-key form (the list in
 /// `docs/ARCHITECTURE.md`).
-pub fn decoder_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
+pub fn decoder_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     let d = dims.d_model;
     let hidden = dims.mlp_hidden();
     let mut v = vec![
@@ -59,7 +59,7 @@ pub fn decoder_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
 /// `image_tokens` every step (P is small), which keeps the I/O contract to one cache per layer.
 pub fn build_caption_decoder(
     weights: &Weights,
-    dims: &GraphDims,
+    dims: &ModelSpec,
 ) -> Result<ModelProto, ExportError> {
     super::validate_dims(dims)?;
     let d = dims.d_model;
@@ -180,7 +180,7 @@ mod tests {
     type Cache = Vec<(ArrayD<f32>, ArrayD<f32>)>;
 
     struct Case {
-        dims: GraphDims,
+        dims: ModelSpec,
         w: Weights,
         plan: Plan,
         ids: Vec<[i64; 5]>,
@@ -253,7 +253,7 @@ mod tests {
         Ok((logits, presents))
     }
 
-    fn empty_past(d: &GraphDims) -> Cache {
+    fn empty_past(d: &ModelSpec) -> Cache {
         let shape = [B, d.n_heads, 0, d.head_dim()];
         (0..d.decoder_layers)
             .map(|_| (ArrayD::zeros(IxDyn(&shape)), ArrayD::zeros(IxDyn(&shape))))

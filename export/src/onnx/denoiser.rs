@@ -4,17 +4,13 @@
 use tract_onnx::pb::ModelProto;
 
 use super::builder::{DType, Dim, GraphBuilder, GraphValue};
-use super::{ExportError, GraphDims, Weights};
+use super::{ExportError, ModelSpec, Weights};
 
 /// Graph name written into the model.
 pub const DENOISER_GRAPH_NAME: &str = "denoiser";
 
-/// Base of the sinusoidal timestep frequencies; must equal `TIMESTEP_MAX_PERIOD` of the Burn
-/// model (checked by the parity gate, which would fail on any other value).
-const TIMESTEP_MAX_PERIOD: f64 = 10_000.0;
-
 /// Every parameter the denoiser graph reads, with its shape, in checkpoint-key form.
-pub fn denoiser_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
+pub fn denoiser_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     let d = dims.d_model;
     let p = dims.denoiser_patch_size;
     let hidden = dims.mlp_hidden();
@@ -69,13 +65,9 @@ pub fn denoiser_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
     v
 }
 
-/// Long skips of the denoiser (`duet_models::denoiser::long_skip_count`).
-fn long_skips(dims: &GraphDims) -> usize {
-    if dims.denoiser_long_skips {
-        dims.denoiser_layers / 2
-    } else {
-        0
-    }
+/// Long skips of the denoiser (the spec says how many).
+fn long_skips(dims: &ModelSpec) -> usize {
+    dims.denoiser_long_skip_count()
 }
 
 /// `x · (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
@@ -101,7 +93,7 @@ fn modulate(
 ///
 /// `batch` is symbolic so classifier-free guidance runs the conditional and unconditional
 /// branch as one batch of 2N; `seq` is symbolic so the runtime can drop trailing padding.
-pub fn build_denoiser(weights: &Weights, dims: &GraphDims) -> Result<ModelProto, ExportError> {
+pub fn build_denoiser(weights: &Weights, dims: &ModelSpec) -> Result<ModelProto, ExportError> {
     super::validate_dims(dims)?;
     let d = dims.d_model;
     let c = dims.channels;
@@ -149,9 +141,7 @@ pub fn build_denoiser(weights: &Weights, dims: &GraphDims) -> Result<ModelProto,
     // Timestep embedding: [cos(t f), sin(t f)] → fc1 → SiLU → fc2, then SiLU (the modulation
     // input of every block).
     let half = d / 2;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(TIMESTEP_MAX_PERIOD.ln()) * i as f64 / half as f64).exp() as f32)
-        .collect();
+    let freqs = duet_models::timestep_frequencies(d);
     let freqs = g.const_f32("timestep_freqs", &[1, half], &freqs)?;
     let feats = g.scoped("denoiser.timestep", |g| {
         let tt = g.reshape(&t, &[-1, 1]);
@@ -271,13 +261,12 @@ mod tests {
     use burn::backend::NdArray;
     use burn::tensor::{Tensor, TensorData};
     use duet_models::params::{load_named_tensors, named_tensors, NamedTensor};
-    use duet_models::{Denoiser, ModelConfig, Preset};
+    use duet_models::{Denoiser, ModelSpec, Preset};
     use ndarray::ArrayD;
     use rand::Rng;
     use tract_onnx::prelude::Tensor as TractTensor;
 
     use super::*;
-    use crate::bundle::model_spec;
     use crate::onnx::model_to_bytes;
     use crate::onnx::test_util::{random_array, rng, tract_plan, tract_run};
     use crate::parity::{max_abs_diff, to_array};
@@ -298,7 +287,7 @@ mod tests {
     #[test]
     fn denoiser_variants_match_burn_on_tract() {
         let dev = Default::default();
-        let base = ModelConfig::preset(Preset::Tiny, 40, 32);
+        let base = ModelSpec::preset(Preset::Tiny, 40, 32);
         let variants = [
             (2, false, None),
             (3, true, None),
@@ -306,7 +295,7 @@ mod tests {
             (2, false, Some(4)),
         ];
         for (layers, long_skips, conv_head) in variants {
-            let cfg = ModelConfig {
+            let cfg = ModelSpec {
                 denoiser_layers: layers,
                 denoiser_long_skips: long_skips,
                 denoiser_conv_head: conv_head,
@@ -335,7 +324,7 @@ mod tests {
                 w.insert(format!("denoiser.{name}"), t.shape.clone(), t.data.clone())
                     .unwrap();
             }
-            let dims = model_spec(&cfg);
+            let dims = cfg.clone();
             let mut want: Vec<_> = denoiser_parameters(&dims);
             want.sort();
             let mut have: Vec<_> = w

@@ -158,48 +158,15 @@ impl Weights {
     }
 }
 
-/// The sizes a graph is built for: the manifest's model spec (same field names as the Burn
-/// `ModelConfig`, see `docs/ARCHITECTURE.md`), so what the exporter builds from and what the
-/// runtime checks against are one type and the exporter needs no Burn types for it.
-pub type GraphDims = duet_runtime::manifest::ModelSpec;
+/// The sizes a graph is built for: the model's one spec, the same value Burn's modules were
+/// built from and the manifest records.
+pub use duet_models::ModelSpec;
 
-/// Rejects configurations no graph can be built for, before any node is written.
-pub fn validate_dims(dims: &GraphDims) -> Result<(), ExportError> {
-    let nonzero = [
-        ("image_size", dims.image_size),
-        ("channels", dims.channels),
-        ("patch_size", dims.patch_size),
-        ("d_model", dims.d_model),
-        ("n_heads", dims.n_heads),
-        ("mlp_ratio", dims.mlp_ratio),
-        ("embed_dim", dims.embed_dim),
-        ("vocab_size", dims.vocab_size),
-        ("max_len", dims.max_len),
-    ];
-    for (field, v) in nonzero {
-        if v == 0 {
-            return Err(ExportError::InvalidDims(format!("{field} must be > 0")));
-        }
-    }
-    if !dims.image_size.is_multiple_of(dims.patch_size) {
-        return Err(ExportError::InvalidDims(format!(
-            "image_size {} is not a multiple of patch_size {}",
-            dims.image_size, dims.patch_size
-        )));
-    }
-    if !dims.d_model.is_multiple_of(dims.n_heads) {
-        return Err(ExportError::InvalidDims(format!(
-            "d_model {} is not divisible by n_heads {}",
-            dims.d_model, dims.n_heads
-        )));
-    }
-    if !(dims.layer_norm_eps > 0.0 && dims.layer_norm_eps.is_finite()) {
-        return Err(ExportError::InvalidDims(format!(
-            "layer_norm_eps {} must be a positive finite number",
-            dims.layer_norm_eps
-        )));
-    }
-    Ok(())
+/// Rejects configurations no graph can be built for, before any node is written (the spec's
+/// own invariants: one check for Burn, the exporter and the runtime).
+pub fn validate_dims(dims: &ModelSpec) -> Result<(), ExportError> {
+    dims.validate()
+        .map_err(|e| ExportError::InvalidDims(e.to_string()))
 }
 
 /// Serialises a model to ONNX protobuf bytes.
@@ -233,11 +200,11 @@ pub(crate) mod test_util {
     use rand_chacha::ChaCha8Rng;
     use tract_onnx::prelude::*;
 
-    use super::{model_to_bytes, GraphDims, Weights};
+    use super::{model_to_bytes, ModelSpec, Weights};
 
     /// The `tiny` config of `docs/ARCHITECTURE.md` with a 40-token vocabulary.
-    pub fn tiny_dims() -> GraphDims {
-        GraphDims {
+    pub fn tiny_dims() -> ModelSpec {
+        ModelSpec {
             image_size: 32,
             channels: 3,
             patch_size: 4,
@@ -253,9 +220,7 @@ pub(crate) mod test_util {
             text_layers: 2,
             denoiser_layers: 2,
             denoiser_patch_size: 4,
-            denoiser_pooled_text: true,
-            denoiser_long_skips: false,
-            denoiser_conv_head: None,
+            ..ModelSpec::preset(duet_models::Preset::Tiny, 40, 32)
         }
     }
 
@@ -393,7 +358,7 @@ pub(crate) mod test_util {
 
     pub struct Reference<'a> {
         pub w: &'a Weights,
-        pub dims: &'a GraphDims,
+        pub dims: &'a ModelSpec,
     }
 
     impl Reference<'_> {

@@ -2,7 +2,7 @@
 //! (`FeatureRestorer` in `duet-models`, with dynamic modality gating), and `fusion_head.onnx`:
 //! the task head over `[image ‖ text]` embeddings (`FusionHead`).
 
-use duet_models::denoiser::timestep_frequencies;
+use duet_models::timestep_frequencies;
 use tract_onnx::pb::ModelProto;
 
 use super::builder::{DType, Dim, GraphBuilder};

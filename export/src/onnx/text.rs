@@ -5,13 +5,13 @@ use tract_onnx::pb::ModelProto;
 
 use super::builder::{DType, Dim, GraphBuilder};
 use super::vision::{encoder_block, encoder_block_parameters};
-use super::{ExportError, GraphDims, Weights};
+use super::{ExportError, ModelSpec, Weights};
 
 /// Graph name written into the model.
 pub const TEXT_GRAPH_NAME: &str = "text_encoder";
 
 /// Every parameter the text graph reads, with its shape, in checkpoint-key form.
-pub fn text_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
+pub fn text_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     let d = dims.d_model;
     let mut v = vec![
         ("text.tok_embed.weight".to_owned(), vec![dims.vocab_size, d]),
@@ -35,7 +35,7 @@ pub fn text_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
 /// Shape/Slice arithmetic in the graph). Padding positions are masked out of every attention,
 /// so the features of real tokens do not depend on how much padding follows them: the runtime
 /// may cut `text_tokens` to the longest caption of a batch before the denoiser.
-pub fn build_text_encoder(weights: &Weights, dims: &GraphDims) -> Result<ModelProto, ExportError> {
+pub fn build_text_encoder(weights: &Weights, dims: &ModelSpec) -> Result<ModelProto, ExportError> {
     super::validate_dims(dims)?;
     let d = dims.d_model;
     let l = dims.max_len;

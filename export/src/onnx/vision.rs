@@ -3,14 +3,14 @@
 use tract_onnx::pb::ModelProto;
 
 use super::builder::{DType, Dim, GraphBuilder};
-use super::{ExportError, GraphDims, Weights};
+use super::{ExportError, ModelSpec, Weights};
 
 /// Graph name written into the model.
 pub const VISION_GRAPH_NAME: &str = "vision_encoder";
 
 /// Every parameter the vision graph reads, with its shape, in checkpoint-key form (the list in
 /// `docs/ARCHITECTURE.md`). Lets callers and tests check a checkpoint before building.
-pub fn vision_parameters(dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
+pub fn vision_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     let d = dims.d_model;
     let p = dims.patch_size;
     let mut v = vec![
@@ -44,7 +44,7 @@ pub fn encoder_block(
     g: &mut GraphBuilder<'_>,
     x: &super::GraphValue,
     pre: &str,
-    dims: &GraphDims,
+    dims: &ModelSpec,
     bias: Option<&super::GraphValue>,
 ) -> Result<super::GraphValue, ExportError> {
     let d = dims.d_model;
@@ -63,7 +63,7 @@ pub fn encoder_block(
 }
 
 /// Parameters of one [`encoder_block`] under `pre`, with shapes.
-pub fn encoder_block_parameters(pre: &str, dims: &GraphDims) -> Vec<(String, Vec<usize>)> {
+pub fn encoder_block_parameters(pre: &str, dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     let d = dims.d_model;
     let hidden = dims.mlp_hidden();
     let mut v = Vec::new();
@@ -89,7 +89,7 @@ pub fn encoder_block_parameters(pre: &str, dims: &GraphDims) -> Vec<(String, Vec
 /// has state this graph would silently drop.
 pub fn build_vision_encoder(
     weights: &Weights,
-    dims: &GraphDims,
+    dims: &ModelSpec,
 ) -> Result<ModelProto, ExportError> {
     super::validate_dims(dims)?;
     let d = dims.d_model;
@@ -166,7 +166,7 @@ mod tests {
     /// Plain-Rust vision encoder: conv as a per-patch dot product, then the blocks.
     fn reference(
         w: &Weights,
-        dims: &GraphDims,
+        dims: &ModelSpec,
         pixels: &ArrayD<f32>,
     ) -> (ArrayD<f64>, ArrayD<f64>) {
         let r = Reference { w, dims };
@@ -225,7 +225,7 @@ mod tests {
         (tokens, emb)
     }
 
-    fn setup() -> (GraphDims, Weights, ModelProto) {
+    fn setup() -> (ModelSpec, Weights, ModelProto) {
         let dims = tiny_dims();
         let w = random_weights(&vision_parameters(&dims), 7);
         let model = build_vision_encoder(&w, &dims).expect("build vision graph");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use duet_runtime::bundle::sha256_file;
 use duet_runtime::manifest::{
-    DType, DimSpec, GraphSpec, ImageSpec, Manifest, ModelSpec, TensorSpec, TokenizerSpec,
+    DType, DimSpec, GraphSpec, ImageSpec, Manifest, ModelSpec, Preset, TensorSpec, TokenizerSpec,
     SCHEMA_VERSION,
 };
 use prost::Message;
@@ -245,12 +245,9 @@ pub fn tiny_spec(vocab: usize) -> ModelSpec {
         vocab_size: vocab,
         max_len: 8,
         layer_norm_eps: 1e-5,
-        text_layers: 2,
-        denoiser_layers: 2,
         denoiser_patch_size: 4,
-        denoiser_pooled_text: true,
-        denoiser_long_skips: false,
-        denoiser_conv_head: None,
+        // The generation-side fields as the tiny preset has them.
+        ..ModelSpec::preset(Preset::Tiny, vocab, 8)
     }
 }
 
