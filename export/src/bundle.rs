@@ -16,9 +16,8 @@ use duet_models::{Captioner, FusionHead, ModelSpec, Restorers};
 use duet_runtime::bundle::{sha256_file, Bundle};
 use duet_runtime::engine::EngineOptions;
 use duet_runtime::manifest::{
-    self, DiffusionSpec, DimSpec, GraphSpec, ImageSpec, Manifest, RestoreSpec, TensorSpec,
-    TokenizerSpec, CAPTION_DECODER, DENOISER, FUSION_HEAD, MANIFEST_FILE, RESTORER_I2T,
-    RESTORER_T2I, SCHEMA_VERSION, TEXT_ENCODER, VISION_ENCODER,
+    self, DiffusionSpec, DimSpec, Graph, GraphSpec, ImageSpec, Manifest, RestoreSpec, TensorSpec,
+    TokenizerSpec, MANIFEST_FILE, SCHEMA_VERSION,
 };
 use duet_train::caption_stage::{
     image_to_chw, load_captioner, load_run, CONFIG_FILE, TOKENIZER_FILE,
@@ -41,7 +40,7 @@ use crate::onnx::{
     build_vision_encoder, save_model, ExportError, RestoreDims, Weights,
 };
 use crate::parity::{
-    check_graph, decoder_cases, denoiser_cases, fusion_head_cases, parity_rng, random_array,
+    check_parity, decoder_cases, denoiser_cases, fusion_head_cases, parity_rng, random_array,
     random_ids, restorer_cases, text_cases, vision_cases, DenoiserInputs, GraphParity, ParityCase,
     RestorerInputs, FP32_TOLERANCE,
 };
@@ -51,14 +50,7 @@ type Ref = NdArray<f32>;
 type RefDevice = burn::backend::ndarray::NdArrayDevice;
 
 /// File names inside a bundle.
-pub const VISION_FILE: &str = "vision_encoder.onnx";
-pub const DECODER_FILE: &str = "caption_decoder.onnx";
 pub const TOKENIZER_BUNDLE_FILE: &str = "tokenizer.json";
-pub const TEXT_FILE: &str = "text_encoder.onnx";
-pub const DENOISER_FILE: &str = "denoiser.onnx";
-pub const RESTORER_T2I_FILE: &str = "restorer_t2i.onnx";
-pub const RESTORER_I2T_FILE: &str = "restorer_i2t.onnx";
-pub const FUSION_HEAD_FILE: &str = "fusion_head.onnx";
 
 /// Sampler defaults written into a generator bundle's manifest: DDIM with 30 steps and
 /// guidance 3 is the setting the generate stage's evaluation uses (see `docs/RESULTS.md`).
@@ -152,14 +144,12 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
         let (vision_cases, decoder_cases) = parity_inputs(&src, &device)?;
         let mut jobs = vec![
             (
-                VISION_ENCODER,
-                VISION_FILE,
+                Graph::VisionEncoder,
                 build_vision_encoder(&weights, &dims)?,
                 vision_cases,
             ),
             (
-                CAPTION_DECODER,
-                DECODER_FILE,
+                Graph::CaptionDecoder,
                 build_caption_decoder(&weights, &dims)?,
                 decoder_cases,
             ),
@@ -167,14 +157,12 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
         if let Some(gen) = generator {
             let (text_cases, denoiser_cases) = generator_parity_inputs(&src, gen, &device)?;
             jobs.push((
-                TEXT_ENCODER,
-                TEXT_FILE,
+                Graph::TextEncoder,
                 build_text_encoder(&weights, &dims)?,
                 text_cases,
             ));
             jobs.push((
-                DENOISER,
-                DENOISER_FILE,
+                Graph::Denoiser,
                 build_denoiser(&weights, &dims)?,
                 denoiser_cases,
             ));
@@ -183,30 +171,28 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
             let rd = restore_dims(&r.config);
             let (t2i_cases, i2t_cases, head_cases) = restore_parity_inputs(&src, r, &device)?;
             jobs.push((
-                RESTORER_T2I,
-                RESTORER_T2I_FILE,
-                build_restorer(&weights, "restorer.t2i", RESTORER_T2I, &rd)?,
+                Graph::RestorerT2i,
+                build_restorer(&weights, "restorer.t2i", Graph::RestorerT2i.name(), &rd)?,
                 t2i_cases,
             ));
             jobs.push((
-                RESTORER_I2T,
-                RESTORER_I2T_FILE,
-                build_restorer(&weights, "restorer.i2t", RESTORER_I2T, &rd)?,
+                Graph::RestorerI2t,
+                build_restorer(&weights, "restorer.i2t", Graph::RestorerI2t.name(), &rd)?,
                 i2t_cases,
             ));
             jobs.push((
-                FUSION_HEAD,
-                FUSION_HEAD_FILE,
+                Graph::FusionHead,
                 build_fusion_head(&weights, HEAD, &rd)?,
                 head_cases,
             ));
         }
         let mut parity = Vec::new();
         let mut graphs = Vec::new();
-        for (graph, file, model, cases) in &jobs {
+        for (graph, model, cases) in &jobs {
+            let (graph, file) = (graph.name(), graph.file());
             let path = staging.join(file);
             save_model(&path, model)?;
-            let p = check_graph(graph, &path, cases, opts.tolerance, &opts.engine)?;
+            let p = check_parity(graph, &path, cases, opts.tolerance, &opts.engine)?;
             tracing::info!(
                 graph,
                 ort = p.ort.max_abs_diff,
@@ -241,7 +227,7 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
         let mut files = BTreeMap::new();
         let names = jobs
             .iter()
-            .map(|(_, file, _, _)| *file)
+            .map(|(graph, _, _)| graph.file())
             .chain([TOKENIZER_BUNDLE_FILE]);
         for name in names {
             let p = staging.join(name);
@@ -440,7 +426,7 @@ fn restore_parity_inputs(
     device: &RefDevice,
 ) -> Result<RestoreCases, ExportError> {
     let err = |e: anyhow::Error| ExportError::Parity {
-        graph: FUSION_HEAD.to_owned(),
+        graph: Graph::FusionHead.name().to_owned(),
         reason: format!("embedding the parity examples: {e:#}"),
     };
     let task: PairTask = r.config.task;
@@ -516,7 +502,7 @@ fn parity_inputs(
         pixels.extend(image_to_chw(&render(scene, s as u32)));
         let ids = encode_caption(&src.tokenizer, &caption(scene), cfg.max_len).map_err(|e| {
             ExportError::Parity {
-                graph: CAPTION_DECODER.to_owned(),
+                graph: Graph::CaptionDecoder.name().to_owned(),
                 reason: format!("encoding a parity caption: {e}"),
             }
         })?;
@@ -590,7 +576,7 @@ fn generator_parity_inputs(
     for scene in parity_scenes(s) {
         let ids = encode_caption(&src.tokenizer, &caption(&scene), l).map_err(|e| {
             ExportError::Parity {
-                graph: TEXT_ENCODER.to_owned(),
+                graph: Graph::TextEncoder.name().to_owned(),
                 reason: format!("encoding a parity caption: {e}"),
             }
         })?;

@@ -73,7 +73,7 @@ impl GraphParity {
 /// absolute difference to Burn's outputs. Errors when a backend cannot load or run the graph;
 /// a difference above `tolerance` is reported in the result (see [`GraphParity::passed`]), not
 /// as an error, so callers can print the figures before refusing the graph.
-pub fn check_graph(
+pub fn check_parity(
     graph: &str,
     path: &Path,
     cases: &[ParityCase],

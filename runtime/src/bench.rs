@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{graph_flops_of, EngineOptions, ProviderChoice, ValueView};
-use crate::manifest::DENOISER;
+use crate::manifest::Graph;
 use crate::{Bundle, Captioner, Classifier, Error, GenerateOptions, Generator};
 
 /// What to measure.
@@ -290,7 +290,7 @@ pub fn run_provider(
             den.run_views(&inputs).map(drop)
         })?);
         out.denoiser_flops = graph_flops_of(
-            &bundle.graph_bytes(DENOISER)?,
+            &bundle.graph_bytes(Graph::Denoiser.name())?,
             &[
                 ("x", &[2, m.channels, side, side]),
                 ("timestep", &[2]),

@@ -26,8 +26,7 @@ pub use crate::display::escape_controls;
 use crate::engine::{IoInfo, MODEL_FILE_CAP};
 
 use crate::manifest::{
-    DType, DimSpec, GraphSpec, Manifest, TensorSpec, CAPTION_DECODER, DENOISER, FUSION_HEAD,
-    MANIFEST_FILE, RESTORER_I2T, RESTORER_T2I, SCHEMA_VERSION, TEXT_ENCODER, VISION_ENCODER,
+    DType, DimSpec, Graph, GraphSpec, Manifest, TensorSpec, MANIFEST_FILE, SCHEMA_VERSION,
 };
 
 /// Why a bundle was refused.
@@ -677,14 +676,11 @@ fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
             ));
         }
     }
-    for (name, contract) in [
-        (VISION_ENCODER, vision_encoder_contract(m)),
-        (CAPTION_DECODER, caption_decoder_contract(m)),
-    ] {
+    for graph in [Graph::VisionEncoder, Graph::CaptionDecoder] {
         let g = m
-            .graph(name)
-            .ok_or_else(|| bad("graphs", format!("required graph `{name}` is missing")))?;
-        check_graph(g, &contract)?;
+            .graph(graph.name())
+            .ok_or_else(|| bad("graphs", format!("required graph `{graph}` is missing")))?;
+        check_io(g, &contract(graph, m))?;
     }
     validate_generation(m)?;
     validate_restoration(m)
@@ -693,7 +689,12 @@ fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
 /// Restoration is optional, but all of it or none: both restorers, the head and the `restore`
 /// section; it needs the text encoder for text embeddings.
 fn validate_restoration(m: &Manifest) -> Result<(), BundleError> {
-    let graphs = [RESTORER_T2I, RESTORER_I2T, FUSION_HEAD].map(|n| m.graph(n));
+    let graphs = [
+        Graph::RestorerT2i.name(),
+        Graph::RestorerI2t.name(),
+        Graph::FusionHead.name(),
+    ]
+    .map(|n| m.graph(n));
     let spec = match (&graphs, &m.restore) {
         ([None, None, None], None) => return Ok(()),
         ([Some(_), Some(_), Some(_)], Some(spec)) => spec,
@@ -702,20 +703,26 @@ fn validate_restoration(m: &Manifest) -> Result<(), BundleError> {
             return Err(bad(
                 "graphs",
                 format!(
-                    "restoration is incomplete: `{RESTORER_T2I}` {}, `{RESTORER_I2T}` {}, \
-                     `{FUSION_HEAD}` {}, `restore` section {}",
+                    "restoration is incomplete: `{t2i}` {}, `{i2t}` {}, \
+                     `{head}` {}, `restore` section {}",
                     have(g[0].is_some()),
                     have(g[1].is_some()),
                     have(g[2].is_some()),
-                    have(spec.is_some())
+                    have(spec.is_some()),
+                    t2i = Graph::RestorerT2i,
+                    i2t = Graph::RestorerI2t,
+                    head = Graph::FusionHead,
                 ),
             ));
         }
     };
-    if m.graph(TEXT_ENCODER).is_none() {
+    if m.graph(Graph::TextEncoder.name()).is_none() {
         return Err(bad(
             "graphs",
-            format!("restoration needs the `{TEXT_ENCODER}` graph for text embeddings"),
+            format!(
+                "restoration needs the `{}` graph for text embeddings",
+                Graph::TextEncoder
+            ),
         ));
     }
     if spec.classes.len() < 2 {
@@ -752,12 +759,13 @@ fn validate_restoration(m: &Manifest) -> Result<(), BundleError> {
             ),
         ));
     }
-    let e = m.model.embed_dim;
-    for g in [&graphs[0], &graphs[1]].into_iter().flatten() {
-        check_graph(g, &restorer_contract(e))?;
-    }
-    if let Some(head) = graphs[2] {
-        check_graph(head, &fusion_head_contract(e, spec.classes.len()))?;
+    for (graph, g) in [Graph::RestorerT2i, Graph::RestorerI2t, Graph::FusionHead]
+        .into_iter()
+        .zip(graphs)
+    {
+        if let Some(g) = g {
+            check_io(g, &contract(graph, m))?;
+        }
     }
     Ok(())
 }
@@ -765,8 +773,8 @@ fn validate_restoration(m: &Manifest) -> Result<(), BundleError> {
 /// The generation direction is optional, but all of it or none: both graphs, the diffusion
 /// section and the generator's dimensions.
 fn validate_generation(m: &Manifest) -> Result<(), BundleError> {
-    let text = m.graph(TEXT_ENCODER);
-    let denoiser = m.graph(DENOISER);
+    let text = m.graph(Graph::TextEncoder.name());
+    let denoiser = m.graph(Graph::Denoiser.name());
     let (text, denoiser, spec) = match (text, denoiser, &m.diffusion) {
         (None, None, None) => return Ok(()),
         (Some(t), Some(d), Some(spec)) => (t, d, spec),
@@ -775,11 +783,13 @@ fn validate_generation(m: &Manifest) -> Result<(), BundleError> {
             return Err(bad(
                 "graphs",
                 format!(
-                    "the generation direction is incomplete: `{TEXT_ENCODER}` {}, `{DENOISER}` \
+                    "the generation direction is incomplete: `{text}` {}, `{denoiser}` \
                      {}, `diffusion` section {}",
                     have(t.is_some()),
                     have(d.is_some()),
-                    have(spec.is_some())
+                    have(spec.is_some()),
+                    text = Graph::TextEncoder,
+                    denoiser = Graph::Denoiser,
                 ),
             ));
         }
@@ -821,8 +831,8 @@ fn validate_generation(m: &Manifest) -> Result<(), BundleError> {
             format!("{} (must be finite and >= 0)", spec.default_guidance),
         ));
     }
-    check_graph(text, &text_encoder_contract(m))?;
-    check_graph(denoiser, &denoiser_contract(m))
+    check_io(text, &contract(Graph::TextEncoder, m))?;
+    check_io(denoiser, &contract(Graph::Denoiser, m))
 }
 
 /// One expected axis: a fixed size derived from the model config, or "any symbolic name".
@@ -837,6 +847,23 @@ enum Want {
 struct Contract {
     inputs: Vec<(String, DType, Vec<Want>)>,
     outputs: Vec<(String, DType, Vec<Want>)>,
+}
+
+/// The input/output contract of `graph` under the manifest's dimensions: exhaustive over
+/// [`Graph`], so a new graph cannot be added without one. The exporter's staged bundle passes
+/// through the same check before it is published.
+fn contract(graph: Graph, m: &Manifest) -> Contract {
+    let e = m.model.embed_dim;
+    match graph {
+        Graph::VisionEncoder => vision_encoder_contract(m),
+        Graph::CaptionDecoder => caption_decoder_contract(m),
+        Graph::TextEncoder => text_encoder_contract(m),
+        Graph::Denoiser => denoiser_contract(m),
+        Graph::RestorerT2i | Graph::RestorerI2t => restorer_contract(e),
+        Graph::FusionHead => {
+            fusion_head_contract(e, m.restore.as_ref().map_or(0, |r| r.classes.len()))
+        }
+    }
 }
 
 fn vision_encoder_contract(m: &Manifest) -> Contract {
@@ -995,7 +1022,7 @@ fn fusion_head_contract(e: usize, classes: usize) -> Contract {
     }
 }
 
-fn check_graph(g: &GraphSpec, c: &Contract) -> Result<(), BundleError> {
+fn check_io(g: &GraphSpec, c: &Contract) -> Result<(), BundleError> {
     // Inputs must match exactly: an extra input would never be fed and fail at run time.
     for t in &g.inputs {
         if !c.inputs.iter().any(|(n, _, _)| *n == t.name) {

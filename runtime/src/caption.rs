@@ -19,7 +19,7 @@ use crate::engine::{
     Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport, Value, ValueView,
 };
 use crate::engine_set::EngineSet;
-use crate::manifest::{ImageSpec, ModelSpec, TokenizerSpec, CAPTION_DECODER, VISION_ENCODER};
+use crate::manifest::{Graph, ImageSpec, ModelSpec, TokenizerSpec};
 use crate::preprocess::{self, ImageError};
 
 /// Captioning failures.
@@ -105,8 +105,8 @@ impl Captioner {
         let tokenizer = bundle
             .load_tokenizer()
             .map_err(|(path, reason)| CaptionError::Tokenizer { path, reason })?;
-        let (vision, r1) = engines.get::<CaptionError>(VISION_ENCODER)?;
-        let (decoder, r2) = engines.get::<CaptionError>(CAPTION_DECODER)?;
+        let (vision, r1) = engines.get::<CaptionError>(Graph::VisionEncoder.name())?;
+        let (decoder, r2) = engines.get::<CaptionError>(Graph::CaptionDecoder.name())?;
         let layers = m.model.decoder_layers;
         let kv_names = |prefix: &str| -> Vec<String> {
             (0..layers)
@@ -163,7 +163,7 @@ impl Captioner {
         let want = [pixels.shape()[0], self.model.channels, s, s];
         if pixels.shape() != want || want[0] == 0 {
             return Err(shape_err(
-                VISION_ENCODER,
+                Graph::VisionEncoder.name(),
                 format!(
                     "pixels must be [B>0, {}, {s}, {s}], got {:?}",
                     want[1],
@@ -173,24 +173,24 @@ impl Captioner {
         }
         let px = pixels.view().into_dyn();
         let mut outs = self.vision.run_views(&[("pixels", ValueView::F32(px))])?;
-        let tokens = take_f32(&mut outs, VISION_ENCODER, "patch_tokens")?;
+        let tokens = take_f32(&mut outs, Graph::VisionEncoder.name(), "patch_tokens")?;
         let want = [want[0], self.model.num_patches(), self.model.d_model];
         if tokens.shape() != want {
             return Err(shape_err(
-                VISION_ENCODER,
+                Graph::VisionEncoder.name(),
                 format!("patch_tokens should be {want:?}, got {:?}", tokens.shape()),
             ));
         }
         tokens
             .into_dimensionality()
-            .map_err(|e| shape_err(VISION_ENCODER, e.to_string()))
+            .map_err(|e| shape_err(Graph::VisionEncoder.name(), e.to_string()))
     }
 
     fn check_image_tokens(&self, image_tokens: &Array3<f32>) -> Result<(), CaptionError> {
         let want = [self.model.num_patches(), self.model.d_model];
         if image_tokens.shape()[1..] != want || image_tokens.shape()[0] == 0 {
             return Err(shape_err(
-                CAPTION_DECODER,
+                Graph::CaptionDecoder.name(),
                 format!(
                     "image_tokens must be [B>0, {}, {}], got {:?}",
                     want[0],
@@ -227,7 +227,7 @@ impl Captioner {
         let mut state = GreedyState::new(b);
         for step in 0..self.max_len().saturating_sub(1) {
             let ids = Array2::from_shape_vec((b, 1), current.clone())
-                .map_err(|e| shape_err(CAPTION_DECODER, e.to_string()))?
+                .map_err(|e| shape_err(Graph::CaptionDecoder.name(), e.to_string()))?
                 .into_dyn();
             let pos = ArrayD::from_elem(IxDyn(&[b, 1]), step as i64);
             let bias = ArrayD::<f32>::zeros(IxDyn(&[b, 1, 1, step + 1]));
@@ -249,12 +249,12 @@ impl Captioner {
             past = self
                 .present_names
                 .iter()
-                .map(|n| take_f32(&mut outs, CAPTION_DECODER, n))
+                .map(|n| take_f32(&mut outs, Graph::CaptionDecoder.name(), n))
                 .collect::<Result<_, _>>()?;
             let want = [b, self.model.n_heads, step + 1, self.model.head_dim()];
             if let Some(p) = past.iter().find(|p| p.shape() != want) {
                 return Err(shape_err(
-                    CAPTION_DECODER,
+                    Graph::CaptionDecoder.name(),
                     format!("present tensors should be {want:?}, got {:?}", p.shape()),
                 ));
             }
@@ -281,7 +281,7 @@ impl Captioner {
             let l = step + 1;
             let flat: Vec<i64> = seqs.iter().flatten().copied().collect();
             let ids = Array2::from_shape_vec((b, l), flat)
-                .map_err(|e| shape_err(CAPTION_DECODER, e.to_string()))?
+                .map_err(|e| shape_err(Graph::CaptionDecoder.name(), e.to_string()))?
                 .into_dyn();
             let pos = Array2::from_shape_fn((b, l), |(_, j)| j as i64).into_dyn();
             let bias = ArrayD::from_shape_fn(IxDyn(&[b, 1, l, l]), |ix| {
@@ -319,23 +319,23 @@ impl Captioner {
         b: usize,
         seq: usize,
     ) -> Result<Array3<f32>, CaptionError> {
-        let logits = take_f32(outs, CAPTION_DECODER, "logits")?;
+        let logits = take_f32(outs, Graph::CaptionDecoder.name(), "logits")?;
         let want = [b, seq, self.model.vocab_size];
         if logits.shape() != want {
             return Err(shape_err(
-                CAPTION_DECODER,
+                Graph::CaptionDecoder.name(),
                 format!("logits should be {want:?}, got {:?}", logits.shape()),
             ));
         }
         if !logits.iter().all(|v| v.is_finite()) {
             return Err(CaptionError::NonFinite {
-                graph: CAPTION_DECODER.to_string(),
+                graph: Graph::CaptionDecoder.name().to_string(),
                 output: "logits".to_string(),
             });
         }
         logits
             .into_dimensionality()
-            .map_err(|e| shape_err(CAPTION_DECODER, e.to_string()))
+            .map_err(|e| shape_err(Graph::CaptionDecoder.name(), e.to_string()))
     }
 
     /// Turns generated ids into text: BOS and PAD are dropped, decoding stops at EOS, and the

@@ -26,7 +26,7 @@ use crate::embed::{EmbedError, Embedder};
 use crate::engine::{Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport, Value};
 use crate::engine_set::EngineSet;
 use crate::generate::GenerateError;
-use crate::manifest::{RestoreSpec, FUSION_HEAD, RESTORER_I2T, RESTORER_T2I, TEXT_ENCODER};
+use crate::manifest::{Graph, RestoreSpec};
 use crate::preprocess::ImageError;
 
 /// Classification failures.
@@ -40,7 +40,7 @@ pub enum ClassifyError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Diffusion(#[from] DiffusionError),
-    #[error("this bundle has no restoration graphs (`{RESTORER_T2I}`, `{RESTORER_I2T}`, `{FUSION_HEAD}`); export a restore run to get them")]
+    #[error("this bundle has no restoration graphs (`{}`, `{}`, `{}`); export a restore run to get them", Graph::RestorerT2i, Graph::RestorerI2t, Graph::FusionHead)]
     NoRestorer,
     #[error("neither an image nor a text was given: classification needs at least one of them (the missing one is restored from it)")]
     NothingGiven,
@@ -71,7 +71,7 @@ impl From<EmbedError> for ClassifyError {
             EmbedError::Text(e) => e.into(),
             EmbedError::Shape { graph, reason } => ClassifyError::Shape { graph, reason },
             EmbedError::NoTextEncoder => ClassifyError::Shape {
-                graph: TEXT_ENCODER.to_owned(),
+                graph: Graph::TextEncoder.name().to_owned(),
                 reason: EmbedError::NoTextEncoder.to_string(),
             },
             // Said as what it is: a non-finite output, not a shape problem.
@@ -97,7 +97,7 @@ impl From<GenerateError> for ClassifyError {
                 ClassifyError::NonFinite { graph, output }
             }
             other => ClassifyError::Shape {
-                graph: TEXT_ENCODER.to_owned(),
+                graph: Graph::TextEncoder.name().to_owned(),
                 reason: other.to_string(),
             },
         }
@@ -219,9 +219,9 @@ impl Classifier {
             reports.push(report);
             Ok(engine)
         };
-        let t2i = load(RESTORER_T2I)?;
-        let i2t = load(RESTORER_I2T)?;
-        let head = load(FUSION_HEAD)?;
+        let t2i = load(Graph::RestorerT2i.name())?;
+        let i2t = load(Graph::RestorerI2t.name())?;
+        let head = load(Graph::FusionHead.name())?;
         Ok(Self {
             embedder,
             t2i,
@@ -314,8 +314,8 @@ impl Classifier {
         noise: ArrayD<f32>,
     ) -> Result<Restoration, ClassifyError> {
         let (engine, graph) = match missing {
-            Modality::Image => (&self.t2i, RESTORER_T2I),
-            Modality::Text => (&self.i2t, RESTORER_I2T),
+            Modality::Image => (&self.t2i, Graph::RestorerT2i.name()),
+            Modality::Text => (&self.i2t, Graph::RestorerI2t.name()),
         };
         let e = self.embed_dim;
         if condition.len() != e || noise.shape() != [1, e] {
@@ -382,7 +382,7 @@ impl Classifier {
         let e = self.embed_dim;
         let row = |v: &[f32]| {
             ArrayD::from_shape_vec(IxDyn(&[1, e]), v.to_vec())
-                .map_err(|err| shape_err(FUSION_HEAD, err.to_string()))
+                .map_err(|err| shape_err(Graph::FusionHead.name(), err.to_string()))
         };
         let mut outs = self.head.run(&[
             ("image_embedding", Value::F32(row(image)?)),
@@ -395,11 +395,11 @@ impl Classifier {
                 Ok(a.into_raw_vec_and_offset().0)
             }
             Some(Value::F32(a)) if a.shape() == [1, c] => Err(shape_err(
-                FUSION_HEAD,
+                Graph::FusionHead.name(),
                 format!("`logits` are not finite: {a}"),
             )),
             _ => Err(shape_err(
-                FUSION_HEAD,
+                Graph::FusionHead.name(),
                 format!("output `logits` missing or not [1, {c}]"),
             )),
         }

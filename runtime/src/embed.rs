@@ -17,7 +17,7 @@ use crate::bundle::{Bundle, BundleError};
 use crate::engine::{Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport, Value};
 use crate::engine_set::EngineSet;
 use crate::generate::{prompt_ids, GenerateError};
-use crate::manifest::{ImageSpec, TokenizerSpec, TEXT_ENCODER, VISION_ENCODER};
+use crate::manifest::{Graph, ImageSpec, TokenizerSpec};
 use crate::preprocess::{self, ImageError};
 
 /// Inputs per encoder call: bounds the memory of one call whatever the caller passes.
@@ -34,7 +34,7 @@ pub enum EmbedError {
     Image(#[from] ImageError),
     #[error("cannot load tokenizer {}: {reason}", path.display())]
     Tokenizer { path: PathBuf, reason: String },
-    #[error("this bundle has no `{TEXT_ENCODER}` graph, so it embeds images only; export a generate run (or later) to embed texts")]
+    #[error("this bundle has no `{}` graph, so it embeds images only; export a generate run (or later) to embed texts", Graph::TextEncoder)]
     NoTextEncoder,
     /// A text the model cannot read: empty, too long, or with words it never saw (the same
     /// rules as generation prompts; `index` counts from 0).
@@ -82,13 +82,13 @@ impl Embedder {
     pub fn with_engines(engines: &mut EngineSet<'_>) -> Result<Self, EmbedError> {
         let bundle = engines.bundle();
         let m = bundle.manifest();
-        let (vision, report) = engines.get::<EmbedError>(VISION_ENCODER)?;
+        let (vision, report) = engines.get::<EmbedError>(Graph::VisionEncoder.name())?;
         let mut reports = vec![report];
-        let text = if bundle.graph(TEXT_ENCODER).is_some() {
+        let text = if bundle.graph(Graph::TextEncoder.name()).is_some() {
             let tokenizer = bundle
                 .load_tokenizer()
                 .map_err(|(path, reason)| EmbedError::Tokenizer { path, reason })?;
-            let (engine, report) = engines.get::<EmbedError>(TEXT_ENCODER)?;
+            let (engine, report) = engines.get::<EmbedError>(Graph::TextEncoder.name())?;
             reports.push(report);
             Some((engine, tokenizer))
         } else {
@@ -132,7 +132,7 @@ impl Embedder {
             let outs = self
                 .vision
                 .run(&[("pixels", Value::F32(pixels.into_dyn()))])?;
-            out.extend(self.rows(outs, VISION_ENCODER, "embedding", chunk.len())?);
+            out.extend(self.rows(outs, Graph::VisionEncoder.name(), "embedding", chunk.len())?);
         }
         Ok(out)
     }
@@ -161,7 +161,12 @@ impl Embedder {
                 ("input_ids", Value::I64(ids.into_dyn())),
                 ("attn_mask", Value::F32(mask.into_dyn())),
             ])?;
-            out.extend(self.rows(outs, TEXT_ENCODER, "text_embedding", chunk.len())?);
+            out.extend(self.rows(
+                outs,
+                Graph::TextEncoder.name(),
+                "text_embedding",
+                chunk.len(),
+            )?);
         }
         Ok(out)
     }

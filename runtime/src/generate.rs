@@ -21,7 +21,7 @@ use crate::bundle::{Bundle, BundleError};
 use crate::diffusion::{self, DiffusionError, NoiseSchedule, Prediction, Sampler, SamplerConfig};
 use crate::engine::{Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport, Value};
 use crate::engine_set::EngineSet;
-use crate::manifest::{ModelSpec, TokenizerSpec, DENOISER, TEXT_ENCODER};
+use crate::manifest::{Graph, ModelSpec, TokenizerSpec};
 
 /// Most images one call generates (each costs `steps` denoiser evaluations).
 pub const MAX_BATCH: usize = 64;
@@ -40,7 +40,11 @@ pub enum GenerateError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Diffusion(#[from] DiffusionError),
-    #[error("this bundle has no generator (`{TEXT_ENCODER}` and `{DENOISER}` graphs); export a generate run to get one")]
+    #[error(
+        "this bundle has no generator (`{}` and `{}` graphs); export a generate run to get one",
+        Graph::TextEncoder,
+        Graph::Denoiser
+    )]
     NoGenerator,
     #[error("cannot load tokenizer {}: {reason}", path.display())]
     Tokenizer { path: PathBuf, reason: String },
@@ -142,8 +146,8 @@ impl Generator {
             .load_tokenizer()
             .map_err(|(path, reason)| GenerateError::Tokenizer { path, reason })?;
         let schedule = NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())?;
-        let (text, r1) = engines.get::<GenerateError>(TEXT_ENCODER)?;
-        let (denoiser, r2) = engines.get::<GenerateError>(DENOISER)?;
+        let (text, r1) = engines.get::<GenerateError>(Graph::TextEncoder.name())?;
+        let (denoiser, r2) = engines.get::<GenerateError>(Graph::Denoiser.name())?;
         Ok(Generator {
             tokenizer,
             text,
@@ -239,7 +243,7 @@ impl Generator {
             Some(Value::F32(a)) => a,
             _ => {
                 return Err(shape_err(
-                    TEXT_ENCODER,
+                    Graph::TextEncoder.name(),
                     "output `text_tokens` missing or not f32",
                 ))
             }
@@ -247,7 +251,7 @@ impl Generator {
         let want = [enc.ids.nrows(), self.tok.max_len, self.model.d_model];
         if tokens.shape() != want {
             return Err(shape_err(
-                TEXT_ENCODER,
+                Graph::TextEncoder.name(),
                 format!("text_tokens should be {want:?}, got {:?}", tokens.shape()),
             ));
         }
@@ -319,7 +323,7 @@ impl Generator {
         let denoise = |x: &ArrayD<f32>, t: usize| -> Result<ArrayD<f32>, GenerateError> {
             let xb = if guided {
                 concatenate(Axis(0), &[x.view(), x.view()])
-                    .map_err(|e| shape_err(DENOISER, e.to_string()))?
+                    .map_err(|e| shape_err(Graph::Denoiser.name(), e.to_string()))?
             } else {
                 x.clone()
             };
@@ -334,14 +338,14 @@ impl Generator {
                 Some(Value::F32(a)) => a,
                 _ => {
                     return Err(shape_err(
-                        DENOISER,
+                        Graph::Denoiser.name(),
                         "output `prediction` missing or not f32",
                     ))
                 }
             };
             if out.shape() != [rows, c, size, size] {
                 return Err(shape_err(
-                    DENOISER,
+                    Graph::Denoiser.name(),
                     format!(
                         "prediction should be {:?}, got {:?}",
                         [rows, c, size, size],
@@ -351,7 +355,7 @@ impl Generator {
             }
             if !out.iter().all(|v| v.is_finite()) {
                 return Err(GenerateError::NonFinite {
-                    graph: DENOISER.to_string(),
+                    graph: Graph::Denoiser.name().to_string(),
                     output: "prediction".to_string(),
                 });
             }

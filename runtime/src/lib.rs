@@ -28,6 +28,7 @@ pub mod engine;
 pub mod engine_set;
 pub mod error_kind;
 pub mod generate;
+pub mod graph;
 pub mod manifest;
 pub mod panic_guard;
 pub mod preprocess;

@@ -17,22 +17,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Name of the manifest file inside a bundle directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
-/// Graph name of the vision encoder (required in every bundle).
-pub const VISION_ENCODER: &str = "vision_encoder";
-/// Graph name of the one-step KV-cache caption decoder (required in every bundle).
-pub const CAPTION_DECODER: &str = "caption_decoder";
-/// Graph name of the text encoder (generation direction; optional, with [`DENOISER`]).
-pub const TEXT_ENCODER: &str = "text_encoder";
-/// Graph name of the diffusion denoiser (generation direction; optional, with
-/// [`TEXT_ENCODER`]).
-pub const DENOISER: &str = "denoiser";
-/// Graph name of the feature restorer text → image embedding (restoration; optional, with
-/// [`RESTORER_I2T`] and [`FUSION_HEAD`]).
-pub const RESTORER_T2I: &str = "restorer_t2i";
-/// Graph name of the feature restorer image → text embedding.
-pub const RESTORER_I2T: &str = "restorer_i2t";
-/// Graph name of the task head over `[image ‖ text]` embeddings.
-pub const FUSION_HEAD: &str = "fusion_head";
+/// The graphs a bundle can hold (names, files, contracts).
+pub use crate::graph::Graph;
 
 /// Top level of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,11 +40,11 @@ pub struct Manifest {
     /// Plain file name inside the bundle → lowercase hex sha256 of its bytes.
     pub files: BTreeMap<String, String>,
     /// Noise schedule and sampler defaults of the generation direction; present exactly when
-    /// the bundle has the [`TEXT_ENCODER`] and [`DENOISER`] graphs.
+    /// the bundle has the [`Graph::TextEncoder`] and [`Graph::Denoiser`] graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diffusion: Option<DiffusionSpec>,
     /// Missing-modality restoration and the task head; present exactly when the bundle has the
-    /// [`RESTORER_T2I`], [`RESTORER_I2T`] and [`FUSION_HEAD`] graphs.
+    /// [`Graph::RestorerT2i`], [`Graph::RestorerI2t`] and [`Graph::FusionHead`] graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreSpec>,
     /// Training provenance (command, config, data, seed, metrics); free-form.

@@ -177,7 +177,7 @@ fn tokenizer_vocab_must_match_model() {
 
 #[test]
 fn pipelines_built_from_one_engine_set_share_each_graph() {
-    use duet_runtime::manifest::{CAPTION_DECODER, VISION_ENCODER};
+    use duet_runtime::manifest::Graph;
     use duet_runtime::EngineSet;
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
@@ -188,8 +188,12 @@ fn pipelines_built_from_one_engine_set_share_each_graph() {
     let a = Captioner::with_engines(&mut engines).unwrap();
     let b = Captioner::with_engines(&mut engines).unwrap();
     assert_eq!(engines.loaded(), 2, "two graphs, each loaded once");
-    let (v1, r1) = engines.get::<duet_runtime::Error>(VISION_ENCODER).unwrap();
-    let (v2, _) = engines.get::<duet_runtime::Error>(VISION_ENCODER).unwrap();
+    let (v1, r1) = engines
+        .get::<duet_runtime::Error>(Graph::VisionEncoder.name())
+        .unwrap();
+    let (v2, _) = engines
+        .get::<duet_runtime::Error>(Graph::VisionEncoder.name())
+        .unwrap();
     assert!(Arc::ptr_eq(&v1, &v2));
     assert_eq!(r1.used, Provider::Tract);
     assert_eq!(a.reports(), b.reports());
@@ -201,6 +205,8 @@ fn pipelines_built_from_one_engine_set_share_each_graph() {
     );
     // A graph the bundle lacks is the bundle's error, not a panic.
     assert!(engines.get::<duet_runtime::Error>("denoiser").is_err());
-    assert!(engines.get::<duet_runtime::Error>(CAPTION_DECODER).is_ok());
+    assert!(engines
+        .get::<duet_runtime::Error>(Graph::CaptionDecoder.name())
+        .is_ok());
     assert_eq!(engines.loaded(), 2);
 }

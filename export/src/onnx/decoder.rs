@@ -2,11 +2,10 @@
 
 use tract_onnx::pb::ModelProto;
 
+use duet_runtime::manifest::Graph;
+
 use super::builder::{DType, Dim, GraphBuilder, PastKv};
 use super::{ExportError, ModelSpec, Weights};
-
-/// Graph name written into the model.
-pub const DECODER_GRAPH_NAME: &str = "caption_decoder";
 
 /// Every parameter the decoder graph reads, with its shape, in checkpoint-key form (the list in
 /// `docs/ARCHITECTURE.md`).
@@ -160,8 +159,8 @@ pub fn build_caption_decoder(
         g.output(v, &format!("present_value_{l}"), DType::F32, &present_shape)?;
     }
 
-    g.check_all_used("decoder.", DECODER_GRAPH_NAME)?;
-    Ok(g.finish(DECODER_GRAPH_NAME))
+    g.check_all_used("decoder.", Graph::CaptionDecoder.name())?;
+    Ok(g.finish(Graph::CaptionDecoder.name()))
 }
 
 #[cfg(test)]

@@ -3,11 +3,10 @@
 
 use tract_onnx::pb::ModelProto;
 
+use duet_runtime::manifest::Graph;
+
 use super::builder::{DType, Dim, GraphBuilder, GraphValue};
 use super::{ExportError, ModelSpec, Weights};
-
-/// Graph name written into the model.
-pub const DENOISER_GRAPH_NAME: &str = "denoiser";
 
 /// Every parameter the denoiser graph reads, with its shape, in checkpoint-key form.
 pub fn denoiser_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
@@ -252,8 +251,8 @@ pub fn build_denoiser(weights: &Weights, dims: &ModelSpec) -> Result<ModelProto,
         }
     };
     g.output(&out, "prediction", DType::F32, &img)?;
-    g.check_all_used("denoiser.", DENOISER_GRAPH_NAME)?;
-    Ok(g.finish(DENOISER_GRAPH_NAME))
+    g.check_all_used("denoiser.", Graph::Denoiser.name())?;
+    Ok(g.finish(Graph::Denoiser.name()))
 }
 
 #[cfg(test)]

@@ -5,11 +5,10 @@
 use duet_models::timestep_frequencies;
 use tract_onnx::pb::ModelProto;
 
+use duet_runtime::manifest::Graph;
+
 use super::builder::{DType, Dim, GraphBuilder};
 use super::{ExportError, Weights};
-
-/// Graph name of the task head.
-pub const FUSION_HEAD_GRAPH_NAME: &str = "fusion_head";
 
 /// Epsilon of the restorer's LayerNorms: Burn's `LayerNormConfig` default, which the restorer
 /// keeps (the parity gate would fail on any other value).
@@ -204,8 +203,8 @@ pub fn build_fusion_head(
         DType::F32,
         &[batch, Dim::Fixed(d.classes)],
     )?;
-    g.check_all_used(&format!("{prefix}."), FUSION_HEAD_GRAPH_NAME)?;
-    Ok(g.finish(FUSION_HEAD_GRAPH_NAME))
+    g.check_all_used(&format!("{prefix}."), Graph::FusionHead.name())?;
+    Ok(g.finish(Graph::FusionHead.name()))
 }
 
 #[cfg(test)]

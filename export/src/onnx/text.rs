@@ -3,12 +3,11 @@
 
 use tract_onnx::pb::ModelProto;
 
+use duet_runtime::manifest::Graph;
+
 use super::builder::{DType, Dim, GraphBuilder};
 use super::vision::{encoder_block, encoder_block_parameters};
 use super::{ExportError, ModelSpec, Weights};
-
-/// Graph name written into the model.
-pub const TEXT_GRAPH_NAME: &str = "text_encoder";
 
 /// Every parameter the text graph reads, with its shape, in checkpoint-key form.
 pub fn text_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
@@ -90,6 +89,6 @@ pub fn build_text_encoder(weights: &Weights, dims: &ModelSpec) -> Result<ModelPr
         DType::F32,
         &[batch, Dim::Fixed(dims.embed_dim)],
     )?;
-    g.check_all_used("text.", TEXT_GRAPH_NAME)?;
-    Ok(g.finish(TEXT_GRAPH_NAME))
+    g.check_all_used("text.", Graph::TextEncoder.name())?;
+    Ok(g.finish(Graph::TextEncoder.name()))
 }

@@ -2,11 +2,10 @@
 
 use tract_onnx::pb::ModelProto;
 
+use duet_runtime::manifest::Graph;
+
 use super::builder::{DType, Dim, GraphBuilder};
 use super::{ExportError, ModelSpec, Weights};
-
-/// Graph name written into the model.
-pub const VISION_GRAPH_NAME: &str = "vision_encoder";
 
 /// Every parameter the vision graph reads, with its shape, in checkpoint-key form (the list in
 /// `docs/ARCHITECTURE.md`). Lets callers and tests check a checkpoint before building.
@@ -150,8 +149,8 @@ pub fn build_vision_encoder(
         &[Dim::Sym("batch"), Dim::Fixed(dims.embed_dim)],
     )?;
 
-    g.check_all_used("vision.", VISION_GRAPH_NAME)?;
-    Ok(g.finish(VISION_GRAPH_NAME))
+    g.check_all_used("vision.", Graph::VisionEncoder.name())?;
+    Ok(g.finish(Graph::VisionEncoder.name()))
 }
 
 #[cfg(test)]
