@@ -40,7 +40,12 @@ pub enum BackendError {
 }
 
 /// The CPU training backend.
+#[cfg(not(feature = "flex"))]
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+/// The CPU training backend of a `--features flex` build (burn-flex: `gemm` with rayon and
+/// SIMD), kept to measure it against burn-ndarray on the same steps (`docs/TRAINING.md`).
+#[cfg(feature = "flex")]
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
 
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda<f32, i32>>;

@@ -403,7 +403,8 @@ impl<'w> GraphBuilder<'w> {
         self.node("Gather", &[table, indices], vec![attr_int("axis", 0)])
     }
 
-    /// 2-D convolution without padding or dilation.
+    /// 2-D convolution without dilation; `pads` (`[top, left, bottom, right]`, ONNX's order)
+    /// only when given, so unpadded convolutions keep the plain form.
     pub fn conv(
         &mut self,
         x: &GraphValue,
@@ -411,36 +412,16 @@ impl<'w> GraphBuilder<'w> {
         b: &GraphValue,
         kernel: [i64; 2],
         stride: [i64; 2],
+        pads: Option<[i64; 4]>,
     ) -> GraphValue {
-        self.node(
-            "Conv",
-            &[x, w, b],
-            vec![
-                attr_ints("kernel_shape", &kernel),
-                attr_ints("strides", &stride),
-            ],
-        )
-    }
-
-    /// 2-D convolution with explicit `pads` (`[top, left, bottom, right]`, ONNX's order).
-    pub fn conv_padded(
-        &mut self,
-        x: &GraphValue,
-        w: &GraphValue,
-        b: &GraphValue,
-        kernel: [i64; 2],
-        stride: [i64; 2],
-        pads: [i64; 4],
-    ) -> GraphValue {
-        self.node(
-            "Conv",
-            &[x, w, b],
-            vec![
-                attr_ints("kernel_shape", &kernel),
-                attr_ints("strides", &stride),
-                attr_ints("pads", &pads),
-            ],
-        )
+        let mut attrs = vec![
+            attr_ints("kernel_shape", &kernel),
+            attr_ints("strides", &stride),
+        ];
+        if let Some(pads) = pads {
+            attrs.push(attr_ints("pads", &pads));
+        }
+        self.node("Conv", &[x, w, b], attrs)
     }
 
     /// `ReduceMean` with axes passed as an input (the opset-18 form).

@@ -131,7 +131,7 @@ pub fn build_denoiser(weights: &Weights, dims: &ModelSpec) -> Result<ModelProto,
     let b = g.param("denoiser.patch_embed.bias", &[d])?;
     let pos = g.param("denoiser.pos_embed", &[1, n_tok, d])?;
     let mut h = g.scoped("denoiser.patch_embed", |g| {
-        let y = g.conv(&x, &w, &b, [p as i64; 2], [p as i64; 2]);
+        let y = g.conv(&x, &w, &b, [p as i64; 2], [p as i64; 2], None);
         let y = g.reshape(&y, &[0, d as i64, n_tok as i64]);
         let y = g.transpose(&y, &[0, 2, 1]);
         g.add(&y, &pos)
@@ -246,7 +246,7 @@ pub fn build_denoiser(weights: &Weights, dims: &ModelSpec) -> Result<ModelProto,
             let b = g.param("denoiser.out_conv.bias", &[c])?;
             g.scoped("denoiser.out_conv", |g| {
                 let a = g.silu(&out);
-                g.conv_padded(&a, &w, &b, [3, 3], [1, 1], [1, 1, 1, 1])
+                g.conv(&a, &w, &b, [3, 3], [1, 1], Some([1, 1, 1, 1]))
             })
         }
     };
@@ -258,7 +258,6 @@ pub fn build_denoiser(weights: &Weights, dims: &ModelSpec) -> Result<ModelProto,
 #[cfg(test)]
 mod tests {
     use burn::backend::NdArray;
-    use burn::tensor::{Tensor, TensorData};
     use duet_models::params::{load_named_tensors, named_tensors, NamedTensor};
     use duet_models::{Denoiser, ModelSpec, Preset};
     use ndarray::ArrayD;
@@ -267,18 +266,10 @@ mod tests {
 
     use super::*;
     use crate::onnx::model_to_bytes;
-    use crate::onnx::test_util::{random_array, rng, tract_plan, tract_run};
+    use crate::onnx::test_util::{burn_tensor, random_array, rng, tract_plan, tract_run};
     use crate::parity::{max_abs_diff, to_array};
 
     type B = NdArray<f32>;
-
-    fn tensor<const D: usize>(a: &ArrayD<f32>) -> Tensor<B, D> {
-        let data: Vec<f32> = a.iter().copied().collect();
-        Tensor::from_data(
-            TensorData::new(data, a.shape().to_vec()),
-            &Default::default(),
-        )
-    }
 
     /// Every architecture option of the denoiser, with every parameter random (the zero
     /// initialisations would otherwise make the output 0 whatever the graph does), against
@@ -359,10 +350,10 @@ mod tests {
             .unwrap();
             let want = to_array(burn.forward(
                 &cfg,
-                tensor::<4>(&x),
-                tensor::<1>(&t),
-                tensor::<3>(&text),
-                tensor::<2>(&mask),
+                burn_tensor::<4>(&x),
+                burn_tensor::<1>(&t),
+                burn_tensor::<3>(&text),
+                burn_tensor::<2>(&mask),
             ));
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = max_abs_diff(&got[0], &want);

@@ -263,6 +263,17 @@ pub(crate) mod test_util {
         ArrayD::from_shape_fn(shape, |_| r.random_range(-a..a))
     }
 
+    /// `a` as a Burn tensor on the CPU test backend (for comparing a graph with the module).
+    pub fn burn_tensor<const D: usize>(
+        a: &ArrayD<f32>,
+    ) -> burn::tensor::Tensor<burn::backend::NdArray<f32>, D> {
+        let data: Vec<f32> = a.iter().copied().collect();
+        burn::tensor::Tensor::from_data(
+            burn::tensor::TensorData::new(data, a.shape().to_vec()),
+            &Default::default(),
+        )
+    }
+
     /// Loads `bytes` in tract with the graph's own (symbolic) input facts, optimises it once and
     /// returns a plan that can be run with any concrete sizes.
     pub fn tract_plan(bytes: &[u8]) -> TractResult<Plan> {

@@ -210,7 +210,7 @@ pub fn build_fusion_head(
 #[cfg(test)]
 mod tests {
     use burn::backend::NdArray;
-    use burn::tensor::{Distribution, Tensor, TensorData};
+    use burn::tensor::{Distribution, Tensor};
     use duet_models::params::named_tensors;
     use duet_models::{FeatureRestorer, FusionHead, RestoreConfig};
     use ndarray::ArrayD;
@@ -218,7 +218,7 @@ mod tests {
 
     use super::*;
     use crate::onnx::model_to_bytes;
-    use crate::onnx::test_util::{random_array, rng, tract_plan, tract_run};
+    use crate::onnx::test_util::{burn_tensor, random_array, rng, tract_plan, tract_run};
     use crate::parity::{max_abs_diff, to_array};
 
     type B = NdArray<f32>;
@@ -238,14 +238,6 @@ mod tests {
             w.insert(format!("{prefix}.{name}"), t.shape, t.data)
                 .unwrap();
         }
-    }
-
-    fn tensor<const D: usize>(a: &ArrayD<f32>) -> Tensor<B, D> {
-        let data: Vec<f32> = a.iter().copied().collect();
-        Tensor::from_data(
-            TensorData::new(data, a.shape().to_vec()),
-            &Default::default(),
-        )
     }
 
     #[test]
@@ -292,9 +284,9 @@ mod tests {
             ],
         )
         .unwrap();
-        let (xb, cb) = (tensor::<2>(&x), tensor::<2>(&cond));
+        let (xb, cb) = (burn_tensor::<2>(&x), burn_tensor::<2>(&cond));
         let want = [
-            to_array(r.forward(xb.clone(), tensor::<1>(&t), cb.clone(), true)),
+            to_array(r.forward(xb.clone(), burn_tensor::<1>(&t), cb.clone(), true)),
             to_array(r.trust(cb.clone(), true)),
             to_array(r.blend(r.unstandardise(xb), cb, true)),
         ];
@@ -317,7 +309,7 @@ mod tests {
             vec![TractTensor::from(i.clone()), TractTensor::from(tx.clone())],
         )
         .unwrap();
-        let want = to_array(head.forward(tensor::<2>(&i), tensor::<2>(&tx)));
+        let want = to_array(head.forward(burn_tensor::<2>(&i), burn_tensor::<2>(&tx)));
         assert!(max_abs_diff(&got[0], &want) < 1e-4);
 
         // A weight the graph does not read is refused, not silently dropped.

@@ -121,7 +121,7 @@ pub fn build_vision_encoder(
     let b = g.param("vision.patch_embed.bias", &[d])?;
     let pos = g.param("vision.pos_embed", &[1, n_patches, d])?;
     let mut x = g.scoped("vision.patch_embed", |g| {
-        let y = g.conv(&pixels, &w, &b, [p as i64; 2], [p as i64; 2]);
+        let y = g.conv(&pixels, &w, &b, [p as i64; 2], [p as i64; 2], None);
         let y = g.reshape(&y, &[0, d as i64, n_patches as i64]);
         let y = g.transpose(&y, &[0, 2, 1]);
         g.add(&y, &pos)
