@@ -47,7 +47,7 @@ pub fn denoiser_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
         lin(&mut v, format!("{pre}.mlp.fc2"), hidden, d);
     }
     lin(&mut v, "denoiser.final_ada".into(), d, 2 * d);
-    for k in 0..long_skips(dims) {
+    for k in 0..dims.denoiser_long_skip_count() {
         lin(&mut v, format!("denoiser.skips.{k}"), 2 * d, d);
     }
     match dims.denoiser_conv_head {
@@ -62,11 +62,6 @@ pub fn denoiser_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
         }
     }
     v
-}
-
-/// Long skips of the denoiser (the spec says how many).
-fn long_skips(dims: &ModelSpec) -> usize {
-    dims.denoiser_long_skip_count()
 }
 
 /// `x · (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
@@ -172,7 +167,7 @@ pub fn build_denoiser(weights: &Weights, dims: &ModelSpec) -> Result<ModelProto,
     let bias = g.scoped("denoiser.padding_bias", |g| g.padding_bias(&mask));
 
     let n = dims.denoiser_layers;
-    let k = long_skips(dims);
+    let k = dims.denoiser_long_skip_count();
     let mut saved: Vec<GraphValue> = Vec::with_capacity(k);
     for i in 0..n {
         let pre = format!("denoiser.blocks.{i}");
