@@ -188,8 +188,8 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
         }
         let mut parity = Vec::new();
         let mut graphs = Vec::new();
-        for (graph, model, cases) in &jobs {
-            let (graph, file) = (graph.name(), graph.file());
+        for (role, model, cases) in &jobs {
+            let (graph, file) = (role.name(), role.file());
             let path = staging.join(file);
             save_model(&path, model)?;
             let p = check_parity(graph, &path, cases, opts.tolerance, &opts.engine)?;
@@ -214,7 +214,7 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
                     tolerance: p.tolerance,
                 });
             }
-            graphs.push(graph_spec(graph, file, model, &p));
+            graphs.push(graph_spec(*role, file, model, &p));
             parity.push(p);
         }
 
@@ -653,13 +653,13 @@ fn generator_parity_inputs(
 
 /// A graph's manifest entry, with its I/O read back from the built model so the manifest can
 /// never disagree with the file.
-fn graph_spec(name: &str, file: &str, model: &ModelProto, parity: &GraphParity) -> GraphSpec {
+fn graph_spec(role: Graph, file: &str, model: &ModelProto, parity: &GraphParity) -> GraphSpec {
     let graph = model.graph.as_ref();
     let specs = |infos: &[tract_onnx::pb::ValueInfoProto]| -> Vec<TensorSpec> {
         infos.iter().map(tensor_spec).collect()
     };
     GraphSpec {
-        name: name.to_owned(),
+        name: role,
         file: file.to_owned(),
         inputs: graph.map(|g| specs(&g.input)).unwrap_or_default(),
         outputs: graph.map(|g| specs(&g.output)).unwrap_or_default(),

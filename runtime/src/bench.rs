@@ -290,7 +290,7 @@ pub fn run_provider(
             den.run_views(&inputs).map(drop)
         })?);
         out.denoiser_flops = graph_flops_of(
-            &bundle.graph_bytes(Graph::Denoiser.name())?,
+            &bundle.graph_bytes(Graph::Denoiser)?,
             &[
                 ("x", &[2, m.channels, side, side]),
                 ("timestep", &[2]),

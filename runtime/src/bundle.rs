@@ -190,23 +190,24 @@ impl Bundle {
         &self.manifest
     }
 
-    /// The graph called `name`, if present.
-    pub fn graph(&self, name: &str) -> Option<&GraphSpec> {
-        self.manifest.graph(name)
+    /// The bundle's `graph`, if present.
+    pub fn graph(&self, graph: Graph) -> Option<&GraphSpec> {
+        self.manifest.graph(graph)
     }
 
-    /// Path of the ONNX file of graph `name` (for messages: load from [`Bundle::graph_bytes`]).
-    pub fn graph_path(&self, name: &str) -> Result<PathBuf, BundleError> {
+    /// Path of `graph`'s ONNX file (for messages: load from [`Bundle::graph_bytes`]).
+    pub fn graph_path(&self, graph: Graph) -> Result<PathBuf, BundleError> {
         let g = self
-            .graph(name)
-            .ok_or_else(|| bad("graphs", format!("no graph named `{name}`")))?;
+            .graph(graph)
+            .ok_or_else(|| bad("graphs", format!("no graph named `{graph}`")))?;
         Ok(self.dir.join(&g.file))
     }
 
-    /// The verified bytes of graph `name`'s ONNX file, as read and hashed by [`Bundle::open`].
-    pub fn graph_bytes(&self, name: &str) -> Result<Arc<[u8]>, BundleError> {
+    /// The verified bytes of `graph`'s ONNX file, as read and hashed by [`Bundle::open`].
+    pub fn graph_bytes(&self, graph: Graph) -> Result<Arc<[u8]>, BundleError> {
+        let name = graph.name();
         let g = self
-            .graph(name)
+            .graph(graph)
             .ok_or_else(|| bad("graphs", format!("no graph named `{name}`")))?;
         self.file_bytes(&g.file)
             .ok_or_else(|| bad(format!("graphs[{name}].file"), "not listed in `files`"))
@@ -223,12 +224,13 @@ impl Bundle {
     /// inference.
     pub fn check_loaded_graph(
         &self,
-        name: &str,
+        graph: Graph,
         inputs: &[IoInfo],
         outputs: &[String],
     ) -> Result<(), BundleError> {
+        let name = graph.name();
         let g = self
-            .graph(name)
+            .graph(graph)
             .ok_or_else(|| bad("graphs", format!("no graph named `{name}`")))?;
         let mismatch = |reason: String| BundleError::GraphMismatch {
             graph: name.to_string(),
@@ -652,7 +654,7 @@ fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
     let mut seen = std::collections::BTreeSet::new();
     let mut files_seen = std::collections::BTreeSet::from([t.file.as_str()]);
     for g in &m.graphs {
-        if !seen.insert(g.name.as_str()) {
+        if !seen.insert(g.name) {
             return Err(bad(
                 format!("graphs[{}]", g.name),
                 "graph name listed twice",
@@ -678,7 +680,7 @@ fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
     }
     for graph in [Graph::VisionEncoder, Graph::CaptionDecoder] {
         let g = m
-            .graph(graph.name())
+            .graph(graph)
             .ok_or_else(|| bad("graphs", format!("required graph `{graph}` is missing")))?;
         check_io(g, &contract(graph, m))?;
     }
@@ -689,12 +691,7 @@ fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
 /// Restoration is optional, but all of it or none: both restorers, the head and the `restore`
 /// section; it needs the text encoder for text embeddings.
 fn validate_restoration(m: &Manifest) -> Result<(), BundleError> {
-    let graphs = [
-        Graph::RestorerT2i.name(),
-        Graph::RestorerI2t.name(),
-        Graph::FusionHead.name(),
-    ]
-    .map(|n| m.graph(n));
+    let graphs = [Graph::RestorerT2i, Graph::RestorerI2t, Graph::FusionHead].map(|g| m.graph(g));
     let spec = match (&graphs, &m.restore) {
         ([None, None, None], None) => return Ok(()),
         ([Some(_), Some(_), Some(_)], Some(spec)) => spec,
@@ -716,7 +713,7 @@ fn validate_restoration(m: &Manifest) -> Result<(), BundleError> {
             ));
         }
     };
-    if m.graph(Graph::TextEncoder.name()).is_none() {
+    if m.graph(Graph::TextEncoder).is_none() {
         return Err(bad(
             "graphs",
             format!(
@@ -773,8 +770,8 @@ fn validate_restoration(m: &Manifest) -> Result<(), BundleError> {
 /// The generation direction is optional, but all of it or none: both graphs, the diffusion
 /// section and the generator's dimensions.
 fn validate_generation(m: &Manifest) -> Result<(), BundleError> {
-    let text = m.graph(Graph::TextEncoder.name());
-    let denoiser = m.graph(Graph::Denoiser.name());
+    let text = m.graph(Graph::TextEncoder);
+    let denoiser = m.graph(Graph::Denoiser);
     let (text, denoiser, spec) = match (text, denoiser, &m.diffusion) {
         (None, None, None) => return Ok(()),
         (Some(t), Some(d), Some(spec)) => (t, d, spec),
@@ -1039,7 +1036,7 @@ fn check_io(g: &GraphSpec, c: &Contract) -> Result<(), BundleError> {
                 format!("missing input `{name}`"),
             )
         })?;
-        check_tensor(&g.name, "inputs", t, *dtype, shape)?;
+        check_tensor(g.name.name(), "inputs", t, *dtype, shape)?;
     }
     // Extra outputs are harmless (the runtime ignores them); the contract's must all be there.
     for (name, dtype, shape) in &c.outputs {
@@ -1049,7 +1046,7 @@ fn check_io(g: &GraphSpec, c: &Contract) -> Result<(), BundleError> {
                 format!("missing output `{name}`"),
             )
         })?;
-        check_tensor(&g.name, "outputs", t, *dtype, shape)?;
+        check_tensor(g.name.name(), "outputs", t, *dtype, shape)?;
     }
     Ok(())
 }

@@ -105,8 +105,8 @@ impl Captioner {
         let tokenizer = bundle
             .load_tokenizer()
             .map_err(|(path, reason)| CaptionError::Tokenizer { path, reason })?;
-        let (vision, r1) = engines.get::<CaptionError>(Graph::VisionEncoder.name())?;
-        let (decoder, r2) = engines.get::<CaptionError>(Graph::CaptionDecoder.name())?;
+        let (vision, r1) = engines.get::<CaptionError>(Graph::VisionEncoder)?;
+        let (decoder, r2) = engines.get::<CaptionError>(Graph::CaptionDecoder)?;
         let layers = m.model.decoder_layers;
         let kv_names = |prefix: &str| -> Vec<String> {
             (0..layers)

@@ -214,14 +214,14 @@ impl Classifier {
             return Err(EmbedError::NoTextEncoder.into());
         }
         let mut reports = embedder.reports().to_vec();
-        let mut load = |graph: &str| -> Result<Arc<Engine>, ClassifyError> {
+        let mut load = |graph: Graph| -> Result<Arc<Engine>, ClassifyError> {
             let (engine, report) = engines.get::<ClassifyError>(graph)?;
             reports.push(report);
             Ok(engine)
         };
-        let t2i = load(Graph::RestorerT2i.name())?;
-        let i2t = load(Graph::RestorerI2t.name())?;
-        let head = load(Graph::FusionHead.name())?;
+        let t2i = load(Graph::RestorerT2i)?;
+        let i2t = load(Graph::RestorerI2t)?;
+        let head = load(Graph::FusionHead)?;
         Ok(Self {
             embedder,
             t2i,

@@ -82,13 +82,13 @@ impl Embedder {
     pub fn with_engines(engines: &mut EngineSet<'_>) -> Result<Self, EmbedError> {
         let bundle = engines.bundle();
         let m = bundle.manifest();
-        let (vision, report) = engines.get::<EmbedError>(Graph::VisionEncoder.name())?;
+        let (vision, report) = engines.get::<EmbedError>(Graph::VisionEncoder)?;
         let mut reports = vec![report];
-        let text = if bundle.graph(Graph::TextEncoder.name()).is_some() {
+        let text = if bundle.graph(Graph::TextEncoder).is_some() {
             let tokenizer = bundle
                 .load_tokenizer()
                 .map_err(|(path, reason)| EmbedError::Tokenizer { path, reason })?;
-            let (engine, report) = engines.get::<EmbedError>(Graph::TextEncoder.name())?;
+            let (engine, report) = engines.get::<EmbedError>(Graph::TextEncoder)?;
             reports.push(report);
             Some((engine, tokenizer))
         } else {

@@ -10,13 +10,14 @@ use std::sync::Arc;
 
 use crate::bundle::{Bundle, BundleError};
 use crate::engine::{Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport};
+use crate::graph::Graph;
 
 /// Graphs of one bundle, each loaded on first use with one provider choice and options.
 pub struct EngineSet<'b> {
     bundle: &'b Bundle,
     choice: ProviderChoice,
     options: EngineOptions,
-    loaded: HashMap<String, (Arc<Engine>, ProviderReport)>,
+    loaded: HashMap<Graph, (Arc<Engine>, ProviderReport)>,
 }
 
 impl<'b> EngineSet<'b> {
@@ -34,20 +35,20 @@ impl<'b> EngineSet<'b> {
     }
 
     /// The engine for `graph` and its provider report: loaded now, or the one loaded before.
-    pub fn get<E>(&mut self, graph: &str) -> Result<(Arc<Engine>, ProviderReport), E>
+    pub fn get<E>(&mut self, graph: Graph) -> Result<(Arc<Engine>, ProviderReport), E>
     where
         E: From<BundleError> + From<EngineError>,
     {
-        if let Some((engine, report)) = self.loaded.get(graph) {
+        if let Some((engine, report)) = self.loaded.get(&graph) {
             return Ok((Arc::clone(engine), report.clone()));
         }
         let bytes = self.bundle.graph_bytes(graph)?;
-        let (engine, report) = Engine::load_bytes(bytes, graph, self.choice, &self.options)?;
+        let (engine, report) = Engine::load_bytes(bytes, graph.name(), self.choice, &self.options)?;
         self.bundle
             .check_loaded_graph(graph, engine.inputs(), engine.outputs())?;
         let engine = Arc::new(engine);
         self.loaded
-            .insert(graph.to_owned(), (Arc::clone(&engine), report.clone()));
+            .insert(graph, (Arc::clone(&engine), report.clone()));
         Ok((engine, report))
     }
 

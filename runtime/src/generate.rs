@@ -146,8 +146,8 @@ impl Generator {
             .load_tokenizer()
             .map_err(|(path, reason)| GenerateError::Tokenizer { path, reason })?;
         let schedule = NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())?;
-        let (text, r1) = engines.get::<GenerateError>(Graph::TextEncoder.name())?;
-        let (denoiser, r2) = engines.get::<GenerateError>(Graph::Denoiser.name())?;
+        let (text, r1) = engines.get::<GenerateError>(Graph::TextEncoder)?;
+        let (denoiser, r2) = engines.get::<GenerateError>(Graph::Denoiser)?;
         Ok(Generator {
             tokenizer,
             text,

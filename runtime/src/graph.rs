@@ -6,8 +6,12 @@
 
 use std::fmt;
 
-/// One graph role of a bundle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+use serde::{Deserialize, Serialize};
+
+/// One graph role of a bundle. In `manifest.json` it is written as its [`Graph::name`], so a
+/// manifest naming a graph this runtime does not know is refused when it is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Graph {
     /// Image → patch tokens and pooled embedding (every bundle).
     VisionEncoder,
@@ -94,5 +98,16 @@ mod tests {
             assert_eq!(g.file(), format!("{g}.onnx"));
         }
         assert_eq!(Graph::from_name("decoder"), None);
+        // serde writes and reads each graph as its manifest name.
+        for g in Graph::ALL {
+            let json = serde_json::to_string(&g).unwrap();
+            assert_eq!(json, format!("\"{}\"", g.name()));
+            assert_eq!(serde_json::from_str::<Graph>(&json).unwrap(), g);
+        }
+        let err = serde_json::from_str::<Graph>("\"decoder\"").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown variant `decoder`"),
+            "{err}"
+        );
     }
 }

@@ -53,9 +53,9 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// The graph called `name`, if the bundle has one.
-    pub fn graph(&self, name: &str) -> Option<&GraphSpec> {
-        self.graphs.iter().find(|g| g.name == name)
+    /// The bundle's `graph`, if it has one.
+    pub fn graph(&self, graph: Graph) -> Option<&GraphSpec> {
+        self.graphs.iter().find(|g| g.name == graph)
     }
 
     /// Pretty JSON, the form written to `manifest.json`.
@@ -140,8 +140,8 @@ pub struct RestoreSpec {
 /// One ONNX graph and its I/O signature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GraphSpec {
-    /// Logical name (`vision_encoder`, `caption_decoder`, …).
-    pub name: String,
+    /// The graph's role (written as `vision_encoder`, `caption_decoder`, …).
+    pub name: Graph,
     /// Plain file name inside the bundle (also listed in [`Manifest::files`]).
     pub file: String,
     pub inputs: Vec<TensorSpec>,

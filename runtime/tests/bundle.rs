@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use duet_runtime::bundle::is_plain_file_name;
-use duet_runtime::manifest::{DType, DimSpec, Manifest, Parity};
+use duet_runtime::manifest::{DType, DimSpec, Graph, Manifest, Parity};
 use duet_runtime::{Bundle, BundleError};
 
 /// A valid bundle whose graph files are small placeholders (hashes are all `open` checks).
@@ -67,7 +67,7 @@ fn valid_bundle_opens() {
     let b = Bundle::open(dir.path()).unwrap();
     assert_eq!(b.manifest(), &m);
     assert_eq!(
-        b.graph_path("caption_decoder").unwrap(),
+        b.graph_path(Graph::CaptionDecoder).unwrap(),
         dir.path().join("caption_decoder.onnx")
     );
     assert_eq!(b.tokenizer_path(), dir.path().join("tokenizer.json"));
@@ -80,6 +80,26 @@ fn missing_manifest() {
         Err(BundleError::MissingFile { path }) => assert!(path.ends_with("manifest.json")),
         other => panic!("{other:?}"),
     }
+}
+
+/// Graph roles are a closed set: a manifest naming a graph this runtime does not know is refused
+/// when it is parsed, with the name and the known ones, rather than carried along unused.
+#[test]
+fn unknown_graph_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    small_bundle(dir.path());
+    let path = dir.path().join("manifest.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(v["graphs"][1]["name"], "caption_decoder");
+    v["graphs"][1]["name"] = serde_json::json!("image_decoder");
+    std::fs::write(&path, v.to_string()).unwrap();
+    let e = Bundle::open(dir.path()).unwrap_err();
+    assert!(matches!(e, BundleError::Json { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("manifest.json"), "{msg}");
+    assert!(msg.contains("unknown variant `image_decoder`"), "{msg}");
+    assert!(msg.contains("caption_decoder"), "{msg}");
 }
 
 #[test]
@@ -166,7 +186,7 @@ fn graph_file_must_be_listed() {
 fn missing_required_graph() {
     let dir = tempfile::tempdir().unwrap();
     let mut m = small_bundle(dir.path());
-    m.graphs.retain(|g| g.name != "caption_decoder");
+    m.graphs.retain(|g| g.name != Graph::CaptionDecoder);
     write_manifest(dir.path(), &m);
     let e = Bundle::open(dir.path()).unwrap_err();
     assert!(matches!(e, BundleError::BadManifest { .. }), "{e:?}");

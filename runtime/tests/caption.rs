@@ -189,10 +189,10 @@ fn pipelines_built_from_one_engine_set_share_each_graph() {
     let b = Captioner::with_engines(&mut engines).unwrap();
     assert_eq!(engines.loaded(), 2, "two graphs, each loaded once");
     let (v1, r1) = engines
-        .get::<duet_runtime::Error>(Graph::VisionEncoder.name())
+        .get::<duet_runtime::Error>(Graph::VisionEncoder)
         .unwrap();
     let (v2, _) = engines
-        .get::<duet_runtime::Error>(Graph::VisionEncoder.name())
+        .get::<duet_runtime::Error>(Graph::VisionEncoder)
         .unwrap();
     assert!(Arc::ptr_eq(&v1, &v2));
     assert_eq!(r1.used, Provider::Tract);
@@ -204,9 +204,9 @@ fn pipelines_built_from_one_engine_set_share_each_graph() {
         b.caption_images(&[img]).unwrap()
     );
     // A graph the bundle lacks is the bundle's error, not a panic.
-    assert!(engines.get::<duet_runtime::Error>("denoiser").is_err());
+    assert!(engines.get::<duet_runtime::Error>(Graph::Denoiser).is_err());
     assert!(engines
-        .get::<duet_runtime::Error>(Graph::CaptionDecoder.name())
+        .get::<duet_runtime::Error>(Graph::CaptionDecoder)
         .is_ok());
     assert_eq!(engines.loaded(), 2);
 }

@@ -19,6 +19,7 @@ use duet_models::Captioner as BurnCaptioner;
 use duet_runtime::bundle::BundleError;
 use duet_runtime::diffusion::{NoiseSchedule, Prediction, Sampler, SamplerConfig};
 use duet_runtime::engine::{Provider, ProviderChoice};
+use duet_runtime::graph::Graph;
 use duet_runtime::preprocess::{self, ImageError};
 use duet_runtime::{Bundle, Captioner, GenerateError, GenerateOptions, Generator};
 use duet_train::caption_stage::{caption_samples, fit, load_run, prepare, FitArgs, LoadedRun};
@@ -484,7 +485,7 @@ fn generator_graphs_have_parity_and_pass_the_onnx_checker() {
     let g = gen_fixture();
     let bundle = Bundle::open(&g.bundle).expect("bundle opens");
     let m = bundle.manifest();
-    let names: Vec<&str> = m.graphs.iter().map(|g| g.name.as_str()).collect();
+    let names: Vec<&str> = m.graphs.iter().map(|g| g.name.name()).collect();
     assert_eq!(
         names,
         [
@@ -494,7 +495,7 @@ fn generator_graphs_have_parity_and_pass_the_onnx_checker() {
             "denoiser"
         ]
     );
-    for name in ["text_encoder", "denoiser"] {
+    for name in [Graph::TextEncoder, Graph::Denoiser] {
         let spec = m.graph(name).expect("graph");
         let p = spec.parity.as_ref().expect("parity recorded");
         assert!(

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use duet_runtime::bundle::sha256_file;
 use duet_runtime::manifest::{
-    DType, DimSpec, GraphSpec, ImageSpec, Manifest, ModelSpec, Preset, TensorSpec, TokenizerSpec,
-    SCHEMA_VERSION,
+    DType, DimSpec, Graph, GraphSpec, ImageSpec, Manifest, ModelSpec, Preset, TensorSpec,
+    TokenizerSpec, SCHEMA_VERSION,
 };
 use prost::Message;
 use tract_onnx::pb;
@@ -610,7 +610,7 @@ pub fn contract_graphs(spec: &ModelSpec) -> Vec<GraphSpec> {
     }
     vec![
         GraphSpec {
-            name: "vision_encoder".into(),
+            name: Graph::VisionEncoder,
             file: "vision_encoder.onnx".into(),
             inputs: vec![ts(
                 "pixels",
@@ -632,7 +632,7 @@ pub fn contract_graphs(spec: &ModelSpec) -> Vec<GraphSpec> {
             parity: None,
         },
         GraphSpec {
-            name: "caption_decoder".into(),
+            name: Graph::CaptionDecoder,
             file: "caption_decoder.onnx".into(),
             inputs: dec_in,
             outputs: dec_out,
