@@ -19,16 +19,16 @@ use duet_runtime::manifest::{
     self, DiffusionSpec, DimSpec, Graph, GraphSpec, ImageSpec, Manifest, RestoreSpec, TensorSpec,
     TokenizerSpec, MANIFEST_FILE, SCHEMA_VERSION,
 };
-use duet_train::caption_stage::{
+use duet_train::checkpoint::STATE_FILE;
+use duet_train::data::pair_tasks::PairTask;
+use duet_train::data::shapeworld::{caption, generate_scene, render, SceneConfig};
+use duet_train::data::tokenizer::{encode_caption, load_tokenizer};
+use duet_train::stage::Stage;
+use duet_train::stages::caption::{
     image_to_chw, load_captioner, load_run, CONFIG_FILE, TOKENIZER_FILE,
 };
-use duet_train::checkpoint::STATE_FILE;
-use duet_train::generate_stage::{load_generator, load_generator_weights, Generator};
-use duet_train::pair_tasks::PairTask;
-use duet_train::restore_stage::{load_restore, Backbones, PairTrainConfig, HEAD, VARIANTS};
-use duet_train::shapeworld::{caption, generate_scene, render, SceneConfig};
-use duet_train::stage::Stage;
-use duet_train::tokenizer::{encode_caption, load_tokenizer};
+use duet_train::stages::generate::{load_generator, load_generator_weights, Generator};
+use duet_train::stages::restore::{load_restore, Backbones, PairTrainConfig, HEAD, VARIANTS};
 use ndarray::{ArrayD, IxDyn};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -539,7 +539,7 @@ fn parity_inputs(
 }
 
 /// Four seeded ShapeWorld scenes at image size `s`: the real inputs of every parity check.
-fn parity_scenes(s: usize) -> Vec<duet_train::shapeworld::Scene> {
+fn parity_scenes(s: usize) -> Vec<duet_train::data::shapeworld::Scene> {
     let scene_cfg = SceneConfig {
         image_size: s as u32,
         min_objects: 1,

@@ -22,13 +22,15 @@ use duet_runtime::engine::{Provider, ProviderChoice};
 use duet_runtime::graph::Graph;
 use duet_runtime::preprocess::{self, ImageError};
 use duet_runtime::{Bundle, Captioner, GenerateError, GenerateOptions, Generator};
-use duet_train::caption_stage::{caption_samples, fit, load_run, prepare, FitArgs, LoadedRun};
-use duet_train::eval::{eval_caption, eval_generate, eval_reconstruction, GenerateEvalOptions};
-use duet_train::generate_stage::{fit_generate, load_generator, GenerateFitArgs};
-use duet_train::geneval::{Category, GenEvalReport};
+use duet_train::data::shapeworld::{load_dataset, write_dataset, Sample, SceneConfig};
+use duet_train::eval::caption::{
+    eval_caption, eval_generate, eval_reconstruction, GenerateEvalOptions,
+};
+use duet_train::eval::geneval::{Category, GenEvalReport};
 use duet_train::metrics::{evaluate, CaptionMetrics};
-use duet_train::shapeworld::{load_dataset, write_dataset, Sample, SceneConfig};
-use duet_train::unify_stage::{
+use duet_train::stages::caption::{caption_samples, fit, load_run, prepare, FitArgs, LoadedRun};
+use duet_train::stages::generate::{fit_generate, load_generator, GenerateFitArgs};
+use duet_train::stages::unify::{
     fit_unify, ReconstructionSettings, UnifyFitArgs, STAGE1_DIR, STAGE2_DIR,
 };
 
@@ -1146,9 +1148,9 @@ fn c_abi_generates_like_the_rust_runtime() {
 #[test]
 fn restore_stage_freezes_backbones_and_restores_closer_than_mean_fill() {
     use duet_train::checkpoint::load_weights;
-    use duet_train::pair_tasks::PairTask;
-    use duet_train::restore_eval::{eval_restore, RestoreEvalOptions, Setting};
-    use duet_train::restore_stage::{
+    use duet_train::data::pair_tasks::PairTask;
+    use duet_train::eval::restore::{eval_restore, RestoreEvalOptions, Setting};
+    use duet_train::stages::restore::{
         fit_fusion, fit_restore, PairFitArgs, RestoreSettings, VARIANTS,
     };
 
@@ -1299,8 +1301,8 @@ fn duet_bin() -> PathBuf {
 #[test]
 fn restore_bundle_classifies_with_a_missing_modality_on_ort_and_tract_like_burn() {
     use duet_runtime::{Classifier, ClassifyError, Modality};
-    use duet_train::pair_tasks::PairTask;
-    use duet_train::restore_stage::{
+    use duet_train::data::pair_tasks::PairTask;
+    use duet_train::stages::restore::{
         ddim_restore, fit_fusion, fit_restore, load_restore, to_vec, PairFitArgs, RestoreSettings,
     };
 

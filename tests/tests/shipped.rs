@@ -9,8 +9,8 @@ use common::{engine_options, repo_root};
 
 use duet_runtime::engine::{Provider, ProviderChoice};
 use duet_runtime::{Bundle, Captioner};
-use duet_train::emoji::{load_emoji_split, write_emoji_dataset, EmojiOptions, EmojiSource};
-use duet_train::emoji_eval::score_captions;
+use duet_train::data::emoji::{load_emoji_split, write_emoji_dataset, EmojiOptions, EmojiSource};
+use duet_train::eval::emoji::score_captions;
 
 /// Held-out emoji captioned through the runtime: enough to make the slice's token F1 a
 /// meaningful estimate (± about 0.03), few enough to run in seconds.
@@ -118,7 +118,7 @@ fn the_runtime_reads_transparent_images_as_training_did() {
         ])
     });
     art.save(&path).unwrap();
-    let trained = duet_train::emoji::render_art(&path, 64).unwrap();
+    let trained = duet_train::data::emoji::render_art(&path, 64).unwrap();
     let inferred = duet_runtime::preprocess::load_image(&path).unwrap();
     assert_eq!(trained, inferred);
     // Not trivially equal: the hidden colours would differ (alpha 0 at the origin is white).

@@ -12,15 +12,15 @@
 use std::path::Path;
 
 use crate::backend::CpuBackend;
-use crate::caption_stage::{FitArgs, FitOutcome, LoadedRun, PreparedData};
-use crate::emoji_eval::{EmojiCaptionReport, EmojiRetrievalReport, RetrievalOptions};
-use crate::eval::{GenerateEvalOptions, ReconstructionReport};
-use crate::generate_stage::{GenerateFitArgs, GenerateOutcome, LoadedGenerator};
-use crate::geneval::GenEvalReport;
+use crate::eval::caption::{GenerateEvalOptions, ReconstructionReport};
+use crate::eval::emoji::{EmojiCaptionReport, EmojiRetrievalReport, RetrievalOptions};
+use crate::eval::geneval::GenEvalReport;
+use crate::eval::restore::{RestoreEvalOptions, RestoreReport};
 use crate::metrics::CaptionMetrics;
-use crate::restore_eval::{RestoreEvalOptions, RestoreReport};
-use crate::restore_stage::{LoadedRestore, PairFitArgs, PairOutcome};
-use crate::unify_stage::{ReconstructionSettings, UnifyFitArgs, UnifyOutcome};
+use crate::stages::caption::{FitArgs, FitOutcome, LoadedRun, PreparedData};
+use crate::stages::generate::{GenerateFitArgs, GenerateOutcome, LoadedGenerator};
+use crate::stages::restore::{LoadedRestore, PairFitArgs, PairOutcome};
+use crate::stages::unify::{ReconstructionSettings, UnifyFitArgs, UnifyOutcome};
 
 /// The inference backend of evaluation and export (the training backend without autodiff).
 pub type Infer = burn::backend::NdArray<f32>;
@@ -28,39 +28,39 @@ pub type Infer = burn::backend::NdArray<f32>;
 type Pairs = Vec<(image::RgbImage, image::RgbImage)>;
 
 pub fn fit_caption(args: &FitArgs) -> anyhow::Result<FitOutcome> {
-    crate::caption_stage::fit::<CpuBackend>(args, &Default::default())
+    crate::stages::caption::fit::<CpuBackend>(args, &Default::default())
 }
 
 pub fn fit_generate(args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
-    crate::generate_stage::fit_generate::<CpuBackend>(args, &Default::default())
+    crate::stages::generate::fit_generate::<CpuBackend>(args, &Default::default())
 }
 
 pub fn fit_unify(args: &UnifyFitArgs) -> anyhow::Result<UnifyOutcome> {
-    crate::unify_stage::fit_unify::<CpuBackend>(args, &Default::default())
+    crate::stages::unify::fit_unify::<CpuBackend>(args, &Default::default())
 }
 
 pub fn fit_fusion(args: &PairFitArgs) -> anyhow::Result<PairOutcome> {
-    crate::restore_stage::fit_fusion::<CpuBackend>(args, &Default::default())
+    crate::stages::restore::fit_fusion::<CpuBackend>(args, &Default::default())
 }
 
 pub fn fit_restore(args: &PairFitArgs) -> anyhow::Result<PairOutcome> {
-    crate::restore_stage::fit_restore::<CpuBackend>(args, &Default::default())
+    crate::stages::restore::fit_restore::<CpuBackend>(args, &Default::default())
 }
 
 pub fn load_run(run: &Path) -> anyhow::Result<LoadedRun<Infer>> {
-    crate::caption_stage::load_run::<Infer>(run, &Default::default())
+    crate::stages::caption::load_run::<Infer>(run, &Default::default())
 }
 
 pub fn load_generator(run: &Path, untrained: bool) -> anyhow::Result<LoadedGenerator<Infer>> {
-    crate::generate_stage::load_generator::<Infer>(run, untrained, &Default::default())
+    crate::stages::generate::load_generator::<Infer>(run, untrained, &Default::default())
 }
 
 pub fn load_restore(run: &Path) -> anyhow::Result<LoadedRestore<Infer>> {
-    crate::restore_stage::load_restore::<Infer>(run, &Default::default())
+    crate::stages::restore::load_restore::<Infer>(run, &Default::default())
 }
 
 pub fn caption_samples(run: &LoadedRun<Infer>, data: &PreparedData) -> Vec<String> {
-    crate::caption_stage::caption_samples(run, data, &Default::default())
+    crate::stages::caption::caption_samples(run, data, &Default::default())
 }
 
 pub fn eval_caption(
@@ -68,14 +68,14 @@ pub fn eval_caption(
     data: &Path,
     limit: Option<usize>,
 ) -> anyhow::Result<(CaptionMetrics, Vec<(String, String)>)> {
-    crate::eval::eval_caption::<Infer>(run, data, limit, &Default::default())
+    crate::eval::caption::eval_caption::<Infer>(run, data, limit, &Default::default())
 }
 
 pub fn eval_generate(
     run: &Path,
     opts: &GenerateEvalOptions,
 ) -> anyhow::Result<(GenEvalReport, Vec<image::RgbImage>)> {
-    crate::eval::eval_generate::<Infer>(run, opts, &Default::default())
+    crate::eval::caption::eval_generate::<Infer>(run, opts, &Default::default())
 }
 
 pub fn eval_reconstruction(
@@ -85,7 +85,14 @@ pub fn eval_reconstruction(
     settings: &ReconstructionSettings,
     seed: u64,
 ) -> anyhow::Result<(ReconstructionReport, Pairs)> {
-    crate::eval::eval_reconstruction::<Infer>(run, data, limit, settings, seed, &Default::default())
+    crate::eval::caption::eval_reconstruction::<Infer>(
+        run,
+        data,
+        limit,
+        settings,
+        seed,
+        &Default::default(),
+    )
 }
 
 pub fn eval_emoji_captions(
@@ -93,7 +100,7 @@ pub fn eval_emoji_captions(
     data: &Path,
     limit: Option<usize>,
 ) -> anyhow::Result<(EmojiCaptionReport, Vec<(String, String)>)> {
-    crate::emoji_eval::eval_emoji_captions::<Infer>(run, data, limit, &Default::default())
+    crate::eval::emoji::eval_emoji_captions::<Infer>(run, data, limit, &Default::default())
 }
 
 pub fn eval_emoji_retrieval(
@@ -102,9 +109,9 @@ pub fn eval_emoji_retrieval(
     limit: Option<usize>,
     opts: &RetrievalOptions,
 ) -> anyhow::Result<(EmojiRetrievalReport, Pairs)> {
-    crate::emoji_eval::eval_emoji_retrieval::<Infer>(run, data, limit, opts, &Default::default())
+    crate::eval::emoji::eval_emoji_retrieval::<Infer>(run, data, limit, opts, &Default::default())
 }
 
 pub fn eval_restore(run: &Path, opts: &RestoreEvalOptions) -> anyhow::Result<RestoreReport> {
-    crate::restore_eval::eval_restore::<Infer>(run, opts, &Default::default())
+    crate::eval::restore::eval_restore::<Infer>(run, opts, &Default::default())
 }

@@ -11,7 +11,9 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::shapeworld::{objects_caption, parse_caption, parse_caption_lenient, Object, Size};
+use crate::data::shapeworld::{
+    objects_caption, parse_caption, parse_caption_lenient, Object, Size,
+};
 
 /// Caption-level scores. Definitions:
 ///
@@ -214,7 +216,7 @@ impl fmt::Display for CaptionMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shapeworld::{caption, generate_scene, Colour, Position, SceneConfig, Shape};
+    use crate::data::shapeworld::{caption, generate_scene, Colour, Position, SceneConfig, Shape};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -281,7 +283,7 @@ mod tests {
             (truth.clone(), objects_caption(&wrong)),
             (
                 truth.clone(),
-                caption(&crate::shapeworld::Scene::new(truth)),
+                caption(&crate::data::shapeworld::Scene::new(truth)),
             ),
         ]);
         assert_eq!(m.colour_acc, 0.75);

@@ -6,9 +6,9 @@ use std::process::Command;
 
 use duet_models::Preset;
 use duet_train::backend::CpuBackend;
-use duet_train::caption_stage::{fit, FitArgs, METRICS_FILE};
 use duet_train::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIGHTS_FILE};
-use duet_train::shapeworld::{write_dataset, SceneConfig};
+use duet_train::data::shapeworld::{write_dataset, SceneConfig};
+use duet_train::stages::caption::{fit, FitArgs, METRICS_FILE};
 
 fn args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitArgs {
     FitArgs {

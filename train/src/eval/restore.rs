@@ -14,7 +14,7 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{LineChart, Series};
-use crate::restore_stage::{
+use crate::stages::restore::{
     ddim_restore, extract_features, load_restore, to_vec, LoadedRestore, PairFeatures, VARIANTS,
 };
 use duet_diffusion::NoiseSchedule;

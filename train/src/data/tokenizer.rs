@@ -193,7 +193,7 @@ pub fn decode_caption(tokenizer: &Tokenizer, ids: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shapeworld::{caption, generate_scene, SceneConfig};
+    use crate::data::shapeworld::{caption, generate_scene, SceneConfig};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
     use std::fs;

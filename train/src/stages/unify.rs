@@ -5,7 +5,7 @@
 //!    of captions; the frozen generator rebuilds the image from each (a few DDIM steps, from one
 //!    start noise per image so a group's rewards differ only by what its captions say); the
 //!    reward is the cosine between the frozen vision encoder's embeddings of the rebuilt and the
-//!    input image minus `pixel_weight` × their pixel MSE; [`crate::grpo`] turns the rewards into
+//!    input image minus `pixel_weight` × their pixel MSE; [`crate::stages::grpo`] turns the rewards into
 //!    a policy-gradient step with a KL penalty to the starting captioner. The vision encoder
 //!    stays frozen too: the generator's text embeddings were aligned to it, and the reward
 //!    measures with it, so only the caption decoder learns.
@@ -35,21 +35,21 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::caption_stage::{
-    batch_indices, prepare, warmup_cosine_lr, with_prefixes, PreparedData, CONFIG_FILE,
-    METRICS_FILE, TOKENIZER_FILE,
-};
 use crate::checkpoint::{
     load_weights, save_weights, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
 };
-use crate::datasets::{folders_display, load_folders};
+use crate::data::folders::{folders_display, load_folders};
+use crate::data::tokenizer::save_tokenizer;
 use crate::ema::Ema;
-use crate::generate_stage::{
+use crate::progress::stage_bar;
+use crate::stages::caption::{
+    batch_indices, prepare, warmup_cosine_lr, with_prefixes, PreparedData, CONFIG_FILE,
+    METRICS_FILE, TOKENIZER_FILE,
+};
+use crate::stages::generate::{
     generate_loss, load_generator, GenerateTrainConfig, Generator, ImageEmbeddings, LoadedGenerator,
 };
-use crate::grpo::{grpo_step, GrpoSettings};
-use crate::progress::stage_bar;
-use crate::tokenizer::save_tokenizer;
+use crate::stages::grpo::{grpo_step, GrpoSettings};
 
 pub const STAGE1_DIR: &str = "stage1";
 pub const STAGE2_DIR: &str = "stage2";
@@ -316,7 +316,7 @@ fn write_stage(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     save_weights(&dir.join(WEIGHTS_FILE), weights)?;
-    let tokenizer = crate::tokenizer::load_tokenizer(&init.join(TOKENIZER_FILE))?;
+    let tokenizer = crate::data::tokenizer::load_tokenizer(&init.join(TOKENIZER_FILE))?;
     save_tokenizer(&tokenizer, &dir.join(TOKENIZER_FILE))?;
     write_json(&dir.join(CONFIG_FILE), cfg)?;
     write_json(&dir.join(STATE_FILE), state)?;

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 
-use crate::caption_stage::{caption_samples, load_run, prepare};
+use crate::data::shapeworld::load_dataset;
 use crate::metrics::{evaluate, CaptionMetrics};
-use crate::shapeworld::load_dataset;
+use crate::stages::caption::{caption_samples, load_run, prepare};
 
 /// Captions every sample of `data` with the run's model and scores the captions.
 /// Returns the metrics and up to `examples` (truth, prediction) pairs for display.
@@ -70,9 +70,9 @@ pub fn eval_generate<B: Backend>(
     run: &Path,
     opts: &GenerateEvalOptions,
     device: &B::Device,
-) -> anyhow::Result<(crate::geneval::GenEvalReport, Vec<image::RgbImage>)> {
-    use crate::geneval::{prompt_set, Detector, GenEvalReport};
-    let loaded = crate::generate_stage::load_generator::<B>(run, opts.untrained, device)?;
+) -> anyhow::Result<(crate::eval::geneval::GenEvalReport, Vec<image::RgbImage>)> {
+    use crate::eval::geneval::{prompt_set, Detector, GenEvalReport};
+    let loaded = crate::stages::generate::load_generator::<B>(run, opts.untrained, device)?;
     let prompts = prompt_set(opts.per_category, opts.prompt_seed);
     let detector = Detector::new(loaded.config.model.image_size as u32);
     let mut report = GenEvalReport::default();
@@ -129,7 +129,7 @@ pub fn eval_reconstruction<B: Backend>(
     run: &Path,
     data: &Path,
     limit: Option<usize>,
-    settings: &crate::unify_stage::ReconstructionSettings,
+    settings: &crate::stages::unify::ReconstructionSettings,
     seed: u64,
     device: &B::Device,
 ) -> anyhow::Result<(
@@ -137,7 +137,7 @@ pub fn eval_reconstruction<B: Backend>(
     Vec<(image::RgbImage, image::RgbImage)>,
 )> {
     let captioner = load_run::<B>(run, device)?;
-    let generator = crate::generate_stage::load_generator::<B>(run, false, device)?;
+    let generator = crate::stages::generate::load_generator::<B>(run, false, device)?;
     let mut samples = load_dataset(data)?;
     if let Some(n) = limit {
         samples.truncate(n);
@@ -153,14 +153,14 @@ pub fn eval_reconstruction<B: Backend>(
     let pb = indicatif::ProgressBar::new(prepared.n as u64);
     for (k, chunk) in idx.chunks(64).enumerate() {
         let pixels = prepared.pixels_batch::<B>(chunk, device);
-        let seqs = crate::unify_stage::greedy_tokens(
+        let seqs = crate::stages::unify::greedy_tokens(
             &captioner.model,
             &prepared,
             chunk,
             cfg.max_len,
             device,
         );
-        let rebuilt = crate::unify_stage::reconstruct(
+        let rebuilt = crate::stages::unify::reconstruct(
             &generator,
             &seqs,
             1,
@@ -169,7 +169,7 @@ pub fn eval_reconstruction<B: Backend>(
             device,
         )?;
         for (c, m) in
-            crate::unify_stage::similarity(&captioner.model.vision, pixels, &rebuilt, 1, device)
+            crate::stages::unify::similarity(&captioner.model.vision, pixels, &rebuilt, 1, device)
         {
             cos += f64::from(c);
             mse += f64::from(m);

@@ -24,12 +24,12 @@ use crate::checkpoint::{
     load_weights, read_json, save_weights, write_json, TrainState, OPTIMIZER_FILE, STATE_FILE,
     WEIGHTS_FILE,
 };
-use crate::datasets::{folders_display, load_folders};
-use crate::fsutil::write_atomic;
-use crate::shapeworld::Sample;
-use crate::tokenizer::{
+use crate::data::folders::{folders_display, load_folders};
+use crate::data::shapeworld::Sample;
+use crate::data::tokenizer::{
     decode_caption, encode_caption, load_tokenizer, save_tokenizer, train_tokenizer,
 };
+use crate::fsutil::write_atomic;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -47,7 +47,7 @@ pub struct CaptionTrainConfig {
     pub preset: Preset,
     pub model: ModelSpec,
     /// The training folders, in order (one path in runs made before several were accepted).
-    #[serde(deserialize_with = "crate::datasets::one_or_many_paths")]
+    #[serde(deserialize_with = "crate::data::folders::one_or_many_paths")]
     pub data: Vec<PathBuf>,
     pub steps: usize,
     pub batch_size: usize,

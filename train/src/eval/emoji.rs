@@ -24,10 +24,10 @@ use burn::tensor::{Int, Tensor, TensorData};
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::caption_stage::{caption_samples, load_run, prepare};
-use crate::datasets::{folder_kind, load_folder, FolderKind};
-use crate::shapeworld::Sample;
-use crate::tokenizer::{encode_caption, PAD_ID};
+use crate::data::folders::{folder_kind, load_folder, FolderKind};
+use crate::data::shapeworld::Sample;
+use crate::data::tokenizer::{encode_caption, PAD_ID};
+use crate::stages::caption::{caption_samples, load_run, prepare};
 
 /// Lower-cased words of a name: runs of letters and digits; everything else separates.
 pub fn name_words(s: &str) -> Vec<String> {
@@ -183,7 +183,7 @@ fn prepare_images(
     tokenizer: &tokenizers::Tokenizer,
     image_size: usize,
     max_len: usize,
-) -> anyhow::Result<crate::caption_stage::PreparedData> {
+) -> anyhow::Result<crate::stages::caption::PreparedData> {
     let blank: Vec<Sample> = samples
         .iter()
         .map(|s| Sample {
@@ -250,7 +250,7 @@ pub fn eval_emoji_retrieval<B: Backend>(
     opts: &RetrievalOptions,
     device: &B::Device,
 ) -> anyhow::Result<(EmojiRetrievalReport, Vec<(RgbImage, RgbImage)>)> {
-    let generator = crate::generate_stage::load_generator::<B>(run, false, device)?;
+    let generator = crate::stages::generate::load_generator::<B>(run, false, device)?;
     // The captioner's vision encoder, frozen during the generate stage, is the image side.
     let captioner = load_run::<B>(run, device)?;
     let cfg = generator.config.model.clone();
@@ -315,7 +315,7 @@ pub fn eval_emoji_retrieval<B: Backend>(
         let images = duet_diffusion::to_images(&x)?;
         let flat: Vec<f32> = images
             .iter()
-            .flat_map(crate::caption_stage::image_to_chw)
+            .flat_map(crate::stages::caption::image_to_chw)
             .collect();
         let s = cfg.image_size;
         let pixels =

@@ -1,0 +1,362 @@
+//! `duet-train fit`: the flags of every stage, which stage reads which, and the dispatch to
+//! the stage on the chosen device.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use duet_models::Preset;
+use duet_train::backend::DeviceKind;
+use duet_train::cpu;
+use duet_train::data::pair_tasks::PairTask;
+use duet_train::stage::Stage;
+use duet_train::stages::caption::FitArgs;
+use duet_train::stages::generate::DenoiserOptions;
+use duet_train::stages::generate::{GenerateFitArgs, GenerateOutcome};
+use duet_train::stages::restore::PairFitArgs;
+use duet_train::stages::unify::{
+    Stage2Captions, UnifyFitArgs, UnifyOutcome, STAGE1_DIR, STAGE2_DIR,
+};
+
+#[derive(Args)]
+pub struct FitCommand {
+    #[arg(long, value_enum, default_value_t = Stage::Caption)]
+    pub stage: Stage,
+    /// `--stage caption`: model size (default tiny); later stages take it from --init.
+    #[arg(long)]
+    pub preset: Option<Preset>,
+    /// Training data (caption, generate, unify; fusion and restore draw their own examples
+    /// of --task): a ShapeWorld folder or an Emoji-CLDR split (DIR/train); repeat the flag
+    /// to train on several, e.g. `--data data/train --data data/emoji/train`.
+    #[arg(long)]
+    pub data: Vec<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue from the last checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// `--stage generate`: the trained caption run to start from (its vision encoder is
+    /// frozen and its tokenizer reused). `--stage unify`: the trained generate run.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// `--stage unify`: captions sampled per image in a GRPO group (stage 1). There
+    /// `--steps`, `--batch-size` (images per step) and `--lr` are stage 1's.
+    #[arg(long)]
+    pub group: Option<usize>,
+    /// `--stage unify`: sampling temperature of stage 1's captions (default 1). A
+    /// confident captioner needs more to sample differing captions within a group.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// `--stage unify`: generator fine-tune steps (stage 2).
+    #[arg(long)]
+    pub gen_steps: Option<usize>,
+    /// `--stage unify`: peak learning rate of stage 2.
+    #[arg(long)]
+    pub gen_lr: Option<f64>,
+    /// `--stage unify`: captions stage 2 trains on: the captioner's own (the loop) or the
+    /// dataset's (the same-budget control).
+    #[arg(long, value_enum)]
+    pub captions: Option<Stage2Captions>,
+    /// `--stage fusion`: the two-modality task (colour-column or shape-count).
+    #[arg(long)]
+    pub task: Option<PairTask>,
+    /// `--stage generate`: weight each sample's diffusion loss by Min-SNR-γ (Hang et al.
+    /// 2023; γ = 5 there) instead of uniformly. Off by default.
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
+    /// `--stage generate`: U-ViT long skip connections in the denoiser.
+    #[arg(long)]
+    pub long_skips: bool,
+    /// `--stage generate`: a convolutional output head of this many channels in the
+    /// denoiser (a 3×3 convolution across patch borders).
+    #[arg(long)]
+    pub conv_head: Option<usize>,
+}
+
+pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
+    let FitCommand {
+        stage,
+        preset,
+        data,
+        out,
+        device,
+        steps,
+        batch_size,
+        lr,
+        seed,
+        resume,
+        init,
+        group,
+        temperature,
+        gen_steps,
+        gen_lr,
+        min_snr_gamma,
+        long_skips,
+        conv_head,
+        captions,
+        task,
+    } = cmd;
+    check_fit_flags(
+        stage,
+        &[
+            ("--preset", preset.is_some()),
+            ("--data", !data.is_empty()),
+            ("--resume", resume),
+            ("--init", init.is_some()),
+            ("--group", group.is_some()),
+            ("--temperature", temperature.is_some()),
+            ("--gen-steps", gen_steps.is_some()),
+            ("--gen-lr", gen_lr.is_some()),
+            ("--captions", captions.is_some()),
+            ("--task", task.is_some()),
+            ("--min-snr-gamma", min_snr_gamma.is_some()),
+            ("--long-skips", long_skips),
+            ("--conv-head", conv_head.is_some()),
+        ],
+    )?;
+    let preset = preset.unwrap_or(Preset::Tiny);
+    let kind: DeviceKind = device.parse()?;
+    // Every stage but the restoration pair trains on --data.
+    let need_data = || -> anyhow::Result<()> {
+        if data.is_empty() {
+            anyhow::bail!("--stage {stage} needs --data <dataset> (repeat it for several)");
+        }
+        Ok(())
+    };
+    match stage {
+        Stage::Fusion | Stage::Restore => {
+            let args = PairFitArgs {
+                init: init.with_context(|| {
+                    format!(
+                        "--stage {stage} needs --init <{}>",
+                        if stage == Stage::Fusion {
+                            "generate run"
+                        } else {
+                            "fusion run"
+                        }
+                    )
+                })?,
+                out: out.clone(),
+                task,
+                train_examples: None,
+                test_examples: None,
+                steps,
+                batch_size,
+                lr,
+                seed,
+                settings: None,
+                device: kind.to_string(),
+                command: command_line,
+                quiet: false,
+            };
+            let outcome = match (kind, stage == Stage::Fusion) {
+                (DeviceKind::Cpu, true) => cpu::fit_fusion(&args)?,
+                (DeviceKind::Cpu, false) => cpu::fit_restore(&args)?,
+                (DeviceKind::Cuda, _) => anyhow::bail!(
+                    "--stage {stage} trains small MLPs on cached embeddings; use --device cpu"
+                ),
+            };
+            println!(
+                "{stage}: held-out accuracy on complete pairs {:.4}, final loss {:.4}, \
+             {:.1}s; run in {}",
+                outcome.complete_accuracy,
+                outcome.final_loss,
+                outcome.seconds,
+                out.display()
+            );
+        }
+        Stage::Unify => {
+            need_data()?;
+            if resume {
+                anyhow::bail!("unify runs do not resume; start them again (they are short)");
+            }
+            let args = UnifyFitArgs {
+                init: init.context("--stage unify needs --init <generate run>")?,
+                data,
+                out: out.clone(),
+                understand_steps: steps,
+                understand_images: batch_size,
+                understand_lr: lr,
+                group,
+                temperature,
+                generate_steps: gen_steps,
+                generate_lr: gen_lr,
+                captions,
+                seed,
+                device: kind.to_string(),
+                command: command_line,
+                quiet: false,
+            };
+            let outcome = match kind {
+                DeviceKind::Cpu => cpu::fit_unify(&args)?,
+                DeviceKind::Cuda => fit_unify_cuda(&args)?,
+            };
+            if outcome.grpo_steps > 0 {
+                println!(
+                    "stage 1: {} GRPO steps, reward {:.4} -> {:.4} (means of the first/last \
+                 min(10, steps/2) steps), KL {:.2e}, informative groups {:.0}%",
+                    outcome.grpo_steps,
+                    outcome.reward_start,
+                    outcome.reward_end,
+                    outcome.final_kl,
+                    100.0 * outcome.informative_groups
+                );
+            }
+            println!(
+            "stage 2: diffusion loss {:.4}; {:.1}s in all; runs in {}/{{{STAGE1_DIR},{STAGE2_DIR}}}",
+            outcome.final_diffusion_loss,
+            outcome.seconds,
+            out.display()
+        );
+        }
+        Stage::Generate => {
+            need_data()?;
+            let init = init.context("--stage generate needs --init <caption run>")?;
+            let args = GenerateFitArgs {
+                init,
+                data,
+                out: out.clone(),
+                steps,
+                batch_size,
+                lr,
+                min_snr_gamma,
+                denoiser: DenoiserOptions {
+                    long_skips,
+                    conv_head,
+                },
+                seed,
+                resume,
+                device: kind.to_string(),
+                command: command_line,
+                quiet: false,
+            };
+            let outcome = match kind {
+                DeviceKind::Cpu => cpu::fit_generate(&args)?,
+                DeviceKind::Cuda => fit_generate_cuda(&args)?,
+            };
+            println!(
+                "trained {} steps in {:.1}s, final diffusion loss {:.4}; run in {}",
+                outcome.steps_done,
+                outcome.seconds,
+                outcome.final_diffusion_loss,
+                out.display()
+            );
+        }
+        Stage::Caption => {
+            need_data()?;
+            let args = FitArgs {
+                preset,
+                data,
+                out: out.clone(),
+                steps,
+                batch_size,
+                lr,
+                seed,
+                resume,
+                device: kind.to_string(),
+                command: command_line,
+                quiet: false,
+            };
+            let outcome = match kind {
+                DeviceKind::Cpu => cpu::fit_caption(&args)?,
+                DeviceKind::Cuda => fit_cuda(&args)?,
+            };
+            println!(
+                "trained {} steps in {:.1}s, final loss {:.4}; run in {}",
+                outcome.steps_done,
+                outcome.seconds,
+                outcome.final_loss,
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The stage-specific flags of `fit` each stage reads (the common ones — --out, --device,
+/// --steps, --batch-size, --lr, --seed — apply to all). A flag given to a stage that does not
+/// read it is an error rather than silently ignored: `--stage caption --init RUN` would
+/// otherwise train from scratch without a word.
+fn stage_flags(stage: Stage) -> &'static [&'static str] {
+    match stage {
+        Stage::Caption => &["--preset", "--data", "--resume"],
+        Stage::Generate => &[
+            "--data",
+            "--resume",
+            "--init",
+            "--min-snr-gamma",
+            "--long-skips",
+            "--conv-head",
+        ],
+        Stage::Unify => &[
+            "--data",
+            "--init",
+            "--group",
+            "--temperature",
+            "--gen-steps",
+            "--gen-lr",
+            "--captions",
+        ],
+        Stage::Fusion | Stage::Restore => &["--init", "--task"],
+    }
+}
+
+fn check_fit_flags(stage: Stage, given: &[(&str, bool)]) -> anyhow::Result<()> {
+    let reads = stage_flags(stage);
+    let ignored: Vec<&str> = given
+        .iter()
+        .filter(|(flag, set)| *set && !reads.contains(flag))
+        .map(|(flag, _)| *flag)
+        .collect();
+    if !ignored.is_empty() {
+        anyhow::bail!(
+            "--stage {stage} does not use {} (it reads {} besides the common flags)",
+            ignored.join(", "),
+            reads.join(", ")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn fit_cuda(args: &FitArgs) -> anyhow::Result<duet_train::stages::caption::FitOutcome> {
+    let device = duet_train::backend::probe_cuda()?;
+    duet_train::stages::caption::fit::<duet_train::backend::CudaBackend>(args, &device)
+}
+
+#[cfg(feature = "cuda")]
+fn fit_generate_cuda(args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
+    let device = duet_train::backend::probe_cuda()?;
+    duet_train::stages::generate::fit_generate::<duet_train::backend::CudaBackend>(args, &device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fit_generate_cuda(_args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
+    Err(duet_train::backend::BackendError::CudaNotCompiled.into())
+}
+
+#[cfg(feature = "cuda")]
+fn fit_unify_cuda(args: &UnifyFitArgs) -> anyhow::Result<UnifyOutcome> {
+    let device = duet_train::backend::probe_cuda()?;
+    duet_train::stages::unify::fit_unify::<duet_train::backend::CudaBackend>(args, &device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fit_unify_cuda(_args: &UnifyFitArgs) -> anyhow::Result<UnifyOutcome> {
+    Err(duet_train::backend::BackendError::CudaNotCompiled.into())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fit_cuda(_args: &FitArgs) -> anyhow::Result<duet_train::stages::caption::FitOutcome> {
+    Err(duet_train::backend::BackendError::CudaNotCompiled.into())
+}

@@ -1,0 +1,140 @@
+//! `duet-train`: dataset generation (ShapeWorld, Emoji-CLDR) here; the training stages in
+//! `fit.rs` and the evaluations in `eval.rs`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use duet_train::data::emoji::{write_emoji_dataset, ArtStyle, EmojiOptions, EmojiSource};
+use duet_train::data::shapeworld::{write_dataset, SceneConfig};
+
+mod eval;
+mod fit;
+
+#[derive(Parser)]
+#[command(name = "duet-train", version, about = "Train duet models with Burn")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a ShapeWorld dataset (PNG images, captions.jsonl, scenes.jsonl).
+    Shapeworld {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Image side in pixels (32 or 64).
+        #[arg(long, default_value_t = 32)]
+        size: u32,
+        #[arg(long, default_value_t = 1)]
+        min_objects: usize,
+        #[arg(long, default_value_t = 4)]
+        max_objects: usize,
+    },
+    /// Build the Emoji-CLDR dataset (real emoji art + CLDR English names) from the sources
+    /// `scripts/fetch-emoji.sh` fetched: train/val/test split by base emoji.
+    Emoji {
+        #[arg(long)]
+        out: PathBuf,
+        /// Image side in pixels (32 or 64).
+        #[arg(long, default_value_t = 32)]
+        size: u32,
+        /// Art set: google (Noto, Apache-2.0) or twitter (Twemoji, CC-BY-4.0).
+        #[arg(long, default_value = "google")]
+        style: ArtStyle,
+        /// The folder scripts/fetch-emoji.sh filled.
+        #[arg(long, default_value = ".data/emoji-src")]
+        source: PathBuf,
+        /// Seed of the train/val/test split.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        #[arg(long, default_value_t = 0.1)]
+        test_fraction: f64,
+        /// Keep only the first N base emoji in Unicode's order (with all their skin tones).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Train a stage.
+    Fit(fit::FitCommand),
+    /// Evaluate a trained run on a dataset.
+    Eval(eval::EvalCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    match Cli::parse().command {
+        Command::Shapeworld {
+            out,
+            count,
+            seed,
+            size,
+            min_objects,
+            max_objects,
+        } => {
+            if size != 32 && size != 64 {
+                anyhow::bail!("--size must be 32 or 64, got {size}");
+            }
+            if min_objects < 1 || max_objects > 4 || min_objects > max_objects {
+                anyhow::bail!("objects per scene must satisfy 1 <= min <= max <= 4");
+            }
+            let cfg = SceneConfig {
+                image_size: size,
+                min_objects,
+                max_objects,
+            };
+            let summary = write_dataset(&out, count, seed, &cfg, &command_line)
+                .with_context(|| format!("writing ShapeWorld to {}", out.display()))?;
+            println!("{summary:?}");
+        }
+        Command::Emoji {
+            out,
+            size,
+            style,
+            source,
+            seed,
+            val_fraction,
+            test_fraction,
+            limit,
+        } => {
+            let opts = EmojiOptions {
+                style,
+                size,
+                seed,
+                val_fraction,
+                test_fraction,
+                limit,
+            };
+            let summary =
+                write_emoji_dataset(&EmojiSource::new(&source), &out, &opts, &command_line)
+                    .with_context(|| format!("writing Emoji-CLDR to {}", out.display()))?;
+            println!(
+                "Emoji-CLDR ({style}, {size} px) in {}: {} train / {} val / {} test pairs \
+                 ({} / {} / {} base emoji); art: {}",
+                out.display(),
+                summary.counts["train"],
+                summary.counts["val"],
+                summary.counts["test"],
+                summary.base_counts["train"],
+                summary.base_counts["val"],
+                summary.base_counts["test"],
+                summary.licence
+            );
+        }
+        Command::Fit(cmd) => fit::run(cmd, command_line)?,
+        Command::Eval(cmd) => eval::run(cmd, command_line)?,
+    }
+    Ok(())
+}

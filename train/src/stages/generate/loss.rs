@@ -1,0 +1,199 @@
+//! The generate stage's loss of one batch (described in the module above): the denoiser's
+//! diffusion loss plus the contrastive loss that aligns the text encoder with the frozen vision
+//! encoder's image embeddings, which are cached here.
+
+use crate::stages::caption::PreparedData;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use duet_diffusion::{gaussian, NoiseSchedule, Prediction};
+use duet_models::tokens::PAD_ID;
+use duet_models::{ModelSpec, VisionEncoder};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+
+/// Image embeddings of the frozen vision encoder, computed the first time a sample is drawn:
+/// the encoder never changes during this stage, so every later epoch reuses them.
+pub struct ImageEmbeddings<B: Backend> {
+    vision: VisionEncoder<B>,
+    dim: usize,
+    rows: Vec<Option<Vec<f32>>>,
+}
+
+impl<B: Backend> ImageEmbeddings<B> {
+    pub fn new(vision: VisionEncoder<B>, cfg: &ModelSpec, n: usize) -> Self {
+        Self {
+            vision,
+            dim: cfg.embed_dim,
+            rows: vec![None; n],
+        }
+    }
+
+    /// `[idx.len(), E]` embeddings of the samples `idx`.
+    pub fn batch(
+        &mut self,
+        data: &PreparedData,
+        idx: &[usize],
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
+        let mut missing: Vec<usize> = idx
+            .iter()
+            .copied()
+            .filter(|&i| self.rows[i].is_none())
+            .collect();
+        missing.dedup();
+        if !missing.is_empty() {
+            let emb = self
+                .vision
+                .forward(data.pixels_batch::<B>(&missing, device))
+                .embedding
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap_or_default();
+            for (k, &i) in missing.iter().enumerate() {
+                self.rows[i] = Some(emb[k * self.dim..(k + 1) * self.dim].to_vec());
+            }
+        }
+        let flat: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| self.rows[i].as_deref().unwrap_or(&[]).iter().copied())
+            .collect();
+        Tensor::from_data(TensorData::new(flat, [idx.len(), self.dim]), device)
+    }
+}
+
+/// Diffusion + contrastive loss of one batch. Returns `(total, diffusion)`.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_loss<B: AutodiffBackend>(
+    cfg: &ModelSpec,
+    settings: &DiffusionSettings,
+    schedule: &NoiseSchedule,
+    generator: &Generator<B>,
+    image_emb: Tensor<B::InnerBackend, 2>,
+    data: &PreparedData,
+    idx: &[usize],
+    rng: &mut ChaCha8Rng,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let b = idx.len();
+    let s = data.image_size;
+    // Only as many text positions as the batch's longest caption: padding positions are
+    // masked anyway, and the text encoder and cross-attention cost scales with L.
+    let stride = data.seq_len;
+    let l = idx
+        .iter()
+        .map(|&i| {
+            let row = &data.tokens[i * stride..(i + 1) * stride];
+            row.iter()
+                .rposition(|&t| t != PAD_ID as i64)
+                .map_or(0, |p| p + 1)
+        })
+        .max()
+        .unwrap_or(0)
+        .max(2);
+    // Captions of the batch plus one empty caption (row b) for the dropped ones.
+    let mut ids = Vec::with_capacity((b + 1) * l);
+    let mut mask = Vec::with_capacity((b + 1) * l);
+    for &i in idx {
+        let row = &data.tokens[i * stride..i * stride + l];
+        ids.extend_from_slice(row);
+        mask.extend(
+            row.iter()
+                .map(|&t| if t == PAD_ID as i64 { 0.0f32 } else { 1.0 }),
+        );
+    }
+    let (empty_ids, empty_mask) = empty_caption(l);
+    ids.extend(empty_ids);
+    mask.extend(empty_mask);
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b + 1, l]), device);
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [b + 1, l]), device);
+    let text = generator.text.forward(ids, mask.clone());
+
+    // Classifier-free guidance dropout: row i conditions on caption i or on the empty one.
+    let rows: Vec<i64> = (0..b)
+        .map(|i| {
+            if rng.random::<f64>() < settings.cond_dropout {
+                b as i64
+            } else {
+                i as i64
+            }
+        })
+        .collect();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b]), device);
+    let cond_tokens = text.tokens.clone().select(0, rows.clone());
+    let cond_mask = mask.select(0, rows);
+
+    // Forward process on the host rng: timesteps and noise.
+    let t: Vec<usize> = (0..b)
+        .map(|_| rng.random_range(0..schedule.train_steps()))
+        .collect();
+    let noise = gaussian(&[b, 3, s, s], rng);
+    let coef = |f: &dyn Fn(f64) -> f64| {
+        let v: Vec<f32> = t
+            .iter()
+            .map(|&t| f(schedule.alpha_bar(Some(t))) as f32)
+            .collect();
+        Tensor::<B, 4>::from_data(TensorData::new(v, [b, 1, 1, 1]), device)
+    };
+    let a = coef(&|ab| ab.sqrt());
+    let sg = coef(&|ab| (1.0 - ab).sqrt());
+    let x0 = data.pixels_batch::<B>(idx, device);
+    let noise = Tensor::<B, 4>::from_data(
+        TensorData::new(noise.into_raw_vec_and_offset().0, [b, 3, s, s]),
+        device,
+    );
+    let xt = x0.clone() * a.clone() + noise.clone() * sg.clone();
+    let target = match settings.prediction {
+        Prediction::Epsilon => noise,
+        Prediction::V => noise * a - x0 * sg,
+    };
+    let tt: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+    let tt = Tensor::<B, 1>::from_data(TensorData::new(tt, [b]), device);
+    let pred = generator
+        .denoiser
+        .forward(cfg, xt, tt, cond_tokens, cond_mask);
+    // Per-sample mean squared error, then the batch mean under the loss weights. The plain
+    // (unweighted) mean is what is reported, so runs with and without weighting compare.
+    let per_sample = (pred - target)
+        .powi_scalar(2)
+        .reshape([b, 3 * s * s])
+        .mean_dim(1);
+    let diffusion = per_sample.clone().mean();
+    let objective = if settings.min_snr_gamma.is_some() {
+        let w: Vec<f32> = t
+            .iter()
+            .map(|&t| settings.loss_weight(schedule.alpha_bar(Some(t))) as f32)
+            .collect();
+        let w = Tensor::<B, 2>::from_data(TensorData::new(w, [b, 1]), device);
+        (per_sample * w).mean()
+    } else {
+        diffusion.clone()
+    };
+
+    // Contrastive (text → frozen image embedding and back), real captions only.
+    let image_emb = Tensor::<B, 2>::from_inner(image_emb);
+    let e = text.embedding.dims()[1];
+    let text_emb = text.embedding.slice([0..b, 0..e]);
+    let logits = text_emb
+        .matmul(image_emb.transpose())
+        .div_scalar(settings.temperature);
+    let eye = Tensor::<B, 2>::from_data(
+        TensorData::new(
+            (0..b * b)
+                .map(|k| if k / b == k % b { 1.0f32 } else { 0.0 })
+                .collect::<Vec<_>>(),
+            [b, b],
+        ),
+        device,
+    );
+    let t2i = (log_softmax(logits.clone(), 1) * eye.clone())
+        .sum()
+        .div_scalar(b as f64);
+    let i2t = (log_softmax(logits, 0) * eye).sum().div_scalar(b as f64);
+    let contrastive = (t2i + i2t).neg().div_scalar(2.0);
+    let total = objective + contrastive.mul_scalar(settings.contrastive_weight);
+    (total, diffusion)
+}

@@ -1,0 +1,163 @@
+//! `fit --stage fusion`: the task head on complete image + text pairs, and the losses and
+//! accuracies the restore stage shares with it.
+
+use crate::checkpoint::{
+    load_weights, read_json, save_weights, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
+};
+use crate::data::tokenizer::save_tokenizer;
+use crate::stage::Stage;
+use crate::stages::caption::{batch_indices, CONFIG_FILE, TOKENIZER_FILE};
+use anyhow::Context;
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor};
+use duet_models::params::named_tensors;
+use duet_models::FusionHead;
+use std::time::Instant;
+
+use super::*;
+
+/// Mean cross-entropy of `logits` `[B, C]` against integer labels.
+pub(super) fn cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    let [b, _] = logits.dims();
+    log_softmax(logits, 1)
+        .gather(1, labels.reshape([b, 1]))
+        .mean()
+        .neg()
+}
+
+/// `KL(p ‖ softmax(logits))` per batch, `p` given as probabilities (no gradient).
+pub(super) fn kl_from<B: Backend>(p: Tensor<B, 2>, logits: Tensor<B, 2>) -> Tensor<B, 1> {
+    let [b, _] = p.dims();
+    let logp = p.clone().clamp_min(1e-8).log();
+    (p * (logp - log_softmax(logits, 1)))
+        .sum()
+        .div_scalar(b as f64)
+        .reshape([1])
+}
+
+/// Fraction of rows of `logits` whose argmax is the label.
+pub fn accuracy<B: Backend>(logits: Tensor<B, 2>, labels: &[usize]) -> anyhow::Result<f64> {
+    let pred = to_vec(logits.argmax(1).float())?;
+    let right = pred
+        .iter()
+        .zip(labels)
+        .filter(|(p, &l)| **p as usize == l)
+        .count();
+    Ok(right as f64 / labels.len().max(1) as f64)
+}
+
+/// Accuracy of `head` on the complete pairs of `features`.
+pub(super) fn complete_accuracy<B: Backend>(
+    head: &FusionHead<B>,
+    features: &PairFeatures,
+    device: &B::Device,
+) -> anyhow::Result<f64> {
+    let all: Vec<usize> = (0..features.n).collect();
+    accuracy(
+        head.forward(
+            features.image_rows(&all, device),
+            features.text_rows(&all, device),
+        ),
+        &features.labels,
+    )
+}
+
+/// `fit --stage fusion`: trains the fusion head on complete pairs.
+pub fn fit_fusion<B: AutodiffBackend>(
+    args: &PairFitArgs,
+    device: &B::Device,
+) -> anyhow::Result<PairOutcome> {
+    let t0 = Instant::now();
+    validate_args(args)?;
+    let task = args
+        .task
+        .context("--stage fusion needs --task colour-column|shape-count")?;
+    let bb = load_backbones::<B::InnerBackend>(&args.init, device)?;
+    let generator: crate::stages::generate::GenerateTrainConfig =
+        read_json(&args.init.join(CONFIG_FILE)).with_context(|| {
+            format!(
+                "--stage fusion starts from a generate or unify run; {} is not one",
+                args.init.display()
+            )
+        })?;
+    let cfg = resolve_config(
+        args,
+        Stage::Fusion,
+        bb.preset,
+        bb.model.clone(),
+        task,
+        None,
+        Some(generator.diffusion),
+    );
+    prepare_out(&args.out)?;
+    write_json(&args.out.join(CONFIG_FILE), &cfg)?;
+    save_tokenizer(&bb.tokenizer, &args.out.join(TOKENIZER_FILE))?;
+    let size = cfg.model.image_size as u32;
+    let train = extract_features(
+        &bb,
+        &task.examples(cfg.train_examples, cfg.data_seed, size),
+        device,
+    )?;
+    let test = extract_features(
+        &bb,
+        &task.examples(cfg.test_examples, cfg.data_seed.wrapping_add(1), size),
+        device,
+    )?;
+
+    B::seed(device, cfg.seed);
+    let mut head = FusionHead::<B>::new(&cfg.restore, device);
+    let mut optim = AdamWConfig::new().with_weight_decay(1e-4).init();
+    let pb = crate::progress::stage_bar(args.quiet, cfg.steps, "fusion head");
+    let mut last = f64::NAN;
+    for step in 0..cfg.steps {
+        let idx = batch_indices(train.n, cfg.batch_size, step, cfg.seed);
+        let logits = head.forward(
+            train.image_rows(&idx, device),
+            train.text_rows(&idx, device),
+        );
+        let loss = cross_entropy(logits, train.label_rows(&idx, device));
+        last = loss.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(loss.backward(), &head);
+        let lr = crate::stages::caption::warmup_cosine_lr(cfg.lr, 50, cfg.steps, step);
+        head = optim.step(lr, head, grads);
+        if step % 50 == 0 || step + 1 == cfg.steps {
+            pb.set_message(format!("loss {last:.4}"));
+            append_metric(
+                &args.out,
+                &serde_json::json!({"stage": Stage::Fusion, "step": step, "loss": last}),
+            )?;
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let head = head.valid();
+    let complete_accuracy = complete_accuracy(&head, &test, device)?;
+    let mut weights = load_weights(&args.init.join(WEIGHTS_FILE))?;
+    weights.retain(|k, _| !k.starts_with("head."));
+    weights.extend(prefixed(named_tensors(&head), HEAD));
+    save_weights(&args.out.join(WEIGHTS_FILE), &weights)?;
+    write_json(
+        &args.out.join("fusion.json"),
+        &serde_json::json!({"complete_accuracy": complete_accuracy, "task": task}),
+    )?;
+    write_json(
+        &args.out.join(STATE_FILE),
+        &TrainState {
+            step: cfg.steps,
+            seed: cfg.seed,
+            last_loss: last,
+        },
+    )?;
+    tracing::info!(complete_accuracy, "fusion head trained");
+    Ok(PairOutcome {
+        complete_accuracy,
+        final_loss: last,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
