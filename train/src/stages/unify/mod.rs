@@ -24,13 +24,10 @@ use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
-use duet_diffusion::{gaussian, Sampler, SamplerConfig};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
 use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
-use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
-use duet_models::{Captioner, VisionEncoder};
-use ndarray::{ArrayD, Axis};
+use duet_models::Captioner;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -47,9 +44,13 @@ use crate::stages::caption::{
     METRICS_FILE, TOKENIZER_FILE,
 };
 use crate::stages::generate::{
-    generate_loss, load_generator, GenerateTrainConfig, Generator, ImageEmbeddings, LoadedGenerator,
+    generate_loss, load_generator, GenerateTrainConfig, Generator, ImageEmbeddings,
 };
 use crate::stages::grpo::{grpo_step, GrpoSettings};
+
+mod reward;
+
+pub use reward::*;
 
 pub const STAGE1_DIR: &str = "stage1";
 pub const STAGE2_DIR: &str = "stage2";
@@ -164,146 +165,6 @@ pub struct UnifyOutcome {
     pub informative_groups: f64,
     pub final_diffusion_loss: f64,
     pub seconds: f64,
-}
-
-/// Rebuilds images from captions with a generator: `seqs` grouped `group` per image, every
-/// group from the image's own start noise (drawn from `seed`). Returns `[N·group, 3, S, S]`.
-pub fn reconstruct<B: Backend>(
-    generator: &LoadedGenerator<B>,
-    seqs: &[Vec<u32>],
-    group: usize,
-    settings: &ReconstructionSettings,
-    seed: u64,
-    device: &B::Device,
-) -> anyhow::Result<ArrayD<f32>> {
-    let group = group.max(1);
-    let images = seqs.len().div_ceil(group);
-    let s = generator.config.model.image_size;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let noise = gaussian(&[images, 3, s, s], &mut rng);
-    let rows: Vec<usize> = (0..seqs.len()).map(|k| k / group).collect();
-    let x = noise.select(Axis(0), &rows);
-    let sampler = SamplerConfig {
-        sampler: Sampler::Ddim { eta: 0.0 },
-        steps: settings.steps,
-        clip_x0: true,
-    };
-    generator.generate_tokens(seqs, x, &sampler, settings.guidance, &mut rng, device)
-}
-
-/// Per rebuilt image: cosine of the frozen vision encoder's embeddings (rebuilt vs original)
-/// and pixel MSE. `originals` is `[N, 3, S, S]`; `rebuilt` holds `group` images per original.
-pub fn similarity<B: Backend>(
-    vision: &VisionEncoder<B>,
-    originals: Tensor<B, 4>,
-    rebuilt: &ArrayD<f32>,
-    group: usize,
-    device: &B::Device,
-) -> Vec<(f32, f32)> {
-    let shape: Vec<usize> = rebuilt.shape().to_vec();
-    let m = shape[0];
-    let per: usize = shape[1..].iter().product();
-    let flat: Vec<f32> = rebuilt.iter().copied().collect();
-    let orig: Vec<f32> = originals
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default();
-    let e_orig = to_vec(vision.forward(originals).embedding);
-    let rebuilt_t = Tensor::<B, 4>::from_data(
-        TensorData::new(flat.clone(), [m, shape[1], shape[2], shape[3]]),
-        device,
-    );
-    let e_reb = to_vec(vision.forward(rebuilt_t).embedding);
-    let e = e_reb.len() / m.max(1);
-    (0..m)
-        .map(|k| {
-            let i = k / group.max(1);
-            // Both embeddings have unit norm.
-            let cos: f32 = (0..e).map(|j| e_reb[k * e + j] * e_orig[i * e + j]).sum();
-            let mse = (0..per)
-                .map(|j| (flat[k * per + j] - orig[i * per + j]).powi(2))
-                .sum::<f32>()
-                / per as f32;
-            (cos, mse)
-        })
-        .collect()
-}
-
-fn to_vec<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default()
-}
-
-/// Greedy captions of samples `idx` as `[BOS] … [EOS]` token rows.
-pub fn greedy_tokens<B: Backend>(
-    captioner: &Captioner<B>,
-    data: &PreparedData,
-    idx: &[usize],
-    max_len: usize,
-    device: &B::Device,
-) -> Vec<Vec<u32>> {
-    captioner
-        .greedy(data.pixels_batch::<B>(idx, device), BOS_ID, EOS_ID, max_len)
-        .into_iter()
-        .map(|body| {
-            let mut seq = Vec::with_capacity(body.len() + 2);
-            seq.push(BOS_ID);
-            seq.extend(body.into_iter().take(max_len.saturating_sub(2)));
-            seq.push(EOS_ID);
-            seq
-        })
-        .collect()
-}
-
-/// The dataset's images with the captioner's own greedy captions in place of the dataset's,
-/// made the first time each image is drawn.
-struct OwnCaptions {
-    data: PreparedData,
-    done: Vec<bool>,
-    max_len: usize,
-}
-
-impl OwnCaptions {
-    fn new(data: &PreparedData, max_len: usize) -> Self {
-        Self {
-            data: PreparedData {
-                n: data.n,
-                image_size: data.image_size,
-                pixels: data.pixels.clone(),
-                tokens: vec![i64::from(PAD_ID); data.n * max_len],
-                seq_len: max_len,
-            },
-            done: vec![false; data.n],
-            max_len,
-        }
-    }
-
-    /// Captions the not yet captioned samples of `idx`; returns the data to train on.
-    fn caption<B: Backend>(
-        &mut self,
-        captioner: &Captioner<B>,
-        idx: &[usize],
-        device: &B::Device,
-    ) -> &PreparedData {
-        let mut missing: Vec<usize> = idx.iter().copied().filter(|&i| !self.done[i]).collect();
-        missing.sort_unstable();
-        missing.dedup();
-        if !missing.is_empty() {
-            let seqs = greedy_tokens(captioner, &self.data, &missing, self.max_len, device);
-            for (&i, seq) in missing.iter().zip(seqs) {
-                let row = &mut self.data.tokens[i * self.max_len..(i + 1) * self.max_len];
-                for (slot, t) in row.iter_mut().zip(&seq) {
-                    *slot = i64::from(*t);
-                }
-                self.done[i] = true;
-            }
-        }
-        &self.data
-    }
 }
 
 /// Writes one complete stage directory: weights, tokenizer, config, state (last).
