@@ -45,7 +45,7 @@ for line in sys.stdin:
 [ ${#e2e_bins[@]} -gt 0 ] || { echo "no duet-tests test binaries were built" >&2; exit 1; }
 phase "build: every test of the workspace"
 
-# One background job per binary (e2e.rs trains for most of the run; shipped.rs is short and
+# One background job per binary (e2e trains for most of the run; shipped.rs is short and
 # should not wait behind it), each leaving "status seconds" in $results/NAME.
 results=$(mktemp -d)
 trap 'rm -rf "$artifacts" "$results"' EXIT
