@@ -1,0 +1,175 @@
+//! `duet bench`: each pipeline's latency per provider, one worker process per provider.
+
+use super::*;
+
+pub(crate) struct BenchArgs<'a> {
+    pub(crate) bundle: &'a Path,
+    pub(crate) providers: &'a [duet_runtime::Provider],
+    pub(crate) settings: &'a duet_runtime::bench::BenchSettings,
+    pub(crate) image: Option<&'a Path>,
+    pub(crate) python: Option<(&'a str, &'a Path)>,
+    pub(crate) out: Option<&'a Path>,
+    pub(crate) ort_lib: Option<PathBuf>,
+}
+
+/// The benchmark image at the model's size: `--image`, or the bundle's own generation.
+pub(crate) fn bench_image(bundle: &Bundle, args: &BenchArgs<'_>) -> Result<image::RgbImage> {
+    let spec = &bundle.manifest().image;
+    if let Some(path) = args.image {
+        return Ok(preprocess::load_image_for(path, spec)?);
+    }
+    if bundle.manifest().diffusion.is_none() {
+        anyhow::bail!("this bundle has no generator to draw a benchmark image: pass --image");
+    }
+    let generator = Generator::new(
+        bundle,
+        ProviderChoice::Only(duet_runtime::Provider::Tract),
+        &EngineOptions::default(),
+    )?;
+    let opts = GenerateOptions {
+        seed: args.settings.seed,
+        ..generator.default_options()
+    };
+    generator
+        .generate_images(&[args.settings.prompt.as_str()], &opts)?
+        .pop()
+        .context("no image generated")
+}
+
+pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
+    use duet_runtime::bench::{machine_peak_gflops, render_markdown, write_raw_rgb, ProviderBench};
+    let bundle = Bundle::open(args.bundle)
+        .with_context(|| format!("opening bundle {}", args.bundle.display()))?;
+    let image = bench_image(&bundle, &args)?;
+    // An unpredictable, exclusively created name (removed when `tmp_file` drops), written
+    // through its own handle rather than reopened by name.
+    let tmp_file = tempfile::Builder::new()
+        .prefix("duet-bench-")
+        .suffix(".rgb")
+        .tempfile()
+        .context("creating the benchmark's image file")?;
+    let tmp = tmp_file.path().to_owned();
+    write_raw_rgb(&image, tmp_file.as_file())?;
+    let exe = std::env::current_exe()?;
+    let s = args.settings;
+    let steps: Vec<String> = s.steps.iter().map(ToString::to_string).collect();
+    let common = |cmd: &mut std::process::Command| {
+        cmd.arg("--runs")
+            .arg(s.runs.to_string())
+            .arg("--steps")
+            .arg(steps.join(","))
+            .arg("--batch")
+            .arg(s.batch.to_string())
+            .arg("--prompt")
+            .arg(&s.prompt);
+        die_with_parent(cmd);
+    };
+    let mut results: Vec<ProviderBench> = Vec::new();
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    let mut record = |name: String, out: std::io::Result<std::process::Output>| match out {
+        Ok(o) if o.status.success() => match serde_json::from_slice::<ProviderBench>(&o.stdout) {
+            Ok(r) => {
+                eprintln!("{name}: done");
+                results.push(r)
+            }
+            Err(e) => skipped.push((name, format!("unreadable result: {e}"))),
+        },
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let why = err
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("failed without a message")
+                .trim_start_matches("error: ")
+                .to_string();
+            eprintln!("{name}: not measured: {why}");
+            skipped.push((name, why));
+        }
+        Err(e) => {
+            eprintln!("{name}: not measured: {e}");
+            skipped.push((name, e.to_string()))
+        }
+    };
+    for p in args.providers {
+        eprintln!("{p}: measuring in a child process");
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("bench")
+            .arg("--bundle")
+            .arg(args.bundle)
+            .arg("--worker")
+            .arg(p.as_str())
+            .arg("--image-raw")
+            .arg(&tmp);
+        if let Some(lib) = &args.ort_lib {
+            cmd.arg("--ort-lib").arg(lib);
+        }
+        common(&mut cmd);
+        record(p.to_string(), cmd.output());
+    }
+    if let Some((python, script)) = args.python {
+        eprintln!("python-ort-cpu: measuring {}", script.display());
+        let mut cmd = std::process::Command::new(python);
+        cmd.arg(script)
+            .arg("--bundle")
+            .arg(args.bundle)
+            .arg("--image-raw")
+            .arg(&tmp);
+        common(&mut cmd);
+        record("python-ort-cpu".to_string(), cmd.output());
+    }
+    let machine = machine_peak_gflops();
+    let mut table = render_markdown(&results, &skipped, s, machine.as_ref());
+    if let Some(rust) = results.iter().find(|r| r.provider == "ort-cpu") {
+        for r in &results {
+            if r.caption != rust.caption {
+                table.push_str(&format!(
+                    "\n**Mismatch**: {} captions the image \"{}\", ort-cpu \"{}\".\n",
+                    r.provider, r.caption, rust.caption
+                ));
+            }
+        }
+    }
+    println!("{table}");
+    if let Some(out) = args.out {
+        let command: Vec<String> = std::env::args().collect();
+        let doc = format!(
+            "Bundle `{}`, {} timed runs per cell (fewer for the slow rows), benchmark caption \"{}\".\n\nCommand: `{}`\n\n{table}",
+            args.bundle.display(),
+            s.runs,
+            results.first().map(|r| r.caption.as_str()).unwrap_or(""),
+            command.join(" ")
+        );
+        write_file_atomic(out, doc.as_bytes())?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// One provider, in its own process: JSON on stdout.
+pub(crate) fn bench_worker(
+    bundle_dir: &Path,
+    provider: duet_runtime::Provider,
+    ort_lib: Option<PathBuf>,
+    settings: &duet_runtime::bench::BenchSettings,
+    raw: &Path,
+) -> Result<()> {
+    let bundle = Bundle::open(bundle_dir)?;
+    let side = bundle.manifest().image.size as u32;
+    let bytes = std::fs::read(raw)?;
+    let image = image::RgbImage::from_raw(side, side, bytes)
+        .context("benchmark image does not match the model's size")?;
+    let options = EngineOptions {
+        ort_lib,
+        ..EngineOptions::default()
+    };
+    let r = duet_runtime::bench::run_provider(
+        &bundle,
+        ProviderChoice::Only(provider),
+        &options,
+        settings,
+        &image,
+    )?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}

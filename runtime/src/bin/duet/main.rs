@@ -1,0 +1,388 @@
+//! `duet`: caption images, generate images or classify image + text pairs (either may be
+//! missing) with a bundle, or describe a bundle and this machine's providers. The command line
+//! and dispatch are here; the pipelines' commands in `run.rs`, `duet info` in `info.rs`,
+//! `duet bench` in `bench.rs`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use duet_runtime::diffusion::Sampler;
+use duet_runtime::engine::{ort_info, TensorRtOptions};
+use duet_runtime::manifest::Manifest;
+use duet_runtime::preprocess;
+use duet_runtime::{Bundle, Captioner, EngineOptions, GenerateOptions, Generator, ProviderChoice};
+
+mod bench;
+mod info;
+mod run;
+
+use bench::*;
+use info::*;
+use run::*;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "duet",
+    version,
+    about = "duet runtime: run exported duet bundles"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug)]
+struct EngineArgs {
+    /// Backend: auto (TensorRT → CUDA → ort CPU → tract), tensorrt, cuda, ort-cpu or tract.
+    #[arg(long, default_value = "auto")]
+    provider: ProviderChoice,
+    /// Fail instead of falling back when a provider is skipped.
+    #[arg(long)]
+    strict: bool,
+    /// Path of libonnxruntime (default: $ORT_DYLIB_PATH, then beside the executable, then the
+    /// build tree's .ort/lib/; never searched for from the working directory).
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
+    /// TensorRT: allow fp16 kernels.
+    #[arg(long)]
+    trt_fp16: bool,
+    /// TensorRT: cache built engines here, so only the first start builds them.
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
+}
+
+impl EngineArgs {
+    fn options(&self) -> EngineOptions {
+        EngineOptions {
+            strict: self.strict,
+            ort_lib: self.ort_lib.clone(),
+            tensorrt: TensorRtOptions {
+                fp16: self.trt_fp16,
+                engine_cache: self.trt_cache.clone(),
+            },
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Caption images; prints `PATH<TAB>CAPTION` per image on stdout.
+    Caption {
+        /// Bundle directory.
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Images per batch.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+        batch: u16,
+        /// Image files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Generate images from text prompts; writes a PNG (a grid when --count > 1 or with
+    /// several prompts: one row per prompt, --count images each).
+    Generate {
+        /// Bundle directory (exported from a generate run).
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// What to draw, e.g. "a large red circle at the top left"; give several to compare.
+        #[arg(required = true)]
+        prompt: Vec<String>,
+        /// Output PNG.
+        #[arg(short, long, default_value = "generated.png")]
+        out: PathBuf,
+        /// Sampler steps (default: the bundle's).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Sampler: ddim or dpmpp (DPM-Solver++ 2M).
+        #[arg(long, default_value = "ddim")]
+        sampler: SamplerArg,
+        /// DDIM noise (default 0: deterministic); DDIM only.
+        #[arg(long)]
+        eta: Option<f32>,
+        /// Classifier-free guidance scale (default: the bundle's; 1 = no guidance).
+        #[arg(long)]
+        guidance: Option<f32>,
+        /// Noise seed: the same seed, prompt and bundle give the same image.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Images to generate from the prompt (different noise each).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        count: u16,
+        /// Nearest-neighbour upscaling of the written PNG (the model draws 32×32).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
+        scale: u32,
+    },
+    /// Classify an image + text pair with the bundle's task head; either may be missing (its
+    /// embedding is restored from the other by the feature-space diffusion restorer).
+    Classify {
+        /// Bundle directory (exported from a restore run).
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Image file (leave out to restore the image from the text).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Text describing the same scene (leave out to restore it from the image).
+        #[arg(long)]
+        text: Option<String>,
+        /// Seed of the restorer's start noise.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Classes to list, most probable first.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        top: u16,
+    },
+    /// Embed images and texts in the bundle's shared space: with both, prints their cosine
+    /// similarities and the best-matching text for each image; with one kind only, prints the
+    /// embeddings as JSON lines (`kind`, `input`, `embedding`).
+    Embed {
+        /// Bundle directory (texts need a text encoder: a bundle from a generate run or later).
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Image file; repeat for several.
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        /// Text; repeat for several.
+        #[arg(long)]
+        text: Vec<String>,
+        /// Also write every embedding as a JSON line (`kind`, `input`, `embedding`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Benchmark every pipeline on every provider (each in its own process) and a Python
+    /// onnxruntime reference; prints a Markdown table.
+    Bench {
+        /// Bundle directory.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Providers to measure (comma-separated); unavailable ones are listed with the reason.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "tensorrt,cuda,ort-cpu,tract"
+        )]
+        providers: Vec<duet_runtime::Provider>,
+        /// Timed runs per measurement.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
+        runs: u16,
+        /// Sampler steps of the generation rows (each 1 ..= 1000).
+        #[arg(long, value_delimiter = ',', default_value = "10,20,50", value_parser = sampler_steps)]
+        steps: Vec<usize>,
+        /// Batch size of the throughput rows.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+        batch: u16,
+        /// Prompt of the generation rows.
+        #[arg(long, default_value = "a large red circle at the top left")]
+        prompt: String,
+        /// Image to caption (default: the bundle's own generation of the prompt, seed 0).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Python interpreter for the reference pipeline (needs onnxruntime and numpy:
+        /// `pip install -r benchmarks/python/requirements.txt`).
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// The reference script.
+        #[arg(long, default_value = "benchmarks/python/bench.py")]
+        python_script: PathBuf,
+        /// Skip the Python reference.
+        #[arg(long)]
+        no_python: bool,
+        /// Also write the table (with the command and machine) to this Markdown file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Path of libonnxruntime (see `caption --help`).
+        #[arg(long, value_name = "PATH")]
+        ort_lib: Option<PathBuf>,
+        /// Internal: measure this one provider and print JSON (what each child process does).
+        #[arg(long, hide = true)]
+        worker: Option<duet_runtime::Provider>,
+        /// Internal: the raw RGB image the children caption.
+        #[arg(long, hide = true)]
+        image_raw: Option<PathBuf>,
+    },
+    /// Summarise a bundle (if given) and the providers available on this machine.
+    Info {
+        /// Bundle directory.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Path of libonnxruntime (see `caption --help`).
+        #[arg(long, value_name = "PATH")]
+        ort_lib: Option<PathBuf>,
+    },
+}
+
+/// A measuring child ends when `duet bench` does (SIGTERM, Ctrl-C, a crash): on Linux the
+/// kernel sends it SIGTERM when its parent dies, so no worker keeps a core busy after the
+/// command that started it is gone.
+fn die_with_parent(cmd: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: `prctl` is async-signal-safe, the only call between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
+/// `duet info | head` must stop quietly when the reader goes away, as every Unix tool does.
+/// Rust starts programs with SIGPIPE ignored, so `println!` would panic on the broken pipe
+/// instead; the default action (end the process) is what a pipeline expects.
+#[cfg(unix)]
+fn restore_default_sigpipe() {
+    // SAFETY: called first thing in `main`, before any thread exists; `signal` with `SIG_DFL`
+    // only resets the disposition of SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+fn main() -> ExitCode {
+    #[cfg(unix)]
+    restore_default_sigpipe();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Caption {
+            bundle,
+            engine,
+            batch,
+            images,
+        } => caption(&bundle, &engine, usize::from(batch), &images),
+        Command::Generate {
+            bundle,
+            engine,
+            prompt,
+            out,
+            steps,
+            sampler,
+            eta,
+            guidance,
+            seed,
+            count,
+            scale,
+        } => sampler_of(sampler, eta).and_then(|sampler| {
+            generate(
+                &bundle,
+                &engine,
+                &prompt,
+                &out,
+                GenerateArgs {
+                    steps,
+                    sampler,
+                    guidance,
+                    seed,
+                    count: usize::from(count),
+                    scale,
+                },
+            )
+        }),
+        Command::Classify {
+            bundle,
+            engine,
+            image,
+            text,
+            seed,
+            top,
+        } => classify(
+            &bundle,
+            &engine,
+            image.as_deref(),
+            text.as_deref(),
+            seed,
+            usize::from(top),
+        ),
+        Command::Embed {
+            bundle,
+            engine,
+            image,
+            text,
+            out,
+        } => embed(&bundle, &engine, &image, &text, out.as_deref()),
+        Command::Info { bundle, ort_lib } => info(bundle.as_deref(), ort_lib),
+        Command::Bench {
+            bundle,
+            providers,
+            runs,
+            steps,
+            batch,
+            prompt,
+            image,
+            python,
+            python_script,
+            no_python,
+            out,
+            ort_lib,
+            worker,
+            image_raw,
+        } => {
+            let settings = duet_runtime::bench::BenchSettings {
+                runs: usize::from(runs),
+                steps,
+                batch: usize::from(batch),
+                prompt,
+                ..Default::default()
+            };
+            match (worker, image_raw) {
+                (Some(p), Some(raw)) => bench_worker(&bundle, p, ort_lib, &settings, &raw),
+                _ => bench(BenchArgs {
+                    bundle: &bundle,
+                    providers: &providers,
+                    settings: &settings,
+                    image: image.as_deref(),
+                    python: (!no_python).then_some((python.as_str(), python_script.as_path())),
+                    out: out.as_deref(),
+                    ort_lib,
+                }),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", duet_runtime::display::error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--steps` of `duet bench`: a number of sampler steps, 1 ..= 1000 (0 would measure nothing
+/// and print an empty table).
+fn sampler_steps(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=1000) => Ok(n),
+        Ok(n) => Err(format!("{n} steps: must be 1 ..= 1000")),
+        Err(e) => Err(format!("`{s}` is not a number of steps: {e}")),
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum SamplerArg {
+    Ddim,
+    Dpmpp,
+}
