@@ -1,8 +1,7 @@
 //! The C ABI called the way C calls it (raw pointers, out-parameters) on a small
 //! random-weight bundle: statuses, error texts, ownership, strict mode and concurrency.
 
-#[path = "../../runtime/tests/common/mod.rs"]
-mod common;
+use duet_testkit as common;
 
 mod strings;
 

@@ -4,8 +4,7 @@
 
 #[path = "c_build/mod.rs"]
 mod c_build;
-#[path = "../../runtime/tests/common/mod.rs"]
-mod common;
+use duet_testkit as common;
 
 use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};
 use duet_runtime::{Bundle, Captioner};

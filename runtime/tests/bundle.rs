@@ -1,6 +1,6 @@
 //! Manifest schema and `Bundle::open` refusals.
 
-mod common;
+use duet_testkit as common;
 
 use common::*;
 use duet_runtime::bundle::is_plain_file_name;

@@ -1,7 +1,7 @@
 //! The captioning pipeline on a small contract-conforming bundle with random weights:
 //! KV-cache and full-recompute greedy decoding must agree, and so must the backends.
 
-mod common;
+use duet_testkit as common;
 
 use common::*;
 use duet_runtime::engine::{EngineOptions, Provider, ProviderChoice};

@@ -1,6 +1,6 @@
 //! The `duet` binary end to end on a small random-weight bundle.
 
-mod common;
+use duet_testkit as common;
 
 use std::process::Command;
 

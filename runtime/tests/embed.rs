@@ -2,7 +2,7 @@
 //! caption-only bundle: batch embeddings equal one-at-a-time ones and the classifier's, images
 //! match their own captions, and bad inputs are typed errors.
 
-mod common;
+use duet_testkit as common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! Engines on tiny hand-built ONNX graphs: provider selection and reports, ort-cpu vs tract
 //! agreement, symbolic batch, zero-length KV-cache axes, and honest GPU skip reasons.
 
-mod common;
+use duet_testkit as common;
 
 use common::*;
 use duet_runtime::engine::{

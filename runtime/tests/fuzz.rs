@@ -14,7 +14,7 @@
 //! on stable Rust in CI's time. `tests/fuzz-corpus/` holds the interesting cases (the issue's
 //! findings and anything a run ever failed on), run first on every run.
 
-mod common;
+use duet_testkit as common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;

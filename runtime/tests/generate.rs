@@ -1,7 +1,7 @@
 //! The generation pipeline on a broken copy of the shipped bundle: a NaN weight in the denoiser
 //! must stop generation with an error naming the graph, not come out as a black image.
 
-mod common;
+use duet_testkit as common;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! hang, allocate without bound, read outside the bundle, or load bytes other than those
 //! hashed. Every refusal is a typed error.
 
-mod common;
+use duet_testkit as common;
 
 use std::path::Path;
 

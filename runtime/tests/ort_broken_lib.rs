@@ -4,7 +4,7 @@
 
 #![cfg_attr(not(feature = "ort"), allow(unused_imports))]
 
-mod common;
+use duet_testkit as common;
 
 use common::*;
 use duet_runtime::engine::{

@@ -2,7 +2,6 @@
 //! invariants, the tokenizer, every graph's I/O against its contract, and the generation and
 //! restoration sections, each all-or-nothing.
 
-
 use crate::manifest::{Graph, Manifest};
 
 use super::*;

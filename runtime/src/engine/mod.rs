@@ -744,6 +744,10 @@ pub struct OrtInfo {
     pub providers: Vec<String>,
 }
 
+/// Whether this build of the runtime has the onnxruntime engine (the `ort` feature); without it
+/// only tract runs, and every ort provider is reported unavailable.
+pub const ORT_COMPILED: bool = cfg!(feature = "ort");
+
 /// Loads onnxruntime (if not already loaded) and describes it; `Err` carries the reason it is
 /// unavailable, the same text engines report when they skip the ort providers.
 pub fn ort_info(options: &EngineOptions) -> Result<OrtInfo, String> {

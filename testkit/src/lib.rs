@@ -1,6 +1,6 @@
-//! Test helpers: a tiny ONNX graph builder (tract's prost types), small contract-conforming
-//! duet graphs with random weights, and bundle writing.
-#![allow(dead_code)]
+//! Test helpers shared by the runtime's and the C ABI's tests (dev-only, not published): a tiny
+//! ONNX graph builder (tract's prost types), small contract-conforming duet graphs with random
+//! weights, and bundle writing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ impl Lcg {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407))
     }
-    pub fn next(&mut self) -> f32 {
+    pub fn uniform(&mut self) -> f32 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)
@@ -40,7 +40,7 @@ impl Lcg {
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
     pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
+        (0..n).map(|_| self.uniform() * scale).collect()
     }
 }
 
@@ -700,9 +700,10 @@ pub fn caption_bundle(dir: &Path, eos_logit_bias: f32) -> Manifest {
     )
 }
 
-/// The onnxruntime library installed by `scripts/setup-ort.sh`, if present.
+/// The onnxruntime library installed by `scripts/setup-ort.sh`, if present and the runtime under
+/// test was built with onnxruntime.
 pub fn ort_lib() -> Option<PathBuf> {
-    if !cfg!(feature = "ort") {
+    if !duet_runtime::engine::ORT_COMPILED {
         return None;
     }
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
