@@ -119,7 +119,7 @@ pub struct EmojiCaptionReport {
 
 impl fmt::Display for EmojiCaptionReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "| emoji ({} held out) | score |", self.samples)?;
+        writeln!(f, "| emoji ({}) | score |", self.samples)?;
         writeln!(f, "|---|---|")?;
         writeln!(f, "| exact name | {:.2}% |", 100.0 * self.exact_name)?;
         write!(f, "| token F1 | {:.2}% |", 100.0 * self.token_f1)
@@ -209,7 +209,7 @@ pub struct EmojiRetrievalReport {
 impl fmt::Display for EmojiRetrievalReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.samples;
-        writeln!(f, "| retrieval among {n} held-out emoji | R@1 | R@5 |")?;
+        writeln!(f, "| retrieval among {n} emoji | R@1 | R@5 |")?;
         writeln!(f, "|---|---|---|")?;
         let row = |f: &mut fmt::Formatter<'_>, name: &str, r: [f64; 2]| {
             writeln!(
