@@ -88,7 +88,10 @@ for bin in "${e2e_bins[@]}"; do
     read -r status secs <"$results/$name" || { status=1 secs=?; }
     [ "$status" -eq 0 ] || e2e_status=1
     if [ -n "${DUET_TIMINGS:-}" ]; then
-        echo "(tests/tests/$name.rs, beside the above) $secs" >>"$DUET_TIMINGS"
+        # A test target is tests/tests/NAME.rs or, split into modules, tests/tests/NAME/.
+        src="tests/tests/$name.rs"
+        [ -f "$root/$src" ] || src="tests/tests/$name/"
+        echo "($src, beside the above) $secs" >>"$DUET_TIMINGS"
     fi
 done
 echo "end-to-end tests: exit status $e2e_status; other tests: exit status $rest"
