@@ -150,7 +150,7 @@ pub fn run(cmd: EvalCommand, command_line: String) -> anyhow::Result<()> {
         Evaluation::Retrieval => {
             let data = data.context(
                 "--data is required for --stage retrieval (an Emoji-CLDR split, e.g. \
-             data/emoji/test)",
+                 data/emoji/test)",
             )?;
             let sampler = parse_sampler(&sampler, eta)?;
             let opts = RetrievalOptions {

@@ -168,7 +168,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
             };
             println!(
                 "{stage}: held-out accuracy on complete pairs {:.4}, final loss {:.4}, \
-             {:.1}s; run in {}",
+                 {:.1}s; run in {}",
                 outcome.complete_accuracy,
                 outcome.final_loss,
                 outcome.seconds,
@@ -204,7 +204,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
             if outcome.grpo_steps > 0 {
                 println!(
                     "stage 1: {} GRPO steps, reward {:.4} -> {:.4} (means of the first/last \
-                 min(10, steps/2) steps), KL {:.2e}, informative groups {:.0}%",
+                     min(10, steps/2) steps), KL {:.2e}, informative groups {:.0}%",
                     outcome.grpo_steps,
                     outcome.reward_start,
                     outcome.reward_end,
@@ -213,11 +213,11 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 );
             }
             println!(
-            "stage 2: diffusion loss {:.4}; {:.1}s in all; runs in {}/{{{STAGE1_DIR},{STAGE2_DIR}}}",
-            outcome.final_diffusion_loss,
-            outcome.seconds,
-            out.display()
-        );
+                "stage 2: diffusion loss {:.4}; {:.1}s in all; runs in {}/{{{STAGE1_DIR},{STAGE2_DIR}}}",
+                outcome.final_diffusion_loss,
+                outcome.seconds,
+                out.display()
+            );
         }
         Stage::Generate => {
             need_data()?;
