@@ -199,22 +199,22 @@ impl Bundle {
         self.manifest.graph(graph)
     }
 
+    /// The bundle's `graph`, or the error that it has none.
+    fn require(&self, graph: Graph) -> Result<&GraphSpec, BundleError> {
+        self.graph(graph)
+            .ok_or_else(|| bad("graphs", format!("no graph named `{graph}`")))
+    }
+
     /// Path of `graph`'s ONNX file (for messages: load from [`Bundle::graph_bytes`]).
     pub fn graph_path(&self, graph: Graph) -> Result<PathBuf, BundleError> {
-        let g = self
-            .graph(graph)
-            .ok_or_else(|| bad("graphs", format!("no graph named `{graph}`")))?;
-        Ok(self.dir.join(&g.file))
+        Ok(self.dir.join(&self.require(graph)?.file))
     }
 
     /// The verified bytes of `graph`'s ONNX file, as read and hashed by [`Bundle::open`].
     pub fn graph_bytes(&self, graph: Graph) -> Result<Arc<[u8]>, BundleError> {
-        let name = graph.name();
-        let g = self
-            .graph(graph)
-            .ok_or_else(|| bad("graphs", format!("no graph named `{name}`")))?;
+        let g = self.require(graph)?;
         self.file_bytes(&g.file)
-            .ok_or_else(|| bad(format!("graphs[{name}].file"), "not listed in `files`"))
+            .ok_or_else(|| bad(format!("graphs[{graph}].file"), "not listed in `files`"))
     }
 
     /// The verified bytes of a file listed in the manifest.
@@ -232,12 +232,9 @@ impl Bundle {
         inputs: &[IoInfo],
         outputs: &[String],
     ) -> Result<(), BundleError> {
-        let name = graph.name();
-        let g = self
-            .graph(graph)
-            .ok_or_else(|| bad("graphs", format!("no graph named `{name}`")))?;
+        let g = self.require(graph)?;
         let mismatch = |reason: String| BundleError::GraphMismatch {
-            graph: name.to_string(),
+            graph: graph.name().to_string(),
             reason: escape_controls(&reason),
         };
         let declared: Vec<&str> = g.inputs.iter().map(|t| t.name.as_str()).collect();
