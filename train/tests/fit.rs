@@ -271,18 +271,33 @@ fn generate_options_are_recorded_and_checked() {
         "--conv-head",
         "8",
         "--long-skips",
+        "--denoiser-layers",
+        "3",
+        "--denoiser-patch",
+        "2",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let config: serde_json::Value = read_json(&gen.join("config.json")).unwrap();
     assert_eq!(config["diffusion"]["min_snr_gamma"], 5.0);
     assert_eq!(config["model"]["denoiser_conv_head"], 8);
     assert_eq!(config["model"]["denoiser_long_skips"], true);
+    assert_eq!(config["model"]["denoiser_layers"], 3);
+    assert_eq!(config["model"]["denoiser_patch_size"], 2);
     let weights = load_weights(&gen.join(WEIGHTS_FILE)).unwrap();
     assert_eq!(weights["denoiser.out_conv.weight"].shape, vec![3, 8, 3, 3]);
     assert!(weights.contains_key("denoiser.skips.0.weight"));
+    assert!(weights.keys().any(|k| k.starts_with("denoiser.blocks.2.")));
+    assert!(!weights.keys().any(|k| k.starts_with("denoiser.blocks.3.")));
+    // 2 px patches in; each token emits its 2×2 pixels' 8 conv-head channels.
+    assert_eq!(weights["denoiser.patch_embed.weight"].shape[2..], [2, 2]);
+    assert_eq!(weights["denoiser.head.weight"].shape[1], 2 * 2 * 8);
     assert!(gen.join("loss.png").is_file(), "no training curve drawn");
 
     let o = run(&["--resume", "--steps", "3", "--conv-head", "16"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("a resumed run keeps its denoiser"), "{e}");
+    let o = run(&["--resume", "--steps", "3", "--denoiser-layers", "4"]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("a resumed run keeps its denoiser"), "{e}");
@@ -302,6 +317,14 @@ fn generate_options_are_recorded_and_checked() {
         (
             ["--conv-head", "0"],
             "denoiser_conv_head: must have at least one channel",
+        ),
+        (
+            ["--denoiser-patch", "5"],
+            "denoiser_patch_size: 5 does not divide image_size",
+        ),
+        (
+            ["--denoiser-layers", "0"],
+            "--denoiser-layers must be at least 1",
         ),
     ] {
         let o = duet_train()

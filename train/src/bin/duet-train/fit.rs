@@ -81,6 +81,13 @@ pub struct FitCommand {
     /// denoiser (a 3×3 convolution across patch borders).
     #[arg(long)]
     pub conv_head: Option<usize>,
+    /// `--stage generate`: DiT blocks of the denoiser instead of the preset's.
+    #[arg(long)]
+    pub denoiser_layers: Option<usize>,
+    /// `--stage generate`: side in pixels of the denoiser's patches instead of the preset's
+    /// (smaller patches: more tokens, finer detail, slower).
+    #[arg(long)]
+    pub denoiser_patch: Option<usize>,
 }
 
 pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
@@ -103,6 +110,8 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
         min_snr_gamma,
         long_skips,
         conv_head,
+        denoiser_layers,
+        denoiser_patch,
         captions,
         task,
     } = cmd;
@@ -122,6 +131,8 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
             ("--min-snr-gamma", min_snr_gamma.is_some()),
             ("--long-skips", long_skips),
             ("--conv-head", conv_head.is_some()),
+            ("--denoiser-layers", denoiser_layers.is_some()),
+            ("--denoiser-patch", denoiser_patch.is_some()),
         ],
     )?;
     let preset = preset.unwrap_or(Preset::Tiny);
@@ -233,6 +244,8 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 denoiser: DenoiserOptions {
                     long_skips,
                     conv_head,
+                    layers: denoiser_layers,
+                    patch_size: denoiser_patch,
                 },
                 seed,
                 resume,
@@ -297,6 +310,8 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--min-snr-gamma",
             "--long-skips",
             "--conv-head",
+            "--denoiser-layers",
+            "--denoiser-patch",
         ],
         Stage::Unify => &[
             "--data",

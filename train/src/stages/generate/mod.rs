@@ -171,11 +171,16 @@ impl GenerateTrainConfig {
 }
 
 /// Denoiser architecture options of a new generate run (`ModelSpec::denoiser_long_skips`,
-/// `ModelSpec::denoiser_conv_head`); the default is the preset's plain DiT.
+/// `denoiser_conv_head`, `denoiser_layers`, `denoiser_patch_size`); the default is the
+/// preset's plain DiT.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DenoiserOptions {
     pub long_skips: bool,
     pub conv_head: Option<usize>,
+    /// `None`: the preset's block count.
+    pub layers: Option<usize>,
+    /// `None`: the preset's patch side.
+    pub patch_size: Option<usize>,
 }
 
 impl DenoiserOptions {
@@ -183,15 +188,19 @@ impl DenoiserOptions {
         ModelSpec {
             denoiser_long_skips: self.long_skips,
             denoiser_conv_head: self.conv_head,
+            denoiser_layers: self.layers.unwrap_or(model.denoiser_layers),
+            denoiser_patch_size: self.patch_size.unwrap_or(model.denoiser_patch_size),
             ..model
         }
     }
 
-    fn of(model: &ModelSpec) -> Self {
-        Self {
-            long_skips: model.denoiser_long_skips,
-            conv_head: model.denoiser_conv_head,
-        }
+    /// Whether `model` (a run being resumed) was built with these options; options left to
+    /// the preset match whatever the run has.
+    fn matches(self, model: &ModelSpec) -> bool {
+        self.long_skips == model.denoiser_long_skips
+            && self.conv_head == model.denoiser_conv_head
+            && self.layers.is_none_or(|l| l == model.denoiser_layers)
+            && self.patch_size.is_none_or(|p| p == model.denoiser_patch_size)
     }
 }
 
@@ -257,13 +266,15 @@ pub fn fit_generate<B: AutodiffBackend>(
         if let Some(s) = args.steps {
             cfg.steps = s;
         }
-        if args.denoiser != DenoiserOptions::default()
-            && args.denoiser != DenoiserOptions::of(&cfg.model)
-        {
+        if args.denoiser != DenoiserOptions::default() && !args.denoiser.matches(&cfg.model) {
             anyhow::bail!(
-                "--long-skips / --conv-head differ from the run being resumed ({:?}); a resumed \
-                 run keeps its denoiser",
-                DenoiserOptions::of(&cfg.model)
+                "--long-skips / --conv-head / --denoiser-layers / --denoiser-patch differ from \
+                 the run being resumed (long skips {}, conv head {:?}, {} layers, {} px \
+                 patches); a resumed run keeps its denoiser",
+                cfg.model.denoiser_long_skips,
+                cfg.model.denoiser_conv_head,
+                cfg.model.denoiser_layers,
+                cfg.model.denoiser_patch_size
             );
         }
         if args.min_snr_gamma.is_some() && args.min_snr_gamma != cfg.diffusion.min_snr_gamma {
@@ -310,6 +321,9 @@ pub fn fit_generate<B: AutodiffBackend>(
         (cfg, None)
     };
     cfg.model.validate().map_err(anyhow::Error::msg)?;
+    if cfg.model.denoiser_layers == 0 {
+        anyhow::bail!("--denoiser-layers must be at least 1 (the denoiser needs a block)");
+    }
     if let Some(g) = cfg.diffusion.min_snr_gamma {
         if !(g.is_finite() && g > 0.0) {
             anyhow::bail!("--min-snr-gamma must be a positive number, got {g}");
