@@ -3,10 +3,12 @@
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use duet_spec::ModelSpec;
+
+use crate::activation::gelu;
 
 /// Multi-head attention with separate `q`, `k`, `v`, `out` projections (`D → D`).
 ///

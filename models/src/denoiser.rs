@@ -193,9 +193,8 @@ impl<B: Backend> Denoiser<B> {
         let [b, c, s, _] = x.dims();
         let p = cfg.denoiser_patch_size;
         let g = s / p;
-        let h = self.patch_embed.forward(x);
-        let d = h.dims()[1];
-        let mut h = h.reshape([b, d, g * g]).swap_dims(1, 2) + self.pos_embed.val();
+        let d = cfg.d_model;
+        let mut h = crate::conv::patchify(&self.patch_embed, x, p) + self.pos_embed.val();
         let temb = self
             .time_fc2
             .forward(silu(self.time_fc1.forward(timestep_features(t, d))));
@@ -226,7 +225,7 @@ impl<B: Backend> Denoiser<B> {
         let out = self.head.forward(h).reshape([b, g, g, p, p, hc]);
         let out = out.permute([0, 5, 1, 3, 2, 4]).reshape([b, hc, s, s]);
         match &self.out_conv {
-            Some(conv) => conv.forward(silu(out)),
+            Some(conv) => crate::conv::conv3x3_same(conv, silu(out)),
             None => out,
         }
     }

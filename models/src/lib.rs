@@ -4,8 +4,10 @@
 //! the exporter rebuilds these modules as ONNX graphs from the same weights and checks parity,
 //! so any change here must be mirrored there.
 
+pub mod activation;
 pub mod attention;
 pub mod caption;
+pub mod conv;
 pub mod denoiser;
 pub mod params;
 pub mod position;

@@ -1,6 +1,7 @@
 //! duet training: datasets (`data`), Burn training stages (`stages`), evaluation (`eval`), and
 //! the run plumbing they share (backends, checkpoints, metrics, curves, progress).
 
+pub mod alloc;
 pub mod backend;
 pub mod checkpoint;
 // Not in the unit-test build: its instances would be compiled a second time there for nothing.

@@ -47,6 +47,7 @@ pub(crate) fn fixture() -> &'static Fixture {
             command: format!("e2e fixture: fit --stage caption --preset tiny --steps {steps}"),
             quiet: true,
         };
+        duet_train::alloc::keep_freed_memory();
         let outcome =
             fit::<duet_train::backend::CpuBackend>(&args, &Default::default()).expect("training");
         eprintln!(
@@ -126,6 +127,7 @@ pub(crate) fn gen_fixture() -> &'static GenFixture {
             command: format!("e2e fixture: fit --stage generate --steps {steps}"),
             quiet: true,
         };
+        duet_train::alloc::keep_freed_memory();
         let outcome = fit_generate::<duet_train::backend::CpuBackend>(&args, &Default::default())
             .expect("generate training");
         eprintln!(

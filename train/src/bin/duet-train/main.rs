@@ -68,6 +68,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    duet_train::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -200,7 +200,9 @@ impl DenoiserOptions {
         self.long_skips == model.denoiser_long_skips
             && self.conv_head == model.denoiser_conv_head
             && self.layers.is_none_or(|l| l == model.denoiser_layers)
-            && self.patch_size.is_none_or(|p| p == model.denoiser_patch_size)
+            && self
+                .patch_size
+                .is_none_or(|p| p == model.denoiser_patch_size)
     }
 }
 
