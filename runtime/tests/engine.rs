@@ -5,7 +5,7 @@ use duet_testkit as common;
 
 use common::*;
 use duet_runtime::engine::{
-    ort_info, Engine, EngineError, EngineOptions, Provider, ProviderChoice, Value,
+    ort_info, Engine, EngineError, EngineOptions, Provider, ProviderChoice, Value, TRACT_PLAN_CACHE,
 };
 use ndarray::{array, ArrayD, Axis, IxDyn};
 
@@ -75,6 +75,71 @@ fn linear_model_on_tract_with_symbolic_batch() {
         let want = linear_expected(&x).into_dyn();
         assert!((y - &want).iter().all(|d| d.abs() < 1e-5), "{y} vs {want}");
     }
+}
+
+/// A dynamic axis with neither a size nor a name (a `Reshape` reads it through `Shape`): tract
+/// cannot type the graph up front, so it plans per input shape — right answers for every
+/// batch, one plan per distinct shape reused on repeat, at most `TRACT_PLAN_CACHE` kept — and
+/// ort (when present) agrees.
+#[test]
+fn unnamed_dynamic_axis_runs_on_tract_with_per_shape_plans() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "unnamed.onnx", unnamed_axis_model());
+    let load = |p: Provider| Engine::load(&path, "unnamed", ProviderChoice::Only(p), &options());
+    let (tract, _) = load(Provider::Tract).expect("tract must load a graph with an unnamed axis");
+    assert_eq!(
+        tract.specialised_plans(),
+        Some(0),
+        "planned before any shape was known"
+    );
+    let ort = if ort_info(&options()).is_ok() {
+        let (e, _) = load(Provider::OrtCpu).unwrap();
+        assert_eq!(e.specialised_plans(), None);
+        Some(e)
+    } else {
+        None
+    };
+    let run = |engine: &Engine, batch: usize| {
+        let x =
+            ndarray::Array2::from_shape_fn((batch, 3), |(i, j)| (i * 3 + j) as f32 * 0.25 - 1.0);
+        let out = engine
+            .run(&[("x", Value::F32(x.clone().into_dyn()))])
+            .unwrap();
+        let y = out["y"].as_f32().unwrap().clone();
+        assert_eq!(y.shape(), [batch, 2, 1]);
+        let want = linear_expected(&x)
+            .into_shape_with_order((batch, 2, 1))
+            .unwrap()
+            .into_dyn();
+        assert!((&y - &want).iter().all(|d| d.abs() < 1e-5), "{y} vs {want}");
+        y
+    };
+    for batch in [2, 5, 2] {
+        let y = run(&tract, batch);
+        if let Some(ort) = &ort {
+            assert_eq!(run(ort, batch), y, "ort and tract differ at batch {batch}");
+        }
+    }
+    assert_eq!(
+        tract.specialised_plans(),
+        Some(2),
+        "batch 2 must reuse its plan"
+    );
+    for batch in 1..=TRACT_PLAN_CACHE + 3 {
+        run(&tract, batch);
+    }
+    assert_eq!(tract.specialised_plans(), Some(TRACT_PLAN_CACHE));
+
+    // A graph tract types with its symbolic axes keeps one plan.
+    let linear = write(&dir, "linear.onnx", linear_model());
+    let (e, _) = Engine::load(
+        &linear,
+        "linear",
+        ProviderChoice::Only(Provider::Tract),
+        &options(),
+    )
+    .unwrap();
+    assert_eq!(e.specialised_plans(), None);
 }
 
 #[test]

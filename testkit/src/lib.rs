@@ -21,6 +21,8 @@ pub const INT64: i32 = pb::tensor_proto::DataType::Int64 as i32;
 pub enum D {
     N(i64),
     S(&'static str),
+    /// An axis with neither a size nor a name (what many exporters write for a dynamic axis).
+    Unknown,
 }
 
 /// Deterministic pseudo-random numbers in [-1, 1) (no rand dependency needed).
@@ -59,10 +61,11 @@ fn value_info(name: &str, elem: i32, dims: &[D]) -> pb::ValueInfoProto {
         .iter()
         .map(|d| Dimension {
             denotation: String::new(),
-            value: Some(match d {
-                D::N(n) => DV::DimValue(*n),
-                D::S(s) => DV::DimParam(s.to_string()),
-            }),
+            value: match d {
+                D::N(n) => Some(DV::DimValue(*n)),
+                D::S(s) => Some(DV::DimParam(s.to_string())),
+                D::Unknown => None,
+            },
         })
         .collect();
     pb::ValueInfoProto {
@@ -199,6 +202,26 @@ pub fn linear_model() -> Vec<u8> {
     let xw = g.op("MatMul", &[&x, &w]);
     g.node("Add", &[&xw, &b], vec![], Some("y"));
     g.output("y", FLOAT, &[D::S("batch"), D::N(2)]);
+    g.finish(17)
+}
+
+/// [`linear_model`] with its batch axis neither sized nor named, and a `Reshape` to
+/// `[batch, 2, 1]` through `Shape`/`Gather`/`Concat` of that axis, as exporters write a dynamic
+/// axis: tract cannot type this graph until it is given the input's shape.
+pub fn unnamed_axis_model() -> Vec<u8> {
+    let mut g = GraphBuilder::default();
+    let x = g.input("x", FLOAT, &[D::Unknown, D::N(3)]);
+    let w = g.f32("W", &[3, 2], LINEAR_W.to_vec());
+    let b = g.f32("b", &[2], LINEAR_B.to_vec());
+    let xw = g.op("MatMul", &[&x, &w]);
+    let y = g.op("Add", &[&xw, &b]);
+    let shape = g.op("Shape", &[&x]);
+    let zero = g.i64("zero", &[0]);
+    let batch = g.node("Gather", &[&shape, &zero], vec![attr_int("axis", 0)], None);
+    let rest = g.i64("rest", &[2, 1]);
+    let target = g.node("Concat", &[&batch, &rest], vec![attr_int("axis", 0)], None);
+    g.node("Reshape", &[&y, &target], vec![], Some("y"));
+    g.output("y", FLOAT, &[D::Unknown, D::N(2), D::N(1)]);
     g.finish(17)
 }
 

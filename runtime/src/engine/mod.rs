@@ -153,6 +153,9 @@ impl From<Provider> for ProviderChoice {
     }
 }
 
+/// Input-shape signatures whose tract plans an engine keeps (see [`Engine::specialised_plans`]).
+pub const TRACT_PLAN_CACHE: usize = tract_backend::PLAN_CACHE;
+
 /// Options shared by every engine of a run.
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
@@ -612,6 +615,18 @@ impl Engine {
                 reason,
             },
         })
+    }
+
+    /// How many shape-specialised tract plans this engine holds now (at most
+    /// [`TRACT_PLAN_CACHE`]), or `None` when one plan serves every input shape (ort, and tract
+    /// on a graph it can type with its symbolic axes). tract builds a plan per input-shape
+    /// signature for graphs whose dynamic axes have neither a size nor a name.
+    pub fn specialised_plans(&self) -> Option<usize> {
+        match &self.backend {
+            #[cfg(feature = "ort")]
+            Backend::Ort(_) => None,
+            Backend::Tract(e) => e.specialised_plans(),
+        }
     }
 
     /// Where the nodes of this graph really run, checked independently of the report: for ort

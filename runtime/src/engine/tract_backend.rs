@@ -12,8 +12,16 @@
 //! (`zero_length_cache_axis_on_tract_and_ort`) and `tests/caption.rs` (KV vs full recompute)
 //! pin this down, so a tract upgrade that breaks it fails loudly; the fallback would be to
 //! concretise the symbols per input-shape signature and cache one plan per signature.
+//!
+//! Graphs from other exporters often leave a dynamic axis with neither a size nor a name. tract
+//! cannot type such a graph (an unknown axis flowing into `Shape`/`Reshape`), so it would refuse
+//! a graph onnxruntime runs. For those the engine keeps the parsed model and builds one plan
+//! per input-shape signature on first use (the input facts set to the concrete shapes), caching
+//! the most recent [`PLAN_CACHE`] signatures.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Instant;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
@@ -22,9 +30,27 @@ use super::{IoInfo, Value, ValueView};
 use crate::manifest::DType;
 
 pub(super) struct TractEngine {
-    plan: Arc<TypedRunnableModel>,
+    plans: Plans,
     inputs: Vec<IoInfo>,
     outputs: Vec<String>,
+}
+
+/// Specialised plans kept per engine: a caller alternating among a few input shapes (batch
+/// sizes, the two KV-cache phases) reuses them; a caller sweeping shapes rebuilds, with memory
+/// bounded.
+pub(super) const PLAN_CACHE: usize = 8;
+
+type ShapeSignature = Vec<Vec<usize>>;
+
+enum Plans {
+    /// One plan, typed with the graph's symbolic axes, for every input shape.
+    Symbolic(Arc<TypedRunnableModel>),
+    /// The graph cannot be typed before its input shapes are known: plans built per input
+    /// shape signature, most recently used last.
+    PerShape {
+        model: Box<InferenceModel>,
+        cache: Mutex<VecDeque<(ShapeSignature, Arc<TypedRunnableModel>)>>,
+    },
 }
 
 fn dtype_of(dt: Option<DatumType>) -> Option<DType> {
@@ -38,7 +64,21 @@ fn dtype_of(dt: Option<DatumType>) -> Option<DType> {
 impl TractEngine {
     /// Nodes of the optimised plan (tract fuses ops, so fewer than the ONNX graph has).
     pub(super) fn node_count(&self) -> usize {
-        self.plan.model().nodes().len()
+        match &self.plans {
+            Plans::Symbolic(plan) => plan.model().nodes().len(),
+            Plans::PerShape { model, cache } => lock(cache)
+                .back()
+                .map(|(_, plan)| plan.model().nodes().len())
+                .unwrap_or_else(|| model.nodes().len()),
+        }
+    }
+
+    /// Shape-specialised plans held now; `None` when one symbolic plan serves every shape.
+    pub(super) fn specialised_plans(&self) -> Option<usize> {
+        match &self.plans {
+            Plans::Symbolic(_) => None,
+            Plans::PerShape { cache, .. } => Some(lock(cache).len()),
+        }
     }
 
     pub(super) fn load(model: &[u8]) -> Result<TractEngine, String> {
@@ -67,9 +107,24 @@ impl TractEngine {
                         .unwrap_or_else(|| model.node(o.node).name.clone())
                 })
                 .collect();
-            let plan = model.into_optimized()?.into_runnable()?;
+            let plans = match model.clone().into_optimized() {
+                Ok(typed) => Plans::Symbolic(typed.into_runnable()?),
+                // Only an input axis without a fixed size is a reason to wait for shapes; a
+                // graph with every input axis sized that still fails is broken, and says so now.
+                Err(e) if inputs.iter().any(has_unknown_axis) => {
+                    tracing::info!(
+                        "tract: the graph cannot be typed with unknown input axes ({e}); \
+                         building one plan per input shape on first use"
+                    );
+                    Plans::PerShape {
+                        model: Box::new(model),
+                        cache: Mutex::new(VecDeque::new()),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             Ok(TractEngine {
-                plan,
+                plans,
                 inputs,
                 outputs,
             })
@@ -107,7 +162,8 @@ impl TractEngine {
                 }
             })
             .collect();
-        let results = self.plan.run(feed).map_err(|e| (None, format!("{e:?}")))?;
+        let plan = self.plan_for(ordered).map_err(|e| (None, e))?;
+        let results = plan.run(feed).map_err(|e| (None, format!("{e:?}")))?;
         if results.len() != output_names.len() {
             return Err((
                 None,
@@ -136,6 +192,70 @@ impl TractEngine {
         }
         Ok(out)
     }
+}
+
+impl TractEngine {
+    /// The plan that runs inputs of these shapes: the symbolic one, or a cached or newly built
+    /// specialised one.
+    fn plan_for(&self, ordered: &[&ValueView<'_>]) -> Result<Arc<TypedRunnableModel>, String> {
+        let (model, cache) = match &self.plans {
+            Plans::Symbolic(plan) => return Ok(Arc::clone(plan)),
+            Plans::PerShape { model, cache } => (model, cache),
+        };
+        let signature: ShapeSignature = ordered.iter().map(|v| v.shape().to_vec()).collect();
+        let mut cache = lock(cache);
+        if let Some(ix) = cache.iter().position(|(s, _)| *s == signature) {
+            let entry = cache.remove(ix).expect("position is in range");
+            let plan = Arc::clone(&entry.1);
+            cache.push_back(entry);
+            return Ok(plan);
+        }
+        let started = Instant::now();
+        let build = || -> TractResult<Arc<TypedRunnableModel>> {
+            let mut m = InferenceModel::clone(model);
+            for (ix, v) in ordered.iter().enumerate() {
+                let dt = match v {
+                    ValueView::F32(_) => DatumType::F32,
+                    ValueView::I64(_) => DatumType::I64,
+                };
+                m.set_input_fact(ix, InferenceFact::dt_shape(dt, v.shape().to_vec()))?;
+            }
+            m.into_optimized()?.into_runnable()
+        };
+        let plan = match crate::panic_guard::catch(build) {
+            Ok(r) => {
+                r.map_err(|e| format!("tract could not plan the graph for {signature:?}: {e:?}"))?
+            }
+            Err(panic) => {
+                return Err(format!(
+                    "tract {panic} planning the graph for {signature:?}"
+                ))
+            }
+        };
+        tracing::debug!(
+            "tract: planned the graph for input shapes {signature:?} in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        if cache.len() == PLAN_CACHE {
+            cache.pop_front();
+        }
+        cache.push_back((signature, Arc::clone(&plan)));
+        Ok(plan)
+    }
+}
+
+/// Whether an input axis has no fixed size (unknown, or a symbol tract could not type), or the
+/// input no declared shape.
+fn has_unknown_axis(info: &IoInfo) -> bool {
+    info.dims
+        .as_ref()
+        .is_none_or(|dims| dims.iter().any(Option::is_none))
+}
+
+/// The plan cache's lock; a panic while it was held (caught by the panic guard) leaves only
+/// complete entries behind, so a poisoned lock is still consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Floating-point operations of one run of the ONNX graph `model` with inputs of the given
