@@ -39,8 +39,14 @@ def timed(warmup, runs, f):
     return stats(out)
 
 
+THREADS = None  # --threads: onnxruntime's intra-op pool size (None: its default)
+
+
 def session(path):
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if THREADS is not None:
+        options.intra_op_num_threads = THREADS
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 class Captioner:
@@ -157,7 +163,10 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batch-steps", type=int, default=20)
     p.add_argument("--prompt", default="a large red circle at the top left")
+    p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
+    global THREADS
+    THREADS = a.threads
     manifest = json.load(open(f"{a.bundle}/manifest.json"))
     vocab = json.load(open(f"{a.bundle}/tokenizer.json"))["model"]["vocab"]
     size = manifest["image"]["size"]

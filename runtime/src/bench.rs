@@ -33,6 +33,8 @@ pub struct BenchSettings {
     pub batch_steps: usize,
     pub prompt: String,
     pub seed: u64,
+    /// Threads per graph run ([`EngineOptions::threads`]); `None`: each engine's default.
+    pub threads: Option<std::num::NonZeroUsize>,
 }
 
 impl Default for BenchSettings {
@@ -45,6 +47,7 @@ impl Default for BenchSettings {
             batch_steps: 20,
             prompt: "a large red circle at the top left".to_string(),
             seed: 0,
+            threads: None,
         }
     }
 }
@@ -197,6 +200,7 @@ pub fn run_provider(
 ) -> Result<ProviderBench, Error> {
     let options = EngineOptions {
         strict: true,
+        threads: settings.threads,
         ..options.clone()
     };
     let t = Instant::now();

@@ -142,6 +142,41 @@ fn unnamed_dynamic_axis_runs_on_tract_with_per_shape_plans() {
     assert_eq!(e.specialised_plans(), None);
 }
 
+/// `EngineOptions::threads` reaches both engines (tract's pool, onnxruntime's intra-op
+/// threads) and changes no result: a 64×96 · 96×80 product, large enough for tract to split.
+#[test]
+fn thread_count_option_runs_both_engines_with_the_same_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = GraphBuilder::default();
+    let x = g.input("x", FLOAT, &[D::S("batch"), D::N(96)]);
+    let w = g.f32("W", &[96, 80], Lcg::new(7).vec(96 * 80, 0.5));
+    g.node("MatMul", &[&x, &w], vec![], Some("y"));
+    g.output("y", FLOAT, &[D::S("batch"), D::N(80)]);
+    let path = write(&dir, "mm.onnx", g.finish(17));
+    let x = ArrayD::from_shape_vec(IxDyn(&[64, 96]), Lcg::new(3).vec(64 * 96, 1.0)).unwrap();
+    let mut providers = vec![Provider::Tract];
+    if ort_info(&options()).is_ok() {
+        providers.push(Provider::OrtCpu);
+    }
+    let mut outputs = Vec::new();
+    for p in providers {
+        for threads in [1, 2] {
+            let opts = EngineOptions {
+                threads: std::num::NonZeroUsize::new(threads),
+                ..options()
+            };
+            let (e, _) = Engine::load(&path, "mm", ProviderChoice::Only(p), &opts).unwrap();
+            let out = e.run(&[("x", Value::F32(x.clone()))]).unwrap();
+            outputs.push((p, threads, out["y"].as_f32().unwrap().clone()));
+        }
+    }
+    let (_, _, first) = &outputs[0];
+    for (p, threads, y) in &outputs {
+        let d = (y - first).iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(d < 1e-4, "{p} with {threads} thread(s) differs by {d}");
+    }
+}
+
 #[test]
 fn input_errors_are_typed() {
     let dir = tempfile::tempdir().unwrap();

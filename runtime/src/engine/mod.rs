@@ -165,6 +165,10 @@ pub struct EngineOptions {
     pub ort_lib: Option<PathBuf>,
     /// Settings of the TensorRT provider (unused by the others).
     pub tensorrt: TensorRtOptions,
+    /// Threads one graph run may use: onnxruntime's intra-op pool, tract's matrix-product pool.
+    /// `None`: each engine's own default (onnxruntime one per physical core, tract one), which
+    /// is not a fair comparison; `duet bench --threads N` sets both.
+    pub threads: Option<std::num::NonZeroUsize>,
 }
 
 /// TensorRT execution-provider settings.
@@ -715,7 +719,7 @@ fn load_backend(
 ) -> Result<Loaded, String> {
     match provider {
         Provider::Tract => {
-            let e = tract_backend::TractEngine::load(model)?;
+            let e = tract_backend::TractEngine::load(model, options.threads)?;
             let (i, o) = (e.inputs(), e.outputs());
             Ok((Backend::Tract(e), i, o))
         }

@@ -364,7 +364,12 @@ fn session_builder(
         .map(|(name, _)| *name)
         .filter(|name| !rt.providers.iter().any(|p| p == name))
         .collect();
-    let builder = Session::builder(&rt.env).map_err(|e| e.to_string())?;
+    let mut builder = Session::builder(&rt.env).map_err(|e| e.to_string())?;
+    if let Some(n) = options.threads {
+        builder = builder
+            .with_intra_threads(n.get())
+            .map_err(|e| format!("onnxruntime refused {n} intra-op threads: {e}"))?;
+    }
     let dispatch: Vec<ExecutionProviderDispatch> = eps.into_iter().map(|(_, d)| d).collect();
     builder.with_execution_providers(dispatch).map_err(|e| {
         let mut reason = format!("onnxruntime refused the execution provider: {e}");

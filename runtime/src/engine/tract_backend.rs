@@ -23,6 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -31,6 +32,8 @@ use crate::manifest::DType;
 
 pub(super) struct TractEngine {
     plans: Plans,
+    /// The matrix-product thread pool of this engine's runs (`None`: single-threaded).
+    executor: Option<Executor>,
     inputs: Vec<IoInfo>,
     outputs: Vec<String>,
 }
@@ -81,7 +84,18 @@ impl TractEngine {
         }
     }
 
-    pub(super) fn load(model: &[u8]) -> Result<TractEngine, String> {
+    pub(super) fn load(
+        model: &[u8],
+        threads: Option<std::num::NonZeroUsize>,
+    ) -> Result<TractEngine, String> {
+        let executor = match threads.map(std::num::NonZeroUsize::get) {
+            None | Some(1) => None,
+            // rayon panics only when the OS refuses threads; that is a load error here.
+            Some(n) => Some(
+                crate::panic_guard::catch(|| Executor::multithread_with_name(n, "duet-tract"))
+                    .map_err(|panic| format!("tract could not start {n} threads: {panic}"))?,
+            ),
+        };
         let load = || -> TractResult<TractEngine> {
             let model = tract_onnx::onnx().model_for_read(&mut &model[..])?;
             let mut inputs = Vec::new();
@@ -125,6 +139,7 @@ impl TractEngine {
             };
             Ok(TractEngine {
                 plans,
+                executor: executor.clone(),
                 inputs,
                 outputs,
             })
@@ -163,7 +178,11 @@ impl TractEngine {
             })
             .collect();
         let plan = self.plan_for(ordered).map_err(|e| (None, e))?;
-        let results = plan.run(feed).map_err(|e| (None, format!("{e:?}")))?;
+        let results = match &self.executor {
+            Some(pool) => multithread_tract_scope(pool.clone(), || plan.run(feed)),
+            None => plan.run(feed),
+        }
+        .map_err(|e| (None, format!("{e:?}")))?;
         if results.len() != output_names.len() {
             return Err((
                 None,

@@ -62,6 +62,9 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
             .arg(s.batch.to_string())
             .arg("--prompt")
             .arg(&s.prompt);
+        if let Some(n) = s.threads {
+            cmd.arg("--threads").arg(n.to_string());
+        }
         die_with_parent(cmd);
     };
     let mut results: Vec<ProviderBench> = Vec::new();
@@ -134,9 +137,13 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
     if let Some(out) = args.out {
         let command: Vec<String> = std::env::args().collect();
         let doc = format!(
-            "Bundle `{}`, {} timed runs per cell (fewer for the slow rows), benchmark caption \"{}\".\n\nCommand: `{}`\n\n{table}",
+            "Bundle `{}`, {} timed runs per cell (fewer for the slow rows), {}, benchmark caption \"{}\".\n\nCommand: `{}`\n\n{table}",
             args.bundle.display(),
             s.runs,
+            match s.threads {
+                Some(n) => format!("{n} thread(s) per graph run on every engine"),
+                None => "each engine's default threads (onnxruntime one per core, tract one)".into(),
+            },
             results.first().map(|r| r.caption.as_str()).unwrap_or(""),
             command.join(" ")
         );

@@ -53,6 +53,10 @@ struct EngineArgs {
     /// TensorRT: cache built engines here, so only the first start builds them.
     #[arg(long, value_name = "DIR")]
     trt_cache: Option<PathBuf>,
+    /// Threads per graph run (onnxruntime's intra-op pool, tract's matrix products); default:
+    /// onnxruntime one per core, tract one.
+    #[arg(long)]
+    threads: Option<std::num::NonZeroUsize>,
 }
 
 impl EngineArgs {
@@ -64,6 +68,7 @@ impl EngineArgs {
                 fp16: self.trt_fp16,
                 engine_cache: self.trt_cache.clone(),
             },
+            threads: self.threads,
         }
     }
 }
@@ -198,6 +203,10 @@ enum Command {
         /// Skip the Python reference.
         #[arg(long)]
         no_python: bool,
+        /// Threads per graph run for every engine measured, Python's onnxruntime included
+        /// (default: each engine's own, onnxruntime one per core and tract one).
+        #[arg(long)]
+        threads: Option<std::num::NonZeroUsize>,
         /// Also write the table (with the command and machine) to this Markdown file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -336,6 +345,7 @@ fn main() -> ExitCode {
             python,
             python_script,
             no_python,
+            threads,
             out,
             ort_lib,
             worker,
@@ -346,6 +356,7 @@ fn main() -> ExitCode {
                 steps,
                 batch: usize::from(batch),
                 prompt,
+                threads,
                 ..Default::default()
             };
             match (worker, image_raw) {
