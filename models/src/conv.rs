@@ -12,9 +12,11 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-/// A patch embedding: `conv` has kernel = stride = `p` and no padding. `x`: `[B, C, S, S]` →
-/// `[B, (S/p)², D]`, tokens in row-major patch order (what `conv.forward(x)` flattened gives).
-pub fn patchify<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, p: usize) -> Tensor<B, 3> {
+/// A patch embedding: `conv` has a square kernel `p` = its stride and no padding. `x`:
+/// `[B, C, S, S]` → `[B, (S/p)², D]`, tokens in row-major patch order (what `conv.forward(x)`
+/// flattened gives).
+pub fn patchify<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let p = conv.kernel_size[0];
     let [b, c, s, _] = x.dims();
     let g = s / p;
     let w = conv.weight.val();
@@ -111,7 +113,7 @@ mod tests {
         // As [B, D, 2, 2] images, so both sides have one shape.
         check(
             &conv,
-            |x| patchify(&conv, x, 4).swap_dims(1, 2).reshape([2, 5, 2, 2]),
+            |x| patchify(&conv, x).swap_dims(1, 2).reshape([2, 5, 2, 2]),
             |x| conv.forward(x),
         );
     }

@@ -194,7 +194,7 @@ impl<B: Backend> Denoiser<B> {
         let p = cfg.denoiser_patch_size;
         let g = s / p;
         let d = cfg.d_model;
-        let mut h = crate::conv::patchify(&self.patch_embed, x, p) + self.pos_embed.val();
+        let mut h = crate::conv::patchify(&self.patch_embed, x) + self.pos_embed.val();
         let temb = self
             .time_fc2
             .forward(silu(self.time_fc1.forward(timestep_features(t, d))));

@@ -50,8 +50,7 @@ impl<B: Backend> VisionEncoder<B> {
 
     /// `pixels`: `[B, 3, S, S]`, already normalised to `[-1, 1]`.
     pub fn forward(&self, pixels: Tensor<B, 4>) -> VisionOutput<B> {
-        let p = self.patch_embed.kernel_size[0];
-        let mut x = crate::conv::patchify(&self.patch_embed, pixels, p) + self.pos_embed.val();
+        let mut x = crate::conv::patchify(&self.patch_embed, pixels) + self.pos_embed.val();
         for block in &self.blocks {
             x = block.forward(x, None);
         }

@@ -96,7 +96,7 @@ impl TractEngine {
                     .map_err(|panic| format!("tract could not start {n} threads: {panic}"))?,
             ),
         };
-        let load = || -> TractResult<TractEngine> {
+        let load = move || -> TractResult<TractEngine> {
             let model = tract_onnx::onnx().model_for_read(&mut &model[..])?;
             let mut inputs = Vec::new();
             for (ix, outlet) in model.input_outlets()?.iter().enumerate() {
@@ -139,7 +139,7 @@ impl TractEngine {
             };
             Ok(TractEngine {
                 plans,
-                executor: executor.clone(),
+                executor,
                 inputs,
                 outputs,
             })
