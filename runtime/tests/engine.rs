@@ -166,6 +166,17 @@ fn thread_count_option_runs_both_engines_with_the_same_results() {
                 ..options()
             };
             let (e, _) = Engine::load(&path, "mm", ProviderChoice::Only(p), &opts).unwrap();
+            if p == Provider::Tract && threads == 2 && cfg!(target_os = "linux") {
+                // The option really started tract's pool (its threads are named by the engine).
+                let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+                    .unwrap()
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .collect();
+                assert!(
+                    names.iter().any(|n| n.starts_with("duet-tract-")),
+                    "no tract pool thread among {names:?}"
+                );
+            }
             let out = e.run(&[("x", Value::F32(x.clone()))]).unwrap();
             outputs.push((p, threads, out["y"].as_f32().unwrap().clone()));
         }
