@@ -242,7 +242,27 @@ fn c_abi_generates_like_the_rust_runtime() {
     let written = std::fs::read(&ppm).unwrap();
     let header = b"P6\n32 32\n255\n";
     assert_eq!(&written[..header.len()], header);
-    assert_eq!(&written[header.len()..], want6.as_raw().as_slice());
+    // Exact bytes in-process (above). Under valgrind, which does not emulate AVX-512, tract
+    // dispatches other SIMD kernels, so float rounding may move a pixel by one level (seen once
+    // in CI: 1 byte of 3,072 off by 1); without valgrind the program must match exactly.
+    let got = &written[header.len()..];
+    let want = want6.as_raw().as_slice();
+    assert_eq!(got.len(), want.len());
+    let off: Vec<(usize, u8, u8)> = (0..got.len())
+        .filter(|&i| got[i] != want[i])
+        .map(|i| (i, got[i], want[i]))
+        .collect();
+    let (max_diff, max_off) = if valgrind {
+        (1, got.len() / 100)
+    } else {
+        (0, 0)
+    };
+    assert!(
+        off.len() <= max_off && off.iter().all(|&(_, a, b)| a.abs_diff(b) <= max_diff),
+        "the C program's image differs from the runtime's at {} bytes: {:?}",
+        off.len(),
+        &off[..off.len().min(20)]
+    );
     // An unknown word is reported by the C program with duet's message and a non-zero exit.
     let out = c_build::command(&exe, false)
         .args(["--provider", "tract"])
