@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use duet_models::caption::causal_bias;
 use duet_models::{
-    Captioner, Denoiser, FeatureRestorer, FusionHead, KvCache, ModelSpec, TextEncoder,
+    CaptionModel, Denoiser, FeatureRestorer, FusionHead, KvCache, ModelSpec, TextEncoder,
 };
 use duet_runtime::engine::{Engine, EngineOptions, Provider, ProviderChoice, Value};
 use ndarray::{ArrayD, IxDyn};
@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::onnx::ExportError;
 
-/// fp32 bound on the largest absolute output difference (DESIGN §3).
+/// fp32 bound on the largest absolute output difference between Burn and each engine.
 pub const FP32_TOLERANCE: f64 = 1e-4;
 
 /// One set of graph inputs and the outputs Burn computed for them.
@@ -192,7 +192,7 @@ pub fn random_array(rng: &mut ChaCha8Rng, shape: &[usize], a: f32) -> ArrayD<f32
 /// Vision-encoder cases: each pixel batch `[B, 3, S, S]` with Burn's `patch_tokens` and
 /// `embedding`.
 pub fn vision_cases<B: Backend>(
-    model: &Captioner<B>,
+    model: &CaptionModel<B>,
     batches: &[(String, ArrayD<f32>)],
     device: &B::Device,
 ) -> Vec<ParityCase> {
@@ -219,7 +219,7 @@ pub fn vision_cases<B: Backend>(
 ///
 /// Every output is compared: the logits and every `present_*` tensor.
 pub fn decoder_cases<B: Backend>(
-    model: &Captioner<B>,
+    model: &CaptionModel<B>,
     label: &str,
     image_tokens: &ArrayD<f32>,
     ids: &ArrayD<i64>,

@@ -231,6 +231,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic_with(path, |f| f.write_all(bytes))
 }
 
+/// [`write_atomic`] into a directory made on the way (and its parents): for writers that fill
+/// folders they own as they go (training runs, generated datasets), not for user-named outputs,
+/// whose missing parent is the user's typo to see.
+pub fn write_atomic_creating_dir(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    write_atomic(path, bytes)
+}
+
 /// Replaces `path` with what `write` puts in a temporary file beside it: created exclusively
 /// (O_EXCL) under an unpredictable name, so a symlink planted in the directory cannot redirect
 /// the write; `write`'s result and the final `sync_all` are checked before the rename, so a full

@@ -180,3 +180,17 @@ fn replace_dir_swaps_a_whole_directory() {
     replace_dir(built, &fresh).unwrap();
     assert_eq!(entries(&fresh), vec!["f".to_string()]);
 }
+
+/// The folder is made on the way; the write itself is the same atomic one.
+#[test]
+fn write_atomic_creating_dir_makes_the_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run").join("step-1").join("a.bin");
+    assert!(
+        write_atomic(&out, b"x").is_err(),
+        "plain write_atomic needs the folder"
+    );
+    write_atomic_creating_dir(&out, b"contents").unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), b"contents");
+    assert_eq!(entries(out.parent().unwrap()), ["a.bin"]);
+}

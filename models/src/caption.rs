@@ -1,5 +1,5 @@
 //! Causal caption decoder with cross-attention to the image's patch tokens, and the
-//! `Captioner` (vision encoder + decoder) that the caption stage trains.
+//! `CaptionModel` (vision encoder + decoder) that the caption stage trains.
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -160,12 +160,12 @@ impl<B: Backend> CaptionDecoder<B> {
 
 /// Vision encoder + caption decoder: the module the caption stage trains and checkpoints.
 #[derive(Module, Debug)]
-pub struct Captioner<B: Backend> {
+pub struct CaptionModel<B: Backend> {
     pub vision: VisionEncoder<B>,
     pub decoder: CaptionDecoder<B>,
 }
 
-impl<B: Backend> Captioner<B> {
+impl<B: Backend> CaptionModel<B> {
     pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
         Self {
             vision: VisionEncoder::new(cfg, device),

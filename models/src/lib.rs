@@ -9,16 +9,18 @@ pub mod attention;
 pub mod caption;
 pub mod conv;
 pub mod denoiser;
+pub mod generation;
 pub mod params;
 pub mod position;
 pub mod restorer;
 pub mod text;
 pub mod vision;
 
-pub use caption::{CaptionDecoder, Captioner, KvCache};
+pub use caption::{CaptionDecoder, CaptionModel, KvCache};
 pub use denoiser::Denoiser;
 /// The model family's dimensions live in `duet-spec` (no Burn), shared with the runtime.
 pub use duet_spec::{timestep_frequencies, ModelSpec, Preset, SpecError, TIMESTEP_MAX_PERIOD};
+pub use generation::GenerationModel;
 pub use restorer::{FeatureRestorer, FusionHead, MissingTokens, RestoreConfig, Restorers};
 pub use text::TextEncoder;
 pub use vision::VisionEncoder;

@@ -1,6 +1,10 @@
 //! Test helpers shared by the runtime's and the C ABI's tests (dev-only, not published): a tiny
 //! ONNX graph builder (tract's prost types), small contract-conforming duet graphs with random
 //! weights, and bundle writing.
+//!
+//! One file on purpose (≈ 740 lines): every helper here exists for the contract-conforming
+//! bundle at its end, and a test author reads the graph builder and the graphs it builds
+//! together; split, each half would need the other open.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

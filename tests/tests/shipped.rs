@@ -7,9 +7,9 @@
 mod common;
 use common::{engine_options, repo_root};
 
+use duet_datasets::emoji::{load_emoji_split, write_emoji_dataset, EmojiOptions, EmojiSource};
 use duet_runtime::engine::{Provider, ProviderChoice};
 use duet_runtime::{Bundle, Captioner};
-use duet_train::data::emoji::{load_emoji_split, write_emoji_dataset, EmojiOptions, EmojiSource};
 use duet_train::eval::emoji::score_captions;
 
 /// Held-out emoji captioned through the runtime: enough to make the slice's token F1 a
@@ -118,7 +118,7 @@ fn the_runtime_reads_transparent_images_as_training_did() {
         ])
     });
     art.save(&path).unwrap();
-    let trained = duet_train::data::emoji::render_art(&path, 64).unwrap();
+    let trained = duet_datasets::emoji::render_art(&path, 64).unwrap();
     let inferred = duet_runtime::preprocess::load_image(&path).unwrap();
     assert_eq!(trained, inferred);
     // Not trivially equal: the hidden colours would differ (alpha 0 at the origin is white).

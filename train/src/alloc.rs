@@ -1,5 +1,5 @@
-//! The allocator of everything that links the training crate (`duet-train`, `duet-export`, the
-//! tests that train): mimalloc instead of glibc's malloc. A CPU training step allocates and
+//! The allocator of everything that links the training crate (`duet-train` and the tests that
+//! train): mimalloc instead of glibc's malloc. A CPU training step allocates and
 //! frees hundreds of multi-megabyte activation and gradient buffers; glibc serves each from
 //! fresh `mmap`ed pages that the kernel must fault in and zero (perf: ~15 % of a `small`
 //! caption step in the kernel, another ~10 % in libc). mimalloc reuses them: 1.56 → 1.33 s a

@@ -17,10 +17,13 @@ use crate::eval::emoji::{EmojiCaptionReport, EmojiRetrievalReport, RetrievalOpti
 use crate::eval::geneval::GenEvalReport;
 use crate::eval::restore::{RestoreEvalOptions, RestoreReport};
 use crate::metrics::CaptionMetrics;
-use crate::stages::caption::{FitArgs, FitOutcome, LoadedRun, PreparedData};
-use crate::stages::generate::{GenerateFitArgs, GenerateOutcome, LoadedGenerator};
-use crate::stages::restore::{LoadedRestore, PairFitArgs, PairOutcome};
+use crate::stages::caption::{FitArgs, FitOutcome, PreparedData};
+use crate::stages::generate::{GenerateFitArgs, GenerateOutcome};
+use crate::stages::restore::{PairFitArgs, PairOutcome};
 use crate::stages::unify::{ReconstructionSettings, UnifyFitArgs, UnifyOutcome};
+use duet_run::LoadedGenerator;
+use duet_run::LoadedRestore;
+use duet_run::LoadedRun;
 
 /// The inference backend of evaluation and export (the training backend without autodiff).
 pub type Infer = burn::backend::NdArray<f32>;
@@ -48,15 +51,15 @@ pub fn fit_restore(args: &PairFitArgs) -> anyhow::Result<PairOutcome> {
 }
 
 pub fn load_run(run: &Path) -> anyhow::Result<LoadedRun<Infer>> {
-    crate::stages::caption::load_run::<Infer>(run, &Default::default())
+    duet_run::load_run::<Infer>(run, &Default::default())
 }
 
 pub fn load_generator(run: &Path, untrained: bool) -> anyhow::Result<LoadedGenerator<Infer>> {
-    crate::stages::generate::load_generator::<Infer>(run, untrained, &Default::default())
+    duet_run::load_generator::<Infer>(run, untrained, &Default::default())
 }
 
 pub fn load_restore(run: &Path) -> anyhow::Result<LoadedRestore<Infer>> {
-    crate::stages::restore::load_restore::<Infer>(run, &Default::default())
+    duet_run::load_restore::<Infer>(run, &Default::default())
 }
 
 pub fn caption_samples(run: &LoadedRun<Infer>, data: &PreparedData) -> Vec<String> {

@@ -67,7 +67,7 @@ fn series_of(metrics: &str) -> BTreeMap<&'static str, Vec<Series>> {
 /// Draws the charts of `run/metrics.jsonl` into `run` and returns the files written (none when
 /// the run has logged nothing yet).
 pub fn write_training_curves(run: &Path, title: &str) -> anyhow::Result<Vec<PathBuf>> {
-    let path = run.join(crate::stages::caption::METRICS_FILE);
+    let path = run.join(duet_run::METRICS_FILE);
     let metrics = match std::fs::read_to_string(&path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -85,7 +85,7 @@ pub fn write_training_curves(run: &Path, title: &str) -> anyhow::Result<Vec<Path
             series,
         };
         let out = run.join(file);
-        crate::fsutil::write_png(&out, &chart.render())
+        crate::plot::write_png(&out, &chart.render())
             .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
         written.push(out);
     }

@@ -1,6 +1,6 @@
 //! Caption metrics for ShapeWorld: predicted captions are parsed back into objects
 //! ([`parse_caption_lenient`]) and compared with the exact ground truth, so understanding is
-//! scored per attribute with no learned judge (DESIGN §6).
+//! scored per attribute with no learned judge.
 //!
 //! All rates are micro-averaged over the whole evaluation set (every ground-truth object or
 //! scene weighs the same) and lie in `[0, 1]`. A rate whose denominator is zero is reported
@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::data::shapeworld::{
+use duet_datasets::shapeworld::{
     objects_caption, parse_caption, parse_caption_lenient, Object, Size,
 };
 
@@ -216,7 +216,9 @@ impl fmt::Display for CaptionMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::shapeworld::{caption, generate_scene, Colour, Position, SceneConfig, Shape};
+    use duet_datasets::shapeworld::{
+        caption, generate_scene, Colour, Position, SceneConfig, Shape,
+    };
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -283,7 +285,7 @@ mod tests {
             (truth.clone(), objects_caption(&wrong)),
             (
                 truth.clone(),
-                caption(&crate::data::shapeworld::Scene::new(truth)),
+                caption(&duet_datasets::shapeworld::Scene::new(truth)),
             ),
         ]);
         assert_eq!(m.colour_acc, 0.75);

@@ -343,6 +343,14 @@ pub fn grid(charts: &[LineChart], cols: usize) -> RgbImage {
     out
 }
 
+/// Encodes `img` as PNG and writes it atomically (grids, plots).
+pub fn write_png(path: &std::path::Path, img: &image::RgbImage) -> std::io::Result<()> {
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(std::io::Error::other)?;
+    duet_fsio::write_atomic_creating_dir(path, &png)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

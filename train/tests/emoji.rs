@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
 
-use duet_train::data::emoji::{
+use duet_datasets::emoji::{
     load_emoji_info, load_emoji_split, split_entries, ArtStyle, EmojiOptions, EmojiSource,
     NameSource, SPLITS,
 };
@@ -74,7 +74,7 @@ fn the_full_split_keeps_skin_tones_of_one_emoji_together() {
         let share = part.len() as f64 / 3786.0;
         assert!((0.09..0.12).contains(&share), "{name}: {share}");
     }
-    let side = |part: &[duet_train::data::emoji::EmojiEntry]| -> HashSet<String> {
+    let side = |part: &[duet_datasets::emoji::EmojiEntry]| -> HashSet<String> {
         part.iter().map(|e| e.record.base.clone()).collect()
     };
     let (a, b, c) = (side(&train), side(&val), side(&test));
@@ -208,9 +208,9 @@ fn the_command_writes_a_slice_that_loads_back() {
 
 #[test]
 fn an_emoji_split_trains_beside_shapeworld() {
-    use duet_train::data::emoji::write_emoji_dataset;
-    use duet_train::data::folders::{folder_kind, load_folders, FolderKind, FoldersError};
-    use duet_train::data::shapeworld::{write_dataset, SceneConfig};
+    use duet_datasets::emoji::write_emoji_dataset;
+    use duet_datasets::folders::{folder_kind, load_folders, FolderKind, FoldersError};
+    use duet_datasets::shapeworld::{write_dataset, SceneConfig};
 
     let tmp = tempfile::tempdir().unwrap();
     let emoji = tmp.path().join("emoji");
@@ -275,10 +275,10 @@ fn an_emoji_split_trains_beside_shapeworld() {
 /// folders or runs of the wrong kind are clear errors.
 #[test]
 fn held_out_emoji_are_scored_by_name_and_by_retrieval() {
+    use duet_datasets::emoji::write_emoji_dataset;
+    use duet_datasets::shapeworld::{write_dataset, SceneConfig};
     use duet_diffusion::{Sampler, SamplerConfig};
     use duet_train::backend::CpuBackend;
-    use duet_train::data::emoji::write_emoji_dataset;
-    use duet_train::data::shapeworld::{write_dataset, SceneConfig};
     use duet_train::eval::emoji::{
         eval_emoji_captions, eval_emoji_retrieval, score_captions, RetrievalOptions,
     };

@@ -4,11 +4,12 @@
 use std::path::Path;
 use std::process::Command;
 
+use duet_datasets::shapeworld::{write_dataset, SceneConfig};
 use duet_models::Preset;
+use duet_run::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIGHTS_FILE};
+use duet_run::METRICS_FILE;
 use duet_train::backend::CpuBackend;
-use duet_train::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIGHTS_FILE};
-use duet_train::data::shapeworld::{write_dataset, SceneConfig};
-use duet_train::stages::caption::{fit, FitArgs, METRICS_FILE};
+use duet_train::stages::caption::{fit, FitArgs};
 
 fn args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitArgs {
     FitArgs {

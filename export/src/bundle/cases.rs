@@ -1,15 +1,15 @@
 //! Parity inputs: seeded ShapeWorld scenes, captions and noise fed to each graph in Burn and in
 //! the exported ONNX, with the Burn outputs they must match.
 
+use duet_datasets::image_to_chw;
+use duet_datasets::pair_tasks::PairTask;
+use duet_datasets::shapeworld::{caption, generate_scene, render, SceneConfig};
+use duet_datasets::tokenizer::encode_caption;
 use duet_models::params::named_tensors;
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
-use duet_models::Captioner;
+use duet_models::CaptionModel;
+use duet_run::PairTrainConfig;
 use duet_runtime::manifest::Graph;
-use duet_train::data::pair_tasks::PairTask;
-use duet_train::data::shapeworld::{caption, generate_scene, render, SceneConfig};
-use duet_train::data::tokenizer::encode_caption;
-use duet_train::stages::caption::image_to_chw;
-use duet_train::stages::restore::PairTrainConfig;
 use ndarray::{ArrayD, IxDyn};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -97,7 +97,7 @@ pub(super) fn restore_parity_inputs(
 }
 
 /// Every float parameter of the Burn model, by module path, as the graph builders read them.
-pub fn weights_of(model: &Captioner<Ref>) -> Result<Weights, ExportError> {
+pub fn weights_of(model: &CaptionModel<Ref>) -> Result<Weights, ExportError> {
     let mut w = Weights::new();
     for (name, t) in named_tensors(model) {
         w.insert(name, t.shape, t.data)?;
@@ -157,7 +157,7 @@ pub(super) fn parity_inputs(
 }
 
 /// Four seeded ShapeWorld scenes at image size `s`: the real inputs of every parity check.
-pub(super) fn parity_scenes(s: usize) -> Vec<duet_train::data::shapeworld::Scene> {
+pub(super) fn parity_scenes(s: usize) -> Vec<duet_datasets::shapeworld::Scene> {
     let scene_cfg = SceneConfig {
         image_size: s as u32,
         min_objects: 1,

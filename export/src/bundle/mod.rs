@@ -12,15 +12,13 @@ use burn::backend::NdArray;
 use duet_diffusion::Prediction;
 use duet_models::params::named_tensors;
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID, UNK_ID};
+use duet_run::{CONFIG_FILE, HEAD, STATE_FILE, TOKENIZER_FILE};
 use duet_runtime::bundle::{sha256_file, Bundle};
 use duet_runtime::engine::EngineOptions;
 use duet_runtime::manifest::{
     self, DiffusionSpec, DimSpec, Graph, GraphSpec, ImageSpec, Manifest, RestoreSpec, TensorSpec,
     TokenizerSpec, MANIFEST_FILE, SCHEMA_VERSION,
 };
-use duet_train::checkpoint::STATE_FILE;
-use duet_train::stages::caption::{CONFIG_FILE, TOKENIZER_FILE};
-use duet_train::stages::restore::HEAD;
 use tract_onnx::pb::{tensor_proto::DataType, tensor_shape_proto, type_proto, ModelProto};
 
 use crate::onnx::{
@@ -211,7 +209,7 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
         let tok_src = opts.run.join(TOKENIZER_FILE);
         let tok_dst = staging.join(TOKENIZER_BUNDLE_FILE);
         let tok_bytes = std::fs::read(&tok_src).map_err(|source| io_err(&tok_src, source))?;
-        duet_train::fsutil::write_atomic(&tok_dst, &tok_bytes)
+        duet_fsio::write_atomic_creating_dir(&tok_dst, &tok_bytes)
             .map_err(|source| io_err(&tok_dst, source))?;
 
         let mut files = BTreeMap::new();
@@ -278,7 +276,7 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
             .to_json_pretty()
             .map_err(|e| ExportError::InvalidDims(format!("manifest serialisation: {e}")))?;
         let mpath = staging.join(MANIFEST_FILE);
-        duet_train::fsutil::write_atomic(&mpath, text.as_bytes())
+        duet_fsio::write_atomic_creating_dir(&mpath, text.as_bytes())
             .map_err(|source| io_err(&mpath, source))?;
         // The runtime's own checks (hashes, schema, I/O contract) must accept what we wrote.
         Bundle::open(&staging).map_err(|e| ExportError::Parity {

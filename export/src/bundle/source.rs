@@ -3,13 +3,13 @@
 
 use std::path::Path;
 
+use duet_datasets::tokenizer::load_tokenizer;
 use duet_diffusion::{NoiseSchedule, Prediction};
-use duet_models::{Captioner, FusionHead, ModelSpec, Restorers};
-use duet_train::data::tokenizer::load_tokenizer;
-use duet_train::stage::Stage;
-use duet_train::stages::caption::{load_captioner, load_run, CONFIG_FILE, TOKENIZER_FILE};
-use duet_train::stages::generate::{load_generator, load_generator_weights, Generator};
-use duet_train::stages::restore::{load_restore, Backbones, PairTrainConfig, VARIANTS};
+use duet_models::{CaptionModel, FusionHead, GenerationModel, ModelSpec, Restorers};
+use duet_run::{
+    load_captioner, load_generator, load_generator_weights, load_restore, load_run, Backbones,
+    PairTrainConfig, Stage, CONFIG_FILE, TOKENIZER_FILE, VARIANTS,
+};
 use tokenizers::Tokenizer;
 
 use super::*;
@@ -20,13 +20,13 @@ pub(super) struct Source {
     pub(super) preset: String,
     pub(super) model: ModelSpec,
     pub(super) tokenizer: Tokenizer,
-    pub(super) captioner: Captioner<Ref>,
+    pub(super) captioner: CaptionModel<Ref>,
     pub(super) generator: Option<GeneratorSource>,
     pub(super) restore: Option<RestoreSource>,
 }
 
 pub(super) struct GeneratorSource {
-    pub(super) generator: Generator<Ref>,
+    pub(super) generator: GenerationModel<Ref>,
     pub(super) prediction: Prediction,
     pub(super) schedule: NoiseSchedule,
 }

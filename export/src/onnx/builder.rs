@@ -6,6 +6,10 @@
 //! ops listed in `docs/ARCHITECTURE.md`, all in the form that is valid at [`OPSET_VERSION`], and
 //! a few composites (Linear, LayerNorm, GELU, MLP, multi-head attention) whose formulas are the
 //! contract shared with the Burn models and the runtime.
+//!
+//! One file on purpose (≈ 740 lines): the primitive ops and the composites built from them are
+//! one vocabulary; each composite is a few lines over the primitives above it, and reading a
+//! composite's ONNX form means reading those primitives.
 
 use std::collections::{BTreeSet, HashMap};
 

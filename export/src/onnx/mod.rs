@@ -2,9 +2,8 @@
 //!
 //! Burn's ONNX tracer cannot emit transpose, softmax, LayerNorm, GELU or gather, so the
 //! exporter writes each graph node by node (see `docs/ARCHITECTURE.md` for the exact contract
-//! of names, shapes and formulas, and `shared/DESIGN.md` §3). [`builder`] holds the generic
-//! graph builder; [`vision`] and [`decoder`] turn a checkpoint's parameters into
-//! `vision_encoder.onnx` and `caption_decoder.onnx`.
+//! of names, shapes and formulas). [`builder`] holds the generic graph builder; each other
+//! module turns a checkpoint's parameters into one graph.
 
 pub mod builder;
 pub mod decoder;

@@ -9,6 +9,10 @@
 //! → tract and the first that loads the graph wins; every provider that was passed over is
 //! recorded in the [`ProviderReport`] with the *real* reason (the text onnxruntime returned, the
 //! path where the library was looked for …), so a user can see why a GPU was not used.
+//!
+//! This file (≈ 800 lines) is the engine's whole public surface — `Engine`, `Value`, options,
+//! provider choice and reports, the error type — and the choice logic between the backends;
+//! each backend's own code is in its file (`ort_backend.rs`, `tract_backend.rs`).
 
 #[cfg(feature = "ort")]
 mod ort_backend;

@@ -47,7 +47,7 @@ fn trained_tiny_captioner_reaches_accuracy_floors() {
 
     // The same architecture untrained cannot do it: the floors measure learning.
     let untrained = LoadedRun {
-        model: BurnCaptioner::<Cpu>::new(&trained.config.model, &device),
+        model: CaptionModel::<Cpu>::new(&trained.config.model, &device),
         config: trained.config.clone(),
         tokenizer: trained.tokenizer.clone(),
     };

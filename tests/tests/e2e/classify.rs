@@ -5,11 +5,10 @@ use super::*;
 
 #[test]
 fn restore_bundle_classifies_with_a_missing_modality_on_ort_and_tract_like_burn() {
+    use duet_datasets::pair_tasks::PairTask;
+    use duet_run::{load_restore, RestoreSettings};
     use duet_runtime::{Classifier, ClassifyError, Modality};
-    use duet_train::data::pair_tasks::PairTask;
-    use duet_train::stages::restore::{
-        ddim_restore, fit_fusion, fit_restore, load_restore, to_vec, PairFitArgs, RestoreSettings,
-    };
+    use duet_train::stages::restore::{ddim_restore, fit_fusion, fit_restore, to_vec, PairFitArgs};
 
     let g = gen_fixture();
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("duet-e2e-classify");

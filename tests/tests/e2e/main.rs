@@ -19,22 +19,24 @@ use common::{engine_options, repo_root};
 use std::sync::OnceLock;
 
 use burn::backend::NdArray;
+use duet_datasets::shapeworld::{load_dataset, write_dataset, Sample, SceneConfig};
 use duet_export::{export_run, ExportError, ExportOptions};
-use duet_models::Captioner as BurnCaptioner;
+use duet_models::CaptionModel;
+use duet_run::load_generator;
+use duet_run::{load_run, LoadedRun};
 use duet_runtime::bundle::BundleError;
 use duet_runtime::diffusion::{NoiseSchedule, Prediction, Sampler, SamplerConfig};
 use duet_runtime::engine::{Provider, ProviderChoice};
 use duet_runtime::graph::Graph;
 use duet_runtime::preprocess::{self, ImageError};
 use duet_runtime::{Bundle, Captioner, GenerateError, GenerateOptions, Generator};
-use duet_train::data::shapeworld::{load_dataset, write_dataset, Sample, SceneConfig};
 use duet_train::eval::caption::{
     eval_caption, eval_generate, eval_reconstruction, GenerateEvalOptions,
 };
 use duet_train::eval::geneval::{Category, GenEvalReport};
 use duet_train::metrics::{evaluate, CaptionMetrics};
-use duet_train::stages::caption::{caption_samples, fit, load_run, prepare, FitArgs, LoadedRun};
-use duet_train::stages::generate::{fit_generate, load_generator, GenerateFitArgs};
+use duet_train::stages::caption::{caption_samples, fit, prepare, FitArgs};
+use duet_train::stages::generate::{fit_generate, GenerateFitArgs};
 use duet_train::stages::unify::{
     fit_unify, ReconstructionSettings, UnifyFitArgs, STAGE1_DIR, STAGE2_DIR,
 };

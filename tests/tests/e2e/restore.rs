@@ -8,12 +8,11 @@ use super::*;
 /// every method, setting and rate (its plot is a real PNG).
 #[test]
 fn restore_stage_freezes_backbones_and_restores_closer_than_mean_fill() {
-    use duet_train::checkpoint::load_weights;
-    use duet_train::data::pair_tasks::PairTask;
+    use duet_datasets::pair_tasks::PairTask;
+    use duet_run::checkpoint::load_weights;
+    use duet_run::{RestoreSettings, VARIANTS};
     use duet_train::eval::restore::{eval_restore, RestoreEvalOptions, Setting};
-    use duet_train::stages::restore::{
-        fit_fusion, fit_restore, PairFitArgs, RestoreSettings, VARIANTS,
-    };
+    use duet_train::stages::restore::{fit_fusion, fit_restore, PairFitArgs};
 
     let g = gen_fixture();
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("duet-e2e-restore");

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 
-use crate::data::shapeworld::load_dataset;
 use crate::metrics::{evaluate, CaptionMetrics};
-use crate::stages::caption::{caption_samples, load_run, prepare};
+use crate::stages::caption::{caption_samples, prepare};
+use duet_datasets::shapeworld::load_dataset;
+use duet_run::load_run;
 
 /// Captions every sample of `data` with the run's model and scores the captions.
 /// Returns the metrics and up to `examples` (truth, prediction) pairs for display.
@@ -72,7 +73,7 @@ pub fn eval_generate<B: Backend>(
     device: &B::Device,
 ) -> anyhow::Result<(crate::eval::geneval::GenEvalReport, Vec<image::RgbImage>)> {
     use crate::eval::geneval::{prompt_set, Detector, GenEvalReport};
-    let loaded = crate::stages::generate::load_generator::<B>(run, opts.untrained, device)?;
+    let loaded = duet_run::load_generator::<B>(run, opts.untrained, device)?;
     let prompts = prompt_set(opts.per_category, opts.prompt_seed);
     let detector = Detector::new(loaded.config.model.image_size as u32);
     let mut report = GenEvalReport::default();
@@ -137,7 +138,7 @@ pub fn eval_reconstruction<B: Backend>(
     Vec<(image::RgbImage, image::RgbImage)>,
 )> {
     let captioner = load_run::<B>(run, device)?;
-    let generator = crate::stages::generate::load_generator::<B>(run, false, device)?;
+    let generator = duet_run::load_generator::<B>(run, false, device)?;
     let mut samples = load_dataset(data)?;
     if let Some(n) = limit {
         samples.truncate(n);

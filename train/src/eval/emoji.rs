@@ -1,4 +1,4 @@
-//! Evaluation on held-out Emoji-CLDR splits (`../shared/DESIGN.md` §6).
+//! Evaluation on held-out Emoji-CLDR splits.
 //!
 //! - **Captions** (`duet-train eval --stage caption --data EMOJI/test`): the captioner's greedy
 //!   name against CLDR's. *Exact name* compares the two as word sequences (case, spacing and
@@ -24,10 +24,11 @@ use burn::tensor::{Int, Tensor, TensorData};
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::data::folders::{folder_kind, load_folder, FolderKind};
-use crate::data::shapeworld::Sample;
-use crate::data::tokenizer::{encode_caption, PAD_ID};
-use crate::stages::caption::{caption_samples, load_run, prepare};
+use crate::stages::caption::{caption_samples, prepare};
+use duet_datasets::folders::{folder_kind, load_folder, FolderKind};
+use duet_datasets::shapeworld::Sample;
+use duet_datasets::tokenizer::{encode_caption, PAD_ID};
+use duet_run::load_run;
 
 /// Lower-cased words of a name: runs of letters and digits; everything else separates.
 pub fn name_words(s: &str) -> Vec<String> {
@@ -250,7 +251,7 @@ pub fn eval_emoji_retrieval<B: Backend>(
     opts: &RetrievalOptions,
     device: &B::Device,
 ) -> anyhow::Result<(EmojiRetrievalReport, Vec<(RgbImage, RgbImage)>)> {
-    let generator = crate::stages::generate::load_generator::<B>(run, false, device)?;
+    let generator = duet_run::load_generator::<B>(run, false, device)?;
     // The captioner's vision encoder, frozen during the generate stage, is the image side.
     let captioner = load_run::<B>(run, device)?;
     let cfg = generator.config.model.clone();
@@ -315,7 +316,7 @@ pub fn eval_emoji_retrieval<B: Backend>(
         let images = duet_diffusion::to_images(&x)?;
         let flat: Vec<f32> = images
             .iter()
-            .flat_map(crate::stages::caption::image_to_chw)
+            .flat_map(duet_datasets::image_to_chw)
             .collect();
         let s = cfg.image_size;
         let pixels =

@@ -26,7 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::shapeworld::{
+use duet_datasets::shapeworld::{
     objects_caption, render, Colour, Object, Position, Scene, Shape, Size, BACKGROUND,
 };
 
@@ -483,7 +483,7 @@ impl fmt::Display for GenEvalReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::shapeworld::{generate_scene, SceneConfig};
+    use duet_datasets::shapeworld::{generate_scene, SceneConfig};
 
     fn clean_accuracy(image_size: u32, count: usize, seed: u64) -> f64 {
         let cfg = SceneConfig {
@@ -563,7 +563,7 @@ mod tests {
             assert_eq!(a.iter().filter(|p| p.category == category).count(), 20);
         }
         for p in &a {
-            let parsed = crate::data::shapeworld::parse_caption(&p.text).expect("in grammar");
+            let parsed = duet_datasets::shapeworld::parse_caption(&p.text).expect("in grammar");
             assert_eq!(parsed, p.objects);
             if p.category == Category::ColourAttribution {
                 assert_ne!(p.objects[0].colour, p.objects[1].colour);

@@ -5,3 +5,28 @@ pub mod caption;
 pub mod emoji;
 pub mod geneval;
 pub mod restore;
+
+use std::fmt;
+
+/// What `duet-train eval` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Evaluation {
+    /// Caption metrics on a ShapeWorld folder, or token F1 on an Emoji-CLDR split.
+    Caption,
+    /// GenEval-style scores of the generator on its seeded prompt set.
+    Generate,
+    /// Caption → generate → compare: the auto-encoder view.
+    Reconstruct,
+    /// Missing-modality restoration against mean-fill.
+    Restore,
+    /// Generated emoji retrieved by their own names.
+    Retrieval,
+}
+
+impl fmt::Display for Evaluation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use clap::ValueEnum;
+        let name = self.to_possible_value().expect("no variant is skipped");
+        f.write_str(name.get_name())
+    }
+}

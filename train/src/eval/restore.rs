@@ -14,10 +14,9 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{LineChart, Series};
-use crate::stages::restore::{
-    ddim_restore, extract_features, load_restore, to_vec, LoadedRestore, PairFeatures, VARIANTS,
-};
+use crate::stages::restore::{ddim_restore, extract_features, to_vec, PairFeatures};
 use duet_diffusion::NoiseSchedule;
+use duet_run::{load_restore, LoadedRestore, VARIANTS};
 
 /// The missing rates every setting is scored at.
 pub const RATES: [f64; 5] = [0.0, 0.3, 0.5, 0.7, 0.9];

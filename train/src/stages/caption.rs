@@ -11,83 +11,29 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
+use duet_models::params::{named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
-use duet_models::{Captioner, ModelSpec, Preset};
+use duet_models::{CaptionModel, ModelSpec, Preset};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::checkpoint::{
-    load_weights, read_json, save_weights, write_json, TrainState, OPTIMIZER_FILE, STATE_FILE,
-    WEIGHTS_FILE,
-};
-use crate::data::folders::{folders_display, load_folders};
-use crate::data::shapeworld::Sample;
-use crate::data::tokenizer::{
+use duet_datasets::folders::{folders_display, load_folders};
+use duet_datasets::image_to_chw;
+use duet_datasets::shapeworld::Sample;
+use duet_datasets::tokenizer::{
     decode_caption, encode_caption, load_tokenizer, save_tokenizer, train_tokenizer,
 };
-use crate::fsutil::write_atomic;
-
-pub const CONFIG_FILE: &str = "config.json";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
-pub const METRICS_FILE: &str = "metrics.jsonl";
-/// Burn record of the model, kept only so `--resume` can restore the optimizer state (which
-/// Burn keys by parameter id); `model.safetensors` is the portable copy of the weights.
-pub const MODEL_RECORD_FILE: &str = "model_record.bin";
+use duet_fsio::write_atomic_creating_dir as write_atomic;
+use duet_run::checkpoint::{
+    read_json, save_weights, write_json, TrainState, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE,
+};
+use duet_run::{
+    CaptionTrainConfig, LoadedRun, CONFIG_FILE, METRICS_FILE, MODEL_RECORD_FILE, TOKENIZER_FILE,
+};
 
 type Rec = BinBytesRecorder<FullPrecisionSettings>;
-
-/// Everything that defines a caption training run; written to `RUN/config.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CaptionTrainConfig {
-    pub stage: crate::stage::Stage,
-    pub preset: Preset,
-    pub model: ModelSpec,
-    /// The training folders, in order (one path in runs made before several were accepted).
-    #[serde(deserialize_with = "crate::data::folders::one_or_many_paths")]
-    pub data: Vec<PathBuf>,
-    pub steps: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub warmup_steps: usize,
-    pub weight_decay: f32,
-    pub grad_clip: f32,
-    pub seed: u64,
-    pub checkpoint_every: usize,
-    pub log_every: usize,
-    pub device: String,
-    /// The exact command line that started the run.
-    pub command: String,
-}
-
-impl CaptionTrainConfig {
-    pub fn for_preset(preset: Preset) -> (usize, usize, f64) {
-        // (steps, batch_size, lr)
-        match preset {
-            Preset::Tiny => (1200, 32, 2e-3),
-            Preset::Small => (6000, 64, 1e-3),
-        }
-    }
-
-    /// See [`warmup_cosine_lr`].
-    pub fn lr_at(&self, step: usize) -> f64 {
-        warmup_cosine_lr(self.lr, self.warmup_steps, self.steps, step)
-    }
-}
-
-/// Linear warm-up then cosine decay to 5% of the peak rate `lr` (every stage's schedule).
-pub fn warmup_cosine_lr(lr: f64, warmup_steps: usize, steps: usize, step: usize) -> f64 {
-    if step < warmup_steps {
-        return lr * (step + 1) as f64 / warmup_steps as f64;
-    }
-    let span = (steps.saturating_sub(warmup_steps)).max(1) as f64;
-    let t = ((step - warmup_steps) as f64 / span).min(1.0);
-    let min = 0.05 * lr;
-    min + 0.5 * (lr - min) * (1.0 + (std::f64::consts::PI * t).cos())
-}
 
 /// Images and padded token sequences in memory, ready to batch.
 pub struct PreparedData {
@@ -98,20 +44,6 @@ pub struct PreparedData {
     /// `n * seq_len`, `[BOS] … [EOS] [PAD]…`.
     pub tokens: Vec<i64>,
     pub seq_len: usize,
-}
-
-/// `x / 255 * 2 - 1` per channel, CHW: the normalisation the manifest declares
-/// (mean 0.5, std 0.5).
-pub fn image_to_chw(img: &image::RgbImage) -> Vec<f32> {
-    let (w, h) = img.dimensions();
-    let (w, h) = (w as usize, h as usize);
-    let mut out = vec![0.0f32; 3 * w * h];
-    for (x, y, p) in img.enumerate_pixels() {
-        for c in 0..3 {
-            out[c * w * h + y as usize * w + x as usize] = p.0[c] as f32 / 255.0 * 2.0 - 1.0;
-        }
-    }
-    out
 }
 
 pub fn prepare(
@@ -172,7 +104,7 @@ impl PreparedData {
 
 /// Mean next-token cross-entropy over non-padding targets.
 pub fn caption_loss<B: Backend>(
-    model: &Captioner<B>,
+    model: &CaptionModel<B>,
     pixels: Tensor<B, 4>,
     tokens: Tensor<B, 2, Int>,
 ) -> Tensor<B, 1> {
@@ -259,7 +191,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         let (steps, batch, lr) = CaptionTrainConfig::for_preset(args.preset);
         let model = ModelSpec::preset(args.preset, tok.get_vocab_size(true), image_size);
         let cfg = CaptionTrainConfig {
-            stage: crate::stage::Stage::Caption,
+            stage: duet_run::Stage::Caption,
             preset: args.preset,
             model,
             data: args.data.clone(),
@@ -291,13 +223,13 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
 
     B::seed(device, cfg.seed);
     let data = prepare(&samples, &tokenizer, image_size, cfg.model.max_len)?;
-    let mut model = Captioner::<B>::new(&cfg.model, device);
+    let mut model = CaptionModel::<B>::new(&cfg.model, device);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)
         .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(
             cfg.grad_clip,
         )))
-        .init::<B, Captioner<B>>();
+        .init::<B, CaptionModel<B>>();
     let start_step = match &state {
         Some(s) => {
             (model, optim) = load_records(run, model, optim, device)?;
@@ -306,7 +238,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         None => 0,
     };
 
-    let pb = crate::progress::stage_bar(args.quiet, cfg.steps, "caption");
+    let pb = duet_datasets::progress::stage_bar(args.quiet, cfg.steps, "caption");
     pb.set_position(start_step as u64);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -417,52 +349,6 @@ where
     let rec = Rec::default().load(std::fs::read(run.join(MODEL_RECORD_FILE))?, device)?;
     let orec = Rec::default().load(std::fs::read(run.join(OPTIMIZER_FILE))?, device)?;
     Ok((model.load_record(rec), optim.load_record(orec)))
-}
-
-/// The tensors of `weights` whose names start with one of `prefixes` followed by a dot.
-pub fn with_prefixes(weights: &NamedTensors, prefixes: &[&str]) -> NamedTensors {
-    weights
-        .iter()
-        .filter(|(k, _)| {
-            prefixes
-                .iter()
-                .any(|p| k.strip_prefix(p).is_some_and(|rest| rest.starts_with('.')))
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
-/// A trained captioner loaded from a run directory (inference backend, no autodiff).
-pub struct LoadedRun<B: Backend> {
-    pub config: CaptionTrainConfig,
-    pub tokenizer: Tokenizer,
-    pub model: Captioner<B>,
-}
-
-pub fn load_run<B: Backend>(run: &Path, device: &B::Device) -> anyhow::Result<LoadedRun<B>> {
-    let config: CaptionTrainConfig = read_json(&run.join(CONFIG_FILE))?;
-    let tokenizer = load_tokenizer(&run.join(TOKENIZER_FILE))?;
-    let model = load_captioner(run, &config.model, device)?;
-    Ok(LoadedRun {
-        config,
-        tokenizer,
-        model,
-    })
-}
-
-/// The captioner (`vision.*`, `decoder.*`) of any run that carries one, built for `model`.
-pub fn load_captioner<B: Backend>(
-    run: &Path,
-    model: &ModelSpec,
-    device: &B::Device,
-) -> anyhow::Result<Captioner<B>> {
-    // A later stage's run holds more than the captioner: take the captioner's part.
-    let weights = with_prefixes(
-        &load_weights(&run.join(WEIGHTS_FILE))?,
-        &["vision", "decoder"],
-    );
-    load_named_tensors(Captioner::<B>::new(model, device), &weights)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", run.join(WEIGHTS_FILE).display()))
 }
 
 /// Greedy captions for a set of samples, in batches.

@@ -16,7 +16,7 @@ use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
-use duet_models::{Captioner, KvCache};
+use duet_models::{CaptionModel, KvCache};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +44,7 @@ impl Default for GrpoSettings {
 /// Samples `group` captions per image (rows `i·group .. (i+1)·group` belong to image `i`).
 /// Each is `[BOS] tokens… [EOS]` (EOS missing if `max_len` ran out).
 pub fn sample_captions<B: Backend, R: Rng + ?Sized>(
-    model: &Captioner<B>,
+    model: &CaptionModel<B>,
     pixels: Tensor<B, 4>,
     group: usize,
     temperature: f64,
@@ -159,7 +159,7 @@ fn pack(seqs: &[Vec<u32>]) -> (Vec<i64>, Vec<f32>, usize) {
 
 /// Per-token log-probabilities `[B, L-1]` of `ids`' next tokens under `model`.
 fn token_logps<B: Backend>(
-    model: &Captioner<B>,
+    model: &CaptionModel<B>,
     image_tokens: Tensor<B, 3>,
     ids: Tensor<B, 2, Int>,
 ) -> Tensor<B, 2> {
@@ -190,8 +190,8 @@ pub struct GrpoStats {
 /// The GRPO loss of sampled captions `seqs` (grouped as [`sample_captions`] returns them) for
 /// the images `pixels` `[N, 3, S, S]`, with `advantages` from [`group_advantages`].
 pub fn grpo_loss<B: AutodiffBackend>(
-    policy: &Captioner<B>,
-    reference: &Captioner<B::InnerBackend>,
+    policy: &CaptionModel<B>,
+    reference: &CaptionModel<B::InnerBackend>,
     pixels: Tensor<B, 4>,
     seqs: &[Vec<u32>],
     advantages: &[f32],
@@ -242,8 +242,8 @@ pub fn grpo_loss<B: AutodiffBackend>(
 /// statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn grpo_step<B, O, R, F, E>(
-    policy: Captioner<B>,
-    reference: &Captioner<B::InnerBackend>,
+    policy: CaptionModel<B>,
+    reference: &CaptionModel<B::InnerBackend>,
     optim: &mut O,
     lr: f64,
     pixels: Tensor<B, 4>,
@@ -251,10 +251,10 @@ pub fn grpo_step<B, O, R, F, E>(
     max_len: usize,
     rng: &mut R,
     mut reward: F,
-) -> Result<(Captioner<B>, GrpoStats), E>
+) -> Result<(CaptionModel<B>, GrpoStats), E>
 where
     B: AutodiffBackend,
-    O: Optimizer<Captioner<B>, B>,
+    O: Optimizer<CaptionModel<B>, B>,
     R: Rng + ?Sized,
     F: FnMut(&[Vec<u32>]) -> Result<Vec<f32>, E>,
 {
@@ -320,9 +320,9 @@ mod tests {
         let device = Default::default();
         let cfg = ModelSpec::preset(Preset::Tiny, 16, 32);
         B::seed(&device, 3);
-        let policy = Captioner::<B>::new(&cfg, &device);
+        let policy = CaptionModel::<B>::new(&cfg, &device);
         let reference = policy.valid();
-        let mut optim = AdamConfig::new().init::<B, Captioner<B>>();
+        let mut optim = AdamConfig::new().init::<B, CaptionModel<B>>();
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let pixels = Tensor::<B, 4>::random(
             [4, 3, 32, 32],
@@ -339,7 +339,7 @@ mod tests {
             temperature: 1.0,
             kl_weight: 0.01,
         };
-        let measure = |p: &Captioner<B>, rng: &mut ChaCha8Rng| {
+        let measure = |p: &CaptionModel<B>, rng: &mut ChaCha8Rng| {
             let seqs = sample_captions(&p.valid(), pixels.clone().inner(), 16, 1.0, 12, rng);
             seqs.iter().map(|s| share(0, s)).sum::<f32>() / seqs.len() as f32
         };

@@ -4,15 +4,15 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use duet_datasets::folders::{folder_kind, FolderKind};
 use duet_diffusion::{Sampler, SamplerConfig};
-use duet_train::checkpoint::write_json;
+use duet_run::checkpoint::write_json;
 use duet_train::cpu;
-use duet_train::data::folders::{folder_kind, FolderKind};
 use duet_train::eval::caption::GenerateEvalOptions;
 use duet_train::eval::emoji::RetrievalOptions;
 use duet_train::eval::restore::RestoreEvalOptions;
-use duet_train::fsutil::write_png;
-use duet_train::stage::Evaluation;
+use duet_train::eval::Evaluation;
+use duet_train::plot::write_png;
 use duet_train::stages::unify::ReconstructionSettings;
 
 #[derive(Args)]

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use duet_datasets::pair_tasks::PairTask;
 use duet_models::Preset;
+use duet_run::Stage;
 use duet_train::backend::DeviceKind;
 use duet_train::cpu;
-use duet_train::data::pair_tasks::PairTask;
-use duet_train::stage::Stage;
 use duet_train::stages::caption::FitArgs;
 use duet_train::stages::generate::DenoiserOptions;
 use duet_train::stages::generate::{GenerateFitArgs, GenerateOutcome};

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use duet_train::data::emoji::{write_emoji_dataset, ArtStyle, EmojiOptions, EmojiSource};
-use duet_train::data::shapeworld::{write_dataset, SceneConfig};
+use duet_datasets::emoji::{write_emoji_dataset, ArtStyle, EmojiOptions, EmojiSource};
+use duet_datasets::shapeworld::{write_dataset, SceneConfig};
 
 mod eval;
 mod fit;

@@ -71,7 +71,7 @@ pub fn generate_loss<B: AutodiffBackend>(
     cfg: &ModelSpec,
     settings: &DiffusionSettings,
     schedule: &NoiseSchedule,
-    generator: &Generator<B>,
+    generator: &GenerationModel<B>,
     image_emb: Tensor<B::InnerBackend, 2>,
     data: &PreparedData,
     idx: &[usize],

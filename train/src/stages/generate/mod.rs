@@ -15,160 +15,34 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
-use duet_diffusion::{NoiseSchedule, Prediction};
+use duet_diffusion::NoiseSchedule;
 use duet_models::params::{load_named_tensors, named_tensors};
-use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
-use duet_models::{Denoiser, ModelSpec, Preset, TextEncoder, VisionEncoder};
+use duet_models::GenerationModel;
+use duet_models::{ModelSpec, VisionEncoder};
+use duet_run::{empty_caption, DiffusionSettings, GenerateTrainConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{
+use crate::ema::Ema;
+use crate::stages::caption::{batch_indices, load_records, prepare, save_checkpoint};
+use duet_datasets::folders::{folders_display, load_folders};
+use duet_datasets::tokenizer::{load_tokenizer, save_tokenizer};
+use duet_run::checkpoint::{
     load_weights, read_json, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
 };
-use crate::data::folders::{folders_display, load_folders};
-use crate::data::tokenizer::{load_tokenizer, save_tokenizer};
-use crate::ema::Ema;
-use crate::stages::caption::{
-    batch_indices, load_records, prepare, save_checkpoint, warmup_cosine_lr, with_prefixes,
-    CaptionTrainConfig, CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE,
+use duet_run::{
+    warmup_cosine_lr, with_prefixes, CaptionTrainConfig, CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE,
 };
 
-mod load;
 mod loss;
 #[cfg(test)]
 mod tests;
 
-pub use load::*;
 pub use loss::*;
-
-/// The trained part of the generation direction.
-#[derive(Module, Debug)]
-pub struct Generator<B: Backend> {
-    pub text: TextEncoder<B>,
-    pub denoiser: Denoiser<B>,
-}
-
-impl<B: Backend> Generator<B> {
-    pub fn new(cfg: &ModelSpec, device: &B::Device) -> Self {
-        Self {
-            text: TextEncoder::new(cfg, device),
-            denoiser: Denoiser::new(cfg, device),
-        }
-    }
-}
-
-/// Diffusion and contrastive settings of a generate run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DiffusionSettings {
-    pub prediction: Prediction,
-    /// Training timesteps `T` of the cosine schedule.
-    pub train_timesteps: usize,
-    /// Fraction of captions replaced by the empty caption (classifier-free guidance).
-    pub cond_dropout: f64,
-    pub contrastive_weight: f64,
-    /// Softmax temperature of the contrastive loss.
-    pub temperature: f64,
-    /// Decay of the weight average that is published (see [`crate::ema`]).
-    #[serde(default = "default_ema_decay")]
-    pub ema_decay: f64,
-    /// Min-SNR-γ loss weighting (Hang et al. 2023): sample i's squared error is weighted by
-    /// `min(SNR_i, γ) / (SNR_i + 1)` for v-prediction (`min(SNR_i, γ) / SNR_i` for ε), which
-    /// stops the nearly-clean timesteps (huge SNR, little to learn) from dominating the
-    /// gradient. `None`: uniform weights (every run written before it existed).
-    #[serde(default)]
-    pub min_snr_gamma: Option<f64>,
-}
-
-impl DiffusionSettings {
-    /// The loss weight of a sample at cumulative signal level `alpha_bar`.
-    pub fn loss_weight(&self, alpha_bar: f64) -> f64 {
-        let Some(gamma) = self.min_snr_gamma else {
-            return 1.0;
-        };
-        // Clamped so the ends of the schedule (ᾱ = 1 or 0) stay finite.
-        let ab = alpha_bar.clamp(1e-8, 1.0 - 1e-8);
-        let snr = ab / (1.0 - ab);
-        match self.prediction {
-            Prediction::V => snr.min(gamma) / (snr + 1.0),
-            Prediction::Epsilon => snr.min(gamma) / snr,
-        }
-    }
-}
-
-fn default_ema_decay() -> f64 {
-    0.999
-}
-
-impl Default for DiffusionSettings {
-    fn default() -> Self {
-        Self {
-            prediction: Prediction::V,
-            train_timesteps: 1000,
-            cond_dropout: 0.1,
-            contrastive_weight: 0.1,
-            temperature: 0.07,
-            ema_decay: default_ema_decay(),
-            min_snr_gamma: None,
-        }
-    }
-}
-
-/// Everything that defines a generate run; written to `RUN/config.json`. Its fields are a
-/// superset of [`CaptionTrainConfig`]'s so tools that only need the model read either.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GenerateTrainConfig {
-    pub stage: crate::stage::Stage,
-    pub preset: Preset,
-    pub model: ModelSpec,
-    /// The caption run whose vision encoder (frozen) and decoder this run carries.
-    pub init: PathBuf,
-    /// The training folders, in order (one path in runs made before several were accepted).
-    #[serde(deserialize_with = "crate::data::folders::one_or_many_paths")]
-    pub data: Vec<PathBuf>,
-    pub steps: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub warmup_steps: usize,
-    pub weight_decay: f32,
-    pub grad_clip: f32,
-    pub seed: u64,
-    pub checkpoint_every: usize,
-    pub log_every: usize,
-    pub device: String,
-    pub command: String,
-    pub diffusion: DiffusionSettings,
-}
-
-impl GenerateTrainConfig {
-    /// `(steps, batch_size, lr)` defaults per preset. The tiny denoiser takes a high rate:
-    /// on ShapeWorld at 3e-3 (with the pooled-text conditioning) its diffusion loss is 0.024
-    /// after 380 steps where 1e-3 was still at 0.15 after 300, and 1,000 steps draw the asked
-    /// colour better than 3,000 did at 1e-3 without it (`docs/RESULTS.md`).
-    pub fn for_preset(preset: Preset) -> (usize, usize, f64) {
-        match preset {
-            Preset::Tiny => (1500, 32, 3e-3),
-            Preset::Small => (6000, 64, 5e-4),
-        }
-    }
-
-    /// Denoiser and text-encoder dimensions come from the preset, the rest from the
-    /// captioner the run starts from.
-    pub fn model_for(preset: Preset, captioner: &ModelSpec) -> ModelSpec {
-        let p = ModelSpec::preset(preset, captioner.vocab_size, captioner.image_size);
-        ModelSpec {
-            text_layers: p.text_layers,
-            denoiser_layers: p.denoiser_layers,
-            denoiser_patch_size: p.denoiser_patch_size,
-            denoiser_pooled_text: p.denoiser_pooled_text,
-            ..captioner.clone()
-        }
-    }
-}
 
 /// Denoiser architecture options of a new generate run (`ModelSpec::denoiser_long_skips`,
 /// `denoiser_conv_head`, `denoiser_layers`, `denoiser_patch_size`); the default is the
@@ -236,17 +110,6 @@ pub struct GenerateOutcome {
     pub seconds: f64,
 }
 
-/// Token ids and 1/0 mask rows `[n, L]` of the empty caption (`[BOS] [EOS] [PAD]…`).
-fn empty_caption(seq_len: usize) -> (Vec<i64>, Vec<f32>) {
-    let mut ids = vec![PAD_ID as i64; seq_len];
-    let mut mask = vec![0.0; seq_len];
-    ids[0] = BOS_ID as i64;
-    ids[1] = EOS_ID as i64;
-    mask[0] = 1.0;
-    mask[1] = 1.0;
-    (ids, mask)
-}
-
 /// Per-step rng: a pure function of (seed, step), so a resumed run draws the same timesteps,
 /// noise and dropout as an uninterrupted one.
 fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
@@ -296,7 +159,7 @@ pub fn fit_generate<B: AutodiffBackend>(
         })?;
         let (steps, batch, lr) = GenerateTrainConfig::for_preset(init.preset);
         let cfg = GenerateTrainConfig {
-            stage: crate::stage::Stage::Generate,
+            stage: duet_run::Stage::Generate,
             preset: init.preset,
             model: args
                 .denoiser
@@ -363,13 +226,13 @@ pub fn fit_generate<B: AutodiffBackend>(
     B::seed(device, cfg.seed);
     let schedule = NoiseSchedule::cosine(cfg.diffusion.train_timesteps)?;
     let data = prepare(&samples, &tokenizer, image_size, cfg.model.max_len)?;
-    let mut model = Generator::<B>::new(&cfg.model, device);
+    let mut model = GenerationModel::<B>::new(&cfg.model, device);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)
         .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(
             cfg.grad_clip,
         )))
-        .init::<B, Generator<B>>();
+        .init::<B, GenerationModel<B>>();
     let start_step = match &state {
         Some(s) => {
             (model, optim) = load_records(run, model, optim, device)?;
@@ -391,7 +254,7 @@ pub fn fit_generate<B: AutodiffBackend>(
     );
     let mut image_embeddings = ImageEmbeddings::new(vision, &cfg.model, data.n);
 
-    let pb = crate::progress::stage_bar(args.quiet, cfg.steps, "generate");
+    let pb = duet_datasets::progress::stage_bar(args.quiet, cfg.steps, "generate");
     pb.set_position(start_step as u64);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)

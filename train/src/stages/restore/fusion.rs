@@ -1,20 +1,21 @@
 //! `fit --stage fusion`: the task head on complete image + text pairs, and the losses and
 //! accuracies the restore stage shares with it.
 
-use crate::checkpoint::{
-    load_weights, read_json, save_weights, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
-};
-use crate::data::tokenizer::save_tokenizer;
-use crate::stage::Stage;
-use crate::stages::caption::{batch_indices, CONFIG_FILE, TOKENIZER_FILE};
+use crate::stages::caption::batch_indices;
 use anyhow::Context;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
+use duet_datasets::tokenizer::save_tokenizer;
 use duet_models::params::named_tensors;
 use duet_models::FusionHead;
+use duet_run::checkpoint::{
+    load_weights, read_json, save_weights, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
+};
+use duet_run::Stage;
+use duet_run::{CONFIG_FILE, TOKENIZER_FILE};
 use std::time::Instant;
 
 use super::*;
@@ -79,8 +80,8 @@ pub fn fit_fusion<B: AutodiffBackend>(
         .task
         .context("--stage fusion needs --task colour-column|shape-count")?;
     let bb = load_backbones::<B::InnerBackend>(&args.init, device)?;
-    let generator: crate::stages::generate::GenerateTrainConfig =
-        read_json(&args.init.join(CONFIG_FILE)).with_context(|| {
+    let generator: duet_run::GenerateTrainConfig = read_json(&args.init.join(CONFIG_FILE))
+        .with_context(|| {
             format!(
                 "--stage fusion starts from a generate or unify run; {} is not one",
                 args.init.display()
@@ -113,7 +114,7 @@ pub fn fit_fusion<B: AutodiffBackend>(
     B::seed(device, cfg.seed);
     let mut head = FusionHead::<B>::new(&cfg.restore, device);
     let mut optim = AdamWConfig::new().with_weight_decay(1e-4).init();
-    let pb = crate::progress::stage_bar(args.quiet, cfg.steps, "fusion head");
+    let pb = duet_datasets::progress::stage_bar(args.quiet, cfg.steps, "fusion head");
     let mut last = f64::NAN;
     for step in 0..cfg.steps {
         let idx = batch_indices(train.n, cfg.batch_size, step, cfg.seed);
@@ -124,7 +125,7 @@ pub fn fit_fusion<B: AutodiffBackend>(
         let loss = cross_entropy(logits, train.label_rows(&idx, device));
         last = loss.clone().into_scalar().elem::<f64>();
         let grads = GradientsParams::from_grads(loss.backward(), &head);
-        let lr = crate::stages::caption::warmup_cosine_lr(cfg.lr, 50, cfg.steps, step);
+        let lr = duet_run::warmup_cosine_lr(cfg.lr, 50, cfg.steps, step);
         head = optim.step(lr, head, grads);
         if step % 50 == 0 || step + 1 == cfg.steps {
             pb.set_message(format!("loss {last:.4}"));

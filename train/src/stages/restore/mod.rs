@@ -15,14 +15,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use burn::tensor::backend::Backend;
-use duet_models::{FusionHead, MissingTokens, ModelSpec, Preset, RestoreConfig, Restorers};
-use serde::{Deserialize, Serialize};
+use duet_models::{ModelSpec, Preset, RestoreConfig};
+use duet_run::{
+    load_backbones, load_module, prefixed, PairTrainConfig, RestoreSettings, Variant, HEAD,
+    MISSING_TOKEN, VARIANTS,
+};
+use serde::Serialize;
 
-use crate::checkpoint::{load_weights, read_json, STATE_FILE, WEIGHTS_FILE};
-use crate::data::pair_tasks::PairTask;
-use crate::stage::Stage;
-use crate::stages::caption::{CONFIG_FILE, METRICS_FILE};
+use duet_datasets::pair_tasks::PairTask;
+use duet_run::checkpoint::STATE_FILE;
+use duet_run::Stage;
+use duet_run::METRICS_FILE;
 
 mod backbones;
 mod fusion;
@@ -33,110 +36,6 @@ mod tests;
 pub use backbones::*;
 pub use fusion::*;
 pub use restorers::*;
-
-/// Tensor-name prefixes of the restore run's modules.
-pub const HEAD: &str = "head";
-pub const MISSING_TOKEN: &str = "missing_token";
-
-/// A restorer variant: the full model and its two ablations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Variant {
-    /// Tensor-name prefix in the run.
-    pub prefix: &'static str,
-    /// Method name in tables and plots.
-    pub method: &'static str,
-    pub gating: bool,
-    pub mutual: bool,
-}
-
-impl Variant {
-    /// Whether the head's input blends the restoration with μ through the trust gate. The gate
-    /// learns only from the agreement loss, so without mutual learning it has no training
-    /// signal and stays out (τ = 1) instead of blending at its random initial value.
-    pub fn trusts(self) -> bool {
-        self.gating && self.mutual
-    }
-}
-
-pub const VARIANTS: [Variant; 3] = [
-    Variant {
-        prefix: "restorer",
-        method: "restorer",
-        gating: true,
-        mutual: true,
-    },
-    Variant {
-        prefix: "ablation_no_gate",
-        method: "restorer w/o gating",
-        gating: false,
-        mutual: true,
-    },
-    Variant {
-        prefix: "ablation_no_mutual",
-        method: "restorer w/o mutual",
-        gating: true,
-        mutual: false,
-    },
-];
-
-/// Diffusion and loss settings of the restore stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RestoreSettings {
-    /// Steps of the cosine noise schedule the restorers are trained on.
-    pub train_timesteps: usize,
-    /// DDIM (eta 0) steps that restore a feature, in training (unrolled) and at inference.
-    pub sampler_steps: usize,
-    /// Steps of the missing-token baseline.
-    pub token_steps: usize,
-    /// Weight of the head-agreement loss (KL from the complete-pair prediction).
-    pub agreement_weight: f64,
-    /// Weight of the cycle-consistency loss.
-    pub cycle_weight: f64,
-}
-
-impl Default for RestoreSettings {
-    fn default() -> Self {
-        Self {
-            train_timesteps: 1000,
-            sampler_steps: 4,
-            token_steps: 600,
-            agreement_weight: 1.0,
-            cycle_weight: 0.5,
-        }
-    }
-}
-
-/// Everything that defines a fusion or restore run; written to `RUN/config.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PairTrainConfig {
-    pub stage: Stage,
-    pub preset: Preset,
-    pub model: ModelSpec,
-    pub restore: RestoreConfig,
-    pub task: PairTask,
-    /// The generate run (fusion) or fusion run (restore) this run starts from.
-    pub init: PathBuf,
-    /// Training examples, drawn from `data_seed`; the held-out test set is drawn from
-    /// `data_seed + 1` (fresh draws: the scene space is small, so many test images and texts
-    /// also occur in training — the hidden view is what is new).
-    pub train_examples: usize,
-    pub test_examples: usize,
-    pub data_seed: u64,
-    pub steps: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub seed: u64,
-    /// The diffusion settings of the generate run the backbones came from (its denoiser rides
-    /// along in the run, so an export of this run ships the whole generator). `None` in runs
-    /// written before this field existed: such runs cannot be exported.
-    #[serde(default)]
-    pub generator_diffusion: Option<crate::stages::generate::DiffusionSettings>,
-    pub device: String,
-    pub command: String,
-    /// Restore stage only.
-    #[serde(default)]
-    pub settings: Option<RestoreSettings>,
-}
 
 /// Options of `fit --stage fusion|restore`.
 #[derive(Debug, Clone)]
@@ -175,7 +74,7 @@ fn resolve_config(
     model: ModelSpec,
     task: PairTask,
     from: Option<&PairTrainConfig>,
-    generator_diffusion: Option<crate::stages::generate::DiffusionSettings>,
+    generator_diffusion: Option<duet_run::DiffusionSettings>,
 ) -> PairTrainConfig {
     // The same defaults for both stages today; a stage of its own gets its own row here.
     let (steps, batch, lr) = (1500, 128, 1e-3);
@@ -253,59 +152,4 @@ fn append_metric(out: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
     writeln!(f, "{value}")?;
     crate::curves::write_run_curves(out)?;
     Ok(())
-}
-
-/// A trained restore run loaded for evaluation.
-pub struct LoadedRestore<B: Backend> {
-    pub config: PairTrainConfig,
-    pub backbones: Backbones<B>,
-    pub models: RestoreModels<B>,
-}
-
-pub fn load_restore<B: Backend>(
-    run: &Path,
-    device: &B::Device,
-) -> anyhow::Result<LoadedRestore<B>> {
-    let config: PairTrainConfig = read_json(&run.join(CONFIG_FILE))?;
-    if config.stage != Stage::Restore {
-        anyhow::bail!(
-            "{} is a '{}' run, not a restore run",
-            run.display(),
-            config.stage
-        );
-    }
-    let backbones = load_backbones(run, device)?;
-    let weights = load_weights(&run.join(WEIGHTS_FILE))?;
-    let head = load_module(
-        FusionHead::new(&config.restore, device),
-        &weights,
-        HEAD,
-        run,
-    )?;
-    let tokens = load_module(
-        MissingTokens::new(config.restore.embed_dim, device),
-        &weights,
-        MISSING_TOKEN,
-        run,
-    )?;
-    let restorers = VARIANTS
-        .iter()
-        .map(|v| {
-            load_module(
-                Restorers::new(&config.restore, device),
-                &weights,
-                v.prefix,
-                run,
-            )
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(LoadedRestore {
-        config,
-        backbones,
-        models: RestoreModels {
-            head,
-            tokens,
-            restorers,
-        },
-    })
 }

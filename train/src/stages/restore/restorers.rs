@@ -1,20 +1,21 @@
 //! `fit --stage restore`: the feature-space diffusion restorers (full model and ablations)
 //! and the missing-token baseline, trained with the backbones and the head frozen.
 
-use crate::checkpoint::{
-    load_weights, read_json, save_weights, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
-};
-use crate::data::tokenizer::save_tokenizer;
-use crate::stage::Stage;
-use crate::stages::caption::{batch_indices, CONFIG_FILE, TOKENIZER_FILE};
+use crate::stages::caption::batch_indices;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
+use duet_datasets::tokenizer::save_tokenizer;
 use duet_diffusion::NoiseSchedule;
 use duet_models::params::named_tensors;
 use duet_models::{FeatureRestorer, FusionHead, MissingTokens, Restorers};
+use duet_run::checkpoint::{
+    load_weights, read_json, save_weights, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
+};
+use duet_run::Stage;
+use duet_run::{CONFIG_FILE, TOKENIZER_FILE};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -198,14 +199,6 @@ fn restore_loss<B: AutodiffBackend>(
     })
 }
 
-/// The restore stage's trained modules (inference backend).
-pub struct RestoreModels<B: Backend> {
-    pub head: FusionHead<B>,
-    pub tokens: MissingTokens<B>,
-    /// In the order of [`VARIANTS`].
-    pub restorers: Vec<Restorers<B>>,
-}
-
 /// `fit --stage restore`: the missing-token baseline and the three restorer variants, with the
 /// backbones and the fusion head frozen.
 pub fn fit_restore<B: AutodiffBackend>(
@@ -276,7 +269,7 @@ pub fn fit_restore<B: AutodiffBackend>(
     B::seed(device, cfg.seed);
     let mut tokens = MissingTokens::<B>::new(e, device);
     let mut token_optim = AdamWConfig::new().init();
-    let pb = crate::progress::stage_bar(args.quiet, settings.token_steps, "missing token");
+    let pb = duet_datasets::progress::stage_bar(args.quiet, settings.token_steps, "missing token");
     for step in 0..settings.token_steps {
         let idx = batch_indices(train.n, cfg.batch_size, step, cfg.seed);
         let b = idx.len();
@@ -307,7 +300,7 @@ pub fn fit_restore<B: AutodiffBackend>(
             .with_weight_decay(1e-4)
             .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
             .init();
-        let pb = crate::progress::stage_bar(args.quiet, cfg.steps, variant.method);
+        let pb = duet_datasets::progress::stage_bar(args.quiet, cfg.steps, variant.method);
         for step in 0..cfg.steps {
             let idx = batch_indices(train.n, cfg.batch_size, step, cfg.seed);
             let mut rng = ChaCha8Rng::seed_from_u64(
@@ -328,7 +321,7 @@ pub fn fit_restore<B: AutodiffBackend>(
                 anyhow::bail!("{}: loss became {last} at step {step}", variant.method);
             }
             let grads = GradientsParams::from_grads(losses.total.backward(), &model);
-            let lr = crate::stages::caption::warmup_cosine_lr(cfg.lr, 50, cfg.steps, step);
+            let lr = duet_run::warmup_cosine_lr(cfg.lr, 50, cfg.steps, step);
             model = optim.step(lr, model, grads);
             if step % 50 == 0 || step + 1 == cfg.steps {
                 pb.set_message(format!(

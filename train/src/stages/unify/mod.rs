@@ -27,26 +27,24 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
-use duet_models::Captioner;
+use duet_models::CaptionModel;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{
+use crate::ema::Ema;
+use crate::stages::caption::{batch_indices, prepare, PreparedData};
+use crate::stages::generate::{generate_loss, ImageEmbeddings};
+use crate::stages::grpo::{grpo_step, GrpoSettings};
+use duet_datasets::folders::{folders_display, load_folders};
+use duet_datasets::progress::stage_bar;
+use duet_datasets::tokenizer::save_tokenizer;
+use duet_models::GenerationModel;
+use duet_run::checkpoint::{
     load_weights, save_weights, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
 };
-use crate::data::folders::{folders_display, load_folders};
-use crate::data::tokenizer::save_tokenizer;
-use crate::ema::Ema;
-use crate::progress::stage_bar;
-use crate::stages::caption::{
-    batch_indices, prepare, warmup_cosine_lr, with_prefixes, PreparedData, CONFIG_FILE,
-    METRICS_FILE, TOKENIZER_FILE,
-};
-use crate::stages::generate::{
-    generate_loss, load_generator, GenerateTrainConfig, Generator, ImageEmbeddings,
-};
-use crate::stages::grpo::{grpo_step, GrpoSettings};
+use duet_run::{load_generator, GenerateTrainConfig};
+use duet_run::{warmup_cosine_lr, with_prefixes, CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE};
 
 mod reward;
 
@@ -177,7 +175,7 @@ fn write_stage(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     save_weights(&dir.join(WEIGHTS_FILE), weights)?;
-    let tokenizer = crate::data::tokenizer::load_tokenizer(&init.join(TOKENIZER_FILE))?;
+    let tokenizer = duet_datasets::tokenizer::load_tokenizer(&init.join(TOKENIZER_FILE))?;
     save_tokenizer(&tokenizer, &dir.join(TOKENIZER_FILE))?;
     write_json(&dir.join(CONFIG_FILE), cfg)?;
     write_json(&dir.join(STATE_FILE), state)?;
@@ -194,13 +192,13 @@ pub fn fit_unify<B: AutodiffBackend>(
     device: &B::Device,
 ) -> anyhow::Result<UnifyOutcome> {
     let out = &args.out;
-    let init_cfg: GenerateTrainConfig = crate::checkpoint::read_json(&args.init.join(CONFIG_FILE))
-        .map_err(|e| {
+    let init_cfg: GenerateTrainConfig =
+        duet_run::checkpoint::read_json(&args.init.join(CONFIG_FILE)).map_err(|e| {
             anyhow::anyhow!("--init {} is not a generate run: {e}", args.init.display())
         })?;
     if !matches!(
         init_cfg.stage,
-        crate::stage::Stage::Generate | crate::stage::Stage::Unify
+        duet_run::Stage::Generate | duet_run::Stage::Unify
     ) {
         anyhow::bail!(
             "--init {} is a '{}' run; the unify stage starts from a generate run",
@@ -237,7 +235,7 @@ pub fn fit_unify<B: AutodiffBackend>(
     }
     let cfg = UnifyTrainConfig {
         base: GenerateTrainConfig {
-            stage: crate::stage::Stage::Unify,
+            stage: duet_run::Stage::Unify,
             init: args.init.clone(),
             data: args.data.clone(),
             steps: unify.generate_steps,
@@ -268,7 +266,7 @@ pub fn fit_unify<B: AutodiffBackend>(
     let captioner_weights = with_prefixes(&weights, &["vision", "decoder"]);
     let generator_weights = with_prefixes(&weights, &["text", "denoiser"]);
     let reference = load_named_tensors(
-        Captioner::<B::InnerBackend>::new(model_cfg, device),
+        CaptionModel::<B::InnerBackend>::new(model_cfg, device),
         &captioner_weights,
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
@@ -278,13 +276,16 @@ pub fn fit_unify<B: AutodiffBackend>(
 
     // ---- Stage 1: generation for understanding ----
     let u = &cfg.unify;
-    let mut policy = load_named_tensors(Captioner::<B>::new(model_cfg, device), &captioner_weights)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
+    let mut policy = load_named_tensors(
+        CaptionModel::<B>::new(model_cfg, device),
+        &captioner_weights,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
     policy.vision = policy.vision.no_grad();
     let mut optim = AdamWConfig::new()
         .with_weight_decay(0.0)
         .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
-        .init::<B, Captioner<B>>();
+        .init::<B, CaptionModel<B>>();
     let stage1 = out.join(STAGE1_DIR);
     std::fs::create_dir_all(&stage1)?;
     let mut metrics = std::fs::File::create(stage1.join(METRICS_FILE))?;
@@ -385,14 +386,17 @@ pub fn fit_unify<B: AutodiffBackend>(
         Stage2Captions::Truth => None,
     };
     let schedule = duet_diffusion::NoiseSchedule::cosine(cfg.base.diffusion.train_timesteps)?;
-    let mut model = load_named_tensors(Generator::<B>::new(model_cfg, device), &generator_weights)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
+    let mut model = load_named_tensors(
+        GenerationModel::<B>::new(model_cfg, device),
+        &generator_weights,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.base.weight_decay)
         .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(
             cfg.base.grad_clip,
         )))
-        .init::<B, Generator<B>>();
+        .init::<B, GenerationModel<B>>();
     let mut weight_avg = Ema::new(cfg.base.diffusion.ema_decay, generator_weights.clone());
     let mut embeddings = ImageEmbeddings::new(vision.clone(), model_cfg, data.n);
     let stage2 = out.join(STAGE2_DIR);

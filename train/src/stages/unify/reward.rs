@@ -3,12 +3,12 @@
 //! (the captioner's own greedy captions of the images it trains on).
 
 use crate::stages::caption::PreparedData;
-use crate::stages::generate::LoadedGenerator;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use duet_diffusion::{gaussian, Sampler, SamplerConfig};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
-use duet_models::{Captioner, VisionEncoder};
+use duet_models::{CaptionModel, VisionEncoder};
+use duet_run::LoadedGenerator;
 use ndarray::{ArrayD, Axis};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -89,7 +89,7 @@ fn to_vec<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
 
 /// Greedy captions of samples `idx` as `[BOS] … [EOS]` token rows.
 pub fn greedy_tokens<B: Backend>(
-    captioner: &Captioner<B>,
+    captioner: &CaptionModel<B>,
     data: &PreparedData,
     idx: &[usize],
     max_len: usize,
@@ -134,7 +134,7 @@ impl OwnCaptions {
     /// Captions the not yet captioned samples of `idx`; returns the data to train on.
     pub(super) fn caption<B: Backend>(
         &mut self,
-        captioner: &Captioner<B>,
+        captioner: &CaptionModel<B>,
         idx: &[usize],
         device: &B::Device,
     ) -> &PreparedData {

@@ -1,5 +1,5 @@
-//! The training stages and evaluations, as closed sets: a typo in `--stage` is a usage error
-//! that lists the choices, and every run's `config.json` names its stage with the same words
+//! The training stages, as a closed set: a typo in `--stage` is a usage error that lists the
+//! choices, and every run's `config.json` names its stage with the same words
 //! (`"stage": "caption"`), read back into the same enum.
 
 use std::fmt;
@@ -43,29 +43,6 @@ impl Stage {
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// What `duet-train eval` measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Evaluation {
-    /// Caption metrics on a ShapeWorld folder, or token F1 on an Emoji-CLDR split.
-    Caption,
-    /// GenEval-style scores of the generator on its seeded prompt set.
-    Generate,
-    /// Caption → generate → compare: the auto-encoder view.
-    Reconstruct,
-    /// Missing-modality restoration against mean-fill.
-    Restore,
-    /// Generated emoji retrieved by their own names.
-    Retrieval,
-}
-
-impl fmt::Display for Evaluation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use clap::ValueEnum;
-        let name = self.to_possible_value().expect("no variant is skipped");
-        f.write_str(name.get_name())
     }
 }
 

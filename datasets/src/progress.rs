@@ -1,5 +1,5 @@
-//! The progress bar every training stage shows (hidden when the caller asks for quiet, as the
-//! tests do).
+//! The progress bar every long job shows (dataset writing, every training stage), hidden when
+//! the caller asks for quiet, as the tests do.
 
 use indicatif::{ProgressBar, ProgressStyle};
 

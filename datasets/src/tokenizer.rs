@@ -132,9 +132,11 @@ pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<(), Tokenize
     let json = tokenizer
         .to_string(true)
         .map_err(TokenizerError::Tokenizers)?;
-    crate::fsutil::write_atomic(path, json.as_bytes()).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
+    duet_fsio::write_atomic_creating_dir(path, json.as_bytes()).map_err(|source| {
+        TokenizerError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 
@@ -193,7 +195,7 @@ pub fn decode_caption(tokenizer: &Tokenizer, ids: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::shapeworld::{caption, generate_scene, SceneConfig};
+    use crate::shapeworld::{caption, generate_scene, SceneConfig};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
     use std::fs;

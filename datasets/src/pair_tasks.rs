@@ -15,9 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::shapeworld::{
-    objects_caption, render, Colour, Object, Position, Scene, Shape, Size,
-};
+use crate::shapeworld::{objects_caption, render, Colour, Object, Position, Scene, Shape, Size};
 
 /// Probability that the corrupted attribute of a view is wrong.
 pub const CORRUPTION: f64 = 0.5;
@@ -198,7 +196,7 @@ fn shape_count<R: Rng + ?Sized>(rng: &mut R, image_size: u32) -> PairExample {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::shapeworld::parse_caption;
+    use crate::shapeworld::parse_caption;
 
     #[test]
     fn labels_cover_every_class_and_views_are_corrupted_at_the_set_rate() {

@@ -1,4 +1,4 @@
-//! Emoji-CLDR: real emoji art paired with the Unicode CLDR English names (DESIGN §6).
+//! Emoji-CLDR: real emoji art paired with the Unicode CLDR English names.
 //!
 //! Sources, fetched at pinned versions by `scripts/fetch-emoji.sh` (`npm pack`, integrity
 //! checked) into one folder, never committed:
@@ -32,7 +32,7 @@ use image::imageops::FilterType;
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
-use crate::data::shapeworld::{
+use crate::shapeworld::{
     encode_png, load_listed_image, push_json_line, read_jsonl, split_by_key, write_json_file,
     DataError,
 };
@@ -409,7 +409,7 @@ fn write_into(
             let r = &entry.record;
             let path = split_dir.join(&r.image);
             let png = encode_png(&render_art(&entry.art, opts.size)?, &path)?;
-            crate::fsutil::write_atomic(&path, &png).map_err(io_err(&path))?;
+            duet_fsio::write_atomic_creating_dir(&path, &png).map_err(io_err(&path))?;
             push_json_line(&mut jsonl, r, &split_dir.join("captions.jsonl"))?;
             bases.insert(r.base.as_str());
             *name_sources
@@ -420,13 +420,14 @@ fn write_into(
             pb.inc(1);
         }
         let captions = split_dir.join("captions.jsonl");
-        crate::fsutil::write_atomic(&captions, jsonl.as_bytes()).map_err(io_err(&captions))?;
+        duet_fsio::write_atomic_creating_dir(&captions, jsonl.as_bytes())
+            .map_err(io_err(&captions))?;
         counts.insert(split.to_string(), part.len());
         base_counts.insert(split.to_string(), bases.len());
     }
     pb.finish_and_clear();
     let attribution_path = dir.join("ATTRIBUTION.txt");
-    crate::fsutil::write_atomic(&attribution_path, attribution.as_bytes())
+    duet_fsio::write_atomic_creating_dir(&attribution_path, attribution.as_bytes())
         .map_err(io_err(&attribution_path))?;
     let summary = EmojiSummary {
         generator: GENERATOR_NAME.into(),

@@ -10,7 +10,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::fsutil::write_atomic;
+use duet_fsio::write_atomic_creating_dir as write_atomic;
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.bin";

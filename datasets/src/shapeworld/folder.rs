@@ -79,7 +79,7 @@ pub struct DatasetSummary {
     pub max_caption_words: usize,
 }
 
-/// One line of `captions.jsonl` (DESIGN §6 folder format; `label` is optional and unused here).
+/// One line of `captions.jsonl` (`label` is optional and unused here).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaptionRecord {
     pub image: String,
@@ -103,10 +103,10 @@ pub struct Sample {
     pub image: RgbImage,
 }
 
-/// Writes `bytes` to `path` atomically (see [`crate::fsutil::write_atomic`]), naming the
+/// Writes `bytes` to `path` atomically (see [`duet_fsio::write_atomic_creating_dir`]), naming the
 /// path in the error.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    crate::fsutil::write_atomic(path, bytes).map_err(|source| DataError::Io {
+    duet_fsio::write_atomic_creating_dir(path, bytes).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
     })

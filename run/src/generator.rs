@@ -1,28 +1,28 @@
 //! Loading a trained generate run (or its seeded untrained generator) for evaluation and
 //! export, and sampling images from it.
 
-use crate::checkpoint::{load_weights, read_json, WEIGHTS_FILE};
-use crate::data::tokenizer::{encode_caption, load_tokenizer};
-use crate::stages::caption::{with_prefixes, CONFIG_FILE, TOKENIZER_FILE};
+use std::path::Path;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use duet_datasets::tokenizer::{encode_caption, load_tokenizer};
 use duet_diffusion::{gaussian, guide, sample, NoiseSchedule, SamplerConfig};
 use duet_models::params::{load_named_tensors, NamedTensors};
-use duet_models::tokens::PAD_ID;
-use duet_models::ModelSpec;
+use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
+use duet_models::{GenerationModel, ModelSpec};
 use ndarray::ArrayD;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::path::Path;
 use tokenizers::Tokenizer;
 
-use super::*;
+use crate::checkpoint::{load_weights, read_json, WEIGHTS_FILE};
+use crate::{with_prefixes, GenerateTrainConfig, Stage, CONFIG_FILE, TOKENIZER_FILE};
 
 /// A trained generate run loaded for inference.
 pub struct LoadedGenerator<B: Backend> {
     pub config: GenerateTrainConfig,
     pub tokenizer: Tokenizer,
-    pub generator: Generator<B>,
+    pub generator: GenerationModel<B>,
     pub schedule: NoiseSchedule,
 }
 
@@ -37,14 +37,11 @@ pub fn load_generator<B: Backend>(
     // rather than reported as a config with missing fields.
     #[derive(serde::Deserialize)]
     struct StageOnly {
-        stage: crate::stage::Stage,
+        stage: Stage,
     }
     let StageOnly { stage } = read_json(&run.join(CONFIG_FILE))?;
     // A unify run carries a (fine-tuned) generator in the same layout.
-    if !matches!(
-        stage,
-        crate::stage::Stage::Generate | crate::stage::Stage::Unify
-    ) {
+    if !matches!(stage, Stage::Generate | Stage::Unify) {
         anyhow::bail!(
             "{} is a '{stage}' run, not a generate or unify run",
             run.display()
@@ -54,7 +51,7 @@ pub fn load_generator<B: Backend>(
     let tokenizer = load_tokenizer(&run.join(TOKENIZER_FILE))?;
     B::seed(device, config.seed);
     let generator = if untrained {
-        Generator::<B>::new(&config.model, device)
+        GenerationModel::<B>::new(&config.model, device)
     } else {
         load_generator_weights(run, &config.model, device)?
     };
@@ -72,12 +69,12 @@ pub fn load_generator_weights<B: Backend>(
     run: &Path,
     model: &ModelSpec,
     device: &B::Device,
-) -> anyhow::Result<Generator<B>> {
+) -> anyhow::Result<GenerationModel<B>> {
     let weights: NamedTensors = with_prefixes(
         &load_weights(&run.join(WEIGHTS_FILE))?,
         &["text", "denoiser"],
     );
-    load_named_tensors(Generator::<B>::new(model, device), &weights)
+    load_named_tensors(GenerationModel::<B>::new(model, device), &weights)
         .map_err(|e| anyhow::anyhow!("{}: {e}", run.join(WEIGHTS_FILE).display()))
 }
 
@@ -178,4 +175,15 @@ impl<B: Backend> LoadedGenerator<B> {
             denoise,
         )
     }
+}
+
+/// Token ids and 1/0 mask rows `[n, L]` of the empty caption (`[BOS] [EOS] [PAD]…`).
+pub fn empty_caption(seq_len: usize) -> (Vec<i64>, Vec<f32>) {
+    let mut ids = vec![PAD_ID as i64; seq_len];
+    let mut mask = vec![0.0; seq_len];
+    ids[0] = BOS_ID as i64;
+    ids[1] = EOS_ID as i64;
+    mask[0] = 1.0;
+    mask[1] = 1.0;
+    (ids, mask)
 }

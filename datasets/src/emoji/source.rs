@@ -1,7 +1,7 @@
 //! Reading the pinned sources: `emoji-datasource`'s index and art (by style), and the CLDR
 //! annotation files that name each emoji, matched by code points; file names checked.
 
-use crate::data::shapeworld::DataError;
+use crate::shapeworld::DataError;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::data::emoji::{load_emoji_info, load_emoji_split, EmojiError};
-use crate::data::shapeworld::{load_dataset, DataError, Sample};
+use crate::emoji::{load_emoji_info, load_emoji_split, EmojiError};
+use crate::shapeworld::{load_dataset, DataError, Sample};
 
 /// What a dataset folder holds, told from its files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +160,7 @@ pub fn one_or_many_paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::shapeworld::{write_dataset, SceneConfig};
+    use crate::shapeworld::{write_dataset, SceneConfig};
 
     fn shapeworld(dir: &Path, count: usize, size: u32) {
         let cfg = SceneConfig {

@@ -2,7 +2,7 @@
 //!
 //! A scene is 1–4 coloured shapes on a black background, each in its own cell of a 3×3 grid.
 //! Because every scene is known exactly, a caption can be parsed back into objects and scored
-//! attribute by attribute (see [`crate::metrics`]) with no learned judge (DESIGN §6).
+//! attribute by attribute (see `duet_train::metrics`) with no learned judge.
 //!
 //! # Caption grammar
 //!

@@ -1,0 +1,272 @@
+//! What defines a run, as each stage writes it to `RUN/config.json`: the one schema of that
+//! file, read back by resumes, evaluations and the exporter.
+
+use std::path::PathBuf;
+
+use duet_datasets::pair_tasks::PairTask;
+use duet_diffusion::Prediction;
+use duet_models::{ModelSpec, Preset, RestoreConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::Stage;
+
+/// Everything that defines a caption training run; written to `RUN/config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaptionTrainConfig {
+    pub stage: Stage,
+    pub preset: Preset,
+    pub model: ModelSpec,
+    /// The training folders, in order (one path in runs made before several were accepted).
+    #[serde(deserialize_with = "duet_datasets::folders::one_or_many_paths")]
+    pub data: Vec<PathBuf>,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f32,
+    pub grad_clip: f32,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub device: String,
+    /// The exact command line that started the run.
+    pub command: String,
+}
+
+impl CaptionTrainConfig {
+    pub fn for_preset(preset: Preset) -> (usize, usize, f64) {
+        // (steps, batch_size, lr)
+        match preset {
+            Preset::Tiny => (1200, 32, 2e-3),
+            Preset::Small => (6000, 64, 1e-3),
+        }
+    }
+
+    /// See [`warmup_cosine_lr`].
+    pub fn lr_at(&self, step: usize) -> f64 {
+        warmup_cosine_lr(self.lr, self.warmup_steps, self.steps, step)
+    }
+}
+
+/// Linear warm-up then cosine decay to 5% of the peak rate `lr` (every stage's schedule).
+pub fn warmup_cosine_lr(lr: f64, warmup_steps: usize, steps: usize, step: usize) -> f64 {
+    if step < warmup_steps {
+        return lr * (step + 1) as f64 / warmup_steps as f64;
+    }
+    let span = (steps.saturating_sub(warmup_steps)).max(1) as f64;
+    let t = ((step - warmup_steps) as f64 / span).min(1.0);
+    let min = 0.05 * lr;
+    min + 0.5 * (lr - min) * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// Diffusion and contrastive settings of a generate run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiffusionSettings {
+    pub prediction: Prediction,
+    /// Training timesteps `T` of the cosine schedule.
+    pub train_timesteps: usize,
+    /// Fraction of captions replaced by the empty caption (classifier-free guidance).
+    pub cond_dropout: f64,
+    pub contrastive_weight: f64,
+    /// Softmax temperature of the contrastive loss.
+    pub temperature: f64,
+    /// Decay of the weight average that is published (see `duet_train::ema`).
+    #[serde(default = "default_ema_decay")]
+    pub ema_decay: f64,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023): sample i's squared error is weighted by
+    /// `min(SNR_i, γ) / (SNR_i + 1)` for v-prediction (`min(SNR_i, γ) / SNR_i` for ε), which
+    /// stops the nearly-clean timesteps (huge SNR, little to learn) from dominating the
+    /// gradient. `None`: uniform weights (every run written before it existed).
+    #[serde(default)]
+    pub min_snr_gamma: Option<f64>,
+}
+
+impl DiffusionSettings {
+    /// The loss weight of a sample at cumulative signal level `alpha_bar`.
+    pub fn loss_weight(&self, alpha_bar: f64) -> f64 {
+        let Some(gamma) = self.min_snr_gamma else {
+            return 1.0;
+        };
+        // Clamped so the ends of the schedule (ᾱ = 1 or 0) stay finite.
+        let ab = alpha_bar.clamp(1e-8, 1.0 - 1e-8);
+        let snr = ab / (1.0 - ab);
+        match self.prediction {
+            Prediction::V => snr.min(gamma) / (snr + 1.0),
+            Prediction::Epsilon => snr.min(gamma) / snr,
+        }
+    }
+}
+
+fn default_ema_decay() -> f64 {
+    0.999
+}
+
+impl Default for DiffusionSettings {
+    fn default() -> Self {
+        Self {
+            prediction: Prediction::V,
+            train_timesteps: 1000,
+            cond_dropout: 0.1,
+            contrastive_weight: 0.1,
+            temperature: 0.07,
+            ema_decay: default_ema_decay(),
+            min_snr_gamma: None,
+        }
+    }
+}
+
+/// Everything that defines a generate run; written to `RUN/config.json`. Its fields are a
+/// superset of [`CaptionTrainConfig`]'s so tools that only need the model read either.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerateTrainConfig {
+    pub stage: Stage,
+    pub preset: Preset,
+    pub model: ModelSpec,
+    /// The caption run whose vision encoder (frozen) and decoder this run carries.
+    pub init: PathBuf,
+    /// The training folders, in order (one path in runs made before several were accepted).
+    #[serde(deserialize_with = "duet_datasets::folders::one_or_many_paths")]
+    pub data: Vec<PathBuf>,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f32,
+    pub grad_clip: f32,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub device: String,
+    pub command: String,
+    pub diffusion: DiffusionSettings,
+}
+
+impl GenerateTrainConfig {
+    /// `(steps, batch_size, lr)` defaults per preset. The tiny denoiser takes a high rate:
+    /// on ShapeWorld at 3e-3 (with the pooled-text conditioning) its diffusion loss is 0.024
+    /// after 380 steps where 1e-3 was still at 0.15 after 300, and 1,000 steps draw the asked
+    /// colour better than 3,000 did at 1e-3 without it (`docs/RESULTS.md`).
+    pub fn for_preset(preset: Preset) -> (usize, usize, f64) {
+        match preset {
+            Preset::Tiny => (1500, 32, 3e-3),
+            Preset::Small => (6000, 64, 5e-4),
+        }
+    }
+
+    /// Denoiser and text-encoder dimensions come from the preset, the rest from the
+    /// captioner the run starts from.
+    pub fn model_for(preset: Preset, captioner: &ModelSpec) -> ModelSpec {
+        let p = ModelSpec::preset(preset, captioner.vocab_size, captioner.image_size);
+        ModelSpec {
+            text_layers: p.text_layers,
+            denoiser_layers: p.denoiser_layers,
+            denoiser_patch_size: p.denoiser_patch_size,
+            denoiser_pooled_text: p.denoiser_pooled_text,
+            ..captioner.clone()
+        }
+    }
+}
+
+/// Tensor-name prefixes of the restore run's modules.
+pub const HEAD: &str = "head";
+pub const MISSING_TOKEN: &str = "missing_token";
+
+/// A restorer variant: the full model and its two ablations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Variant {
+    /// Tensor-name prefix in the run.
+    pub prefix: &'static str,
+    /// Method name in tables and plots.
+    pub method: &'static str,
+    pub gating: bool,
+    pub mutual: bool,
+}
+
+impl Variant {
+    /// Whether the head's input blends the restoration with μ through the trust gate. The gate
+    /// learns only from the agreement loss, so without mutual learning it has no training
+    /// signal and stays out (τ = 1) instead of blending at its random initial value.
+    pub fn trusts(self) -> bool {
+        self.gating && self.mutual
+    }
+}
+
+pub const VARIANTS: [Variant; 3] = [
+    Variant {
+        prefix: "restorer",
+        method: "restorer",
+        gating: true,
+        mutual: true,
+    },
+    Variant {
+        prefix: "ablation_no_gate",
+        method: "restorer w/o gating",
+        gating: false,
+        mutual: true,
+    },
+    Variant {
+        prefix: "ablation_no_mutual",
+        method: "restorer w/o mutual",
+        gating: true,
+        mutual: false,
+    },
+];
+
+/// Diffusion and loss settings of the restore stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreSettings {
+    /// Steps of the cosine noise schedule the restorers are trained on.
+    pub train_timesteps: usize,
+    /// DDIM (eta 0) steps that restore a feature, in training (unrolled) and at inference.
+    pub sampler_steps: usize,
+    /// Steps of the missing-token baseline.
+    pub token_steps: usize,
+    /// Weight of the head-agreement loss (KL from the complete-pair prediction).
+    pub agreement_weight: f64,
+    /// Weight of the cycle-consistency loss.
+    pub cycle_weight: f64,
+}
+
+impl Default for RestoreSettings {
+    fn default() -> Self {
+        Self {
+            train_timesteps: 1000,
+            sampler_steps: 4,
+            token_steps: 600,
+            agreement_weight: 1.0,
+            cycle_weight: 0.5,
+        }
+    }
+}
+
+/// Everything that defines a fusion or restore run; written to `RUN/config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairTrainConfig {
+    pub stage: Stage,
+    pub preset: Preset,
+    pub model: ModelSpec,
+    pub restore: RestoreConfig,
+    pub task: PairTask,
+    /// The generate run (fusion) or fusion run (restore) this run starts from.
+    pub init: PathBuf,
+    /// Training examples, drawn from `data_seed`; the held-out test set is drawn from
+    /// `data_seed + 1` (fresh draws: the scene space is small, so many test images and texts
+    /// also occur in training — the hidden view is what is new).
+    pub train_examples: usize,
+    pub test_examples: usize,
+    pub data_seed: u64,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// The diffusion settings of the generate run the backbones came from (its denoiser rides
+    /// along in the run, so an export of this run ships the whole generator). `None` in runs
+    /// written before this field existed: such runs cannot be exported.
+    #[serde(default)]
+    pub generator_diffusion: Option<DiffusionSettings>,
+    pub device: String,
+    pub command: String,
+    /// Restore stage only.
+    #[serde(default)]
+    pub settings: Option<RestoreSettings>,
+}
