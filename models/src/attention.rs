@@ -124,7 +124,7 @@ impl<B: Backend> EncoderBlock<B> {
             ln1: ln(),
             attn: Attention::new(cfg.d_model, cfg.n_heads, device),
             ln2: ln(),
-            mlp: Mlp::new(cfg.d_model, cfg.d_model * cfg.mlp_ratio, device),
+            mlp: Mlp::new(cfg.d_model, cfg.mlp_hidden(), device),
         }
     }
 

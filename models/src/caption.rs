@@ -52,7 +52,7 @@ impl<B: Backend> DecoderBlock<B> {
             ln2: ln(),
             cross_attn: Attention::new(cfg.d_model, cfg.n_heads, device),
             ln3: ln(),
-            mlp: Mlp::new(cfg.d_model, cfg.d_model * cfg.mlp_ratio, device),
+            mlp: Mlp::new(cfg.d_model, cfg.mlp_hidden(), device),
         }
     }
 

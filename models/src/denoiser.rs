@@ -89,7 +89,7 @@ impl<B: Backend> DitBlock<B> {
                 .with_epsilon(cfg.layer_norm_eps)
                 .init(device),
             cross_attn: Attention::new(cfg.d_model, cfg.n_heads, device),
-            mlp: Mlp::new(cfg.d_model, cfg.d_model * cfg.mlp_ratio, device),
+            mlp: Mlp::new(cfg.d_model, cfg.denoiser_mlp_hidden(), device),
         }
     }
 

@@ -80,6 +80,10 @@ fn huge_manifest_dimensions_are_refused_before_anything_is_allocated() {
             "model.decoder_layers",
             Box::new(|m| m.model.decoder_layers = 100_000),
         ),
+        (
+            "model.denoiser_mlp_ratio",
+            Box::new(|m| m.model.denoiser_mlp_ratio = Some(1 << 40)),
+        ),
         // Each bound alone, but a KV cache of 200 layers × 4096 tokens × 8192 wide is 53 GB.
         (
             "model.max_len",

@@ -82,6 +82,12 @@ pub struct ModelSpec {
     /// head writes pixels directly (configs written before it existed).
     #[serde(default)]
     pub denoiser_conv_head: Option<usize>,
+    /// MLP width of the denoiser's blocks as a multiple of `d_model`, when it differs from the
+    /// encoders' `mlp_ratio`: the denoiser is the part of the family that most needs capacity
+    /// (it must emit every pixel), so it can be widened alone. `None`: `mlp_ratio` (configs
+    /// written before it existed).
+    #[serde(default)]
+    pub denoiser_mlp_ratio: Option<usize>,
 }
 
 fn default_text_layers() -> usize {
@@ -130,6 +136,7 @@ impl ModelSpec {
             denoiser_pooled_text: true,
             denoiser_long_skips: false,
             denoiser_conv_head: None,
+            denoiser_mlp_ratio: None,
         }
     }
 
@@ -158,6 +165,12 @@ impl ModelSpec {
     /// MLP hidden width `mlp_ratio · d_model`.
     pub fn mlp_hidden(&self) -> usize {
         self.mlp_ratio * self.d_model
+    }
+
+    /// MLP hidden width of the denoiser's blocks: `denoiser_mlp_ratio` (or `mlp_ratio`) ·
+    /// `d_model`.
+    pub fn denoiser_mlp_hidden(&self) -> usize {
+        self.denoiser_mlp_ratio.unwrap_or(self.mlp_ratio) * self.d_model
     }
 
     /// Long skips of the denoiser: one per block of its second half when
@@ -228,6 +241,9 @@ impl ModelSpec {
                 "layer_norm_eps",
                 format!("{} must be a positive finite number", self.layer_norm_eps),
             );
+        }
+        if self.denoiser_mlp_ratio == Some(0) {
+            return err("denoiser_mlp_ratio", "must be > 0".into());
         }
         if self.denoiser_conv_head == Some(0) {
             return err(
@@ -300,6 +316,26 @@ mod tests {
         assert_eq!(spec.denoiser_patch_size, 4);
         assert!(!spec.denoiser_pooled_text && !spec.denoiser_long_skips);
         assert_eq!(spec.denoiser_conv_head, None);
+        assert_eq!(spec.denoiser_mlp_ratio, None);
+        assert_eq!(spec.denoiser_mlp_hidden(), spec.mlp_hidden());
+    }
+
+    #[test]
+    fn the_denoiser_mlp_can_be_widened_alone() {
+        let spec = ModelSpec {
+            denoiser_mlp_ratio: Some(6),
+            ..ModelSpec::preset(Preset::Tiny, 40, 32)
+        };
+        spec.validate().unwrap();
+        assert_eq!((spec.mlp_hidden(), spec.denoiser_mlp_hidden()), (256, 384));
+        let zero = ModelSpec {
+            denoiser_mlp_ratio: Some(0),
+            ..spec
+        };
+        assert_eq!(
+            zero.validate().unwrap_err().to_string(),
+            "denoiser_mlp_ratio: must be > 0"
+        );
     }
 
     #[test]

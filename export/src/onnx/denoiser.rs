@@ -12,7 +12,7 @@ use super::{ExportError, ModelSpec, Weights};
 pub fn denoiser_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     let d = dims.d_model;
     let p = dims.denoiser_patch_size;
-    let hidden = dims.mlp_hidden();
+    let hidden = dims.denoiser_mlp_hidden();
     let lin = |v: &mut Vec<(String, Vec<usize>)>, name: String, i: usize, o: usize| {
         v.push((format!("{name}.weight"), vec![i, o]));
         v.push((format!("{name}.bias"), vec![o]));
@@ -212,7 +212,7 @@ pub fn build_denoiser(weights: &Weights, dims: &ModelSpec) -> Result<ModelProto,
         // MLP, modulated and gated.
         let hn = g.plain_layer_norm(&h, d, eps)?;
         let hn = modulate(&mut g, &hn, &m[3], &m[4], d);
-        let y = g.mlp(&hn, &format!("{pre}.mlp"), d, dims.mlp_hidden())?;
+        let y = g.mlp(&hn, &format!("{pre}.mlp"), d, dims.denoiser_mlp_hidden())?;
         let g5 = gate(&mut g, &m[5]);
         let y = g.mul(&y, &g5);
         h = g.add(&h, &y);
@@ -274,16 +274,17 @@ mod tests {
         let dev = Default::default();
         let base = ModelSpec::preset(Preset::Tiny, 40, 32);
         let variants = [
-            (2, false, None),
-            (3, true, None),
-            (4, true, Some(8)),
-            (2, false, Some(4)),
+            (2, false, None, None),
+            (3, true, None, Some(2)),
+            (4, true, Some(8), None),
+            (2, false, Some(4), Some(6)),
         ];
-        for (layers, long_skips, conv_head) in variants {
+        for (layers, long_skips, conv_head, mlp_ratio) in variants {
             let cfg = ModelSpec {
                 denoiser_layers: layers,
                 denoiser_long_skips: long_skips,
                 denoiser_conv_head: conv_head,
+                denoiser_mlp_ratio: mlp_ratio,
                 ..base.clone()
             };
             let mut g = rng(7);
@@ -319,7 +320,7 @@ mod tests {
             have.sort();
             assert_eq!(
                 have, want,
-                "{layers} layers, skips {long_skips}, conv {conv_head:?}"
+                "{layers} layers, skips {long_skips}, conv {conv_head:?}, mlp {mlp_ratio:?}"
             );
 
             let (b, l, d) = (2, 5, cfg.d_model);
@@ -358,7 +359,7 @@ mod tests {
             );
             assert!(
                 diff < 1e-4,
-                "{layers} layers, skips {long_skips}, conv {conv_head:?}: {diff}"
+                "{layers} layers, skips {long_skips}, conv {conv_head:?}, mlp {mlp_ratio:?}: {diff}"
             );
         }
     }

@@ -41,11 +41,19 @@ pub(super) fn check_bounds(m: &Manifest) -> Result<(), BundleError> {
             return Err(bad(field, format!("{v} is over the limit of {MAX_LAYERS}")));
         }
     }
-    if s.mlp_ratio > MAX_MLP_RATIO {
-        return Err(bad(
-            "model.mlp_ratio",
-            format!("{} is over the limit of {MAX_MLP_RATIO}", s.mlp_ratio),
-        ));
+    for (field, v) in [
+        ("model.mlp_ratio", s.mlp_ratio),
+        (
+            "model.denoiser_mlp_ratio",
+            s.denoiser_mlp_ratio.unwrap_or(0),
+        ),
+    ] {
+        if v > MAX_MLP_RATIO {
+            return Err(bad(
+                field,
+                format!("{v} is over the limit of {MAX_MLP_RATIO}"),
+            ));
+        }
     }
     if s.denoiser_patch_size > MAX_IMAGE_SIZE {
         return Err(bad(
