@@ -8,29 +8,18 @@ use duet_datasets::tokenizer::encode_caption;
 use duet_models::params::named_tensors;
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
 use duet_models::CaptionModel;
-use duet_run::PairTrainConfig;
 use duet_runtime::manifest::Graph;
 use ndarray::{ArrayD, IxDyn};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::onnx::{ExportError, RestoreDims, Weights};
+use crate::onnx::{ExportError, Weights};
 use crate::parity::{
     decoder_cases, denoiser_cases, fusion_head_cases, parity_rng, random_array, random_ids,
     restorer_cases, text_cases, vision_cases, DenoiserInputs, ParityCase, RestorerInputs,
 };
 
 use super::*;
-
-pub(super) fn restore_dims(c: &PairTrainConfig) -> RestoreDims {
-    RestoreDims {
-        embed_dim: c.restore.embed_dim,
-        hidden: c.restore.hidden,
-        blocks: c.restore.blocks,
-        head_hidden: c.restore.head_hidden,
-        classes: c.restore.classes,
-    }
-}
 
 /// Parity cases of `restorer_t2i`, `restorer_i2t` and `fusion_head`.
 pub(super) type RestoreCases = (Vec<ParityCase>, Vec<ParityCase>, Vec<ParityCase>);

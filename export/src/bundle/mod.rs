@@ -156,21 +156,21 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
             ));
         }
         if let Some(r) = &src.restore {
-            let rd = restore_dims(&r.config);
+            let rd = &r.config.restore;
             let (t2i_cases, i2t_cases, head_cases) = restore_parity_inputs(&src, r, &device)?;
             jobs.push((
                 Graph::RestorerT2i,
-                build_restorer(&weights, "restorer.t2i", Graph::RestorerT2i.name(), &rd)?,
+                build_restorer(&weights, "restorer.t2i", Graph::RestorerT2i.name(), rd)?,
                 t2i_cases,
             ));
             jobs.push((
                 Graph::RestorerI2t,
-                build_restorer(&weights, "restorer.i2t", Graph::RestorerI2t.name(), &rd)?,
+                build_restorer(&weights, "restorer.i2t", Graph::RestorerI2t.name(), rd)?,
                 i2t_cases,
             ));
             jobs.push((
                 Graph::FusionHead,
-                build_fusion_head(&weights, HEAD, &rd)?,
+                build_fusion_head(&weights, HEAD, rd)?,
                 head_cases,
             ));
         }

@@ -7,45 +7,6 @@ use duet_runtime::manifest::Graph;
 use super::builder::{DType, Dim, GraphBuilder, PastKv};
 use super::{ExportError, ModelSpec, Weights};
 
-/// Every parameter the decoder graph reads, with its shape, in checkpoint-key form (the list in
-/// `docs/ARCHITECTURE.md`).
-pub fn decoder_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
-    let d = dims.d_model;
-    let hidden = dims.mlp_hidden();
-    let mut v = vec![
-        (
-            "decoder.tok_embed.weight".to_owned(),
-            vec![dims.vocab_size, d],
-        ),
-        ("decoder.pos_embed.weight".to_owned(), vec![dims.max_len, d]),
-    ];
-    for i in 0..dims.decoder_layers {
-        let pre = format!("decoder.blocks.{i}");
-        for ln in ["ln1", "ln2", "ln3"] {
-            v.push((format!("{pre}.{ln}.gamma"), vec![d]));
-            v.push((format!("{pre}.{ln}.beta"), vec![d]));
-        }
-        for attn in ["self_attn", "cross_attn"] {
-            for lin in ["q", "k", "v", "out"] {
-                v.push((format!("{pre}.{attn}.{lin}.weight"), vec![d, d]));
-                v.push((format!("{pre}.{attn}.{lin}.bias"), vec![d]));
-            }
-        }
-        v.push((format!("{pre}.mlp.fc1.weight"), vec![d, hidden]));
-        v.push((format!("{pre}.mlp.fc1.bias"), vec![hidden]));
-        v.push((format!("{pre}.mlp.fc2.weight"), vec![hidden, d]));
-        v.push((format!("{pre}.mlp.fc2.bias"), vec![d]));
-    }
-    v.push(("decoder.ln_final.gamma".to_owned(), vec![d]));
-    v.push(("decoder.ln_final.beta".to_owned(), vec![d]));
-    v.push((
-        "decoder.lm_head.weight".to_owned(),
-        vec![d, dims.vocab_size],
-    ));
-    v.push(("decoder.lm_head.bias".to_owned(), vec![dims.vocab_size]));
-    v
-}
-
 /// Builds the caption decoder step exactly as `docs/ARCHITECTURE.md` specifies.
 ///
 /// Inputs, in order: `input_ids`, `position_ids` `[batch, seq]` i64, `attn_bias`
@@ -188,7 +149,13 @@ mod tests {
 
     fn setup() -> Case {
         let dims = tiny_dims();
-        let w = random_weights(&decoder_parameters(&dims), 5);
+        let w = random_weights(
+            &module_parameters(
+                &duet_models::CaptionDecoder::new(&dims, &Default::default()),
+                "decoder",
+            ),
+            5,
+        );
         let model = build_caption_decoder(&w, &dims).expect("build decoder graph");
         let plan = tract_plan(&model_to_bytes(&model)).expect("tract loads the decoder");
         let mut r = rng(21);
@@ -341,7 +308,13 @@ mod tests {
     #[test]
     fn decoder_graph_passes_onnx_checker() {
         let dims = tiny_dims();
-        let w = random_weights(&decoder_parameters(&dims), 5);
+        let w = random_weights(
+            &module_parameters(
+                &duet_models::CaptionDecoder::new(&dims, &Default::default()),
+                "decoder",
+            ),
+            5,
+        );
         let model = build_caption_decoder(&w, &dims).expect("build");
         let dir = tempfile::tempdir().expect("tempdir");
         let p = write_model(dir.path(), "caption_decoder.onnx", &model);
@@ -351,7 +324,13 @@ mod tests {
     #[test]
     fn decoder_io_contract() {
         let dims = tiny_dims();
-        let w = random_weights(&decoder_parameters(&dims), 5);
+        let w = random_weights(
+            &module_parameters(
+                &duet_models::CaptionDecoder::new(&dims, &Default::default()),
+                "decoder",
+            ),
+            5,
+        );
         let model = build_caption_decoder(&w, &dims).expect("build");
         let g = model.graph.as_ref().expect("graph");
         let names = |v: &[tract_onnx::pb::ValueInfoProto]| {

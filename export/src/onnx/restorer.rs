@@ -2,7 +2,7 @@
 //! (`FeatureRestorer` in `duet-models`, with dynamic modality gating), and `fusion_head.onnx`:
 //! the task head over `[image ‖ text]` embeddings (`FusionHead`).
 
-use duet_models::timestep_frequencies;
+use duet_models::{timestep_frequencies, RestoreConfig};
 use tract_onnx::pb::ModelProto;
 
 use duet_runtime::manifest::Graph;
@@ -13,47 +13,6 @@ use super::{ExportError, Weights};
 /// Epsilon of the restorer's LayerNorms: Burn's `LayerNormConfig` default, which the restorer
 /// keeps (the parity gate would fail on any other value).
 const RESTORER_LN_EPS: f32 = 1e-5;
-
-/// Sizes of the restoration graphs (`RestoreConfig` in `duet-models`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RestoreDims {
-    pub embed_dim: usize,
-    pub hidden: usize,
-    pub blocks: usize,
-    pub head_hidden: usize,
-    pub classes: usize,
-}
-
-fn lin(v: &mut Vec<(String, Vec<usize>)>, name: String, i: usize, o: usize) {
-    v.push((format!("{name}.weight"), vec![i, o]));
-    v.push((format!("{name}.bias"), vec![o]));
-}
-
-/// Every parameter a restorer graph reads, with its shape, under `prefix`
-/// (e.g. `restorer.t2i`).
-pub fn restorer_parameters(prefix: &str, d: &RestoreDims) -> Vec<(String, Vec<usize>)> {
-    let (e, h) = (d.embed_dim, d.hidden);
-    let mut v = Vec::new();
-    lin(&mut v, format!("{prefix}.in_proj"), e, h);
-    lin(&mut v, format!("{prefix}.cond_proj"), e, h);
-    lin(&mut v, format!("{prefix}.time_proj"), h, h);
-    lin(&mut v, format!("{prefix}.step_gate"), 2 * h, h);
-    lin(&mut v, format!("{prefix}.trust_gate"), h, 1);
-    for i in 0..d.blocks {
-        let b = format!("{prefix}.blocks.{i}");
-        v.push((format!("{b}.ln.gamma"), vec![h]));
-        v.push((format!("{b}.ln.beta"), vec![h]));
-        lin(&mut v, format!("{b}.fc1"), h, 2 * h);
-        lin(&mut v, format!("{b}.fc2"), 2 * h, h);
-    }
-    v.push((format!("{prefix}.ln_out.gamma"), vec![h]));
-    v.push((format!("{prefix}.ln_out.beta"), vec![h]));
-    lin(&mut v, format!("{prefix}.out"), h, e);
-    for stat in ["mean_fill", "target_std", "cond_mean", "cond_std"] {
-        v.push((format!("{prefix}.{stat}"), vec![e]));
-    }
-    v
-}
 
 /// Builds one restorer (the full model: step gate and trust gate both on):
 /// `x [batch, E]` (the sample, standardised), `timestep [batch]` f32 (integer training
@@ -69,7 +28,7 @@ pub fn build_restorer(
     weights: &Weights,
     prefix: &str,
     graph_name: &str,
-    d: &RestoreDims,
+    d: &RestoreConfig,
 ) -> Result<ModelProto, ExportError> {
     let (e, h) = (d.embed_dim, d.hidden);
     if e == 0 || h == 0 || !h.is_multiple_of(2) {
@@ -148,31 +107,12 @@ pub fn build_restorer(
     Ok(g.finish(graph_name))
 }
 
-/// Every parameter the head graph reads, under `prefix` (`head`).
-pub fn fusion_head_parameters(prefix: &str, d: &RestoreDims) -> Vec<(String, Vec<usize>)> {
-    let mut v = Vec::new();
-    lin(
-        &mut v,
-        format!("{prefix}.fc1"),
-        2 * d.embed_dim,
-        d.head_hidden,
-    );
-    lin(
-        &mut v,
-        format!("{prefix}.fc2"),
-        d.head_hidden,
-        d.head_hidden,
-    );
-    lin(&mut v, format!("{prefix}.out"), d.head_hidden, d.classes);
-    v
-}
-
 /// Builds the task head: `image_embedding [batch, E]`, `text_embedding [batch, E]` →
 /// `logits [batch, classes]` (`out(gelu(fc2(gelu(fc1([image ‖ text])))))`).
 pub fn build_fusion_head(
     weights: &Weights,
     prefix: &str,
-    d: &RestoreDims,
+    d: &RestoreConfig,
 ) -> Result<ModelProto, ExportError> {
     let (e, k) = (d.embed_dim, d.head_hidden);
     if e == 0 || k == 0 || d.classes < 2 {
@@ -223,16 +163,6 @@ mod tests {
 
     type B = NdArray<f32>;
 
-    fn dims(cfg: &RestoreConfig) -> RestoreDims {
-        RestoreDims {
-            embed_dim: cfg.embed_dim,
-            hidden: cfg.hidden,
-            blocks: cfg.blocks,
-            head_hidden: cfg.head_hidden,
-            classes: cfg.classes,
-        }
-    }
-
     fn weights_of<M: burn::module::Module<B>>(m: &M, prefix: &str, w: &mut Weights) {
         for (name, t) in named_tensors(m) {
             w.insert(format!("{prefix}.{name}"), t.shape, t.data)
@@ -256,24 +186,12 @@ mod tests {
         let mut w = Weights::new();
         weights_of(&r, "restorer.t2i", &mut w);
         weights_of(&head, "head", &mut w);
-        // The parameter list is exactly what the Burn module holds.
-        let mut want: Vec<_> = restorer_parameters("restorer.t2i", &dims(&cfg))
-            .into_iter()
-            .chain(fusion_head_parameters("head", &dims(&cfg)))
-            .collect();
-        want.sort();
-        let mut have: Vec<_> = w
-            .names()
-            .map(|n| (n.to_owned(), w.get(n).unwrap().0.to_vec()))
-            .collect();
-        have.sort();
-        assert_eq!(have, want);
 
         let mut g = rng(5);
         let x = random_array(&mut g, &[3, e], 2.0);
         let cond = random_array(&mut g, &[3, e], 1.0);
         let t = ArrayD::from_shape_vec(vec![3], vec![0.0f32, 250.0, 999.0]).unwrap();
-        let graph = build_restorer(&w, "restorer.t2i", "restorer_t2i", &dims(&cfg)).unwrap();
+        let graph = build_restorer(&w, "restorer.t2i", "restorer_t2i", &cfg).unwrap();
         let plan = tract_plan(&model_to_bytes(&graph)).unwrap();
         let got = tract_run(
             &plan,
@@ -302,7 +220,7 @@ mod tests {
             random_array(&mut g, &[4, e], 1.0),
             random_array(&mut g, &[4, e], 1.0),
         );
-        let graph = build_fusion_head(&w, "head", &dims(&cfg)).unwrap();
+        let graph = build_fusion_head(&w, "head", &cfg).unwrap();
         let plan = tract_plan(&model_to_bytes(&graph)).unwrap();
         let got = tract_run(
             &plan,
@@ -315,7 +233,7 @@ mod tests {
         // A weight the graph does not read is refused, not silently dropped.
         w.insert("head.extra", vec![1], vec![0.0]).unwrap();
         assert!(matches!(
-            build_fusion_head(&w, "head", &dims(&cfg)),
+            build_fusion_head(&w, "head", &cfg),
             Err(ExportError::UnusedParameters { .. })
         ));
     }

@@ -6,25 +6,8 @@ use tract_onnx::pb::ModelProto;
 use duet_runtime::manifest::Graph;
 
 use super::builder::{DType, Dim, GraphBuilder};
-use super::vision::{encoder_block, encoder_block_parameters};
+use super::vision::encoder_block;
 use super::{ExportError, ModelSpec, Weights};
-
-/// Every parameter the text graph reads, with its shape, in checkpoint-key form.
-pub fn text_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
-    let d = dims.d_model;
-    let mut v = vec![
-        ("text.tok_embed.weight".to_owned(), vec![dims.vocab_size, d]),
-        ("text.pos_embed".to_owned(), vec![1, dims.max_len, d]),
-    ];
-    for i in 0..dims.text_layers {
-        v.extend(encoder_block_parameters(&format!("text.blocks.{i}"), dims));
-    }
-    v.push(("text.ln_final.gamma".to_owned(), vec![d]));
-    v.push(("text.ln_final.beta".to_owned(), vec![d]));
-    v.push(("text.proj.weight".to_owned(), vec![d, dims.embed_dim]));
-    v.push(("text.proj.bias".to_owned(), vec![dims.embed_dim]));
-    v
-}
 
 /// Builds the text encoder (`TextEncoder` in `duet-models`):
 /// `input_ids [batch, max_len]` i64 and `attn_mask [batch, max_len]` f32 (1 token, 0 padding)

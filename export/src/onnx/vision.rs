@@ -7,35 +7,6 @@ use duet_runtime::manifest::Graph;
 use super::builder::{DType, Dim, GraphBuilder};
 use super::{ExportError, ModelSpec, Weights};
 
-/// Every parameter the vision graph reads, with its shape, in checkpoint-key form (the list in
-/// `docs/ARCHITECTURE.md`). Lets callers and tests check a checkpoint before building.
-pub fn vision_parameters(dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
-    let d = dims.d_model;
-    let p = dims.patch_size;
-    let mut v = vec![
-        (
-            "vision.patch_embed.weight".to_owned(),
-            vec![d, dims.channels, p, p],
-        ),
-        ("vision.patch_embed.bias".to_owned(), vec![d]),
-        (
-            "vision.pos_embed".to_owned(),
-            vec![1, dims.num_patches(), d],
-        ),
-    ];
-    for i in 0..dims.vision_layers {
-        v.extend(encoder_block_parameters(
-            &format!("vision.blocks.{i}"),
-            dims,
-        ));
-    }
-    v.push(("vision.ln_final.gamma".to_owned(), vec![d]));
-    v.push(("vision.ln_final.beta".to_owned(), vec![d]));
-    v.push(("vision.proj.weight".to_owned(), vec![d, dims.embed_dim]));
-    v.push(("vision.proj.bias".to_owned(), vec![dims.embed_dim]));
-    v
-}
-
 /// One pre-norm encoder block (`EncoderBlock` in `duet-models`): `x + attn(ln1(x))`, then
 /// `x + mlp(ln2(x))`, with an optional additive key-padding `bias` `[B, 1, 1, N]`. Shared by
 /// the vision and the text encoder.
@@ -59,26 +30,6 @@ pub fn encoder_block(
         let h = g.layer_norm(x, &format!("{pre}.ln2"), d, eps)?;
         g.mlp(&h, &format!("{pre}.mlp"), d, dims.mlp_hidden())
     })
-}
-
-/// Parameters of one [`encoder_block`] under `pre`, with shapes.
-pub fn encoder_block_parameters(pre: &str, dims: &ModelSpec) -> Vec<(String, Vec<usize>)> {
-    let d = dims.d_model;
-    let hidden = dims.mlp_hidden();
-    let mut v = Vec::new();
-    for ln in ["ln1", "ln2"] {
-        v.push((format!("{pre}.{ln}.gamma"), vec![d]));
-        v.push((format!("{pre}.{ln}.beta"), vec![d]));
-    }
-    for lin in ["q", "k", "v", "out"] {
-        v.push((format!("{pre}.attn.{lin}.weight"), vec![d, d]));
-        v.push((format!("{pre}.attn.{lin}.bias"), vec![d]));
-    }
-    v.push((format!("{pre}.mlp.fc1.weight"), vec![d, hidden]));
-    v.push((format!("{pre}.mlp.fc1.bias"), vec![hidden]));
-    v.push((format!("{pre}.mlp.fc2.weight"), vec![hidden, d]));
-    v.push((format!("{pre}.mlp.fc2.bias"), vec![d]));
-    v
 }
 
 /// Builds the vision encoder exactly as `docs/ARCHITECTURE.md` specifies:
@@ -226,7 +177,13 @@ mod tests {
 
     fn setup() -> (ModelSpec, Weights, ModelProto) {
         let dims = tiny_dims();
-        let w = random_weights(&vision_parameters(&dims), 7);
+        let w = random_weights(
+            &module_parameters(
+                &duet_models::VisionEncoder::new(&dims, &Default::default()),
+                "vision",
+            ),
+            7,
+        );
         let model = build_vision_encoder(&w, &dims).expect("build vision graph");
         (dims, w, model)
     }
@@ -279,7 +236,10 @@ mod tests {
         assert_eq!(names(&g.input), ["pixels"]);
         assert_eq!(names(&g.output), ["patch_tokens", "embedding"]);
         // Every parameter became an initializer named after its checkpoint key.
-        for (name, shape) in vision_parameters(&dims) {
+        for (name, shape) in module_parameters(
+            &duet_models::VisionEncoder::new(&dims, &Default::default()),
+            "vision",
+        ) {
             let init = g
                 .initializer
                 .iter()
@@ -295,7 +255,10 @@ mod tests {
     #[test]
     fn missing_wrong_and_unused_parameters_are_named() {
         let dims = tiny_dims();
-        let params = vision_parameters(&dims);
+        let params = module_parameters(
+            &duet_models::VisionEncoder::new(&dims, &Default::default()),
+            "vision",
+        );
         let full = random_weights(&params, 1);
 
         let mut missing = Weights::new();
