@@ -1,27 +1,37 @@
 //! `duet-export --run RUN --out BUNDLE`: build the ONNX graphs of a trained run, verify them
-//! against Burn on onnxruntime and tract, and write the bundle only if every graph passes.
+//! against Burn on onnxruntime and tract, and write the bundle only if every graph passes
+//! (a directory, or one file when `BUNDLE` ends in `.duet`). `duet-export pack DIR FILE` and
+//! `duet-export unpack FILE DIR` convert a verified bundle between the two forms.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use duet_export::bundle::refuse_non_bundle_file;
 use duet_export::parity::FP32_TOLERANCE;
 use duet_export::{export_run, ExportOptions};
+use duet_runtime::bundle::archive;
 use duet_runtime::engine::EngineOptions;
+use duet_runtime::Bundle;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "duet-export",
     version,
-    about = "Export a trained duet run to a verified ONNX bundle"
+    about = "Export a trained duet run to a verified ONNX bundle",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    convert: Option<Convert>,
     /// Training run directory (written by `duet-train fit`).
-    #[arg(long)]
-    run: PathBuf,
-    /// Bundle directory to write; an existing bundle there is replaced only after success.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required = true)]
+    run: Option<PathBuf>,
+    /// Bundle to write: a directory, or one file if the name ends in `.duet`. An existing
+    /// bundle there is replaced only after success; anything else there is refused.
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
     /// Bundle name in the manifest (default: the run directory's name).
     #[arg(long)]
     name: Option<String>,
@@ -33,6 +43,37 @@ struct Cli {
     ort_lib: Option<PathBuf>,
 }
 
+/// Conversions between a bundle directory and a single-file bundle. Both verify the bundle
+/// (hashes, manifest, graph contracts) before writing anything.
+#[derive(Subcommand, Debug)]
+enum Convert {
+    /// Bundle directory → one `.duet` file (an uncompressed tar of the same files).
+    Pack { dir: PathBuf, file: PathBuf },
+    /// `.duet` file → a new bundle directory.
+    Unpack { file: PathBuf, dir: PathBuf },
+}
+
+fn convert(c: &Convert) -> anyhow::Result<()> {
+    match c {
+        Convert::Pack { dir, file } => {
+            let bundle =
+                Bundle::open(dir).with_context(|| format!("opening bundle {}", dir.display()))?;
+            refuse_non_bundle_file(file)?;
+            archive::pack(&bundle, file)
+                .with_context(|| format!("packing {} into {}", dir.display(), file.display()))?;
+            println!("bundle packed into {}", file.display());
+        }
+        Convert::Unpack { file, dir } => {
+            let bundle =
+                Bundle::open(file).with_context(|| format!("opening bundle {}", file.display()))?;
+            archive::unpack(&bundle, dir)
+                .with_context(|| format!("unpacking {} into {}", file.display(), dir.display()))?;
+            println!("bundle unpacked into {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -42,6 +83,12 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    if let Some(c) = &cli.convert {
+        return convert(c);
+    }
+    let (Some(run), Some(out)) = (cli.run, cli.out) else {
+        anyhow::bail!("--run and --out are required");
+    };
     let opts = ExportOptions {
         name: cli.name,
         tolerance: cli.tolerance,
@@ -51,10 +98,10 @@ fn main() -> anyhow::Result<()> {
             ..EngineOptions::default()
         },
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        ..ExportOptions::new(&cli.run, &cli.out)
+        ..ExportOptions::new(&run, &out)
     };
     let report = export_run(&opts)
-        .with_context(|| format!("exporting {} to {}", cli.run.display(), cli.out.display()))?;
+        .with_context(|| format!("exporting {} to {}", run.display(), out.display()))?;
     println!(
         "{:<16} {:>12} {:>12} {:>10} {:>6}",
         "graph", "ort max|Δ|", "tract max|Δ|", "tolerance", "cases"
@@ -65,6 +112,6 @@ fn main() -> anyhow::Result<()> {
             p.graph, p.ort.max_abs_diff, p.tract.max_abs_diff, p.tolerance, p.cases
         );
     }
-    println!("bundle written to {}", report.bundle.display());
+    println!("bundle written to {}", out.display());
     Ok(())
 }

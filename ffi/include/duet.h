@@ -34,6 +34,9 @@
 // `DuetGenerateOptions::sampler`: DPM-Solver++ (2M) (`eta` is ignored).
 #define DUET_SAMPLER_DPMPP_2M 1
 
+// The most threads [`DuetRuntimeOptions::threads`] accepts.
+#define DUET_MAX_THREADS 256
+
 // Result of every duet C call.
 typedef enum DuetStatus {
   // Success.
@@ -80,6 +83,10 @@ typedef struct DuetRuntimeOptions {
   // TensorRT: directory for built engines and the timing cache, so only the first start
   // builds them (minutes); NULL rebuilds at every start.
   const char *tensorrt_cache_dir;
+  // Threads one graph run may use, on either engine (onnxruntime's intra-op pool, tract's
+  // matrix-product pool), at most [`DUET_MAX_THREADS`]; 0 keeps each engine's own default
+  // (onnxruntime one per physical core, tract one).
+  uint32_t threads;
 } DuetRuntimeOptions;
 
 // How `duet_generate_rgb` samples. Start from `duet_generate_defaults` (the bundle's
@@ -117,7 +124,8 @@ extern "C" {
 // The library version (`MAJOR.MINOR.PATCH`), a static string: do not free it.
 const char *duet_version(void);
 
-// Opens and verifies the bundle in `bundle_dir` and loads its graphs: the captioning
+// Opens and verifies the bundle at `bundle_dir` (a bundle directory, or a single-file `.duet`
+// bundle) and loads its graphs: the captioning
 // pipeline, the generation pipeline when the bundle has one, and the classification pipeline
 // (restorers and fusion head) when it has that. If any of them fails to load, creation fails.
 //

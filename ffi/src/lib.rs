@@ -252,7 +252,14 @@ pub struct DuetRuntimeOptions {
     /// TensorRT: directory for built engines and the timing cache, so only the first start
     /// builds them (minutes); NULL rebuilds at every start.
     pub tensorrt_cache_dir: *const c_char,
+    /// Threads one graph run may use, on either engine (onnxruntime's intra-op pool, tract's
+    /// matrix-product pool), at most [`DUET_MAX_THREADS`]; 0 keeps each engine's own default
+    /// (onnxruntime one per physical core, tract one).
+    pub threads: u32,
 }
+
+/// The most threads [`DuetRuntimeOptions::threads`] accepts.
+pub const DUET_MAX_THREADS: u32 = 256;
 
 /// Opens the bundle and loads every pipeline it has, sharing the common graphs.
 fn create_runtime(
@@ -309,7 +316,8 @@ unsafe fn provider_arg(provider: *const c_char, name: &str) -> Result<ProviderCh
         })
 }
 
-/// Opens and verifies the bundle in `bundle_dir` and loads its graphs: the captioning
+/// Opens and verifies the bundle at `bundle_dir` (a bundle directory, or a single-file `.duet`
+/// bundle) and loads its graphs: the captioning
 /// pipeline, the generation pipeline when the bundle has one, and the classification pipeline
 /// (restorers and fusion head) when it has that. If any of them fails to load, creation fails.
 ///
@@ -379,6 +387,16 @@ pub unsafe extern "C" fn duet_runtime_create_with_options(
                     ort_lib: path(o.ort_library, "options.ort_library")?,
                     ..EngineOptions::default()
                 };
+                if o.threads > DUET_MAX_THREADS {
+                    return Err(Failure::new(
+                        DuetStatus::InvalidArgument,
+                        format!(
+                            "options.threads: {} is over the limit of {DUET_MAX_THREADS}",
+                            o.threads
+                        ),
+                    ));
+                }
+                engine.threads = std::num::NonZeroUsize::new(o.threads as usize);
                 engine.tensorrt.fp16 = o.tensorrt_fp16;
                 engine.tensorrt.engine_cache =
                     path(o.tensorrt_cache_dir, "options.tensorrt_cache_dir")?;

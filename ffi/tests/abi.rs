@@ -222,6 +222,13 @@ fn report(rt: *const DuetRuntime) -> String {
     take(out).unwrap()
 }
 
+/// The caption of a fixed test image.
+fn caption_of(rt: *const DuetRuntime) -> String {
+    let (s, cap, e) = caption_rgb(rt, &image(7), 8, 8);
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    cap.unwrap()
+}
+
 #[test]
 fn options_name_the_provider_and_the_onnxruntime_library() {
     let dir = bundle();
@@ -232,6 +239,7 @@ fn options_name_the_provider_and_the_onnxruntime_library() {
         ort_library: ptr::null(),
         tensorrt_fp16: false,
         tensorrt_cache_dir: ptr::null(),
+        threads: 0,
     };
 
     // NULL options and all-zero options are the defaults: auto, not strict.
@@ -288,6 +296,36 @@ fn options_name_the_provider_and_the_onnxruntime_library() {
         assert!(report(rt).contains("caption_decoder: running on ort-cpu"));
         unsafe { duet_runtime_destroy(rt) };
     }
+
+    // A thread count reaches the engines and changes no caption; too many is an argument error.
+    let baseline = {
+        let options = DuetRuntimeOptions {
+            provider: tract.as_ptr(),
+            ..none
+        };
+        let (s, rt, e) = create_with(path, Some(&options));
+        assert_eq!(s, DuetStatus::Ok, "{e:?}");
+        let c = caption_of(rt);
+        unsafe { duet_runtime_destroy(rt) };
+        c
+    };
+    let options = DuetRuntimeOptions {
+        provider: tract.as_ptr(),
+        threads: 2,
+        ..none
+    };
+    let (s, rt, e) = create_with(path, Some(&options));
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    assert_eq!(caption_of(rt), baseline);
+    unsafe { duet_runtime_destroy(rt) };
+    let options = DuetRuntimeOptions {
+        threads: DUET_MAX_THREADS + 1,
+        ..none
+    };
+    let (s, rt, e) = create_with(path, Some(&options));
+    assert_eq!(s, DuetStatus::InvalidArgument);
+    assert!(rt.is_null());
+    assert!(e.unwrap().contains("options.threads: 257"));
 
     // Bad fields are argument errors naming the field.
     let gpu = cstr("gpu");
@@ -531,4 +569,21 @@ fn classification_on_a_bundle_without_restoration_is_unsupported_and_null_checke
     assert!(take(e[0]).unwrap().contains("`runtime`"));
     assert!(take(e[1]).unwrap().contains("`out`"));
     unsafe { duet_runtime_destroy(rt) };
+}
+
+/// A single-file bundle opens through the C ABI like its directory, with the same captions.
+#[test]
+fn a_single_file_bundle_opens_like_its_directory() {
+    let dir = bundle();
+    let file = dir.path().join("model.duet");
+    let b = Bundle::open(dir.path()).unwrap();
+    duet_runtime::bundle::archive::pack(&b, &file).unwrap();
+    let mut got = Vec::new();
+    for path in [dir.path(), file.as_path()] {
+        let (s, rt, e) = create(Some(path.to_str().unwrap()), Some("tract"), true);
+        assert_eq!(s, DuetStatus::Ok, "{e:?}");
+        got.push(caption_of(rt));
+        unsafe { duet_runtime_destroy(rt) };
+    }
+    assert_eq!(got[0], got[1]);
 }

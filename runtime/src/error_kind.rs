@@ -16,7 +16,8 @@ pub enum ErrorKind {
     InvalidArgument,
     /// A graph ran and failed or produced something unusable (a wrong shape, NaN).
     Inference,
-    /// The bundle does not have what the call needs (no generator, no restorers).
+    /// The bundle or graph needs what this runtime does not have (no generator, no restorers,
+    /// an input element type the engines do not feed).
     Unsupported,
 }
 
@@ -34,6 +35,7 @@ impl crate::EngineError {
                 ErrorKind::Provider
             }
             E::ModelFile { .. } => ErrorKind::Bundle,
+            E::UnsupportedInputType { .. } => ErrorKind::Unsupported,
             E::MissingInput { .. }
             | E::UnknownInput { .. }
             | E::DuplicateInput { .. }

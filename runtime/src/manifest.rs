@@ -184,20 +184,50 @@ impl fmt::Display for TensorSpec {
     }
 }
 
-/// Element types used by duet graphs.
+/// Tensor element types the engines feed and return. duet's own graphs use `f32` and `i64`
+/// (their I/O contracts say which); the others are for users' graphs run through
+/// [`crate::Engine`] (image bytes, quantised tensors, masks, half precision).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
+    F16,
     I64,
+    I32,
+    I8,
+    U8,
+    Bool,
+}
+
+impl DType {
+    /// Every element type, in declaration order.
+    pub const ALL: [DType; 7] = [
+        DType::F32,
+        DType::F16,
+        DType::I64,
+        DType::I32,
+        DType::I8,
+        DType::U8,
+        DType::Bool,
+    ];
+
+    /// The name in manifests and messages (`f32`, `u8`, `bool`, …).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::I64 => "i64",
+            DType::I32 => "i32",
+            DType::I8 => "i8",
+            DType::U8 => "u8",
+            DType::Bool => "bool",
+        }
+    }
 }
 
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DType::F32 => "f32",
-            DType::I64 => "i64",
-        })
+        f.write_str(self.name())
     }
 }
 

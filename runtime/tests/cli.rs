@@ -730,3 +730,30 @@ fn a_tokenizer_that_panics_its_parser_is_a_quiet_typed_error() {
         "a panic report reached stderr: {stderr}"
     );
 }
+
+/// `--bundle` takes a single-file bundle as well as a directory, with the same captions.
+#[test]
+fn caption_reads_a_single_file_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir(&bundle).unwrap();
+    caption_bundle(&bundle, -100.0);
+    let file = dir.path().join("model.duet");
+    duet_runtime::bundle::archive::pack(&duet_runtime::Bundle::open(&bundle).unwrap(), &file)
+        .unwrap();
+    let img = dir.path().join("a.png");
+    RgbImage::from_pixel(8, 8, Rgb([250, 0, 0]))
+        .save(&img)
+        .unwrap();
+    let run = |b: &std::path::Path| {
+        let out = duet()
+            .args(["caption", "--provider", "tract", "--bundle"])
+            .arg(b)
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    assert_eq!(run(&file), run(&bundle));
+}

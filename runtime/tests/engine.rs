@@ -4,9 +4,11 @@
 use duet_testkit as common;
 
 use common::*;
+use duet_runtime::engine::IoInfo;
 use duet_runtime::engine::{
     ort_info, Engine, EngineError, EngineOptions, Provider, ProviderChoice, Value, TRACT_PLAN_CACHE,
 };
+use duet_runtime::manifest::{DType, DimSpec};
 use ndarray::{array, ArrayD, Axis, IxDyn};
 
 fn write(dir: &tempfile::TempDir, name: &str, bytes: Vec<u8>) -> std::path::PathBuf {
@@ -166,18 +168,30 @@ fn thread_count_option_runs_both_engines_with_the_same_results() {
                 ..options()
             };
             let (e, _) = Engine::load(&path, "mm", ProviderChoice::Only(p), &opts).unwrap();
+            let out = e.run(&[("x", Value::F32(x.clone()))]).unwrap();
             if p == Provider::Tract && threads == 2 && cfg!(target_os = "linux") {
                 // The option really started tract's pool (its threads are named by the engine).
-                let names: Vec<String> = std::fs::read_dir("/proc/self/task")
-                    .unwrap()
-                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                    .collect();
+                // Looked for after a run, and for up to 5 s: the pool's threads start (and
+                // take their names) asynchronously, late on a busy machine.
+                let pool_threads = || -> Vec<String> {
+                    std::fs::read_dir("/proc/self/task")
+                        .unwrap()
+                        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                        .collect()
+                };
+                let started = std::time::Instant::now();
+                let mut names = pool_threads();
+                while !names.iter().any(|n| n.starts_with("duet-tract-"))
+                    && started.elapsed() < std::time::Duration::from_secs(5)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    names = pool_threads();
+                }
                 assert!(
                     names.iter().any(|n| n.starts_with("duet-tract-")),
                     "no tract pool thread among {names:?}"
                 );
             }
-            let out = e.run(&[("x", Value::F32(x.clone()))]).unwrap();
             outputs.push((p, threads, out["y"].as_f32().unwrap().clone()));
         }
     }
@@ -576,4 +590,127 @@ fn reported_provider_is_where_ort_profiling_says_the_nodes_ran() {
         .unwrap();
     assert!(placement.matches(Provider::Tract), "{placement}");
     assert!(!placement.matches(Provider::OrtCpu));
+}
+
+/// Inputs of every element type the engines feed, with the values as f32 (what `Cast` gives).
+fn dtype_inputs(dtype: DType) -> (Value, Vec<f32>) {
+    let f = [1.5f32, -2.0, 0.25, 1024.0, -0.0625, 3.0];
+    let i = [-3i64, 0, 7, 100, -128, 127];
+    let shape = IxDyn(&[2, 3]);
+    let v = match dtype {
+        DType::F32 => Value::F32(ArrayD::from_shape_vec(shape, f.to_vec()).unwrap()),
+        DType::F16 => Value::F16(
+            ArrayD::from_shape_vec(shape, f.iter().map(|&v| half::f16::from_f32(v)).collect())
+                .unwrap(),
+        ),
+        DType::I64 => Value::I64(ArrayD::from_shape_vec(shape, i.to_vec()).unwrap()),
+        DType::I32 => Value::I32(
+            ArrayD::from_shape_vec(shape, i.iter().map(|&v| v as i32).collect()).unwrap(),
+        ),
+        DType::I8 => {
+            Value::I8(ArrayD::from_shape_vec(shape, i.iter().map(|&v| v as i8).collect()).unwrap())
+        }
+        DType::U8 => {
+            Value::U8(ArrayD::from_shape_vec(shape, vec![0u8, 1, 7, 100, 200, 255]).unwrap())
+        }
+        DType::Bool => Value::Bool(
+            ArrayD::from_shape_vec(shape, vec![true, false, false, true, true, false]).unwrap(),
+        ),
+    };
+    let as_f32 = match &v {
+        Value::F32(a) => a.iter().copied().collect(),
+        Value::F16(a) => a.iter().map(|v| v.to_f32()).collect(),
+        Value::I64(a) => a.iter().map(|&v| v as f32).collect(),
+        Value::I32(a) => a.iter().map(|&v| v as f32).collect(),
+        Value::I8(a) => a.iter().map(|&v| v as f32).collect(),
+        Value::U8(a) => a.iter().map(|&v| v as f32).collect(),
+        Value::Bool(a) => a.iter().map(|&v| if v { 1.0 } else { 0.0 }).collect(),
+    };
+    (v, as_f32)
+}
+
+/// Every element type the engines feed goes in and comes back out unchanged on tract and on
+/// ort's CPU provider, and the graph sees the same values (its own `Cast` to f32); the I/O
+/// metadata names each type and keeps the symbolic axis's name.
+#[test]
+fn every_supported_element_type_runs_on_both_engines() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut providers = vec![Provider::Tract];
+    if ort_lib().is_some() {
+        providers.push(Provider::OrtCpu);
+    } else {
+        eprintln!("onnxruntime not installed: tract only (scripts/setup-ort.sh)");
+    }
+    let axes = Some(vec![
+        Some(DimSpec::Symbolic("batch".into())),
+        Some(DimSpec::Fixed(3)),
+    ]);
+    for dtype in DType::ALL {
+        let path = write(
+            &dir,
+            &format!("{dtype}.onnx"),
+            dtype_model(elem_type(dtype)),
+        );
+        let (x, want) = dtype_inputs(dtype);
+        for &provider in &providers {
+            let (engine, _) =
+                Engine::load(&path, "dtype", ProviderChoice::Only(provider), &options())
+                    .unwrap_or_else(|e| panic!("{dtype} on {provider}: {e}"));
+            assert_eq!(
+                engine.inputs(),
+                [IoInfo {
+                    name: "x".into(),
+                    dtype: Some(dtype),
+                    dims: axes.clone()
+                }],
+                "{dtype} on {provider}"
+            );
+            let out: Vec<(&str, Option<DType>)> = engine
+                .outputs()
+                .iter()
+                .map(|o| (o.name.as_str(), o.dtype))
+                .collect();
+            assert_eq!(
+                out,
+                [("same", Some(dtype)), ("as_f32", Some(DType::F32))],
+                "{dtype} on {provider}"
+            );
+            assert_eq!(engine.outputs()[0].dims, axes, "{dtype} on {provider}");
+            let got = engine
+                .run(&[("x", x.clone())])
+                .unwrap_or_else(|e| panic!("{dtype} on {provider}: {e}"));
+            assert_eq!(got["same"], x, "{dtype} on {provider}");
+            let seen: Vec<f32> = got["as_f32"].as_f32().unwrap().iter().copied().collect();
+            assert_eq!(seen, want, "{dtype} on {provider}");
+        }
+    }
+}
+
+/// A graph input of a type the engines do not feed (f64 here) is described as such and
+/// refused by name at run time on both engines, before anything runs.
+#[test]
+fn an_input_type_the_engines_do_not_feed_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let double = tract_onnx::pb::tensor_proto::DataType::Double as i32;
+    let path = write(&dir, "f64.onnx", dtype_model(double));
+    let mut providers = vec![Provider::Tract];
+    if ort_lib().is_some() {
+        providers.push(Provider::OrtCpu);
+    }
+    for provider in providers {
+        let (engine, _) =
+            Engine::load(&path, "f64", ProviderChoice::Only(provider), &options()).unwrap();
+        assert_eq!(engine.inputs()[0].dtype, None, "{provider}");
+        assert_eq!(
+            engine.inputs()[0].to_string(),
+            "x: unsupported type [batch, 3]"
+        );
+        let x = Value::F32(ArrayD::zeros(IxDyn(&[1, 3])));
+        let e = engine.run(&[("x", x)]).unwrap_err();
+        assert!(
+            matches!(&e, EngineError::UnsupportedInputType { name, .. } if name == "x"),
+            "{provider}: {e}"
+        );
+        assert_eq!(e.kind(), duet_runtime::ErrorKind::Unsupported);
+    }
 }

@@ -20,6 +20,21 @@ use tract_onnx::pb;
 pub const FLOAT: i32 = pb::tensor_proto::DataType::Float as i32;
 pub const INT64: i32 = pb::tensor_proto::DataType::Int64 as i32;
 
+/// The ONNX element type code of `dtype`.
+pub fn elem_type(dtype: duet_runtime::manifest::DType) -> i32 {
+    use duet_runtime::manifest::DType;
+    use pb::tensor_proto::DataType as T;
+    (match dtype {
+        DType::F32 => T::Float,
+        DType::F16 => T::Float16,
+        DType::I64 => T::Int64,
+        DType::I32 => T::Int32,
+        DType::I8 => T::Int8,
+        DType::U8 => T::Uint8,
+        DType::Bool => T::Bool,
+    }) as i32
+}
+
 /// An axis of a graph input/output declaration.
 #[derive(Clone, Debug)]
 pub enum D {
@@ -226,6 +241,24 @@ pub fn unnamed_axis_model() -> Vec<u8> {
     let target = g.node("Concat", &[&batch, &rest], vec![attr_int("axis", 0)], None);
     g.node("Reshape", &[&y, &target], vec![], Some("y"));
     g.output("y", FLOAT, &[D::Unknown, D::N(2), D::N(1)]);
+    g.finish(17)
+}
+
+/// A graph over one element type: input `x` `[batch, 3]` of ONNX type `elem`; outputs
+/// `same = Identity(x)` (the type round trip) and `as_f32 = Cast(x → float)` (the values as
+/// the graph saw them).
+pub fn dtype_model(elem: i32) -> Vec<u8> {
+    let mut g = GraphBuilder::default();
+    let x = g.input("x", elem, &[D::S("batch"), D::N(3)]);
+    g.node("Identity", &[&x], vec![], Some("same"));
+    g.node(
+        "Cast",
+        &[&x],
+        vec![attr_int("to", FLOAT as i64)],
+        Some("as_f32"),
+    );
+    g.output("same", elem, &[D::S("batch"), D::N(3)]);
+    g.output("as_f32", FLOAT, &[D::S("batch"), D::N(3)]);
     g.finish(17)
 }
 

@@ -35,7 +35,7 @@ struct Cli {
 enum Command {
     /// One caption per image: `PATH<TAB>CAPTION`.
     Caption {
-        /// The bundle directory.
+        /// The bundle: a directory, or a single `.duet` file.
         bundle: PathBuf,
         /// Images (any size: each is resized to the model's).
         #[arg(required = true)]
@@ -43,7 +43,7 @@ enum Command {
     },
     /// Draws PROMPT into OUT (a PNG).
     Generate {
-        /// The bundle directory.
+        /// The bundle: a directory, or a single `.duet` file.
         bundle: PathBuf,
         /// Output PNG; its directory must exist.
         out: PathBuf,

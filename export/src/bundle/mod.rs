@@ -13,13 +13,13 @@ use duet_diffusion::Prediction;
 use duet_models::params::named_tensors;
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID, UNK_ID};
 use duet_run::{CONFIG_FILE, HEAD, STATE_FILE, TOKENIZER_FILE};
-use duet_runtime::bundle::{sha256_file, Bundle};
+use duet_runtime::bundle::{archive, sha256_file, Bundle};
 use duet_runtime::engine::EngineOptions;
 use duet_runtime::manifest::{
-    self, DiffusionSpec, DimSpec, Graph, GraphSpec, ImageSpec, Manifest, RestoreSpec, TensorSpec,
+    DiffusionSpec, DimSpec, Graph, GraphSpec, ImageSpec, Manifest, RestoreSpec, TensorSpec,
     TokenizerSpec, MANIFEST_FILE, SCHEMA_VERSION,
 };
-use tract_onnx::pb::{tensor_proto::DataType, tensor_shape_proto, type_proto, ModelProto};
+use tract_onnx::pb::{tensor_shape_proto, type_proto, ModelProto};
 
 use crate::onnx::{
     build_caption_decoder, build_denoiser, build_fusion_head, build_restorer, build_text_encoder,
@@ -86,8 +86,58 @@ pub struct ExportReport {
     pub manifest: Manifest,
 }
 
-/// Exports the run in `opts.run` to a verified bundle in `opts.out`.
+/// Exports the run in `opts.run` to a verified bundle at `opts.out`: a directory, or a
+/// single-file bundle when the name ends in `.duet` (exported as a directory beside it, then
+/// packed and the directory removed: the same checks, the same bytes). An existing file there
+/// is replaced only if it is a single-file bundle itself.
 pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
+    if !is_single_file(&opts.out) {
+        return export_dir(opts);
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ExportError::Io { path, source }
+    };
+    refuse_non_bundle_file(&opts.out)?;
+    let staging = duet_fsio::temp_dir_beside(&opts.out).map_err(io(&opts.out))?;
+    let staged = ExportOptions {
+        out: staging.path().join("bundle"),
+        ..opts.clone()
+    };
+    let report = export_dir(&staged)?;
+    let bundle = Bundle::open(&report.bundle).map_err(|source| ExportError::Bundle {
+        path: report.bundle.clone(),
+        source,
+    })?;
+    archive::pack(&bundle, &opts.out).map_err(|source| ExportError::Bundle {
+        path: opts.out.clone(),
+        source,
+    })?;
+    Ok(ExportReport {
+        bundle: opts.out.clone(),
+        ..report
+    })
+}
+
+/// Whether `out` names a single-file bundle (`*.duet`).
+pub fn is_single_file(out: &Path) -> bool {
+    out.extension().is_some_and(|e| e == archive::EXTENSION)
+}
+
+/// A file about to be replaced by a single-file bundle must be one already (or absent): a typo
+/// in the output name must not overwrite someone's data.
+pub fn refuse_non_bundle_file(out: &Path) -> Result<(), ExportError> {
+    match std::fs::symlink_metadata(out) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_file() && Bundle::open(out).is_ok() => Ok(()),
+        Ok(_) => Err(ExportError::OutputNotBundle {
+            path: out.to_path_buf(),
+        }),
+    }
+}
+
+/// [`export_run`] into a directory.
+fn export_dir(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
     if !(opts.tolerance.is_finite() && opts.tolerance > 0.0) {
         return Err(ExportError::InvalidDims(format!(
             "tolerance {} must be a positive number",
@@ -202,7 +252,7 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
                     tolerance: p.tolerance,
                 });
             }
-            graphs.push(graph_spec(*role, file, model, &p));
+            graphs.push(graph_spec(*role, file, model, &p)?);
             parity.push(p);
         }
 
@@ -297,21 +347,35 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
 
 /// A graph's manifest entry, with its I/O read back from the built model so the manifest can
 /// never disagree with the file.
-fn graph_spec(role: Graph, file: &str, model: &ModelProto, parity: &GraphParity) -> GraphSpec {
+fn graph_spec(
+    role: Graph,
+    file: &str,
+    model: &ModelProto,
+    parity: &GraphParity,
+) -> Result<GraphSpec, ExportError> {
     let graph = model.graph.as_ref();
-    let specs = |infos: &[tract_onnx::pb::ValueInfoProto]| -> Vec<TensorSpec> {
-        infos.iter().map(tensor_spec).collect()
+    let specs = |infos: &[tract_onnx::pb::ValueInfoProto]| -> Result<Vec<TensorSpec>, ExportError> {
+        infos.iter().map(|i| tensor_spec(role, i)).collect()
     };
-    GraphSpec {
+    Ok(GraphSpec {
         name: role,
         file: file.to_owned(),
-        inputs: graph.map(|g| specs(&g.input)).unwrap_or_default(),
-        outputs: graph.map(|g| specs(&g.output)).unwrap_or_default(),
+        inputs: graph
+            .map(|g| specs(&g.input))
+            .transpose()?
+            .unwrap_or_default(),
+        outputs: graph
+            .map(|g| specs(&g.output))
+            .transpose()?
+            .unwrap_or_default(),
         parity: Some(parity.to_manifest()),
-    }
+    })
 }
 
-fn tensor_spec(info: &tract_onnx::pb::ValueInfoProto) -> TensorSpec {
+fn tensor_spec(
+    role: Graph,
+    info: &tract_onnx::pb::ValueInfoProto,
+) -> Result<TensorSpec, ExportError> {
     let (elem, dims) = match info.r#type.as_ref().and_then(|t| t.value.as_ref()) {
         Some(type_proto::Value::TensorType(t)) => (
             t.elem_type,
@@ -319,11 +383,12 @@ fn tensor_spec(info: &tract_onnx::pb::ValueInfoProto) -> TensorSpec {
         ),
         _ => (0, Vec::new()),
     };
-    let dtype = if elem == DataType::Int64 as i32 {
-        manifest::DType::I64
-    } else {
-        manifest::DType::F32
-    };
+    let dtype = crate::onnx::builder::dtype_of_onnx(elem).ok_or_else(|| {
+        ExportError::InvalidDims(format!(
+            "{role}: `{}` has ONNX element type {elem}, which no manifest can declare",
+            info.name
+        ))
+    })?;
     let shape = dims
         .iter()
         .map(|d| match &d.value {
@@ -334,11 +399,11 @@ fn tensor_spec(info: &tract_onnx::pb::ValueInfoProto) -> TensorSpec {
             None => DimSpec::Symbolic(String::new()),
         })
         .collect();
-    TensorSpec {
+    Ok(TensorSpec {
         name: info.name.clone(),
         dtype,
         shape,
-    }
+    })
 }
 
 /// Training provenance: the run's config (with its command), final state and evaluation, and

@@ -61,7 +61,8 @@ pub enum ExportError {
         tolerance: f64,
     },
     #[error(
-        "{path} exists and is not a bundle (no manifest.json) nor empty; refusing to replace it"
+        "{path} exists and is not a bundle (a directory with a manifest.json, empty, or a \
+         `.duet` file) of the form asked for; refusing to replace it"
     )]
     OutputNotBundle { path: PathBuf },
     #[error(
@@ -75,6 +76,13 @@ pub enum ExportError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// The staged bundle failed a check of the runtime's own (opening, packing).
+    #[error("bundle {path}: {source}")]
+    Bundle {
+        path: PathBuf,
+        #[source]
+        source: duet_runtime::BundleError,
     },
 }
 

@@ -27,6 +27,7 @@ use crate::engine::{IoInfo, MODEL_FILE_CAP};
 
 use crate::manifest::{DimSpec, Graph, GraphSpec, Manifest, MANIFEST_FILE, SCHEMA_VERSION};
 
+pub mod archive;
 mod contract;
 mod validate;
 
@@ -60,6 +61,9 @@ pub enum BundleError {
     /// A loaded graph whose real inputs or outputs differ from what the manifest declares.
     #[error("graph `{graph}` does not match the manifest: {reason}")]
     GraphMismatch { graph: String, reason: String },
+    /// A single-file bundle that is not a plain archive of plain files.
+    #[error("single-file bundle {} refused: {reason}", path.display())]
+    Archive { path: PathBuf, reason: String },
     #[error("{} is not valid manifest JSON: {source}", path.display())]
     Json {
         path: PathBuf,
@@ -116,6 +120,8 @@ pub const MANIFEST_CAP: Cap = Cap::new(16 << 20, "a bundle manifest");
 pub struct Bundle {
     dir: PathBuf,
     manifest: Manifest,
+    /// `manifest.json` as read (what [`archive::pack`] and [`archive::unpack`] write back).
+    manifest_text: Arc<str>,
     files: Arc<BTreeMap<String, Arc<[u8]>>>,
 }
 
@@ -135,56 +141,69 @@ impl fmt::Debug for Bundle {
 }
 
 impl Bundle {
-    /// Reads and verifies the bundle in `dir` (see the module docs for what is checked).
-    pub fn open(dir: impl AsRef<Path>) -> Result<Bundle, BundleError> {
-        let dir = dir.as_ref().to_path_buf();
-        let manifest_path = dir.join(MANIFEST_FILE);
+    /// Reads and verifies the bundle at `path`: a directory, or a single-file bundle (an
+    /// archive of the same files, see [`archive`]). See the module docs for what is checked.
+    pub fn open(path: impl AsRef<Path>) -> Result<Bundle, BundleError> {
+        let path = path.as_ref().to_path_buf();
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            return Bundle::open_archive(path);
+        }
+        let manifest_path = path.join(MANIFEST_FILE);
         let text = duet_fsio::read_capped_text(&manifest_path, MANIFEST_CAP, Follow::No)
             .map_err(file_error)?;
-        // serde_json keeps the last of two equal keys without a word; a manifest that says two
-        // things about one field is refused instead.
-        serde_json::from_str::<NoDuplicateKeys>(&text).map_err(|source| BundleError::Json {
-            path: manifest_path.clone(),
-            source,
-        })?;
-        // Check the version before the full parse: a future schema may not deserialize into
-        // these types at all, and "unsupported version" is the useful message then.
-        let raw: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| BundleError::Json {
-                path: manifest_path.clone(),
-                source,
-            })?;
-        match raw.get("schema_version").and_then(|v| v.as_u64()) {
-            Some(v) if v == u64::from(SCHEMA_VERSION) => {}
-            Some(v) => {
-                return Err(BundleError::SchemaVersion {
-                    found: u32::try_from(v).unwrap_or(u32::MAX),
-                    supported: SCHEMA_VERSION,
-                })
-            }
-            None => {
-                return Err(bad(
-                    "schema_version",
-                    "missing or not a non-negative integer",
-                ))
-            }
-        }
-        let manifest: Manifest =
-            serde_json::from_value(raw).map_err(|source| BundleError::Json {
-                path: manifest_path,
-                source,
-            })?;
-        check_file_names(&manifest)?;
-        validate_manifest(&manifest)?;
-        let files = read_files(&dir, &manifest)?;
+        let manifest = parse_manifest(&text, &manifest_path)?;
+        let files = read_files(&path, &manifest)?;
         Ok(Bundle {
-            dir,
+            dir: path,
             manifest,
+            manifest_text: text.into(),
             files: Arc::new(files),
         })
     }
 
-    /// The bundle directory as given to [`Bundle::open`].
+    /// [`Bundle::open`] of a single-file bundle: every entry read from one pass over the file,
+    /// then the same checks as a directory's files, on those bytes.
+    fn open_archive(path: PathBuf) -> Result<Bundle, BundleError> {
+        let mut entries = archive::read_entries(&path)?;
+        let manifest_path = path.join(MANIFEST_FILE);
+        let text = entries
+            .remove(MANIFEST_FILE)
+            .ok_or_else(|| BundleError::MissingFile {
+                path: manifest_path.clone(),
+            })?;
+        let text = String::from_utf8(text).map_err(|e| BundleError::Archive {
+            path: path.clone(),
+            reason: format!("{MANIFEST_FILE} is not UTF-8: {e}"),
+        })?;
+        let manifest = parse_manifest(&text, &manifest_path)?;
+        if let Some(extra) = entries.keys().find(|n| !manifest.files.contains_key(*n)) {
+            return Err(BundleError::Archive {
+                path: path.clone(),
+                reason: format!(
+                    "entry `{}` is not listed in the manifest",
+                    escape_controls(extra)
+                ),
+            });
+        }
+        let mut files = BTreeMap::new();
+        for (name, expected) in &manifest.files {
+            let bytes = entries
+                .remove(name)
+                .ok_or_else(|| BundleError::MissingFile {
+                    path: path.join(name),
+                })?;
+            check_hash(name, expected, &bytes)?;
+            files.insert(name.clone(), Arc::from(bytes));
+        }
+        Ok(Bundle {
+            dir: path,
+            manifest,
+            manifest_text: text.into(),
+            files: Arc::new(files),
+        })
+    }
+
+    /// The bundle's path as given to [`Bundle::open`] (a directory or a single file).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -230,8 +249,9 @@ impl Bundle {
         &self,
         graph: Graph,
         inputs: &[IoInfo],
-        outputs: &[String],
+        outputs: &[IoInfo],
     ) -> Result<(), BundleError> {
+        let outputs: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
         let g = self.require(graph)?;
         let mismatch = |reason: String| BundleError::GraphMismatch {
             graph: graph.name().to_string(),
@@ -271,7 +291,7 @@ impl Bundle {
             for (axis, (real, declared)) in dims.iter().zip(&spec.shape).enumerate() {
                 // A fixed axis in the graph must be that number in the manifest; a dynamic one
                 // accepts whatever the manifest fixes it to.
-                if let Some(n) = real {
+                if let Some(DimSpec::Fixed(n)) = real {
                     if *declared != DimSpec::Fixed(*n) {
                         return Err(mismatch(format!(
                             "input `{}` axis {axis} is {n} in the graph, `{declared}` in the manifest",
@@ -334,6 +354,54 @@ impl Bundle {
         }
         Ok(tokenizer)
     }
+}
+
+/// Parses `manifest.json`'s text (`path` names it in errors) and checks everything that needs
+/// no other file: no repeated key, the schema version, plain file names, every bound and
+/// invariant, the required graphs' I/O contract.
+fn parse_manifest(text: &str, path: &Path) -> Result<Manifest, BundleError> {
+    let json_err = |source| BundleError::Json {
+        path: path.to_path_buf(),
+        source,
+    };
+    // serde_json keeps the last of two equal keys without a word; a manifest that says two
+    // things about one field is refused instead.
+    serde_json::from_str::<NoDuplicateKeys>(text).map_err(json_err)?;
+    // Check the version before the full parse: a future schema may not deserialize into
+    // these types at all, and "unsupported version" is the useful message then.
+    let raw: serde_json::Value = serde_json::from_str(text).map_err(json_err)?;
+    match raw.get("schema_version").and_then(|v| v.as_u64()) {
+        Some(v) if v == u64::from(SCHEMA_VERSION) => {}
+        Some(v) => {
+            return Err(BundleError::SchemaVersion {
+                found: u32::try_from(v).unwrap_or(u32::MAX),
+                supported: SCHEMA_VERSION,
+            })
+        }
+        None => {
+            return Err(bad(
+                "schema_version",
+                "missing or not a non-negative integer",
+            ))
+        }
+    }
+    let manifest: Manifest = serde_json::from_value(raw).map_err(json_err)?;
+    check_file_names(&manifest)?;
+    validate_manifest(&manifest)?;
+    Ok(manifest)
+}
+
+/// Checks `bytes` (the file `name`) against the manifest's sha256 for it.
+fn check_hash(name: &str, expected: &str, bytes: &[u8]) -> Result<(), BundleError> {
+    let actual = sha256_hex(bytes);
+    if actual != expected.to_ascii_lowercase() {
+        return Err(BundleError::HashMismatch {
+            file: escape_controls(name),
+            expected: escape_controls(expected),
+            actual,
+        });
+    }
+    Ok(())
 }
 
 /// Lowercase hex sha256 of a file (a regular file under the graph size cap).
@@ -475,14 +543,7 @@ fn read_files(dir: &Path, m: &Manifest) -> Result<BTreeMap<String, Arc<[u8]>>, B
                 ),
             ));
         }
-        let actual = sha256_hex(&bytes);
-        if actual != expected.to_ascii_lowercase() {
-            return Err(BundleError::HashMismatch {
-                file: escape_controls(name),
-                expected: escape_controls(expected),
-                actual,
-            });
-        }
+        check_hash(name, expected, &bytes)?;
         files.insert(name.clone(), Arc::from(bytes));
     }
     Ok(files)

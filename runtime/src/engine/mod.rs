@@ -29,7 +29,7 @@ use duet_fsio::{Cap, Follow};
 use ndarray::{ArrayD, ArrayViewD};
 use thiserror::Error;
 
-use crate::manifest::DType;
+use crate::manifest::{DType, DimSpec};
 
 /// The largest ONNX file read: protobuf's own limit for one message (larger graphs keep their
 /// weights as external data, which duet does not write).
@@ -315,6 +315,11 @@ pub enum EngineError {
         expected: DType,
         got: DType,
     },
+    #[error(
+        "graph `{graph}`: input `{name}` has an element type the engines do not feed (they feed \
+         f32, f16, i64, i32, i8, u8 and bool)"
+    )]
+    UnsupportedInputType { graph: String, name: String },
     #[error("graph `{graph}` on {provider}: run failed: {reason}")]
     Run {
         graph: String,
@@ -337,98 +342,112 @@ fn fmt_skipped(skipped: &[(Provider, String)]) -> String {
         .collect()
 }
 
-/// An owned tensor passed to or returned from a graph.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    F32(ArrayD<f32>),
-    I64(ArrayD<i64>),
+/// Declares `Value` and `ValueView` with one variant per [`DType`] and the conversions between
+/// them and ndarray arrays. A macro because the seven variants differ only in their element
+/// type: written out, every match below would be seven near-identical arms, easy to let drift.
+macro_rules! values {
+    ($($variant:ident($t:ty)),+ $(,)?) => {
+        /// An owned tensor passed to or returned from a graph.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Value {
+            $($variant(ArrayD<$t>),)+
+        }
+
+        /// A borrowed tensor: lets callers feed large, reused inputs (image tokens, KV cache)
+        /// without copying them for every call. onnxruntime reads standard-layout views in
+        /// place; tract needs owned tensors and copies.
+        #[derive(Debug, Clone)]
+        pub enum ValueView<'a> {
+            $($variant(ArrayViewD<'a, $t>),)+
+        }
+
+        impl Value {
+            pub fn dtype(&self) -> DType {
+                match self {
+                    $(Value::$variant(_) => DType::$variant,)+
+                }
+            }
+
+            pub fn shape(&self) -> &[usize] {
+                match self {
+                    $(Value::$variant(a) => a.shape(),)+
+                }
+            }
+
+            /// A borrowed view, for [`Engine::run_views`].
+            pub fn view(&self) -> ValueView<'_> {
+                match self {
+                    $(Value::$variant(a) => ValueView::$variant(a.view()),)+
+                }
+            }
+        }
+
+        impl ValueView<'_> {
+            pub fn dtype(&self) -> DType {
+                match self {
+                    $(ValueView::$variant(_) => DType::$variant,)+
+                }
+            }
+
+            pub fn shape(&self) -> &[usize] {
+                match self {
+                    $(ValueView::$variant(a) => a.shape(),)+
+                }
+            }
+        }
+
+        $(
+            impl From<ArrayD<$t>> for Value {
+                fn from(a: ArrayD<$t>) -> Self {
+                    Value::$variant(a)
+                }
+            }
+
+            impl<'a> From<ArrayViewD<'a, $t>> for ValueView<'a> {
+                fn from(a: ArrayViewD<'a, $t>) -> Self {
+                    ValueView::$variant(a)
+                }
+            }
+        )+
+    };
+}
+
+values! {
+    F32(f32),
+    F16(half::f16),
+    I64(i64),
+    I32(i32),
+    I8(i8),
+    U8(u8),
+    Bool(bool),
 }
 
 impl Value {
-    pub fn dtype(&self) -> DType {
-        match self {
-            Value::F32(_) => DType::F32,
-            Value::I64(_) => DType::I64,
-        }
-    }
-
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            Value::F32(a) => a.shape(),
-            Value::I64(a) => a.shape(),
-        }
-    }
-
-    /// A borrowed view, for [`Engine::run_views`].
-    pub fn view(&self) -> ValueView<'_> {
-        match self {
-            Value::F32(a) => ValueView::F32(a.view()),
-            Value::I64(a) => ValueView::I64(a.view()),
-        }
-    }
-
     pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
         match self {
             Value::F32(a) => Some(a),
-            Value::I64(_) => None,
+            _ => None,
         }
     }
 
     pub fn as_i64(&self) -> Option<&ArrayD<i64>> {
         match self {
             Value::I64(a) => Some(a),
-            Value::F32(_) => None,
+            _ => None,
         }
     }
 
     pub fn into_f32(self) -> Option<ArrayD<f32>> {
         match self {
             Value::F32(a) => Some(a),
-            Value::I64(_) => None,
+            _ => None,
         }
     }
 
     pub fn into_i64(self) -> Option<ArrayD<i64>> {
         match self {
             Value::I64(a) => Some(a),
-            Value::F32(_) => None,
-        }
-    }
-}
-
-impl From<ArrayD<f32>> for Value {
-    fn from(a: ArrayD<f32>) -> Self {
-        Value::F32(a)
-    }
-}
-
-impl From<ArrayD<i64>> for Value {
-    fn from(a: ArrayD<i64>) -> Self {
-        Value::I64(a)
-    }
-}
-
-/// A borrowed tensor: lets callers feed large, reused inputs (image tokens, KV cache) without
-/// copying them for every call. onnxruntime reads standard-layout views in place; tract needs
-/// owned tensors and copies.
-#[derive(Debug, Clone)]
-pub enum ValueView<'a> {
-    F32(ArrayViewD<'a, f32>),
-    I64(ArrayViewD<'a, i64>),
-}
-
-impl ValueView<'_> {
-    pub fn dtype(&self) -> DType {
-        match self {
-            ValueView::F32(_) => DType::F32,
-            ValueView::I64(_) => DType::I64,
-        }
-    }
-
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            ValueView::F32(a) => a.shape(),
-            ValueView::I64(a) => a.shape(),
+            _ => None,
         }
     }
 }
@@ -439,27 +458,49 @@ impl<'a> From<&'a Value> for ValueView<'a> {
     }
 }
 
-impl<'a> From<ArrayViewD<'a, f32>> for ValueView<'a> {
-    fn from(a: ArrayViewD<'a, f32>) -> Self {
-        ValueView::F32(a)
-    }
-}
-
-impl<'a> From<ArrayViewD<'a, i64>> for ValueView<'a> {
-    fn from(a: ArrayViewD<'a, i64>) -> Self {
-        ValueView::I64(a)
-    }
-}
-
-/// Name, element type and declared shape of a graph input, as the backend sees it.
+/// Name, element type and declared shape of a graph input or output, as the backend reads
+/// them from the graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoInfo {
     pub name: String,
-    /// `None` when the graph uses an element type duet never feeds (checked by the backend).
+    /// `None` when the graph uses an element type the engines do not feed or return (string,
+    /// f64, u16, …); running such a graph is refused with the type named.
     pub dtype: Option<DType>,
-    /// The declared shape, one entry per axis (`Some(n)` fixed, `None` dynamic); `None` when
-    /// the graph does not declare the rank.
-    pub dims: Option<Vec<Option<usize>>>,
+    /// The declared shape, one entry per axis: `Some(Fixed(n))`, `Some(Symbolic(name))` for a
+    /// named dynamic axis, `None` for an axis with neither size nor name; `None` as a whole
+    /// when the graph does not declare the rank.
+    pub dims: Option<Vec<Option<DimSpec>>>,
+}
+
+impl IoInfo {
+    /// The size of every axis when all are fixed.
+    pub fn fixed_shape(&self) -> Option<Vec<usize>> {
+        self.dims
+            .as_ref()?
+            .iter()
+            .map(|d| match d {
+                Some(DimSpec::Fixed(n)) => Some(*n),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for IoInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dtype = self.dtype.map_or("unsupported type", DType::name);
+        write!(f, "{}: {dtype}", self.name)?;
+        match &self.dims {
+            None => f.write_str(" [rank unknown]"),
+            Some(dims) => {
+                let axes: Vec<String> = dims
+                    .iter()
+                    .map(|d| d.as_ref().map_or("?".to_string(), DimSpec::to_string))
+                    .collect();
+                write!(f, " [{}]", axes.join(", "))
+            }
+        }
+    }
 }
 
 enum Backend {
@@ -475,7 +516,9 @@ pub struct Engine {
     graph: String,
     provider: Provider,
     inputs: Vec<IoInfo>,
-    outputs: Vec<String>,
+    outputs: Vec<IoInfo>,
+    /// `outputs`' names, in order (what the backends return results by).
+    output_names: Vec<String>,
     backend: Backend,
 }
 
@@ -547,6 +590,7 @@ impl Engine {
                         graph: graph_name.to_string(),
                         provider,
                         inputs,
+                        output_names: outputs.iter().map(|o| o.name.clone()).collect(),
                         outputs,
                         backend,
                     };
@@ -586,8 +630,8 @@ impl Engine {
         &self.inputs
     }
 
-    /// Graph output names in declaration order.
-    pub fn outputs(&self) -> &[String] {
+    /// Graph outputs in declaration order.
+    pub fn outputs(&self) -> &[IoInfo] {
         &self.outputs
     }
 
@@ -607,8 +651,8 @@ impl Engine {
         let ordered = self.order_inputs(inputs)?;
         let outputs = match &self.backend {
             #[cfg(feature = "ort")]
-            Backend::Ort(e) => e.run(&self.inputs, &ordered, &self.outputs),
-            Backend::Tract(e) => e.run(&ordered, &self.outputs),
+            Backend::Ort(e) => e.run(&self.inputs, &ordered, &self.output_names),
+            Backend::Tract(e) => e.run(&ordered, &self.output_names),
         };
         outputs.map_err(|(name, reason)| match name {
             Some(name) => EngineError::Output {
@@ -688,15 +732,19 @@ impl Engine {
                     name: name.to_string(),
                 });
             }
-            if let Some(expected) = self.inputs[ix].dtype {
-                if expected != value.dtype() {
-                    return Err(EngineError::InputDType {
-                        graph: self.graph.clone(),
-                        name: name.to_string(),
-                        expected,
-                        got: value.dtype(),
-                    });
-                }
+            let Some(expected) = self.inputs[ix].dtype else {
+                return Err(EngineError::UnsupportedInputType {
+                    graph: self.graph.clone(),
+                    name: name.to_string(),
+                });
+            };
+            if expected != value.dtype() {
+                return Err(EngineError::InputDType {
+                    graph: self.graph.clone(),
+                    name: name.to_string(),
+                    expected,
+                    got: value.dtype(),
+                });
             }
             slots[ix] = Some(value);
         }
@@ -713,7 +761,7 @@ impl Engine {
     }
 }
 
-type Loaded = (Backend, Vec<IoInfo>, Vec<String>);
+type Loaded = (Backend, Vec<IoInfo>, Vec<IoInfo>);
 
 fn load_backend(
     provider: Provider,

@@ -30,7 +30,7 @@ use ort::value::{PrimitiveTensorElementType, Tensor, TensorElementType, TensorRe
 use super::{
     EngineOptions, IoInfo, OrtInfo, Placement, Provider, TensorRtOptions, Value, ValueView,
 };
-use crate::manifest::DType;
+use crate::manifest::{DType, DimSpec};
 
 /// The loaded library and the process-wide ort environment (ort allows one per process).
 struct OrtRuntime {
@@ -214,7 +214,7 @@ pub(super) struct OrtEngine {
     /// concurrent callers of one engine take turns.
     session: Mutex<Session>,
     inputs: Vec<IoInfo>,
-    outputs: Vec<String>,
+    outputs: Vec<IoInfo>,
     /// What the session was made from, so [`OrtEngine::placement`] can make a profiling twin.
     provider: Provider,
     model: Arc<[u8]>,
@@ -225,26 +225,52 @@ pub(super) struct OrtEngine {
 }
 
 /// The declared shape of a tensor input (onnxruntime says -1 for a dynamic axis).
-fn dims_of(t: &ValueType) -> Option<Vec<Option<usize>>> {
+/// The declared axes of an input or output: onnxruntime reports a dynamic axis as -1 with its
+/// symbol, or an empty symbol when the graph names none.
+fn dims_of(t: &ValueType) -> Option<Vec<Option<DimSpec>>> {
     match t {
-        ValueType::Tensor { shape, .. } => {
-            Some(shape.iter().map(|&d| usize::try_from(d).ok()).collect())
-        }
+        ValueType::Tensor {
+            shape,
+            dimension_symbols,
+            ..
+        } => Some(
+            shape
+                .iter()
+                .enumerate()
+                .map(|(axis, &d)| match usize::try_from(d) {
+                    Ok(n) => Some(DimSpec::Fixed(n)),
+                    Err(_) => dimension_symbols
+                        .get(axis)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| DimSpec::Symbolic(s.clone())),
+                })
+                .collect(),
+        ),
         _ => None,
     }
 }
 
 fn dtype_of(t: &ValueType) -> Option<DType> {
-    match t {
-        ValueType::Tensor {
-            ty: TensorElementType::Float32,
-            ..
-        } => Some(DType::F32),
-        ValueType::Tensor {
-            ty: TensorElementType::Int64,
-            ..
-        } => Some(DType::I64),
+    let ValueType::Tensor { ty, .. } = t else {
+        return None;
+    };
+    match ty {
+        TensorElementType::Float32 => Some(DType::F32),
+        TensorElementType::Float16 => Some(DType::F16),
+        TensorElementType::Int64 => Some(DType::I64),
+        TensorElementType::Int32 => Some(DType::I32),
+        TensorElementType::Int8 => Some(DType::I8),
+        TensorElementType::Uint8 => Some(DType::U8),
+        TensorElementType::Bool => Some(DType::Bool),
         _ => None,
+    }
+}
+
+fn io_info(o: &ort::value::Outlet) -> IoInfo {
+    IoInfo {
+        name: o.name().to_string(),
+        dtype: dtype_of(o.dtype()),
+        dims: dims_of(o.dtype()),
     }
 }
 
@@ -412,20 +438,8 @@ impl OrtEngine {
         let builder = session_builder(provider, options, graph)?;
         let session = commit(builder, provider, options, &model, graph)?;
         let library = runtime(options.ort_lib.as_deref())?.library.clone();
-        let inputs = session
-            .inputs()
-            .iter()
-            .map(|o| IoInfo {
-                name: o.name().to_string(),
-                dtype: dtype_of(o.dtype()),
-                dims: dims_of(o.dtype()),
-            })
-            .collect();
-        let outputs = session
-            .outputs()
-            .iter()
-            .map(|o| o.name().to_string())
-            .collect();
+        let inputs = session.inputs().iter().map(io_info).collect();
+        let outputs = session.outputs().iter().map(io_info).collect();
         Ok(OrtEngine {
             session: Mutex::new(session),
             inputs,
@@ -484,7 +498,7 @@ impl OrtEngine {
         &self.library
     }
 
-    pub(super) fn outputs(&self) -> Vec<String> {
+    pub(super) fn outputs(&self) -> Vec<IoInfo> {
         self.outputs.clone()
     }
 
@@ -502,16 +516,7 @@ impl OrtEngine {
             let v = outputs
                 .get(name.as_str())
                 .ok_or_else(|| (Some(name.clone()), "not produced".to_string()))?;
-            let value = if let Ok(a) = v.try_extract_array::<f32>() {
-                Value::F32(a.to_owned())
-            } else if let Ok(a) = v.try_extract_array::<i64>() {
-                Value::I64(a.to_owned())
-            } else {
-                return Err((
-                    Some(name.clone()),
-                    format!("unsupported type {:?} (duet uses f32 and i64)", v.dtype()),
-                ));
-            };
+            let value = to_value(v).map_err(|e| (Some(name.clone()), e))?;
             out.insert(name.clone(), value);
         }
         Ok(out)
@@ -529,12 +534,42 @@ fn feed<'a>(
     for (info, value) in infos.iter().zip(ordered) {
         let v = match value {
             ValueView::F32(a) => input_value(a.view()),
+            ValueView::F16(a) => input_value(a.view()),
             ValueView::I64(a) => input_value(a.view()),
+            ValueView::I32(a) => input_value(a.view()),
+            ValueView::I8(a) => input_value(a.view()),
+            ValueView::U8(a) => input_value(a.view()),
+            ValueView::Bool(a) => input_value(a.view()),
         }
         .map_err(|e| (None, format!("input `{}`: {e}", info.name)))?;
         feed.push((info.name.clone(), v));
     }
     Ok(feed)
+}
+
+/// An output of onnxruntime as a [`Value`] (copied out of ort's buffer); `Err` names a type
+/// the engines do not return.
+fn to_value(v: &ort::value::DynValue) -> Result<Value, String> {
+    fn owned<T: PrimitiveTensorElementType + Clone + 'static>(
+        v: &ort::value::DynValue,
+    ) -> Result<ndarray::ArrayD<T>, String> {
+        v.try_extract_array::<T>()
+            .map(|a| a.to_owned())
+            .map_err(|e| e.to_string())
+    }
+    match dtype_of(v.dtype()) {
+        Some(DType::F32) => owned(v).map(Value::F32),
+        Some(DType::F16) => owned(v).map(Value::F16),
+        Some(DType::I64) => owned(v).map(Value::I64),
+        Some(DType::I32) => owned(v).map(Value::I32),
+        Some(DType::I8) => owned(v).map(Value::I8),
+        Some(DType::U8) => owned(v).map(Value::U8),
+        Some(DType::Bool) => owned(v).map(Value::Bool),
+        None => Err(format!(
+            "type {:?}, which the engines do not return (f32, f16, i64, i32, i8, u8, bool)",
+            v.dtype()
+        )),
+    }
 }
 
 /// A borrowed ort tensor over the caller's data when it is contiguous (no copy); a copy only for

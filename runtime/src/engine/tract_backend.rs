@@ -25,17 +25,16 @@ use std::time::Instant;
 
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::infer::Factoid;
 
 use super::{IoInfo, Value, ValueView};
-use crate::manifest::DType;
+use crate::manifest::{DType, DimSpec};
 
 pub(super) struct TractEngine {
     plans: Plans,
     /// The matrix-product thread pool of this engine's runs (`None`: single-threaded).
     executor: Option<Executor>,
     inputs: Vec<IoInfo>,
-    outputs: Vec<String>,
+    outputs: Vec<IoInfo>,
 }
 
 /// Specialised plans kept per engine: a caller alternating among a few input shapes (batch
@@ -56,12 +55,87 @@ enum Plans {
     },
 }
 
-fn dtype_of(dt: Option<DatumType>) -> Option<DType> {
+fn datum_type(dt: DType) -> DatumType {
     match dt {
-        Some(DatumType::F32) => Some(DType::F32),
-        Some(DatumType::I64) => Some(DType::I64),
-        _ => None,
+        DType::F32 => DatumType::F32,
+        DType::F16 => DatumType::F16,
+        DType::I64 => DatumType::I64,
+        DType::I32 => DatumType::I32,
+        DType::I8 => DatumType::I8,
+        DType::U8 => DatumType::U8,
+        DType::Bool => DatumType::Bool,
     }
+}
+
+/// Name, element type and axes of a graph input or output as the ONNX file declares them
+/// (what onnxruntime reports too). Read from the declaration rather than tract's facts: tract
+/// leaves output facts open until it analyses the graph.
+fn declared_io(info: &tract_onnx::pb::ValueInfoProto) -> IoInfo {
+    use tract_onnx::pb::{tensor_proto::DataType as T, tensor_shape_proto::dimension::Value as V};
+    let tensor = match info.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(tract_onnx::pb::type_proto::Value::TensorType(t)) => Some(t),
+        _ => None,
+    };
+    let dtype = tensor.and_then(|t| match T::try_from(t.elem_type).ok()? {
+        T::Float => Some(DType::F32),
+        T::Float16 => Some(DType::F16),
+        T::Int64 => Some(DType::I64),
+        T::Int32 => Some(DType::I32),
+        T::Int8 => Some(DType::I8),
+        T::Uint8 => Some(DType::U8),
+        T::Bool => Some(DType::Bool),
+        _ => None,
+    });
+    let dims = tensor.and_then(|t| t.shape.as_ref()).map(|shape| {
+        shape
+            .dim
+            .iter()
+            .map(|d| match d.value.as_ref()? {
+                V::DimValue(n) => usize::try_from(*n).ok().map(DimSpec::Fixed),
+                V::DimParam(s) if !s.is_empty() => Some(DimSpec::Symbolic(s.clone())),
+                V::DimParam(_) => None,
+            })
+            .collect()
+    });
+    IoInfo {
+        name: info.name.clone(),
+        dtype,
+        dims,
+    }
+}
+
+/// An owned tract tensor of the caller's data (tract consumes its inputs).
+fn to_tensor(v: &ValueView<'_>) -> Tensor {
+    match v {
+        ValueView::F32(a) => a.as_standard_layout().into_owned().into(),
+        ValueView::F16(a) => a.as_standard_layout().into_owned().into(),
+        ValueView::I64(a) => a.as_standard_layout().into_owned().into(),
+        ValueView::I32(a) => a.as_standard_layout().into_owned().into(),
+        ValueView::I8(a) => a.as_standard_layout().into_owned().into(),
+        ValueView::U8(a) => a.as_standard_layout().into_owned().into(),
+        ValueView::Bool(a) => a.as_standard_layout().into_owned().into(),
+    }
+}
+
+/// A result tensor as a [`Value`]; `Err` names a type the engines do not return.
+fn to_value(t: Tensor) -> Result<Value, String> {
+    let dt = t.datum_type();
+    let v = match dt {
+        DatumType::F32 => t.into_plain_array::<f32>().map(Value::F32),
+        DatumType::F16 => t.into_plain_array::<f16>().map(Value::F16),
+        DatumType::I64 => t.into_plain_array::<i64>().map(Value::I64),
+        DatumType::I32 => t.into_plain_array::<i32>().map(Value::I32),
+        DatumType::I8 => t.into_plain_array::<i8>().map(Value::I8),
+        DatumType::U8 => t.into_plain_array::<u8>().map(Value::U8),
+        DatumType::Bool => t.into_plain_array::<bool>().map(Value::Bool),
+        other => {
+            return Err(format!(
+                "element type {other:?}, which the engines do not return (f32, f16, i64, i32, \
+                 i8, u8, bool)"
+            ))
+        }
+    };
+    v.map_err(|e| format!("{e:?}"))
 }
 
 impl TractEngine {
@@ -97,30 +171,26 @@ impl TractEngine {
             ),
         };
         let load = move || -> TractResult<TractEngine> {
-            let model = tract_onnx::onnx().model_for_read(&mut &model[..])?;
-            let mut inputs = Vec::new();
-            for (ix, outlet) in model.input_outlets()?.iter().enumerate() {
-                let fact = model.input_fact(ix)?;
-                inputs.push(IoInfo {
-                    name: model.node(outlet.node).name.clone(),
-                    dtype: dtype_of(fact.datum_type()),
-                    dims: fact.shape.concretize().map(|dims| {
-                        dims.iter()
-                            .map(|d| d.to_i64().ok().and_then(|n| usize::try_from(n).ok()))
-                            .collect()
-                    }),
-                });
-            }
-            let outputs = model
-                .output_outlets()?
-                .iter()
-                .map(|o| {
-                    model
-                        .outlet_label(*o)
-                        .map(str::to_string)
-                        .unwrap_or_else(|| model.node(o.node).name.clone())
-                })
-                .collect();
+            let onnx = tract_onnx::onnx();
+            let proto = onnx.proto_model_for_read(&mut &model[..])?;
+            // The graph's own inputs: initializers may also be listed as inputs (IR < 4).
+            let (inputs, outputs) = match proto.graph.as_ref() {
+                Some(g) => {
+                    let inits: std::collections::HashSet<&str> =
+                        g.initializer.iter().map(|t| t.name.as_str()).collect();
+                    (
+                        g.input
+                            .iter()
+                            .filter(|i| !inits.contains(i.name.as_str()))
+                            .map(declared_io)
+                            .collect::<Vec<_>>(),
+                        g.output.iter().map(declared_io).collect::<Vec<_>>(),
+                    )
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            let model = onnx.model_for_proto_model(&proto)?;
+            drop(proto);
             let plans = match model.clone().into_optimized() {
                 Ok(typed) => Plans::Symbolic(typed.into_runnable()?),
                 // Only an input axis without a fixed size is a reason to wait for shapes; a
@@ -156,7 +226,7 @@ impl TractEngine {
         self.inputs.clone()
     }
 
-    pub(super) fn outputs(&self) -> Vec<String> {
+    pub(super) fn outputs(&self) -> Vec<IoInfo> {
         self.outputs.clone()
     }
 
@@ -166,17 +236,7 @@ impl TractEngine {
         output_names: &[String],
     ) -> Result<HashMap<String, Value>, (Option<String>, String)> {
         // tract consumes owned tensors, so this is the one place inputs are copied.
-        let feed: TVec<TValue> = ordered
-            .iter()
-            .map(|v| match v {
-                ValueView::F32(a) => {
-                    Tensor::from(a.as_standard_layout().into_owned()).into_tvalue()
-                }
-                ValueView::I64(a) => {
-                    Tensor::from(a.as_standard_layout().into_owned()).into_tvalue()
-                }
-            })
-            .collect();
+        let feed: TVec<TValue> = ordered.iter().map(|v| to_tensor(v).into_tvalue()).collect();
         let plan = self.plan_for(ordered).map_err(|e| (None, e))?;
         let results = match &self.executor {
             Some(pool) => multithread_tract_scope(pool.clone(), || plan.run(feed)),
@@ -195,18 +255,7 @@ impl TractEngine {
         }
         let mut out = HashMap::with_capacity(results.len());
         for (name, t) in output_names.iter().zip(results) {
-            let t = t.into_tensor();
-            let value = match t.datum_type() {
-                DatumType::F32 => t.into_plain_array::<f32>().map(Value::F32),
-                DatumType::I64 => t.into_plain_array::<i64>().map(Value::I64),
-                other => {
-                    return Err((
-                        Some(name.clone()),
-                        format!("unsupported type {other:?} (duet uses f32 and i64)"),
-                    ))
-                }
-            }
-            .map_err(|e| (Some(name.clone()), format!("{e:?}")))?;
+            let value = to_value(t.into_tensor()).map_err(|e| (Some(name.clone()), e))?;
             out.insert(name.clone(), value);
         }
         Ok(out)
@@ -233,10 +282,7 @@ impl TractEngine {
         let build = || -> TractResult<Arc<TypedRunnableModel>> {
             let mut m = InferenceModel::clone(model);
             for (ix, v) in ordered.iter().enumerate() {
-                let dt = match v {
-                    ValueView::F32(_) => DatumType::F32,
-                    ValueView::I64(_) => DatumType::I64,
-                };
+                let dt = datum_type(v.dtype());
                 m.set_input_fact(ix, InferenceFact::dt_shape(dt, v.shape().to_vec()))?;
             }
             m.into_optimized()?.into_runnable()
@@ -266,9 +312,7 @@ impl TractEngine {
 /// Whether an input axis has no fixed size (unknown, or a symbol tract could not type), or the
 /// input no declared shape.
 fn has_unknown_axis(info: &IoInfo) -> bool {
-    info.dims
-        .as_ref()
-        .is_none_or(|dims| dims.iter().any(Option::is_none))
+    info.fixed_shape().is_none()
 }
 
 /// The plan cache's lock; a panic while it was held (caught by the panic guard) leaves only

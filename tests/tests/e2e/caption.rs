@@ -101,6 +101,38 @@ fn exported_graphs_have_parity_and_pass_the_onnx_checker() {
     );
 }
 
+/// The same run exported to one `.duet` file: the same graphs and tokenizer byte for byte,
+/// and the file opens as a bundle with the directory's manifest (but its own command).
+#[test]
+fn a_run_exports_to_a_single_file_bundle() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny.duet");
+    let opts = ExportOptions {
+        engine: engine_options(),
+        command: "e2e single-file export".into(),
+        ..ExportOptions::new(&f.run, &file)
+    };
+    let report = export_run(&opts).expect("single-file export");
+    assert_eq!(report.bundle, file);
+    let from_file = Bundle::open(&file).expect("the file opens");
+    let from_dir = Bundle::open(&f.bundle).expect("bundle");
+    assert_eq!(from_file.manifest().files, from_dir.manifest().files);
+    for name in from_dir.manifest().files.keys() {
+        assert_eq!(
+            from_file.file_bytes(name),
+            from_dir.file_bytes(name),
+            "{name}"
+        );
+    }
+    // Only the file is left: the staging directory beside it is gone.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["tiny.duet"]);
+}
+
 #[test]
 fn ort_and_tract_caption_like_burn_and_kv_matches_full_recompute() {
     let f = fixture();

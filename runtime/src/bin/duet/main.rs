@@ -77,7 +77,7 @@ impl EngineArgs {
 enum Command {
     /// Caption images; prints `PATH<TAB>CAPTION` per image on stdout.
     Caption {
-        /// Bundle directory.
+        /// Bundle: a directory, or a single `.duet` file.
         #[arg(long)]
         bundle: PathBuf,
         #[command(flatten)]
@@ -92,7 +92,7 @@ enum Command {
     /// Generate images from text prompts; writes a PNG (a grid when --count > 1 or with
     /// several prompts: one row per prompt, --count images each).
     Generate {
-        /// Bundle directory (exported from a generate run).
+        /// Bundle, a directory or a single `.duet` file (exported from a generate run).
         #[arg(long)]
         bundle: PathBuf,
         #[command(flatten)]
@@ -128,7 +128,7 @@ enum Command {
     /// Classify an image + text pair with the bundle's task head; either may be missing (its
     /// embedding is restored from the other by the feature-space diffusion restorer).
     Classify {
-        /// Bundle directory (exported from a restore run).
+        /// Bundle, a directory or a single `.duet` file (exported from a restore run).
         #[arg(long)]
         bundle: PathBuf,
         #[command(flatten)]
@@ -150,7 +150,7 @@ enum Command {
     /// similarities and the best-matching text for each image; with one kind only, prints the
     /// embeddings as JSON lines (`kind`, `input`, `embedding`).
     Embed {
-        /// Bundle directory (texts need a text encoder: a bundle from a generate run or later).
+        /// Bundle, a directory or a single `.duet` file (texts need a text encoder: a bundle from a generate run or later).
         #[arg(long)]
         bundle: PathBuf,
         #[command(flatten)]
@@ -168,7 +168,7 @@ enum Command {
     /// Benchmark every pipeline on every provider (each in its own process) and a Python
     /// onnxruntime reference; prints a Markdown table.
     Bench {
-        /// Bundle directory.
+        /// Bundle: a directory, or a single `.duet` file.
         #[arg(long)]
         bundle: PathBuf,
         /// Providers to measure (comma-separated); unavailable ones are listed with the reason.
@@ -222,7 +222,7 @@ enum Command {
     },
     /// Summarise a bundle (if given) and the providers available on this machine.
     Info {
-        /// Bundle directory.
+        /// Bundle: a directory, or a single `.duet` file.
         #[arg(long)]
         bundle: Option<PathBuf>,
         /// Path of libonnxruntime (see `caption --help`).

@@ -1,0 +1,185 @@
+//! Single-file bundles (`model.duet`): the bundle's files in one uncompressed POSIX tar.
+//!
+//! Why tar, and uncompressed: it is the most widely readable container (`tar tf model.duet`
+//! lists it on any device), its entries are the files' bytes as they are, so the sha256 the
+//! manifest records is checked on the very bytes read, and there is no decompression to bomb
+//! (the ONNX weights barely compress anyway). Nothing is extracted to disk: [`read_entries`]
+//! reads the whole file once, under a cap, and [`super::Bundle::open`] verifies and serves the
+//! entries from memory like a directory's files.
+//!
+//! What an archive may hold is narrower than what tar can say: regular-file entries only (no
+//! directories, links, devices or global headers), each named by a plain file name (no `/`,
+//! `..` or absolute path), each name once, no entry the manifest does not list, each entry
+//! under the graph cap and all of them under the bundle cap. [`pack`] writes exactly that, in
+//! the manifest's order with fixed metadata, so packing the same bundle twice gives the same
+//! bytes.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use duet_fsio::{Cap, Follow};
+
+use super::{file_error, is_plain_file_name, limits, Bundle, BundleError, MANIFEST_FILE};
+use crate::engine::MODEL_FILE_CAP;
+
+/// The file extension of single-file bundles.
+pub const EXTENSION: &str = "duet";
+
+/// The largest archive read: every listed file at the bundle cap, the manifest, and a tar
+/// header plus padding per entry.
+const ARCHIVE_CAP: Cap = Cap::new(
+    limits::MAX_BUNDLE_BYTES
+        + super::MANIFEST_CAP.bytes
+        + (limits::MAX_FILES as u64 + 1) * 1024
+        + 1024,
+    "a single-file bundle",
+);
+
+fn refuse(path: &Path, reason: impl Into<String>) -> BundleError {
+    BundleError::Archive {
+        path: path.to_path_buf(),
+        reason: super::escape_controls(&reason.into()),
+    }
+}
+
+/// Every entry of the archive at `path`, by name, read from one pass over its bytes.
+pub(super) fn read_entries(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
+    let bytes = duet_fsio::read_capped(path, ARCHIVE_CAP, Follow::Yes).map_err(file_error)?;
+    let mut archive = tar::Archive::new(&bytes[..]);
+    let mut entries = BTreeMap::new();
+    let mut total = 0u64;
+    let iter = archive
+        .entries()
+        .map_err(|e| refuse(path, format!("not a tar archive: {e}")))?;
+    for entry in iter {
+        let mut entry = entry.map_err(|e| refuse(path, format!("damaged tar archive: {e}")))?;
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let kind = entry.header().entry_type();
+        if !kind.is_file() {
+            return Err(refuse(
+                path,
+                format!(
+                    "entry `{name}` is not a regular file ({kind:?}); a bundle holds files only"
+                ),
+            ));
+        }
+        if !is_plain_file_name(&name) {
+            return Err(refuse(
+                path,
+                format!(
+                    "entry `{name}` is not a plain file name (no `/`, `..` or absolute paths; \
+                     make single-file bundles with `duet-export pack`)"
+                ),
+            ));
+        }
+        let size = entry.size();
+        let cap = if name == MANIFEST_FILE {
+            super::MANIFEST_CAP
+        } else {
+            MODEL_FILE_CAP
+        };
+        if size > cap.bytes {
+            return Err(refuse(
+                path,
+                format!(
+                    "entry `{name}` is {size} bytes, over the cap for {} ({} bytes)",
+                    cap.what, cap.bytes
+                ),
+            ));
+        }
+        total = total.saturating_add(size);
+        if total > limits::MAX_BUNDLE_BYTES {
+            return Err(refuse(
+                path,
+                format!(
+                    "the entries are larger than {} bytes together",
+                    limits::MAX_BUNDLE_BYTES
+                ),
+            ));
+        }
+        // The size was checked above against the cap, and the bytes are all in memory already:
+        // this allocation is bounded by the file's length.
+        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| refuse(path, format!("entry `{name}` is truncated: {e}")))?;
+        if entries.insert(name.clone(), data).is_some() {
+            return Err(refuse(path, format!("entry `{name}` appears twice")));
+        }
+    }
+    Ok(entries)
+}
+
+/// Writes the verified bundle `bundle` as one archive at `out` (atomically: a temporary file
+/// beside it, renamed into place only when complete and synced).
+pub fn pack(bundle: &Bundle, out: &Path) -> Result<(), BundleError> {
+    let io_err = |source| BundleError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    let manifest = manifest_bytes(bundle).map_err(io_err)?;
+    duet_fsio::write_atomic_with(out, |f| {
+        let mut tar = tar::Builder::new(std::io::BufWriter::new(f));
+        append(&mut tar, MANIFEST_FILE, &manifest)?;
+        for name in bundle.manifest().files.keys() {
+            let bytes = bundle
+                .file_bytes(name)
+                .ok_or_else(|| std::io::Error::other(format!("{name}: listed but not read")))?;
+            append(&mut tar, name, &bytes)?;
+        }
+        tar.into_inner()?.flush()
+    })
+    .map_err(io_err)
+}
+
+/// The manifest as the bundle holds it: re-read from the directory or the archive it came from
+/// would be a second read, so the bytes kept at open are used.
+fn manifest_bytes(bundle: &Bundle) -> std::io::Result<Vec<u8>> {
+    Ok(bundle.manifest_text.as_bytes().to_vec())
+}
+
+fn append<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    // Fixed metadata: the archive's bytes depend on the bundle only.
+    let mut header = tar::Header::new_ustar();
+    header.set_size(bytes.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut header, name, bytes)
+}
+
+/// Writes the verified bundle `bundle` as a directory at `out`, which must not exist yet: built
+/// in a private directory beside it and renamed into place when complete.
+pub fn unpack(bundle: &Bundle, out: &Path) -> Result<(), BundleError> {
+    let io_err = |source| BundleError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    if std::fs::symlink_metadata(out).is_ok() {
+        return Err(io_err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "already exists; unpack into a new directory",
+        )));
+    }
+    let staging = duet_fsio::temp_dir_beside(out).map_err(io_err)?;
+    let write = |name: &str, bytes: &[u8]| {
+        duet_fsio::write_atomic(&staging.path().join(name), bytes).map_err(io_err)
+    };
+    write(MANIFEST_FILE, bundle.manifest_text.as_bytes())?;
+    for name in bundle.manifest().files.keys() {
+        let bytes = bundle.file_bytes(name).ok_or_else(|| {
+            io_err(std::io::Error::other(format!(
+                "{name}: listed but not read"
+            )))
+        })?;
+        write(name, &bytes)?;
+    }
+    let built = staging.keep();
+    std::fs::rename(&built, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&built);
+        io_err(e)
+    })
+}
