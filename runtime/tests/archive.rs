@@ -1,6 +1,7 @@
 //! Single-file bundles: a packed bundle opens, verifies and captions exactly like its
 //! directory, unpacks back to the same bytes, packs reproducibly; archives that say more than
-//! "these plain files" are refused with a typed error and nothing is written.
+//! "these plain files" are refused with a typed error (reading never writes: nothing is
+//! extracted).
 
 use std::path::{Path, PathBuf};
 
@@ -129,7 +130,7 @@ fn archive_of(entries: &[(String, Vec<u8>)], extra: impl FnOnce(&mut Vec<u8>)) -
 }
 
 #[test]
-fn archives_with_more_than_plain_listed_files_are_refused_and_nothing_is_written() {
+fn archives_with_more_than_plain_listed_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (_, good) = packed(dir.path());
     let good_entries = entries(&good);
@@ -227,8 +228,56 @@ fn archives_with_more_than_plain_listed_files_are_refused_and_nothing_is_written
         e.to_string().contains("missing.duet/vision_encoder.onnx"),
         "{e}"
     );
+}
 
-    // Nothing was extracted anywhere: only what the test wrote is there.
-    assert!(!dir.path().parent().unwrap().join("evil").exists());
-    assert!(!dir.path().join("sub").exists() && !dir.path().join("link").exists());
+/// Sizes and bytes the header and the file disagree on: a tiny file claiming gigabytes is
+/// refused before anything is reserved, and bytes after the end of the archive are refused.
+#[test]
+fn claimed_sizes_and_trailing_bytes_are_checked_against_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, good) = packed(dir.path());
+    let good_entries = entries(&good);
+
+    // A header claiming 1.5 GiB (under the graph cap) in a file of a few KB.
+    let mut liar = Vec::new();
+    raw_entry(
+        &mut liar,
+        "manifest.json",
+        tar::EntryType::Regular,
+        b"{}",
+        None,
+    );
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..19].copy_from_slice(b"vision_encoder.onnx");
+    h.set_size(3 << 29);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    liar.extend_from_slice(h.as_bytes());
+    liar.extend_from_slice(&[7; 512]);
+    let path = dir.path().join("liar.duet");
+    std::fs::write(&path, &liar).unwrap();
+    let e = Bundle::open(&path).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("claims 1610612736 bytes but the archive holds 512"),
+        "{e}"
+    );
+
+    // Bytes after the end-of-archive blocks.
+    let mut trailing = archive_of(&good_entries, |_| {});
+    trailing.extend_from_slice(b"appended after the end");
+    let path = dir.path().join("trailing.duet");
+    std::fs::write(&path, &trailing).unwrap();
+    let e = Bundle::open(&path).unwrap_err();
+    assert!(
+        e.to_string().contains("bytes after the end of the archive"),
+        "{e}"
+    );
+    // Zero padding after the end is what tar writers add, and is accepted.
+    let mut padded = archive_of(&good_entries, |_| {});
+    padded.extend_from_slice(&[0; 4096]);
+    let path = dir.path().join("padded.duet");
+    std::fs::write(&path, &padded).unwrap();
+    Bundle::open(&path).unwrap();
 }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use duet_runtime::engine::{Engine, EngineOptions, IoInfo, ProviderChoice, Value};
+use duet_runtime::engine::{Engine, EngineOptions, IoInfo, ProviderChoice, Value, ValueView};
 use duet_runtime::manifest::{DType, DimSpec};
 use ndarray::{ArrayD, IxDyn};
 
@@ -52,7 +52,7 @@ fn parse_dim(s: &str) -> Result<(String, usize), String> {
     Ok((name.to_string(), n))
 }
 
-/// Largest input fed, in elements: a typo in `--dim` must not allocate the machine away.
+/// Largest total input fed, in elements: a typo in `--dim` must not allocate the machine away.
 const MAX_INPUT_ELEMENTS: usize = 1 << 28;
 
 fn main() -> anyhow::Result<()> {
@@ -80,13 +80,25 @@ fn main() -> anyhow::Result<()> {
     }
 
     let mut feed = Vec::new();
+    let mut total = 0usize;
     for (ix, info) in engine.inputs().iter().enumerate() {
         let shape = concrete_shape(info, &args.dims)?;
         let n = shape
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .filter(|&n| n <= MAX_INPUT_ELEMENTS)
-            .with_context(|| format!("input `{}` of shape {shape:?} is too large", info.name))?;
+            .and_then(|n| total.checked_add(n).map(|t| (n, t)))
+            .filter(|&(_, t)| t <= MAX_INPUT_ELEMENTS)
+            .map(|(n, t)| {
+                total = t;
+                n
+            })
+            .with_context(|| {
+                format!(
+                    "input `{}` of shape {shape:?} takes the inputs over {MAX_INPUT_ELEMENTS} \
+                     elements",
+                    info.name
+                )
+            })?;
         let Some(dtype) = info.dtype else {
             bail!(
                 "input `{}` has an element type the engines do not feed",
@@ -96,8 +108,9 @@ fn main() -> anyhow::Result<()> {
         println!("feeding {} {dtype} {shape:?}", info.name);
         feed.push((info.name.clone(), pattern(dtype, &shape, n, ix)?));
     }
-    let inputs: Vec<(&str, Value)> = feed.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
-    let outputs = engine.run(&inputs)?;
+    let inputs: Vec<(&str, ValueView<'_>)> =
+        feed.iter().map(|(n, v)| (n.as_str(), v.view())).collect();
+    let outputs = engine.run_views(&inputs)?;
     println!("results on {}:", engine.provider());
     for o in engine.outputs() {
         let v = &outputs[&o.name];

@@ -54,7 +54,13 @@ pub(super) fn read_entries(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, Bun
         .map_err(|e| refuse(path, format!("not a tar archive: {e}")))?;
     for entry in iter {
         let mut entry = entry.map_err(|e| refuse(path, format!("damaged tar archive: {e}")))?;
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let name = match std::str::from_utf8(&entry.path_bytes()) {
+            Ok(n) => n.to_owned(),
+            Err(_) => {
+                let shown = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+                return Err(refuse(path, format!("entry `{shown}`: name is not UTF-8")));
+            }
+        };
         let kind = entry.header().entry_type();
         if !kind.is_file() {
             return Err(refuse(
@@ -98,15 +104,41 @@ pub(super) fn read_entries(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, Bun
                 ),
             ));
         }
-        // The size was checked above against the cap, and the bytes are all in memory already:
-        // this allocation is bounded by the file's length.
+        // The size a header claims is only believed as far as the archive's bytes go: a tiny
+        // file claiming gigabytes must not get them reserved.
+        let start = entry.raw_file_position();
+        let available = (bytes.len() as u64).saturating_sub(start);
+        if size > available {
+            return Err(refuse(
+                path,
+                format!("entry `{name}` claims {size} bytes but the archive holds {available} after its header (truncated?)"),
+            ));
+        }
         let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         entry
             .read_to_end(&mut data)
-            .map_err(|e| refuse(path, format!("entry `{name}` is truncated: {e}")))?;
+            .map_err(|e| refuse(path, format!("entry `{name}` could not be read: {e}")))?;
+        if data.len() as u64 != size {
+            return Err(refuse(
+                path,
+                format!(
+                    "entry `{name}` holds {} bytes, its header says {size}",
+                    data.len()
+                ),
+            ));
+        }
         if entries.insert(name.clone(), data).is_some() {
             return Err(refuse(path, format!("entry `{name}` appears twice")));
         }
+    }
+    // The reader stops at the end-of-archive blocks; anything after them is not part of the
+    // bundle and is refused rather than silently carried along.
+    let rest = archive.into_inner();
+    if rest.iter().any(|&b| b != 0) {
+        return Err(refuse(
+            path,
+            format!("{} bytes after the end of the archive", rest.len()),
+        ));
     }
     Ok(entries)
 }
@@ -176,6 +208,14 @@ pub fn unpack(bundle: &Bundle, out: &Path) -> Result<(), BundleError> {
             )))
         })?;
         write(name, &bytes)?;
+    }
+    // What was written opens as the same bundle (a case-insensitive file system could fold two
+    // names into one), before it takes the name.
+    let check = Bundle::open(staging.path())?;
+    if check.manifest() != bundle.manifest() {
+        return Err(io_err(std::io::Error::other(
+            "the unpacked files do not read back as the same bundle",
+        )));
     }
     let built = staging.keep();
     std::fs::rename(&built, out).map_err(|e| {

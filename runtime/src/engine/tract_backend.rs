@@ -238,11 +238,15 @@ impl TractEngine {
         // tract consumes owned tensors, so this is the one place inputs are copied.
         let feed: TVec<TValue> = ordered.iter().map(|v| to_tensor(v).into_tvalue()).collect();
         let plan = self.plan_for(ordered).map_err(|e| (None, e))?;
-        let results = match &self.executor {
+        // Under the panic guard like loading: a user's graph can reach an assertion deep in an
+        // op at run time too, which must be an error, not an abort of the host.
+        let run = || match &self.executor {
             Some(pool) => multithread_tract_scope(pool.clone(), || plan.run(feed)),
             None => plan.run(feed),
-        }
-        .map_err(|e| (None, format!("{e:?}")))?;
+        };
+        let results = crate::panic_guard::catch(run)
+            .map_err(|panic| (None, format!("tract {panic} running the graph")))?
+            .map_err(|e| (None, format!("{e:?}")))?;
         if results.len() != output_names.len() {
             return Err((
                 None,

@@ -110,7 +110,14 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
         common(&mut cmd);
         record(p.to_string(), cmd.output());
     }
-    if let Some((python, script)) = args.python {
+    if args.python.is_some() && args.bundle.is_file() {
+        skipped.push((
+            "python-ort-cpu".to_string(),
+            "the Python reference reads bundle directories: unpack the .duet file \
+             (`duet-export unpack`) to compare against it"
+                .to_string(),
+        ));
+    } else if let Some((python, script)) = args.python {
         eprintln!("python-ort-cpu: measuring {}", script.display());
         let mut cmd = std::process::Command::new(python);
         cmd.arg(script)
