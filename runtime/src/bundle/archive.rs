@@ -4,8 +4,9 @@
 //! lists it on any device), its entries are the files' bytes as they are, so the sha256 the
 //! manifest records is checked on the very bytes read, and there is no decompression to bomb
 //! (the ONNX weights barely compress anyway). Nothing is extracted to disk: [`read_entries`]
-//! reads the whole file once, under a cap, and [`super::Bundle::open`] verifies and serves the
-//! entries from memory like a directory's files.
+//! streams the file once, under a cap, keeping only the entries' bytes (so opening a `.duet`
+//! takes the memory a directory's files do), and [`super::Bundle::open`] verifies and serves
+//! them from memory like a directory's files.
 //!
 //! What an archive may hold is narrower than what tar can say: regular-file entries only (no
 //! directories, links, devices or global headers), each named by a plain file name (no `/`,
@@ -18,7 +19,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use duet_fsio::{Cap, Follow};
+use duet_fsio::{Cap, Follow, ReadError};
 
 use super::{file_error, is_plain_file_name, limits, Bundle, BundleError, MANIFEST_FILE};
 use crate::engine::MODEL_FILE_CAP;
@@ -43,10 +44,23 @@ fn refuse(path: &Path, reason: impl Into<String>) -> BundleError {
     }
 }
 
-/// Every entry of the archive at `path`, by name, read from one pass over its bytes.
+/// Every entry of the archive at `path`, by name, read in one pass over the file.
 pub(super) fn read_entries(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
-    let bytes = duet_fsio::read_capped(path, ARCHIVE_CAP, Follow::Yes).map_err(file_error)?;
-    let mut archive = tar::Archive::new(&bytes[..]);
+    let io_err = |source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = duet_fsio::open_regular(path, Follow::Yes).map_err(file_error)?;
+    let len = file.metadata().map_err(io_err)?.len();
+    if len > ARCHIVE_CAP.bytes {
+        return Err(BundleError::File(ReadError::TooLarge {
+            path: path.to_path_buf(),
+            what: ARCHIVE_CAP.what,
+            cap: ARCHIVE_CAP.bytes,
+        }));
+    }
+    // Only the length seen at open is read: a file that grows meanwhile is not read without end.
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file.take(len)));
     let mut entries = BTreeMap::new();
     let mut total = 0u64;
     let iter = archive
@@ -104,14 +118,16 @@ pub(super) fn read_entries(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, Bun
                 ),
             ));
         }
-        // The size a header claims is only believed as far as the archive's bytes go: a tiny
-        // file claiming gigabytes must not get them reserved.
-        let start = entry.raw_file_position();
-        let available = (bytes.len() as u64).saturating_sub(start);
+        // The size a header claims is only believed as far as the file goes: a tiny file
+        // claiming gigabytes must not get them reserved.
+        let available = len.saturating_sub(entry.raw_file_position());
         if size > available {
             return Err(refuse(
                 path,
-                format!("entry `{name}` claims {size} bytes but the archive holds {available} after its header (truncated?)"),
+                format!(
+                    "entry `{name}` claims {size} bytes but the archive holds {available} after \
+                     its header (truncated?)"
+                ),
             ));
         }
         let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
@@ -132,13 +148,18 @@ pub(super) fn read_entries(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, Bun
         }
     }
     // The reader stops at the end-of-archive blocks; anything after them is not part of the
-    // bundle and is refused rather than silently carried along.
-    let rest = archive.into_inner();
-    if rest.iter().any(|&b| b != 0) {
-        return Err(refuse(
-            path,
-            format!("{} bytes after the end of the archive", rest.len()),
-        ));
+    // bundle and is refused rather than silently carried along (zero padding is what tar
+    // writers add, and is fine).
+    let mut rest = archive.into_inner();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = rest.read(&mut buf).map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Err(refuse(path, "bytes after the end of the archive"));
+        }
     }
     Ok(entries)
 }
