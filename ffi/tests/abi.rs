@@ -317,21 +317,12 @@ fn options_name_the_provider_and_the_onnxruntime_library() {
     let (s, rt, e) = create_with(path, Some(&options));
     assert_eq!(s, DuetStatus::Ok, "{e:?}");
     assert_eq!(caption_of(rt), baseline);
-    if cfg!(target_os = "linux") {
-        // The count reached tract: its pool's threads (named by the engine) exist now. They
-        // start asynchronously, so they are looked for for up to 5 s.
-        let started = std::time::Instant::now();
-        let pool_running = || {
-            std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
-                std::fs::read_to_string(t.unwrap().path().join("comm"))
-                    .is_ok_and(|n| n.starts_with("duet-tract-"))
-            })
-        };
-        while !pool_running() && started.elapsed() < std::time::Duration::from_secs(5) {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert!(pool_running(), "threads = 2 started no tract pool");
-    }
+    // The count reached tract: its pool's threads (named by the engine) exist now.
+    #[cfg(target_os = "linux")]
+    assert!(
+        common::thread_appears("duet-tract-"),
+        "threads = 2 started no tract pool"
+    );
     unsafe { duet_runtime_destroy(rt) };
     let options = DuetRuntimeOptions {
         threads: DUET_MAX_THREADS + 1,

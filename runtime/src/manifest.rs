@@ -211,6 +211,26 @@ impl DType {
         DType::Bool,
     ];
 
+    /// The ONNX `TensorProto.DataType` code of this type (the one table of them: the
+    /// exporter's graph builder, the tract engine's declarations and the tests read it).
+    pub fn onnx_code(self) -> i32 {
+        use tract_onnx::pb::tensor_proto::DataType as T;
+        (match self {
+            DType::F32 => T::Float,
+            DType::F16 => T::Float16,
+            DType::I64 => T::Int64,
+            DType::I32 => T::Int32,
+            DType::I8 => T::Int8,
+            DType::U8 => T::Uint8,
+            DType::Bool => T::Bool,
+        }) as i32
+    }
+
+    /// The type of an ONNX `TensorProto.DataType` code, if it is one of these.
+    pub fn from_onnx_code(code: i32) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.onnx_code() == code)
+    }
+
     /// The name in manifests and messages (`f32`, `u8`, `bool`, …).
     pub const fn name(self) -> &'static str {
         match self {

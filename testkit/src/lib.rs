@@ -20,21 +20,6 @@ use tract_onnx::pb;
 pub const FLOAT: i32 = pb::tensor_proto::DataType::Float as i32;
 pub const INT64: i32 = pb::tensor_proto::DataType::Int64 as i32;
 
-/// The ONNX element type code of `dtype`.
-pub fn elem_type(dtype: duet_runtime::manifest::DType) -> i32 {
-    use duet_runtime::manifest::DType;
-    use pb::tensor_proto::DataType as T;
-    (match dtype {
-        DType::F32 => T::Float,
-        DType::F16 => T::Float16,
-        DType::I64 => T::Int64,
-        DType::I32 => T::Int32,
-        DType::I8 => T::Int8,
-        DType::U8 => T::Uint8,
-        DType::Bool => T::Bool,
-    }) as i32
-}
-
 /// An axis of a graph input/output declaration.
 #[derive(Clone, Debug)]
 pub enum D {
@@ -772,4 +757,29 @@ pub fn ort_lib() -> Option<PathBuf> {
         .join("lib")
         .join("libonnxruntime.so");
     p.is_file().then_some(p)
+}
+
+/// Whether a thread of this process whose name starts with `prefix` appears within 5 s (Linux:
+/// `/proc/self/task`). Thread pools start their threads, and name them, asynchronously, so a
+/// test looks for them for a while rather than once.
+#[cfg(target_os = "linux")]
+pub fn thread_appears(prefix: &str) -> bool {
+    let present = || {
+        std::fs::read_dir("/proc/self/task")
+            .map(|tasks| {
+                tasks.filter_map(Result::ok).any(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|n| n.starts_with(prefix))
+                })
+            })
+            .unwrap_or(false)
+    };
+    let started = std::time::Instant::now();
+    while !present() {
+        if started.elapsed() > std::time::Duration::from_secs(5) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
 }

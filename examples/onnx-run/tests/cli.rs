@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use duet_runtime::manifest::DType;
-use duet_testkit::{dtype_model, elem_type, linear_model, ort_lib, unnamed_axis_model};
+use duet_testkit::{dtype_model, linear_model, ort_lib, unnamed_axis_model};
 
 fn write(dir: &Path, name: &str, bytes: Vec<u8>) -> PathBuf {
     let p = dir.join(name);
@@ -55,7 +55,7 @@ fn every_element_type_and_an_unnamed_axis() {
         let p = write(
             dir.path(),
             &format!("{dtype}.onnx"),
-            dtype_model(elem_type(dtype)),
+            dtype_model(dtype.onnx_code()),
         );
         let (ok, out, err) = run(&[p.to_str().unwrap(), "--provider", "tract"]);
         assert!(ok, "{dtype}: {out}\n{err}");

@@ -383,7 +383,7 @@ fn tensor_spec(
         ),
         _ => (0, Vec::new()),
     };
-    let dtype = crate::onnx::builder::dtype_of_onnx(elem).ok_or_else(|| {
+    let dtype = duet_runtime::manifest::DType::from_onnx_code(elem).ok_or_else(|| {
         ExportError::InvalidDims(format!(
             "{role}: `{}` has ONNX element type {elem}, which no manifest can declare",
             info.name

@@ -38,24 +38,6 @@ pub const PRODUCER_NAME: &str = "duet-export";
 /// Element type of a graph input or output: the runtime's (and the manifest's) `DType`.
 pub use duet_runtime::manifest::DType;
 
-/// The ONNX `TensorProto.DataType` code of `dtype`.
-pub fn onnx_elem_type(dtype: DType) -> i32 {
-    (match dtype {
-        DType::F32 => DataType::Float,
-        DType::F16 => DataType::Float16,
-        DType::I64 => DataType::Int64,
-        DType::I32 => DataType::Int32,
-        DType::I8 => DataType::Int8,
-        DType::U8 => DataType::Uint8,
-        DType::Bool => DataType::Bool,
-    }) as i32
-}
-
-/// The `DType` of an ONNX `TensorProto.DataType` code, if it is one of them.
-pub fn dtype_of_onnx(elem: i32) -> Option<DType> {
-    DType::ALL.into_iter().find(|&d| onnx_elem_type(d) == elem)
-}
-
 /// One axis of a declared graph input or output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dim {
@@ -702,7 +684,7 @@ fn value_info(name: &str, dtype: DType, shape: &[Dim]) -> ValueInfoProto {
         r#type: Some(TypeProto {
             denotation: String::new(),
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: onnx_elem_type(dtype),
+                elem_type: dtype.onnx_code(),
                 shape: Some(TensorShapeProto { dim }),
             })),
         }),

@@ -171,10 +171,9 @@ pub fn pack(bundle: &Bundle, out: &Path) -> Result<(), BundleError> {
         path: out.to_path_buf(),
         source,
     };
-    let manifest = manifest_bytes(bundle).map_err(io_err)?;
     duet_fsio::write_atomic_with(out, |f| {
         let mut tar = tar::Builder::new(std::io::BufWriter::new(f));
-        append(&mut tar, MANIFEST_FILE, &manifest)?;
+        append(&mut tar, MANIFEST_FILE, bundle.manifest_text.as_bytes())?;
         for name in bundle.manifest().files.keys() {
             let bytes = bundle
                 .file_bytes(name)
@@ -184,12 +183,6 @@ pub fn pack(bundle: &Bundle, out: &Path) -> Result<(), BundleError> {
         tar.into_inner()?.flush()
     })
     .map_err(io_err)
-}
-
-/// The manifest as the bundle holds it: re-read from the directory or the archive it came from
-/// would be a second read, so the bytes kept at open are used.
-fn manifest_bytes(bundle: &Bundle) -> std::io::Result<Vec<u8>> {
-    Ok(bundle.manifest_text.as_bytes().to_vec())
 }
 
 fn append<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8]) -> std::io::Result<()> {

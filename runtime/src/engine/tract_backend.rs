@@ -71,21 +71,12 @@ fn datum_type(dt: DType) -> DatumType {
 /// (what onnxruntime reports too). Read from the declaration rather than tract's facts: tract
 /// leaves output facts open until it analyses the graph.
 fn declared_io(info: &tract_onnx::pb::ValueInfoProto) -> IoInfo {
-    use tract_onnx::pb::{tensor_proto::DataType as T, tensor_shape_proto::dimension::Value as V};
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as V;
     let tensor = match info.r#type.as_ref().and_then(|t| t.value.as_ref()) {
         Some(tract_onnx::pb::type_proto::Value::TensorType(t)) => Some(t),
         _ => None,
     };
-    let dtype = tensor.and_then(|t| match T::try_from(t.elem_type).ok()? {
-        T::Float => Some(DType::F32),
-        T::Float16 => Some(DType::F16),
-        T::Int64 => Some(DType::I64),
-        T::Int32 => Some(DType::I32),
-        T::Int8 => Some(DType::I8),
-        T::Uint8 => Some(DType::U8),
-        T::Bool => Some(DType::Bool),
-        _ => None,
-    });
+    let dtype = tensor.and_then(|t| DType::from_onnx_code(t.elem_type));
     let dims = tensor.and_then(|t| t.shape.as_ref()).map(|shape| {
         shape
             .dim
