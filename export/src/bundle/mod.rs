@@ -99,6 +99,10 @@ pub fn export_run(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
         move |source| ExportError::Io { path, source }
     };
     refuse_non_bundle_file(&opts.out)?;
+    // As for a directory bundle, the folder it goes in is made on the way.
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
     let staging = duet_fsio::temp_dir_beside(&opts.out).map_err(io(&opts.out))?;
     let staged = ExportOptions {
         out: staging.path().join("bundle"),
