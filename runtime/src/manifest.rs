@@ -66,16 +66,21 @@ impl Manifest {
 
 /// Model dimensions: the one spec type Burn's modules are built from and the exporter writes
 /// (`duet-spec` has no Burn dependency, so the runtime stays free of Burn).
-pub use duet_spec::{ModelSpec, Preset, SpecError};
+pub use duet_spec::{ImageFit, ModelSpec, Preset, SpecError};
 
-/// What the vision encoder expects: a `size × size` RGB image, scaled to `[0, 1]` by `x / 255`
-/// and then normalised per channel as `(x - mean) / std`.
+/// What the vision encoder expects: a `size × size` RGB image (an image of another size or
+/// shape made so by `fit`, as in training), scaled to `[0, 1]` by `x / 255` and then
+/// normalised per channel as `(x - mean) / std`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageSpec {
     pub size: usize,
     pub channels: usize,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// A copy of `model.image_fit` (checked equal at load) beside the rest of the recipe, so
+    /// a reader of the manifest sees how to prepare an image in one place.
+    #[serde(default)]
+    pub fit: ImageFit,
 }
 
 /// Tokenizer file (Hugging Face `tokenizers` JSON) and its fixed special ids.
@@ -89,6 +94,11 @@ pub struct TokenizerSpec {
     pub unk_id: u32,
     /// Maximum caption length in tokens, BOS and EOS included.
     pub max_len: usize,
+    /// Where the vocabulary came from: "trained on the run's captions", or "reused from PATH
+    /// (sha256 …)" when a fine-tune or `--tokenizer` kept another model's. Absent in bundles
+    /// exported before it was recorded, or when the run's caption stage cannot be found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// What a sampler needs to drive the bundle's denoiser: the exact schedule constants it was

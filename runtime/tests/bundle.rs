@@ -246,6 +246,10 @@ fn io_contract_violations_name_graph_and_field() {
             "graphs[caption_decoder].outputs[present_key_0].shape",
         ),
         (Box::new(|m| m.image.size = 16), "image.size"),
+        (
+            Box::new(|m| m.image.fit = duet_runtime::manifest::ImageFit::Crop),
+            "image.fit",
+        ),
         (Box::new(|m| m.tokenizer.eos_id = 999), "tokenizer.eos_id"),
     ];
     for (mutate, want_field) in cases {

@@ -1,6 +1,6 @@
 //! Image loading and normalisation.
 
-use duet_runtime::manifest::ImageSpec;
+use duet_runtime::manifest::{ImageFit, ImageSpec};
 use duet_runtime::preprocess::{load_image, resize_for, to_pixels, ImageError};
 use image::{Rgb, RgbImage};
 
@@ -10,6 +10,7 @@ fn spec(size: usize) -> ImageSpec {
         channels: 3,
         mean: [0.5; 3],
         std: [0.5; 3],
+        fit: ImageFit::Stretch,
     }
 }
 
@@ -73,4 +74,24 @@ fn wrong_size_is_refused_and_resize_fixes_it() {
     );
     let same = resize_for(&resized, &spec(8));
     assert_eq!(same, resized);
+}
+
+#[test]
+fn resize_follows_the_bundles_fit() {
+    // A wide red image: stretched it fills the square; padded it leaves grey bands above and
+    // below, as the training images of a `pad` run had.
+    let wide = RgbImage::from_pixel(40, 10, Rgb([200, 0, 0]));
+    let stretched = resize_for(&wide, &spec(8));
+    assert_eq!(stretched.get_pixel(4, 0).0, [200, 0, 0]);
+    let padded = resize_for(
+        &wide,
+        &ImageSpec {
+            fit: ImageFit::Pad,
+            ..spec(8)
+        },
+    );
+    assert_eq!(padded.dimensions(), (8, 8));
+    assert_eq!(padded.get_pixel(4, 0).0, [duet_spec::PAD_GREY; 3]);
+    assert_eq!(padded.get_pixel(4, 4).0, [200, 0, 0]);
+    assert_eq!(padded, duet_spec::fit_image(&wide, 8, ImageFit::Pad));
 }

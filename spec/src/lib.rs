@@ -6,6 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod pixels;
+pub use pixels::{fit_image, ImageFit, PAD_GREY};
+
 /// Size presets: `tiny` for tests and CI, `small` for the shipped bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -88,6 +91,11 @@ pub struct ModelSpec {
     /// written before it existed).
     #[serde(default)]
     pub denoiser_mlp_ratio: Option<usize>,
+    /// How an image of another size or shape becomes `image_size` square, in training and at
+    /// inference alike ([`fit_image`]). `stretch` in configs written before it existed (what
+    /// they did).
+    #[serde(default)]
+    pub image_fit: ImageFit,
 }
 
 fn default_text_layers() -> usize {
@@ -137,6 +145,7 @@ impl ModelSpec {
             denoiser_long_skips: false,
             denoiser_conv_head: None,
             denoiser_mlp_ratio: None,
+            image_fit: ImageFit::default(),
         }
     }
 

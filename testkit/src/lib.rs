@@ -705,6 +705,7 @@ pub fn write_bundle(dir: &Path, spec: &ModelSpec, files: &[(&str, Vec<u8>)]) -> 
             channels: 3,
             mean: [0.5; 3],
             std: [0.5; 3],
+            fit: spec.image_fit,
         },
         tokenizer: TokenizerSpec {
             file: "tokenizer.json".into(),
@@ -713,6 +714,7 @@ pub fn write_bundle(dir: &Path, spec: &ModelSpec, files: &[(&str, Vec<u8>)]) -> 
             eos_id: 2,
             unk_id: 3,
             max_len: spec.max_len,
+            origin: None,
         },
         graphs: contract_graphs(spec),
         files: hashes,

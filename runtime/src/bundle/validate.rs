@@ -141,6 +141,12 @@ pub(super) fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
             format!("{} but model.image_size is {}", m.image.size, s.image_size),
         ));
     }
+    if m.image.fit != s.image_fit {
+        return Err(bad(
+            "image.fit",
+            format!("{} but model.image_fit is {}", m.image.fit, s.image_fit),
+        ));
+    }
     if m.image.channels != s.channels {
         return Err(bad(
             "image.channels",
