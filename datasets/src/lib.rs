@@ -3,6 +3,7 @@
 //! pair tasks of the fusion and restore stages, and the pixel layout every model reads. The
 //! trainer learns from it and the exporter draws its parity inputs from it.
 
+pub mod captioned;
 pub mod emoji;
 pub mod folders;
 pub mod pair_tasks;

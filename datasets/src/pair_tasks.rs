@@ -15,6 +15,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+mod folder;
+pub use folder::{LabelledFolder, PairData, PairExamples, MAX_CLASSES};
+
 use crate::shapeworld::{objects_caption, render, Colour, Object, Position, Scene, Shape, Size};
 
 /// Probability that the corrupted attribute of a view is wrong.

@@ -51,6 +51,9 @@ enum Convert {
     Pack { dir: PathBuf, file: PathBuf },
     /// `.duet` file → a new bundle directory.
     Unpack { file: PathBuf, dir: PathBuf },
+    /// Bundle (directory or `.duet`) → a new caption run holding its captioner, tokenizer and
+    /// dimensions, to fine-tune with `duet-train fit --stage caption --init-from RUN`.
+    Import { bundle: PathBuf, run: PathBuf },
 }
 
 fn convert(c: &Convert) -> anyhow::Result<()> {
@@ -69,6 +72,17 @@ fn convert(c: &Convert) -> anyhow::Result<()> {
             archive::unpack(&bundle, dir)
                 .with_context(|| format!("unpacking {} into {}", file.display(), dir.display()))?;
             println!("bundle unpacked into {}", dir.display());
+        }
+        Convert::Import { bundle, run } => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let report = duet_export::import::import_captioner(bundle, run, &command)?;
+            println!(
+                "captioner of {} imported into {}: {} parameters, {} values",
+                bundle.display(),
+                report.run.display(),
+                report.parameters,
+                report.values
+            );
         }
     }
     Ok(())

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use duet_datasets::pair_tasks::PairTask;
+use duet_datasets::pair_tasks::PairData;
 use duet_diffusion::Prediction;
 use duet_models::{ModelSpec, Preset, RestoreConfig};
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,36 @@ pub struct CaptionTrainConfig {
     pub device: String,
     /// The exact command line that started the run.
     pub command: String,
+    /// Where the weights training started from (`--init-from`: a run carrying a captioner);
+    /// `None`: from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// Where `tokenizer.json` came from.
+    #[serde(default)]
+    pub tokenizer: TokenizerOrigin,
+}
+
+/// Where a caption run's tokenizer came from: trained on its captions, or reused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "from")]
+pub enum TokenizerOrigin {
+    /// Trained on the run's training captions (runs made before this was written).
+    #[default]
+    Trained,
+    /// Reused unchanged from another run's or bundle's `tokenizer.json` (`--tokenizer`, or
+    /// the `--init-from` run's): its sha256, so the manifest can say which.
+    Reused { path: PathBuf, sha256: String },
+}
+
+impl std::fmt::Display for TokenizerOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenizerOrigin::Trained => f.write_str("trained on the run's captions"),
+            TokenizerOrigin::Reused { path, sha256 } => {
+                write!(f, "reused from {} (sha256 {sha256})", path.display())
+            }
+        }
+    }
 }
 
 impl CaptionTrainConfig {
@@ -246,12 +276,14 @@ pub struct PairTrainConfig {
     pub preset: Preset,
     pub model: ModelSpec,
     pub restore: RestoreConfig,
-    pub task: PairTask,
+    /// A ShapeWorld task (its name) or a user's labelled folder (its path and classes).
+    pub task: PairData,
     /// The generate run (fusion) or fusion run (restore) this run starts from.
     pub init: PathBuf,
-    /// Training examples, drawn from `data_seed`; the held-out test set is drawn from
-    /// `data_seed + 1` (fresh draws: the scene space is small, so many test images and texts
-    /// also occur in training — the hidden view is what is new).
+    /// Training examples of a task, drawn from `data_seed`; the held-out test set is drawn
+    /// from `data_seed + 1` (fresh draws: the scene space is small, so many test images and
+    /// texts also occur in training — the hidden view is what is new). A folder's counts are
+    /// its train and held-out (val + test) pairs.
     pub train_examples: usize,
     pub test_examples: usize,
     pub data_seed: u64,

@@ -209,7 +209,9 @@ fn the_command_writes_a_slice_that_loads_back() {
 #[test]
 fn an_emoji_split_trains_beside_shapeworld() {
     use duet_datasets::emoji::write_emoji_dataset;
-    use duet_datasets::folders::{folder_kind, load_folders, FolderKind, FoldersError};
+    use duet_datasets::folders::{
+        default_image_side, folder_kind, load_folders, FolderKind, FoldersError, ImageTarget,
+    };
     use duet_datasets::shapeworld::{write_dataset, SceneConfig};
 
     let tmp = tempfile::tempdir().unwrap();
@@ -238,7 +240,13 @@ fn an_emoji_split_trains_beside_shapeworld() {
     assert!(err.to_string().contains("train"), "{err}");
 
     let expected = load_emoji_split(&train).unwrap();
-    let mixed = load_folders(&[shapes.clone(), train.clone()]).unwrap();
+    let t32 = ImageTarget {
+        side: 32,
+        fit: duet_models::ImageFit::Stretch,
+        max_len: 48,
+        tokenizer: None,
+    };
+    let mixed = load_folders(&[shapes.clone(), train.clone()], &t32).unwrap();
     assert_eq!(mixed.len(), 6 + expected.len());
     // ShapeWorld first, with its scenes; then the emoji, captioned by name, without scenes.
     assert!(mixed[..6].iter().all(|s| !s.objects.is_empty()));
@@ -256,7 +264,8 @@ fn an_emoji_split_trains_beside_shapeworld() {
         ..EmojiOptions::default()
     };
     write_emoji_dataset(&source(), &big, &opts, "test").unwrap();
-    let err = load_folders(&[shapes, big.join("train")]).unwrap_err();
+    assert_eq!(default_image_side(&[big.join("train")], 32).unwrap(), 64);
+    let err = load_folders(&[shapes, big.join("train")], &t32).unwrap_err();
     assert!(
         matches!(
             err,
@@ -308,6 +317,10 @@ fn held_out_emoji_are_scored_by_name_and_by_retrieval() {
             lr: None,
             seed: 1,
             resume: false,
+            image_size: None,
+            image_fit: None,
+            tokenizer: None,
+            init_from: None,
             device: "cpu".into(),
             command: "test".into(),
             quiet: true,

@@ -21,6 +21,10 @@ fn args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitArgs {
         lr: None,
         seed: 7,
         resume,
+        image_size: None,
+        image_fit: None,
+        tokenizer: None,
+        init_from: None,
         device: "cpu".into(),
         command: "test".into(),
         quiet: true,
@@ -136,9 +140,9 @@ fn fit_flags_the_stage_does_not_read_are_errors() {
         ),
         (
             &[
-                "--stage", "fusion", "--init", "r", "--data", "d", "--resume",
+                "--stage", "restore", "--init", "r", "--data", "d", "--resume",
             ],
-            "--stage fusion does not use --data, --resume",
+            "--stage restore does not use --data, --resume",
         ),
         (
             &[

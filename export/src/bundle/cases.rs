@@ -2,7 +2,7 @@
 //! the exported ONNX, with the Burn outputs they must match.
 
 use duet_datasets::image_to_chw;
-use duet_datasets::pair_tasks::PairTask;
+use duet_datasets::pair_tasks::{PairData, PairTask};
 use duet_datasets::shapeworld::{caption, generate_scene, render, SceneConfig};
 use duet_datasets::tokenizer::encode_caption;
 use duet_models::params::named_tensors;
@@ -36,7 +36,12 @@ pub(super) fn restore_parity_inputs(
         graph: Graph::FusionHead.name().to_owned(),
         reason: format!("embedding the parity examples: {e:#}"),
     };
-    let task: PairTask = r.config.task;
+    // A folder run's parity inputs are still seeded ShapeWorld pairs: parity needs realistic
+    // embeddings, not the user's data (which need not be on the exporting machine).
+    let task = match &r.config.task {
+        PairData::Task(t) => *t,
+        PairData::Folder(_) => PairTask::ColourColumn,
+    };
     let examples = task.examples(6, PARITY_SEED, src.model.image_size as u32);
     let images: Vec<&image::RgbImage> = examples.iter().map(|e| &e.image).collect();
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();

@@ -294,6 +294,7 @@ fn export_dir(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
                 // The training normalisation `x / 255 * 2 - 1` (see `image_to_chw`).
                 mean: [0.5; 3],
                 std: [0.5; 3],
+                fit: cfg.image_fit,
             },
             tokenizer: TokenizerSpec {
                 file: TOKENIZER_BUNDLE_FILE.to_owned(),
@@ -302,6 +303,7 @@ fn export_dir(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
                 eos_id: EOS_ID,
                 unk_id: UNK_ID,
                 max_len: cfg.max_len,
+                origin: tokenizer_origin(&opts.run),
             },
             graphs,
             files,
@@ -434,6 +436,31 @@ fn provenance(opts: &ExportOptions) -> serde_json::Value {
         "parity": { "seed": PARITY_SEED, "backends": ["burn-ndarray", "ort-cpu", "tract"] },
         "exporter": format!("duet-export {}", env!("CARGO_PKG_VERSION")),
     })
+}
+
+/// Where the run's tokenizer came from, said by the caption run at the root of its `init`
+/// chain (later stages copy the captioner's tokenizer unchanged). `None` when a link of the
+/// chain cannot be read (e.g. a relative `init` from another working directory).
+fn tokenizer_origin(run: &Path) -> Option<String> {
+    let mut dir = run.to_path_buf();
+    // Bounded: a chain is at most a few stages long, and a loop must not hang the export.
+    for _ in 0..16 {
+        let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok()?;
+        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let stage = config
+            .get("stage")
+            .and_then(|s| s.as_str())
+            .unwrap_or("caption");
+        if stage == "caption" {
+            let origin: duet_run::TokenizerOrigin = match config.get("tokenizer") {
+                Some(v) => serde_json::from_value(v.clone()).ok()?,
+                None => duet_run::TokenizerOrigin::default(),
+            };
+            return Some(origin.to_string());
+        }
+        dir = PathBuf::from(config.get("init")?.as_str()?);
+    }
+    None
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> ExportError {

@@ -19,6 +19,7 @@ fn restore_bundle_classifies_with_a_missing_modality_on_ort_and_tract_like_burn(
         init: init.to_path_buf(),
         out: out.to_path_buf(),
         task: Some(PairTask::ColourColumn),
+        data: None,
         train_examples: Some(600),
         test_examples: Some(200),
         steps: Some(steps),

@@ -21,6 +21,7 @@ fn restore_stage_freezes_backbones_and_restores_closer_than_mean_fill() {
         init: init.to_path_buf(),
         out: out.to_path_buf(),
         task: Some(PairTask::ColourColumn),
+        data: None,
         train_examples: Some(2000),
         test_examples: Some(500),
         steps: Some(steps),
@@ -142,4 +143,168 @@ fn restore_stage_freezes_backbones_and_restores_closer_than_mean_fill() {
     let png = report.plot();
     assert_eq!(png.width(), 3 * 420);
     assert_eq!(png.height(), 2 * 330);
+}
+
+/// The fusion and restore stages on a user's labelled folder instead of a built-in task: the
+/// head learns the folder's own label names (sorted), the restore stage and the evaluation
+/// read the same folder back, the exported bundle names those classes and classifies held-out
+/// pairs on onnxruntime as well as the Burn head did; a folder without labels, or one whose
+/// labels changed since the fusion run, is refused before anything is written.
+#[test]
+fn fusion_and_restore_learn_a_labelled_folders_classes() {
+    use duet_datasets::captioned::{captions_jsonl, CaptionedRecord, Label, Split};
+    use duet_datasets::pair_tasks::{PairData, PairTask};
+    use duet_run::{PairTrainConfig, RestoreSettings};
+    use duet_runtime::Classifier;
+    use duet_train::eval::restore::{eval_restore, RestoreEvalOptions};
+    use duet_train::stages::restore::{fit_fusion, fit_restore, PairFitArgs};
+
+    let g = gen_fixture();
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("duet-e2e-restore-folder");
+    let _ = std::fs::remove_dir_all(&root);
+    // A user's folder: colour-column pairs (each view faulty on one attribute, so the label
+    // needs both) with the label written out as a name and a split of the user's own.
+    let task = PairTask::ColourColumn;
+    let examples = task.examples(1800, 77, 32);
+    let write_folder = |dir: &Path, label: &dyn Fn(usize) -> Option<Label>| {
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        let mut records = Vec::new();
+        for (i, ex) in examples.iter().enumerate() {
+            let name = format!("images/{i:04}.png");
+            ex.image.save(dir.join(&name)).unwrap();
+            records.push(CaptionedRecord {
+                image: name,
+                caption: ex.text.clone(),
+                label: label(i),
+                split: Some(if i < 1500 { Split::Train } else { Split::Val }),
+            });
+        }
+        std::fs::write(dir.join("captions.jsonl"), captions_jsonl(&records)).unwrap();
+    };
+    let folder = root.join("labelled");
+    write_folder(&folder, &|i| {
+        Some(Label::Name(task.class_name(examples[i].label)))
+    });
+    let args = |init: &Path, out: &Path, steps: usize, data: Option<&Path>| PairFitArgs {
+        init: init.to_path_buf(),
+        out: out.to_path_buf(),
+        task: None,
+        data: data.map(Path::to_path_buf),
+        train_examples: None,
+        test_examples: None,
+        steps: Some(steps),
+        batch_size: None,
+        lr: None,
+        seed: 0,
+        settings: Some(RestoreSettings {
+            token_steps: 20,
+            ..RestoreSettings::default()
+        }),
+        device: "cpu".into(),
+        command: "e2e restore folder".into(),
+        quiet: true,
+    };
+    let cpu = Default::default();
+
+    // Every pair needs a label: one without is named, and no run directory appears.
+    let unlabelled = root.join("unlabelled");
+    write_folder(&unlabelled, &|i| {
+        (i != 7).then(|| Label::Name(task.class_name(examples[i].label)))
+    });
+    let refused = root.join("refused");
+    let err = fit_fusion::<duet_train::backend::CpuBackend>(
+        &args(&g.run, &refused, 10, Some(&unlabelled)),
+        &cpu,
+    )
+    .expect_err("a folder with an unlabelled pair");
+    assert!(
+        format!("{err:#}").contains("line 8 has no \"label\" (1 pair(s)"),
+        "{err:#}"
+    );
+    assert!(!refused.exists());
+
+    let fusion = root.join("fusion");
+    let outcome = fit_fusion::<duet_train::backend::CpuBackend>(
+        &args(&g.run, &fusion, 600, Some(&folder)),
+        &cpu,
+    )
+    .expect("fusion on a folder");
+    eprintln!("fusion on a folder: {outcome:?}");
+    assert!(outcome.complete_accuracy > 0.7, "{outcome:?}");
+    let cfg: PairTrainConfig =
+        serde_json::from_str(&std::fs::read_to_string(fusion.join("config.json")).unwrap())
+            .unwrap();
+    let PairData::Folder(recorded) = &cfg.task else {
+        panic!("{:?}", cfg.task)
+    };
+    let mut names: Vec<String> = (0..task.classes()).map(|c| task.class_name(c)).collect();
+    names.sort();
+    assert_eq!(recorded.classes, names);
+    assert_eq!((cfg.train_examples, cfg.test_examples), (1500, 300));
+    assert_eq!(cfg.restore.classes, 24);
+
+    let restore = root.join("restore");
+    fit_restore::<duet_train::backend::CpuBackend>(&args(&fusion, &restore, 60, None), &cpu)
+        .expect("restore on the fusion run's folder");
+    let report = eval_restore::<Cpu>(
+        &restore,
+        &RestoreEvalOptions {
+            seed: 0,
+            limit: None,
+        },
+        &cpu,
+    )
+    .expect("eval restore on a folder");
+    assert_eq!(report.task, "folder labelled");
+    assert_eq!(report.test_examples, 300);
+    assert_eq!(report.image_only_ceiling, None);
+
+    let bundle_dir = root.join("bundle");
+    let exported = export_run(&ExportOptions {
+        engine: engine_options(),
+        command: "e2e restore folder export".into(),
+        ..ExportOptions::new(&restore, &bundle_dir)
+    })
+    .expect("export a folder restore run");
+    let spec = exported.manifest.restore.clone().expect("restore section");
+    assert_eq!(spec.task, "folder labelled");
+    assert_eq!(spec.classes, names);
+    let bundle = Bundle::open(&bundle_dir).unwrap();
+    let ort = Classifier::new(
+        &bundle,
+        ProviderChoice::Only(Provider::OrtCpu),
+        &engine_options(),
+    )
+    .unwrap();
+    let held_out = &examples[1500..];
+    let right = held_out
+        .iter()
+        .filter(|ex| {
+            let c = ort.classify(Some(&ex.image), Some(&ex.text), 0).unwrap();
+            c.label == task.class_name(ex.label)
+        })
+        .count();
+    let runtime_accuracy = right as f64 / held_out.len() as f64;
+    assert!(
+        (runtime_accuracy - outcome.complete_accuracy).abs() < 0.02,
+        "runtime {runtime_accuracy} vs Burn {}",
+        outcome.complete_accuracy
+    );
+
+    // The folder changed under the fusion run: a label it never saw is refused by name.
+    write_folder(&folder, &|i| {
+        Some(Label::Name(if i == 3 {
+            "violet, left".to_owned()
+        } else {
+            task.class_name(examples[i].label)
+        }))
+    });
+    let again = root.join("restore-again");
+    let err = fit_restore::<duet_train::backend::CpuBackend>(&args(&fusion, &again, 5, None), &cpu)
+        .expect_err("a changed folder");
+    assert!(
+        format!("{err:#}").contains("label \"violet, left\" is not one of the run's 24 classes"),
+        "{err:#}"
+    );
+    assert!(!again.exists());
 }

@@ -25,7 +25,7 @@ use image::RgbImage;
 use serde::Serialize;
 
 use crate::stages::caption::{caption_samples, prepare};
-use duet_datasets::folders::{folder_kind, load_folder, FolderKind};
+use duet_datasets::folders::{folder_kind, load_generated, FolderKind};
 use duet_datasets::shapeworld::Sample;
 use duet_datasets::tokenizer::{encode_caption, PAD_ID};
 use duet_run::load_run;
@@ -145,7 +145,7 @@ fn load_emoji_samples(data: &Path, limit: Option<usize>) -> anyhow::Result<Vec<S
     if folder_kind(data)? != FolderKind::EmojiSplit {
         anyhow::bail!("{}: not an Emoji-CLDR split", data.display());
     }
-    let mut samples = load_folder(data)?;
+    let mut samples = load_generated(data, FolderKind::EmojiSplit)?;
     if let Some(n) = limit {
         samples.truncate(n);
     }

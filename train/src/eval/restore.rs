@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::plot::{LineChart, Series};
 use crate::stages::restore::{ddim_restore, extract_features, to_vec, PairFeatures};
+use duet_datasets::folders::ImageTarget;
 use duet_diffusion::NoiseSchedule;
 use duet_run::{load_restore, LoadedRestore, VARIANTS};
 
@@ -77,8 +78,10 @@ pub struct RestoreReport {
     pub settings: Vec<SettingReport>,
     pub closeness: Vec<Closeness>,
     /// Accuracy of the best possible classifier that sees only the image / only the text.
-    pub image_only_ceiling: f64,
-    pub text_only_ceiling: f64,
+    /// The best accuracy of one view alone, known for the built-in tasks (`None` for a
+    /// user's folder).
+    pub image_only_ceiling: Option<f64>,
+    pub text_only_ceiling: Option<f64>,
 }
 
 impl RestoreReport {
@@ -125,10 +128,15 @@ impl RestoreReport {
 
 impl fmt::Display for RestoreReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ceiling =
+            |c: Option<f64>| c.map_or_else(|| "unknown".to_owned(), |c| format!("{c:.3}"));
         writeln!(
             f,
-            "task {} ({} held-out examples); single-modality ceilings: image {:.3}, text {:.3}",
-            self.task, self.test_examples, self.image_only_ceiling, self.text_only_ceiling
+            "task {} ({} held-out examples); single-modality ceilings: image {}, text {}",
+            self.task,
+            self.test_examples,
+            ceiling(self.image_only_ceiling),
+            ceiling(self.text_only_ceiling)
         )?;
         for s in &self.settings {
             writeln!(
@@ -323,11 +331,17 @@ pub fn eval_restore<B: Backend>(
     if n == 0 {
         anyhow::bail!("--limit 0 leaves no held-out example to score");
     }
-    let examples = cfg.task.examples(
-        cfg.test_examples,
-        cfg.data_seed.wrapping_add(1),
-        cfg.model.image_size as u32,
-    );
+    let target = ImageTarget::of(&cfg.model, Some(&loaded.backbones.tokenizer));
+    let examples = cfg
+        .task
+        .examples(
+            cfg.train_examples,
+            cfg.test_examples,
+            cfg.data_seed,
+            &target,
+        )?
+        .test;
+    let n = n.min(examples.len());
     let test = extract_features(&loaded.backbones, &examples[..n], device)?;
     let e = test.dim;
     let models = &loaded.models;

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use anyhow::Context;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
@@ -13,13 +14,14 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use duet_models::params::{named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
-use duet_models::{CaptionModel, ModelSpec, Preset};
+use duet_models::{CaptionModel, ImageFit, ModelSpec, Preset};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use sha2::Digest;
 use tokenizers::Tokenizer;
 
-use duet_datasets::folders::{folders_display, load_folders};
+use duet_datasets::folders::{default_image_side, load_folders, ImageTarget};
 use duet_datasets::image_to_chw;
 use duet_datasets::shapeworld::Sample;
 use duet_datasets::tokenizer::{
@@ -30,7 +32,8 @@ use duet_run::checkpoint::{
     read_json, save_weights, write_json, TrainState, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE,
 };
 use duet_run::{
-    CaptionTrainConfig, LoadedRun, CONFIG_FILE, METRICS_FILE, MODEL_RECORD_FILE, TOKENIZER_FILE,
+    CaptionTrainConfig, LoadedRun, TokenizerOrigin, CONFIG_FILE, METRICS_FILE, MODEL_RECORD_FILE,
+    TOKENIZER_FILE,
 };
 
 type Rec = BinBytesRecorder<FullPrecisionSettings>;
@@ -149,10 +152,27 @@ pub struct FitArgs {
     pub lr: Option<f64>,
     pub seed: u64,
     pub resume: bool,
+    /// Side of the model's square images (fresh runs; default: that of the first generated
+    /// dataset in `data`, else [`DEFAULT_IMAGE_SIDE`]).
+    pub image_size: Option<usize>,
+    /// How images of other sizes or shapes are fitted (fresh runs; default
+    /// [`DEFAULT_IMAGE_FIT`]).
+    pub image_fit: Option<ImageFit>,
+    /// A `tokenizer.json` to reuse (or a run or bundle folder holding one) instead of training
+    /// one on the captions.
+    pub tokenizer: Option<PathBuf>,
+    /// Fine-tune: start from the captioner of this run (its weights, dimensions and
+    /// tokenizer) instead of from scratch.
+    pub init_from: Option<PathBuf>,
     pub device: String,
     pub command: String,
     pub quiet: bool,
 }
+
+/// Image side of a fresh run whose data has no generated dataset to take it from.
+pub const DEFAULT_IMAGE_SIDE: usize = 32;
+/// How a fresh run fits images of other shapes: padding keeps all of a photo.
+pub const DEFAULT_IMAGE_FIT: ImageFit = ImageFit::Pad;
 
 /// Summary of a finished (or resumed-and-finished) run.
 #[derive(Debug, Clone)]
@@ -164,20 +184,18 @@ pub struct FitOutcome {
 
 pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Result<FitOutcome> {
     let run = &args.out;
-    std::fs::create_dir_all(run)?;
     let config_path = run.join(CONFIG_FILE);
-    let samples = load_folders(&args.data)?;
-    let image_size = samples[0].image.width() as usize;
 
-    let (cfg, tokenizer, mut state) = if args.resume && config_path.exists() {
+    let (cfg, tokenizer, samples, mut state) = if args.resume && config_path.exists() {
         let mut cfg: CaptionTrainConfig = read_json(&config_path)?;
         if let Some(s) = args.steps {
             cfg.steps = s;
         }
         let tok = load_tokenizer(&run.join(TOKENIZER_FILE))?;
+        let samples = load_folders(&args.data, &ImageTarget::of(&cfg.model, Some(&tok)))?;
         let state: TrainState = read_json(&run.join(STATE_FILE))?;
         tracing::info!(step = state.step, "resuming from {}", run.display());
-        (cfg, tok, Some(state))
+        (cfg, tok, samples, Some(state))
     } else {
         if args.resume {
             tracing::warn!(
@@ -185,15 +203,14 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
                 run.display()
             );
         }
-        let captions: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
-        let tok = train_tokenizer(&captions)?;
-        save_tokenizer(&tok, &run.join(TOKENIZER_FILE))?;
-        let (steps, batch, lr) = CaptionTrainConfig::for_preset(args.preset);
-        let model = ModelSpec::preset(args.preset, tok.get_vocab_size(true), image_size);
+        let fresh = fresh_start(args)?;
+        let (steps, batch, lr) = CaptionTrainConfig::for_preset(fresh.preset);
         let cfg = CaptionTrainConfig {
             stage: duet_run::Stage::Caption,
-            preset: args.preset,
-            model,
+            preset: fresh.preset,
+            model: fresh.model,
+            init_from: args.init_from.clone(),
+            tokenizer: fresh.origin,
             data: args.data.clone(),
             steps: args.steps.unwrap_or(steps),
             batch_size: args.batch_size.unwrap_or(batch),
@@ -207,23 +224,29 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
             device: args.device.clone(),
             command: args.command.clone(),
         };
+        save_tokenizer(&fresh.tokenizer, &run.join(TOKENIZER_FILE))?;
         // A fresh run starts a fresh metrics log.
         let _ = std::fs::remove_file(run.join(METRICS_FILE));
-        (cfg, tok, None)
+        (cfg, fresh.tokenizer, fresh.samples, None)
     };
     cfg.model.validate().map_err(anyhow::Error::msg)?;
-    if cfg.model.image_size != image_size {
-        anyhow::bail!(
-            "{}: images are {image_size}px but the run was configured for {}px",
-            folders_display(&args.data),
-            cfg.model.image_size
-        );
-    }
+    // Made only now, so a refused folder leaves no empty run behind.
+    std::fs::create_dir_all(run)?;
     write_json(&config_path, &cfg)?;
 
     B::seed(device, cfg.seed);
-    let data = prepare(&samples, &tokenizer, image_size, cfg.model.max_len)?;
+    let data = prepare(
+        &samples,
+        &tokenizer,
+        cfg.model.image_size,
+        cfg.model.max_len,
+    )?;
     let mut model = CaptionModel::<B>::new(&cfg.model, device);
+    if let Some(from) = &cfg.init_from {
+        // Fine-tuning: the optimizer starts fresh, the weights from the source's captioner.
+        model = duet_run::load_captioner::<B>(from, &cfg.model, device)?;
+        tracing::info!("starting from the captioner of {}", from.display());
+    }
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)
         .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(
@@ -296,6 +319,139 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         final_loss: last_loss,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// What a fresh caption run starts from: its model, tokenizer and data.
+struct FreshStart {
+    preset: Preset,
+    model: ModelSpec,
+    tokenizer: Tokenizer,
+    origin: TokenizerOrigin,
+    samples: Vec<Sample>,
+}
+
+/// The dimensions, tokenizer and fitted samples of a fresh run: those of the `--init-from`
+/// run when fine-tuning (its tokenizer reused, so its embeddings keep their meaning), else
+/// the preset's at the asked side with a tokenizer reused (`--tokenizer`) or trained on the
+/// training captions.
+fn fresh_start(args: &FitArgs) -> anyhow::Result<FreshStart> {
+    if let Some(from) = &args.init_from {
+        if args.image_size.is_some() || args.image_fit.is_some() || args.tokenizer.is_some() {
+            anyhow::bail!(
+                "--init-from {} fixes the image size, the image fit and the tokenizer (those \
+                 of its model); drop --image-size, --image-fit and --tokenizer",
+                from.display()
+            );
+        }
+        let source: RunModel = read_json(&from.join(CONFIG_FILE)).with_context(|| {
+            format!("--init-from {}: not a run with a captioner", from.display())
+        })?;
+        let (tokenizer, origin) = reuse_tokenizer(from)?;
+        let samples = load_folders(
+            &args.data,
+            &ImageTarget::of(&source.model, Some(&tokenizer)),
+        )?;
+        report_unknown_words(&samples, &tokenizer, from);
+        return Ok(FreshStart {
+            preset: source.preset,
+            model: source.model,
+            tokenizer,
+            origin,
+            samples,
+        });
+    }
+    let side = match args.image_size {
+        Some(side) => side,
+        None => default_image_side(&args.data, DEFAULT_IMAGE_SIDE as u32)? as usize,
+    };
+    let fit = args.image_fit.unwrap_or(DEFAULT_IMAGE_FIT);
+    // The spec's vocabulary is known only once the tokenizer is: a placeholder until then.
+    let mut model = ModelSpec {
+        image_fit: fit,
+        ..ModelSpec::preset(args.preset, 0, side)
+    };
+    let (tokenizer, origin, samples) = match &args.tokenizer {
+        Some(path) => {
+            let (tokenizer, origin) = reuse_tokenizer(path)?;
+            let samples = load_folders(&args.data, &ImageTarget::of(&model, Some(&tokenizer)))?;
+            report_unknown_words(&samples, &tokenizer, path);
+            (tokenizer, origin, samples)
+        }
+        None => {
+            let samples = load_folders(&args.data, &ImageTarget::of(&model, None))?;
+            let captions: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
+            (
+                train_tokenizer(&captions)?,
+                TokenizerOrigin::Trained,
+                samples,
+            )
+        }
+    };
+    model.vocab_size = tokenizer.get_vocab_size(true);
+    Ok(FreshStart {
+        preset: args.preset,
+        model,
+        tokenizer,
+        origin,
+        samples,
+    })
+}
+
+/// The two fields every stage's `config.json` has that a fine-tune needs.
+#[derive(serde::Deserialize)]
+struct RunModel {
+    preset: Preset,
+    model: ModelSpec,
+}
+
+/// `tokenizer.json` at `path`, or inside `path` when it is a run or bundle folder, checked,
+/// with where it came from.
+fn reuse_tokenizer(path: &Path) -> anyhow::Result<(Tokenizer, TokenizerOrigin)> {
+    let file = if path.is_dir() {
+        path.join(TOKENIZER_FILE)
+    } else {
+        path.to_path_buf()
+    };
+    let bytes = duet_fsio::read_capped(
+        &file,
+        duet_fsio::Cap::new(64 << 20, "a tokenizer.json"),
+        duet_fsio::Follow::Yes,
+    )?;
+    let tokenizer = load_tokenizer(&file)?;
+    let sha256 = format!("{:x}", sha2::Sha256::digest(&bytes));
+    tracing::info!("reusing the tokenizer {} ({sha256})", file.display());
+    Ok((tokenizer, TokenizerOrigin::Reused { path: file, sha256 }))
+}
+
+/// Logs the training captions' words a reused tokenizer lacks: they become `[UNK]`.
+fn report_unknown_words(samples: &[Sample], tokenizer: &Tokenizer, from: &Path) {
+    let mut unknown = std::collections::BTreeMap::<String, usize>::new();
+    for s in samples {
+        if let Ok(enc) = tokenizer.encode(s.caption.as_str(), false) {
+            for (id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+                if *id == duet_models::tokens::UNK_ID {
+                    // The token is `[UNK]`; the offsets give back the word that became it.
+                    let word = s.caption.get(start..end).unwrap_or("?").to_lowercase();
+                    *unknown.entry(word).or_default() += 1;
+                }
+            }
+        }
+    }
+    if !unknown.is_empty() {
+        let mut by_count: Vec<_> = unknown.iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let shown: Vec<String> = by_count
+            .iter()
+            .take(10)
+            .map(|(w, n)| format!("{w} ({n})"))
+            .collect();
+        tracing::warn!(
+            "{} distinct caption words are not in the tokenizer of {} and train as [UNK]: {}",
+            unknown.len(),
+            from.display(),
+            shown.join(", ")
+        );
+    }
 }
 
 /// Writes a resumable checkpoint: `model.safetensors` (the trained module's parameters — or

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use duet_datasets::pair_tasks::PairTask;
-use duet_models::Preset;
+use duet_models::{ImageFit, Preset};
 use duet_run::Stage;
 use duet_train::backend::DeviceKind;
 use duet_train::cpu;
@@ -25,9 +25,10 @@ pub struct FitCommand {
     /// `--stage caption`: model size (default tiny); later stages take it from --init.
     #[arg(long)]
     pub preset: Option<Preset>,
-    /// Training data (caption, generate, unify; fusion and restore draw their own examples
-    /// of --task): a ShapeWorld folder or an Emoji-CLDR split (DIR/train); repeat the flag
-    /// to train on several, e.g. `--data data/train --data data/emoji/train`.
+    /// Training data: a folder of your own pairs (captions.jsonl), a ShapeWorld folder or an
+    /// Emoji-CLDR split (DIR/train); repeat the flag to train on several, e.g. `--data
+    /// data/train --data data/emoji/train`. `--stage fusion`: one captioned folder with a
+    /// label on every pair, instead of --task (restore reads the fusion run's).
     #[arg(long)]
     pub data: Vec<PathBuf>,
     #[arg(long)]
@@ -88,6 +89,23 @@ pub struct FitCommand {
     /// (smaller patches: more tokens, finer detail, slower).
     #[arg(long)]
     pub denoiser_patch: Option<usize>,
+    /// `--stage caption`: side of the model's square images (default: that of the first
+    /// generated dataset in --data, else 32). Later stages take it from --init.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// `--stage caption`: how images of other sizes or shapes become square: pad (keep all,
+    /// grey borders; the default), crop (centre square) or stretch. The bundle applies the
+    /// same at inference.
+    #[arg(long)]
+    pub image_fit: Option<ImageFit>,
+    /// `--stage caption`: reuse this tokenizer.json (or the one in a run or bundle folder)
+    /// instead of training one on the captions.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// `--stage caption`: fine-tune the captioner of this run (e.g. one made by
+    /// `duet-export import` from a bundle) on --data, keeping its dimensions and tokenizer.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
 }
 
 pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
@@ -114,6 +132,10 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
         denoiser_patch,
         captions,
         task,
+        image_size,
+        image_fit,
+        tokenizer,
+        init_from,
     } = cmd;
     check_fit_flags(
         stage,
@@ -133,6 +155,10 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
             ("--conv-head", conv_head.is_some()),
             ("--denoiser-layers", denoiser_layers.is_some()),
             ("--denoiser-patch", denoiser_patch.is_some()),
+            ("--image-size", image_size.is_some()),
+            ("--image-fit", image_fit.is_some()),
+            ("--tokenizer", tokenizer.is_some()),
+            ("--init-from", init_from.is_some()),
         ],
     )?;
     let preset = preset.unwrap_or(Preset::Tiny);
@@ -146,6 +172,14 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
     };
     match stage {
         Stage::Fusion | Stage::Restore => {
+            let data = match data.as_slice() {
+                [] => None,
+                [one] => Some(one.clone()),
+                _ => anyhow::bail!(
+                    "--stage fusion reads one labelled folder; --data given {} times",
+                    data.len()
+                ),
+            };
             let args = PairFitArgs {
                 init: init.with_context(|| {
                     format!(
@@ -159,6 +193,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 })?,
                 out: out.clone(),
                 task,
+                data,
                 train_examples: None,
                 test_examples: None,
                 steps,
@@ -276,6 +311,10 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 lr,
                 seed,
                 resume,
+                image_size,
+                image_fit,
+                tokenizer,
+                init_from,
                 device: kind.to_string(),
                 command: command_line,
                 quiet: false,
@@ -302,7 +341,15 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
 /// otherwise train from scratch without a word.
 fn stage_flags(stage: Stage) -> &'static [&'static str] {
     match stage {
-        Stage::Caption => &["--preset", "--data", "--resume"],
+        Stage::Caption => &[
+            "--preset",
+            "--data",
+            "--resume",
+            "--image-size",
+            "--image-fit",
+            "--tokenizer",
+            "--init-from",
+        ],
         Stage::Generate => &[
             "--data",
             "--resume",
@@ -322,7 +369,8 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--gen-lr",
             "--captions",
         ],
-        Stage::Fusion | Stage::Restore => &["--init", "--task"],
+        Stage::Fusion => &["--init", "--task", "--data"],
+        Stage::Restore => &["--init", "--task"],
     }
 }
 

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use duet_datasets::emoji::{write_emoji_dataset, ArtStyle, EmojiOptions, EmojiSource};
 use duet_datasets::shapeworld::{write_dataset, SceneConfig};
 
+mod data;
 mod eval;
 mod fit;
 
@@ -61,8 +62,11 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Dataset folders: `data check DIR` before training on your own pairs.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Train a stage.
-    Fit(fit::FitCommand),
+    Fit(Box<fit::FitCommand>),
     /// Evaluate a trained run on a dataset.
     Eval(eval::EvalCommand),
 }
@@ -134,7 +138,8 @@ fn main() -> anyhow::Result<()> {
                 summary.licence
             );
         }
-        Command::Fit(cmd) => fit::run(cmd, command_line)?,
+        Command::Data(cmd) => data::run(cmd)?,
+        Command::Fit(cmd) => fit::run(*cmd, command_line)?,
         Command::Eval(cmd) => eval::run(cmd, command_line)?,
     }
     Ok(())

@@ -15,6 +15,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use anyhow::Context;
+
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
@@ -29,7 +31,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::ema::Ema;
 use crate::stages::caption::{batch_indices, load_records, prepare, save_checkpoint};
-use duet_datasets::folders::{folders_display, load_folders};
+use duet_datasets::folders::{load_folders, ImageTarget};
 use duet_datasets::tokenizer::{load_tokenizer, save_tokenizer};
 use duet_run::checkpoint::{
     load_weights, read_json, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
@@ -124,8 +126,6 @@ pub fn fit_generate<B: AutodiffBackend>(
     let run = &args.out;
     std::fs::create_dir_all(run)?;
     let config_path = run.join(CONFIG_FILE);
-    let samples = load_folders(&args.data)?;
-
     let (cfg, mut state) = if args.resume && run.join(STATE_FILE).exists() {
         let mut cfg: GenerateTrainConfig = read_json(&config_path)?;
         if let Some(s) = args.steps {
@@ -197,17 +197,11 @@ pub fn fit_generate<B: AutodiffBackend>(
     if cfg.batch_size < 2 {
         anyhow::bail!("the contrastive loss needs --batch-size >= 2");
     }
-    let image_size = samples[0].image.width() as usize;
-    if cfg.model.image_size != image_size {
-        anyhow::bail!(
-            "{}: images are {image_size}px but the captioner in {} is {}px",
-            folders_display(&args.data),
-            cfg.init.display(),
-            cfg.model.image_size
-        );
-    }
-    // The captioner's tokenizer and weights, carried unchanged.
+    // The captioner's tokenizer and weights, carried unchanged; the images fitted as it saw
+    // them.
     let tokenizer = load_tokenizer(&cfg.init.join(TOKENIZER_FILE))?;
+    let samples = load_folders(&args.data, &ImageTarget::of(&cfg.model, Some(&tokenizer)))
+        .with_context(|| format!("the captioner in {}", cfg.init.display()))?;
     save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
     let frozen = with_prefixes(
         &load_weights(&cfg.init.join(WEIGHTS_FILE))?,
@@ -225,7 +219,12 @@ pub fn fit_generate<B: AutodiffBackend>(
 
     B::seed(device, cfg.seed);
     let schedule = NoiseSchedule::cosine(cfg.diffusion.train_timesteps)?;
-    let data = prepare(&samples, &tokenizer, image_size, cfg.model.max_len)?;
+    let data = prepare(
+        &samples,
+        &tokenizer,
+        cfg.model.image_size,
+        cfg.model.max_len,
+    )?;
     let mut model = GenerationModel::<B>::new(&cfg.model, device);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)

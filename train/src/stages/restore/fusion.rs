@@ -76,10 +76,30 @@ pub fn fit_fusion<B: AutodiffBackend>(
 ) -> anyhow::Result<PairOutcome> {
     let t0 = Instant::now();
     validate_args(args)?;
-    let task = args
-        .task
-        .context("--stage fusion needs --task colour-column|shape-count")?;
     let bb = load_backbones::<B::InnerBackend>(&args.init, device)?;
+    // A folder is read (and checked) before anything is written; a task is drawn below.
+    let target = ImageTarget::of(&bb.model, Some(&bb.tokenizer));
+    let (task, folder_examples) = match (args.task, &args.data) {
+        (Some(t), None) => (PairData::Task(t), None),
+        (None, Some(dir)) => {
+            let (folder, examples) = LabelledFolder::open(dir, &target)?;
+            tracing::info!(
+                "{}: {} classes, {} training and {} held-out pairs",
+                dir.display(),
+                folder.classes.len(),
+                examples.train.len(),
+                examples.test.len()
+            );
+            (PairData::Folder(folder), Some(examples))
+        }
+        (Some(_), Some(_)) => {
+            anyhow::bail!("--stage fusion takes --task or --data (a labelled folder), not both")
+        }
+        (None, None) => anyhow::bail!(
+            "--stage fusion needs --task colour-column|shape-count, or --data FOLDER: a \
+             captioned folder with a label on every pair"
+        ),
+    };
     let generator: duet_run::GenerateTrainConfig = read_json(&args.init.join(CONFIG_FILE))
         .with_context(|| {
             format!(
@@ -87,7 +107,7 @@ pub fn fit_fusion<B: AutodiffBackend>(
                 args.init.display()
             )
         })?;
-    let cfg = resolve_config(
+    let mut cfg = resolve_config(
         args,
         Stage::Fusion,
         bb.preset,
@@ -96,20 +116,25 @@ pub fn fit_fusion<B: AutodiffBackend>(
         None,
         Some(generator.diffusion),
     );
+    // A folder's counts are its own.
+    if let Some(e) = &folder_examples {
+        cfg.train_examples = e.train.len();
+        cfg.test_examples = e.test.len();
+    }
     prepare_out(&args.out)?;
     write_json(&args.out.join(CONFIG_FILE), &cfg)?;
     save_tokenizer(&bb.tokenizer, &args.out.join(TOKENIZER_FILE))?;
-    let size = cfg.model.image_size as u32;
-    let train = extract_features(
-        &bb,
-        &task.examples(cfg.train_examples, cfg.data_seed, size),
-        device,
-    )?;
-    let test = extract_features(
-        &bb,
-        &task.examples(cfg.test_examples, cfg.data_seed.wrapping_add(1), size),
-        device,
-    )?;
+    let examples = match folder_examples {
+        Some(e) => e,
+        None => cfg.task.examples(
+            cfg.train_examples,
+            cfg.test_examples,
+            cfg.data_seed,
+            &target,
+        )?,
+    };
+    let train = extract_features(&bb, &examples.train, device)?;
+    let test = extract_features(&bb, &examples.test, device)?;
 
     B::seed(device, cfg.seed);
     let mut head = FusionHead::<B>::new(&cfg.restore, device);
@@ -145,7 +170,7 @@ pub fn fit_fusion<B: AutodiffBackend>(
     save_weights(&args.out.join(WEIGHTS_FILE), &weights)?;
     write_json(
         &args.out.join("fusion.json"),
-        &serde_json::json!({"complete_accuracy": complete_accuracy, "task": task}),
+        &serde_json::json!({"complete_accuracy": complete_accuracy, "task": cfg.task.to_string()}),
     )?;
     write_json(
         &args.out.join(STATE_FILE),

@@ -22,7 +22,8 @@ use duet_run::{
 };
 use serde::Serialize;
 
-use duet_datasets::pair_tasks::PairTask;
+use duet_datasets::folders::ImageTarget;
+use duet_datasets::pair_tasks::{LabelledFolder, PairData, PairTask};
 use duet_run::checkpoint::STATE_FILE;
 use duet_run::Stage;
 use duet_run::METRICS_FILE;
@@ -43,8 +44,10 @@ pub struct PairFitArgs {
     /// Generate run (fusion) or fusion run (restore).
     pub init: PathBuf,
     pub out: PathBuf,
-    /// Fusion only (restore takes the fusion run's).
+    /// Fusion only (restore takes the fusion run's): a ShapeWorld task, or
     pub task: Option<PairTask>,
+    /// a captioned folder with a label on every pair.
+    pub data: Option<PathBuf>,
     pub train_examples: Option<usize>,
     pub test_examples: Option<usize>,
     pub steps: Option<usize>,
@@ -72,7 +75,7 @@ fn resolve_config(
     stage: Stage,
     preset: Preset,
     model: ModelSpec,
-    task: PairTask,
+    task: PairData,
     from: Option<&PairTrainConfig>,
     generator_diffusion: Option<duet_run::DiffusionSettings>,
 ) -> PairTrainConfig {

@@ -215,11 +215,14 @@ pub fn fit_restore<B: AutodiffBackend>(
             fusion.stage
         );
     }
-    if args.task.is_some_and(|t| t != fusion.task) {
+    if args.task.is_some_and(|t| PairData::Task(t) != fusion.task) {
         anyhow::bail!(
             "--task differs from the fusion run's task '{}'",
             fusion.task
         );
+    }
+    if args.data.is_some() {
+        anyhow::bail!("--stage restore reads the fusion run's data; --data does not apply");
     }
     let bb = load_backbones::<B::InnerBackend>(&args.init, device)?;
     let cfg = resolve_config(
@@ -227,10 +230,17 @@ pub fn fit_restore<B: AutodiffBackend>(
         Stage::Restore,
         fusion.preset,
         fusion.model.clone(),
-        fusion.task,
+        fusion.task.clone(),
         Some(&fusion),
         fusion.generator_diffusion.clone(),
     );
+    // Read before anything is written: a folder that moved or changed is refused here.
+    let examples = cfg.task.examples(
+        cfg.train_examples,
+        cfg.test_examples,
+        cfg.data_seed,
+        &ImageTarget::of(&cfg.model, Some(&bb.tokenizer)),
+    )?;
     let settings = cfg.settings.clone().unwrap_or_default();
     prepare_out(&args.out)?;
     write_json(&args.out.join(CONFIG_FILE), &cfg)?;
@@ -244,15 +254,7 @@ pub fn fit_restore<B: AutodiffBackend>(
         &args.init,
     )?
     .no_grad();
-    let train = extract_features(
-        &bb,
-        &cfg.task.examples(
-            cfg.train_examples,
-            cfg.data_seed,
-            cfg.model.image_size as u32,
-        ),
-        device,
-    )?;
+    let train = extract_features(&bb, &examples.train, device)?;
     let schedule = NoiseSchedule::cosine(settings.train_timesteps)?;
     let e = train.dim;
     let stats = |data: &[f32]| {
@@ -367,15 +369,7 @@ pub fn fit_restore<B: AutodiffBackend>(
             last_loss: last,
         },
     )?;
-    let test = extract_features(
-        &bb,
-        &cfg.task.examples(
-            cfg.test_examples,
-            cfg.data_seed.wrapping_add(1),
-            cfg.model.image_size as u32,
-        ),
-        device,
-    )?;
+    let test = extract_features(&bb, &examples.test, device)?;
     let complete_accuracy = complete_accuracy(&head, &test, device)?;
     Ok(PairOutcome {
         complete_accuracy,

@@ -36,7 +36,7 @@ use crate::ema::Ema;
 use crate::stages::caption::{batch_indices, prepare, PreparedData};
 use crate::stages::generate::{generate_loss, ImageEmbeddings};
 use crate::stages::grpo::{grpo_step, GrpoSettings};
-use duet_datasets::folders::{folders_display, load_folders};
+use duet_datasets::folders::{folders_display, load_folders, ImageTarget};
 use duet_datasets::progress::stage_bar;
 use duet_datasets::tokenizer::save_tokenizer;
 use duet_models::GenerationModel;
@@ -252,9 +252,12 @@ pub fn fit_unify<B: AutodiffBackend>(
     std::fs::create_dir_all(out)?;
     write_json(&out.join(CONFIG_FILE), &cfg)?;
 
-    let samples = load_folders(&args.data)?;
     let generator = load_generator::<B::InnerBackend>(&args.init, false, device)?;
     let model_cfg = &cfg.base.model;
+    let samples = load_folders(
+        &args.data,
+        &ImageTarget::of(model_cfg, Some(&generator.tokenizer)),
+    )?;
     let data = prepare(
         &samples,
         &generator.tokenizer,
