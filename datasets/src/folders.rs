@@ -312,7 +312,10 @@ mod tests {
             default_image_side(&[a.clone(), big.clone()], 7).unwrap(),
             32
         );
-        assert_eq!(default_image_side(std::slice::from_ref(&big), 7).unwrap(), 64);
+        assert_eq!(
+            default_image_side(std::slice::from_ref(&big), 7).unwrap(),
+            64
+        );
         let both = load_folders(&[a.clone(), b.clone()], &t32).unwrap();
         assert_eq!(both.len(), 8);
         assert!(both[..5].iter().all(|s| s.image_path.starts_with(&a)));
