@@ -335,6 +335,20 @@ pub fn check_pairs(dir: &Path, opts: &ReadOptions) -> (FolderReport, Vec<Caption
         ..FolderReport::default()
     };
     let jsonl = dir.join(CAPTIONS_FILE);
+    // Images are opened without following a link, and their directories must resolve inside
+    // the folder itself: a linked `images/` subdirectory is as far outside as `../`.
+    let root = match dir.canonicalize() {
+        Ok(root) => root,
+        Err(e) => {
+            report.problems.push(Problem {
+                line: 0,
+                kind: ProblemKind::Unreadable {
+                    reason: format!("{}: {e}", dir.display()),
+                },
+            });
+            return (report, Vec::new());
+        }
+    };
     let text = match duet_fsio::read_capped_text(&jsonl, CAPTIONS_FILE_CAP, Follow::No) {
         Ok(t) => t,
         Err(e) => {
@@ -379,7 +393,7 @@ pub fn check_pairs(dir: &Path, opts: &ReadOptions) -> (FolderReport, Vec<Caption
             labels.insert(l.clone());
         }
         if !images.contains_key(&record.image) {
-            let loaded = read_image(dir, &record.image, &mut report, &mut by_hash, line);
+            let loaded = read_image(dir, &root, &record.image, &mut report, &mut by_hash, line);
             images.insert(
                 record.image.clone(),
                 loaded.map(|img| fit_image(&img, opts.side, opts.fit)),
@@ -425,7 +439,8 @@ pub fn check_pairs(dir: &Path, opts: &ReadOptions) -> (FolderReport, Vec<Caption
     }
     report.images = images.len();
     report.labels = labels.len();
-    if !records.is_empty() && report.per_split.get(&Split::Train).copied().unwrap_or(0) == 0 {
+    // An empty file too: training would stop on it, so the check does.
+    if report.per_split.get(&Split::Train).copied().unwrap_or(0) == 0 {
         report.problems.push(Problem {
             line: 0,
             kind: ProblemKind::NoTrainPairs,
@@ -488,10 +503,12 @@ fn assign_splits(records: &[(usize, CaptionedRecord)], report: &mut FolderReport
     splits
 }
 
-/// Reads one listed image: a relative path inside `dir`, a regular file (not followed through
-/// a link), under the cap, decodable. Records every problem in `report`; `None` on any.
+/// Reads one listed image: a relative path inside `dir` (whose canonical form is `root`) whose
+/// directories resolve inside `root`, a regular file (not followed through a link), under the
+/// cap, decodable. Records every problem in `report`; `None` on any.
 fn read_image(
     dir: &Path,
+    root: &Path,
     rel: &str,
     report: &mut FolderReport,
     by_hash: &mut HashMap<[u8; 32], String>,
@@ -512,6 +529,26 @@ fn read_image(
         });
     }
     let path = dir.join(rel_path);
+    let parent = path.parent().unwrap_or(dir);
+    match parent.canonicalize() {
+        Ok(real) if real.starts_with(root) => {}
+        Ok(_) => {
+            return fail(ProblemKind::OutsidePath {
+                image: rel.to_owned(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return fail(ProblemKind::MissingImage {
+                image: rel.to_owned(),
+            })
+        }
+        Err(e) => {
+            return fail(ProblemKind::UnreadableImage {
+                image: rel.to_owned(),
+                reason: format!("{}: {e}", parent.display()),
+            })
+        }
+    }
     let bytes = match duet_fsio::read_capped(&path, IMAGE_FILE_CAP, Follow::No) {
         Ok(b) => b,
         Err(duet_fsio::ReadError::NotFound { .. }) => {

@@ -86,10 +86,12 @@ pub enum FoldersError {
         count: usize,
     },
     #[error(
-        "{}: {found} distinct label(s); the fusion head needs 2 to {max}", path.display()
+        "{}: {} distinct label(s); the fusion head needs 2 to {max}", path.display(),
+        if found > max { format!("more than {max}") } else { found.to_string() }
     )]
     Classes {
         path: PathBuf,
+        /// Counted no further than `max + 1`.
         found: usize,
         max: usize,
     },
@@ -124,7 +126,10 @@ pub fn folder_kind(dir: &Path) -> Result<FolderKind, FoldersError> {
         // Resolved first so that `.` or `train/` still find the dataset root above them.
         let resolved = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
         if let Some(parent) = resolved.parent() {
-            if parent.join("dataset.json").is_file() {
+            // Only an Emoji-CLDR dataset's own `dataset.json` makes this a split (and its
+            // errors are then reported); any other file of that name above a user's folder
+            // is not ours to read.
+            if claims_emoji(parent) {
                 load_emoji_info(parent)?;
                 return Ok(FolderKind::EmojiSplit);
             }
@@ -141,6 +146,15 @@ pub fn folder_kind(dir: &Path) -> Result<FolderKind, FoldersError> {
     Err(FoldersError::Unknown {
         path: dir.to_path_buf(),
     })
+}
+
+/// Whether `dir/dataset.json` is JSON that names the Emoji-CLDR generator.
+fn claims_emoji(dir: &Path) -> bool {
+    let cap = duet_fsio::Cap::new(16 << 20, "a dataset.json");
+    duet_fsio::read_capped_text(&dir.join("dataset.json"), cap, duet_fsio::Follow::Yes)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|v| v["generator"] == crate::emoji::GENERATOR_NAME)
 }
 
 /// The side of a generated dataset's images (ShapeWorld, Emoji-CLDR), from its metadata; `None`
@@ -289,6 +303,32 @@ mod tests {
         assert_eq!(one.data, vec![PathBuf::from("a/b")]);
         let many: C = serde_json::from_str(r#"{"data": ["a", "b"]}"#).unwrap();
         assert_eq!(many.data, vec![PathBuf::from("a"), PathBuf::from("b")]);
+    }
+
+    #[test]
+    fn a_captioned_folder_under_someone_elses_dataset_json_is_still_captioned() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("photos");
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        image::RgbImage::from_pixel(4, 4, image::Rgb([1, 2, 3]))
+            .save(dir.join("images/a.png"))
+            .unwrap();
+        std::fs::write(
+            dir.join("captions.jsonl"),
+            r#"{"image": "images/a.png", "caption": "a dot"}"#,
+        )
+        .unwrap();
+        for other in [r#"{"name": "my photos"}"#, "not json at all"] {
+            std::fs::write(root.path().join("dataset.json"), other).unwrap();
+            assert_eq!(folder_kind(&dir).unwrap(), FolderKind::Captioned, "{other}");
+        }
+        // An Emoji-CLDR dataset.json above it is read, and its errors said.
+        std::fs::write(
+            root.path().join("dataset.json"),
+            r#"{"generator": "emoji-cldr", "format_version": 999}"#,
+        )
+        .unwrap();
+        assert!(matches!(folder_kind(&dir), Err(FoldersError::Emoji(_))));
     }
 
     #[test]

@@ -201,6 +201,20 @@ mod tests {
     use super::*;
     use crate::shapeworld::parse_caption;
 
+    /// Evaluation draws only the first `n` held-out examples of a run: they must be the
+    /// first `n` of the run's own draw.
+    #[test]
+    fn a_shorter_draw_is_a_prefix_of_a_longer_one() {
+        for task in [PairTask::ColourColumn, PairTask::ShapeCount] {
+            let long = task.examples(40, 9, 32);
+            let short = task.examples(7, 9, 32);
+            for (a, b) in short.iter().zip(&long) {
+                assert_eq!((&a.text, a.label), (&b.text, b.label));
+                assert_eq!(a.image, b.image);
+            }
+        }
+    }
+
     #[test]
     fn labels_cover_every_class_and_views_are_corrupted_at_the_set_rate() {
         for task in [PairTask::ColourColumn, PairTask::ShapeCount] {

@@ -46,6 +46,13 @@ pub enum TokenizerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Read(#[from] duet_fsio::ReadError),
+    #[error(
+        "{}: a single-file bundle; take its tokenizer from a folder (`duet-export unpack` it, \
+         or `duet-export import` it as a run)", path.display()
+    )]
+    Archive { path: PathBuf },
     #[error("{}: {source}", path.display())]
     Load {
         path: PathBuf,
@@ -140,15 +147,60 @@ pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<(), Tokenize
     })
 }
 
-/// Loads a `tokenizer.json` and checks the special-token ids, so a file from elsewhere cannot
-/// silently shift `[BOS]`/`[EOS]`.
+/// The file name of a tokenizer in a run or bundle folder.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Largest `tokenizer.json` read (word-level vocabularies of 100k words are ~3 MB).
+pub const TOKENIZER_FILE_CAP: duet_fsio::Cap = duet_fsio::Cap::new(64 << 20, "a tokenizer.json");
+
+/// Loads a `tokenizer.json` (a regular file under [`TOKENIZER_FILE_CAP`]) and checks the
+/// special-token ids, so a file from elsewhere cannot silently shift `[BOS]`/`[EOS]`.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, TokenizerError> {
-    let tokenizer = Tokenizer::from_file(path).map_err(|source| TokenizerError::Load {
+    let bytes = duet_fsio::read_capped(path, TOKENIZER_FILE_CAP, duet_fsio::Follow::Yes)?;
+    tokenizer_from_bytes(&bytes, path)
+}
+
+/// [`load_tokenizer`] on bytes already read (and hashed) from `path`.
+pub fn tokenizer_from_bytes(bytes: &[u8], path: &Path) -> Result<Tokenizer, TokenizerError> {
+    let tokenizer = Tokenizer::from_bytes(bytes).map_err(|source| TokenizerError::Load {
         path: path.to_path_buf(),
         source,
     })?;
     check_special_ids(&tokenizer)?;
     Ok(tokenizer)
+}
+
+/// A tokenizer taken from another run or bundle, and the bytes' identity.
+pub struct ReusedTokenizer {
+    pub tokenizer: Tokenizer,
+    /// The file read: `path` itself, or its `tokenizer.json` when `path` is a folder.
+    pub file: PathBuf,
+    /// Lowercase hex sha256 of the bytes the tokenizer was loaded from.
+    pub sha256: String,
+}
+
+/// Reads the `tokenizer.json` at `path`, or inside `path` when it is a run or bundle folder:
+/// read once, hashed and loaded from those bytes. A single-file bundle is refused with what
+/// to do instead.
+pub fn reuse_tokenizer(path: &Path) -> Result<ReusedTokenizer, TokenizerError> {
+    use sha2::Digest;
+    let file = if path.is_dir() {
+        path.join(TOKENIZER_FILE)
+    } else {
+        path.to_path_buf()
+    };
+    let bytes = duet_fsio::read_capped(&file, TOKENIZER_FILE_CAP, duet_fsio::Follow::Yes)?;
+    // A tar archive says `ustar` at byte 257 (POSIX and GNU forms both).
+    if bytes.get(257..262) == Some(b"ustar".as_slice()) {
+        return Err(TokenizerError::Archive { path: file });
+    }
+    let tokenizer = tokenizer_from_bytes(&bytes, &file)?;
+    let sha256 = format!("{:x}", sha2::Sha256::digest(&bytes));
+    Ok(ReusedTokenizer {
+        tokenizer,
+        file,
+        sha256,
+    })
 }
 
 /// Encodes a caption as `[BOS] ids… [EOS]`, failing if that exceeds `max_len` (the decoder's
@@ -301,10 +353,13 @@ mod tests {
         let path = dir.path().join("tokenizer.json");
         assert!(matches!(
             load_tokenizer(&path),
-            Err(TokenizerError::Load { .. })
+            Err(TokenizerError::Read(duet_fsio::ReadError::NotFound { .. }))
         ));
         fs::write(&path, "{ not json").unwrap();
-        assert!(load_tokenizer(&path).is_err());
+        assert!(matches!(
+            load_tokenizer(&path),
+            Err(TokenizerError::Load { .. })
+        ));
         // A valid HF tokenizer with other special ids is refused.
         let vocab = [("[UNK]".to_string(), 0), ("a".to_string(), 1)]
             .into_iter()
@@ -319,5 +374,36 @@ mod tests {
             load_tokenizer(&path),
             Err(TokenizerError::SpecialTokenId { .. })
         ));
+    }
+
+    #[test]
+    fn a_reused_tokenizer_is_hashed_on_the_bytes_it_was_loaded_from() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(TOKENIZER_FILE);
+        save_tokenizer(&train_tokenizer(&captions(50, 1)).unwrap(), &path).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        // A folder holding one and the file itself are the same tokenizer.
+        for given in [dir.path(), path.as_path()] {
+            let reused = reuse_tokenizer(given).unwrap();
+            assert_eq!(reused.file, path);
+            assert_eq!(reused.sha256, format!("{:x}", sha2::Sha256::digest(&bytes)));
+            assert_eq!(
+                reused.tokenizer.get_vocab_size(true),
+                load_tokenizer(&path).unwrap().get_vocab_size(true)
+            );
+        }
+        // A single-file bundle (a tar archive) says what to do instead.
+        let archive = dir.path().join("model.duet");
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_ustar();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, TOKENIZER_FILE, bytes.as_slice())
+            .unwrap();
+        fs::write(&archive, tar.into_inner().unwrap()).unwrap();
+        let err = reuse_tokenizer(&archive).err().unwrap();
+        assert!(matches!(err, TokenizerError::Archive { .. }), "{err}");
+        assert!(err.to_string().contains("duet-export unpack"), "{err}");
     }
 }

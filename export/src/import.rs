@@ -80,11 +80,14 @@ pub fn import_captioner(bundle: &Path, out: &Path, command: &str) -> anyhow::Res
     let tokenizer_bytes = b
         .file_bytes(&manifest.tokenizer.file)
         .with_context(|| format!("{}: no tokenizer", bundle.display()))?;
-    let sha256 = manifest
-        .files
-        .get(&manifest.tokenizer.file)
-        .cloned()
-        .unwrap_or_default();
+    // The bytes written are the ones hashed; the path is the file a folder bundle holds, or
+    // the single-file bundle itself (its entries have no path of their own).
+    let sha256 = duet_runtime::bundle::sha256_hex(&tokenizer_bytes);
+    let tokenizer_path = if bundle.is_dir() {
+        bundle.join(&manifest.tokenizer.file)
+    } else {
+        bundle.to_path_buf()
+    };
     let (steps, batch_size, lr) = CaptionTrainConfig::for_preset(preset);
     let config = CaptionTrainConfig {
         stage: Stage::Caption,
@@ -104,7 +107,7 @@ pub fn import_captioner(bundle: &Path, out: &Path, command: &str) -> anyhow::Res
         command: command.to_owned(),
         init_from: None,
         tokenizer: TokenizerOrigin::Reused {
-            path: bundle.join(&manifest.tokenizer.file),
+            path: tokenizer_path,
             sha256,
         },
     };
@@ -143,5 +146,8 @@ fn f32_values(t: &TensorProto) -> Option<NamedTensor> {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
     };
-    (data.len() == shape.iter().product::<usize>()).then_some(NamedTensor { shape, data })
+    // Checked: the dims come from the file, and a product that wraps could match a short
+    // data length.
+    let count = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
+    (data.len() == count).then_some(NamedTensor { shape, data })
 }

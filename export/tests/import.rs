@@ -89,7 +89,23 @@ fn an_exported_captioner_imports_back_bit_for_bit() {
         let config: CaptionTrainConfig = read_json(&imported.join(CONFIG_FILE)).unwrap();
         assert_eq!(config.model, model);
         assert_eq!(config.stage, Stage::Caption);
-        assert!(matches!(config.tokenizer, TokenizerOrigin::Reused { .. }));
+        // The origin names a file that exists: the folder's tokenizer.json or the .duet
+        // itself; its hash is that of the bytes imported.
+        let TokenizerOrigin::Reused { path, sha256 } = &config.tokenizer else {
+            panic!("{:?}", config.tokenizer);
+        };
+        let expected = if out == "bundle" {
+            bundle.join(TOKENIZER_FILE)
+        } else {
+            bundle.clone()
+        };
+        assert_eq!(path, &expected);
+        assert_eq!(
+            sha256,
+            &duet_runtime::bundle::sha256_hex(
+                &std::fs::read(imported.join(TOKENIZER_FILE)).unwrap()
+            )
+        );
         assert_eq!(
             std::fs::read(imported.join(TOKENIZER_FILE)).unwrap(),
             std::fs::read(run.join(TOKENIZER_FILE)).unwrap()

@@ -20,7 +20,8 @@ pub use caption::{CaptionDecoder, CaptionModel, KvCache};
 pub use denoiser::Denoiser;
 /// The model family's dimensions live in `duet-spec` (no Burn), shared with the runtime.
 pub use duet_spec::{
-    timestep_frequencies, ImageFit, ModelSpec, Preset, SpecError, TIMESTEP_MAX_PERIOD,
+    timestep_frequencies, ImageFit, ModelSpec, Preset, SpecError, MAX_IMAGE_SIZE,
+    TIMESTEP_MAX_PERIOD,
 };
 pub use generation::GenerationModel;
 pub use restorer::{FeatureRestorer, FusionHead, MissingTokens, RestoreConfig, Restorers};

@@ -48,7 +48,8 @@ pub enum TokenizerOrigin {
     #[default]
     Trained,
     /// Reused unchanged from another run's or bundle's `tokenizer.json` (`--tokenizer`, or
-    /// the `--init-from` run's): its sha256, so the manifest can say which.
+    /// the `--init-from` run's): its sha256, so the manifest can say which. `path` is the file
+    /// read, or the single-file bundle it was imported from.
     Reused { path: PathBuf, sha256: String },
 }
 

@@ -16,7 +16,8 @@ pub use load::*;
 pub use stage::Stage;
 
 pub const CONFIG_FILE: &str = "config.json";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Where a run (and a bundle) keeps its `tokenizer.json`.
+pub use duet_datasets::tokenizer::TOKENIZER_FILE;
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// Burn record of the model, kept only so `--resume` can restore the optimizer state (which
 /// Burn keys by parameter id); `model.safetensors` is the portable copy of the weights.

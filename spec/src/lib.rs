@@ -212,6 +212,12 @@ impl ModelSpec {
                 return err(field, "must be > 0".into());
             }
         }
+        if self.image_size > MAX_IMAGE_SIZE {
+            return err(
+                "image_size",
+                format!("{} is over the limit of {MAX_IMAGE_SIZE}", self.image_size),
+            );
+        }
         if !self.image_size.is_multiple_of(self.patch_size) {
             return err(
                 "patch_size",
@@ -286,6 +292,11 @@ pub struct SpecError {
     pub field: &'static str,
     pub reason: String,
 }
+
+/// Largest side of a model's square images, in pixels: what a trainer accepts for
+/// `--image-size` and a runtime for a manifest's `model.image_size`, so every trained model
+/// can be exported and loaded.
+pub const MAX_IMAGE_SIZE: usize = 1024;
 
 /// Base of the sinusoidal timestep frequencies (as in the Transformer and DDPM papers).
 pub const TIMESTEP_MAX_PERIOD: f64 = 10_000.0;
@@ -369,6 +380,17 @@ mod tests {
         assert_eq!(
             odd.validate().unwrap_err().to_string(),
             "n_heads: 3 does not divide d_model 64"
+        );
+        // The largest side the runtime loads is the largest a spec may have.
+        ModelSpec::preset(Preset::Tiny, 40, MAX_IMAGE_SIZE)
+            .validate()
+            .unwrap();
+        assert_eq!(
+            ModelSpec::preset(Preset::Tiny, 40, MAX_IMAGE_SIZE + 8)
+                .validate()
+                .unwrap_err()
+                .to_string(),
+            "image_size: 1032 is over the limit of 1024"
         );
     }
 

@@ -140,6 +140,17 @@ fn the_tutorial_runs_as_written_and_does_what_it_says() {
         "{stdout}"
     );
 
+    // ...against the imported run's model, whose size, fit and caption length it took.
+    assert!(
+        stdout.contains("image size, fit and max_len of the model in"),
+        "{stdout}"
+    );
+    // Step 6's label check: five labels, and held-out pairs.
+    assert!(
+        stdout.contains("labels ok: 5 classes (animal, food, plant, sky, thing), "),
+        "{stdout}"
+    );
+
     // Steps 3–4: the single-file bundle records its fit and tokenizer, and captions (nearly)
     // every training picture as written; duet and duet-edge printed captions of its pictures.
     let mine = Bundle::open(t.join("mine.duet")).unwrap();

@@ -348,4 +348,77 @@ fn generate_options_are_recorded_and_checked() {
         assert!(e.contains(want), "{bad:?}: {e}");
         assert!(!fresh.join("model.safetensors").exists(), "{bad:?} trained");
     }
+
+    // A folder the check refuses leaves no run folder behind, for either later stage.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(
+        broken.join("captions.jsonl"),
+        r#"{"image": "images/gone.png", "caption": "a red circle"}"#,
+    )
+    .unwrap();
+    for (stage, init) in [("generate", &caption), ("unify", &gen)] {
+        let out = dir.path().join(format!("refused-{stage}"));
+        let o = duet_train()
+            .args(["fit", "--stage", stage, "--init"])
+            .arg(init)
+            .arg("--data")
+            .arg(&broken)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{stage}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("images/gone.png does not exist"), "{stage}: {e}");
+        assert!(!out.exists(), "{stage} left {} behind", out.display());
+    }
+}
+
+/// Fine-tuning (`--init-from`) takes the source run's dimensions, so a `--preset` that would
+/// be ignored is refused; a fine-tune resumes from its own checkpoint without the source; an
+/// image size over the limit is refused before any image is fitted.
+#[test]
+fn fine_tunes_refuse_a_preset_and_resume_without_their_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_dataset(&data, 24, 3, &SceneConfig::default(), "test").unwrap();
+    let source = dir.path().join("source");
+    let device = Default::default();
+    fit::<CpuBackend>(&args(&data, &source, 2, false), &device).unwrap();
+
+    let tuned = dir.path().join("tuned");
+    let cli = |extra: &[&str]| {
+        duet_train()
+            .args(["fit", "--stage", "caption", "--steps", "1", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&tuned)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let source_s = source.to_str().unwrap();
+    let o = cli(&["--init-from", source_s, "--preset", "small"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("drop --preset small"), "{e}");
+    for side in ["0", "1025", "100000000"] {
+        let o = cli(&["--image-size", side]);
+        assert!(!o.status.success(), "--image-size {side}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("must be from 1 to 1024 pixels"), "{e}");
+    }
+    assert!(!tuned.exists(), "nothing is written on a refused run");
+
+    let fine = |steps, resume| FitArgs {
+        init_from: Some(source.clone()),
+        ..args(&data, &tuned, steps, resume)
+    };
+    fit::<CpuBackend>(&fine(2, false), &device).unwrap();
+    let moved = dir.path().join("moved");
+    std::fs::rename(&source, &moved).unwrap();
+    fit::<CpuBackend>(&fine(3, true), &device).unwrap();
+    let state: TrainState = read_json(&tuned.join(STATE_FILE)).unwrap();
+    assert_eq!(state.step, 3);
 }

@@ -140,10 +140,24 @@ fn every_kind_of_problem_is_found_in_one_pass() {
     fs::copy(dir.join("images/a.png"), dir.join("images/a-copy.png")).unwrap();
     fs::write(dir.join("images/text.png"), "not an image").unwrap();
     fs::create_dir_all(dir.join("images/folder.png")).unwrap();
-    save(root.path(), "secret.png", 8, 8, [0, 0, 0], ImageFormat::Png);
+    const SECRET: [u8; 3] = [250, 0, 250];
+    save(root.path(), "secret.png", 8, 8, SECRET, ImageFormat::Png);
+    save(
+        root.path(),
+        "elsewhere/secret.png",
+        8,
+        8,
+        SECRET,
+        ImageFormat::Png,
+    );
     #[cfg(unix)]
-    std::os::unix::fs::symlink(root.path().join("secret.png"), dir.join("images/link.png"))
-        .unwrap();
+    {
+        std::os::unix::fs::symlink(root.path().join("secret.png"), dir.join("images/link.png"))
+            .unwrap();
+        // A linked directory: the file inside it is a regular file, the way to it is not.
+        std::os::unix::fs::symlink(root.path().join("elsewhere"), dir.join("images/linked"))
+            .unwrap();
+    }
     let long = ["word"; 11].join(" ");
     let lines = [
         r#"{"image": "images/a.png", "caption": "a small thing"}"#.to_string(), // 1 ok
@@ -159,6 +173,7 @@ fn every_kind_of_problem_is_found_in_one_pass() {
         format!(r#"{{"image": "images/b.png", "caption": "{long}"}}"#),         // 11
         r#"{"image": "images/b.png", "captoin": "typo"}"#.into(),               // 12
         "{ not json".into(),                                                    // 13
+        r#"{"image": "images/linked/secret.png", "caption": "linked dir"}"#.into(), // 14
     ];
     fs::write(dir.join(CAPTIONS_FILE), lines.join("\n")).unwrap();
     let (report, _) = check_folder(&dir, &opts(Some(Split::Train)));
@@ -176,7 +191,10 @@ fn every_kind_of_problem_is_found_in_one_pass() {
         (13, "bad line"),
     ];
     #[cfg(unix)]
-    expected.insert(5, (7, "unreadable image"));
+    {
+        expected.insert(5, (7, "unreadable image"));
+        expected.push((14, "outside"));
+    }
     assert_eq!(kinds(&report), expected, "{:#?}", report.problems);
     assert!(!report.is_ok());
     assert_eq!(report.warnings().count(), 2);
@@ -195,10 +213,14 @@ fn every_kind_of_problem_is_found_in_one_pass() {
     assert!(text.contains("line 11: caption is 13 tokens"), "{text}");
     // Nothing outside the folder was read into a sample: the secret's pixels are nowhere.
     let (_, samples) = check_folder(&dir, &opts(None));
-    assert!(samples.iter().all(|s| s.image_path.starts_with(&dir)));
-    assert!(samples
-        .iter()
-        .all(|s| s.caption != "link" && s.caption != "escape"));
+    let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
+    assert_eq!(
+        captions,
+        ["a small thing", "A small thing", "copy", long.as_str()]
+    );
+    for s in &samples {
+        assert!(s.image.pixels().all(|p| p.0 != SECRET), "{}", s.caption);
+    }
 }
 
 #[test]
@@ -218,6 +240,12 @@ fn split_fields_must_be_all_or_nothing_and_train_must_hold_pairs() {
     fs::write(dir.join(CAPTIONS_FILE), lines[0]).unwrap();
     let (report, _) = check_folder(dir, &opts(None));
     assert_eq!(kinds(&report), vec![(0, "no train")]);
+
+    // An empty file is refused as training would refuse it.
+    fs::write(dir.join(CAPTIONS_FILE), "\n").unwrap();
+    let (report, _) = check_folder(dir, &opts(None));
+    assert_eq!(kinds(&report), vec![(0, "no train")]);
+    assert!(!report.is_ok());
 
     fs::remove_file(dir.join(CAPTIONS_FILE)).unwrap();
     let (report, _) = check_folder(dir, &opts(None));

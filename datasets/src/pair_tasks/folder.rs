@@ -2,12 +2,13 @@
 //! (`crate::captioned`) whose every line has a `label`. The head learns those labels; the
 //! folder's train split trains it and its val and test splits are held out.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::{PairExample, PairTask};
-use crate::captioned::{check_pairs, FolderRefused, Label, ReadOptions, Split};
+use crate::captioned::{check_pairs, CaptionedPair, FolderRefused, Label, ReadOptions, Split};
 use crate::folders::{FoldersError, ImageTarget};
 
 /// The most classes a folder's head is built for (a guard against a typo in the label field
@@ -108,13 +109,32 @@ impl LabelledFolder {
     /// must pass the check, label every pair, have two to [`MAX_CLASSES`] labels and hold
     /// pairs out (a val or test split).
     pub fn open(dir: &Path, target: &ImageTarget) -> Result<(Self, PairExamples), FoldersError> {
-        let pairs = read_pairs(dir, target)?;
-        let mut labels: Vec<&Label> = pairs.iter().filter_map(|(_, l, _)| l.as_ref()).collect();
-        labels.sort();
-        let mut classes: Vec<String> = Vec::new();
-        for l in labels {
-            let name = l.to_string();
-            if !classes.contains(&name) {
+        Self::from_pairs(dir, read_pairs(dir, target)?)
+    }
+
+    /// [`open`](Self::open) on pairs already read by [`check_pairs`] from a folder that passed
+    /// the check (`duet-train data check --labels` reads the folder once for both).
+    pub fn from_pairs(
+        dir: &Path,
+        pairs: Vec<CaptionedPair>,
+    ) -> Result<(Self, PairExamples), FoldersError> {
+        let pairs = labelled(dir, pairs)?;
+        // Distinct labels in order (numbers by value, then names), counted no further than
+        // one past the limit.
+        let mut distinct = BTreeSet::new();
+        for (_, label, _) in &pairs {
+            distinct.insert(label);
+            if distinct.len() > MAX_CLASSES {
+                break;
+            }
+        }
+        // A number and a name can print alike (1 and "1"): one class, as the lookup by name
+        // in `split` treats them.
+        let mut classes: Vec<String> = Vec::with_capacity(distinct.len());
+        let mut names = HashSet::new();
+        for label in distinct {
+            let name = label.to_string();
+            if names.insert(name.clone()) {
                 classes.push(name);
             }
         }
@@ -136,29 +156,31 @@ impl LabelledFolder {
     /// The examples of a folder opened before (the restore stage, evaluation): every label
     /// must be one of the recorded classes.
     pub fn examples(&self, target: &ImageTarget) -> Result<PairExamples, FoldersError> {
-        let pairs = read_pairs(&self.dir, target)?;
+        let pairs = labelled(&self.dir, read_pairs(&self.dir, target)?)?;
         self.split(pairs)
     }
 
-    fn split(
-        &self,
-        pairs: Vec<(PairExample, Option<Label>, Split)>,
-    ) -> Result<PairExamples, FoldersError> {
+    fn split(&self, pairs: Vec<(PairExample, Label, Split)>) -> Result<PairExamples, FoldersError> {
+        let index: HashMap<&str, usize> = self
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(k, c)| (c.as_str(), k))
+            .collect();
         let mut out = PairExamples {
             train: Vec::new(),
             test: Vec::new(),
         };
         for (mut example, label, split) in pairs {
-            let name = label.map(|l| l.to_string()).unwrap_or_default();
-            example.label = self
-                .classes
-                .iter()
-                .position(|c| *c == name)
-                .ok_or_else(|| FoldersError::UnknownLabel {
-                    path: self.dir.clone(),
-                    label: name.clone(),
-                    classes: self.classes.len(),
-                })?;
+            let name = label.to_string();
+            example.label =
+                *index
+                    .get(name.as_str())
+                    .ok_or_else(|| FoldersError::UnknownLabel {
+                        path: self.dir.clone(),
+                        label: name.clone(),
+                        classes: self.classes.len(),
+                    })?;
             match split {
                 Split::Train => out.train.push(example),
                 Split::Val | Split::Test => out.test.push(example),
@@ -173,12 +195,8 @@ impl LabelledFolder {
     }
 }
 
-/// Every pair of a checked folder as an example (label still unmapped), refusing a folder
-/// with errors or with a pair that has no label.
-fn read_pairs(
-    dir: &Path,
-    target: &ImageTarget,
-) -> Result<Vec<(PairExample, Option<Label>, Split)>, FoldersError> {
+/// Every pair of a folder, refusing it if the check found an error.
+fn read_pairs(dir: &Path, target: &ImageTarget) -> Result<Vec<CaptionedPair>, FoldersError> {
     let opts = ReadOptions {
         split: None,
         side: target.side,
@@ -193,6 +211,14 @@ fn read_pairs(
         }
         .into());
     }
+    Ok(pairs)
+}
+
+/// The pairs as examples (label still unmapped), refusing a pair that has no label.
+fn labelled(
+    dir: &Path,
+    pairs: Vec<CaptionedPair>,
+) -> Result<Vec<(PairExample, Label, Split)>, FoldersError> {
     let unlabelled: Vec<usize> = pairs
         .iter()
         .filter(|p| p.label.is_none())
@@ -207,16 +233,20 @@ fn read_pairs(
     }
     Ok(pairs
         .into_iter()
-        .map(|p| {
-            (
+        .filter_map(|p| {
+            let label = p.label?;
+            Some((
                 PairExample {
                     image: p.sample.image,
                     text: p.sample.caption,
                     label: 0,
                 },
-                p.label,
+                label,
                 p.split,
-            )
+            ))
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests;

@@ -83,8 +83,8 @@ fn bad(field: impl Into<String>, reason: impl Into<String>) -> BundleError {
 /// it. Generous for the models duet trains (the shipped `small` bundle uses 32 px images, 128
 /// wide, 48 tokens), small enough that no bundle can make the runtime allocate gigabytes.
 pub mod limits {
-    /// Side of the square input image, in pixels.
-    pub const MAX_IMAGE_SIZE: usize = 1024;
+    /// Side of the square input image, in pixels: the trainers' limit too.
+    pub const MAX_IMAGE_SIZE: usize = duet_spec::MAX_IMAGE_SIZE;
     /// Model width, embedding width.
     pub const MAX_WIDTH: usize = 8192;
     /// Attention heads.

@@ -332,15 +332,9 @@ pub fn eval_restore<B: Backend>(
         anyhow::bail!("--limit 0 leaves no held-out example to score");
     }
     let target = ImageTarget::of(&cfg.model, Some(&loaded.backbones.tokenizer));
-    let examples = cfg
-        .task
-        .examples(
-            cfg.train_examples,
-            cfg.test_examples,
-            cfg.data_seed,
-            &target,
-        )?
-        .test;
+    // Only the held-out examples, and of a built-in task only the first `n` of them: its
+    // draws from a seed are a stream, so they are the first `n` the run held out.
+    let examples = cfg.task.examples(0, n, cfg.data_seed, &target)?.test;
     let n = n.min(examples.len());
     let test = extract_features(&loaded.backbones, &examples[..n], device)?;
     let e = test.dim;

@@ -18,7 +18,6 @@ use duet_models::{CaptionModel, ImageFit, ModelSpec, Preset};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use sha2::Digest;
 use tokenizers::Tokenizer;
 
 use duet_datasets::folders::{default_image_side, load_folders, ImageTarget};
@@ -242,8 +241,9 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         cfg.model.max_len,
     )?;
     let mut model = CaptionModel::<B>::new(&cfg.model, device);
-    if let Some(from) = &cfg.init_from {
-        // Fine-tuning: the optimizer starts fresh, the weights from the source's captioner.
+    if let (Some(from), None) = (&cfg.init_from, &state) {
+        // Fine-tuning: the optimizer starts fresh, the weights from the source's captioner
+        // (a resumed run has its own weights and need not find the source again).
         model = duet_run::load_captioner::<B>(from, &cfg.model, device)?;
         tracing::info!("starting from the captioner of {}", from.display());
     }
@@ -364,6 +364,13 @@ fn fresh_start(args: &FitArgs) -> anyhow::Result<FreshStart> {
         Some(side) => side,
         None => default_image_side(&args.data, DEFAULT_IMAGE_SIDE as u32)? as usize,
     };
+    // Checked before any image is fitted to it: each one becomes side² pixels.
+    if !(1..=duet_models::MAX_IMAGE_SIZE).contains(&side) {
+        anyhow::bail!(
+            "image size {side} must be from 1 to {} pixels",
+            duet_models::MAX_IMAGE_SIZE
+        );
+    }
     let fit = args.image_fit.unwrap_or(DEFAULT_IMAGE_FIT);
     // The spec's vocabulary is known only once the tokenizer is: a placeholder until then.
     let mut model = ModelSpec {
@@ -404,23 +411,22 @@ struct RunModel {
     model: ModelSpec,
 }
 
-/// `tokenizer.json` at `path`, or inside `path` when it is a run or bundle folder, checked,
-/// with where it came from.
+/// The tokenizer of `path` (a `tokenizer.json`, or a run or bundle folder holding one), loaded
+/// from the bytes it was hashed from, with where it came from.
 fn reuse_tokenizer(path: &Path) -> anyhow::Result<(Tokenizer, TokenizerOrigin)> {
-    let file = if path.is_dir() {
-        path.join(TOKENIZER_FILE)
-    } else {
-        path.to_path_buf()
-    };
-    let bytes = duet_fsio::read_capped(
-        &file,
-        duet_fsio::Cap::new(64 << 20, "a tokenizer.json"),
-        duet_fsio::Follow::Yes,
-    )?;
-    let tokenizer = load_tokenizer(&file)?;
-    let sha256 = format!("{:x}", sha2::Sha256::digest(&bytes));
-    tracing::info!("reusing the tokenizer {} ({sha256})", file.display());
-    Ok((tokenizer, TokenizerOrigin::Reused { path: file, sha256 }))
+    let reused = duet_datasets::tokenizer::reuse_tokenizer(path)?;
+    tracing::info!(
+        "reusing the tokenizer {} ({})",
+        reused.file.display(),
+        reused.sha256
+    );
+    Ok((
+        reused.tokenizer,
+        TokenizerOrigin::Reused {
+            path: reused.file,
+            sha256: reused.sha256,
+        },
+    ))
 }
 
 /// Logs the training captions' words a reused tokenizer lacks: they become `[UNK]`.

@@ -3,13 +3,16 @@
 //! refuses the folder on its errors).
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
-use duet_datasets::captioned::{check_folder, FolderReport, ReadOptions, Split};
+use duet_datasets::captioned::{check_pairs, FolderReport, ReadOptions};
 use duet_datasets::folders::{folder_kind, load_generated, FolderKind};
-use duet_datasets::tokenizer::load_tokenizer;
-use duet_models::ImageFit;
+use duet_datasets::pair_tasks::LabelledFolder;
+use duet_datasets::tokenizer::reuse_tokenizer;
+use duet_models::{ImageFit, ModelSpec, Preset};
+use duet_train::stages::caption::{DEFAULT_IMAGE_FIT, DEFAULT_IMAGE_SIDE};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -24,22 +27,40 @@ pub enum DataCommand {
 pub struct CheckArgs {
     /// The folder (captions.jsonl and the images it lists).
     pub dir: PathBuf,
-    /// Side the images will be fitted to (the run's --image-size).
-    #[arg(long, default_value_t = 32)]
-    pub image_size: u32,
-    /// How they will be fitted (the run's --image-fit).
-    #[arg(long, default_value = "pad")]
-    pub image_fit: ImageFit,
-    /// The model's longest caption in tokens, with [BOS] and [EOS].
-    #[arg(long, default_value_t = 48)]
-    pub max_len: usize,
-    /// A tokenizer.json to be reused (or a run or bundle folder holding one): its unknown
-    /// words are listed.
+    /// Side the images will be fitted to (the run's --image-size; default: that of the
+    /// --tokenizer run or bundle, else 32).
+    #[arg(long, value_parser = crate::fit::image_side)]
+    pub image_size: Option<usize>,
+    /// How they will be fitted (the run's --image-fit; default: that of the --tokenizer run
+    /// or bundle, else pad).
+    #[arg(long)]
+    pub image_fit: Option<ImageFit>,
+    /// The model's longest caption in tokens, with [BOS] and [EOS] (default: that of the
+    /// --tokenizer run or bundle, else the tiny preset's).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// A tokenizer.json to be reused, or a run or bundle folder (e.g. one to fine-tune with
+    /// --init-from): its unknown words are listed, and a folder's model gives the image size,
+    /// fit and caption length the check uses.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Also check what the fusion and restore stages need: a label on every pair, 2 to 1024
+    /// distinct labels, and held-out (val or test) pairs.
+    #[arg(long)]
+    pub labels: bool,
     /// Words listed per kind (most frequent first).
     #[arg(long, default_value_t = 20)]
     pub show: usize,
+}
+
+/// What the images and captions are checked against, resolved from the flags and the
+/// --tokenizer folder's model.
+struct Target {
+    side: usize,
+    fit: ImageFit,
+    max_len: usize,
+    /// Where the defaults came from, when not from the flags.
+    from: Option<PathBuf>,
 }
 
 pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
@@ -56,27 +77,103 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
         return Ok(());
     }
     let tokenizer = match &args.tokenizer {
-        Some(p) if p.is_dir() => Some(load_tokenizer(&p.join(duet_run::TOKENIZER_FILE))?),
-        Some(p) => Some(load_tokenizer(p)?),
+        Some(p) => Some(reuse_tokenizer(p)?.tokenizer),
         None => None,
     };
+    let model = match &args.tokenizer {
+        Some(p) if p.is_dir() => model_of(p)?,
+        _ => None,
+    };
+    let tiny = ModelSpec::preset(Preset::Tiny, 0, DEFAULT_IMAGE_SIDE);
+    let target = Target {
+        side: args
+            .image_size
+            .or(model.as_ref().map(|m| m.image_size))
+            .unwrap_or(DEFAULT_IMAGE_SIDE),
+        fit: args
+            .image_fit
+            .or(model.as_ref().map(|m| m.image_fit))
+            .unwrap_or(DEFAULT_IMAGE_FIT),
+        max_len: args
+            .max_len
+            .or(model.as_ref().map(|m| m.max_len))
+            .unwrap_or(tiny.max_len),
+        from: model.as_ref().and(args.tokenizer.clone()),
+    };
+    if target.side > duet_models::MAX_IMAGE_SIZE {
+        anyhow::bail!(
+            "the model's image size {} is over the limit of {}",
+            target.side,
+            duet_models::MAX_IMAGE_SIZE
+        );
+    }
     let opts = ReadOptions {
-        split: Some(Split::Train),
-        side: args.image_size,
-        fit: args.image_fit,
-        max_len: args.max_len,
+        split: None,
+        side: target.side as u32, // at most MAX_IMAGE_SIZE
+        fit: target.fit,
+        max_len: target.max_len,
         tokenizer: tokenizer.as_ref(),
     };
-    let (report, _) = check_folder(&args.dir, &opts);
-    print!("{}", render(&report, &args));
+    let (report, pairs) = check_pairs(&args.dir, &opts);
+    print!("{}", render(&report, &args, &target));
     if !report.is_ok() {
         std::process::exit(1);
+    }
+    if args.labels {
+        match LabelledFolder::from_pairs(&args.dir, pairs) {
+            Ok((folder, examples)) => println!(
+                "labels ok: {} classes ({}), {} training and {} held-out pairs",
+                folder.classes.len(),
+                shown_list(&folder.classes, args.show),
+                examples.train.len(),
+                examples.test.len()
+            ),
+            Err(e) => {
+                println!("refused for --stage fusion/restore: {e}");
+                std::process::exit(1);
+            }
+        }
     }
     Ok(())
 }
 
+/// The model spec of a run (`config.json`) or bundle (`manifest.json`) folder, if it is one.
+fn model_of(dir: &Path) -> anyhow::Result<Option<ModelSpec>> {
+    #[derive(serde::Deserialize)]
+    struct HasModel {
+        model: ModelSpec,
+    }
+    for name in [duet_run::CONFIG_FILE, "manifest.json"] {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let cap = duet_fsio::Cap::new(16 << 20, "a run config or bundle manifest");
+        let text = duet_fsio::read_capped_text(&path, cap, duet_fsio::Follow::Yes)?;
+        let has: HasModel = serde_json::from_str(&text)
+            .with_context(|| format!("{}: no model spec in it", path.display()))?;
+        has.model.validate().map_err(anyhow::Error::msg)?;
+        return Ok(Some(has.model));
+    }
+    Ok(None)
+}
+
+/// The first `show` items, comma-separated, and how many more.
+fn shown_list(items: &[String], show: usize) -> String {
+    let mut out = items
+        .iter()
+        .take(show)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > show {
+        let _ = write!(out, ", … {} more", items.len() - show);
+    }
+    out
+}
+
 /// The report as people read it.
-fn render(r: &FolderReport, args: &CheckArgs) -> String {
+fn render(r: &FolderReport, args: &CheckArgs, target: &Target) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}", r.dir.display());
     let splits: Vec<String> = r
@@ -102,7 +199,7 @@ fn render(r: &FolderReport, args: &CheckArgs) -> String {
             out,
             "  image sizes {}x{} to {}x{}, aspect (w/h) {alo:.2} to {ahi:.2}, {} not square; \
              fitted to {}x{} by {}",
-            lo.0, lo.1, hi.0, hi.1, r.non_square, args.image_size, args.image_size, args.image_fit
+            lo.0, lo.1, hi.0, hi.1, r.non_square, target.side, target.side, target.fit
         );
     }
     let _ = writeln!(
@@ -110,8 +207,15 @@ fn render(r: &FolderReport, args: &CheckArgs) -> String {
         "  captions: {} distinct words, longest {} tokens with [BOS]/[EOS] (max_len {})",
         r.words.len(),
         r.longest_caption,
-        args.max_len
+        target.max_len
     );
+    if let Some(from) = &target.from {
+        let _ = writeln!(
+            out,
+            "  image size, fit and max_len of the model in {}",
+            from.display()
+        );
+    }
     let mut words = |title: &str, map: &std::collections::BTreeMap<String, usize>| {
         if map.is_empty() {
             return;

@@ -90,8 +90,8 @@ pub struct FitCommand {
     #[arg(long)]
     pub denoiser_patch: Option<usize>,
     /// `--stage caption`: side of the model's square images (default: that of the first
-    /// generated dataset in --data, else 32). Later stages take it from --init.
-    #[arg(long)]
+    /// generated dataset in --data, else 32; at most 1024). Later stages take it from --init.
+    #[arg(long, value_parser = image_side)]
     pub image_size: Option<usize>,
     /// `--stage caption`: how images of other sizes or shapes become square: pad (keep all,
     /// grey borders; the default), crop (centre square) or stretch. The bundle applies the
@@ -161,6 +161,13 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
             ("--init-from", init_from.is_some()),
         ],
     )?;
+    if let (Some(preset), Some(from)) = (preset, &init_from) {
+        // The source run fixes the dimensions; a preset that would be ignored is refused.
+        anyhow::bail!(
+            "--init-from {} fixes the model's dimensions (those of its run); drop --preset {preset}",
+            from.display()
+        );
+    }
     let preset = preset.unwrap_or(Preset::Tiny);
     let kind: DeviceKind = device.parse()?;
     // Every stage but the restoration pair trains on --data.
@@ -422,4 +429,18 @@ fn fit_unify_cuda(_args: &UnifyFitArgs) -> anyhow::Result<UnifyOutcome> {
 #[cfg(not(feature = "cuda"))]
 fn fit_cuda(_args: &FitArgs) -> anyhow::Result<duet_train::stages::caption::FitOutcome> {
     Err(duet_train::backend::BackendError::CudaNotCompiled.into())
+}
+
+/// An `--image-size`: a side from 1 to [`duet_models::MAX_IMAGE_SIZE`], refused before any
+/// image is read or fitted (every fitted image is `side²` pixels).
+pub fn image_side(text: &str) -> Result<usize, String> {
+    let side: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if (1..=duet_models::MAX_IMAGE_SIZE).contains(&side) {
+        Ok(side)
+    } else {
+        Err(format!(
+            "must be from 1 to {} pixels",
+            duet_models::MAX_IMAGE_SIZE
+        ))
+    }
 }

@@ -124,7 +124,6 @@ pub fn fit_generate<B: AutodiffBackend>(
     device: &B::Device,
 ) -> anyhow::Result<GenerateOutcome> {
     let run = &args.out;
-    std::fs::create_dir_all(run)?;
     let config_path = run.join(CONFIG_FILE);
     let (cfg, mut state) = if args.resume && run.join(STATE_FILE).exists() {
         let mut cfg: GenerateTrainConfig = read_json(&config_path)?;
@@ -202,6 +201,8 @@ pub fn fit_generate<B: AutodiffBackend>(
     let tokenizer = load_tokenizer(&cfg.init.join(TOKENIZER_FILE))?;
     let samples = load_folders(&args.data, &ImageTarget::of(&cfg.model, Some(&tokenizer)))
         .with_context(|| format!("the captioner in {}", cfg.init.display()))?;
+    // Made only now, so a refused folder leaves no empty run behind.
+    std::fs::create_dir_all(run)?;
     save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
     let frozen = with_prefixes(
         &load_weights(&cfg.init.join(WEIGHTS_FILE))?,

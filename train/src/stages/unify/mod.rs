@@ -249,9 +249,6 @@ pub fn fit_unify<B: AutodiffBackend>(
         },
         unify,
     };
-    std::fs::create_dir_all(out)?;
-    write_json(&out.join(CONFIG_FILE), &cfg)?;
-
     let generator = load_generator::<B::InnerBackend>(&args.init, false, device)?;
     let model_cfg = &cfg.base.model;
     let samples = load_folders(
@@ -265,6 +262,9 @@ pub fn fit_unify<B: AutodiffBackend>(
         model_cfg.max_len,
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", folders_display(&args.data)))?;
+    // Made only now, so a refused folder leaves no empty run behind.
+    std::fs::create_dir_all(out)?;
+    write_json(&out.join(CONFIG_FILE), &cfg)?;
     let weights = load_weights(&args.init.join(WEIGHTS_FILE))?;
     let captioner_weights = with_prefixes(&weights, &["vision", "decoder"]);
     let generator_weights = with_prefixes(&weights, &["text", "denoiser"]);
