@@ -15,7 +15,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{graph_flops_of, EngineOptions, ProviderChoice, ValueView};
+use crate::engine::{
+    graph_flops_of, Engine, EngineError, EngineOptions, Provider, ProviderChoice, ValueView,
+};
 use crate::manifest::Graph;
 use crate::{Bundle, Captioner, Classifier, Error, GenerateOptions, Generator};
 
@@ -326,6 +328,135 @@ pub fn run_provider(
     out.placement = placement;
     out.peak_rss_mib = peak_rss_mib();
     Ok(out)
+}
+
+/// One ONNX graph of the user's on one provider (`duet bench --model`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelBench {
+    pub provider: String,
+    /// Cold load: reading the file and building the session or plan.
+    pub load_ms: f64,
+    /// The first run, apart: it includes what engines do once per shape (tract's plan for a
+    /// new shape, onnxruntime's first allocations).
+    pub first_run_ms: f64,
+    pub run: Stats,
+    /// Where the nodes ran (ort's profiler; tract's own plan).
+    pub placement: String,
+    /// The inputs fed, as `name dtype [shape]`.
+    pub inputs: Vec<String>,
+    /// FLOPs of one run (tract's cost model), where it can count them.
+    pub flops: Option<u64>,
+    /// Peak resident memory of the process (`VmHWM`), MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Loads the graph at `path` on `provider` only (strictly) and times it on sample inputs
+/// ([`Engine::sample_inputs`], symbolic axes from `dims`): `settings.warmup` untimed runs
+/// after the first, then `settings.runs` timed ones.
+pub fn run_model(
+    path: &std::path::Path,
+    provider: Provider,
+    options: &EngineOptions,
+    settings: &BenchSettings,
+    dims: &[(String, usize)],
+) -> Result<ModelBench, EngineError> {
+    let options = EngineOptions {
+        strict: true,
+        threads: settings.threads,
+        ..options.clone()
+    };
+    let name = path
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let t = Instant::now();
+    let bytes = Engine::read_model(path, &name)?;
+    let (engine, _) = Engine::load_bytes(
+        bytes.clone(),
+        &name,
+        ProviderChoice::Only(provider),
+        &options,
+    )?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let feed = engine.sample_inputs(dims)?;
+    let views: Vec<(&str, ValueView<'_>)> =
+        feed.iter().map(|(n, v)| (n.as_str(), v.view())).collect();
+    let t = Instant::now();
+    engine.run_views(&views)?;
+    let first_run_ms = t.elapsed().as_secs_f64() * 1e3;
+    let run = time(settings.warmup, settings.runs, || {
+        engine.run_views(&views).map(drop)
+    })?;
+    let shapes: Vec<(&str, &[usize])> = feed.iter().map(|(n, v)| (n.as_str(), v.shape())).collect();
+    Ok(ModelBench {
+        provider: engine.provider().to_string(),
+        load_ms,
+        first_run_ms,
+        run,
+        placement: engine.placement(&views)?.to_string(),
+        inputs: feed
+            .iter()
+            .map(|(n, v)| format!("{n} {} {:?}", v.dtype(), v.shape()))
+            .collect(),
+        flops: graph_flops_of(&bytes, &shapes)
+            .map_err(|e| tracing::info!("no FLOP count: {e}"))
+            .ok(),
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// The table of [`run_model`] results (Markdown): one column per provider, the providers not
+/// measured with their reasons, and how many times faster onnxruntime's CPU run is than
+/// tract's when both ran.
+pub fn render_model_markdown(
+    model: &str,
+    results: &[ModelBench],
+    skipped: &[(String, String)],
+    settings: &BenchSettings,
+) -> String {
+    let mut out = format!(
+        "`{model}`, {} timed runs, {}\n\n",
+        settings.runs,
+        match settings.threads {
+            Some(n) => format!("{n} thread(s) per run on every engine"),
+            None => "each engine's default threads".into(),
+        }
+    );
+    if let Some(first) = results.first() {
+        out.push_str(&format!("inputs: {}\n\n", first.inputs.join(", ")));
+    }
+    let header: Vec<&str> = results.iter().map(|r| r.provider.as_str()).collect();
+    out.push_str(&format!(
+        "| | {} |\n|---|{}\n",
+        header.join(" | "),
+        "---|".repeat(results.len())
+    ));
+    let mut row = |label: &str, f: &dyn Fn(&ModelBench) -> String| {
+        let cells: Vec<String> = results.iter().map(f).collect();
+        out.push_str(&format!("| {label} | {} |\n", cells.join(" | ")));
+    };
+    row("cold load (ms)", &|r| format!("{:.1}", r.load_ms));
+    row("first run (ms)", &|r| format!("{:.1}", r.first_run_ms));
+    row("run: median / p90 (ms)", &|r| ms(&r.run));
+    row("GFLOP/s (tract's count)", &|r| {
+        opt(r.flops, |f| {
+            format!("{:.1}", f as f64 / (r.run.median_ms * 1e-3) / 1e9)
+        })
+    });
+    row("peak resident memory (MiB)", &|r| {
+        opt(r.peak_rss_mib, |m| format!("{m:.0}"))
+    });
+    row("placement", &|r| r.placement.clone());
+    let by = |p: &str| results.iter().find(|r| r.provider == p);
+    if let (Some(ort), Some(tract)) = (by("ort-cpu"), by("tract")) {
+        out.push_str(&format!(
+            "\ntract / ort-cpu median: {:.2}× (above 1: tract is slower)\n",
+            tract.run.median_ms / ort.run.median_ms
+        ));
+    }
+    for (p, why) in skipped {
+        out.push_str(&format!("\n{p}: not measured: {why}\n"));
+    }
+    out
 }
 
 fn ms(s: &Stats) -> String {

@@ -36,6 +36,7 @@ impl crate::EngineError {
             }
             E::ModelFile { .. } => ErrorKind::Bundle,
             E::UnsupportedInputType { .. } => ErrorKind::Unsupported,
+            E::SampleInput { .. } => ErrorKind::InvalidArgument,
             E::MissingInput { .. }
             | E::UnknownInput { .. }
             | E::DuplicateInput { .. }

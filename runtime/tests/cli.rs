@@ -757,3 +757,76 @@ fn caption_reads_a_single_file_bundle() {
     };
     assert_eq!(run(&file), run(&bundle));
 }
+
+/// `duet bench --model`: a graph of the user's, its symbolic axis set by `--dim`, timed on
+/// each provider in its own process; an input too large to make and flags of the bundle mode
+/// are refused. (It measures; nothing here asserts a speed.)
+#[test]
+fn bench_times_a_users_own_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("linear.onnx");
+    std::fs::write(&model, linear_model()).unwrap();
+    let md = dir.path().join("model.md");
+    let bench = |extra: &[&str]| {
+        duet()
+            .args(["bench", "--model"])
+            .arg(&model)
+            .args(["--runs", "2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = bench(&[
+        "--providers",
+        "cuda,ort-cpu,tract",
+        "--dim",
+        "batch=4",
+        "--threads",
+        "1",
+        "--out",
+        md.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("2 timed runs, 1 thread(s) per run"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("inputs: x f32 [4, 3]"), "{stdout}");
+    for row in [
+        "| cold load (ms) |",
+        "| first run (ms) |",
+        "| run: median / p90 (ms) |",
+        "| placement |",
+    ] {
+        assert!(stdout.contains(row), "{row}: {stdout}");
+    }
+    assert!(stdout.contains("| tract"), "{stdout}");
+    // tract's own plan: the graph's one MatMul and one Add.
+    assert!(stdout.contains("nodes on tract"), "{stdout}");
+    // No GPU here: cuda is listed with the reason, not silently dropped.
+    assert!(stdout.contains("cuda: not measured: "), "{stdout}");
+    if common::ort_lib().is_some() {
+        assert!(stdout.contains("| ort-cpu"), "{stdout}");
+        assert!(stdout.contains("tract / ort-cpu median: "), "{stdout}");
+    }
+    let written = std::fs::read_to_string(&md).unwrap();
+    assert!(written.contains(stdout.trim()), "{written}");
+
+    let out = bench(&["--providers", "tract", "--dim", "batch=100000000000"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("input `x`: no sample input can be made: shape [100000000000, 3]"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let out = bench(&["--prompt", "a red circle"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("cannot be used with"),
+        "{}",
+        text(&out.stderr)
+    );
+}

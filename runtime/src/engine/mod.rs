@@ -16,6 +16,7 @@
 
 #[cfg(feature = "ort")]
 mod ort_backend;
+pub mod sample;
 mod tract_backend;
 
 use std::collections::HashMap;
@@ -320,6 +321,13 @@ pub enum EngineError {
          f32, f16, i64, i32, i8, u8 and bool)"
     )]
     UnsupportedInputType { graph: String, name: String },
+    /// No sample input could be made for an input (`duet bench --model`, `duet-onnx-run`).
+    #[error("graph `{graph}`: input `{name}`: no sample input can be made: {reason}")]
+    SampleInput {
+        graph: String,
+        name: String,
+        reason: String,
+    },
     #[error("graph `{graph}` on {provider}: run failed: {reason}")]
     Run {
         graph: String,
@@ -546,7 +554,13 @@ impl Engine {
         choice: ProviderChoice,
         options: &EngineOptions,
     ) -> Result<(Engine, ProviderReport), EngineError> {
-        let path = path.as_ref();
+        let bytes = Engine::read_model(path.as_ref(), graph_name)?;
+        Engine::load_bytes(bytes, graph_name, choice, options)
+    }
+
+    /// The bytes of an ONNX file (a regular file under [`MODEL_FILE_CAP`]), read once, for
+    /// [`Engine::load_bytes`] and anything else that reads the same graph.
+    pub fn read_model(path: &Path, graph_name: &str) -> Result<Arc<[u8]>, EngineError> {
         let bytes =
             duet_fsio::read_capped(path, MODEL_FILE_CAP, Follow::Yes).map_err(|e| match e {
                 duet_fsio::ReadError::NotFound { path } => EngineError::ModelNotFound {
@@ -558,7 +572,7 @@ impl Engine {
                     source,
                 },
             })?;
-        Engine::load_bytes(bytes.into(), graph_name, choice, options)
+        Ok(bytes.into())
     }
 
     /// Loads a graph from the bytes of its ONNX file (what [`crate::Bundle`] hands out after

@@ -160,6 +160,97 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
     Ok(())
 }
 
+/// `duet bench --model FILE.onnx`: each provider in a child process of its own (a cold load,
+/// its own peak memory, a crash that takes only its row), one table.
+pub(crate) fn bench_model(
+    model: &Path,
+    providers: &[duet_runtime::Provider],
+    settings: &duet_runtime::bench::BenchSettings,
+    dims: &[(String, usize)],
+    ort_lib: Option<PathBuf>,
+    out: Option<&Path>,
+) -> Result<()> {
+    use duet_runtime::bench::{render_model_markdown, ModelBench};
+    let exe = std::env::current_exe()?;
+    let mut results: Vec<ModelBench> = Vec::new();
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    for p in providers {
+        eprintln!("{p}: measuring in a child process");
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("bench")
+            .arg("--model")
+            .arg(model)
+            .arg("--worker")
+            .arg(p.as_str())
+            .arg("--runs")
+            .arg(settings.runs.to_string());
+        for (name, n) in dims {
+            cmd.arg("--dim").arg(format!("{name}={n}"));
+        }
+        if let Some(n) = settings.threads {
+            cmd.arg("--threads").arg(n.to_string());
+        }
+        if let Some(lib) = &ort_lib {
+            cmd.arg("--ort-lib").arg(lib);
+        }
+        die_with_parent(&mut cmd);
+        match cmd.output() {
+            Ok(o) if o.status.success() => match serde_json::from_slice::<ModelBench>(&o.stdout) {
+                Ok(r) => results.push(r),
+                Err(e) => skipped.push((p.to_string(), format!("unreadable result: {e}"))),
+            },
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                let why = err
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("failed without a message")
+                    .trim_start_matches("error: ")
+                    .to_string();
+                eprintln!("{p}: not measured: {why}");
+                skipped.push((p.to_string(), why));
+            }
+            Err(e) => skipped.push((p.to_string(), e.to_string())),
+        }
+    }
+    if results.is_empty() {
+        let reasons: Vec<String> = skipped.iter().map(|(p, w)| format!("{p}: {w}")).collect();
+        anyhow::bail!(
+            "no provider ran {}: {}",
+            model.display(),
+            reasons.join("; ")
+        );
+    }
+    let name = model.display().to_string();
+    let table = render_model_markdown(&name, &results, &skipped, settings);
+    println!("{table}");
+    if let Some(out) = out {
+        let command: Vec<String> = std::env::args().collect();
+        let doc = format!("Command: `{}`\n\n{table}", command.join(" "));
+        write_file_atomic(out, doc.as_bytes())?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// One provider of `bench --model`, in its own process: JSON on stdout.
+pub(crate) fn bench_model_worker(
+    model: &Path,
+    provider: duet_runtime::Provider,
+    ort_lib: Option<PathBuf>,
+    settings: &duet_runtime::bench::BenchSettings,
+    dims: &[(String, usize)],
+) -> Result<()> {
+    let options = EngineOptions {
+        ort_lib,
+        ..EngineOptions::default()
+    };
+    let r = duet_runtime::bench::run_model(model, provider, &options, settings, dims)?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
 /// One provider, in its own process: JSON on stdout.
 pub(crate) fn bench_worker(
     bundle_dir: &Path,

@@ -169,8 +169,17 @@ enum Command {
     /// onnxruntime reference; prints a Markdown table.
     Bench {
         /// Bundle: a directory, or a single `.duet` file.
-        #[arg(long)]
-        bundle: PathBuf,
+        #[arg(long, required_unless_present = "model")]
+        bundle: Option<PathBuf>,
+        /// Instead of a bundle's pipelines, one ONNX graph of your own: load time, first run,
+        /// median/p90 latency and placement per provider, on sample inputs of its declared
+        /// shapes (see --dim). No Python reference.
+        #[arg(long, conflicts_with_all = ["bundle", "image", "steps", "batch", "prompt"])]
+        model: Option<PathBuf>,
+        /// With --model: the size of a symbolic axis, as NAME=N (repeatable); symbolic axes
+        /// not given are 1, and so are axes with neither a size nor a name.
+        #[arg(long = "dim", value_parser = duet_runtime::engine::sample::parse_dim, requires = "model")]
+        dims: Vec<(String, usize)>,
         /// Providers to measure (comma-separated); unavailable ones are listed with the reason.
         #[arg(
             long,
@@ -336,6 +345,8 @@ fn main() -> ExitCode {
         Command::Info { bundle, ort_lib } => info(bundle.as_deref(), ort_lib),
         Command::Bench {
             bundle,
+            model,
+            dims,
             providers,
             runs,
             steps,
@@ -359,9 +370,24 @@ fn main() -> ExitCode {
                 threads,
                 ..Default::default()
             };
-            match (worker, image_raw) {
-                (Some(p), Some(raw)) => bench_worker(&bundle, p, ort_lib, &settings, &raw),
-                _ => bench(BenchArgs {
+            match (model, bundle, worker, image_raw) {
+                (Some(model), _, Some(p), _) => {
+                    bench_model_worker(&model, p, ort_lib, &settings, &dims)
+                }
+                (Some(model), ..) => bench_model(
+                    &model,
+                    &providers,
+                    &settings,
+                    &dims,
+                    ort_lib,
+                    out.as_deref(),
+                ),
+                (None, Some(bundle), Some(p), Some(raw)) => {
+                    bench_worker(&bundle, p, ort_lib, &settings, &raw)
+                }
+                // clap requires one of --bundle and --model.
+                (None, None, ..) => Err(anyhow::anyhow!("bench needs --bundle or --model")),
+                (None, Some(bundle), ..) => bench(BenchArgs {
                     bundle: &bundle,
                     providers: &providers,
                     settings: &settings,
