@@ -105,6 +105,7 @@ impl Captioner {
         let tokenizer = bundle
             .load_tokenizer()
             .map_err(|(path, reason)| CaptionError::Tokenizer { path, reason })?;
+        engines.preload::<CaptionError>(&[Graph::VisionEncoder, Graph::CaptionDecoder])?;
         let (vision, r1) = engines.get::<CaptionError>(Graph::VisionEncoder)?;
         let (decoder, r2) = engines.get::<CaptionError>(Graph::CaptionDecoder)?;
         let layers = m.model.decoder_layers;

@@ -209,6 +209,18 @@ impl Classifier {
         let spec = m.restore.clone().ok_or(ClassifyError::NoRestorer)?;
         let schedule = NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())?;
         let embed_dim = m.model.embed_dim;
+        // Those the bundle has, in parallel; a missing one is refused below with its own error.
+        let present: Vec<Graph> = [
+            Graph::VisionEncoder,
+            Graph::TextEncoder,
+            Graph::RestorerT2i,
+            Graph::RestorerI2t,
+            Graph::FusionHead,
+        ]
+        .into_iter()
+        .filter(|&g| bundle.graph(g).is_some())
+        .collect();
+        engines.preload::<ClassifyError>(&present)?;
         let embedder = Embedder::with_engines(engines)?;
         if !embedder.embeds_text() {
             return Err(EmbedError::NoTextEncoder.into());

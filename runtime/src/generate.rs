@@ -146,6 +146,7 @@ impl Generator {
             .load_tokenizer()
             .map_err(|(path, reason)| GenerateError::Tokenizer { path, reason })?;
         let schedule = NoiseSchedule::from_alphas_cumprod(spec.alphas_cumprod.clone())?;
+        engines.preload::<GenerateError>(&[Graph::TextEncoder, Graph::Denoiser])?;
         let (text, r1) = engines.get::<GenerateError>(Graph::TextEncoder)?;
         let (denoiser, r2) = engines.get::<GenerateError>(Graph::Denoiser)?;
         Ok(Generator {

@@ -210,3 +210,51 @@ fn pipelines_built_from_one_engine_set_share_each_graph() {
         .is_ok());
     assert_eq!(engines.loaded(), 2);
 }
+
+/// `EngineSet::preload` loads the graphs not loaded yet, each on its own thread: the same
+/// engines a sequential load gives, reused by later pipelines; a graph that fails is the first
+/// error in the caller's order, and the graphs that loaded are kept.
+#[test]
+fn preloading_in_parallel_keeps_order_and_what_loaded() {
+    use duet_runtime::manifest::Graph;
+    use duet_runtime::EngineSet;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    caption_bundle(dir.path(), -100.0);
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let tract = ProviderChoice::Only(Provider::Tract);
+    let mut engines = EngineSet::new(&bundle, tract, &options());
+    // The denoiser is not in a caption bundle: the first failing graph in the order given.
+    let e = engines
+        .preload::<duet_runtime::Error>(&[
+            Graph::VisionEncoder,
+            Graph::Denoiser,
+            Graph::CaptionDecoder,
+            Graph::TextEncoder,
+        ])
+        .unwrap_err();
+    assert!(e.to_string().contains("denoiser"), "{e}");
+    assert_eq!(engines.loaded(), 2, "both caption graphs loaded and kept");
+    let (v1, _) = engines
+        .get::<duet_runtime::Error>(Graph::VisionEncoder)
+        .unwrap();
+    let captioner = Captioner::with_engines(&mut engines).unwrap();
+    assert_eq!(
+        engines.loaded(),
+        2,
+        "the captioner reused the preloaded graphs"
+    );
+    let (v2, _) = engines
+        .get::<duet_runtime::Error>(Graph::VisionEncoder)
+        .unwrap();
+    assert!(Arc::ptr_eq(&v1, &v2));
+    // And answers as a captioner built on its own.
+    let img = RgbImage::from_fn(8, 8, |x, y| Rgb([(x * 30) as u8, (y * 30) as u8, 90]));
+    let alone = Captioner::new(&bundle, tract, &options()).unwrap();
+    assert_eq!(
+        captioner
+            .caption_images(std::slice::from_ref(&img))
+            .unwrap(),
+        alone.caption_images(&[img]).unwrap()
+    );
+}

@@ -69,30 +69,8 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
     };
     let mut results: Vec<ProviderBench> = Vec::new();
     let mut skipped: Vec<(String, String)> = Vec::new();
-    let mut record = |name: String, out: std::io::Result<std::process::Output>| match out {
-        Ok(o) if o.status.success() => match serde_json::from_slice::<ProviderBench>(&o.stdout) {
-            Ok(r) => {
-                eprintln!("{name}: done");
-                results.push(r)
-            }
-            Err(e) => skipped.push((name, format!("unreadable result: {e}"))),
-        },
-        Ok(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            let why = err
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("failed without a message")
-                .trim_start_matches("error: ")
-                .to_string();
-            eprintln!("{name}: not measured: {why}");
-            skipped.push((name, why));
-        }
-        Err(e) => {
-            eprintln!("{name}: not measured: {e}");
-            skipped.push((name, e.to_string()))
-        }
+    let mut record = |name: String, out: std::io::Result<std::process::Output>| {
+        record_child(name, out, &mut results, &mut skipped)
     };
     for p in args.providers {
         eprintln!("{p}: measuring in a child process");
@@ -194,25 +172,7 @@ pub(crate) fn bench_model(
             cmd.arg("--ort-lib").arg(lib);
         }
         die_with_parent(&mut cmd);
-        match cmd.output() {
-            Ok(o) if o.status.success() => match serde_json::from_slice::<ModelBench>(&o.stdout) {
-                Ok(r) => results.push(r),
-                Err(e) => skipped.push((p.to_string(), format!("unreadable result: {e}"))),
-            },
-            Ok(o) => {
-                let err = String::from_utf8_lossy(&o.stderr);
-                let why = err
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("failed without a message")
-                    .trim_start_matches("error: ")
-                    .to_string();
-                eprintln!("{p}: not measured: {why}");
-                skipped.push((p.to_string(), why));
-            }
-            Err(e) => skipped.push((p.to_string(), e.to_string())),
-        }
+        record_child(p.to_string(), cmd.output(), &mut results, &mut skipped);
     }
     if results.is_empty() {
         let reasons: Vec<String> = skipped.iter().map(|(p, w)| format!("{p}: {w}")).collect();
@@ -232,6 +192,36 @@ pub(crate) fn bench_model(
         eprintln!("wrote {}", out.display());
     }
     Ok(())
+}
+
+/// A measuring child's result: its JSON into `results`, or the last line of its error (or
+/// why it could not start) into `skipped`, said on stderr as it comes.
+fn record_child<T: serde::de::DeserializeOwned>(
+    name: String,
+    out: std::io::Result<std::process::Output>,
+    results: &mut Vec<T>,
+    skipped: &mut Vec<(String, String)>,
+) {
+    let why = match out {
+        Ok(o) if o.status.success() => match serde_json::from_slice::<T>(&o.stdout) {
+            Ok(r) => {
+                eprintln!("{name}: done");
+                results.push(r);
+                return;
+            }
+            Err(e) => format!("unreadable result: {e}"),
+        },
+        Ok(o) => String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("failed without a message")
+            .trim_start_matches("error: ")
+            .to_string(),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("{name}: not measured: {why}");
+    skipped.push((name, why));
 }
 
 /// One provider of `bench --model`, in its own process: JSON on stdout.
