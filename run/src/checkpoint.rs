@@ -33,7 +33,16 @@ pub enum CheckpointError {
     },
     #[error("{path}: {reason}")]
     Json { path: PathBuf, reason: String },
+    /// Not a regular file, over its cap, or unreadable.
+    #[error(transparent)]
+    Read(#[from] duet_fsio::ReadError),
 }
+
+/// Largest run `config.json` / `state.json` read.
+pub const JSON_FILE_CAP: duet_fsio::Cap = duet_fsio::Cap::new(64 << 20, "a run's JSON file");
+/// Largest `model.safetensors` read (the small preset's is a few MB; generous for larger runs,
+/// small enough that a damaged or hostile run cannot make a reader allocate without end).
+pub const WEIGHTS_FILE_CAP: duet_fsio::Cap = duet_fsio::Cap::new(4 << 30, "a run's weights");
 
 /// Training progress saved next to the weights so `--resume` continues where it stopped.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -75,10 +84,7 @@ pub fn save_weights(path: &Path, tensors: &NamedTensors) -> Result<(), Checkpoin
 }
 
 pub fn load_weights(path: &Path) -> Result<NamedTensors, CheckpointError> {
-    let data = std::fs::read(path).map_err(|source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let data = duet_fsio::read_capped(path, WEIGHTS_FILE_CAP, duet_fsio::Follow::Yes)?;
     let st =
         safetensors::SafeTensors::deserialize(&data).map_err(|e| CheckpointError::Safetensors {
             path: path.to_path_buf(),
@@ -121,12 +127,45 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), Checkpoint
 }
 
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, CheckpointError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = duet_fsio::read_capped_text(path, JSON_FILE_CAP, duet_fsio::Follow::Yes)?;
     serde_json::from_str(&text).map_err(|e| CheckpointError::Json {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run's files are read as regular files under their caps: a directory (or a link where
+    /// one is not followed, or a huge file) is a typed error, never a read without end.
+    #[test]
+    fn run_files_are_read_as_capped_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = TrainState {
+            step: 3,
+            seed: 1,
+            last_loss: 0.5,
+        };
+        let path = dir.path().join(STATE_FILE);
+        write_json(&path, &state).unwrap();
+        assert_eq!(read_json::<TrainState>(&path).unwrap(), state);
+        let folder = dir.path().join("model.safetensors");
+        std::fs::create_dir(&folder).unwrap();
+        for err in [
+            read_json::<TrainState>(&folder).map(drop).unwrap_err(),
+            load_weights(&folder).map(drop).unwrap_err(),
+        ] {
+            assert!(
+                matches!(
+                    err,
+                    CheckpointError::Read(duet_fsio::ReadError::NotRegular { .. })
+                ),
+                "{err}"
+            );
+        }
+        let missing = read_json::<TrainState>(&dir.path().join("none.json")).unwrap_err();
+        assert!(missing.to_string().contains("does not exist"), "{missing}");
+    }
 }

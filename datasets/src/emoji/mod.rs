@@ -259,6 +259,9 @@ pub enum EmojiError {
     NotADataset { path: PathBuf },
     #[error(transparent)]
     Data(#[from] DataError),
+    /// A file that is not a regular file, over its cap, or unreadable.
+    #[error(transparent)]
+    Read(#[from] duet_fsio::ReadError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EmojiError + '_ {
@@ -454,7 +457,8 @@ fn write_into(
 /// Reads `dataset.json` of a folder written by [`write_emoji_dataset`].
 pub fn load_emoji_info(dir: &Path) -> Result<EmojiSummary, EmojiError> {
     let path = dir.join("dataset.json");
-    let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+    let cap = duet_fsio::Cap::new(16 << 20, "a dataset.json");
+    let text = duet_fsio::read_capped_text(&path, cap, duet_fsio::Follow::Yes)?;
     let summary: EmojiSummary = serde_json::from_str(&text).map_err(|source| {
         EmojiError::Data(DataError::JsonFile {
             path: path.clone(),
