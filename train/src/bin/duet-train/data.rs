@@ -100,16 +100,10 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
             .unwrap_or(tiny.max_len),
         from: model.as_ref().and(args.tokenizer.clone()),
     };
-    if target.side > duet_models::MAX_IMAGE_SIZE {
-        anyhow::bail!(
-            "the model's image size {} is over the limit of {}",
-            target.side,
-            duet_models::MAX_IMAGE_SIZE
-        );
-    }
     let opts = ReadOptions {
         split: None,
-        side: target.side as u32, // at most MAX_IMAGE_SIZE
+        // At most MAX_IMAGE_SIZE: the flag is bounded by clap, a model's size by its `validate`.
+        side: target.side as u32,
         fit: target.fit,
         max_len: target.max_len,
         tokenizer: tokenizer.as_ref(),
