@@ -97,3 +97,11 @@ mv "$final/retrieval.png" "$final/retrieval-train-first382.png"
 
 echo "== export to $bundle"
 "$bin/duet-export" --run runs/small-restore --out "$bundle"
+
+echo "== compressed variants (fp16, int8) and their task metrics, through the runtime"
+# Each variant is checked on onnxruntime and tract against its fp32 graph; the caption exact
+# match (data/sw-val), the GenEval-style score (50 prompts per category, 20 steps) and the
+# classification accuracy with 70 % of the pairs missing a modality (1,000 examples) of fp32,
+# fp16 and int8 go into the manifest (`duet info --bundle` lists them).
+"$bin/duet-export" quantize --bundle "$bundle" --precision fp16,int8 --eval-data data/sw-val \
+    --geneval 50 --sampler dpmpp --steps 20 --restore-examples 1000

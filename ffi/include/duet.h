@@ -87,6 +87,11 @@ typedef struct DuetRuntimeOptions {
   // matrix-product pool), at most [`DUET_MAX_THREADS`]; 0 keeps each engine's own default
   // (onnxruntime one per physical core, tract one).
   uint32_t threads;
+  // Which of the bundle's graph files to run: `"fp32"` (the exported graphs), `"fp16"` or
+  // `"int8"` (compressed variants, when the bundle has them: `duet-export quantize`); NULL
+  // means `"fp32"`. A precision the bundle lacks is `DUET_STATUS_UNSUPPORTED`, naming those
+  // it has; [`duet_provider_report`] names it beside each graph (`denoiser (int8): …`).
+  const char *precision;
 } DuetRuntimeOptions;
 
 // How `duet_generate_rgb` samples. Start from `duet_generate_defaults` (the bundle's

@@ -24,6 +24,7 @@ use std::ptr;
 
 use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::{EngineOptions, ProviderChoice};
+use duet_runtime::manifest::{ParsePrecisionError, Precision};
 use duet_runtime::{
     preprocess, Bundle, Captioner, Classifier, ClassifyError, EngineSet, ErrorKind, GenerateError,
     GenerateOptions, Generator, Modality,
@@ -256,6 +257,11 @@ pub struct DuetRuntimeOptions {
     /// matrix-product pool), at most [`DUET_MAX_THREADS`]; 0 keeps each engine's own default
     /// (onnxruntime one per physical core, tract one).
     pub threads: u32,
+    /// Which of the bundle's graph files to run: `"fp32"` (the exported graphs), `"fp16"` or
+    /// `"int8"` (compressed variants, when the bundle has them: `duet-export quantize`); NULL
+    /// means `"fp32"`. A precision the bundle lacks is `DUET_STATUS_UNSUPPORTED`, naming those
+    /// it has; [`duet_provider_report`] names it beside each graph (`denoiser (int8): …`).
+    pub precision: *const c_char,
 }
 
 /// The most threads [`DuetRuntimeOptions::threads`] accepts.
@@ -266,8 +272,9 @@ fn create_runtime(
     dir: PathBuf,
     choice: ProviderChoice,
     options: &EngineOptions,
+    precision: Precision,
 ) -> Result<DuetRuntime, Failure> {
-    let bundle = Bundle::open(&dir).map_err(|e| {
+    let bundle = Bundle::open_for(&dir, precision).map_err(|e| {
         Failure::new(
             e.kind().into(),
             format!("opening bundle {}: {e}", dir.display()),
@@ -348,7 +355,12 @@ pub unsafe extern "C" fn duet_runtime_create(
             strict,
             ..EngineOptions::default()
         };
-        *out = Box::into_raw(Box::new(create_runtime(dir, choice, &options)?));
+        *out = Box::into_raw(Box::new(create_runtime(
+            dir,
+            choice,
+            &options,
+            Precision::Fp32,
+        )?));
         Ok(())
     })
 }
@@ -372,8 +384,12 @@ pub unsafe extern "C" fn duet_runtime_create_with_options(
         out_arg(out, "out")?;
         *out = ptr::null_mut();
         let dir = PathBuf::from(str_arg(bundle_dir, "bundle_dir")?);
-        let (choice, engine) = match options.as_ref() {
-            None => (ProviderChoice::Auto, EngineOptions::default()),
+        let (choice, engine, precision) = match options.as_ref() {
+            None => (
+                ProviderChoice::Auto,
+                EngineOptions::default(),
+                Precision::Fp32,
+            ),
             Some(o) => {
                 let path = |p: *const c_char, name: &str| -> Result<Option<PathBuf>, Failure> {
                     if p.is_null() {
@@ -400,10 +416,23 @@ pub unsafe extern "C" fn duet_runtime_create_with_options(
                 engine.tensorrt.fp16 = o.tensorrt_fp16;
                 engine.tensorrt.engine_cache =
                     path(o.tensorrt_cache_dir, "options.tensorrt_cache_dir")?;
-                (provider_arg(o.provider, "options.provider")?, engine)
+                let precision = if o.precision.is_null() {
+                    Precision::Fp32
+                } else {
+                    str_arg(o.precision, "options.precision")?.parse().map_err(
+                        |e: ParsePrecisionError| {
+                            Failure::new(DuetStatus::InvalidArgument, e.to_string())
+                        },
+                    )?
+                };
+                (
+                    provider_arg(o.provider, "options.provider")?,
+                    engine,
+                    precision,
+                )
             }
         };
-        *out = Box::into_raw(Box::new(create_runtime(dir, choice, &engine)?));
+        *out = Box::into_raw(Box::new(create_runtime(dir, choice, &engine, precision)?));
         Ok(())
     })
 }

@@ -240,6 +240,7 @@ fn options_name_the_provider_and_the_onnxruntime_library() {
         tensorrt_fp16: false,
         tensorrt_cache_dir: ptr::null(),
         threads: 0,
+        precision: ptr::null(),
     };
 
     // NULL options and all-zero options are the defaults: auto, not strict.
@@ -348,6 +349,68 @@ fn options_name_the_provider_and_the_onnxruntime_library() {
         unsafe { duet_runtime_create_with_options(ptr::null(), &none, &mut rt, ptr::null_mut()) };
     assert_eq!(status, DuetStatus::NullPointer);
     assert!(rt.is_null());
+}
+
+#[test]
+fn the_precision_option_picks_a_variant_or_names_the_ones_there_are() {
+    use duet_runtime::bundle::sha256_hex;
+    use duet_runtime::manifest::{Graph, Precision, VariantSpec};
+    let dir = bundle();
+    let path = dir.path().to_str().unwrap();
+    let tract = cstr("tract");
+    let options = |precision: *const std::ffi::c_char| DuetRuntimeOptions {
+        provider: tract.as_ptr(),
+        strict: false,
+        ort_library: ptr::null(),
+        tensorrt_fp16: false,
+        tensorrt_cache_dir: ptr::null(),
+        threads: 0,
+        precision,
+    };
+    let (s, rt, e) = create_with(path, Some(&options(ptr::null())));
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    let baseline = caption_of(rt);
+    assert!(report(rt).contains("caption_decoder: running on tract"));
+    unsafe { duet_runtime_destroy(rt) };
+
+    // A precision the bundle lacks: unsupported, naming what it has; an unknown name: an
+    // argument error.
+    let int8 = cstr("int8");
+    let (s, rt, e) = create_with(path, Some(&options(int8.as_ptr())));
+    assert_eq!(s, DuetStatus::Unsupported);
+    assert!(rt.is_null());
+    assert!(e.unwrap().contains("no int8 variant (it has: fp32)"));
+    let int4 = cstr("int4");
+    let (s, rt, e) = create_with(path, Some(&options(int4.as_ptr())));
+    assert_eq!(s, DuetStatus::InvalidArgument);
+    assert!(rt.is_null());
+    assert!(e.unwrap().contains("unknown precision `int4`"));
+
+    // With an int8 variant (here the fp32 graphs under the variant's names: what is tested is
+    // which files load; real quantised graphs are the e2e suite's): it loads and says so.
+    let mut m = Bundle::open(dir.path()).unwrap().manifest().clone();
+    let mut files = std::collections::BTreeMap::new();
+    for g in m.graphs.clone() {
+        let bytes = std::fs::read(dir.path().join(&g.file)).unwrap();
+        let name = g.file.replace(".onnx", ".int8.onnx");
+        std::fs::write(dir.path().join(&name), &bytes).unwrap();
+        m.files.insert(name.clone(), sha256_hex(&bytes));
+        files.insert(g.name, name);
+    }
+    assert!(files.contains_key(&Graph::CaptionDecoder));
+    m.variants.push(VariantSpec {
+        precision: Precision::Int8,
+        method: "copies".into(),
+        files,
+        agreement: Default::default(),
+        metrics: Default::default(),
+    });
+    common::write_manifest(dir.path(), &m);
+    let (s, rt, e) = create_with(path, Some(&options(int8.as_ptr())));
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    assert!(report(rt).contains("caption_decoder (int8): running on tract"));
+    assert_eq!(caption_of(rt), baseline);
+    unsafe { duet_runtime_destroy(rt) };
 }
 
 #[test]

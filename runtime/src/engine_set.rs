@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::bundle::{Bundle, BundleError};
 use crate::engine::{Engine, EngineError, EngineOptions, ProviderChoice, ProviderReport};
 use crate::graph::Graph;
+use crate::manifest::Precision;
 
 /// Graphs of one bundle, each loaded on first use with one provider choice and options.
 pub struct EngineSet<'b> {
@@ -155,7 +156,23 @@ impl LoadError {
 /// Loads `graph` of `bundle` and checks its real inputs and outputs against the manifest.
 fn load(bundle: &Bundle, graph: Graph, choice: ProviderChoice, options: &EngineOptions) -> Loaded {
     let bytes = bundle.graph_bytes(graph)?;
-    let (engine, report) = Engine::load_bytes(bytes, graph.name(), choice, options)?;
+    // The name reports and errors carry: a variant says its precision.
+    let name = match bundle.precision() {
+        Precision::Fp32 => graph.name().to_string(),
+        p => format!("{graph} ({p})"),
+    };
+    let (engine, report) = Engine::load_bytes(bytes, &name, choice, options)?;
+    if bundle.precision() == Precision::Int8 && engine.provider() == crate::engine::Provider::Tract
+    {
+        // Measured (docs/BENCHMARKS.md): tract 0.23 expands DynamicQuantizeLinear and
+        // MatMulInteger into generic ops (579 → 1852 nodes in the denoiser) and runs the int8
+        // bundle about 3x slower than fp32; onnxruntime fuses them and gains 1.6-1.8x.
+        tracing::warn!(
+            graph = %graph,
+            "int8 on tract runs slower than fp32 or fp16 (tract does not fuse dynamic \
+             quantisation); its gain is on onnxruntime"
+        );
+    }
     bundle.check_loaded_graph(graph, engine.inputs(), engine.outputs())?;
     Ok((engine, report))
 }

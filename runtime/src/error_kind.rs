@@ -23,7 +23,11 @@ pub enum ErrorKind {
 
 impl crate::BundleError {
     pub fn kind(&self) -> ErrorKind {
-        ErrorKind::Bundle
+        match self {
+            // The bundle is fine; it just lacks what was asked of it.
+            crate::BundleError::MissingPrecision { .. } => ErrorKind::Unsupported,
+            _ => ErrorKind::Bundle,
+        }
     }
 }
 

@@ -47,6 +47,15 @@ pub struct Manifest {
     /// [`Graph::RestorerT2i`], [`Graph::RestorerI2t`] and [`Graph::FusionHead`] graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreSpec>,
+    /// Compressed copies of every graph (fp16, int8), each with its own files and measured task
+    /// metrics; the graphs above are the fp32 originals. Empty in a bundle without variants
+    /// (and ignored by runtimes that predate them: the fp32 graphs stay where they were).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<VariantSpec>,
+    /// Task metrics of the fp32 graphs measured through the runtime, by the evaluation that
+    /// also scored each variant (`duet-export quantize --eval-data`); empty when not measured.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
     /// Training provenance (command, config, data, seed, metrics); free-form.
     #[serde(default)]
     pub provenance: serde_json::Value,
@@ -56,6 +65,18 @@ impl Manifest {
     /// The bundle's `graph`, if it has one.
     pub fn graph(&self, graph: Graph) -> Option<&GraphSpec> {
         self.graphs.iter().find(|g| g.name == graph)
+    }
+
+    /// The variant of `precision`, if the bundle has one (fp32 is the graphs themselves).
+    pub fn variant(&self, precision: Precision) -> Option<&VariantSpec> {
+        self.variants.iter().find(|v| v.precision == precision)
+    }
+
+    /// Every precision the bundle can run at: fp32, then its variants in manifest order.
+    pub fn precisions(&self) -> Vec<Precision> {
+        std::iter::once(Precision::Fp32)
+            .chain(self.variants.iter().map(|v| v.precision))
+            .collect()
     }
 
     /// Pretty JSON, the form written to `manifest.json`.
@@ -288,6 +309,91 @@ impl From<&str> for DimSpec {
     fn from(s: &str) -> Self {
         DimSpec::Symbolic(s.to_string())
     }
+}
+
+/// Numeric precision of a bundle's graph files: what `--precision` (and the C ABI's
+/// `precision` option) choose between. Inputs and outputs stay f32 at every precision; only
+/// the weights (and, for int8, the matrix products) change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// The exported graphs as trained.
+    Fp32,
+    /// Weights stored as IEEE half floats, widened to f32 when the graph loads: half the
+    /// download, the same arithmetic.
+    Fp16,
+    /// Matrix-product weights stored as int8 (symmetric, one scale per output channel) and
+    /// multiplied in integer arithmetic against activations quantised to u8 at run time
+    /// (ONNX `DynamicQuantizeLinear` + `MatMulInteger`).
+    Int8,
+}
+
+impl Precision {
+    /// Every precision, in the order bundles list them.
+    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Fp16, Precision::Int8];
+
+    /// The name in manifests, file names and options (`fp32`, `fp16`, `int8`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A precision name that is none of [`Precision::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown precision `{0}` (expected fp32, fp16 or int8)")]
+pub struct ParsePrecisionError(pub String);
+
+impl std::str::FromStr for Precision {
+    type Err = ParsePrecisionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| ParsePrecisionError(s.to_string()))
+    }
+}
+
+/// One compressed copy of a bundle's graphs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VariantSpec {
+    /// fp16 or int8 (never fp32: those are [`Manifest::graphs`]).
+    pub precision: Precision,
+    /// How the files were made, in words (what was converted, what was kept in f32).
+    pub method: String,
+    /// Graph → its file at this precision; every graph of the bundle, each file listed in
+    /// [`Manifest::files`]. Inputs and outputs are those of the fp32 graph.
+    pub files: BTreeMap<Graph, String>,
+    /// Numerical distance to the fp32 graphs, per graph, on the exporter's check inputs.
+    #[serde(default)]
+    pub agreement: BTreeMap<Graph, VariantAgreement>,
+    /// Task metrics measured through the runtime at this precision (the same evaluation as
+    /// [`Manifest::metrics`] of the fp32 graphs), name → value; empty when not measured.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// How far one variant graph's outputs are from the fp32 graph's on the same inputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VariantAgreement {
+    /// Largest |variant − fp32| over every output, on onnxruntime (CPU).
+    pub ort_max_abs_diff: f64,
+    /// The same on tract.
+    pub tract_max_abs_diff: f64,
+    /// Largest |fp32 output| on those inputs, the scale the differences are read against.
+    pub fp32_max_abs: f64,
+    /// How many input sets were compared.
+    pub inputs_checked: usize,
 }
 
 /// Export-time numerical agreement of a graph with the Burn model it was built from.

@@ -4,7 +4,7 @@ use duet_testkit as common;
 
 use common::*;
 use duet_runtime::bundle::is_plain_file_name;
-use duet_runtime::manifest::{DType, DimSpec, Graph, Manifest, Parity};
+use duet_runtime::manifest::{DType, DimSpec, Graph, Manifest, Parity, Precision, VariantSpec};
 use duet_runtime::{Bundle, BundleError};
 
 /// A valid bundle whose graph files are small placeholders (hashes are all `open` checks).
@@ -300,4 +300,161 @@ fn restoration_is_all_or_nothing() {
         .manifest()
         .restore
         .is_none());
+}
+
+/// `small_bundle` with an int8 variant: its two files written and listed.
+fn bundle_with_variant(dir: &std::path::Path) -> Manifest {
+    use duet_runtime::bundle::sha256_hex;
+    let mut m = small_bundle(dir);
+    let mut files = std::collections::BTreeMap::new();
+    for (graph, file, bytes) in [
+        (
+            Graph::VisionEncoder,
+            "vision_encoder.int8.onnx",
+            &b"vision8"[..],
+        ),
+        (
+            Graph::CaptionDecoder,
+            "caption_decoder.int8.onnx",
+            &b"decoder8"[..],
+        ),
+    ] {
+        std::fs::write(dir.join(file), bytes).unwrap();
+        m.files.insert(file.to_string(), sha256_hex(bytes));
+        files.insert(graph, file.to_string());
+    }
+    m.variants.push(VariantSpec {
+        precision: Precision::Int8,
+        method: "test".into(),
+        files,
+        agreement: Default::default(),
+        metrics: [("shapeworld_caption_exact_match".to_string(), 0.5)].into(),
+    });
+    write_manifest(dir, &m);
+    m
+}
+
+#[test]
+fn a_precision_selects_its_variant_files_and_a_missing_one_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = bundle_with_variant(dir.path());
+    let b = Bundle::open(dir.path()).unwrap();
+    assert_eq!(b.manifest(), &m);
+    assert_eq!(b.precision(), Precision::Fp32);
+    assert_eq!(&b.graph_bytes(Graph::VisionEncoder).unwrap()[..], b"vision");
+    let int8 = b.clone().with_precision(Precision::Int8).unwrap();
+    assert_eq!(int8.precision(), Precision::Int8);
+    assert_eq!(
+        &int8.graph_bytes(Graph::VisionEncoder).unwrap()[..],
+        b"vision8"
+    );
+    assert_eq!(
+        &int8.graph_bytes(Graph::CaptionDecoder).unwrap()[..],
+        b"decoder8"
+    );
+    assert!(int8
+        .graph_path(Graph::CaptionDecoder)
+        .unwrap()
+        .ends_with("caption_decoder.int8.onnx"));
+    let e = b.with_precision(Precision::Fp16).unwrap_err();
+    assert!(
+        matches!(&e, BundleError::MissingPrecision { precision: Precision::Fp16, available }
+            if *available == [Precision::Fp32, Precision::Int8]),
+        "{e:?}"
+    );
+    assert_eq!(e.kind(), duet_runtime::ErrorKind::Unsupported);
+    assert!(e.to_string().contains("it has: fp32, int8"), "{e}");
+    // Names on the command line and in the C ABI.
+    assert_eq!("int8".parse::<Precision>().unwrap(), Precision::Int8);
+    assert!("int4".parse::<Precision>().is_err());
+}
+
+#[test]
+fn inconsistent_variants_are_refused_at_open() {
+    type Damage = fn(&mut Manifest);
+    let cases: [(Damage, &str); 5] = [
+        (
+            |m| m.variants[0].precision = Precision::Fp32,
+            "variants[fp32]",
+        ),
+        (|m| m.variants.push(m.variants[0].clone()), "variants[int8]"),
+        (
+            |m| {
+                m.variants[0].files.remove(&Graph::CaptionDecoder);
+            },
+            "variants[int8].files",
+        ),
+        (
+            // The fp32 graph's own file given as the variant's: one set of bytes as two things.
+            |m| {
+                m.variants[0]
+                    .files
+                    .insert(Graph::VisionEncoder, "vision_encoder.onnx".into());
+            },
+            "variants[int8].files[vision_encoder]",
+        ),
+        (
+            |m| {
+                m.variants[0]
+                    .files
+                    .insert(Graph::TextEncoder, "text.int8.onnx".into());
+            },
+            "variants[int8].files[text_encoder]",
+        ),
+    ];
+    for (damage, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = bundle_with_variant(dir.path());
+        damage(&mut m);
+        write_manifest(dir.path(), &m);
+        match Bundle::open(dir.path()) {
+            Err(BundleError::BadManifest { field, .. }) => assert_eq!(field, want),
+            other => panic!("{want}: {other:?}"),
+        }
+    }
+    // An unlisted variant file.
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = bundle_with_variant(dir.path());
+    m.files.remove("caption_decoder.int8.onnx");
+    write_manifest(dir.path(), &m);
+    match Bundle::open(dir.path()) {
+        Err(BundleError::BadManifest { field, reason }) => {
+            assert_eq!(field, "variants[int8].files[caption_decoder]");
+            assert!(reason.contains("not listed"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn open_for_reads_only_the_files_of_its_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    bundle_with_variant(dir.path());
+    // The fp32 graphs gone: a bundle opened for int8 never reads them.
+    std::fs::remove_file(dir.path().join("vision_encoder.onnx")).unwrap();
+    std::fs::remove_file(dir.path().join("caption_decoder.onnx")).unwrap();
+    let int8 = Bundle::open_for(dir.path(), Precision::Int8).unwrap();
+    assert_eq!(int8.precision(), Precision::Int8);
+    assert_eq!(
+        &int8.graph_bytes(Graph::CaptionDecoder).unwrap()[..],
+        b"decoder8"
+    );
+    assert!(int8.file_bytes("caption_decoder.onnx").is_none());
+    // Switching to a precision whose files were not read is refused, not a silent fallback.
+    match int8.with_precision(Precision::Fp32) {
+        Err(BundleError::BadManifest { reason, .. }) => {
+            assert!(reason.contains("opened for int8 only"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Everything else is still verified: fp32 needs the missing files, open needs all.
+    assert!(matches!(
+        Bundle::open_for(dir.path(), Precision::Fp32),
+        Err(BundleError::File(_) | BundleError::MissingFile { .. } | BundleError::Io { .. })
+    ));
+    assert!(Bundle::open(dir.path()).is_err());
+    assert!(matches!(
+        Bundle::open_for(dir.path(), Precision::Fp16),
+        Err(BundleError::MissingPrecision { .. })
+    ));
 }

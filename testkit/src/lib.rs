@@ -718,6 +718,8 @@ pub fn write_bundle(dir: &Path, spec: &ModelSpec, files: &[(&str, Vec<u8>)]) -> 
         },
         graphs: contract_graphs(spec),
         files: hashes,
+        variants: Vec::new(),
+        metrics: Default::default(),
         provenance: serde_json::json!({"command": "cargo test", "seed": 7}),
         diffusion: None,
         restore: None,

@@ -307,6 +307,8 @@ fn export_dir(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
             },
             graphs,
             files,
+            variants: Vec::new(),
+            metrics: Default::default(),
             provenance: provenance(opts),
             diffusion: generator.map(|g| DiffusionSpec {
                 prediction: g.prediction,
@@ -502,7 +504,7 @@ fn unlisted_entries(dir: &Path) -> Result<Vec<String>, ExportError> {
 /// empty, or a bundle (has a manifest) holding nothing its manifest does not list: anything
 /// else is a user's directory or a user's files (a model card next to the graphs), never
 /// deleted.
-fn publish(staging: duet_fsio::TempDir, out: &Path) -> Result<(), ExportError> {
+pub(crate) fn publish(staging: duet_fsio::TempDir, out: &Path) -> Result<(), ExportError> {
     if out.exists() {
         let is_bundle = out.join(MANIFEST_FILE).is_file();
         let is_empty = std::fs::read_dir(out)

@@ -703,7 +703,7 @@ fn f32_tensor(name: &str, shape: &[usize], data: &[f32]) -> TensorProto {
     }
 }
 
-fn attr_int(name: &str, i: i64) -> AttributeProto {
+pub(crate) fn attr_int(name: &str, i: i64) -> AttributeProto {
     AttributeProto {
         name: name.to_owned(),
         r#type: AttributeType::Int as i32,

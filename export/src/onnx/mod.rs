@@ -50,6 +50,10 @@ pub enum ExportError {
     DuplicateName(String),
     #[error("cannot load training run {path}: {reason}")]
     LoadRun { path: PathBuf, reason: String },
+    #[error("cannot make a compressed variant of `{graph}`: {reason}")]
+    Quantize { graph: String, reason: String },
+    #[error("task evaluation failed: {reason}")]
+    Evaluate { reason: String },
     #[error("parity check of `{graph}` could not run: {reason}")]
     Parity { graph: String, reason: String },
     #[error("parity failed for `{graph}` on {backend}: max |Δ| {diff:.3e} at {output} exceeds the tolerance {tolerance:.1e}; no bundle was written")]

@@ -25,7 +25,9 @@ use thiserror::Error;
 pub use crate::display::escape_controls;
 use crate::engine::{IoInfo, MODEL_FILE_CAP};
 
-use crate::manifest::{DimSpec, Graph, GraphSpec, Manifest, MANIFEST_FILE, SCHEMA_VERSION};
+use crate::manifest::{
+    DimSpec, Graph, GraphSpec, Manifest, Precision, MANIFEST_FILE, SCHEMA_VERSION,
+};
 
 pub mod archive;
 mod contract;
@@ -64,6 +66,16 @@ pub enum BundleError {
     /// A single-file bundle that is not a plain archive of plain files.
     #[error("single-file bundle {} refused: {reason}", path.display())]
     Archive { path: PathBuf, reason: String },
+    /// A precision asked for that the bundle has no variant of.
+    #[error(
+        "the bundle has no {precision} variant (it has: {}); make one with `duet-export \
+         quantize --bundle BUNDLE --precision {precision}`",
+        available.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+    )]
+    MissingPrecision {
+        precision: Precision,
+        available: Vec<Precision>,
+    },
     #[error("{} is not valid manifest JSON: {source}", path.display())]
     Json {
         path: PathBuf,
@@ -123,6 +135,8 @@ pub struct Bundle {
     /// `manifest.json` as read (what [`archive::pack`] and [`archive::unpack`] write back).
     manifest_text: Arc<str>,
     files: Arc<BTreeMap<String, Arc<[u8]>>>,
+    /// Which files [`Bundle::graph_bytes`] hands out: the fp32 graphs or a variant's.
+    precision: Precision,
 }
 
 impl fmt::Debug for Bundle {
@@ -142,28 +156,45 @@ impl fmt::Debug for Bundle {
 
 impl Bundle {
     /// Reads and verifies the bundle at `path`: a directory, or a single-file bundle (an
-    /// archive of the same files, see [`archive`]). See the module docs for what is checked.
+    /// archive of the same files, see [`archive`]), every file it lists (all precisions). See
+    /// the module docs for what is checked. What only runs one precision should use
+    /// [`Bundle::open_for`], which reads only that precision's files.
     pub fn open(path: impl AsRef<Path>) -> Result<Bundle, BundleError> {
-        let path = path.as_ref().to_path_buf();
+        Bundle::open_selected(path.as_ref(), None)
+    }
+
+    /// [`Bundle::open`] for running at `precision`: the manifest is verified whole, but only
+    /// the tokenizer and that precision's graph files are read and hashed (a bundle with
+    /// variants holds two or three copies of every graph; reading and hashing the others
+    /// would only slow the start). A precision the bundle lacks is
+    /// [`BundleError::MissingPrecision`].
+    pub fn open_for(path: impl AsRef<Path>, precision: Precision) -> Result<Bundle, BundleError> {
+        Bundle::open_selected(path.as_ref(), Some(precision))
+    }
+
+    fn open_selected(path: &Path, precision: Option<Precision>) -> Result<Bundle, BundleError> {
+        let path = path.to_path_buf();
         if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-            return Bundle::open_archive(path);
+            return Bundle::open_archive(path, precision);
         }
         let manifest_path = path.join(MANIFEST_FILE);
         let text = duet_fsio::read_capped_text(&manifest_path, MANIFEST_CAP, Follow::No)
             .map_err(file_error)?;
         let manifest = parse_manifest(&text, &manifest_path)?;
-        let files = read_files(&path, &manifest)?;
+        let wanted = wanted_files(&manifest, precision)?;
+        let files = read_files(&path, &manifest, &wanted)?;
         Ok(Bundle {
             dir: path,
             manifest,
             manifest_text: text.into(),
             files: Arc::new(files),
+            precision: precision.unwrap_or(Precision::Fp32),
         })
     }
 
     /// [`Bundle::open`] of a single-file bundle: every entry read from one pass over the file,
     /// then the same checks as a directory's files, on those bytes.
-    fn open_archive(path: PathBuf) -> Result<Bundle, BundleError> {
+    fn open_archive(path: PathBuf, precision: Option<Precision>) -> Result<Bundle, BundleError> {
         let mut entries = archive::read_entries(&path)?;
         let manifest_path = path.join(MANIFEST_FILE);
         let text = entries
@@ -185,8 +216,9 @@ impl Bundle {
                 ),
             });
         }
+        let wanted = wanted_files(&manifest, precision)?;
         let mut files = BTreeMap::new();
-        for (name, expected) in &manifest.files {
+        for (name, expected) in manifest.files.iter().filter(|(n, _)| wanted.contains(*n)) {
             let bytes = entries
                 .remove(name)
                 .ok_or_else(|| BundleError::MissingFile {
@@ -200,6 +232,7 @@ impl Bundle {
             manifest,
             manifest_text: text.into(),
             files: Arc::new(files),
+            precision: precision.unwrap_or(Precision::Fp32),
         })
     }
 
@@ -213,6 +246,54 @@ impl Bundle {
         &self.manifest
     }
 
+    /// The same bundle, handing out the graph files of `precision` (the fp32 graphs, or the
+    /// variant of that precision); a precision the bundle lacks is a typed error naming those
+    /// it has. Cheap: the bytes were read and verified by [`Bundle::open`].
+    pub fn with_precision(mut self, precision: Precision) -> Result<Bundle, BundleError> {
+        if precision != Precision::Fp32 && self.manifest.variant(precision).is_none() {
+            return Err(BundleError::MissingPrecision {
+                precision,
+                available: self.manifest.precisions(),
+            });
+        }
+        let needed: Vec<&String> = match self.manifest.variant(precision) {
+            Some(v) => v.files.values().collect(),
+            None => self.manifest.graphs.iter().map(|g| &g.file).collect(),
+        };
+        if let Some(missing) = needed.iter().find(|f| !self.files.contains_key(**f)) {
+            return Err(bad(
+                format!("files[{missing:?}]"),
+                format!(
+                    "not read: the bundle was opened for {} only (open it with \
+                     `Bundle::open_for(path, {precision})` or `Bundle::open`)",
+                    self.precision
+                ),
+            ));
+        }
+        self.precision = precision;
+        Ok(self)
+    }
+
+    /// The precision whose graph files [`Bundle::graph_bytes`] hands out.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The file `graph` loads from at the bundle's precision.
+    fn graph_file(&self, graph: Graph) -> Result<&str, BundleError> {
+        let g = self.require(graph)?;
+        match self.manifest.variant(self.precision) {
+            // Validated at open: a variant names a file for every graph.
+            Some(v) => v.files.get(&graph).map(String::as_str).ok_or_else(|| {
+                bad(
+                    format!("variants[{}].files", self.precision),
+                    format!("no file for graph `{graph}`"),
+                )
+            }),
+            None => Ok(&g.file),
+        }
+    }
+
     /// The bundle's `graph`, if present.
     pub fn graph(&self, graph: Graph) -> Option<&GraphSpec> {
         self.manifest.graph(graph)
@@ -224,15 +305,17 @@ impl Bundle {
             .ok_or_else(|| bad("graphs", format!("no graph named `{graph}`")))
     }
 
-    /// Path of `graph`'s ONNX file (for messages: load from [`Bundle::graph_bytes`]).
+    /// Path of `graph`'s ONNX file at the bundle's precision (for messages: load from
+    /// [`Bundle::graph_bytes`]).
     pub fn graph_path(&self, graph: Graph) -> Result<PathBuf, BundleError> {
-        Ok(self.dir.join(&self.require(graph)?.file))
+        Ok(self.dir.join(self.graph_file(graph)?))
     }
 
-    /// The verified bytes of `graph`'s ONNX file, as read and hashed by [`Bundle::open`].
+    /// The verified bytes of `graph`'s ONNX file at the bundle's precision, as read and hashed
+    /// by [`Bundle::open`].
     pub fn graph_bytes(&self, graph: Graph) -> Result<Arc<[u8]>, BundleError> {
-        let g = self.require(graph)?;
-        self.file_bytes(&g.file)
+        let file = self.graph_file(graph)?;
+        self.file_bytes(file)
             .ok_or_else(|| bad(format!("graphs[{graph}].file"), "not listed in `files`"))
     }
 
@@ -524,12 +607,39 @@ fn check_file_names(m: &Manifest) -> Result<(), BundleError> {
     Ok(())
 }
 
-/// Reads every listed file once — regular files only, symlinks not followed, each under the
+/// The listed files a bundle opened for `precision` reads: all of them for `None`; else the
+/// tokenizer and that precision's graph files (an error if the bundle has no such variant).
+fn wanted_files(
+    m: &Manifest,
+    precision: Option<Precision>,
+) -> Result<HashSet<String>, BundleError> {
+    let Some(p) = precision else {
+        return Ok(m.files.keys().cloned().collect());
+    };
+    let mut wanted = HashSet::from([m.tokenizer.file.clone()]);
+    match p {
+        Precision::Fp32 => wanted.extend(m.graphs.iter().map(|g| g.file.clone())),
+        p => {
+            let v = m.variant(p).ok_or_else(|| BundleError::MissingPrecision {
+                precision: p,
+                available: m.precisions(),
+            })?;
+            wanted.extend(v.files.values().cloned());
+        }
+    }
+    Ok(wanted)
+}
+
+/// Reads every wanted listed file once — regular files only, symlinks not followed, each under the
 /// graph cap and all under [`limits::MAX_BUNDLE_BYTES`] — and checks its sha256 on those bytes.
-fn read_files(dir: &Path, m: &Manifest) -> Result<BTreeMap<String, Arc<[u8]>>, BundleError> {
+fn read_files(
+    dir: &Path,
+    m: &Manifest,
+    wanted: &HashSet<String>,
+) -> Result<BTreeMap<String, Arc<[u8]>>, BundleError> {
     let mut files = BTreeMap::new();
     let mut total = 0u64;
-    for (name, expected) in &m.files {
+    for (name, expected) in m.files.iter().filter(|(n, _)| wanted.contains(*n)) {
         let path = dir.join(name);
         let bytes =
             duet_fsio::read_capped(&path, MODEL_FILE_CAP, Follow::No).map_err(file_error)?;

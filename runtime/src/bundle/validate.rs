@@ -2,7 +2,7 @@
 //! invariants, the tokenizer, every graph's I/O against its contract, and the generation and
 //! restoration sections, each all-or-nothing.
 
-use crate::manifest::{Graph, Manifest};
+use crate::manifest::{Graph, Manifest, Precision};
 
 use super::*;
 
@@ -218,7 +218,59 @@ pub(super) fn validate_manifest(m: &Manifest) -> Result<(), BundleError> {
         check_io(g, &contract(graph, m))?;
     }
     validate_generation(m)?;
-    validate_restoration(m)
+    validate_restoration(m)?;
+    validate_variants(m, files_seen)
+}
+
+/// Each variant: a compressed precision (not fp32), listed once, giving a file for exactly the
+/// bundle's graphs, each file listed in `files` and used by nothing else (a variant file that
+/// is also the fp32 graph, or another variant's, would load one set of bytes as two things).
+fn validate_variants<'m>(
+    m: &'m Manifest,
+    mut files_seen: std::collections::BTreeSet<&'m str>,
+) -> Result<(), BundleError> {
+    let mut precisions = std::collections::BTreeSet::new();
+    for v in &m.variants {
+        let field = format!("variants[{}]", v.precision);
+        if v.precision == Precision::Fp32 {
+            return Err(bad(field, "fp32 is the bundle's own graphs, not a variant"));
+        }
+        if !precisions.insert(v.precision) {
+            return Err(bad(field, "precision listed twice"));
+        }
+        for g in &m.graphs {
+            if !v.files.contains_key(&g.name) {
+                return Err(bad(
+                    format!("{field}.files"),
+                    format!("no file for graph `{}`", g.name),
+                ));
+            }
+        }
+        for (graph, file) in &v.files {
+            let field = format!("{field}.files[{graph}]");
+            if m.graph(*graph).is_none() {
+                return Err(bad(field, "the bundle has no such graph"));
+            }
+            if !files_seen.insert(file.as_str()) {
+                return Err(bad(
+                    field,
+                    format!("`{file}` is already the file of another graph or the tokenizer"),
+                ));
+            }
+            if !m.files.contains_key(file) {
+                return Err(bad(field, format!("`{file}` is not listed in `files`")));
+            }
+        }
+        for (name, value) in &v.metrics {
+            if !value.is_finite() {
+                return Err(bad(
+                    format!("{field}.metrics[{name:?}]"),
+                    "not a finite number",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Restoration is optional, but all of it or none: both restorers, the head and the `restore`

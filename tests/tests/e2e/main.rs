@@ -51,6 +51,7 @@ mod caption;
 mod classify;
 mod fixtures;
 mod generate;
+mod quantize;
 mod restore;
 mod unify;
 

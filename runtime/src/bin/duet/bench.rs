@@ -10,6 +10,8 @@ pub(crate) struct BenchArgs<'a> {
     pub(crate) python: Option<(&'a str, &'a Path)>,
     pub(crate) out: Option<&'a Path>,
     pub(crate) ort_lib: Option<PathBuf>,
+    /// Empty: every precision the bundle has.
+    pub(crate) precisions: &'a [Precision],
 }
 
 /// The benchmark image at the model's size: `--image`, or the bundle's own generation.
@@ -72,21 +74,35 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
     let mut record = |name: String, out: std::io::Result<std::process::Output>| {
         record_child(name, out, &mut results, &mut skipped)
     };
+    let precisions = if args.precisions.is_empty() {
+        bundle.manifest().precisions()
+    } else {
+        args.precisions.to_vec()
+    };
+    for &precision in &precisions {
+        // A precision the bundle lacks fails here, before any child starts.
+        bundle.clone().with_precision(precision)?;
+    }
     for p in args.providers {
-        eprintln!("{p}: measuring in a child process");
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.arg("bench")
-            .arg("--bundle")
-            .arg(args.bundle)
-            .arg("--worker")
-            .arg(p.as_str())
-            .arg("--image-raw")
-            .arg(&tmp);
-        if let Some(lib) = &args.ort_lib {
-            cmd.arg("--ort-lib").arg(lib);
+        for &precision in &precisions {
+            let name = column_name(*p, precision);
+            eprintln!("{name}: measuring in a child process");
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("bench")
+                .arg("--bundle")
+                .arg(args.bundle)
+                .arg("--worker")
+                .arg(p.as_str())
+                .arg("--precision")
+                .arg(precision.name())
+                .arg("--image-raw")
+                .arg(&tmp);
+            if let Some(lib) = &args.ort_lib {
+                cmd.arg("--ort-lib").arg(lib);
+            }
+            common(&mut cmd);
+            record(name, cmd.output());
         }
-        common(&mut cmd);
-        record(p.to_string(), cmd.output());
     }
     if args.python.is_some() && args.bundle.is_file() {
         skipped.push((
@@ -241,15 +257,24 @@ pub(crate) fn bench_model_worker(
     Ok(())
 }
 
-/// One provider, in its own process: JSON on stdout.
+/// A result column: the provider, and the precision when it is not fp32 (`ort-cpu int8`).
+fn column_name(provider: duet_runtime::Provider, precision: Precision) -> String {
+    match precision {
+        Precision::Fp32 => provider.to_string(),
+        p => format!("{provider} {p}"),
+    }
+}
+
+/// One provider at one precision, in its own process: JSON on stdout.
 pub(crate) fn bench_worker(
     bundle_dir: &Path,
     provider: duet_runtime::Provider,
+    precision: Precision,
     ort_lib: Option<PathBuf>,
     settings: &duet_runtime::bench::BenchSettings,
     raw: &Path,
 ) -> Result<()> {
-    let bundle = Bundle::open(bundle_dir)?;
+    let bundle = Bundle::open_for(bundle_dir, precision)?;
     let side = bundle.manifest().image.size as u32;
     let bytes = std::fs::read(raw)?;
     let image = image::RgbImage::from_raw(side, side, bytes)
@@ -258,13 +283,14 @@ pub(crate) fn bench_worker(
         ort_lib,
         ..EngineOptions::default()
     };
-    let r = duet_runtime::bench::run_provider(
+    let mut r = duet_runtime::bench::run_provider(
         &bundle,
         ProviderChoice::Only(provider),
         &options,
         settings,
         &image,
     )?;
+    r.provider = column_name(provider, precision);
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

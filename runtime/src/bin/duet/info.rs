@@ -124,6 +124,32 @@ pub(crate) fn print_manifest(m: &Manifest) {
             None => println!("    parity: not recorded"),
         }
     }
+    // Precisions (`--precision`): fp32 is the graphs above; each variant with its task metrics.
+    let metrics = |ms: &std::collections::BTreeMap<String, f64>| {
+        if ms.is_empty() {
+            "not measured".to_string()
+        } else {
+            ms.iter()
+                .map(|(k, v)| format!("{k} {:.1} %", 100.0 * v))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    println!("precisions:");
+    println!("  fp32: task metrics: {}", metrics(&m.metrics));
+    for v in &m.variants {
+        println!("  {}: {}", v.precision, v.method);
+        println!("    task metrics: {}", metrics(&v.metrics));
+        for (g, a) in &v.agreement {
+            println!(
+                "    {g} ({}): vs fp32 max|Δ| ort {:.3e}, tract {:.3e} (fp32 max |y| {:.3})",
+                v.files.get(g).map_or("?", String::as_str),
+                a.ort_max_abs_diff,
+                a.tract_max_abs_diff,
+                a.fp32_max_abs
+            );
+        }
+    }
     let command = m
         .provenance
         .get("command")

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::{ort_info, TensorRtOptions};
-use duet_runtime::manifest::Manifest;
+use duet_runtime::manifest::{Manifest, Precision};
 use duet_runtime::preprocess;
 use duet_runtime::{Bundle, Captioner, EngineOptions, GenerateOptions, Generator, ProviderChoice};
 
@@ -57,9 +57,23 @@ struct EngineArgs {
     /// onnxruntime one per core, tract one.
     #[arg(long)]
     threads: Option<std::num::NonZeroUsize>,
+    /// Which of the bundle's graph files to run: fp32 (the exported graphs), or a compressed
+    /// variant the bundle has (fp16, int8: `duet-export quantize`).
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
 }
 
 impl EngineArgs {
+    /// Opens and verifies the bundle and selects `--precision`; a variant says what it is.
+    fn open_bundle(&self, dir: &Path) -> Result<Bundle> {
+        let bundle = Bundle::open_for(dir, self.precision)
+            .with_context(|| format!("opening bundle {}", dir.display()))?;
+        if let Some(v) = bundle.manifest().variant(self.precision) {
+            eprintln!("precision {}: {}", v.precision, v.method);
+        }
+        Ok(bundle)
+    }
+
     fn options(&self) -> EngineOptions {
         EngineOptions {
             strict: self.strict,
@@ -222,6 +236,10 @@ enum Command {
         /// Path of libonnxruntime (see `caption --help`).
         #[arg(long, value_name = "PATH")]
         ort_lib: Option<PathBuf>,
+        /// Precisions to measure (comma-separated: fp32, fp16, int8), each provider at each;
+        /// default: every precision the bundle has. One of them with --worker.
+        #[arg(long, value_delimiter = ',', conflicts_with = "model")]
+        precision: Vec<Precision>,
         /// Internal: measure this one provider and print JSON (what each child process does).
         #[arg(long, hide = true)]
         worker: Option<duet_runtime::Provider>,
@@ -359,6 +377,7 @@ fn main() -> ExitCode {
             threads,
             out,
             ort_lib,
+            precision,
             worker,
             image_raw,
         } => {
@@ -383,7 +402,8 @@ fn main() -> ExitCode {
                     out.as_deref(),
                 ),
                 (None, Some(bundle), Some(p), Some(raw)) => {
-                    bench_worker(&bundle, p, ort_lib, &settings, &raw)
+                    let precision = precision.first().copied().unwrap_or(Precision::Fp32);
+                    bench_worker(&bundle, p, precision, ort_lib, &settings, &raw)
                 }
                 // clap requires one of --bundle and --model.
                 (None, None, ..) => Err(anyhow::anyhow!("bench needs --bundle or --model")),
@@ -395,6 +415,7 @@ fn main() -> ExitCode {
                     python: (!no_python).then_some((python.as_str(), python_script.as_path())),
                     out: out.as_deref(),
                     ort_lib,
+                    precisions: &precision,
                 }),
             }
         }

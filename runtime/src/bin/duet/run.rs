@@ -9,8 +9,7 @@ pub(crate) fn caption(
     batch: usize,
     images: &[PathBuf],
 ) -> Result<()> {
-    let bundle = Bundle::open(bundle_dir)
-        .with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
+    let bundle = engine.open_bundle(bundle_dir)?;
     // Decode every image before loading models so a bad path fails fast; each is reduced to
     // the model's size as soon as it is decoded, so only one full-size image is ever held.
     let spec = &bundle.manifest().image;
@@ -79,8 +78,7 @@ pub(crate) fn classify(
     if text.is_some_and(|t| t.trim().is_empty()) {
         return Err(duet_runtime::ClassifyError::EmptyText.into());
     }
-    let bundle = Bundle::open(bundle_dir)
-        .with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
+    let bundle = engine.open_bundle(bundle_dir)?;
     // Decode the image before loading models so a bad file fails fast.
     let image = image.map(preprocess::load_image).transpose()?;
     let classifier = duet_runtime::Classifier::new(&bundle, engine.provider, &engine.options())
@@ -146,8 +144,7 @@ pub(crate) fn embed(
             }
         }
     }
-    let bundle = Bundle::open(bundle_dir)
-        .with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
+    let bundle = engine.open_bundle(bundle_dir)?;
     // Decode every image before loading models so a bad file fails fast, each reduced to the
     // model's size at once (one full-size image in memory at a time).
     let spec = &bundle.manifest().image;
@@ -304,8 +301,7 @@ pub(crate) fn generate(
             prompts.len()
         );
     }
-    let bundle = Bundle::open(bundle_dir)
-        .with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
+    let bundle = engine.open_bundle(bundle_dir)?;
     let generator = Generator::new(&bundle, engine.provider, &engine.options())
         .context("loading the generation graphs")?;
     for report in generator.reports() {

@@ -1,0 +1,193 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::onnx::test_util::{module_parameters, random_weights, tiny_dims};
+use crate::onnx::{build_caption_decoder, build_vision_encoder, model_to_bytes};
+
+fn decoder_bytes() -> Arc<[u8]> {
+    let dims = tiny_dims();
+    let w = random_weights(
+        &module_parameters(
+            &duet_models::CaptionDecoder::new(&dims, &Default::default()),
+            "decoder",
+        ),
+        5,
+    );
+    Arc::from(model_to_bytes(&build_caption_decoder(&w, &dims).unwrap()))
+}
+
+fn vision_bytes() -> Arc<[u8]> {
+    let dims = tiny_dims();
+    let w = random_weights(
+        &module_parameters(
+            &duet_models::VisionEncoder::new(&dims, &Default::default()),
+            "vision",
+        ),
+        7,
+    );
+    Arc::from(model_to_bytes(&build_vision_encoder(&w, &dims).unwrap()))
+}
+
+fn ops(bytes: &[u8]) -> Vec<String> {
+    let m = ModelProto::decode(bytes).unwrap();
+    m.graph
+        .unwrap()
+        .node
+        .into_iter()
+        .map(|n| n.op_type)
+        .collect()
+}
+
+fn count(ops: &[String], op: &str) -> usize {
+    ops.iter().filter(|o| *o == op).count()
+}
+
+/// Initializers of `bytes` by element type.
+fn initializer_types(bytes: &[u8]) -> Vec<(String, i32, Vec<i64>)> {
+    let m = ModelProto::decode(bytes).unwrap();
+    m.graph
+        .unwrap()
+        .initializer
+        .into_iter()
+        .map(|t| (t.name, t.data_type, t.dims))
+        .collect()
+}
+
+#[test]
+fn symmetric_codes_use_the_full_range_per_line() {
+    // 2 × 3, per column: column maxima 2, 0 (all zero) and 4.
+    let w = [2.0, 0.0, -4.0, -1.0, 0.0, 1.0];
+    let (codes, scale) = quantize_symmetric(&w, 2, 3, true);
+    assert_eq!(scale, vec![2.0 / 127.0, 1.0, 4.0 / 127.0]);
+    assert_eq!(codes, vec![127, 0, -127, -64, 0, 32]);
+    // Per row: row maxima 4 and 1.
+    let (codes, scale) = quantize_symmetric(&w, 2, 3, false);
+    assert_eq!(scale, vec![4.0 / 127.0, 1.0 / 127.0]);
+    assert_eq!(codes, vec![64, 0, -127, -127, 0, 127]);
+    // Dequantised values are within half a step of the originals.
+    for (i, &v) in w.iter().enumerate() {
+        let back = f32::from(codes[i]) * scale[i / 3];
+        assert!(
+            (back - v).abs() <= scale[i / 3] / 2.0 + 1e-7,
+            "{v} -> {back}"
+        );
+    }
+}
+
+#[test]
+fn int8_turns_every_weight_matmul_into_an_integer_product() {
+    let fp32 = decoder_bytes();
+    let before = ops(&fp32);
+    let (int8, report) = quantize_graph(&fp32, Precision::Int8, "caption_decoder").unwrap();
+    let after = ops(&int8);
+    // Every MatMul with a constant weight went, each into one integer product; those left
+    // multiply two activations (attention scores and their weighted sum: two per self- and
+    // two per cross-attention of each layer).
+    let layers = tiny_dims().decoder_layers;
+    assert_eq!(count(&after, "MatMul"), 4 * layers, "{after:?}");
+    assert_eq!(report.matmuls, count(&before, "MatMul") - 4 * layers);
+    assert_eq!(count(&after, "MatMulInteger"), report.matmuls);
+    // One DynamicQuantizeLinear per distinct activation, fewer than products (Q, K, V share).
+    let dql = count(&after, "DynamicQuantizeLinear");
+    assert!(
+        dql > 0 && dql < report.matmuls,
+        "{dql} vs {}",
+        report.matmuls
+    );
+    // The token and position tables are int8 rows now; no rank-2 f32 weight is left.
+    assert_eq!(report.gathers, 2);
+    let inits = initializer_types(&int8);
+    assert!(
+        inits
+            .iter()
+            .all(|(n, t, d)| !(d.len() == 2 && *t == DataType::Float as i32) || n.is_empty()),
+        "{inits:?}"
+    );
+    // The weights dominate: the file is well under a third of the fp32 one.
+    assert!(
+        report.bytes_after * 10 < report.bytes_before * 4,
+        "{} -> {} bytes",
+        report.bytes_before,
+        report.bytes_after
+    );
+}
+
+#[test]
+fn variants_run_on_both_engines_close_to_fp32() {
+    let options = EngineOptions::default();
+    for (graph, fp32) in [
+        ("caption_decoder", decoder_bytes()),
+        ("vision_encoder", vision_bytes()),
+    ] {
+        let (fp16, r16) = quantize_graph(&fp32, Precision::Fp16, graph).unwrap();
+        assert!(r16.converted > 0 && r16.kept > 0, "{r16:?}");
+        assert!(
+            r16.bytes_after * 100 < r16.bytes_before * 56,
+            "fp16 {graph}: {r16:?}"
+        );
+        let a16 = variant_agreement(graph, &fp32, &Arc::from(fp16), &options).unwrap();
+        // Half-precision weights: relative error of a few 1e-4 per weight, summed over a
+        // product of 64-256 terms and a few layers.
+        for d in [a16.ort_max_abs_diff, a16.tract_max_abs_diff] {
+            assert!(
+                d > 0.0 && d < 1e-2 * a16.fp32_max_abs,
+                "fp16 {graph}: {a16:?}"
+            );
+        }
+        let (int8, _) = quantize_graph(&fp32, Precision::Int8, graph).unwrap();
+        let a8 = variant_agreement(graph, &fp32, &Arc::from(int8), &options).unwrap();
+        // 8-bit weights and activations: about 1 % per product; the bound leaves room for
+        // the layers it compounds through, and still fails a wrong scale (off by 127×) or
+        // a transposed per-channel layout at once.
+        for d in [a8.ort_max_abs_diff, a8.tract_max_abs_diff] {
+            assert!(d > 0.0 && d < 0.1 * a8.fp32_max_abs, "int8 {graph}: {a8:?}");
+        }
+        assert!(
+            a8.ort_max_abs_diff > a16.ort_max_abs_diff,
+            "{a8:?} vs {a16:?}"
+        );
+    }
+}
+
+#[test]
+fn fp32_is_the_graph_itself_and_garbage_is_a_typed_error() {
+    let fp32 = decoder_bytes();
+    let (same, r) = quantize_graph(&fp32, Precision::Fp32, "caption_decoder").unwrap();
+    assert_eq!(&same[..], &fp32[..]);
+    assert_eq!(r.bytes_after, r.bytes_before);
+    let e = quantize_graph(b"not onnx at all", Precision::Int8, "denoiser").unwrap_err();
+    assert!(
+        matches!(&e, ExportError::Quantize { graph, .. } if graph == "denoiser"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_weight_read_by_another_op_keeps_its_f32_values() {
+    // Tie the decoder's first MatMul weight into an extra Identity output: that reader needs
+    // the f32 tensor, so the weight must not be replaced.
+    let mut m = ModelProto::decode(&decoder_bytes()[..]).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let inits: HashSet<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
+    let w = g
+        .node
+        .iter()
+        .find(|n| n.op_type == "MatMul" && inits.contains(&n.input[1]))
+        .map(|n| n.input[1].clone())
+        .unwrap();
+    g.node.push(node(
+        "Identity",
+        "tie".into(),
+        vec![w.clone()],
+        vec!["tied".into()],
+    ));
+    let bytes = m.encode_to_vec();
+    let (int8, _) = quantize_graph(&bytes, Precision::Int8, "caption_decoder").unwrap();
+    let inits = initializer_types(&int8);
+    assert!(
+        inits
+            .iter()
+            .any(|(n, t, _)| *n == w && *t == DataType::Float as i32),
+        "{w} was replaced"
+    );
+}
