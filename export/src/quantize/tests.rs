@@ -191,3 +191,69 @@ fn a_weight_read_by_another_op_keeps_its_f32_values() {
         "{w} was replaced"
     );
 }
+
+mod bundles {
+    use super::*;
+    use crate::quantize::variants::{add_variants, VariantOptions};
+    use duet_runtime::Bundle;
+
+    fn opts(bundle: &std::path::Path, out: Option<std::path::PathBuf>) -> VariantOptions {
+        VariantOptions {
+            bundle: bundle.to_path_buf(),
+            out,
+            precisions: vec![Precision::Fp16, Precision::Int8],
+            engine: EngineOptions::default(),
+        }
+    }
+
+    #[test]
+    fn variants_are_added_in_place_idempotently_and_to_a_single_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path().join("b");
+        std::fs::create_dir(&b).unwrap();
+        duet_testkit::caption_bundle(&b, 0.0);
+        std::fs::write(b.join("NOTES.md"), "a user's file").unwrap();
+        let reports = add_variants(&opts(&b, None)).unwrap();
+        assert_eq!(reports.len(), 2);
+        let opened = Bundle::open(&b).unwrap();
+        assert_eq!(opened.manifest().precisions(), Precision::ALL.to_vec());
+        let first = std::fs::read(b.join("manifest.json")).unwrap();
+        // Again: the same bytes, nothing to replace.
+        add_variants(&opts(&b, None)).unwrap();
+        assert_eq!(std::fs::read(b.join("manifest.json")).unwrap(), first);
+        assert_eq!(
+            std::fs::read_to_string(b.join("NOTES.md")).unwrap(),
+            "a user's file"
+        );
+        // To a single file: every precision opens from it.
+        let file = dir.path().join("b.duet");
+        add_variants(&opts(&b, Some(file.clone()))).unwrap();
+        for p in Precision::ALL {
+            let f = Bundle::open_for(&file, p).unwrap();
+            assert!(f
+                .graph_bytes(duet_runtime::manifest::Graph::CaptionDecoder)
+                .is_ok());
+        }
+    }
+
+    #[test]
+    fn in_place_writes_never_replace_a_file_that_is_not_the_bundles() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        duet_testkit::caption_bundle(b, 0.0);
+        std::fs::write(b.join("vision_encoder.int8.onnx"), "mine").unwrap();
+        let before = std::fs::read(b.join("manifest.json")).unwrap();
+        let e = add_variants(&opts(b, None)).unwrap_err();
+        assert!(
+            matches!(&e, ExportError::OutputHasOtherFiles { others, .. }
+                if others == &["vision_encoder.int8.onnx".to_string()]),
+            "{e:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(b.join("vision_encoder.int8.onnx")).unwrap(),
+            "mine"
+        );
+        assert_eq!(std::fs::read(b.join("manifest.json")).unwrap(), before);
+        assert!(!b.join("caption_decoder.fp16.onnx").exists());
+    }
+}

@@ -196,9 +196,35 @@ fn write_bundle(
     let in_place_dir = opts.out.is_none() && !is_single_file(&opts.bundle);
     if in_place_dir {
         // The variant files first (each written atomically under its final name), the manifest
-        // last: until it is replaced, the bundle is the old one, whole.
+        // last: until it is replaced, the bundle is the old one, whole. So no write may touch
+        // a file the old manifest lists with other bytes (a re-quantisation that changed), nor
+        // a file that is not the bundle's; both are refused before anything is written.
+        let old = &bundle.manifest().files;
+        let mut to_write = Vec::new();
         for (name, bytes) in new_files {
             let path = out.join(name);
+            match old.get(name) {
+                Some(hash) if *hash == sha256_hex(bytes) => continue,
+                Some(_) => {
+                    return Err(ExportError::Quantize {
+                        graph: "bundle".into(),
+                        reason: format!(
+                            "`{name}` is already in the bundle with other bytes; replacing it in \
+                             place would break the bundle until the manifest is rewritten: \
+                             write the new bundle with --out instead"
+                        ),
+                    })
+                }
+                None if std::fs::symlink_metadata(&path).is_ok() => {
+                    return Err(ExportError::OutputHasOtherFiles {
+                        path: out.to_path_buf(),
+                        others: vec![name.clone()],
+                    })
+                }
+                None => to_write.push((path, bytes)),
+            }
+        }
+        for (path, bytes) in to_write {
             duet_fsio::write_atomic(&path, bytes).map_err(io(&path))?;
         }
         let mpath = out.join(MANIFEST_FILE);
