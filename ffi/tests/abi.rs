@@ -386,8 +386,9 @@ fn the_precision_option_picks_a_variant_or_names_the_ones_there_are() {
     assert!(rt.is_null());
     assert!(e.unwrap().contains("unknown precision `int4`"));
 
-    // With an int8 variant (here the fp32 graphs under the variant's names: what is tested is
-    // which files load; real quantised graphs are the e2e suite's): it loads and says so.
+    // With an int8 variant (here copies of the fp32 graphs under the variant's names, then the
+    // fp32 files removed: what is tested is which files load; real quantised graphs are the
+    // e2e suite's): it loads and says so.
     let mut m = Bundle::open(dir.path()).unwrap().manifest().clone();
     let mut files = std::collections::BTreeMap::new();
     for g in m.graphs.clone() {
@@ -406,6 +407,13 @@ fn the_precision_option_picks_a_variant_or_names_the_ones_there_are() {
         metrics: Default::default(),
     });
     common::write_manifest(dir.path(), &m);
+    // The fp32 graphs gone: what loads now can only be the variant's files.
+    for g in &m.graphs {
+        std::fs::remove_file(dir.path().join(&g.file)).unwrap();
+    }
+    let (s, rt, e) = create_with(path, Some(&options(ptr::null())));
+    assert_eq!(s, DuetStatus::Bundle, "{e:?}");
+    assert!(rt.is_null());
     let (s, rt, e) = create_with(path, Some(&options(int8.as_ptr())));
     assert_eq!(s, DuetStatus::Ok, "{e:?}");
     assert!(report(rt).contains("caption_decoder (int8): running on tract"));

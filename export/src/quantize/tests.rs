@@ -257,3 +257,44 @@ mod bundles {
         assert!(!b.join("caption_decoder.fp16.onnx").exists());
     }
 }
+
+#[test]
+fn forms_the_rewrite_does_not_handle_are_left_alone_or_refused() {
+    // A table read by a Gather on another axis keeps its f32 values (the rewrite only knows
+    // axis 0), and so does an initializer that is also a graph input (a caller's default).
+    let mut m = ModelProto::decode(&decoder_bytes()[..]).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let gather = g.node.iter().position(|n| n.op_type == "Gather").unwrap();
+    let table = g.node[gather].input[0].clone();
+    g.node[gather].attribute.push(attr_int("axis", 1));
+    let inits: HashSet<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
+    let w = g
+        .node
+        .iter()
+        .find(|n| n.op_type == "MatMul" && inits.contains(&n.input[1]))
+        .map(|n| n.input[1].clone())
+        .unwrap();
+    let mut as_input = g.input[0].clone();
+    as_input.name = w.clone();
+    g.input.push(as_input);
+    let (int8, report) = quantize_graph(&m.encode_to_vec(), Precision::Int8, "d").unwrap();
+    assert_eq!(report.gathers, 1, "{report:?}");
+    let inits = initializer_types(&int8);
+    for kept in [&table, &w] {
+        assert!(
+            inits
+                .iter()
+                .any(|(n, t, _)| n == kept && *t == DataType::Float as i32),
+            "{kept} was replaced"
+        );
+    }
+    let (fp16, _) = quantize_graph(&m.encode_to_vec(), Precision::Fp16, "d").unwrap();
+    assert!(initializer_types(&fp16)
+        .iter()
+        .any(|(n, t, _)| *n == w && *t == DataType::Float as i32));
+    // Below opset 13 the rewrite's Unsqueeze form does not exist: refused.
+    let mut old = ModelProto::decode(&decoder_bytes()[..]).unwrap();
+    old.opset_import[0].version = 12;
+    let e = quantize_graph(&old.encode_to_vec(), Precision::Int8, "d").unwrap_err();
+    assert!(e.to_string().contains("opset 12"), "{e}");
+}

@@ -193,7 +193,14 @@ fn write_bundle(
         move |source| ExportError::Io { path, source }
     };
     let out = opts.out.as_deref().unwrap_or(&opts.bundle);
-    let in_place_dir = opts.out.is_none() && !is_single_file(&opts.bundle);
+    // What is on disk decides (a single-file bundle may have any extension).
+    let source_is_file = std::fs::metadata(&opts.bundle).is_ok_and(|m| m.is_file());
+    let in_place_dir = opts.out.is_none() && !source_is_file;
+    // The manifest must read back as one before anything is written (a value JSON cannot
+    // hold, such as an infinite difference, would otherwise make the bundle unopenable).
+    let parsed: duet_runtime::Manifest = serde_json::from_str(manifest_text).map_err(|e| {
+        ExportError::InvalidDims(format!("the new manifest does not read back: {e}"))
+    })?;
     if in_place_dir {
         // The variant files first (each written atomically under its final name), the manifest
         // last: until it is replaced, the bundle is the old one, whole. So no write may touch
@@ -236,7 +243,8 @@ fn write_bundle(
         return Ok(());
     }
     // Anything else is staged whole beside the destination, verified, then moved or packed.
-    if is_single_file(out) {
+    let out_is_file = is_single_file(out) || (opts.out.is_none() && source_is_file);
+    if out_is_file {
         refuse_non_bundle_file(out)?;
     }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -244,9 +252,7 @@ fn write_bundle(
     }
     let staging = duet_fsio::temp_dir_beside(out).map_err(io(out))?;
     let dir = staging.path().to_path_buf();
-    let manifest: duet_runtime::Manifest = serde_json::from_str(manifest_text)
-        .map_err(|e| ExportError::InvalidDims(format!("manifest serialisation: {e}")))?;
-    for name in manifest.files.keys() {
+    for name in parsed.files.keys() {
         let bytes = match new_files.get(name) {
             Some(b) => Arc::clone(b),
             None => bundle
@@ -265,7 +271,7 @@ fn write_bundle(
         path: dir.clone(),
         source,
     })?;
-    if is_single_file(out) {
+    if out_is_file {
         archive::pack(&staged, out).map_err(|source| ExportError::Bundle {
             path: out.to_path_buf(),
             source,

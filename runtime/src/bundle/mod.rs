@@ -166,7 +166,9 @@ impl Bundle {
     /// [`Bundle::open`] for running at `precision`: the manifest is verified whole, but only
     /// the tokenizer and that precision's graph files are read and hashed (a bundle with
     /// variants holds two or three copies of every graph; reading and hashing the others
-    /// would only slow the start). A precision the bundle lacks is
+    /// would only slow the start). A single-file bundle is still read through whole (one pass
+    /// over the archive), but only those files are hashed and kept. A precision the bundle
+    /// lacks is
     /// [`BundleError::MissingPrecision`].
     pub fn open_for(path: impl AsRef<Path>, precision: Precision) -> Result<Bundle, BundleError> {
         Bundle::open_selected(path.as_ref(), Some(precision))
