@@ -4,28 +4,25 @@ use super::*;
 use crate::onnx::test_util::{module_parameters, random_weights, tiny_dims};
 use crate::onnx::{build_caption_decoder, build_vision_encoder, model_to_bytes};
 
+/// A tiny graph built from `module`'s parameters (random, seeded) by `build`.
+fn graph_bytes<M: burn::module::Module<burn::backend::NdArray<f32>>>(
+    module: M,
+    prefix: &str,
+    seed: u64,
+    build: fn(&crate::onnx::Weights, &crate::onnx::ModelSpec) -> Result<ModelProto, ExportError>,
+) -> Arc<[u8]> {
+    let w = random_weights(&module_parameters(&module, prefix), seed);
+    Arc::from(model_to_bytes(&build(&w, &tiny_dims()).unwrap()))
+}
+
 fn decoder_bytes() -> Arc<[u8]> {
-    let dims = tiny_dims();
-    let w = random_weights(
-        &module_parameters(
-            &duet_models::CaptionDecoder::new(&dims, &Default::default()),
-            "decoder",
-        ),
-        5,
-    );
-    Arc::from(model_to_bytes(&build_caption_decoder(&w, &dims).unwrap()))
+    let m = duet_models::CaptionDecoder::new(&tiny_dims(), &Default::default());
+    graph_bytes(m, "decoder", 5, build_caption_decoder)
 }
 
 fn vision_bytes() -> Arc<[u8]> {
-    let dims = tiny_dims();
-    let w = random_weights(
-        &module_parameters(
-            &duet_models::VisionEncoder::new(&dims, &Default::default()),
-            "vision",
-        ),
-        7,
-    );
-    Arc::from(model_to_bytes(&build_vision_encoder(&w, &dims).unwrap()))
+    let m = duet_models::VisionEncoder::new(&tiny_dims(), &Default::default());
+    graph_bytes(m, "vision", 7, build_vision_encoder)
 }
 
 fn ops(bytes: &[u8]) -> Vec<String> {

@@ -138,7 +138,13 @@ pub fn add_variants(opts: &VariantOptions) -> Result<Vec<VariantReport>, ExportE
     let text = manifest
         .to_json_pretty()
         .map_err(|e| ExportError::InvalidDims(format!("manifest serialisation: {e}")))?;
-    write_bundle(&bundle, opts, &new_files, &text)?;
+    write_bundle(
+        &bundle,
+        &opts.bundle,
+        opts.out.as_deref(),
+        &new_files,
+        &text,
+    )?;
     Ok(reports)
 }
 
@@ -172,19 +178,16 @@ pub fn record_metrics(
     let text = manifest
         .to_json_pretty()
         .map_err(|e| ExportError::InvalidDims(format!("manifest serialisation: {e}")))?;
-    let opts = VariantOptions {
-        bundle: path.to_path_buf(),
-        out: None,
-        precisions: Vec::new(),
-        engine: EngineOptions::default(),
-    };
-    write_bundle(&bundle, &opts, &BTreeMap::new(), &text)
+    write_bundle(&bundle, path, None, &BTreeMap::new(), &text)
 }
 
-/// Writes the bundle: every file it keeps, the new variant files, then the manifest.
+/// Writes `bundle` (read from `source`) with `new_files` and `manifest_text` to `out`, or
+/// back over `source` when `out` is `None`: every file it keeps, the new files, then the
+/// manifest.
 fn write_bundle(
     bundle: &Bundle,
-    opts: &VariantOptions,
+    source: &Path,
+    out: Option<&Path>,
     new_files: &BTreeMap<String, Arc<[u8]>>,
     manifest_text: &str,
 ) -> Result<(), ExportError> {
@@ -192,10 +195,11 @@ fn write_bundle(
         let path = path.to_path_buf();
         move |source| ExportError::Io { path, source }
     };
-    let out = opts.out.as_deref().unwrap_or(&opts.bundle);
+    let in_place = out.is_none();
+    let out = out.unwrap_or(source);
     // What is on disk decides (a single-file bundle may have any extension).
-    let source_is_file = std::fs::metadata(&opts.bundle).is_ok_and(|m| m.is_file());
-    let in_place_dir = opts.out.is_none() && !source_is_file;
+    let source_is_file = std::fs::metadata(source).is_ok_and(|m| m.is_file());
+    let in_place_dir = in_place && !source_is_file;
     // The manifest must read back as one before anything is written (a value JSON cannot
     // hold, such as an infinite difference, would otherwise make the bundle unopenable).
     let parsed: duet_runtime::Manifest = serde_json::from_str(manifest_text).map_err(|e| {
@@ -243,7 +247,7 @@ fn write_bundle(
         return Ok(());
     }
     // Anything else is staged whole beside the destination, verified, then moved or packed.
-    let out_is_file = is_single_file(out) || (opts.out.is_none() && source_is_file);
+    let out_is_file = is_single_file(out) || (in_place && source_is_file);
     if out_is_file {
         refuse_non_bundle_file(out)?;
     }
