@@ -34,6 +34,16 @@
 // `DuetGenerateOptions::sampler`: DPM-Solver++ (2M) (`eta` is ignored).
 #define DUET_SAMPLER_DPMPP_2M 1
 
+// `DuetDecodeOptions::strategy`: the likeliest token at each step.
+#define DUET_DECODE_GREEDY 0
+
+// `DuetDecodeOptions::strategy`: tokens drawn at `temperature`, cut by `top_k` / `top_p`,
+// repeatable with `seed`.
+#define DUET_DECODE_SAMPLE 1
+
+// `DuetDecodeOptions::strategy`: beam search over `beam_width` hypotheses.
+#define DUET_DECODE_BEAM 2
+
 // The most threads [`DuetRuntimeOptions::threads`] accepts.
 #define DUET_MAX_THREADS 256
 
@@ -93,6 +103,31 @@ typedef struct DuetRuntimeOptions {
   // it has; [`duet_provider_report`] names it beside each graph (`denoiser (int8): …`).
   const char *precision;
 } DuetRuntimeOptions;
+
+// How `duet_caption_rgb_with` picks tokens. Start from `duet_decode_defaults` and change what
+// you need.
+typedef struct DuetDecodeOptions {
+  // `DUET_DECODE_GREEDY`, `DUET_DECODE_SAMPLE` or `DUET_DECODE_BEAM`.
+  uint32_t strategy;
+  // Sampling temperature, >= 0 (0 is greedy).
+  float temperature;
+  // Sampling: keep the k likeliest tokens; 0 keeps all.
+  uint32_t top_k;
+  // Sampling: keep the likeliest tokens holding this probability, in (0, 1]; 1 keeps all.
+  float top_p;
+  // Beam search: hypotheses per image, 1 to 16.
+  uint32_t beam_width;
+  // At most this many generated tokens; 0 is the model's own limit.
+  uint32_t max_tokens;
+  // Sampling seed: the same bundle, image, prompt, options and seed give the same text.
+  uint64_t seed;
+} DuetDecodeOptions;
+
+// Receives each piece of text as it is decoded (every token for greedy and sampling; the
+// whole chosen text at the end for beam search), with the `user` pointer given to the call.
+// `text` is valid only during the callback. The callback runs on the calling thread and must
+// not unwind (no C++ exceptions, no `longjmp`) through the library.
+typedef void (*DuetTokenCallback)(void *user, const char *text);
 
 // How `duet_generate_rgb` samples. Start from `duet_generate_defaults` (the bundle's
 // settings) and change what you need.
@@ -201,6 +236,46 @@ enum DuetStatus duet_caption_file(const struct DuetRuntime *runtime,
                                   const char *path,
                                   char **caption,
                                   char **error);
+
+// `*options` set to the defaults: greedy, temperature 1, no top-k / top-p cut, beam width 4
+// (used only with `DUET_DECODE_BEAM`), the model's length limit, seed 0.
+//
+// # Safety
+// `options` and `error` must be NULL or writable.
+enum DuetStatus duet_decode_defaults(struct DuetDecodeOptions *options, char **error);
+
+// Like [`duet_caption_rgb`], with decoding options (NULL: greedy), a `prompt` the text
+// continues from (NULL: none; the start of a caption, or a question for a bundle trained to
+// answer), and `on_token` (NULL: none) called with each piece of text as it is decoded.
+// `*caption` is the generated text without the prompt, freed with [`duet_string_free`].
+//
+// # Safety
+// As [`duet_caption_rgb`]; `prompt` must be NULL or a NUL-terminated string; `options` NULL
+// or readable; `on_token` NULL or a function safe to call with `user` from this thread.
+enum DuetStatus duet_caption_rgb_with(const struct DuetRuntime *runtime,
+                                      const uint8_t *rgb,
+                                      size_t len,
+                                      uint32_t width,
+                                      uint32_t height,
+                                      const char *prompt,
+                                      const struct DuetDecodeOptions *options,
+                                      DuetTokenCallback on_token,
+                                      void *user,
+                                      char **caption,
+                                      char **error);
+
+// [`duet_caption_rgb_with`] on an image file (as [`duet_caption_file`] reads it).
+//
+// # Safety
+// As [`duet_caption_file`] and [`duet_caption_rgb_with`].
+enum DuetStatus duet_caption_file_with(const struct DuetRuntime *runtime,
+                                       const char *path,
+                                       const char *prompt,
+                                       const struct DuetDecodeOptions *options,
+                                       DuetTokenCallback on_token,
+                                       void *user,
+                                       char **caption,
+                                       char **error);
 
 // `*width` and `*height` of the images `duet_generate_rgb` writes (the buffer it needs is
 // `width * height * 3` bytes). `DUET_STATUS_UNSUPPORTED` on a bundle without a generator.

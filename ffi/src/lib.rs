@@ -18,7 +18,7 @@
 //! order, so the header reads as this file does, and the whole C surface with its argument
 //! checks can be reviewed top to bottom in one place.
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::PathBuf;
 use std::ptr;
 
@@ -26,8 +26,8 @@ use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::{EngineOptions, ProviderChoice};
 use duet_runtime::manifest::{ParsePrecisionError, Precision};
 use duet_runtime::{
-    preprocess, Bundle, Captioner, Classifier, ClassifyError, EngineSet, ErrorKind, GenerateError,
-    GenerateOptions, Generator, Modality,
+    preprocess, Bundle, Captioner, Classifier, ClassifyError, DecodeOptions, Decoding, EngineSet,
+    ErrorKind, GenerateError, GenerateOptions, Generator, Modality, Sampling,
 };
 
 /// Result of every duet C call.
@@ -99,6 +99,41 @@ pub struct DuetGenerateOptions {
     /// Noise seed: the same bundle, prompt, options and seed give the same image.
     pub seed: u64,
 }
+
+/// `DuetDecodeOptions::strategy`: the likeliest token at each step.
+pub const DUET_DECODE_GREEDY: u32 = 0;
+/// `DuetDecodeOptions::strategy`: tokens drawn at `temperature`, cut by `top_k` / `top_p`,
+/// repeatable with `seed`.
+pub const DUET_DECODE_SAMPLE: u32 = 1;
+/// `DuetDecodeOptions::strategy`: beam search over `beam_width` hypotheses.
+pub const DUET_DECODE_BEAM: u32 = 2;
+
+/// How `duet_caption_rgb_with` picks tokens. Start from `duet_decode_defaults` and change what
+/// you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DuetDecodeOptions {
+    /// `DUET_DECODE_GREEDY`, `DUET_DECODE_SAMPLE` or `DUET_DECODE_BEAM`.
+    pub strategy: u32,
+    /// Sampling temperature, >= 0 (0 is greedy).
+    pub temperature: f32,
+    /// Sampling: keep the k likeliest tokens; 0 keeps all.
+    pub top_k: u32,
+    /// Sampling: keep the likeliest tokens holding this probability, in (0, 1]; 1 keeps all.
+    pub top_p: f32,
+    /// Beam search: hypotheses per image, 1 to 16.
+    pub beam_width: u32,
+    /// At most this many generated tokens; 0 is the model's own limit.
+    pub max_tokens: u32,
+    /// Sampling seed: the same bundle, image, prompt, options and seed give the same text.
+    pub seed: u64,
+}
+
+/// Receives each piece of text as it is decoded (every token for greedy and sampling; the
+/// whole chosen text at the end for beam search), with the `user` pointer given to the call.
+/// `text` is valid only during the callback. The callback runs on the calling thread and must
+/// not unwind (no C++ exceptions, no `longjmp`) through the library.
+pub type DuetTokenCallback = Option<unsafe extern "C" fn(user: *mut c_void, text: *const c_char)>;
 
 /// A loaded bundle with its pipelines: captioning always, generation when the bundle has the
 /// text-encoder and denoiser graphs, classification when it has the restoration graphs.
@@ -521,6 +556,92 @@ pub unsafe extern "C" fn duet_caption_file(
     })
 }
 
+/// `*options` set to the defaults: greedy, temperature 1, no top-k / top-p cut, beam width 4
+/// (used only with `DUET_DECODE_BEAM`), the model's length limit, seed 0.
+///
+/// # Safety
+/// `options` and `error` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn duet_decode_defaults(
+    options: *mut DuetDecodeOptions,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        out_arg(options, "options")?;
+        *options = DuetDecodeOptions {
+            strategy: DUET_DECODE_GREEDY,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            beam_width: 4,
+            max_tokens: 0,
+            seed: 0,
+        };
+        Ok(())
+    })
+}
+
+/// Like [`duet_caption_rgb`], with decoding options (NULL: greedy), a `prompt` the text
+/// continues from (NULL: none; the start of a caption, or a question for a bundle trained to
+/// answer), and `on_token` (NULL: none) called with each piece of text as it is decoded.
+/// `*caption` is the generated text without the prompt, freed with [`duet_string_free`].
+///
+/// # Safety
+/// As [`duet_caption_rgb`]; `prompt` must be NULL or a NUL-terminated string; `options` NULL
+/// or readable; `on_token` NULL or a function safe to call with `user` from this thread.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn duet_caption_rgb_with(
+    runtime: *const DuetRuntime,
+    rgb: *const u8,
+    len: usize,
+    width: u32,
+    height: u32,
+    prompt: *const c_char,
+    options: *const DuetDecodeOptions,
+    on_token: DuetTokenCallback,
+    user: *mut c_void,
+    caption: *mut *mut c_char,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        out_arg(caption, "caption")?;
+        *caption = ptr::null_mut();
+        let rt = runtime_arg(runtime)?;
+        let decoding = DecodeCall::read(prompt, options, on_token, user)?;
+        let img = rgb_image(rgb, len, width, height)?;
+        *caption = c_string(&decoding.caption(rt, img)?);
+        Ok(())
+    })
+}
+
+/// [`duet_caption_rgb_with`] on an image file (as [`duet_caption_file`] reads it).
+///
+/// # Safety
+/// As [`duet_caption_file`] and [`duet_caption_rgb_with`].
+#[no_mangle]
+pub unsafe extern "C" fn duet_caption_file_with(
+    runtime: *const DuetRuntime,
+    path: *const c_char,
+    prompt: *const c_char,
+    options: *const DuetDecodeOptions,
+    on_token: DuetTokenCallback,
+    user: *mut c_void,
+    caption: *mut *mut c_char,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        out_arg(caption, "caption")?;
+        *caption = ptr::null_mut();
+        let rt = runtime_arg(runtime)?;
+        let decoding = DecodeCall::read(prompt, options, on_token, user)?;
+        let path = str_arg(path, "path")?;
+        let img = preprocess::load_image(path)?;
+        *caption = c_string(&decoding.caption(rt, img)?);
+        Ok(())
+    })
+}
+
 /// `*width` and `*height` of the images `duet_generate_rgb` writes (the buffer it needs is
 /// `width * height * 3` bytes). `DUET_STATUS_UNSUPPORTED` on a bundle without a generator.
 ///
@@ -789,6 +910,99 @@ fn generate_options(o: &DuetGenerateOptions) -> Result<GenerateOptions, Failure>
         guidance: o.guidance,
         seed: o.seed,
     })
+}
+
+/// The decoding arguments of the `*_with` calls, checked.
+struct DecodeCall<'a> {
+    prompt: Option<&'a str>,
+    options: DecodeOptions,
+    on_token: DuetTokenCallback,
+    user: *mut c_void,
+}
+
+impl<'a> DecodeCall<'a> {
+    /// # Safety
+    /// `prompt` NULL or a NUL-terminated string; `options` NULL or readable.
+    unsafe fn read(
+        prompt: *const c_char,
+        options: *const DuetDecodeOptions,
+        on_token: DuetTokenCallback,
+        user: *mut c_void,
+    ) -> Result<Self, Failure> {
+        Ok(DecodeCall {
+            prompt: if prompt.is_null() {
+                None
+            } else {
+                Some(str_arg(prompt, "prompt")?)
+            },
+            options: match options.as_ref() {
+                Some(o) => decode_options(o)?,
+                None => DecodeOptions::default(),
+            },
+            on_token,
+            user,
+        })
+    }
+
+    fn caption(&self, rt: &DuetRuntime, img: preprocess::RgbImage) -> Result<String, Failure> {
+        let (on_token, user) = (self.on_token, self.user);
+        let mut forward = |_: usize, text: &str| {
+            if let Some(cb) = on_token {
+                let piece = CString::new(text.replace('\0', "\u{FFFD}")).unwrap_or_default();
+                // SAFETY: the caller vouches for `on_token` with `user` on this thread; `piece`
+                // outlives the call.
+                unsafe { cb(user, piece.as_ptr()) };
+            }
+        };
+        let sink: Option<duet_runtime::OnToken<'_>> = match on_token {
+            Some(_) => Some(&mut forward),
+            None => None,
+        };
+        let mut texts = rt.captioner.caption_images_with(
+            std::slice::from_ref(&img),
+            self.prompt,
+            &self.options,
+            sink,
+        )?;
+        texts
+            .pop()
+            .ok_or_else(|| Failure::new(DuetStatus::Inference, "no caption was produced"))
+    }
+}
+
+fn decode_options(o: &DuetDecodeOptions) -> Result<DecodeOptions, Failure> {
+    let decoding = match o.strategy {
+        DUET_DECODE_GREEDY => Decoding::Greedy,
+        DUET_DECODE_SAMPLE => Decoding::Sample(Sampling {
+            temperature: o.temperature,
+            top_k: (o.top_k > 0).then_some(o.top_k as usize),
+            top_p: (o.top_p != 1.0).then_some(o.top_p),
+            seed: o.seed,
+        }),
+        DUET_DECODE_BEAM => Decoding::Beam {
+            width: o.beam_width as usize,
+        },
+        other => {
+            return Err(Failure::new(
+                DuetStatus::InvalidArgument,
+                format!(
+                    "unknown decoding strategy {other} (DUET_DECODE_GREEDY = {DUET_DECODE_GREEDY}, \
+                     DUET_DECODE_SAMPLE = {DUET_DECODE_SAMPLE}, DUET_DECODE_BEAM = {DUET_DECODE_BEAM})"
+                ),
+            ))
+        }
+    };
+    let opts = DecodeOptions {
+        decoding,
+        max_tokens: (o.max_tokens > 0).then_some(o.max_tokens as usize),
+    };
+    opts.validate().map_err(|m| {
+        Failure::new(
+            DuetStatus::InvalidArgument,
+            format!("invalid decoding option: {m}"),
+        )
+    })?;
+    Ok(opts)
 }
 
 fn caption_one(rt: &DuetRuntime, img: preprocess::RgbImage) -> Result<String, Failure> {

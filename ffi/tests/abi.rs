@@ -664,3 +664,193 @@ fn a_single_file_bundle_opens_like_its_directory() {
     }
     assert_eq!(got[0], got[1]);
 }
+
+/// Collects the pieces the decoding callback receives (the `user` pointer is a `Vec<String>`).
+unsafe extern "C" fn collect_piece(user: *mut std::ffi::c_void, text: *const std::ffi::c_char) {
+    let pieces = &mut *(user as *mut Vec<String>);
+    pieces.push(CStr::from_ptr(text).to_string_lossy().into_owned());
+}
+
+/// `duet_caption_rgb_with`: NULL options are greedy (`duet_caption_rgb`'s text), beam search
+/// and seeded sampling give the Rust runtime's texts, the callback's pieces add up to the
+/// caption, and bad options, prompts and pointers are typed statuses.
+#[test]
+fn decoding_options_prompt_and_streaming_callback() {
+    let dir = tempfile::tempdir().unwrap();
+    // An EOS bias that ends texts at different lengths, so beam search has choices to make.
+    common::caption_bundle(dir.path(), 3.5);
+    let path = dir.path().to_str().unwrap();
+    let (s, rt, e) = create(Some(path), Some("tract"), false);
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let reference = Captioner::new(
+        &bundle,
+        ProviderChoice::Only(Provider::Tract),
+        &EngineOptions::default(),
+    )
+    .unwrap();
+    let call =
+        |img: &[u8], prompt: Option<&str>, options: Option<&DuetDecodeOptions>, stream: bool| {
+            let prompt = prompt.map(cstr);
+            let mut pieces: Vec<String> = Vec::new();
+            let mut cap = ptr::null_mut();
+            let mut err = ptr::null_mut();
+            let status = unsafe {
+                duet_caption_rgb_with(
+                    rt,
+                    img.as_ptr(),
+                    img.len(),
+                    8,
+                    8,
+                    prompt.as_ref().map_or(ptr::null(), |p| p.as_ptr()),
+                    options.map_or(ptr::null(), |o| o as *const _),
+                    if stream { Some(collect_piece) } else { None },
+                    &mut pieces as *mut Vec<String> as *mut std::ffi::c_void,
+                    &mut cap,
+                    &mut err,
+                )
+            };
+            (status, take(cap), take(err), pieces)
+        };
+    let mut defaults = std::mem::MaybeUninit::<DuetDecodeOptions>::uninit();
+    let s = unsafe { duet_decode_defaults(defaults.as_mut_ptr(), ptr::null_mut()) };
+    assert_eq!(s, DuetStatus::Ok);
+    let defaults = unsafe { defaults.assume_init() };
+    assert_eq!(defaults.strategy, DUET_DECODE_GREEDY);
+
+    let mut beam_differs = false;
+    for seed in 0..6u8 {
+        let img = image(seed * 40);
+        let (s, plain, _) = caption_rgb(rt, &img, 8, 8);
+        assert_eq!(s, DuetStatus::Ok);
+        let (s, greedy, e, _) = call(&img, None, None, false);
+        assert_eq!(s, DuetStatus::Ok, "{e:?}");
+        assert_eq!(greedy, plain, "NULL options are greedy");
+        let (s, same, _, _) = call(&img, None, Some(&defaults), false);
+        assert_eq!((s, &same), (DuetStatus::Ok, &plain));
+
+        let rgb = image::RgbImage::from_raw(8, 8, img.clone()).unwrap();
+        for (options, decoding) in [
+            (
+                DuetDecodeOptions {
+                    strategy: DUET_DECODE_BEAM,
+                    beam_width: 4,
+                    ..defaults
+                },
+                duet_runtime::Decoding::Beam { width: 4 },
+            ),
+            (
+                DuetDecodeOptions {
+                    strategy: DUET_DECODE_SAMPLE,
+                    temperature: 1.5,
+                    top_k: 5,
+                    seed: 11,
+                    ..defaults
+                },
+                duet_runtime::Decoding::Sample(duet_runtime::Sampling {
+                    temperature: 1.5,
+                    top_k: Some(5),
+                    top_p: None,
+                    seed: 11,
+                }),
+            ),
+        ] {
+            let opts = duet_runtime::DecodeOptions {
+                decoding,
+                max_tokens: None,
+            };
+            let want = reference
+                .caption_images_with(std::slice::from_ref(&rgb), Some("the"), &opts, None)
+                .unwrap()
+                .pop()
+                .unwrap();
+            let (s, got, e, pieces) = call(&img, Some("the"), Some(&options), true);
+            assert_eq!(s, DuetStatus::Ok, "{e:?}");
+            assert_eq!(got.as_deref(), Some(want.as_str()), "{decoding:?}");
+            assert_eq!(pieces.concat(), want, "streamed pieces add up");
+            if matches!(decoding, duet_runtime::Decoding::Beam { .. }) {
+                let (_, greedy_prompted, _, _) = call(&img, Some("the"), None, false);
+                beam_differs |= greedy_prompted.as_deref() != Some(want.as_str());
+            }
+        }
+    }
+    assert!(beam_differs, "beam search never chose other than greedy");
+
+    let img = image(1);
+    for (options, says) in [
+        (
+            DuetDecodeOptions {
+                strategy: 9,
+                ..defaults
+            },
+            "unknown decoding strategy 9",
+        ),
+        (
+            DuetDecodeOptions {
+                strategy: DUET_DECODE_BEAM,
+                beam_width: 0,
+                ..defaults
+            },
+            "beam width",
+        ),
+        (
+            DuetDecodeOptions {
+                strategy: DUET_DECODE_SAMPLE,
+                top_p: 0.0,
+                ..defaults
+            },
+            "top_p",
+        ),
+        (
+            DuetDecodeOptions {
+                strategy: DUET_DECODE_SAMPLE,
+                temperature: f32::NAN,
+                ..defaults
+            },
+            "temperature",
+        ),
+    ] {
+        let (s, cap, e, _) = call(&img, None, Some(&options), false);
+        assert_eq!(s, DuetStatus::InvalidArgument);
+        assert!(cap.is_none());
+        assert!(e.as_deref().unwrap_or("").contains(says), "{e:?}");
+    }
+    let (s, _, e, _) = call(&img, Some("a purple"), None, false);
+    assert_eq!(s, DuetStatus::InvalidArgument);
+    assert!(e.unwrap().contains("purple"));
+    let (s, _, e, _) = call(&img, Some(" "), None, false);
+    assert_eq!(s, DuetStatus::InvalidArgument, "{e:?}");
+    let s = unsafe {
+        duet_caption_rgb_with(
+            rt,
+            img.as_ptr(),
+            img.len(),
+            8,
+            8,
+            ptr::null(),
+            ptr::null(),
+            None,
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+        )
+    };
+    assert_eq!(s, DuetStatus::NullPointer);
+    let s = unsafe { duet_decode_defaults(ptr::null_mut(), ptr::null_mut()) };
+    assert_eq!(s, DuetStatus::NullPointer);
+    let mut cap = ptr::null_mut();
+    let s = unsafe {
+        duet_caption_file_with(
+            rt,
+            ptr::null(),
+            ptr::null(),
+            ptr::null(),
+            None,
+            ptr::null_mut(),
+            &mut cap,
+            ptr::null_mut(),
+        )
+    };
+    assert_eq!(s, DuetStatus::NullPointer);
+    unsafe { duet_runtime_destroy(rt) };
+}

@@ -58,6 +58,47 @@ fn c_example_captions_like_rust_and_runs_clean() {
         assert_eq!(*line, format!("{}\t{want}", path.display()));
     }
 
+    // Beam search and sampling through DuetDecodeOptions, streamed through the callback with
+    // its user pointer: the same text as the Rust runtime's with the same options.
+    for (args, decoding) in [
+        (
+            &["--beam", "3", "--stream"][..],
+            duet_runtime::Decoding::Beam { width: 3 },
+        ),
+        (
+            &["--temperature", "2", "--seed", "5", "--stream"][..],
+            duet_runtime::Decoding::Sample(duet_runtime::Sampling {
+                temperature: 2.0,
+                seed: 5,
+                ..Default::default()
+            }),
+        ),
+    ] {
+        let mut cmd = c_build::command(&exe, valgrind);
+        let (stdout, stderr) = c_build::run_ok(
+            cmd.args(["--provider", "tract", "--prompt", "a red"])
+                .args(args)
+                .arg(&bundle)
+                .args(&images),
+        );
+        c_build::assert_clean(&stderr, valgrind);
+        let opts = duet_runtime::DecodeOptions {
+            decoding,
+            max_tokens: None,
+        };
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), images.len(), "{stdout}");
+        for (line, path) in lines.iter().zip(&images) {
+            let img = duet_runtime::preprocess::load_image(path).unwrap();
+            let want = reference
+                .caption_images_with(&[img], Some("a red"), &opts, None)
+                .unwrap()
+                .pop()
+                .unwrap();
+            assert_eq!(*line, format!("{}\t{want}", path.display()), "{args:?}");
+        }
+    }
+
     // A bad image is reported by the C program with duet's message, and it exits non-zero.
     let bad = dir.path().join("bad.png");
     std::fs::write(&bad, b"nope").unwrap();

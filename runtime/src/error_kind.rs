@@ -65,6 +65,12 @@ impl crate::CaptionError {
             E::Engine(e) => e.kind(),
             E::Image(e) => e.kind(),
             E::Tokenizer { .. } => ErrorKind::Bundle,
+            E::InvalidOption(_)
+            | E::EmptyPrompt
+            | E::PromptTooLong { .. }
+            | E::TextTooLong { .. }
+            | E::UnknownWords { .. }
+            | E::Encode { .. } => ErrorKind::InvalidArgument,
             E::Decode { .. } | E::Shape { .. } | E::NonFinite { .. } => ErrorKind::Inference,
         }
     }

@@ -6,7 +6,8 @@
 //! - [`engine`]: one graph on one backend, with provider selection and honest skip reasons.
 //! - [`engine_set`]: each graph of a bundle loaded once and shared by the pipelines.
 //! - [`preprocess`]: image loading and normalisation.
-//! - [`caption`]: the captioning pipeline (vision encoder + KV-cache greedy decoder).
+//! - [`caption`]: the captioning pipeline (vision encoder + KV-cache decoder).
+//! - [`decode`]: how the decoder's tokens are chosen (greedy, sampling, beam search).
 //! - [`bench`]: `duet bench`'s measurements and table.
 //! - [`generate`]: the generation pipeline (text encoder + denoiser driven by the shared
 //!   samplers, classifier-free guidance as one batch).
@@ -22,6 +23,7 @@ pub mod bundle;
 pub use duet_diffusion as diffusion;
 pub mod caption;
 pub mod classify;
+pub mod decode;
 pub mod display;
 pub mod embed;
 pub mod engine;
@@ -34,8 +36,9 @@ pub mod panic_guard;
 pub mod preprocess;
 
 pub use bundle::{Bundle, BundleError};
-pub use caption::{CaptionError, Captioner};
+pub use caption::{CaptionError, Captioner, Decoded, OnToken};
 pub use classify::{Classification, Classifier, ClassifyError, Modality};
+pub use decode::{DecodeOptions, Decoding, Sampling};
 pub use embed::{EmbedError, Embedder};
 pub use engine::{
     Engine, EngineError, EngineOptions, Provider, ProviderChoice, ProviderReport, Value, ValueView,

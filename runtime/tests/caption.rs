@@ -47,7 +47,7 @@ fn kv_cache_and_full_recompute_give_identical_tokens() {
         let tokens = cap.encode(&pixels(3)).unwrap();
         assert_eq!(tokens.shape(), &[3, 4, 8]);
         let kv = cap.greedy_tokens_kv(&tokens).unwrap();
-        let full = cap.greedy_tokens_full(&tokens).unwrap();
+        let full = cap.greedy_tokens_full(&tokens, &[]).unwrap();
         assert_eq!(kv, full, "{p}");
         for ids in &kv {
             assert_eq!(ids.len(), 7, "{p}: max_len 8 = BOS + 7 tokens");
@@ -75,7 +75,7 @@ fn captions_stop_at_eos_and_decode() {
             vec![Vec::<u32>::new(); 2]
         );
         assert_eq!(
-            cap.greedy_tokens_full(&tokens).unwrap(),
+            cap.greedy_tokens_full(&tokens, &[]).unwrap(),
             vec![Vec::<u32>::new(); 2]
         );
         assert_eq!(
@@ -97,7 +97,7 @@ fn non_finite_logits_are_an_error_not_a_caption() {
         let tokens = cap.encode(&pixels(2)).unwrap();
         for err in [
             cap.greedy_tokens_kv(&tokens).unwrap_err(),
-            cap.greedy_tokens_full(&tokens).unwrap_err(),
+            cap.greedy_tokens_full(&tokens, &[]).unwrap_err(),
             cap.caption_pixels(&pixels(2)).unwrap_err(),
         ] {
             assert!(

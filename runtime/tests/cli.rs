@@ -830,3 +830,86 @@ fn bench_times_a_users_own_graph() {
         text(&out.stderr)
     );
 }
+
+/// Decoding options on the shipped captioner (a trained model, so the texts mean something):
+/// beam search and greedy agree on a scene the model knows, a seed repeats a sample, a prompt
+/// is continued, `--max-tokens` caps, one image streams its caption, and a bad option is an
+/// error before anything loads.
+#[test]
+fn caption_decoding_options_on_the_shipped_model() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let scene = root.join("examples/images/shapeworld-val-000000.png");
+    let emoji = root.join("examples/images/emoji-google-1f600.png");
+    let run = |args: &[&str]| {
+        let out = duet()
+            .args(["caption", "--provider", "tract", "--bundle"])
+            .arg(root.join("shipped/duet-small"))
+            .args(args)
+            .arg(&scene)
+            .arg(&emoji)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        let captions: Vec<String> = stdout
+            .lines()
+            .map(|l| l.split_once('\t').unwrap().1.to_string())
+            .collect();
+        assert_eq!(captions.len(), 2, "{stdout}");
+        (captions, stderr)
+    };
+    let (greedy, stderr) = run(&[]);
+    assert_eq!(greedy[0], "a large cyan diamond on the right");
+    assert!(stderr.contains("decoder (greedy)"), "{stderr}");
+    let (beam, stderr) = run(&["--beam", "4"]);
+    assert_eq!(beam, greedy);
+    assert!(stderr.contains("decoder (beam 4)"), "{stderr}");
+    let sample = ["--temperature", "1.5", "--top-p", "0.95", "--seed", "7"];
+    let (a, stderr) = run(&sample);
+    assert!(
+        stderr.contains("temperature 1.5, top-p 0.95, seed 7"),
+        "{stderr}"
+    );
+    assert_eq!(run(&sample).0, a, "a seed repeats");
+    let (cont, _) = run(&["--prompt", "a large cyan", "--max-tokens", "1"]);
+    assert_eq!(cont[0], "diamond");
+    assert!(cont.iter().all(|c| c.split(' ').count() == 1), "{cont:?}");
+
+    // One image: streamed, same text.
+    let out = duet()
+        .args(["caption", "--provider", "tract", "--beam", "2", "--bundle"])
+        .arg(root.join("shipped/duet-small"))
+        .arg(&scene)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}\ta large cyan diamond on the right\n", scene.display())
+    );
+
+    for (bad, says) in [
+        (&["--top-p", "1.5"][..], "top_p must be in (0, 1]"),
+        (&["--temperature=-1"][..], "temperature must be"),
+        (&["--prompt", "a zzyzx"][..], "[\"zzyzx\"]"),
+        (&["--beam", "0"][..], "--beam"),
+        (
+            &["--beam", "2", "--temperature", "1"][..],
+            "cannot be used with",
+        ),
+    ] {
+        let out = duet()
+            .args(["caption", "--provider", "tract", "--bundle"])
+            .arg(root.join("shipped/duet-small"))
+            .args(bad)
+            .arg(&scene)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?}");
+        assert!(
+            text(&out.stderr).contains(says),
+            "{bad:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}

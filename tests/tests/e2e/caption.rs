@@ -149,7 +149,7 @@ fn ort_and_tract_caption_like_burn_and_kv_matches_full_recompute() {
         let pixels = preprocess::to_pixels_batch(&images, cap.image_spec()).expect("pixels");
         let tokens = cap.encode(&pixels).expect("encode");
         let kv = cap.greedy_tokens_kv(&tokens).expect("kv decode");
-        let full = cap.greedy_tokens_full(&tokens).expect("full decode");
+        let full = cap.greedy_tokens_full(&tokens, &[]).expect("full decode");
         assert_eq!(
             kv, full,
             "{provider}: KV-cache decoding differs from full recomputation"

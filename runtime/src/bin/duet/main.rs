@@ -87,15 +87,68 @@ impl EngineArgs {
     }
 }
 
+/// How `duet caption` picks tokens (greedy unless --beam or --temperature is given).
+#[derive(clap::Args, Debug)]
+struct DecodeArgs {
+    /// Beam search with this many hypotheses per image (1..=16); returns the likeliest text
+    /// found.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=16), conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    beam: Option<u16>,
+    /// Sample tokens at this temperature (0 = greedy); with --top-k / --top-p / --seed.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Sample among the k likeliest tokens only.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    top_k: Option<u32>,
+    /// Sample among the likeliest tokens that together hold this probability (0 < p <= 1).
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Seed of the sampling: the same seed, image, prompt and bundle give the same text.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// At most this many generated tokens (the model's own limit always applies).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    max_tokens: Option<u16>,
+    /// Text to continue from (the start of a caption); the printed text is what follows it.
+    #[arg(long)]
+    prompt: Option<String>,
+}
+
+impl DecodeArgs {
+    fn options(&self) -> duet_runtime::DecodeOptions {
+        use duet_runtime::{Decoding, Sampling};
+        let sampled = self.temperature.is_some() || self.top_k.is_some() || self.top_p.is_some();
+        let decoding = match self.beam {
+            Some(width) => Decoding::Beam {
+                width: usize::from(width),
+            },
+            None if sampled => Decoding::Sample(Sampling {
+                temperature: self.temperature.unwrap_or(1.0),
+                top_k: self.top_k.map(|k| k as usize),
+                top_p: self.top_p,
+                seed: self.seed,
+            }),
+            None => Decoding::Greedy,
+        };
+        duet_runtime::DecodeOptions {
+            decoding,
+            max_tokens: self.max_tokens.map(usize::from),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Caption images; prints `PATH<TAB>CAPTION` per image on stdout.
+    /// Caption images; prints `PATH<TAB>CAPTION` per image on stdout (with one image, the
+    /// caption as it is decoded).
     Caption {
         /// Bundle: a directory, or a single `.duet` file.
         #[arg(long)]
         bundle: PathBuf,
         #[command(flatten)]
         engine: EngineArgs,
+        #[command(flatten)]
+        decode: DecodeArgs,
         /// Images per batch.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
         batch: u16,
@@ -307,9 +360,10 @@ fn main() -> ExitCode {
         Command::Caption {
             bundle,
             engine,
+            decode,
             batch,
             images,
-        } => caption(&bundle, &engine, usize::from(batch), &images),
+        } => caption(&bundle, &engine, &decode, usize::from(batch), &images),
         Command::Generate {
             bundle,
             engine,

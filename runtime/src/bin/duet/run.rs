@@ -6,9 +6,13 @@ use super::*;
 pub(crate) fn caption(
     bundle_dir: &std::path::Path,
     engine: &EngineArgs,
+    decode: &DecodeArgs,
     batch: usize,
     images: &[PathBuf],
 ) -> Result<()> {
+    let opts = decode.options();
+    opts.validate()
+        .map_err(duet_runtime::CaptionError::InvalidOption)?;
     let bundle = engine.open_bundle(bundle_dir)?;
     // Decode every image before loading models so a bad path fails fast; each is reduced to
     // the model's size as soon as it is decoded, so only one full-size image is ever held.
@@ -22,6 +26,14 @@ pub(crate) fn caption(
     for report in captioner.reports() {
         eprintln!("{report}");
     }
+    let prompt = decode
+        .prompt
+        .as_deref()
+        .map(|p| captioner.prompt_ids(p))
+        .transpose()?
+        .unwrap_or_default();
+    // One image: its caption is printed as it is decoded.
+    let streaming = images.len() == 1;
     // The pipeline's stages are run here one by one (what `caption_images` does) so each can be
     // timed: the vision encoder once per batch, the decoder once per generated token.
     let (mut encode_s, mut decode_s, mut decode_steps) = (0.0, 0.0, 0usize);
@@ -34,33 +46,75 @@ pub(crate) fn caption(
         let t0 = Instant::now();
         let image_tokens = captioner.encode(&pixels)?;
         let t1 = Instant::now();
-        let ids = captioner.greedy_tokens_kv(&image_tokens)?;
+        let decoded = if streaming {
+            use std::io::Write;
+            print!(
+                "{}\t",
+                duet_runtime::display::tsv_field(&paths[0].to_string_lossy())
+            );
+            let mut out = std::io::stdout();
+            let mut print = |_: usize, text: &str| {
+                // A closed stdout ends the process (SIGPIPE); other write errors surface at
+                // the final newline below.
+                let _ = write!(out, "{text}").and_then(|()| out.flush());
+            };
+            let decoded = captioner.decode(&image_tokens, &prompt, &opts, Some(&mut print))?;
+            println!();
+            decoded
+        } else {
+            let decoded = captioner.decode(&image_tokens, &prompt, &opts, None)?;
+            for (path, d) in paths.iter().zip(&decoded) {
+                println!(
+                    "{}\t{}",
+                    duet_runtime::display::tsv_field(&path.to_string_lossy()),
+                    captioner.decode_tokens(&d.ids)?
+                );
+            }
+            decoded
+        };
         encode_s += (t1 - t0).as_secs_f64();
         decode_s += t1.elapsed().as_secs_f64();
-        // One decoder call per token, plus the one that produced EOS when there was room for it.
-        let max_len = captioner
-            .model_spec()
-            .max_len
-            .min(captioner.tokenizer_spec().max_len);
-        decode_steps +=
-            (ids.iter().map(Vec::len).max().unwrap_or(0) + 1).min(max_len.saturating_sub(1));
-        for (path, ids) in paths.iter().zip(&ids) {
-            println!(
-                "{}\t{}",
-                duet_runtime::display::tsv_field(&path.to_string_lossy()),
-                captioner.decode_tokens(ids)?
+        // One decoder call per token of the longest text, plus the one that chose EOS.
+        decode_steps += decoded
+            .iter()
+            .map(|d| d.ids.len() + usize::from(d.eos))
+            .max()
+            .unwrap_or(0);
+        for (path, d) in paths.iter().zip(&decoded) {
+            tracing::debug!(
+                path = %path.display(),
+                tokens = d.ids.len(),
+                log_prob = d.log_prob,
+                eos = d.eos,
+                "decoded"
             );
         }
     }
     eprintln!(
-        "{} image(s) in batches of {batch}: vision encoder {:.1} ms, decoder {decode_steps} \
-         steps {:.1} ms ({:.2} ms per step)",
+        "{} image(s) in batches of {batch}: vision encoder {:.1} ms, decoder ({}) \
+         {decode_steps} steps {:.1} ms ({:.2} ms per step)",
         images.len(),
         1e3 * encode_s,
+        describe_decoding(&opts),
         1e3 * decode_s,
         1e3 * decode_s / decode_steps.max(1) as f64
     );
     Ok(())
+}
+
+fn describe_decoding(opts: &duet_runtime::DecodeOptions) -> String {
+    use duet_runtime::Decoding;
+    match opts.decoding {
+        Decoding::Greedy => "greedy".into(),
+        Decoding::Beam { width } => format!("beam {width}"),
+        Decoding::Sample(s) => format!(
+            "sampling, temperature {}{}{}, seed {}",
+            s.temperature,
+            s.top_k.map(|k| format!(", top-k {k}")).unwrap_or_default(),
+            s.top_p.map(|p| format!(", top-p {p}")).unwrap_or_default(),
+            s.seed
+        ),
+    }
 }
 
 /// Prints which modality was restored (and its trust), the class and the runner-up classes.
