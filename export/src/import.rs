@@ -110,6 +110,8 @@ pub fn import_captioner(bundle: &Path, out: &Path, command: &str) -> anyhow::Res
             path: tokenizer_path,
             sha256,
         },
+        // The bundle's captioner keeps answering questions when it was trained to.
+        questions: manifest.questions.as_ref().map_or(0, |q| q.trained_on),
     };
     // Built beside `out` and renamed into place, so a failed import leaves nothing behind.
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -46,6 +46,7 @@ fn random_run(run: &Path) -> ModelSpec {
         command: "test".into(),
         init_from: None,
         tokenizer: TokenizerOrigin::Trained,
+        questions: 0,
     };
     write_json(&run.join(CONFIG_FILE), &config).unwrap();
     model

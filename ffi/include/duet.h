@@ -277,6 +277,25 @@ enum DuetStatus duet_caption_file_with(const struct DuetRuntime *runtime,
                                        char **caption,
                                        char **error);
 
+// Answers `question` about an image given as packed 8-bit RGB rows ("what colour is the
+// circle?"), with decoding options (NULL: greedy) and `on_token` as in
+// [`duet_caption_rgb_with`]. `*answer` is freed with [`duet_string_free`].
+// `DUET_STATUS_UNSUPPORTED` when the bundle's captioner was not trained on questions.
+//
+// # Safety
+// As [`duet_caption_rgb_with`]; `question` must be NULL or a NUL-terminated string.
+enum DuetStatus duet_ask_rgb(const struct DuetRuntime *runtime,
+                             const uint8_t *rgb,
+                             size_t len,
+                             uint32_t width,
+                             uint32_t height,
+                             const char *question,
+                             const struct DuetDecodeOptions *options,
+                             DuetTokenCallback on_token,
+                             void *user,
+                             char **answer,
+                             char **error);
+
 // `*width` and `*height` of the images `duet_generate_rgb` writes (the buffer it needs is
 // `width * height * 3` bytes). `DUET_STATUS_UNSUPPORTED` on a bundle without a generator.
 //

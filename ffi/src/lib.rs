@@ -642,6 +642,40 @@ pub unsafe extern "C" fn duet_caption_file_with(
     })
 }
 
+/// Answers `question` about an image given as packed 8-bit RGB rows ("what colour is the
+/// circle?"), with decoding options (NULL: greedy) and `on_token` as in
+/// [`duet_caption_rgb_with`]. `*answer` is freed with [`duet_string_free`].
+/// `DUET_STATUS_UNSUPPORTED` when the bundle's captioner was not trained on questions.
+///
+/// # Safety
+/// As [`duet_caption_rgb_with`]; `question` must be NULL or a NUL-terminated string.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn duet_ask_rgb(
+    runtime: *const DuetRuntime,
+    rgb: *const u8,
+    len: usize,
+    width: u32,
+    height: u32,
+    question: *const c_char,
+    options: *const DuetDecodeOptions,
+    on_token: DuetTokenCallback,
+    user: *mut c_void,
+    answer: *mut *mut c_char,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        out_arg(answer, "answer")?;
+        *answer = ptr::null_mut();
+        let rt = runtime_arg(runtime)?;
+        let question = str_arg(question, "question")?;
+        let call = DecodeCall::read(ptr::null(), options, on_token, user)?;
+        let img = rgb_image(rgb, len, width, height)?;
+        *answer = c_string(&call.answer(rt, img, question)?);
+        Ok(())
+    })
+}
+
 /// `*width` and `*height` of the images `duet_generate_rgb` writes (the buffer it needs is
 /// `width * height * 3` bytes). `DUET_STATUS_UNSUPPORTED` on a bundle without a generator.
 ///
@@ -945,6 +979,25 @@ impl<'a> DecodeCall<'a> {
     }
 
     fn caption(&self, rt: &DuetRuntime, img: preprocess::RgbImage) -> Result<String, Failure> {
+        self.run(rt, img, None)
+    }
+
+    fn answer(
+        &self,
+        rt: &DuetRuntime,
+        img: preprocess::RgbImage,
+        question: &str,
+    ) -> Result<String, Failure> {
+        self.run(rt, img, Some(question))
+    }
+
+    /// Captions `img` (continuing the call's prompt), or answers `question` about it.
+    fn run(
+        &self,
+        rt: &DuetRuntime,
+        img: preprocess::RgbImage,
+        question: Option<&str>,
+    ) -> Result<String, Failure> {
         let (on_token, user) = (self.on_token, self.user);
         let mut forward = |_: usize, text: &str| {
             if let Some(cb) = on_token {
@@ -958,12 +1011,13 @@ impl<'a> DecodeCall<'a> {
             Some(_) => Some(&mut forward),
             None => None,
         };
-        let mut texts = rt.captioner.caption_images_with(
-            std::slice::from_ref(&img),
-            self.prompt,
-            &self.options,
-            sink,
-        )?;
+        let images = std::slice::from_ref(&img);
+        let mut texts = match question {
+            Some(q) => rt.captioner.answer_images(images, q, &self.options, sink)?,
+            None => rt
+                .captioner
+                .caption_images_with(images, self.prompt, &self.options, sink)?,
+        };
         texts
             .pop()
             .ok_or_else(|| Failure::new(DuetStatus::Inference, "no caption was produced"))

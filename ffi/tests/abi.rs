@@ -854,3 +854,45 @@ fn decoding_options_prompt_and_streaming_callback() {
     assert_eq!(s, DuetStatus::NullPointer);
     unsafe { duet_runtime_destroy(rt) };
 }
+
+/// `duet_ask_rgb` on a bundle whose captioner never saw questions is `UNSUPPORTED` saying so
+/// (not a caption continuing the question); NULL arguments are `NULL_POINTER`. Answers of a
+/// trained model are checked end to end (`tests/tests/e2e/vqa.rs`).
+#[test]
+fn asking_a_captioner_not_trained_on_questions_is_unsupported() {
+    let dir = bundle();
+    let (s, rt, e) = create(Some(dir.path().to_str().unwrap()), Some("tract"), false);
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    let img = image(3);
+    let q = cstr("what colour is the ball?");
+    let ask = |question: *const std::ffi::c_char, answer: *mut *mut std::ffi::c_char| {
+        let mut err = ptr::null_mut();
+        let s = unsafe {
+            duet_ask_rgb(
+                rt,
+                img.as_ptr(),
+                img.len(),
+                8,
+                8,
+                question,
+                ptr::null(),
+                None,
+                ptr::null_mut(),
+                answer,
+                &mut err,
+            )
+        };
+        (s, take(err))
+    };
+    let mut answer = ptr::null_mut();
+    let (s, e) = ask(q.as_ptr(), &mut answer);
+    assert_eq!(s, DuetStatus::Unsupported);
+    assert!(answer.is_null());
+    assert!(e.unwrap().contains("not trained to answer questions"));
+    let (s, e) = ask(ptr::null(), &mut answer);
+    assert_eq!(s, DuetStatus::NullPointer);
+    assert!(e.unwrap().contains("`question` is NULL"));
+    let (s, _) = ask(q.as_ptr(), ptr::null_mut());
+    assert_eq!(s, DuetStatus::NullPointer);
+    unsafe { duet_runtime_destroy(rt) };
+}

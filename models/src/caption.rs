@@ -182,14 +182,35 @@ impl<B: Backend> CaptionModel<B> {
         eos: u32,
         max_len: usize,
     ) -> Vec<Vec<u32>> {
+        let b = pixels.dims()[0];
+        self.greedy_after(pixels, &vec![Vec::new(); b], bos, eos, max_len)
+    }
+
+    /// Greedy decoding after a prompt per image (a question): each image's prompt tokens are
+    /// fed one per step (forced) before its own tokens are chosen, so prompts of different
+    /// lengths share the batch. Returns the tokens chosen after each prompt, up to and
+    /// excluding EOS; BOS + prompt + tokens stay within `max_len`.
+    pub fn greedy_after(
+        &self,
+        pixels: Tensor<B, 4>,
+        prompts: &[Vec<u32>],
+        bos: u32,
+        eos: u32,
+        max_len: usize,
+    ) -> Vec<Vec<u32>> {
         let device = pixels.device();
         let image_tokens = self.vision.forward(pixels).patch_tokens;
         let b = image_tokens.dims()[0];
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-        let mut done = vec![false; b];
+        let mut done: Vec<bool> = (0..b)
+            .map(|i| prompts.get(i).map_or(0, Vec::len) + 1 >= max_len)
+            .collect();
         let mut next: Vec<i64> = vec![bos as i64; b];
         let mut cache: Option<KvCache<B>> = None;
         for step in 0..max_len.saturating_sub(1) {
+            if done.iter().all(|d| *d) {
+                break;
+            }
             let ids =
                 Tensor::<B, 2, Int>::from_data(TensorData::new(next.clone(), [b, 1]), &device);
             let pos = Tensor::<B, 2, Int>::from_data(
@@ -208,6 +229,13 @@ impl<B: Backend> CaptionModel<B> {
                 .into_vec::<i64>()
                 .unwrap_or_default();
             for i in 0..b {
+                let prompt = prompts.get(i).map_or(&[][..], Vec::as_slice);
+                // Still reading the prompt: the next input is its next token, whatever the
+                // model predicted.
+                if let Some(&forced) = prompt.get(step) {
+                    next[i] = i64::from(forced);
+                    continue;
+                }
                 let tok = arg.get(i).copied().unwrap_or(eos as i64);
                 if !done[i] {
                     if tok as u32 == eos {
@@ -217,9 +245,6 @@ impl<B: Backend> CaptionModel<B> {
                     }
                 }
                 next[i] = tok;
-            }
-            if done.iter().all(|d| *d) {
-                break;
             }
         }
         out

@@ -38,6 +38,10 @@ pub struct CaptionTrainConfig {
     /// Where `tokenizer.json` came from.
     #[serde(default)]
     pub tokenizer: TokenizerOrigin,
+    /// Questions (the folders' `questions.jsonl`) trained beside the captions: the model
+    /// answers a question given as its prompt. 0 in runs made before questions existed.
+    #[serde(default)]
+    pub questions: usize,
 }
 
 /// Where a caption run's tokenizer came from: trained on its captions, or reused.

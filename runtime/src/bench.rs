@@ -19,7 +19,9 @@ use crate::engine::{
     graph_flops_of, Engine, EngineError, EngineOptions, Provider, ProviderChoice, ValueView,
 };
 use crate::manifest::Graph;
-use crate::{Bundle, Captioner, Classifier, Error, GenerateOptions, Generator};
+use crate::{
+    Bundle, Captioner, Classifier, DecodeOptions, Decoding, Error, GenerateOptions, Generator,
+};
 
 /// What to measure.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +36,8 @@ pub struct BenchSettings {
     /// Steps of the batched generation throughput row.
     pub batch_steps: usize,
     pub prompt: String,
+    /// Question of the `ask` row (bundles trained on questions).
+    pub question: String,
     pub seed: u64,
     /// Threads per graph run ([`EngineOptions::threads`]); `None`: each engine's default.
     pub threads: Option<std::num::NonZeroUsize>,
@@ -48,6 +52,7 @@ impl Default for BenchSettings {
             batch: 8,
             batch_steps: 20,
             prompt: "a large red circle at the top left".to_string(),
+            question: "what colour is the circle?".to_string(),
             seed: 0,
             threads: None,
         }
@@ -93,6 +98,12 @@ pub struct ProviderBench {
     pub caption_b1: Stats,
     /// Images per second captioning `batch` images per call.
     pub caption_batch_per_s: f64,
+    /// One image with beam search of width 4 (four decoder rows per step).
+    #[serde(default)]
+    pub caption_beam4_b1: Option<Stats>,
+    /// Answering one question about the image (bundles trained on questions).
+    #[serde(default)]
+    pub ask_b1: Option<Stats>,
     /// The caption of the benchmark image (the Python reference must produce the same).
     pub caption: String,
     /// `(steps, latency)` of one generated image, guidance on (denoiser batch 2).
@@ -229,6 +240,25 @@ pub fn run_provider(
         captioner.caption_images(&many).map(drop)
     })?;
     let caption_batch_per_s = settings.batch as f64 / (batch_stats.median_ms * 1e-3);
+    let beam = DecodeOptions {
+        decoding: Decoding::Beam { width: 4 },
+        max_tokens: None,
+    };
+    let caption_beam4_b1 = Some(time(settings.warmup, settings.runs, || {
+        captioner
+            .caption_images_with(one, None, &beam, None)
+            .map(drop)
+    })?);
+    let ask_b1 = if captioner.answers_questions() {
+        let greedy = DecodeOptions::default();
+        Some(time(settings.warmup, settings.runs, || {
+            captioner
+                .answer_images(one, &settings.question, &greedy, None)
+                .map(drop)
+        })?)
+    } else {
+        None
+    };
 
     let mut out = ProviderBench {
         provider: provider.to_string(),
@@ -237,6 +267,8 @@ pub fn run_provider(
         load_generate_ms: None,
         caption_b1,
         caption_batch_per_s,
+        caption_beam4_b1,
+        ask_b1,
         caption,
         generate_b1: Vec::new(),
         generate_batch_per_s: None,
@@ -507,6 +539,19 @@ pub fn render_markdown(
             .map(|r| format!("{:.1}", r.caption_batch_per_s))
             .collect(),
     );
+    row(
+        "caption, beam 4, batch 1: median / p90 (ms)".into(),
+        results
+            .iter()
+            .map(|r| opt(r.caption_beam4_b1.as_ref(), ms))
+            .collect(),
+    );
+    if results.iter().any(|r| r.ask_b1.is_some()) {
+        row(
+            format!("ask \"{}\", batch 1: median / p90 (ms)", settings.question),
+            results.iter().map(|r| opt(r.ask_b1.as_ref(), ms)).collect(),
+        );
+    }
     for &steps in &settings.steps {
         row(
             format!("generate {steps} steps, batch 1: median / p90 (ms)"),

@@ -47,6 +47,8 @@ pub enum CaptionError {
     Shape { graph: String, reason: String },
     #[error("invalid decoding option: {0}")]
     InvalidOption(String),
+    #[error("this bundle's captioner was not trained to answer questions (export a caption run trained on a folder with questions.jsonl: `duet-train shapeworld --questions N`)")]
+    NoQuestions,
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error(
@@ -144,6 +146,7 @@ pub struct Captioner {
     image: ImageSpec,
     past_names: Vec<String>,
     present_names: Vec<String>,
+    answers_questions: bool,
     reports: Vec<ProviderReport>,
 }
 
@@ -200,6 +203,7 @@ impl Captioner {
             image: m.image.clone(),
             past_names: kv_names("past"),
             present_names: kv_names("present"),
+            answers_questions: m.questions.is_some(),
             reports: vec![r1, r2],
         })
     }
@@ -785,6 +789,37 @@ impl Captioner {
             .collect();
         let pixels = preprocess::to_pixels_batch(&resized, &self.image)?;
         self.caption_pixels(&pixels)
+    }
+
+    /// Whether the bundle's captioner was trained to answer questions (manifest `questions`).
+    pub fn answers_questions(&self) -> bool {
+        self.answers_questions
+    }
+
+    /// Answers `question` about each image ("what colour is the circle?"): the question is
+    /// the prompt, with the " ?" the model was trained to answer after added when missing.
+    /// A bundle whose captioner never saw questions is [`CaptionError::NoQuestions`] rather
+    /// than a caption continuing the question's words.
+    pub fn answer_images(
+        &self,
+        images: &[RgbImage],
+        question: &str,
+        opts: &DecodeOptions,
+        on_token: Option<OnToken<'_>>,
+    ) -> Result<Vec<String>, CaptionError> {
+        if !self.answers_questions {
+            return Err(CaptionError::NoQuestions);
+        }
+        let q = question.trim();
+        if q.is_empty() {
+            return Err(CaptionError::EmptyPrompt);
+        }
+        let prompt = if q.ends_with('?') {
+            q.to_string()
+        } else {
+            format!("{q} ?")
+        };
+        self.caption_images_with(images, Some(&prompt), opts, on_token)
     }
 
     /// [`Captioner::caption_images`] with decoding options and a prompt the text continues

@@ -65,6 +65,7 @@ impl crate::CaptionError {
             E::Engine(e) => e.kind(),
             E::Image(e) => e.kind(),
             E::Tokenizer { .. } => ErrorKind::Bundle,
+            E::NoQuestions => ErrorKind::Unsupported,
             E::InvalidOption(_)
             | E::EmptyPrompt
             | E::PromptTooLong { .. }

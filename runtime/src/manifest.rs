@@ -47,6 +47,10 @@ pub struct Manifest {
     /// [`Graph::RestorerT2i`], [`Graph::RestorerI2t`] and [`Graph::FusionHead`] graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreSpec>,
+    /// Present when the caption decoder was trained to answer questions about the image (a
+    /// question as its prompt: `duet ask`); absent for captioners trained on captions only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub questions: Option<QuestionsSpec>,
     /// Compressed copies of every graph (fp16, int8), each with its own files and measured task
     /// metrics; the graphs above are the fp32 originals. Empty in a bundle without variants
     /// (and ignored by runtimes that predate them: the fp32 graphs stay where they were).
@@ -137,6 +141,14 @@ pub struct DiffusionSpec {
     pub default_steps: usize,
     /// Default classifier-free guidance scale.
     pub default_guidance: f32,
+}
+
+/// How the caption decoder answers questions: trained on `[BOS] question ? answer [EOS]`
+/// beside the captions, the question's words taking no loss.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuestionsSpec {
+    /// Question-answer pairs in training (the folders' `questions.jsonl`).
+    pub trained_on: usize,
 }
 
 /// How the bundle classifies an image + text pair and restores a missing modality's

@@ -723,6 +723,7 @@ pub fn write_bundle(dir: &Path, spec: &ModelSpec, files: &[(&str, Vec<u8>)]) -> 
         provenance: serde_json::json!({"command": "cargo test", "seed": 7}),
         diffusion: None,
         restore: None,
+        questions: None,
     };
     write_manifest(dir, &manifest);
     manifest

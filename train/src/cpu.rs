@@ -74,6 +74,14 @@ pub fn eval_caption(
     crate::eval::caption::eval_caption::<Infer>(run, data, limit, &Default::default())
 }
 
+pub fn eval_vqa(
+    run: &Path,
+    data: &Path,
+    limit: Option<usize>,
+) -> anyhow::Result<(crate::eval::vqa::VqaReport, Vec<crate::eval::vqa::Answered>)> {
+    crate::eval::vqa::eval_vqa::<Infer>(run, data, limit, &Default::default())
+}
+
 pub fn eval_generate(
     run: &Path,
     opts: &GenerateEvalOptions,

@@ -77,6 +77,77 @@ pub struct DatasetSummary {
     pub total_objects: usize,
     /// Longest caption in words (add 2 for BOS/EOS to compare with `max_len`).
     pub max_caption_words: usize,
+    /// Questions written per scene to `questions.jsonl` (0: no such file).
+    #[serde(default)]
+    pub questions_per_scene: usize,
+    /// The folder whose scenes this one was kept apart from (`--held-out-from`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out_from: Option<String>,
+}
+
+/// One line of `questions.jsonl`: a question about the image and its exact answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuestionRecord {
+    pub image: String,
+    pub kind: QuestionKind,
+    pub question: String,
+    pub answer: String,
+}
+
+/// What [`write_dataset_with`] writes besides images, captions and scenes.
+#[derive(Debug, Clone, Default)]
+pub struct DatasetExtras {
+    /// Questions per scene for `questions.jsonl` (0: none).
+    pub questions_per_scene: usize,
+    /// Captions of scenes this folder must not contain (another folder's: a held-out split
+    /// whose scenes, and so whose (question, scene) pairs, never occur there), and that
+    /// folder's path for `dataset.json`.
+    pub exclude: Option<(String, HashSet<String>)>,
+}
+
+/// The captions of a folder's scenes (`captions.jsonl`), for [`DatasetExtras::exclude`].
+pub fn folder_captions(dir: &Path) -> Result<HashSet<String>, DataError> {
+    let path = dir.join("captions.jsonl");
+    Ok(read_jsonl::<CaptionRecord>(&path)?
+        .into_iter()
+        .map(|(_, r)| r.caption)
+        .collect())
+}
+
+/// Reads `questions.jsonl` of a folder (an empty list when the folder has none). Every
+/// question must be about an image the folder lists, with an answer and a question ending in
+/// " ?"; the answer is checked against the scene (`scenes`: image → objects) when given.
+pub fn load_questions(dir: &Path) -> Result<Vec<QuestionRecord>, DataError> {
+    let path = dir.join("questions.jsonl");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let records: Vec<(usize, QuestionRecord)> = read_jsonl(&path)?;
+    let images: HashSet<String> = read_jsonl::<CaptionRecord>(&dir.join("captions.jsonl"))?
+        .into_iter()
+        .map(|(_, r)| r.image)
+        .collect();
+    let mut out = Vec::with_capacity(records.len());
+    for (line, r) in records {
+        let problem = if !images.contains(&r.image) {
+            Some(format!("image {:?} is not in captions.jsonl", r.image))
+        } else if !r.question.ends_with(" ?") || r.question.len() < 3 {
+            Some(format!("question {:?} must end with \" ?\"", r.question))
+        } else if r.answer.trim().is_empty() {
+            Some("empty answer".to_string())
+        } else {
+            None
+        };
+        if let Some(message) = problem {
+            return Err(DataError::Invalid {
+                path: path.clone(),
+                line,
+                message,
+            });
+        }
+        out.push(r);
+    }
+    Ok(out)
 }
 
 /// One line of `captions.jsonl` (`label` is optional and unused here).
@@ -140,23 +211,75 @@ pub fn write_dataset(
     cfg: &SceneConfig,
     command: &str,
 ) -> Result<DatasetSummary, DataError> {
+    write_dataset_with(
+        out_dir,
+        count,
+        seed,
+        cfg,
+        command,
+        &DatasetExtras::default(),
+    )
+}
+
+/// [`write_dataset`] with questions (`questions.jsonl`, drawn from the seed's second ChaCha
+/// stream, so the scenes are those of the same seed without questions) and scenes kept apart
+/// from another folder's (a scene whose caption is excluded is drawn again).
+pub fn write_dataset_with(
+    out_dir: &Path,
+    count: usize,
+    seed: u64,
+    cfg: &SceneConfig,
+    command: &str,
+    extras: &DatasetExtras,
+) -> Result<DatasetSummary, DataError> {
     cfg.validate()?;
+    // With at most one object per scene there are 720 scenes in all: an excluded set that
+    // covers them would make the redraw below loop for ever.
+    const MAX_REDRAWS: usize = 10_000;
     let images_dir = out_dir.join("images");
     fs::create_dir_all(&images_dir).map_err(|source| DataError::Io {
         path: images_dir.clone(),
         source,
     })?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut question_rng = ChaCha8Rng::seed_from_u64(seed);
+    question_rng.set_stream(1);
     let mut captions_jsonl = String::new();
     let mut scenes_jsonl = String::new();
+    let mut questions_jsonl = String::new();
     let mut total_objects = 0;
     let mut max_caption_words = 0;
     for index in 0..count {
-        let scene = generate_scene(&mut rng, cfg);
+        let mut scene = generate_scene(&mut rng, cfg);
+        if let Some((from, excluded)) = &extras.exclude {
+            let mut redraws = 0;
+            while excluded.contains(&caption(&scene)) {
+                redraws += 1;
+                if redraws > MAX_REDRAWS {
+                    return Err(DataError::InvalidConfig(format!(
+                        "{MAX_REDRAWS} scenes in a row were all in {from}: too few scenes \
+                         are left to hold out (allow more objects per scene)"
+                    )));
+                }
+                scene = generate_scene(&mut rng, cfg);
+            }
+        }
         let rel = image_rel_path(index);
         let path = out_dir.join(&rel);
         let png = encode_png(&render(&scene, cfg.image_size), &path)?;
         write_atomic(&path, &png)?;
+        for q in questions_for(&scene, extras.questions_per_scene, &mut question_rng) {
+            push_json_line(
+                &mut questions_jsonl,
+                &QuestionRecord {
+                    image: rel.clone(),
+                    kind: q.kind,
+                    question: q.question,
+                    answer: q.answer,
+                },
+                &out_dir.join("questions.jsonl"),
+            )?;
+        }
         let text = caption(&scene);
         total_objects += scene.objects.len();
         max_caption_words = max_caption_words.max(text.split(' ').count());
@@ -179,6 +302,9 @@ pub fn write_dataset(
     }
     write_atomic(&out_dir.join("captions.jsonl"), captions_jsonl.as_bytes())?;
     write_atomic(&out_dir.join("scenes.jsonl"), scenes_jsonl.as_bytes())?;
+    if extras.questions_per_scene > 0 {
+        write_atomic(&out_dir.join("questions.jsonl"), questions_jsonl.as_bytes())?;
+    }
     let summary = DatasetSummary {
         generator: GENERATOR_NAME.to_string(),
         format_version: DATASET_FORMAT_VERSION,
@@ -188,6 +314,8 @@ pub fn write_dataset(
         command: command.to_string(),
         total_objects,
         max_caption_words,
+        questions_per_scene: extras.questions_per_scene,
+        held_out_from: extras.exclude.as_ref().map(|(from, _)| from.clone()),
     };
     write_json_file(&out_dir.join("dataset.json"), &summary)?;
     Ok(summary)

@@ -23,6 +23,11 @@
 //! complete phrase when it is not followed by "left" or "right", and the parser always tries the
 //! longest phrase first; no vocabulary word other than the separator is "and".
 //!
+//! # Questions
+//!
+//! `questions.jsonl` (written with `--questions N`) holds questions about each scene with
+//! answers computed from it; see the `questions` module for the templates.
+//!
 //! # Held-out data
 //!
 //! Scenes are a pure function of the seed, so a dataset written with a different seed is a fresh
@@ -33,6 +38,7 @@
 mod draw;
 mod folder;
 mod grammar;
+mod questions;
 mod scene;
 #[cfg(test)]
 mod tests;
@@ -40,4 +46,5 @@ mod tests;
 pub use draw::*;
 pub use folder::*;
 pub use grammar::*;
+pub use questions::*;
 pub use scene::*;

@@ -405,3 +405,207 @@ fn split_keeps_captions_apart() {
         .zip(&val2)
         .all(|(a, b)| a.image_path == b.image_path));
 }
+
+fn object(shape: Shape, colour: Colour, size: Size, position: Position) -> Object {
+    Object {
+        shape,
+        colour,
+        size,
+        position,
+    }
+}
+
+/// Every question drawn about a hand-made scene, with its answer.
+fn all_questions(scene: &Scene) -> std::collections::BTreeMap<String, (QuestionKind, String)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..3000 {
+        for q in questions_for(scene, 3, &mut rng) {
+            if let Some((_, a)) = seen.insert(q.question.clone(), (q.kind, q.answer.clone())) {
+                assert_eq!(a, q.answer, "one question, two answers: {}", q.question);
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn questions_have_the_scenes_exact_answers() {
+    let scene = Scene::new(vec![
+        object(Shape::Circle, Colour::Red, Size::Small, Position::TopLeft),
+        object(Shape::Square, Colour::Blue, Size::Large, Position::Top),
+        object(Shape::Square, Colour::Red, Size::Large, Position::Centre),
+    ]);
+    let seen = all_questions(&scene);
+    let expect = [
+        ("what colour is the circle ?", "red"),
+        // Two large squares: the colour question cannot name them (size does not single one
+        // out and colour is what it asks).
+        ("what size is the circle ?", "small"),
+        ("what size is the blue square ?", "large"),
+        ("what shape is at the top left ?", "circle"),
+        ("what shape is in the centre ?", "square"),
+        ("how many red objects are there ?", "two"),
+        ("how many blue objects are there ?", "one"),
+        ("is there a red circle ?", "yes"),
+        ("is there a blue square ?", "yes"),
+        ("where is the circle ?", "at the top left"),
+        ("where is the red square ?", "in the centre"),
+        ("what is left of the blue square ?", "a small red circle"),
+        ("what is above the red square ?", "a large blue square"),
+    ];
+    for (q, a) in expect {
+        assert_eq!(
+            seen.get(q).map(|(_, a)| a.as_str()),
+            Some(a),
+            "{q} (asked: {:?})",
+            seen.keys().collect::<Vec<_>>()
+        );
+    }
+    for (q, (kind, a)) in &seen {
+        assert!(q.ends_with(" ?"), "{q}");
+        // A description never uses the attribute asked about, and never an ambiguous one.
+        assert!(
+            !q.starts_with("what colour is the blue") && !q.starts_with("what colour is the red"),
+            "{q}"
+        );
+        assert_ne!(q, "what colour is the square ?");
+        assert_ne!(q, "where is the square ?");
+        match kind {
+            QuestionKind::Exists => assert!(a == "yes" || a == "no", "{q} {a}"),
+            QuestionKind::ShapeAt => {
+                assert!(a == "nothing" || Shape::from_word(a).is_some(), "{q} {a}")
+            }
+            QuestionKind::LeftOf | QuestionKind::Above => {
+                assert!(a == "nothing" || a.starts_with("a "), "{q} {a}")
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        seen.get("what shape is at the bottom right ?")
+            .map(|x| x.1.as_str()),
+        Some("nothing")
+    );
+    assert_eq!(
+        seen.get("what is left of the red square ?")
+            .map(|x| x.1.as_str()),
+        Some("nothing")
+    );
+    // Objects with no cell on that side are not asked about.
+    assert!(!seen.contains_key("what is left of the circle ?"));
+    assert!(!seen.contains_key("what is above the circle ?"));
+    let kinds: HashSet<QuestionKind> = seen.values().map(|(k, _)| *k).collect();
+    assert_eq!(kinds.len(), QuestionKind::ALL.len(), "{kinds:?}");
+}
+
+#[test]
+fn question_answers_are_balanced_enough_to_need_the_image() {
+    // Over many scenes no kind's majority answer covers most of its questions (yes/no half
+    // and half, "nothing" a minority of shape_at).
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut per_kind: std::collections::HashMap<
+        QuestionKind,
+        std::collections::HashMap<String, usize>,
+    > = Default::default();
+    for seed in 0..3000 {
+        for q in questions_for(&scene_for(seed), 3, &mut rng) {
+            *per_kind
+                .entry(q.kind)
+                .or_default()
+                .entry(q.answer)
+                .or_default() += 1;
+        }
+    }
+    for (kind, answers) in &per_kind {
+        let total: usize = answers.values().sum();
+        let top = answers.values().max().copied().unwrap_or(0);
+        assert!(total > 300, "{kind}: {total}");
+        assert!(
+            (top as f64) < 0.62 * total as f64,
+            "{kind}: majority answer {top} of {total}: {answers:?}"
+        );
+    }
+}
+
+#[test]
+fn questions_file_is_seeded_and_a_held_out_folder_shares_no_scene() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SceneConfig::default();
+    let extras = DatasetExtras {
+        questions_per_scene: 3,
+        exclude: None,
+    };
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let plain = dir.path().join("plain");
+    write_dataset_with(&a, 200, 3, &cfg, "test", &extras).unwrap();
+    write_dataset_with(&b, 200, 3, &cfg, "test", &extras).unwrap();
+    write_dataset(&plain, 200, 3, &cfg, "test").unwrap();
+    let qa = fs::read(a.join("questions.jsonl")).unwrap();
+    assert_eq!(qa, fs::read(b.join("questions.jsonl")).unwrap());
+    // Questions take their own random stream: the scenes are those of the seed alone.
+    assert_eq!(
+        fs::read(a.join("captions.jsonl")).unwrap(),
+        fs::read(plain.join("captions.jsonl")).unwrap()
+    );
+    assert!(!plain.join("questions.jsonl").exists());
+    let questions = load_questions(&a).unwrap();
+    assert!(questions.len() > 500, "{}", questions.len());
+    assert!(load_questions(&plain).unwrap().is_empty());
+    let info = load_dataset_info(&a).unwrap();
+    assert_eq!(info.questions_per_scene, 3);
+
+    // A held-out folder drawn from a seed that repeats many of a's scenes keeps none of them.
+    let train_captions = folder_captions(&a).unwrap();
+    let held = dir.path().join("held");
+    let extras = DatasetExtras {
+        questions_per_scene: 2,
+        exclude: Some(("a".into(), train_captions.clone())),
+    };
+    write_dataset_with(&held, 300, 3, &cfg, "test", &extras).unwrap();
+    let held_captions = folder_captions(&held).unwrap();
+    assert!(held_captions.is_disjoint(&train_captions));
+    assert_eq!(
+        load_dataset_info(&held).unwrap().held_out_from.as_deref(),
+        Some("a")
+    );
+    // Every scene excluded: a typed error, not an endless loop.
+    let one = SceneConfig {
+        min_objects: 1,
+        max_objects: 1,
+        ..cfg
+    };
+    let mut everything = HashSet::new();
+    for seed in 0..20_000 {
+        let scene = generate_scene(&mut ChaCha8Rng::seed_from_u64(seed), &one);
+        everything.insert(caption(&scene));
+    }
+    assert_eq!(everything.len(), 720);
+    let err = write_dataset_with(
+        &dir.path().join("none"),
+        5,
+        0,
+        &one,
+        "test",
+        &DatasetExtras {
+            questions_per_scene: 0,
+            exclude: Some(("all".into(), everything)),
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, DataError::InvalidConfig(_)), "{err}");
+
+    // A question about an image the folder does not list is refused with its line.
+    let mut text = String::from_utf8(qa).unwrap();
+    text.push_str(
+        r#"{"image":"images/999999.png","kind":"colour","question":"what colour is the circle ?","answer":"red"}"#,
+    );
+    text.push('\n');
+    fs::write(a.join("questions.jsonl"), text).unwrap();
+    let err = load_questions(&a).unwrap_err().to_string();
+    assert!(
+        err.contains("questions.jsonl:") && err.contains("999999"),
+        "{err}"
+    );
+}

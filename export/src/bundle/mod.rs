@@ -16,8 +16,8 @@ use duet_run::{CONFIG_FILE, HEAD, STATE_FILE, TOKENIZER_FILE};
 use duet_runtime::bundle::{archive, sha256_file, Bundle};
 use duet_runtime::engine::EngineOptions;
 use duet_runtime::manifest::{
-    DiffusionSpec, DimSpec, Graph, GraphSpec, ImageSpec, Manifest, RestoreSpec, TensorSpec,
-    TokenizerSpec, MANIFEST_FILE, SCHEMA_VERSION,
+    DiffusionSpec, DimSpec, Graph, GraphSpec, ImageSpec, Manifest, QuestionsSpec, RestoreSpec,
+    TensorSpec, TokenizerSpec, MANIFEST_FILE, SCHEMA_VERSION,
 };
 use tract_onnx::pb::{tensor_shape_proto, type_proto, ModelProto};
 
@@ -310,6 +310,7 @@ fn export_dir(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
             variants: Vec::new(),
             metrics: Default::default(),
             provenance: provenance(opts),
+            questions: trained_questions(&opts.run).map(|trained_on| QuestionsSpec { trained_on }),
             diffusion: generator.map(|g| DiffusionSpec {
                 prediction: g.prediction,
                 schedule: "cosine".to_owned(),
@@ -443,7 +444,9 @@ fn provenance(opts: &ExportOptions) -> serde_json::Value {
 /// Where the run's tokenizer came from, said by the caption run at the root of its `init`
 /// chain (later stages copy the captioner's tokenizer unchanged). `None` when a link of the
 /// chain cannot be read (e.g. a relative `init` from another working directory).
-fn tokenizer_origin(run: &Path) -> Option<String> {
+/// The `config.json` of the caption run at the start of `run`'s chain (`init` links), parsed
+/// loosely: the captioner's tokenizer origin and questions live there.
+fn caption_config(run: &Path) -> Option<serde_json::Value> {
     let mut dir = run.to_path_buf();
     // Bounded: a chain is at most a few stages long, and a loop must not hang the export.
     for _ in 0..16 {
@@ -454,15 +457,26 @@ fn tokenizer_origin(run: &Path) -> Option<String> {
             .and_then(|s| s.as_str())
             .unwrap_or("caption");
         if stage == "caption" {
-            let origin: duet_run::TokenizerOrigin = match config.get("tokenizer") {
-                Some(v) => serde_json::from_value(v.clone()).ok()?,
-                None => duet_run::TokenizerOrigin::default(),
-            };
-            return Some(origin.to_string());
+            return Some(config);
         }
         dir = PathBuf::from(config.get("init")?.as_str()?);
     }
     None
+}
+
+fn tokenizer_origin(run: &Path) -> Option<String> {
+    let config = caption_config(run)?;
+    let origin: duet_run::TokenizerOrigin = match config.get("tokenizer") {
+        Some(v) => serde_json::from_value(v.clone()).ok()?,
+        None => duet_run::TokenizerOrigin::default(),
+    };
+    Some(origin.to_string())
+}
+
+/// How many questions the run's captioner was trained on, when any.
+fn trained_questions(run: &Path) -> Option<usize> {
+    let n = caption_config(run)?.get("questions")?.as_u64()? as usize;
+    (n > 0).then_some(n)
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> ExportError {

@@ -3,7 +3,9 @@
 //! (`caption.rs`); train the tiny generator on top of that captioner → export all four graphs →
 //! generate with onnxruntime, tract and Burn (`generate.rs`) and through the C ABI
 //! (`c_abi.rs`); the unify stage (`unify.rs`); the fusion and restore stages (`restore.rs`) and
-//! classification with a missing modality through the exported bundle (`classify.rs`).
+//! classification with a missing modality through the exported bundle (`classify.rs`); the
+//! captioner trained on questions too, answering them in Burn, on both engines, through `duet
+//! ask` and the C ABI (`vqa.rs`).
 //!
 //! Training is the slow part, so each fixture (data, run, bundle; `fixtures.rs`) is built once
 //! per test binary under `CARGO_TARGET_TMPDIR` and shared by the tests. `DUET_E2E_STEPS` and
@@ -54,6 +56,7 @@ mod generate;
 mod quantize;
 mod restore;
 mod unify;
+mod vqa;
 
 use fixtures::*;
 

@@ -1,10 +1,12 @@
 //! Evaluation of trained runs (`duet-train eval`): captions on ShapeWorld and on emoji,
-//! GenEval-style scoring of generations, and classification with a modality missing.
+//! GenEval-style scoring of generations, classification with a modality missing, and answers
+//! to questions about ShapeWorld scenes.
 
 pub mod caption;
 pub mod emoji;
 pub mod geneval;
 pub mod restore;
+pub mod vqa;
 
 use std::fmt;
 
@@ -21,6 +23,8 @@ pub enum Evaluation {
     Restore,
     /// Generated emoji retrieved by their own names.
     Retrieval,
+    /// Answers to a ShapeWorld folder's questions, per kind, beside the majority baseline.
+    Vqa,
 }
 
 impl fmt::Display for Evaluation {

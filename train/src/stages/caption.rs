@@ -22,7 +22,7 @@ use tokenizers::Tokenizer;
 
 use duet_datasets::folders::{default_image_side, load_folders, ImageTarget};
 use duet_datasets::image_to_chw;
-use duet_datasets::shapeworld::Sample;
+use duet_datasets::shapeworld::{load_questions, QuestionKind, Sample};
 use duet_datasets::tokenizer::{
     decode_caption, encode_caption, load_tokenizer, save_tokenizer, train_tokenizer,
 };
@@ -37,15 +37,65 @@ use duet_run::{
 
 type Rec = BinBytesRecorder<FullPrecisionSettings>;
 
-/// Images and padded token sequences in memory, ready to batch.
+/// Images and padded token sequences in memory, ready to batch. A row is a caption of image
+/// `row`, or (after the `n` caption rows) a question about an image with its answer.
 pub struct PreparedData {
+    /// Images (and caption rows).
     pub n: usize,
     pub image_size: usize,
     /// `n * 3 * S * S`, normalised to `[-1, 1]`, CHW per image.
     pub pixels: Vec<f32>,
-    /// `n * seq_len`, `[BOS] … [EOS] [PAD]…`.
+    /// `rows * seq_len`, `[BOS] … [EOS] [PAD]…`.
     pub tokens: Vec<i64>,
+    /// `rows * (seq_len - 1)`: the next-token targets, PAD where no loss is taken (padding,
+    /// and a question's own words: the model learns to answer, not to ask).
+    pub targets: Vec<i64>,
+    /// The image of each row.
+    pub image_of: Vec<usize>,
     pub seq_len: usize,
+}
+
+/// A question about image `image` (an index into the samples) with its answer: one training
+/// row `[BOS] question answer [EOS]` with the loss on the answer and EOS only.
+#[derive(Debug, Clone)]
+pub struct QuestionRow {
+    pub image: usize,
+    pub kind: QuestionKind,
+    pub question: String,
+    pub answer: String,
+}
+
+/// The questions of every folder that has a `questions.jsonl`, tied to the loaded samples by
+/// image path (the folders as [`load_folders`] read them, in the same order).
+pub fn load_question_rows(
+    dirs: &[PathBuf],
+    samples: &[Sample],
+) -> anyhow::Result<Vec<QuestionRow>> {
+    let index: std::collections::HashMap<&Path, usize> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.image_path.as_path(), i))
+        .collect();
+    let mut rows = Vec::new();
+    for dir in dirs {
+        for q in load_questions(dir)? {
+            let path = dir.join(&q.image);
+            let image = *index.get(path.as_path()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: question about {} whose image was not loaded",
+                    dir.join("questions.jsonl").display(),
+                    q.image
+                )
+            })?;
+            rows.push(QuestionRow {
+                image,
+                kind: q.kind,
+                question: q.question,
+                answer: q.answer,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 pub fn prepare(
@@ -54,8 +104,20 @@ pub fn prepare(
     image_size: usize,
     max_len: usize,
 ) -> anyhow::Result<PreparedData> {
+    prepare_with_questions(samples, &[], tokenizer, image_size, max_len)
+}
+
+/// [`prepare`] with question rows after the caption rows.
+pub fn prepare_with_questions(
+    samples: &[Sample],
+    questions: &[QuestionRow],
+    tokenizer: &Tokenizer,
+    image_size: usize,
+    max_len: usize,
+) -> anyhow::Result<PreparedData> {
     let mut pixels = Vec::with_capacity(samples.len() * 3 * image_size * image_size);
-    let mut seqs = Vec::with_capacity(samples.len());
+    // (ids, tokens of the sequence that take no loss: BOS and a question's words)
+    let mut seqs: Vec<(Vec<u32>, usize)> = Vec::with_capacity(samples.len() + questions.len());
     for s in samples {
         let (w, h) = s.image.dimensions();
         if w as usize != image_size || h as usize != image_size {
@@ -65,24 +127,50 @@ pub fn prepare(
             );
         }
         pixels.extend(image_to_chw(&s.image));
-        seqs.push(encode_caption(tokenizer, &s.caption, max_len)?);
+        seqs.push((encode_caption(tokenizer, &s.caption, max_len)?, 1));
     }
-    let seq_len = seqs.iter().map(|s| s.len()).max().unwrap_or(2);
+    let mut image_of: Vec<usize> = (0..samples.len()).collect();
+    for q in questions {
+        let text = format!("{} {}", q.question, q.answer);
+        let ids = encode_caption(tokenizer, &text, max_len)
+            .with_context(|| format!("question {:?} with its answer", q.question))?;
+        let asked = encode_caption(tokenizer, &q.question, max_len)?.len() - 1;
+        seqs.push((ids, asked));
+        image_of.push(q.image);
+    }
+    let seq_len = seqs.iter().map(|s| s.0.len()).max().unwrap_or(2);
     let mut tokens = Vec::with_capacity(seqs.len() * seq_len);
-    for s in &seqs {
+    let mut targets = Vec::with_capacity(seqs.len() * (seq_len - 1));
+    for (s, no_loss) in &seqs {
         tokens.extend(s.iter().map(|&t| t as i64));
         tokens.extend(std::iter::repeat_n(PAD_ID as i64, seq_len - s.len()));
+        // Target j is token j + 1: the first `no_loss - 1` targets are the question's words.
+        for j in 0..seq_len - 1 {
+            let t = s.get(j + 1).copied().unwrap_or(PAD_ID);
+            targets.push(if j + 1 < *no_loss {
+                PAD_ID as i64
+            } else {
+                t as i64
+            });
+        }
     }
     Ok(PreparedData {
         n: samples.len(),
         image_size,
         pixels,
         tokens,
+        targets,
+        image_of,
         seq_len,
     })
 }
 
 impl PreparedData {
+    /// Token rows: captions, then questions.
+    pub fn rows(&self) -> usize {
+        self.image_of.len()
+    }
+
     pub fn pixels_batch<B: Backend>(&self, idx: &[usize], device: &B::Device) -> Tensor<B, 4> {
         let per = 3 * self.image_size * self.image_size;
         let mut data = Vec::with_capacity(idx.len() * per);
@@ -102,17 +190,33 @@ impl PreparedData {
         }
         Tensor::from_data(TensorData::new(data, [idx.len(), self.seq_len]), device)
     }
+
+    /// The next-token targets of rows `idx`, `[B, seq_len - 1]` (PAD: no loss).
+    pub fn targets_batch<B: Backend>(
+        &self,
+        idx: &[usize],
+        device: &B::Device,
+    ) -> Tensor<B, 2, Int> {
+        let l = self.seq_len - 1;
+        let mut data = Vec::with_capacity(idx.len() * l);
+        for &i in idx {
+            data.extend_from_slice(&self.targets[i * l..(i + 1) * l]);
+        }
+        Tensor::from_data(TensorData::new(data, [idx.len(), l]), device)
+    }
 }
 
-/// Mean next-token cross-entropy over non-padding targets.
+/// Mean next-token cross-entropy over the targets that are not PAD (`targets` `[B, L - 1]`,
+/// see [`PreparedData::targets`]).
 pub fn caption_loss<B: Backend>(
     model: &CaptionModel<B>,
     pixels: Tensor<B, 4>,
     tokens: Tensor<B, 2, Int>,
+    targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 1> {
     let [b, l] = tokens.dims();
-    let inputs = tokens.clone().slice([0..b, 0..l - 1]);
-    let targets = tokens.slice([0..b, 1..l]).reshape([b * (l - 1), 1]);
+    let inputs = tokens.slice([0..b, 0..l - 1]);
+    let targets = targets.reshape([b * (l - 1), 1]);
     let image_tokens = model.vision.forward(pixels).patch_tokens;
     let logits = model.decoder.forward(inputs, image_tokens);
     let v = logits.dims()[2];
@@ -185,16 +289,25 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
     let run = &args.out;
     let config_path = run.join(CONFIG_FILE);
 
-    let (cfg, tokenizer, samples, mut state) = if args.resume && config_path.exists() {
+    let (cfg, tokenizer, samples, questions, mut state) = if args.resume && config_path.exists() {
         let mut cfg: CaptionTrainConfig = read_json(&config_path)?;
         if let Some(s) = args.steps {
             cfg.steps = s;
         }
         let tok = load_tokenizer(&run.join(TOKENIZER_FILE))?;
         let samples = load_folders(&args.data, &ImageTarget::of(&cfg.model, Some(&tok)))?;
+        let questions = load_question_rows(&args.data, &samples)?;
+        if questions.len() != cfg.questions {
+            anyhow::bail!(
+                "{} has {} questions; the run was started with {}: resume on the same data",
+                duet_datasets::folders::folders_display(&args.data),
+                questions.len(),
+                cfg.questions
+            );
+        }
         let state: TrainState = read_json(&run.join(STATE_FILE))?;
         tracing::info!(step = state.step, "resuming from {}", run.display());
-        (cfg, tok, samples, Some(state))
+        (cfg, tok, samples, questions, Some(state))
     } else {
         if args.resume {
             tracing::warn!(
@@ -222,20 +335,29 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
             log_every: 10,
             device: args.device.clone(),
             command: args.command.clone(),
+            questions: fresh.questions.len(),
         };
         save_tokenizer(&fresh.tokenizer, &run.join(TOKENIZER_FILE))?;
         // A fresh run starts a fresh metrics log.
         let _ = std::fs::remove_file(run.join(METRICS_FILE));
-        (cfg, fresh.tokenizer, fresh.samples, None)
+        (cfg, fresh.tokenizer, fresh.samples, fresh.questions, None)
     };
+    if !questions.is_empty() {
+        tracing::info!(
+            "training on {} captions and {} questions",
+            samples.len(),
+            questions.len()
+        );
+    }
     cfg.model.validate().map_err(anyhow::Error::msg)?;
     // Made only now, so a refused folder leaves no empty run behind.
     std::fs::create_dir_all(run)?;
     write_json(&config_path, &cfg)?;
 
     B::seed(device, cfg.seed);
-    let data = prepare(
+    let data = prepare_with_questions(
         &samples,
+        &questions,
         &tokenizer,
         cfg.model.image_size,
         cfg.model.max_len,
@@ -271,10 +393,12 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
     let mut last_loss = state.as_ref().map(|s| s.last_loss).unwrap_or(f64::NAN);
     let mut ema: Option<f64> = None;
     for step in start_step..cfg.steps {
-        let idx = batch_indices(data.n, cfg.batch_size, step, cfg.seed);
-        let pixels = data.pixels_batch::<B>(&idx, device);
+        let idx = batch_indices(data.rows(), cfg.batch_size, step, cfg.seed);
+        let images: Vec<usize> = idx.iter().map(|&r| data.image_of[r]).collect();
+        let pixels = data.pixels_batch::<B>(&images, device);
         let tokens = data.tokens_batch::<B>(&idx, device);
-        let loss = caption_loss(&model, pixels, tokens);
+        let targets = data.targets_batch::<B>(&idx, device);
+        let loss = caption_loss(&model, pixels, tokens, targets);
         let loss_value = loss.clone().into_scalar().elem::<f64>();
         if !loss_value.is_finite() {
             anyhow::bail!("loss became {loss_value} at step {step}; lower --lr");
@@ -328,6 +452,7 @@ struct FreshStart {
     tokenizer: Tokenizer,
     origin: TokenizerOrigin,
     samples: Vec<Sample>,
+    questions: Vec<QuestionRow>,
 }
 
 /// The dimensions, tokenizer and fitted samples of a fresh run: those of the `--init-from`
@@ -352,12 +477,14 @@ fn fresh_start(args: &FitArgs) -> anyhow::Result<FreshStart> {
             &ImageTarget::of(&source.model, Some(&tokenizer)),
         )?;
         report_unknown_words(&samples, &tokenizer, from);
+        let questions = load_question_rows(&args.data, &samples)?;
         return Ok(FreshStart {
             preset: source.preset,
             model: source.model,
             tokenizer,
             origin,
             samples,
+            questions,
         });
     }
     let side = match args.image_size {
@@ -377,20 +504,32 @@ fn fresh_start(args: &FitArgs) -> anyhow::Result<FreshStart> {
         image_fit: fit,
         ..ModelSpec::preset(args.preset, 0, side)
     };
-    let (tokenizer, origin, samples) = match &args.tokenizer {
+    let (tokenizer, origin, samples, questions) = match &args.tokenizer {
         Some(path) => {
             let (tokenizer, origin) = reuse_tokenizer(path)?;
             let samples = load_folders(&args.data, &ImageTarget::of(&model, Some(&tokenizer)))?;
             report_unknown_words(&samples, &tokenizer, path);
-            (tokenizer, origin, samples)
+            let questions = load_question_rows(&args.data, &samples)?;
+            (tokenizer, origin, samples, questions)
         }
         None => {
             let samples = load_folders(&args.data, &ImageTarget::of(&model, None))?;
-            let captions: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
+            let questions = load_question_rows(&args.data, &samples)?;
+            // The vocabulary covers the questions and answers as well as the captions.
+            let texts: Vec<String> = samples
+                .iter()
+                .map(|s| s.caption.clone())
+                .chain(
+                    questions
+                        .iter()
+                        .map(|q| format!("{} {}", q.question, q.answer)),
+                )
+                .collect();
             (
-                train_tokenizer(&captions)?,
+                train_tokenizer(&texts)?,
                 TokenizerOrigin::Trained,
                 samples,
+                questions,
             )
         }
     };
@@ -401,6 +540,7 @@ fn fresh_start(args: &FitArgs) -> anyhow::Result<FreshStart> {
         tokenizer,
         origin,
         samples,
+        questions,
     })
 }
 

@@ -72,6 +72,13 @@ pub(crate) fn print_manifest(m: &Manifest) {
         s.vocab_size,
         s.max_len
     );
+    match &m.questions {
+        Some(q) => println!(
+            "questions: the captioner answers them (`duet ask`; trained on {} question-answer pairs)",
+            q.trained_on
+        ),
+        None => println!("questions: not trained (captions only)"),
+    }
     if let Some(d) = &m.diffusion {
         println!(
             "generator: text layers {}, denoiser layers {} (patch {}), {:?}-prediction, {} schedule with {} timesteps; defaults {} steps, guidance {}",

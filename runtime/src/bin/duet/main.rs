@@ -109,9 +109,6 @@ struct DecodeArgs {
     /// At most this many generated tokens (the model's own limit always applies).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     max_tokens: Option<u16>,
-    /// Text to continue from (the start of a caption); the printed text is what follows it.
-    #[arg(long)]
-    prompt: Option<String>,
 }
 
 impl DecodeArgs {
@@ -149,12 +146,31 @@ enum Command {
         engine: EngineArgs,
         #[command(flatten)]
         decode: DecodeArgs,
+        /// Text to continue from (the start of a caption); the printed text is what follows it.
+        #[arg(long)]
+        prompt: Option<String>,
         /// Images per batch.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
         batch: u16,
         /// Image files.
         #[arg(required = true)]
         images: Vec<PathBuf>,
+    },
+    /// Answer a question about an image (a bundle whose captioner was trained on questions:
+    /// `duet-train shapeworld --questions N`); prints the answer as it is decoded.
+    Ask {
+        /// Bundle: a directory, or a single `.duet` file.
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        decode: DecodeArgs,
+        /// The image the question is about.
+        #[arg(long)]
+        image: PathBuf,
+        /// The question, e.g. "what colour is the circle?".
+        question: String,
     },
     /// Generate images from text prompts; writes a PNG (a grid when --count > 1 or with
     /// several prompts: one row per prompt, --count images each).
@@ -361,9 +377,24 @@ fn main() -> ExitCode {
             bundle,
             engine,
             decode,
+            prompt,
             batch,
             images,
-        } => caption(&bundle, &engine, &decode, usize::from(batch), &images),
+        } => caption(
+            &bundle,
+            &engine,
+            &decode,
+            prompt.as_deref(),
+            usize::from(batch),
+            &images,
+        ),
+        Command::Ask {
+            bundle,
+            engine,
+            decode,
+            image,
+            question,
+        } => ask(&bundle, &engine, &decode, &image, &question),
         Command::Generate {
             bundle,
             engine,

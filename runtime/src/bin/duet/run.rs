@@ -7,6 +7,7 @@ pub(crate) fn caption(
     bundle_dir: &std::path::Path,
     engine: &EngineArgs,
     decode: &DecodeArgs,
+    prompt: Option<&str>,
     batch: usize,
     images: &[PathBuf],
 ) -> Result<()> {
@@ -26,9 +27,7 @@ pub(crate) fn caption(
     for report in captioner.reports() {
         eprintln!("{report}");
     }
-    let prompt = decode
-        .prompt
-        .as_deref()
+    let prompt = prompt
         .map(|p| captioner.prompt_ids(p))
         .transpose()?
         .unwrap_or_default();
@@ -98,6 +97,48 @@ pub(crate) fn caption(
         describe_decoding(&opts),
         1e3 * decode_s,
         1e3 * decode_s / decode_steps.max(1) as f64
+    );
+    Ok(())
+}
+
+/// `duet ask`: one image, one question, the answer printed as it is decoded.
+pub(crate) fn ask(
+    bundle_dir: &Path,
+    engine: &EngineArgs,
+    decode: &DecodeArgs,
+    image: &Path,
+    question: &str,
+) -> Result<()> {
+    let opts = decode.options();
+    opts.validate()
+        .map_err(duet_runtime::CaptionError::InvalidOption)?;
+    let bundle = engine.open_bundle(bundle_dir)?;
+    if bundle.manifest().questions.is_none() {
+        return Err(duet_runtime::CaptionError::NoQuestions.into());
+    }
+    let img = preprocess::load_image_for(image, &bundle.manifest().image)?;
+    let captioner = Captioner::new(&bundle, engine.provider, &engine.options())
+        .context("loading the captioning graphs")?;
+    for report in captioner.reports() {
+        eprintln!("{report}");
+    }
+    let t0 = Instant::now();
+    let mut out = std::io::stdout();
+    let mut print = |_: usize, text: &str| {
+        use std::io::Write;
+        let _ = write!(out, "{text}").and_then(|()| out.flush());
+    };
+    captioner.answer_images(
+        std::slice::from_ref(&img),
+        question,
+        &opts,
+        Some(&mut print),
+    )?;
+    println!();
+    eprintln!(
+        "answered in {:.1} ms ({})",
+        1e3 * t0.elapsed().as_secs_f64(),
+        describe_decoding(&opts)
     );
     Ok(())
 }

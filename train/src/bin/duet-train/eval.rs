@@ -26,7 +26,7 @@ pub struct EvalCommand {
     /// own seeded prompt set.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Evaluate only the first N samples (caption, reconstruct, retrieval).
+    /// Evaluate only the first N samples (caption, reconstruct, retrieval; questions for vqa).
     #[arg(long)]
     pub limit: Option<usize>,
     /// Prompts per GenEval category (generate).
@@ -67,6 +67,24 @@ pub fn run(cmd: EvalCommand, command_line: String) -> anyhow::Result<()> {
         untrained,
     } = cmd;
     match stage {
+        Evaluation::Vqa => {
+            let data = data.context(
+                "--data is required for --stage vqa (a ShapeWorld folder written with --questions)",
+            )?;
+            let (report, examples) = cpu::eval_vqa(&run, &data, limit)?;
+            for a in &examples {
+                println!("{} truth: {} | answer: {}", a.question, a.truth, a.answer);
+            }
+            println!("{report}");
+            write_json(
+                &run.join("vqa_eval.json"),
+                &serde_json::json!({
+                    "data": data, "report": report, "overall": report.overall(),
+                    "majority_overall": report.majority_overall(), "limit": limit,
+                    "command": command_line, "examples": examples,
+                }),
+            )?;
+        }
         Evaluation::Restore => {
             let opts = RestoreEvalOptions { seed, limit };
             let report = cpu::eval_restore(&run, &opts)?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use duet_datasets::emoji::{write_emoji_dataset, ArtStyle, EmojiOptions, EmojiSource};
-use duet_datasets::shapeworld::{write_dataset, SceneConfig};
+use duet_datasets::shapeworld::{folder_captions, write_dataset_with, DatasetExtras, SceneConfig};
 
 mod data;
 mod eval;
@@ -36,6 +36,14 @@ enum Command {
         min_objects: usize,
         #[arg(long, default_value_t = 4)]
         max_objects: usize,
+        /// Questions per scene with exact answers, written to questions.jsonl (VQA: a caption
+        /// run on the folder trains on them beside the captions).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=16))]
+        questions: u8,
+        /// Keep this folder apart from another (its training folder): no scene of DIR occurs
+        /// here, so no (question, scene) pair does either.
+        #[arg(long, value_name = "DIR")]
+        held_out_from: Option<PathBuf>,
     },
     /// Build the Emoji-CLDR dataset (real emoji art + CLDR English names) from the sources
     /// `scripts/fetch-emoji.sh` fetched: train/val/test split by base emoji.
@@ -88,6 +96,8 @@ fn main() -> anyhow::Result<()> {
             size,
             min_objects,
             max_objects,
+            questions,
+            held_out_from,
         } => {
             if size != 32 && size != 64 {
                 anyhow::bail!("--size must be 32 or 64, got {size}");
@@ -100,7 +110,18 @@ fn main() -> anyhow::Result<()> {
                 min_objects,
                 max_objects,
             };
-            let summary = write_dataset(&out, count, seed, &cfg, &command_line)
+            let exclude = held_out_from
+                .map(|dir| {
+                    folder_captions(&dir)
+                        .map(|c| (dir.display().to_string(), c))
+                        .with_context(|| format!("reading the scenes of {}", dir.display()))
+                })
+                .transpose()?;
+            let extras = DatasetExtras {
+                questions_per_scene: usize::from(questions),
+                exclude,
+            };
+            let summary = write_dataset_with(&out, count, seed, &cfg, &command_line, &extras)
                 .with_context(|| format!("writing ShapeWorld to {}", out.display()))?;
             println!("{summary:?}");
         }

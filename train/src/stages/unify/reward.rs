@@ -124,6 +124,8 @@ impl OwnCaptions {
                 image_size: data.image_size,
                 pixels: data.pixels.clone(),
                 tokens: vec![i64::from(PAD_ID); data.n * max_len],
+                targets: vec![i64::from(PAD_ID); data.n * (max_len - 1)],
+                image_of: (0..data.n).collect(),
                 seq_len: max_len,
             },
             done: vec![false; data.n],
@@ -146,6 +148,12 @@ impl OwnCaptions {
             for (&i, seq) in missing.iter().zip(seqs) {
                 let row = &mut self.data.tokens[i * self.max_len..(i + 1) * self.max_len];
                 for (slot, t) in row.iter_mut().zip(&seq) {
+                    *slot = i64::from(*t);
+                }
+                // The targets are the tokens shifted by one, all taking the loss.
+                let l = self.max_len - 1;
+                let targets = &mut self.data.targets[i * l..(i + 1) * l];
+                for (slot, t) in targets.iter_mut().zip(seq.iter().skip(1)) {
                     *slot = i64::from(*t);
                 }
                 self.done[i] = true;

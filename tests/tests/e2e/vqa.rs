@@ -1,0 +1,276 @@
+//! Questions about images: ShapeWorld with exact answers → the tiny captioner trained on
+//! captions and questions together → Burn's answers to held-out questions scored per kind
+//! against the majority-answer baseline → the exported bundle answering the same questions on
+//! onnxruntime and tract, through `duet ask` and through the C ABI.
+
+use super::*;
+
+use duet_datasets::shapeworld::{folder_captions, write_dataset_with, DatasetExtras, QuestionKind};
+use duet_runtime::DecodeOptions;
+use duet_train::eval::vqa::{answer_questions, VqaReport};
+use duet_train::stages::caption::{load_question_rows, QuestionRow};
+
+/// Steps of the VQA fixture (`DUET_E2E_VQA_STEPS` overrides). Measured on this data: held-out
+/// accuracy 56.5 % at 1,500 steps and 59.9 % at 3,000 (majority baseline 35.2 %); the extra
+/// steps go to the captions (shape 46 → 82 %), not to the answers, so CI takes the cheaper.
+const CI_VQA_STEPS: usize = 1500;
+
+struct VqaFixture {
+    val: PathBuf,
+    run: PathBuf,
+    bundle: PathBuf,
+}
+
+fn vqa_fixture() -> &'static VqaFixture {
+    static FIXTURE: OnceLock<VqaFixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("duet-e2e-vqa");
+        let _ = std::fs::remove_dir_all(&root);
+        let cfg = SceneConfig {
+            image_size: 32,
+            min_objects: 1,
+            max_objects: 2,
+        };
+        let train = root.join("train");
+        let val = root.join("val");
+        let extras = DatasetExtras {
+            questions_per_scene: 2,
+            exclude: None,
+        };
+        write_dataset_with(&train, 4000, 1, &cfg, "e2e vqa fixture", &extras).expect("train");
+        // Held out: no scene of the training folder, so no (question, scene) pair either.
+        let held_out = DatasetExtras {
+            questions_per_scene: 3,
+            exclude: Some(("train".into(), folder_captions(&train).unwrap())),
+        };
+        write_dataset_with(&val, 400, 2, &cfg, "e2e vqa fixture", &held_out).expect("val");
+        let steps = std::env::var("DUET_E2E_VQA_STEPS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(CI_VQA_STEPS);
+        let run = root.join("run");
+        let args = FitArgs {
+            preset: duet_models::Preset::Tiny,
+            data: vec![train],
+            out: run.clone(),
+            steps: Some(steps),
+            batch_size: None,
+            lr: None,
+            seed: 0,
+            resume: false,
+            image_size: None,
+            image_fit: None,
+            tokenizer: None,
+            init_from: None,
+            device: "cpu".into(),
+            command: format!("e2e vqa fixture: fit --stage caption --steps {steps}"),
+            quiet: true,
+        };
+        duet_train::alloc::keep_freed_memory();
+        let outcome =
+            fit::<duet_train::backend::CpuBackend>(&args, &Default::default()).expect("training");
+        eprintln!(
+            "vqa fixture: {} steps in {:.0}s, final loss {:.3}",
+            outcome.steps_done, outcome.seconds, outcome.final_loss
+        );
+        let bundle = root.join("bundle");
+        let opts = ExportOptions {
+            engine: engine_options(),
+            command: "e2e vqa export".into(),
+            ..ExportOptions::new(&run, &bundle)
+        };
+        export_run(&opts).expect("export");
+        VqaFixture { val, run, bundle }
+    })
+}
+
+/// The held-out scenes and questions, the Burn model's answers, and their report.
+type BurnAnswers = (Vec<Sample>, Vec<QuestionRow>, Vec<String>, VqaReport);
+
+fn burn_answers() -> &'static BurnAnswers {
+    static ANSWERS: OnceLock<BurnAnswers> = OnceLock::new();
+    ANSWERS.get_or_init(|| {
+        let f = vqa_fixture();
+        let samples = load_dataset(&f.val).unwrap();
+        let questions = load_question_rows(std::slice::from_ref(&f.val), &samples).unwrap();
+        let device = Default::default();
+        let run = load_run::<Cpu>(&f.run, &device).unwrap();
+        let answers = answer_questions(&run, &samples, &questions, &device).unwrap();
+        let scored: Vec<_> = questions.iter().cloned().zip(answers.clone()).collect();
+        let report = VqaReport::score(&scored);
+        eprintln!("{report}");
+        (samples, questions, answers, report)
+    })
+}
+
+/// Held-out questions are answered far above what always giving each kind's most common
+/// answer scores (a model that ignores the image), kind by kind where the tiny model can see
+/// the attribute, and overall.
+#[test]
+fn vqa_answers_beat_the_majority_baseline_per_kind() {
+    let (_, questions, _, report) = burn_answers();
+    assert!(questions.len() > 1000, "{}", questions.len());
+    for kind in QuestionKind::ALL {
+        let s = report.per_kind.get(&kind).expect("every kind is asked");
+        eprintln!(
+            "{kind}: {:.1} % against {:.1} % ({} questions)",
+            100.0 * s.accuracy(),
+            100.0 * s.majority_accuracy(),
+            s.questions
+        );
+    }
+    // Colour, size and position are what the tiny captioner sees best (its caption metrics);
+    // measured margins over the majority answer at 1,500 / 3,000 steps: colour +46 / +44,
+    // size +26 / +29, where +39 / +40 points; the floors leave a band for noise. Counting and
+    // "is there" stay at the baseline at this size and budget (see docs/VQA.md).
+    for (kind, margin) in [
+        (QuestionKind::Colour, 0.30),
+        (QuestionKind::Size, 0.15),
+        (QuestionKind::Where, 0.25),
+    ] {
+        let s = &report.per_kind[&kind];
+        assert!(
+            s.accuracy() >= s.majority_accuracy() + margin,
+            "{kind}: {:.3} vs majority {:.3}",
+            s.accuracy(),
+            s.majority_accuracy()
+        );
+    }
+    assert!(
+        report.overall() >= report.majority_overall() + 0.15,
+        "overall {:.3} vs majority {:.3}",
+        report.overall(),
+        report.majority_overall()
+    );
+}
+
+/// The exported bundle answers as Burn does on onnxruntime and tract (greedy, same prompt),
+/// says it answers questions, and streams the answer.
+#[test]
+fn the_bundle_answers_like_burn_on_every_engine() {
+    let f = vqa_fixture();
+    let (samples, questions, burn, _) = burn_answers();
+    let bundle = Bundle::open(&f.bundle).unwrap();
+    let spec = bundle
+        .manifest()
+        .questions
+        .as_ref()
+        .expect("questions in the manifest");
+    assert_eq!(spec.trained_on, 8000);
+    let subset: Vec<usize> = (0..questions.len()).step_by(4).collect();
+    for provider in [Provider::OrtCpu, Provider::Tract] {
+        let cap =
+            Captioner::new(&bundle, ProviderChoice::Only(provider), &engine_options()).unwrap();
+        assert!(cap.answers_questions());
+        let mut agree = 0;
+        for &i in &subset {
+            let q = &questions[i];
+            let img = &samples[q.image].image;
+            let mut streamed = String::new();
+            let answer = cap
+                .answer_images(
+                    std::slice::from_ref(img),
+                    &q.question,
+                    &DecodeOptions::default(),
+                    Some(&mut |_, t: &str| streamed.push_str(t)),
+                )
+                .unwrap()
+                .pop()
+                .unwrap();
+            assert_eq!(streamed, answer);
+            agree += usize::from(answer == burn[i]);
+        }
+        let rate = agree as f64 / subset.len() as f64;
+        assert!(
+            rate >= 0.98,
+            "{provider}: {agree} of {} answers as Burn's",
+            subset.len()
+        );
+    }
+}
+
+/// `duet ask` answers a held-out question the model gets right, and refuses a caption-only
+/// bundle with a message saying why; `duet_ask_rgb` gives the runtime's answer and streams it.
+#[test]
+fn duet_ask_and_the_c_abi_answer_questions() {
+    let f = vqa_fixture();
+    let (samples, questions, burn, _) = burn_answers();
+    let i = (0..questions.len())
+        .find(|&i| questions[i].kind == QuestionKind::Colour && burn[i] == questions[i].answer)
+        .expect("a colour question answered right");
+    let q = &questions[i];
+    let image_path = &samples[q.image].image_path;
+    let out = std::process::Command::new(duet_bin())
+        .args(["ask", "--provider", "tract", "--bundle"])
+        .arg(&f.bundle)
+        .arg("--image")
+        .arg(image_path)
+        // As a person types it: no space before the question mark.
+        .arg(q.question.replace(" ?", "?"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), q.answer, "{}", q.question);
+
+    let out = std::process::Command::new(duet_bin())
+        .args(["ask", "--provider", "tract", "--bundle"])
+        .arg(&fixture().bundle)
+        .arg("--image")
+        .arg(image_path)
+        .arg("what colour is the circle?")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not trained to answer questions"),
+        "{stderr}"
+    );
+
+    // The C ABI, as a C host calls it.
+    use duet::*;
+    unsafe extern "C" fn collect(user: *mut std::ffi::c_void, text: *const std::ffi::c_char) {
+        let s = &mut *(user as *mut String);
+        s.push_str(&std::ffi::CStr::from_ptr(text).to_string_lossy());
+    }
+    let dir = std::ffi::CString::new(f.bundle.to_str().unwrap()).unwrap();
+    let provider = std::ffi::CString::new("tract").unwrap();
+    let (mut rt, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let s =
+        unsafe { duet_runtime_create(dir.as_ptr(), provider.as_ptr(), true, &mut rt, &mut err) };
+    assert_eq!(s, DuetStatus::Ok);
+    let img = &samples[q.image].image;
+    let question = std::ffi::CString::new(q.question.as_str()).unwrap();
+    let mut streamed = String::new();
+    let mut answer = std::ptr::null_mut();
+    let s = unsafe {
+        duet_ask_rgb(
+            rt,
+            img.as_raw().as_ptr(),
+            img.as_raw().len(),
+            img.width(),
+            img.height(),
+            question.as_ptr(),
+            std::ptr::null(),
+            Some(collect),
+            &mut streamed as *mut String as *mut std::ffi::c_void,
+            &mut answer,
+            &mut err,
+        )
+    };
+    assert_eq!(s, DuetStatus::Ok);
+    let text = unsafe { std::ffi::CStr::from_ptr(answer) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe {
+        duet_string_free(answer);
+        duet_runtime_destroy(rt);
+    }
+    assert_eq!(text, q.answer);
+    assert_eq!(streamed, text);
+}
