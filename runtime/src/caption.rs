@@ -368,14 +368,7 @@ impl Captioner {
         past: &[ArrayD<f32>],
     ) -> Result<(Array2<f32>, Vec<ArrayD<f32>>), CaptionError> {
         let (r, l) = ids.dim();
-        let pos = Array2::from_shape_fn((r, l), |(_, j)| (start + j) as i64).into_dyn();
-        let bias = ArrayD::from_shape_fn(IxDyn(&[r, 1, l, start + l]), |ix| {
-            if ix[3] <= start + ix[2] {
-                0.0f32
-            } else {
-                -1e9
-            }
-        });
+        let (pos, bias) = positions_and_bias(r, l, start);
         let ids = ids.view().into_dyn();
         let mut inputs: Vec<(&str, ValueView<'_>)> = vec![
             ("input_ids", ValueView::I64(ids)),
@@ -605,14 +598,7 @@ impl Captioner {
             let ids = Array2::from_shape_vec((b, l), flat)
                 .map_err(|e| shape_err(Graph::CaptionDecoder.name(), e.to_string()))?
                 .into_dyn();
-            let pos = Array2::from_shape_fn((b, l), |(_, j)| j as i64).into_dyn();
-            let bias = ArrayD::from_shape_fn(IxDyn(&[b, 1, l, l]), |ix| {
-                if ix[3] <= ix[2] {
-                    0.0f32
-                } else {
-                    -1e9
-                }
-            });
+            let (pos, bias) = positions_and_bias(b, l, 0);
             let mut inputs: Vec<(&str, ValueView<'_>)> = vec![
                 ("input_ids", ValueView::I64(ids.view())),
                 ("position_ids", ValueView::I64(pos.view())),
@@ -657,14 +643,7 @@ impl Captioner {
         }
         let seq = self.prefix(b, &fed);
         let l = seq.ncols();
-        let pos = Array2::from_shape_fn((b, l), |(_, j)| j as i64).into_dyn();
-        let bias = ArrayD::from_shape_fn(IxDyn(&[b, 1, l, l]), |ix| {
-            if ix[3] <= ix[2] {
-                0.0f32
-            } else {
-                -1e9
-            }
-        });
+        let (pos, bias) = positions_and_bias(b, l, 0);
         let empty = self.empty_past(b);
         let seq = seq.into_dyn();
         let mut inputs: Vec<(&str, ValueView<'_>)> = vec![
@@ -890,6 +869,20 @@ impl GreedyState {
     fn all_done(&self) -> bool {
         self.done.iter().all(|&d| d)
     }
+}
+
+/// `position_ids` `[rows, seq]` (`past + j`) and the causal `attn_bias` `[rows, 1, seq, past +
+/// seq]` of a decoder call: query `i` sees key `j` iff `j <= past + i` (0 there, -1e9 elsewhere).
+fn positions_and_bias(rows: usize, seq: usize, past: usize) -> (ArrayD<i64>, ArrayD<f32>) {
+    let pos = Array2::from_shape_fn((rows, seq), |(_, j)| (past + j) as i64).into_dyn();
+    let bias = ArrayD::from_shape_fn(IxDyn(&[rows, 1, seq, past + seq]), |ix| {
+        if ix[3] <= past + ix[2] {
+            0.0f32
+        } else {
+            -1e9
+        }
+    });
+    (pos, bias)
 }
 
 fn take_f32(

@@ -10,19 +10,7 @@ use image::{Rgb, RgbImage};
 use ndarray::Array4;
 
 fn options() -> EngineOptions {
-    EngineOptions {
-        strict: false,
-        ort_lib: ort_lib(),
-        ..EngineOptions::default()
-    }
-}
-
-fn providers() -> Vec<Provider> {
-    let mut p = vec![Provider::Tract];
-    if ort_lib().is_some() {
-        p.push(Provider::OrtCpu);
-    }
-    p
+    engine_options(false)
 }
 
 fn pixels(batch: usize) -> Array4<f32> {

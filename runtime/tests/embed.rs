@@ -16,19 +16,7 @@ fn repo() -> &'static Path {
 }
 
 fn options() -> EngineOptions {
-    EngineOptions {
-        strict: true,
-        ort_lib: ort_lib(),
-        ..EngineOptions::default()
-    }
-}
-
-fn providers() -> Vec<Provider> {
-    let mut p = vec![Provider::Tract];
-    if ort_lib().is_some() {
-        p.push(Provider::OrtCpu);
-    }
-    p
+    engine_options(true)
 }
 
 /// The sample images with their truth captions (examples/images/README.md).

@@ -750,6 +750,25 @@ pub fn caption_bundle(dir: &Path, eos_logit_bias: f32) -> Manifest {
     )
 }
 
+/// The engines the tests compare: tract always, onnxruntime's CPU provider when its library
+/// is installed.
+pub fn providers() -> Vec<duet_runtime::Provider> {
+    let mut p = vec![duet_runtime::Provider::Tract];
+    if ort_lib().is_some() {
+        p.push(duet_runtime::Provider::OrtCpu);
+    }
+    p
+}
+
+/// Engine options for the tests: [`ort_lib`]'s library, `strict` as asked.
+pub fn engine_options(strict: bool) -> duet_runtime::EngineOptions {
+    duet_runtime::EngineOptions {
+        strict,
+        ort_lib: ort_lib(),
+        ..duet_runtime::EngineOptions::default()
+    }
+}
+
 /// The onnxruntime library installed by `scripts/setup-ort.sh`, if present and the runtime under
 /// test was built with onnxruntime.
 pub fn ort_lib() -> Option<PathBuf> {

@@ -123,6 +123,24 @@ fn describe(scene: &Scene, o: &Object, allowed: Allowed) -> Option<String> {
     None
 }
 
+/// Every object of `scene` that has a unique description under `allowed`, with it.
+fn described(scene: &Scene, allowed: Allowed) -> Vec<(String, &Object)> {
+    scene
+        .objects
+        .iter()
+        .filter_map(|o| describe(scene, o, allowed).map(|d| (d, o)))
+        .collect()
+}
+
+/// A random object of `scene` with a unique description under `allowed`, and the description.
+fn pick_described<'s, R: Rng + ?Sized>(
+    scene: &'s Scene,
+    allowed: Allowed,
+    rng: &mut R,
+) -> Option<(String, &'s Object)> {
+    pick(rng, &described(scene, allowed)).cloned()
+}
+
 /// "a small red square" (an object without its position).
 fn noun_phrase(o: &Object) -> String {
     format!("a {} {} {}", o.size.word(), o.colour.word(), o.shape.word())
@@ -152,12 +170,7 @@ pub fn ask<R: Rng + ?Sized>(scene: &Scene, kind: QuestionKind, rng: &mut R) -> O
                 colour: false,
                 size: true,
             };
-            let cands: Vec<(String, &Object)> = scene
-                .objects
-                .iter()
-                .filter_map(|o| describe(scene, o, allowed).map(|d| (d, o)))
-                .collect();
-            let (d, o) = pick(rng, &cands)?;
+            let (d, o) = pick_described(scene, allowed, rng)?;
             (format!("what colour is {d} ?"), o.colour.word().to_string())
         }
         QuestionKind::Size => {
@@ -165,12 +178,7 @@ pub fn ask<R: Rng + ?Sized>(scene: &Scene, kind: QuestionKind, rng: &mut R) -> O
                 colour: true,
                 size: false,
             };
-            let cands: Vec<(String, &Object)> = scene
-                .objects
-                .iter()
-                .filter_map(|o| describe(scene, o, allowed).map(|d| (d, o)))
-                .collect();
-            let (d, o) = pick(rng, &cands)?;
+            let (d, o) = pick_described(scene, allowed, rng)?;
             (format!("what size is {d} ?"), o.size.word().to_string())
         }
         QuestionKind::ShapeAt => {
@@ -241,12 +249,7 @@ pub fn ask<R: Rng + ?Sized>(scene: &Scene, kind: QuestionKind, rng: &mut R) -> O
             )
         }
         QuestionKind::Where => {
-            let cands: Vec<(String, &Object)> = scene
-                .objects
-                .iter()
-                .filter_map(|o| describe(scene, o, all).map(|d| (d, o)))
-                .collect();
-            let (d, o) = pick(rng, &cands)?;
+            let (d, o) = pick_described(scene, all, rng)?;
             (format!("where is {d} ?"), o.position.phrase().to_string())
         }
         QuestionKind::LeftOf | QuestionKind::Above => {

@@ -34,37 +34,8 @@ pub(crate) fn fixture() -> &'static Fixture {
             .and_then(|s| s.parse().ok())
             .unwrap_or(CI_STEPS);
         let run = root.join("run");
-        let args = FitArgs {
-            preset: duet_models::Preset::Tiny,
-            data: vec![train.clone()],
-            out: run.clone(),
-            steps: Some(steps),
-            batch_size: None,
-            lr: None,
-            seed: 0,
-            resume: false,
-            image_size: None,
-            image_fit: None,
-            tokenizer: None,
-            init_from: None,
-            device: "cpu".into(),
-            command: format!("e2e fixture: fit --stage caption --preset tiny --steps {steps}"),
-            quiet: true,
-        };
-        duet_train::alloc::keep_freed_memory();
-        let outcome =
-            fit::<duet_train::backend::CpuBackend>(&args, &Default::default()).expect("training");
-        eprintln!(
-            "fixture: trained {} steps in {:.0}s, final loss {:.3}",
-            outcome.steps_done, outcome.seconds, outcome.final_loss
-        );
         let bundle = root.join("bundle");
-        let opts = ExportOptions {
-            engine: engine_options(),
-            command: "e2e fixture export".into(),
-            ..ExportOptions::new(&run, &bundle)
-        };
-        export_run(&opts).expect("export");
+        train_and_export_captioner(&train, &run, &bundle, steps, "fixture");
         Fixture {
             train,
             val,
@@ -72,6 +43,47 @@ pub(crate) fn fixture() -> &'static Fixture {
             bundle,
         }
     })
+}
+
+/// Trains the tiny captioner on `train` for `steps` (seed 0, CPU) into `run` and exports it to
+/// `bundle`; `what` names the fixture in logs and commands.
+pub(crate) fn train_and_export_captioner(
+    train: &Path,
+    run: &Path,
+    bundle: &Path,
+    steps: usize,
+    what: &str,
+) {
+    let args = FitArgs {
+        preset: duet_models::Preset::Tiny,
+        data: vec![train.to_path_buf()],
+        out: run.to_path_buf(),
+        steps: Some(steps),
+        batch_size: None,
+        lr: None,
+        seed: 0,
+        resume: false,
+        image_size: None,
+        image_fit: None,
+        tokenizer: None,
+        init_from: None,
+        device: "cpu".into(),
+        command: format!("e2e {what}: fit --stage caption --preset tiny --steps {steps}"),
+        quiet: true,
+    };
+    duet_train::alloc::keep_freed_memory();
+    let outcome =
+        fit::<duet_train::backend::CpuBackend>(&args, &Default::default()).expect("training");
+    eprintln!(
+        "{what}: trained {} steps in {:.0}s, final loss {:.3}",
+        outcome.steps_done, outcome.seconds, outcome.final_loss
+    );
+    let opts = ExportOptions {
+        engine: engine_options(),
+        command: format!("e2e {what} export"),
+        ..ExportOptions::new(run, bundle)
+    };
+    export_run(&opts).expect("export");
 }
 
 /// Greedy captions of `samples` by `run`, scored against their exact scenes.

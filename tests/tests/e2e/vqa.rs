@@ -49,37 +49,8 @@ fn vqa_fixture() -> &'static VqaFixture {
             .and_then(|s| s.parse().ok())
             .unwrap_or(CI_VQA_STEPS);
         let run = root.join("run");
-        let args = FitArgs {
-            preset: duet_models::Preset::Tiny,
-            data: vec![train],
-            out: run.clone(),
-            steps: Some(steps),
-            batch_size: None,
-            lr: None,
-            seed: 0,
-            resume: false,
-            image_size: None,
-            image_fit: None,
-            tokenizer: None,
-            init_from: None,
-            device: "cpu".into(),
-            command: format!("e2e vqa fixture: fit --stage caption --steps {steps}"),
-            quiet: true,
-        };
-        duet_train::alloc::keep_freed_memory();
-        let outcome =
-            fit::<duet_train::backend::CpuBackend>(&args, &Default::default()).expect("training");
-        eprintln!(
-            "vqa fixture: {} steps in {:.0}s, final loss {:.3}",
-            outcome.steps_done, outcome.seconds, outcome.final_loss
-        );
         let bundle = root.join("bundle");
-        let opts = ExportOptions {
-            engine: engine_options(),
-            command: "e2e vqa export".into(),
-            ..ExportOptions::new(&run, &bundle)
-        };
-        export_run(&opts).expect("export");
+        train_and_export_captioner(&train, &run, &bundle, steps, "vqa fixture");
         VqaFixture { val, run, bundle }
     })
 }
