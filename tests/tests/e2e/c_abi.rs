@@ -3,7 +3,7 @@
 
 use super::*;
 
-mod sys {
+pub(crate) mod sys {
     use std::ffi::{c_char, CStr, CString};
     use std::ptr;
 

@@ -209,12 +209,8 @@ fn duet_ask_and_the_c_abi_answer_questions() {
         let s = &mut *(user as *mut String);
         s.push_str(&std::ffi::CStr::from_ptr(text).to_string_lossy());
     }
-    let dir = std::ffi::CString::new(f.bundle.to_str().unwrap()).unwrap();
-    let provider = std::ffi::CString::new("tract").unwrap();
-    let (mut rt, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
-    let s =
-        unsafe { duet_runtime_create(dir.as_ptr(), provider.as_ptr(), true, &mut rt, &mut err) };
-    assert_eq!(s, DuetStatus::Ok);
+    let rt = super::c_abi::sys::create(&f.bundle, "tract");
+    let mut err = std::ptr::null_mut();
     let img = &samples[q.image].image;
     let question = std::ffi::CString::new(q.question.as_str()).unwrap();
     let mut streamed = String::new();
@@ -234,14 +230,9 @@ fn duet_ask_and_the_c_abi_answer_questions() {
             &mut err,
         )
     };
-    assert_eq!(s, DuetStatus::Ok);
-    let text = unsafe { std::ffi::CStr::from_ptr(answer) }
-        .to_string_lossy()
-        .into_owned();
-    unsafe {
-        duet_string_free(answer);
-        duet_runtime_destroy(rt);
-    }
+    assert_eq!(s, DuetStatus::Ok, "{:?}", super::c_abi::sys::take(err));
+    let text = super::c_abi::sys::take(answer).expect("an answer");
+    unsafe { duet_runtime_destroy(rt) };
     assert_eq!(text, q.answer);
     assert_eq!(streamed, text);
 }
