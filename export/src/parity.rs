@@ -12,7 +12,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use duet_models::caption::causal_bias;
 use duet_models::{
-    CaptionModel, Denoiser, FeatureRestorer, FusionHead, KvCache, ModelSpec, TextEncoder,
+    CaptionDecoder, CaptionModel, Denoiser, DreamQueries, FeatureRestorer, FusionHead, KvCache,
+    ModelSpec, TextEncoder,
 };
 use duet_runtime::engine::{Engine, EngineOptions, Provider, ProviderChoice, Value};
 use ndarray::{ArrayD, IxDyn};
@@ -339,6 +340,53 @@ pub fn text_cases<B: Backend>(
                 ],
             }
         })
+        .collect()
+}
+
+/// One batch of dream-encoder inputs.
+#[derive(Debug, Clone)]
+pub struct DreamInputs {
+    pub label: String,
+    /// `[B, max_len]` `[BOS]` + prompt ids and their 1/0 mask.
+    pub ids: ArrayD<i64>,
+    pub mask: ArrayD<f32>,
+    /// `[B, P, D]`.
+    pub image_tokens: ArrayD<f32>,
+}
+
+/// Dream-encoder cases with Burn's `dream_tokens`.
+pub fn dream_cases<B: Backend>(
+    decoder: &CaptionDecoder<B>,
+    queries: &DreamQueries<B>,
+    batches: &[DreamInputs],
+    device: &B::Device,
+) -> Vec<ParityCase> {
+    batches
+        .iter()
+        .map(
+            |DreamInputs {
+                 label,
+                 ids,
+                 mask,
+                 image_tokens,
+             }| {
+                let out = queries.forward(
+                    decoder,
+                    ids_tensor::<B>(ids, device),
+                    from_array::<B, 2>(mask, device),
+                    from_array::<B, 3>(image_tokens, device),
+                );
+                ParityCase {
+                    label: label.clone(),
+                    inputs: vec![
+                        ("input_ids".into(), Value::I64(ids.clone())),
+                        ("attn_mask".into(), Value::F32(mask.clone())),
+                        ("image_tokens".into(), Value::F32(image_tokens.clone())),
+                    ],
+                    expected: vec![("dream_tokens".into(), to_array(out))],
+                }
+            },
+        )
         .collect()
 }
 

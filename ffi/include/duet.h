@@ -332,6 +332,42 @@ enum DuetStatus duet_generate_rgb(const struct DuetRuntime *runtime,
                                   size_t len,
                                   char **error);
 
+// Like [`duet_generate_rgb`], conditioned by the dream queries of the model that captions and
+// answers (over the black image) instead of the text encoder. `DUET_STATUS_UNSUPPORTED` on a
+// bundle without a `dream_encoder` graph.
+//
+// # Safety
+// As [`duet_generate_rgb`].
+enum DuetStatus duet_dream_rgb(const struct DuetRuntime *runtime,
+                               const char *prompt,
+                               const struct DuetGenerateOptions *options,
+                               uint8_t *rgb,
+                               size_t len,
+                               char **error);
+
+// Edits an image by `instruction` ("make the square blue") through the dream queries. The
+// source is packed 8-bit RGB rows (`width * height * 3` bytes in `src`, resized like
+// `duet_caption_rgb`); the edit is written to the caller's `rgb` buffer of `len` bytes, exactly
+// `width * height * 3` of `duet_generate_image_size`, and only on success. `options` NULL
+// means the bundle's defaults. An empty instruction, words the model never saw or bad
+// options are `DUET_STATUS_INVALID_ARGUMENT`; a bundle without a `dream_encoder` graph is
+// `DUET_STATUS_UNSUPPORTED`.
+//
+// # Safety
+// `runtime` must be NULL or a live handle; `src` NULL or readable for `src_len` bytes;
+// `instruction` NULL or a NUL-terminated string; `options` NULL or readable; `rgb` NULL or
+// writable for `len` bytes; `error` NULL or writable.
+enum DuetStatus duet_edit_rgb(const struct DuetRuntime *runtime,
+                              const uint8_t *src,
+                              size_t src_len,
+                              uint32_t width,
+                              uint32_t height,
+                              const char *instruction,
+                              const struct DuetGenerateOptions *options,
+                              uint8_t *rgb,
+                              size_t len,
+                              char **error);
+
 // Classifies an image + text pair with the bundle's task head; either may be missing (its
 // embedding is then restored from the other), not both.
 //

@@ -24,10 +24,10 @@ use std::ptr;
 
 use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::{EngineOptions, ProviderChoice};
-use duet_runtime::manifest::{ParsePrecisionError, Precision};
+use duet_runtime::manifest::{Graph, ParsePrecisionError, Precision};
 use duet_runtime::{
-    preprocess, Bundle, Captioner, Classifier, ClassifyError, DecodeOptions, Decoding, EngineSet,
-    ErrorKind, GenerateError, GenerateOptions, Generator, Modality, Sampling,
+    preprocess, Bundle, Captioner, Classifier, ClassifyError, DecodeOptions, Decoding, Dreamer,
+    EngineSet, ErrorKind, GenerateError, GenerateOptions, Generator, Modality, Sampling,
 };
 
 /// Result of every duet C call.
@@ -141,6 +141,7 @@ pub type DuetTokenCallback = Option<unsafe extern "C" fn(user: *mut c_void, text
 pub struct DuetRuntime {
     captioner: Captioner,
     generator: Option<Generator>,
+    dreamer: Option<Dreamer>,
     classifier: Option<Classifier>,
     report: String,
 }
@@ -323,6 +324,16 @@ fn create_runtime(
     } else {
         None
     };
+    let has_dream = bundle
+        .manifest()
+        .graphs
+        .iter()
+        .any(|g| g.name == Graph::DreamEncoder);
+    let dreamer = if has_dream {
+        Some(Dreamer::with_engines(&mut engines)?)
+    } else {
+        None
+    };
     let classifier = if bundle.manifest().restore.is_some() {
         Some(Classifier::with_engines(&mut engines)?)
     } else {
@@ -333,6 +344,7 @@ fn create_runtime(
         .reports()
         .iter()
         .chain(generator.iter().flat_map(|g| g.reports()))
+        .chain(dreamer.iter().flat_map(|d| d.reports()))
         .chain(classifier.iter().flat_map(|c| c.reports()))
         .filter(|r| seen.insert(r.graph.clone()))
         .map(ToString::to_string)
@@ -341,6 +353,7 @@ fn create_runtime(
     Ok(DuetRuntime {
         captioner,
         generator,
+        dreamer,
         classifier,
         report,
     })
@@ -781,6 +794,118 @@ pub unsafe extern "C" fn duet_generate_rgb(
         // Only now that the image exists is the caller's buffer touched.
         std::slice::from_raw_parts_mut(rgb, len).copy_from_slice(pixels);
         Ok(())
+    })
+}
+
+/// Copies `image` into the caller's `rgb` buffer of `len` bytes, which must be exactly its
+/// size; nothing is written otherwise.
+unsafe fn write_rgb(image: &preprocess::RgbImage, rgb: *mut u8, len: usize) -> Result<(), Failure> {
+    let pixels = image.as_raw();
+    if pixels.len() != len {
+        return Err(Failure::new(
+            DuetStatus::Inference,
+            format!("the model made {} bytes, not {len}", pixels.len()),
+        ));
+    }
+    std::slice::from_raw_parts_mut(rgb, len).copy_from_slice(pixels);
+    Ok(())
+}
+
+/// The output buffer check of the image-writing calls: `rgb` non-NULL and `len` exactly a
+/// `side × side` RGB image.
+fn out_rgb_arg(rgb: *mut u8, len: usize, side: usize) -> Result<(), Failure> {
+    if rgb.is_null() {
+        return Err(Failure::new(DuetStatus::NullPointer, "`rgb` is NULL"));
+    }
+    let want = side * side * 3;
+    if len != want {
+        return Err(Failure::new(
+            DuetStatus::InvalidArgument,
+            format!("`len` is {len} bytes but a {side}x{side} RGB image has {want}"),
+        ));
+    }
+    Ok(())
+}
+
+fn dreamer_of(rt: &DuetRuntime) -> Result<&Dreamer, Failure> {
+    rt.dreamer
+        .as_ref()
+        .ok_or_else(|| Failure::from(GenerateError::NoDream))
+}
+
+/// Like [`duet_generate_rgb`], conditioned by the dream queries of the model that captions and
+/// answers (over the black image) instead of the text encoder. `DUET_STATUS_UNSUPPORTED` on a
+/// bundle without a `dream_encoder` graph.
+///
+/// # Safety
+/// As [`duet_generate_rgb`].
+#[no_mangle]
+pub unsafe extern "C" fn duet_dream_rgb(
+    runtime: *const DuetRuntime,
+    prompt: *const c_char,
+    options: *const DuetGenerateOptions,
+    rgb: *mut u8,
+    len: usize,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        let rt = runtime_arg(runtime)?;
+        let prompt = str_arg(prompt, "prompt")?;
+        let dreamer = dreamer_of(rt)?;
+        out_rgb_arg(rgb, len, dreamer.generator().image_size())?;
+        let opts = match options.as_ref() {
+            None => dreamer.generator().default_options(),
+            Some(o) => generate_options(o)?,
+        };
+        let image = dreamer
+            .generate_images(&[prompt], &opts)?
+            .pop()
+            .ok_or_else(|| Failure::new(DuetStatus::Inference, "no image was produced"))?;
+        write_rgb(&image, rgb, len)
+    })
+}
+
+/// Edits an image by `instruction` ("make the square blue") through the dream queries. The
+/// source is packed 8-bit RGB rows (`width * height * 3` bytes in `src`, resized like
+/// `duet_caption_rgb`); the edit is written to the caller's `rgb` buffer of `len` bytes, exactly
+/// `width * height * 3` of `duet_generate_image_size`, and only on success. `options` NULL
+/// means the bundle's defaults. An empty instruction, words the model never saw or bad
+/// options are `DUET_STATUS_INVALID_ARGUMENT`; a bundle without a `dream_encoder` graph is
+/// `DUET_STATUS_UNSUPPORTED`.
+///
+/// # Safety
+/// `runtime` must be NULL or a live handle; `src` NULL or readable for `src_len` bytes;
+/// `instruction` NULL or a NUL-terminated string; `options` NULL or readable; `rgb` NULL or
+/// writable for `len` bytes; `error` NULL or writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn duet_edit_rgb(
+    runtime: *const DuetRuntime,
+    src: *const u8,
+    src_len: usize,
+    width: u32,
+    height: u32,
+    instruction: *const c_char,
+    options: *const DuetGenerateOptions,
+    rgb: *mut u8,
+    len: usize,
+    error: *mut *mut c_char,
+) -> DuetStatus {
+    guard(error, || {
+        let rt = runtime_arg(runtime)?;
+        let source = rgb_image(src, src_len, width, height)?;
+        let instruction = str_arg(instruction, "instruction")?;
+        let dreamer = dreamer_of(rt)?;
+        out_rgb_arg(rgb, len, dreamer.generator().image_size())?;
+        let opts = match options.as_ref() {
+            None => dreamer.generator().default_options(),
+            Some(o) => generate_options(o)?,
+        };
+        let image = dreamer
+            .edit_images(&[source], &[instruction], &opts)?
+            .pop()
+            .ok_or_else(|| Failure::new(DuetStatus::Inference, "no image was produced"))?;
+        write_rgb(&image, rgb, len)
     })
 }
 

@@ -127,7 +127,30 @@ impl<B: Backend> CaptionDecoder<B> {
         image_tokens: Tensor<B, 3>,
         past: Option<&KvCache<B>>,
     ) -> (Tensor<B, 3>, KvCache<B>) {
-        let mut x = self.tok_embed.forward(input_ids) + self.pos_embed.forward(position_ids);
+        let x = self.embed(input_ids, position_ids);
+        let (hidden, cache) = self.forward_hidden(x, attn_bias, image_tokens, past);
+        (self.lm_head.forward(hidden), cache)
+    }
+
+    /// Token + position embeddings `[B, S, D]` of `input_ids` at `position_ids`.
+    pub fn embed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        position_ids: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        self.tok_embed.forward(input_ids) + self.pos_embed.forward(position_ids)
+    }
+
+    /// The blocks and the final LayerNorm over input embeddings `x` `[B, S, D]` (token
+    /// embeddings, or the dream queries appended to them): last-layer states `[B, S, D]`
+    /// before the language-model head, and the extended cache.
+    pub fn forward_hidden(
+        &self,
+        mut x: Tensor<B, 3>,
+        attn_bias: Tensor<B, 4>,
+        image_tokens: Tensor<B, 3>,
+        past: Option<&KvCache<B>>,
+    ) -> (Tensor<B, 3>, KvCache<B>) {
         let mut keys = Vec::with_capacity(self.blocks.len());
         let mut values = Vec::with_capacity(self.blocks.len());
         for (l, block) in self.blocks.iter().enumerate() {
@@ -137,8 +160,7 @@ impl<B: Backend> CaptionDecoder<B> {
             keys.push(k);
             values.push(v);
         }
-        let logits = self.lm_head.forward(self.ln_final.forward(x));
-        (logits, KvCache { keys, values })
+        (self.ln_final.forward(x), KvCache { keys, values })
     }
 
     /// Teacher-forced logits for a whole sequence `[B, S]` (training and full recomputation).

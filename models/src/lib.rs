@@ -9,6 +9,7 @@ pub mod attention;
 pub mod caption;
 pub mod conv;
 pub mod denoiser;
+pub mod dream;
 pub mod generation;
 pub mod params;
 pub mod position;
@@ -18,10 +19,11 @@ pub mod vision;
 
 pub use caption::{CaptionDecoder, CaptionModel, KvCache};
 pub use denoiser::Denoiser;
+pub use dream::{DreamModel, DreamQueries};
 /// The model family's dimensions live in `duet-spec` (no Burn), shared with the runtime.
 pub use duet_spec::{
-    timestep_frequencies, ImageFit, ModelSpec, Preset, SpecError, MAX_IMAGE_SIZE,
-    TIMESTEP_MAX_PERIOD,
+    timestep_frequencies, ImageFit, ModelSpec, Preset, SpecError, MAX_DREAM_QUERIES,
+    MAX_IMAGE_SIZE, TIMESTEP_MAX_PERIOD,
 };
 pub use generation::GenerationModel;
 pub use restorer::{FeatureRestorer, FusionHead, MissingTokens, RestoreConfig, Restorers};

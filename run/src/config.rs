@@ -202,6 +202,34 @@ impl GenerateTrainConfig {
     }
 }
 
+/// Everything that defines a dream run: the generate run's fields (its `init` is the generate
+/// run whose vision encoder, text encoder and denoiser stay frozen, and its `model` adds
+/// `dream_queries`), so every tool that reads a generate run's config reads this one, plus
+/// the dream stage's own settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DreamTrainConfig {
+    #[serde(flatten)]
+    pub run: GenerateTrainConfig,
+    /// Weight of the understanding loss (captions and questions, teacher-forced) beside the
+    /// diffusion loss; 0 trains the decoder for generation alone.
+    pub understanding_weight: f64,
+    /// Weight of matching the frozen text path's prediction on the target's caption beside
+    /// the plain diffusion loss (`duet_train::stages::dream::dream_loss`); 0: diffusion alone.
+    pub distill_weight: f64,
+}
+
+impl DreamTrainConfig {
+    /// `(steps, batch_size, lr, dream_queries)` defaults per preset.
+    pub fn for_preset(preset: Preset) -> (usize, usize, f64, usize) {
+        match preset {
+            // 3e-3: the queries and their projection start from nothing (measured at 1e-3 the
+            // match to the text path's prediction had barely moved after 600 steps).
+            Preset::Tiny => (400, 32, 3e-3, 8),
+            Preset::Small => (4000, 64, 3e-4, 16),
+        }
+    }
+}
+
 /// Tensor-name prefixes of the restore run's modules.
 pub const HEAD: &str = "head";
 pub const MISSING_TOKEN: &str = "missing_token";

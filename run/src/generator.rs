@@ -40,8 +40,9 @@ pub fn load_generator<B: Backend>(
         stage: Stage,
     }
     let StageOnly { stage } = read_json(&run.join(CONFIG_FILE))?;
-    // A unify run carries a (fine-tuned) generator in the same layout.
-    if !matches!(stage, Stage::Generate | Stage::Unify) {
+    // A unify run carries a (fine-tuned) generator in the same layout, a dream run its
+    // init's unchanged.
+    if !matches!(stage, Stage::Generate | Stage::Unify | Stage::Dream) {
         anyhow::bail!(
             "{} is a '{stage}' run, not a generate or unify run",
             run.display()

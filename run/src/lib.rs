@@ -5,12 +5,14 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dream;
 pub mod generator;
 pub mod load;
 mod stage;
 
 pub use checkpoint::{CheckpointError, TrainState, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE};
 pub use config::*;
+pub use dream::{load_dream, LoadedDream};
 pub use generator::{empty_caption, load_generator, load_generator_weights, LoadedGenerator};
 pub use load::*;
 pub use stage::Stage;

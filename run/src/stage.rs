@@ -16,6 +16,9 @@ pub enum Stage {
     Generate,
     /// Unified-GRPO: the captioner rewarded by reconstruction, then the generator fine-tuned.
     Unify,
+    /// Dream queries (DreamLLM): the caption decoder learns to condition the frozen denoiser,
+    /// for generation from a blank image and instruction editing from a real one.
+    Dream,
     /// The fusion head over image and text embeddings (missing-modality restoration, part 1).
     Fusion,
     /// The feature restorers (missing-modality restoration, part 2).
@@ -29,6 +32,7 @@ impl Stage {
             Stage::Caption => "caption",
             Stage::Generate => "generate",
             Stage::Unify => "unify",
+            Stage::Dream => "dream",
             Stage::Fusion => "fusion",
             Stage::Restore => "restore",
         }
@@ -56,6 +60,7 @@ mod tests {
             Stage::Caption,
             Stage::Generate,
             Stage::Unify,
+            Stage::Dream,
             Stage::Fusion,
             Stage::Restore,
         ] {

@@ -225,6 +225,10 @@ impl Captioner {
         &self.tok
     }
 
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
     pub fn vision_engine(&self) -> &Engine {
         &self.vision
     }

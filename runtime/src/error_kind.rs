@@ -84,7 +84,8 @@ impl crate::GenerateError {
             E::Bundle(e) => e.kind(),
             E::Engine(e) => e.kind(),
             E::Tokenizer { .. } => ErrorKind::Bundle,
-            E::NoGenerator => ErrorKind::Unsupported,
+            E::NoGenerator | E::NoDream => ErrorKind::Unsupported,
+            E::Caption(e) => e.kind(),
             E::NoPrompts
             | E::TooMany { .. }
             | E::EmptyPrompt { .. }

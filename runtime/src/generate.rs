@@ -46,6 +46,15 @@ pub enum GenerateError {
         Graph::Denoiser
     )]
     NoGenerator,
+    #[error(
+        "this bundle has no `{}` graph; export a dream run (`duet-train fit --stage dream`) to \
+         generate or edit through the dream queries",
+        Graph::DreamEncoder
+    )]
+    NoDream,
+    /// The captioner half of the dream pipeline (the vision encoder, its image handling).
+    #[error(transparent)]
+    Caption(Box<crate::CaptionError>),
     #[error("cannot load tokenizer {}: {reason}", path.display())]
     Tokenizer { path: PathBuf, reason: String },
     #[error("no prompt given")]
@@ -311,6 +320,78 @@ impl Generator {
         }
         let enc = self.rows(&seqs);
         let (tokens, mask) = self.encode_text(&enc, enc.longest)?;
+        self.sample(n, tokens, mask, guided, opts)
+    }
+
+    /// Generates one image per row of `cond` `[N, L, D]` (conditioning tokens in the text
+    /// encoder's place, e.g. the dream encoder's) with key mask `cond_mask` `[N, L]`, guided
+    /// against the text encoder's empty caption like [`Generator::generate`]; returns
+    /// `[N, 3, S, S]` in `[-1, 1]`.
+    pub fn generate_conditioned(
+        &self,
+        cond: ArrayD<f32>,
+        cond_mask: ArrayD<f32>,
+        opts: &GenerateOptions,
+    ) -> Result<ArrayD<f32>, GenerateError> {
+        let n = cond.shape().first().copied().unwrap_or(0);
+        let d = self.model.d_model;
+        if cond.ndim() != 3 || cond.shape()[2] != d || n == 0 {
+            return Err(shape_err(
+                Graph::Denoiser.name(),
+                format!("conditioning must be [N>0, L, {d}], got {:?}", cond.shape()),
+            ));
+        }
+        if n > MAX_BATCH {
+            return Err(GenerateError::TooMany { count: n });
+        }
+        let l = cond.shape()[1];
+        if cond_mask.shape() != [n, l] {
+            return Err(shape_err(
+                Graph::Denoiser.name(),
+                format!(
+                    "conditioning mask must be [{n}, {l}], got {:?}",
+                    cond_mask.shape()
+                ),
+            ));
+        }
+        self.check_options(opts)?;
+        let guided = opts.guidance != 1.0;
+        if !guided {
+            return self.sample(n, cond, cond_mask, false, opts);
+        }
+        // The unconditional rows: the empty caption's two tokens, both sides padded with masked
+        // rows to one width (a masked key changes nothing).
+        let empty = vec![i64::from(self.tok.bos_id), i64::from(self.tok.eos_id)];
+        let enc = self.rows(&vec![empty; n]);
+        let (uncond, uncond_mask) = self.encode_text(&enc, 2)?;
+        let width = l.max(2);
+        let pad = |t: &ArrayD<f32>, m: &ArrayD<f32>| -> (ArrayD<f32>, ArrayD<f32>) {
+            let len = t.shape()[1];
+            let mut tp = ArrayD::zeros(vec![n, width, d]);
+            tp.slice_mut(s![.., ..len, ..]).assign(t);
+            let mut mp = ArrayD::zeros(vec![n, width]);
+            mp.slice_mut(s![.., ..len]).assign(m);
+            (tp, mp)
+        };
+        let (c, cm) = pad(&cond, &cond_mask);
+        let (u, um) = pad(&uncond, &uncond_mask);
+        let join = |a: &ArrayD<f32>, b: &ArrayD<f32>| {
+            concatenate(Axis(0), &[a.view(), b.view()])
+                .map_err(|e| shape_err(Graph::Denoiser.name(), e.to_string()))
+        };
+        self.sample(n, join(&c, &u)?, join(&cm, &um)?, true, opts)
+    }
+
+    /// The sampling loop over `n` images whose denoiser conditioning is `tokens` / `mask`
+    /// (`2n` rows, conditional then unconditional, when `guided`).
+    fn sample(
+        &self,
+        n: usize,
+        tokens: ArrayD<f32>,
+        mask: ArrayD<f32>,
+        guided: bool,
+        opts: &GenerateOptions,
+    ) -> Result<ArrayD<f32>, GenerateError> {
         let rows = tokens.shape()[0];
         let size = self.model.image_size;
         let c = self.model.channels;

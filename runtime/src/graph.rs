@@ -21,6 +21,11 @@ pub enum Graph {
     TextEncoder,
     /// One evaluation of the diffusion denoiser (generation; with [`Graph::TextEncoder`]).
     Denoiser,
+    /// The caption decoder over a prompt and the dream queries → the denoiser's conditioning
+    /// (DreamLLM: generation and editing by the model that understands; with
+    /// [`Graph::VisionEncoder`], [`Graph::Denoiser`] and [`Graph::TextEncoder`] for the
+    /// unconditional branch).
+    DreamEncoder,
     /// Feature restorer text embedding → image embedding (restoration, with the next two).
     RestorerT2i,
     /// Feature restorer image embedding → text embedding.
@@ -31,11 +36,12 @@ pub enum Graph {
 
 impl Graph {
     /// Every graph, in the order a bundle lists them.
-    pub const ALL: [Graph; 7] = [
+    pub const ALL: [Graph; 8] = [
         Graph::VisionEncoder,
         Graph::CaptionDecoder,
         Graph::TextEncoder,
         Graph::Denoiser,
+        Graph::DreamEncoder,
         Graph::RestorerT2i,
         Graph::RestorerI2t,
         Graph::FusionHead,
@@ -48,6 +54,7 @@ impl Graph {
             Graph::CaptionDecoder => "caption_decoder",
             Graph::TextEncoder => "text_encoder",
             Graph::Denoiser => "denoiser",
+            Graph::DreamEncoder => "dream_encoder",
             Graph::RestorerT2i => "restorer_t2i",
             Graph::RestorerI2t => "restorer_i2t",
             Graph::FusionHead => "fusion_head",
@@ -62,6 +69,7 @@ impl Graph {
             Graph::CaptionDecoder => "caption_decoder.onnx",
             Graph::TextEncoder => "text_encoder.onnx",
             Graph::Denoiser => "denoiser.onnx",
+            Graph::DreamEncoder => "dream_encoder.onnx",
             Graph::RestorerT2i => "restorer_t2i.onnx",
             Graph::RestorerI2t => "restorer_i2t.onnx",
             Graph::FusionHead => "fusion_head.onnx",
@@ -92,7 +100,7 @@ mod tests {
         names.dedup();
         files.sort();
         files.dedup();
-        assert_eq!((names.len(), files.len()), (7, 7));
+        assert_eq!((names.len(), files.len()), (8, 8));
         for g in Graph::ALL {
             assert_eq!(Graph::from_name(g.name()), Some(g));
             assert_eq!(g.file(), format!("{g}.onnx"));

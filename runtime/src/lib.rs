@@ -11,6 +11,8 @@
 //! - [`bench`]: `duet bench`'s measurements and table.
 //! - [`generate`]: the generation pipeline (text encoder + denoiser driven by the shared
 //!   samplers, classifier-free guidance as one batch).
+//! - [`dream`]: generation and instruction editing through the dream queries (the caption
+//!   decoder conditioning the denoiser).
 //! - [`embed`]: image and text embeddings in the encoders' shared space.
 //! - [`classify`]: image + text classification that restores a missing modality's embedding
 //!   with the feature-space diffusion restorers.
@@ -25,6 +27,7 @@ pub mod caption;
 pub mod classify;
 pub mod decode;
 pub mod display;
+pub mod dream;
 pub mod embed;
 pub mod engine;
 pub mod engine_set;
@@ -39,6 +42,7 @@ pub use bundle::{Bundle, BundleError};
 pub use caption::{CaptionError, Captioner, Decoded, OnToken};
 pub use classify::{Classification, Classifier, ClassifyError, Modality};
 pub use decode::{DecodeOptions, Decoding, Sampling};
+pub use dream::Dreamer;
 pub use embed::{EmbedError, Embedder};
 pub use engine::{
     Engine, EngineError, EngineOptions, Provider, ProviderChoice, ProviderReport, Value, ValueView,

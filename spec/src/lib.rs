@@ -96,7 +96,17 @@ pub struct ModelSpec {
     /// they did).
     #[serde(default)]
     pub image_fit: ImageFit,
+    /// Learnable dream queries (DreamLLM) appended after the caption decoder's prompt: their
+    /// last-layer states, projected, condition the denoiser in place of the text encoder's
+    /// tokens. 0: the model has none (every run before the dream stage, and caption and
+    /// generate runs).
+    #[serde(default)]
+    pub dream_queries: usize,
 }
+
+/// Most dream queries a model may have: each is a denoiser cross-attention token, and a few
+/// dozen already carry a scene (DreamLLM uses 64 for whole photographs).
+pub const MAX_DREAM_QUERIES: usize = 64;
 
 fn default_text_layers() -> usize {
     2
@@ -146,6 +156,7 @@ impl ModelSpec {
             denoiser_conv_head: None,
             denoiser_mlp_ratio: None,
             image_fit: ImageFit::default(),
+            dream_queries: 0,
         }
     }
 
@@ -272,6 +283,15 @@ impl ModelSpec {
                 format!(
                     "{} is too small (the 4 special tokens and a word)",
                     self.vocab_size
+                ),
+            );
+        }
+        if self.dream_queries > MAX_DREAM_QUERIES {
+            return err(
+                "dream_queries",
+                format!(
+                    "{} is over the limit of {MAX_DREAM_QUERIES}",
+                    self.dream_queries
                 ),
             );
         }

@@ -38,6 +38,12 @@ pub fn fit_generate(args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
     crate::stages::generate::fit_generate::<CpuBackend>(args, &Default::default())
 }
 
+pub fn fit_dream(
+    args: &crate::stages::dream::DreamFitArgs,
+) -> anyhow::Result<crate::stages::dream::DreamOutcome> {
+    crate::stages::dream::fit_dream::<CpuBackend>(args, &Default::default())
+}
+
 pub fn fit_unify(args: &UnifyFitArgs) -> anyhow::Result<UnifyOutcome> {
     crate::stages::unify::fit_unify::<CpuBackend>(args, &Default::default())
 }
@@ -80,6 +86,33 @@ pub fn eval_vqa(
     limit: Option<usize>,
 ) -> anyhow::Result<(crate::eval::vqa::VqaReport, Vec<crate::eval::vqa::Answered>)> {
     crate::eval::vqa::eval_vqa::<Infer>(run, data, limit, &Default::default())
+}
+
+pub fn eval_dream_generate(
+    run: &Path,
+    opts: &GenerateEvalOptions,
+) -> anyhow::Result<(GenEvalReport, Vec<image::RgbImage>)> {
+    crate::eval::dream::eval_dream_generate::<Infer>(run, opts, &Default::default())
+}
+
+pub fn eval_edits(
+    run: &Path,
+    data: &Path,
+    limit: Option<usize>,
+    opts: &GenerateEvalOptions,
+    from_scratch: bool,
+) -> anyhow::Result<(
+    crate::eval::dream::EditReport,
+    Vec<crate::eval::dream::DrawnEdit>,
+)> {
+    crate::eval::dream::eval_edits::<Infer>(
+        run,
+        data,
+        limit,
+        opts,
+        from_scratch,
+        &Default::default(),
+    )
 }
 
 pub fn eval_generate(

@@ -160,7 +160,7 @@ fn fit_flags_the_stage_does_not_read_are_errors() {
         (
             &["--stage", "decode", "--data", "d"],
             // A closed set: clap refuses the word and lists the stages.
-            "possible values: caption, generate, unify, fusion, restore",
+            "possible values: caption, generate, unify, dream, fusion, restore",
         ),
     ];
     for (args, want) in cases {

@@ -80,6 +80,9 @@ pub struct DatasetSummary {
     /// Questions written per scene to `questions.jsonl` (0: no such file).
     #[serde(default)]
     pub questions_per_scene: usize,
+    /// Instruction edits written per scene to `edits.jsonl` (0: no such file).
+    #[serde(default)]
+    pub edits_per_scene: usize,
     /// The folder whose scenes this one was kept apart from (`--held-out-from`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_out_from: Option<String>,
@@ -94,11 +97,23 @@ pub struct QuestionRecord {
     pub answer: String,
 }
 
+/// One line of `edits.jsonl`: an instruction about the image and the exact scene it asks for
+/// (rendered by [`render`] when loaded: the target image is a function of its objects).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EditRecord {
+    pub image: String,
+    pub kind: EditKind,
+    pub instruction: String,
+    pub target: Vec<Object>,
+}
+
 /// What [`write_dataset_with`] writes besides images, captions and scenes.
 #[derive(Debug, Clone, Default)]
 pub struct DatasetExtras {
     /// Questions per scene for `questions.jsonl` (0: none).
     pub questions_per_scene: usize,
+    /// Instruction edits per scene for `edits.jsonl` (0: none).
+    pub edits_per_scene: usize,
     /// Captions of scenes this folder must not contain (another folder's: a held-out split
     /// whose scenes, and so whose (question, scene) pairs, never occur there), and that
     /// folder's path for `dataset.json`.
@@ -135,6 +150,43 @@ pub fn load_questions(dir: &Path) -> Result<Vec<QuestionRecord>, DataError> {
             Some(format!("question {:?} must end with \" ?\"", r.question))
         } else if r.answer.trim().is_empty() {
             Some("empty answer".to_string())
+        } else {
+            None
+        };
+        if let Some(message) = problem {
+            return Err(DataError::Invalid {
+                path: path.clone(),
+                line,
+                message,
+            });
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Reads `edits.jsonl` of a folder (an empty list when the folder has none). Every edit must
+/// be of an image the folder lists, with an instruction and a target of at most one object
+/// per cell.
+pub fn load_edits(dir: &Path) -> Result<Vec<EditRecord>, DataError> {
+    let path = dir.join("edits.jsonl");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let records: Vec<(usize, EditRecord)> = read_jsonl(&path)?;
+    let images: HashSet<String> = read_jsonl::<CaptionRecord>(&dir.join("captions.jsonl"))?
+        .into_iter()
+        .map(|(_, r)| r.image)
+        .collect();
+    let mut out = Vec::with_capacity(records.len());
+    for (line, r) in records {
+        let cells: HashSet<Position> = r.target.iter().map(|o| o.position).collect();
+        let problem = if !images.contains(&r.image) {
+            Some(format!("image {:?} is not in captions.jsonl", r.image))
+        } else if r.instruction.trim().is_empty() {
+            Some("empty instruction".to_string())
+        } else if cells.len() != r.target.len() {
+            Some("the target has two objects in one cell".to_string())
         } else {
             None
         };
@@ -222,7 +274,8 @@ pub fn write_dataset(
 }
 
 /// [`write_dataset`] with questions (`questions.jsonl`, drawn from the seed's second ChaCha
-/// stream, so the scenes are those of the same seed without questions) and scenes kept apart
+/// stream, so the scenes are those of the same seed without questions), edits (`edits.jsonl`,
+/// the third stream) and scenes kept apart
 /// from another folder's (a scene whose caption is excluded is drawn again).
 pub fn write_dataset_with(
     out_dir: &Path,
@@ -244,6 +297,9 @@ pub fn write_dataset_with(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut question_rng = ChaCha8Rng::seed_from_u64(seed);
     question_rng.set_stream(1);
+    let mut edit_rng = ChaCha8Rng::seed_from_u64(seed);
+    edit_rng.set_stream(2);
+    let mut edits_jsonl = String::new();
     let mut captions_jsonl = String::new();
     let mut scenes_jsonl = String::new();
     let mut questions_jsonl = String::new();
@@ -280,6 +336,18 @@ pub fn write_dataset_with(
                 &out_dir.join("questions.jsonl"),
             )?;
         }
+        for e in edits_for(&scene, extras.edits_per_scene, &mut edit_rng) {
+            push_json_line(
+                &mut edits_jsonl,
+                &EditRecord {
+                    image: rel.clone(),
+                    kind: e.kind,
+                    instruction: e.instruction,
+                    target: e.target.objects,
+                },
+                &out_dir.join("edits.jsonl"),
+            )?;
+        }
         let text = caption(&scene);
         total_objects += scene.objects.len();
         max_caption_words = max_caption_words.max(text.split(' ').count());
@@ -305,6 +373,9 @@ pub fn write_dataset_with(
     if extras.questions_per_scene > 0 {
         write_atomic(&out_dir.join("questions.jsonl"), questions_jsonl.as_bytes())?;
     }
+    if extras.edits_per_scene > 0 {
+        write_atomic(&out_dir.join("edits.jsonl"), edits_jsonl.as_bytes())?;
+    }
     let summary = DatasetSummary {
         generator: GENERATOR_NAME.to_string(),
         format_version: DATASET_FORMAT_VERSION,
@@ -315,6 +386,7 @@ pub fn write_dataset_with(
         total_objects,
         max_caption_words,
         questions_per_scene: extras.questions_per_scene,
+        edits_per_scene: extras.edits_per_scene,
         held_out_from: extras.exclude.as_ref().map(|(from, _)| from.clone()),
     };
     write_json_file(&out_dir.join("dataset.json"), &summary)?;

@@ -28,6 +28,11 @@
 //! `questions.jsonl` (written with `--questions N`) holds questions about each scene with
 //! answers computed from it; see the `questions` module for the templates.
 //!
+//! # Edits
+//!
+//! `edits.jsonl` (written with `--edits N`) holds instructions about each scene ("make the
+//! square blue") with the exact target scene; see the `edits` module.
+//!
 //! # Held-out data
 //!
 //! Scenes are a pure function of the seed, so a dataset written with a different seed is a fresh
@@ -36,6 +41,7 @@
 //! groups samples by caption so that no caption appears on both sides of a train/val split.
 
 mod draw;
+mod edits;
 mod folder;
 mod grammar;
 mod questions;
@@ -44,6 +50,7 @@ mod scene;
 mod tests;
 
 pub use draw::*;
+pub use edits::*;
 pub use folder::*;
 pub use grammar::*;
 pub use questions::*;

@@ -89,9 +89,9 @@ const NUMBERS: [&str; 10] = [
 
 /// Which attributes a description may use.
 #[derive(Clone, Copy)]
-struct Allowed {
-    colour: bool,
-    size: bool,
+pub(super) struct Allowed {
+    pub(super) colour: bool,
+    pub(super) size: bool,
 }
 
 /// The shortest description ("the circle", "the red circle", "the small red circle") that
@@ -133,7 +133,7 @@ fn described(scene: &Scene, allowed: Allowed) -> Vec<(String, &Object)> {
 }
 
 /// A random object of `scene` with a unique description under `allowed`, and the description.
-fn pick_described<'s, R: Rng + ?Sized>(
+pub(super) fn pick_described<'s, R: Rng + ?Sized>(
     scene: &'s Scene,
     allowed: Allowed,
     rng: &mut R,
@@ -153,7 +153,7 @@ fn at(scene: &Scene, row: usize, col: usize) -> Option<&Object> {
         .find(|o| o.position.row() == row && o.position.col() == col)
 }
 
-fn pick<'a, T, R: Rng + ?Sized>(rng: &mut R, items: &'a [T]) -> Option<&'a T> {
+pub(super) fn pick<'a, T, R: Rng + ?Sized>(rng: &mut R, items: &'a [T]) -> Option<&'a T> {
     (!items.is_empty()).then(|| &items[rng.random_range(0..items.len())])
 }
 

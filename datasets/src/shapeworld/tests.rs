@@ -1,4 +1,4 @@
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
 use std::path::Path;
 
@@ -534,7 +534,7 @@ fn questions_file_is_seeded_and_a_held_out_folder_shares_no_scene() {
     let cfg = SceneConfig::default();
     let extras = DatasetExtras {
         questions_per_scene: 3,
-        exclude: None,
+        ..Default::default()
     };
     let a = dir.path().join("a");
     let b = dir.path().join("b");
@@ -562,6 +562,7 @@ fn questions_file_is_seeded_and_a_held_out_folder_shares_no_scene() {
     let extras = DatasetExtras {
         questions_per_scene: 2,
         exclude: Some(("a".into(), train_captions.clone())),
+        ..Default::default()
     };
     write_dataset_with(&held, 300, 3, &cfg, "test", &extras).unwrap();
     let held_captions = folder_captions(&held).unwrap();
@@ -589,8 +590,8 @@ fn questions_file_is_seeded_and_a_held_out_folder_shares_no_scene() {
         &one,
         "test",
         &DatasetExtras {
-            questions_per_scene: 0,
             exclude: Some(("all".into(), everything)),
+            ..Default::default()
         },
     )
     .unwrap_err();
@@ -606,6 +607,131 @@ fn questions_file_is_seeded_and_a_held_out_folder_shares_no_scene() {
     let err = load_questions(&a).unwrap_err().to_string();
     assert!(
         err.contains("questions.jsonl:") && err.contains("999999"),
+        "{err}"
+    );
+}
+
+#[test]
+fn edits_name_one_object_and_change_exactly_what_they_say() {
+    let cfg = SceneConfig::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut per_kind: BTreeMap<EditKind, usize> = BTreeMap::new();
+    for _ in 0..400 {
+        let scene = generate_scene(&mut rng, &cfg);
+        for e in edits_for(&scene, 3, &mut rng) {
+            *per_kind.entry(e.kind).or_default() += 1;
+            let words: Vec<&str> = e.instruction.split(' ').collect();
+            let before: BTreeSet<Object> = scene.objects.iter().copied().collect();
+            let after: BTreeSet<Object> = e.target.objects.iter().copied().collect();
+            let gone: Vec<&Object> = before.difference(&after).collect();
+            let new: Vec<&Object> = after.difference(&before).collect();
+            // One cell per object, in canonical order, like every scene.
+            assert_eq!(e.target, Scene::new(e.target.objects.clone()));
+            match e.kind {
+                EditKind::Add => {
+                    assert!(gone.is_empty() && new.len() == 1, "{e:?}");
+                    assert_eq!(e.instruction, format!("add {}", new[0]));
+                    assert!(!scene.objects.iter().any(|o| o.position == new[0].position));
+                }
+                EditKind::Recolour => {
+                    assert!(gone.len() == 1 && new.len() == 1, "{e:?}");
+                    assert_eq!(
+                        Object {
+                            colour: gone[0].colour,
+                            ..*new[0]
+                        },
+                        *gone[0],
+                        "only the colour changes: {e:?}"
+                    );
+                    assert_ne!(gone[0].colour, new[0].colour);
+                    assert_eq!(words[0], "make");
+                    assert_eq!(*words.last().unwrap(), new[0].colour.word());
+                }
+                EditKind::Remove => {
+                    assert!(gone.len() == 1 && new.is_empty(), "{e:?}");
+                    assert_eq!(words[0], "remove");
+                }
+                EditKind::Move => {
+                    assert!(gone.len() == 1 && new.len() == 1, "{e:?}");
+                    assert_eq!(
+                        Object {
+                            position: gone[0].position,
+                            ..*new[0]
+                        },
+                        *gone[0]
+                    );
+                    assert!(e
+                        .instruction
+                        .ends_with(&destination_phrase(new[0].position)));
+                }
+            }
+            if matches!(
+                e.kind,
+                EditKind::Recolour | EditKind::Remove | EditKind::Move
+            ) {
+                // The named shape is the changed object's, and no other object fits the name.
+                let named = words[1..]
+                    .iter()
+                    .find_map(|w| Shape::from_word(w))
+                    .expect("a shape word");
+                assert_eq!(named, gone[0].shape, "{e:?}");
+            }
+            for w in words {
+                assert!(
+                    instruction_words().contains(&w)
+                        || Shape::from_word(w).is_some()
+                        || Colour::from_word(w).is_some()
+                        || Size::from_word(w).is_some()
+                        || [
+                            "a", "the", "at", "on", "in", "top", "bottom", "left", "right",
+                            "centre"
+                        ]
+                        .contains(&w),
+                    "{w} in {e:?}"
+                );
+            }
+        }
+    }
+    for kind in EditKind::ALL {
+        assert!(
+            per_kind.get(&kind).copied().unwrap_or(0) > 150,
+            "{per_kind:?}"
+        );
+    }
+}
+
+#[test]
+fn edits_file_is_seeded_on_its_own_stream_and_checked_when_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SceneConfig::default();
+    let extras = DatasetExtras {
+        edits_per_scene: 2,
+        ..Default::default()
+    };
+    let a = dir.path().join("a");
+    let plain = dir.path().join("plain");
+    write_dataset_with(&a, 100, 4, &cfg, "test", &extras).unwrap();
+    write_dataset(&plain, 100, 4, &cfg, "test").unwrap();
+    assert_eq!(
+        fs::read(a.join("captions.jsonl")).unwrap(),
+        fs::read(plain.join("captions.jsonl")).unwrap()
+    );
+    let edits = load_edits(&a).unwrap();
+    assert!(edits.len() > 150, "{}", edits.len());
+    assert!(load_edits(&plain).unwrap().is_empty());
+    assert_eq!(load_dataset_info(&a).unwrap().edits_per_scene, 2);
+    let mut text = fs::read_to_string(a.join("edits.jsonl")).unwrap();
+    let some = edits.iter().find(|e| !e.target.is_empty()).unwrap();
+    let bad = EditRecord {
+        target: vec![some.target[0], some.target[0]],
+        ..some.clone()
+    };
+    text.push_str(&serde_json::to_string(&bad).unwrap());
+    text.push('\n');
+    fs::write(a.join("edits.jsonl"), text).unwrap();
+    let err = load_edits(&a).unwrap_err().to_string();
+    assert!(
+        err.contains("edits.jsonl:") && err.contains("one cell"),
         "{err}"
     );
 }

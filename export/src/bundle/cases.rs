@@ -15,8 +15,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::onnx::{ExportError, Weights};
 use crate::parity::{
-    decoder_cases, denoiser_cases, fusion_head_cases, parity_rng, random_array, random_ids,
-    restorer_cases, text_cases, vision_cases, DenoiserInputs, ParityCase, RestorerInputs,
+    decoder_cases, denoiser_cases, dream_cases, fusion_head_cases, parity_rng, random_array,
+    random_ids, restorer_cases, text_cases, vision_cases, DenoiserInputs, DreamInputs, ParityCase,
+    RestorerInputs,
 };
 
 use super::*;
@@ -148,6 +149,71 @@ pub(super) fn parity_inputs(
         device,
     ));
     Ok((vision, decoder))
+}
+
+/// Parity inputs of the dream encoder: the parity scenes' captions as prompts over their images'
+/// tokens (the vision cases' first output), and random ids over random tokens.
+pub(super) fn dream_parity_inputs(
+    src: &Source,
+    queries: &duet_models::DreamQueries<Ref>,
+    vision: &[ParityCase],
+    device: &RefDevice,
+) -> Result<Vec<ParityCase>, ExportError> {
+    let cfg = &src.model;
+    let l = cfg.max_len;
+    let mut seqs = Vec::new();
+    for scene in parity_scenes(cfg.image_size) {
+        let mut ids = encode_caption(&src.tokenizer, &caption(&scene), l).map_err(|e| {
+            ExportError::Parity {
+                graph: Graph::DreamEncoder.name().to_owned(),
+                reason: format!("encoding a parity caption: {e}"),
+            }
+        })?;
+        ids.pop();
+        seqs.push(ids);
+    }
+    let n = seqs.len();
+    let ids = ArrayD::from_shape_fn(IxDyn(&[n, l]), |ix| {
+        seqs[ix[0]]
+            .get(ix[1])
+            .map_or(i64::from(PAD_ID), |&t| i64::from(t))
+    });
+    let mask = ArrayD::from_shape_fn(IxDyn(&[n, l]), |ix| {
+        f32::from(u8::from(ix[1] < seqs[ix[0]].len()))
+    });
+    let image_tokens = vision
+        .first()
+        .and_then(|c| c.expected.first())
+        .map(|(_, t)| t.clone())
+        .ok_or_else(|| ExportError::Parity {
+            graph: Graph::DreamEncoder.name().to_owned(),
+            reason: "no vision parity case to take image tokens from".to_owned(),
+        })?;
+    let mut rng = parity_rng(PARITY_SEED ^ 0xD3);
+    let rand_ids = random_ids(&mut rng, 2, l, cfg.vocab_size);
+    let rand_mask = ArrayD::from_shape_fn(IxDyn(&[2, l]), |ix| {
+        f32::from(u8::from(ix[1] < 3 + 5 * ix[0]))
+    });
+    let rand_tokens = random_array(&mut rng, &[2, cfg.num_patches(), cfg.d_model], 2.0);
+    Ok(dream_cases(
+        &src.captioner.decoder,
+        queries,
+        &[
+            DreamInputs {
+                label: "real captions over their images".to_owned(),
+                ids,
+                mask,
+                image_tokens,
+            },
+            DreamInputs {
+                label: "random ids over random tokens".to_owned(),
+                ids: rand_ids,
+                mask: rand_mask,
+                image_tokens: rand_tokens,
+            },
+        ],
+        device,
+    ))
 }
 
 /// Four seeded ShapeWorld scenes at image size `s`: the real inputs of every parity check.

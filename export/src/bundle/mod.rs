@@ -22,8 +22,8 @@ use duet_runtime::manifest::{
 use tract_onnx::pb::{tensor_shape_proto, type_proto, ModelProto};
 
 use crate::onnx::{
-    build_caption_decoder, build_denoiser, build_fusion_head, build_restorer, build_text_encoder,
-    build_vision_encoder, save_model, ExportError,
+    build_caption_decoder, build_denoiser, build_dream_encoder, build_fusion_head, build_restorer,
+    build_text_encoder, build_vision_encoder, save_model, ExportError,
 };
 use crate::parity::{check_parity, GraphParity, FP32_TOLERANCE};
 
@@ -164,6 +164,11 @@ fn export_dir(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
             weights.insert(name, t.shape, t.data)?;
         }
     }
+    if let Some(q) = &src.dream {
+        for (name, t) in named_tensors(q) {
+            weights.insert(format!("dream.{name}"), t.shape, t.data)?;
+        }
+    }
     if let Some(r) = &src.restore {
         for (name, t) in named_tensors(&r.restorers) {
             weights.insert(format!("restorer.{name}"), t.shape, t.data)?;
@@ -207,6 +212,13 @@ fn export_dir(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
                 Graph::Denoiser,
                 build_denoiser(&weights, &dims)?,
                 denoiser_cases,
+            ));
+        }
+        if let Some(q) = &src.dream {
+            jobs.push((
+                Graph::DreamEncoder,
+                build_dream_encoder(&weights, &dims)?,
+                dream_parity_inputs(&src, q, &jobs[0].2, &device)?,
             ));
         }
         if let Some(r) = &src.restore {

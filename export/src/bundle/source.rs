@@ -5,10 +5,10 @@ use std::path::Path;
 
 use duet_datasets::tokenizer::load_tokenizer;
 use duet_diffusion::{NoiseSchedule, Prediction};
-use duet_models::{CaptionModel, FusionHead, GenerationModel, ModelSpec, Restorers};
+use duet_models::{CaptionModel, DreamQueries, FusionHead, GenerationModel, ModelSpec, Restorers};
 use duet_run::{
-    load_captioner, load_generator, load_generator_weights, load_restore, load_run, Backbones,
-    PairTrainConfig, Stage, CONFIG_FILE, TOKENIZER_FILE, VARIANTS,
+    load_captioner, load_dream, load_generator, load_generator_weights, load_restore, load_run,
+    Backbones, PairTrainConfig, Stage, CONFIG_FILE, TOKENIZER_FILE, VARIANTS,
 };
 use tokenizers::Tokenizer;
 
@@ -22,6 +22,8 @@ pub(super) struct Source {
     pub(super) tokenizer: Tokenizer,
     pub(super) captioner: CaptionModel<Ref>,
     pub(super) generator: Option<GeneratorSource>,
+    /// The dream queries of a dream run (read through `captioner.decoder`).
+    pub(super) dream: Option<DreamQueries<Ref>>,
     pub(super) restore: Option<RestoreSource>,
 }
 
@@ -66,6 +68,7 @@ pub(super) fn load_source(run: &Path, device: &RefDevice) -> anyhow::Result<Sour
                 model: r.config.model.clone(),
                 tokenizer: load_tokenizer(&run.join(TOKENIZER_FILE))?,
                 captioner: load_captioner(run, &r.config.model, device)?,
+                dream: None,
                 generator: Some(GeneratorSource {
                     generator: load_generator_weights(run, &r.config.model, device)?,
                     prediction: diffusion.prediction,
@@ -89,7 +92,7 @@ pub(super) fn load_source(run: &Path, device: &RefDevice) -> anyhow::Result<Sour
         ),
         _ => {
             let r = load_run::<Ref>(run, device)?;
-            let generator = if matches!(stage, Stage::Generate | Stage::Unify) {
+            let generator = if matches!(stage, Stage::Generate | Stage::Unify | Stage::Dream) {
                 let g = load_generator::<Ref>(run, false, device)?;
                 Some(GeneratorSource {
                     prediction: g.config.diffusion.prediction,
@@ -99,12 +102,19 @@ pub(super) fn load_source(run: &Path, device: &RefDevice) -> anyhow::Result<Sour
             } else {
                 None
             };
+            let (model, dream) = if stage == Stage::Dream {
+                let d = load_dream::<Ref>(run, false, device)?;
+                (d.config.run.model, Some(d.dream.dream))
+            } else {
+                (r.config.model.clone(), None)
+            };
             Ok(Source {
                 preset: r.config.preset.to_string(),
-                model: r.config.model.clone(),
+                model,
                 tokenizer: r.tokenizer,
                 captioner: r.model,
                 generator,
+                dream,
                 restore: None,
             })
         }

@@ -8,6 +8,7 @@
 pub mod builder;
 pub mod decoder;
 pub mod denoiser;
+pub mod dream;
 pub mod restorer;
 pub mod text;
 pub mod vision;
@@ -21,6 +22,7 @@ use tract_onnx::pb::ModelProto;
 pub use builder::{DType, Dim, GraphBuilder, GraphValue, MhaOutput, PastKv};
 pub use decoder::build_caption_decoder;
 pub use denoiser::build_denoiser;
+pub use dream::build_dream_encoder;
 pub use restorer::{build_fusion_head, build_restorer};
 pub use text::build_text_encoder;
 pub use vision::build_vision_encoder;

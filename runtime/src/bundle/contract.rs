@@ -29,6 +29,7 @@ pub(super) fn contract(graph: Graph, m: &Manifest) -> Contract {
         Graph::CaptionDecoder => caption_decoder_contract(m),
         Graph::TextEncoder => text_encoder_contract(m),
         Graph::Denoiser => denoiser_contract(m),
+        Graph::DreamEncoder => dream_encoder_contract(m),
         Graph::RestorerT2i | Graph::RestorerI2t => restorer_contract(e),
         Graph::FusionHead => {
             fusion_head_contract(e, m.restore.as_ref().map_or(0, |r| r.classes.len()))
@@ -133,6 +134,43 @@ pub(super) fn text_encoder_contract(m: &Manifest) -> Contract {
                 vec![Want::Sym, Want::Fixed(s.embed_dim)],
             ),
         ],
+    }
+}
+
+pub(super) fn dream_encoder_contract(m: &Manifest) -> Contract {
+    let s = &m.model;
+    let l = m.tokenizer.max_len;
+    Contract {
+        inputs: vec![
+            (
+                "input_ids".into(),
+                DType::I64,
+                vec![Want::Sym, Want::Fixed(l)],
+            ),
+            (
+                "attn_mask".into(),
+                DType::F32,
+                vec![Want::Sym, Want::Fixed(l)],
+            ),
+            (
+                "image_tokens".into(),
+                DType::F32,
+                vec![
+                    Want::Sym,
+                    Want::Fixed(s.num_patches()),
+                    Want::Fixed(s.d_model),
+                ],
+            ),
+        ],
+        outputs: vec![(
+            "dream_tokens".into(),
+            DType::F32,
+            vec![
+                Want::Sym,
+                Want::Fixed(l + s.dream_queries),
+                Want::Fixed(s.d_model),
+            ],
+        )],
     }
 }
 

@@ -5,7 +5,9 @@
 //! (`c_abi.rs`); the unify stage (`unify.rs`); the fusion and restore stages (`restore.rs`) and
 //! classification with a missing modality through the exported bundle (`classify.rs`); the
 //! captioner trained on questions too, answering them in Burn, on both engines, through `duet
-//! ask` and the C ABI (`vqa.rs`).
+//! ask` and the C ABI (`vqa.rs`); the dream stage on top of that captioner's generator,
+//! drawing and editing through its dream queries in Burn, on both engines, through `duet
+//! edit` and the C ABI (`dream.rs`).
 //!
 //! Training is the slow part, so each fixture (data, run, bundle; `fixtures.rs`) is built once
 //! per test binary under `CARGO_TARGET_TMPDIR` and shared by the tests. `DUET_E2E_STEPS` and
@@ -51,6 +53,7 @@ mod c_build;
 mod c_abi;
 mod caption;
 mod classify;
+mod dream;
 mod fixtures;
 mod generate;
 mod quantize;

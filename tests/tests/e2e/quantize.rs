@@ -71,9 +71,11 @@ fn quantised_variants_keep_their_task_metrics_and_are_chosen_by_precision() {
     let get = |p: Precision, name: &str| metrics[&p][name];
     let caption = get(Precision::Fp32, CAPTION_EXACT_MATCH);
     let geneval = get(Precision::Fp32, GENEVAL_OVERALL);
-    // The fixture captions ~98 % of its validation scenes exactly; half-precision storage must
-    // not lose a point, int8 products at most three (200 scenes: one scene is 0.5 point).
-    assert!(caption >= 0.9, "fp32 caption exact match {caption}");
+    // The generator fixture's captioner is the VQA fixture's (half its rows are questions): it
+    // captions 40 % of these scenes exactly (measured 0.40; the caption-only fixture's ~98 %).
+    // Half-precision storage must not lose a point, int8 products at most three (200 scenes:
+    // one scene is 0.5 point).
+    assert!(caption >= 0.3, "fp32 caption exact match {caption}");
     assert!(
         get(Precision::Fp16, CAPTION_EXACT_MATCH) >= caption - 0.01,
         "{metrics:?}"
@@ -82,7 +84,7 @@ fn quantised_variants_keep_their_task_metrics_and_are_chosen_by_precision() {
         get(Precision::Int8, CAPTION_EXACT_MATCH) >= caption - 0.03,
         "{metrics:?}"
     );
-    // GenEval of the CI-sized generator is 25 % here (60 prompts; fp16 26.7 %, int8 30 %): a
+    // GenEval of the CI-sized generator is 21.7 % here (60 prompts; fp16 21.7 %, int8 20 %): a
     // broken variant draws nothing the detector reads (0 %), a working one stays near fp32.
     assert!(geneval >= 0.1, "fp32 GenEval {geneval}");
     assert!(

@@ -54,7 +54,8 @@ fn unify_stages_move_the_captioner_and_write_complete_runs() {
     let stage2 = out.join(STAGE2_DIR);
     let limit = Some(200);
     let device = Default::default();
-    let before = eval_caption::<Cpu>(&f.run, &f.val, limit, &device)
+    // The captioner the generator fixture (and so stage 1) starts from.
+    let before = eval_caption::<Cpu>(&vqa_fixture().run, &f.val, limit, &device)
         .unwrap()
         .0;
     let after = eval_caption::<Cpu>(&stage1, &f.val, limit, &device)

@@ -5,55 +5,10 @@
 
 use super::*;
 
-use duet_datasets::shapeworld::{folder_captions, write_dataset_with, DatasetExtras, QuestionKind};
+use duet_datasets::shapeworld::QuestionKind;
 use duet_runtime::DecodeOptions;
 use duet_train::eval::vqa::{answer_questions, VqaReport};
 use duet_train::stages::caption::{load_question_rows, QuestionRow};
-
-/// Steps of the VQA fixture (`DUET_E2E_VQA_STEPS` overrides). Measured on this data: held-out
-/// accuracy 56.5 % at 1,500 steps and 59.9 % at 3,000 (majority baseline 35.2 %); the extra
-/// steps go to the captions (shape 46 → 82 %), not to the answers, so CI takes the cheaper.
-const CI_VQA_STEPS: usize = 1500;
-
-struct VqaFixture {
-    val: PathBuf,
-    run: PathBuf,
-    bundle: PathBuf,
-}
-
-fn vqa_fixture() -> &'static VqaFixture {
-    static FIXTURE: OnceLock<VqaFixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("duet-e2e-vqa");
-        let _ = std::fs::remove_dir_all(&root);
-        let cfg = SceneConfig {
-            image_size: 32,
-            min_objects: 1,
-            max_objects: 2,
-        };
-        let train = root.join("train");
-        let val = root.join("val");
-        let extras = DatasetExtras {
-            questions_per_scene: 2,
-            exclude: None,
-        };
-        write_dataset_with(&train, 4000, 1, &cfg, "e2e vqa fixture", &extras).expect("train");
-        // Held out: no scene of the training folder, so no (question, scene) pair either.
-        let held_out = DatasetExtras {
-            questions_per_scene: 3,
-            exclude: Some(("train".into(), folder_captions(&train).unwrap())),
-        };
-        write_dataset_with(&val, 400, 2, &cfg, "e2e vqa fixture", &held_out).expect("val");
-        let steps = std::env::var("DUET_E2E_VQA_STEPS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(CI_VQA_STEPS);
-        let run = root.join("run");
-        let bundle = root.join("bundle");
-        train_and_export_captioner(&train, &run, &bundle, steps, "vqa fixture");
-        VqaFixture { val, run, bundle }
-    })
-}
 
 /// The held-out scenes and questions, the Burn model's answers, and their report.
 type BurnAnswers = (Vec<Sample>, Vec<QuestionRow>, Vec<String>, VqaReport);

@@ -55,7 +55,7 @@ fn template(shape: Shape, size: Size, position: Position, image_size: u32) -> Ve
 /// Nearest-palette with black as one more entry: every palette colour is ≥ 255 from black and
 /// ≥ 127 from every other colour (see [`Colour::rgb`]), so exact renders classify exactly and
 /// noisy generations fall to the closest meaning.
-fn label(rgb: [u8; 3]) -> Option<Colour> {
+pub(crate) fn label(rgb: [u8; 3]) -> Option<Colour> {
     let d2 = |c: [u8; 3]| -> i32 {
         (0..3)
             .map(|k| {

@@ -3,6 +3,7 @@
 //! to questions about ShapeWorld scenes.
 
 pub mod caption;
+pub mod dream;
 pub mod emoji;
 pub mod geneval;
 pub mod restore;
@@ -25,6 +26,10 @@ pub enum Evaluation {
     Retrieval,
     /// Answers to a ShapeWorld folder's questions, per kind, beside the majority baseline.
     Vqa,
+    /// A dream run: GenEval-style scores through the dream queries beside the text encoder's,
+    /// and a folder's instruction edits (change made, others kept) beside drawing the
+    /// instruction from the blank image.
+    Dream,
 }
 
 impl fmt::Display for Evaluation {

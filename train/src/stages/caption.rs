@@ -14,7 +14,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use duet_models::params::{named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
-use duet_models::{CaptionModel, ImageFit, ModelSpec, Preset};
+use duet_models::{CaptionDecoder, CaptionModel, ImageFit, ModelSpec, Preset};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -22,7 +22,7 @@ use tokenizers::Tokenizer;
 
 use duet_datasets::folders::{default_image_side, load_folders, ImageTarget};
 use duet_datasets::image_to_chw;
-use duet_datasets::shapeworld::{load_questions, QuestionKind, Sample};
+use duet_datasets::shapeworld::{load_edits, load_questions, QuestionKind, Sample};
 use duet_datasets::tokenizer::{
     decode_caption, encode_caption, load_tokenizer, save_tokenizer, train_tokenizer,
 };
@@ -214,11 +214,22 @@ pub fn caption_loss<B: Backend>(
     tokens: Tensor<B, 2, Int>,
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 1> {
+    let image_tokens = model.vision.forward(pixels).patch_tokens;
+    decoder_loss(&model.decoder, image_tokens, tokens, targets)
+}
+
+/// [`caption_loss`] of the decoder alone, on image tokens computed elsewhere (a frozen
+/// vision encoder's).
+pub fn decoder_loss<B: Backend>(
+    decoder: &CaptionDecoder<B>,
+    image_tokens: Tensor<B, 3>,
+    tokens: Tensor<B, 2, Int>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
     let [b, l] = tokens.dims();
     let inputs = tokens.slice([0..b, 0..l - 1]);
     let targets = targets.reshape([b * (l - 1), 1]);
-    let image_tokens = model.vision.forward(pixels).patch_tokens;
-    let logits = model.decoder.forward(inputs, image_tokens);
+    let logits = decoder.forward(inputs, image_tokens);
     let v = logits.dims()[2];
     let logp = log_softmax(logits.reshape([b * (l - 1), v]), 1);
     let picked = logp.gather(1, targets.clone()).reshape([b * (l - 1)]);
@@ -515,7 +526,12 @@ fn fresh_start(args: &FitArgs) -> anyhow::Result<FreshStart> {
         None => {
             let samples = load_folders(&args.data, &ImageTarget::of(&model, None))?;
             let questions = load_question_rows(&args.data, &samples)?;
-            // The vocabulary covers the questions and answers as well as the captions.
+            // The vocabulary covers the questions and answers, and the edit instructions a
+            // later dream run on these folders reads, as well as the captions.
+            let mut instructions = Vec::new();
+            for dir in &args.data {
+                instructions.extend(load_edits(dir)?.into_iter().map(|e| e.instruction));
+            }
             let texts: Vec<String> = samples
                 .iter()
                 .map(|s| s.caption.clone())
@@ -524,6 +540,7 @@ fn fresh_start(args: &FitArgs) -> anyhow::Result<FreshStart> {
                         .iter()
                         .map(|q| format!("{} {}", q.question, q.answer)),
                 )
+                .chain(instructions)
                 .collect();
             (
                 train_tokenizer(&texts)?,

@@ -2,6 +2,7 @@
 //! steps the model and writes checkpoints and metrics into its run directory.
 
 pub mod caption;
+pub mod dream;
 pub mod generate;
 pub mod grpo;
 pub mod restore;

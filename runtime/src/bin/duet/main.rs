@@ -14,7 +14,9 @@ use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::{ort_info, TensorRtOptions};
 use duet_runtime::manifest::{Manifest, Precision};
 use duet_runtime::preprocess;
-use duet_runtime::{Bundle, Captioner, EngineOptions, GenerateOptions, Generator, ProviderChoice};
+use duet_runtime::{
+    Bundle, Captioner, Dreamer, EngineOptions, GenerateOptions, Generator, ProviderChoice,
+};
 
 mod bench;
 mod info;
@@ -205,6 +207,47 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         count: u16,
         /// Nearest-neighbour upscaling of the written PNG (the model draws 32×32).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
+        scale: u32,
+        /// What conditions the denoiser: the text encoder, or the dream queries of the model
+        /// that captions and answers (a bundle exported from a dream run).
+        #[arg(long, value_enum, default_value_t = Condition::Text)]
+        condition: Condition,
+    },
+    /// Edit an image by instruction ("make the square blue", "remove the circle", "add a small
+    /// red circle at the top left", "move the triangle to the centre") through the dream
+    /// queries; writes the source and one edit per instruction side by side.
+    Edit {
+        /// Bundle, a directory or a single `.duet` file (exported from a dream run).
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// The image to edit.
+        #[arg(long)]
+        image: PathBuf,
+        /// What to change; give several to compare.
+        #[arg(required = true)]
+        instruction: Vec<String>,
+        /// Output PNG.
+        #[arg(short, long, default_value = "edited.png")]
+        out: PathBuf,
+        /// Sampler steps (default: the bundle's).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Sampler: ddim or dpmpp (DPM-Solver++ 2M).
+        #[arg(long, default_value = "ddim")]
+        sampler: SamplerArg,
+        /// DDIM noise (default 0: deterministic); DDIM only.
+        #[arg(long)]
+        eta: Option<f32>,
+        /// Classifier-free guidance scale (default: the bundle's; 1 = no guidance).
+        #[arg(long)]
+        guidance: Option<f32>,
+        /// Noise seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Nearest-neighbour upscaling of the written PNG.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
         scale: u32,
     },
@@ -407,6 +450,7 @@ fn main() -> ExitCode {
             seed,
             count,
             scale,
+            condition,
         } => sampler_of(sampler, eta).and_then(|sampler| {
             generate(
                 &bundle,
@@ -420,6 +464,37 @@ fn main() -> ExitCode {
                     seed,
                     count: usize::from(count),
                     scale,
+                    condition,
+                },
+            )
+        }),
+        Command::Edit {
+            bundle,
+            engine,
+            image,
+            instruction,
+            out,
+            steps,
+            sampler,
+            eta,
+            guidance,
+            seed,
+            scale,
+        } => sampler_of(sampler, eta).and_then(|sampler| {
+            edit(
+                &bundle,
+                &engine,
+                &image,
+                &instruction,
+                &out,
+                GenerateArgs {
+                    steps,
+                    sampler,
+                    guidance,
+                    seed,
+                    count: 1,
+                    scale,
+                    condition: Condition::Dream,
                 },
             )
         }),
@@ -522,6 +597,15 @@ fn sampler_steps(s: &str) -> std::result::Result<usize, String> {
         Ok(n) => Err(format!("{n} steps: must be 1 ..= 1000")),
         Err(e) => Err(format!("`{s}` is not a number of steps: {e}")),
     }
+}
+
+/// What conditions the denoiser in `duet generate`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Condition {
+    /// The text encoder's tokens of the prompt.
+    Text,
+    /// The dream queries read out of the caption decoder over the prompt and the black image.
+    Dream,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]

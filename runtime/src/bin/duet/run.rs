@@ -361,6 +361,74 @@ pub(crate) struct GenerateArgs {
     pub(crate) seed: u64,
     pub(crate) count: usize,
     pub(crate) scale: u32,
+    pub(crate) condition: Condition,
+}
+
+impl GenerateArgs {
+    /// The sampling options: these flags over the bundle's defaults.
+    fn options(&self, defaults: &GenerateOptions) -> GenerateOptions {
+        GenerateOptions {
+            sampler: self.sampler,
+            steps: self.steps.unwrap_or(defaults.steps),
+            guidance: self.guidance.unwrap_or(defaults.guidance),
+            seed: self.seed,
+        }
+    }
+}
+
+/// `duet edit`: the source image and one edit per instruction in a row.
+pub(crate) fn edit(
+    bundle_dir: &Path,
+    engine: &EngineArgs,
+    image: &Path,
+    instructions: &[String],
+    out: &Path,
+    args: GenerateArgs,
+) -> Result<()> {
+    if out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        != Some("png".into())
+    {
+        anyhow::bail!("--out {} must end in .png", out.display());
+    }
+    check_out_dir(out)?;
+    if instructions.len() > duet_runtime::generate::MAX_BATCH {
+        anyhow::bail!(
+            "{} instructions; at most {} per run",
+            instructions.len(),
+            duet_runtime::generate::MAX_BATCH
+        );
+    }
+    let bundle = engine.open_bundle(bundle_dir)?;
+    let source = preprocess::load_image_for(image, &bundle.manifest().image)
+        .with_context(|| format!("reading {}", image.display()))?;
+    let dreamer = Dreamer::new(&bundle, engine.provider, &engine.options())
+        .context("loading the dream graphs")?;
+    for report in dreamer.reports() {
+        eprintln!("{report}");
+    }
+    let opts = args.options(&dreamer.generator().default_options());
+    let texts: Vec<&str> = instructions.iter().map(String::as_str).collect();
+    let sources = vec![source.clone(); texts.len()];
+    let t0 = Instant::now();
+    let edits = dreamer.edit_images(&sources, &texts, &opts)?;
+    eprintln!(
+        "{} edit(s), {:?}, {} steps, guidance {}, seed {}: {:.2} s",
+        edits.len(),
+        opts.sampler,
+        opts.steps,
+        opts.guidance,
+        opts.seed,
+        t0.elapsed().as_secs_f64()
+    );
+    let mut row = vec![source];
+    row.extend(edits);
+    let cols = row.len();
+    save_png_atomic(&duet_runtime::diffusion::grid(&row, cols, args.scale), out)?;
+    println!("{}", out.display());
+    Ok(())
 }
 
 pub(crate) fn generate(
@@ -397,20 +465,28 @@ pub(crate) fn generate(
         );
     }
     let bundle = engine.open_bundle(bundle_dir)?;
-    let generator = Generator::new(&bundle, engine.provider, &engine.options())
-        .context("loading the generation graphs")?;
-    for report in generator.reports() {
-        eprintln!("{report}");
+    let t0;
+    let images;
+    let opts;
+    if args.condition == Condition::Dream {
+        let dreamer = Dreamer::new(&bundle, engine.provider, &engine.options())
+            .context("loading the dream graphs")?;
+        for report in dreamer.reports() {
+            eprintln!("{report}");
+        }
+        opts = args.options(&dreamer.generator().default_options());
+        t0 = Instant::now();
+        images = dreamer.generate_images(&prompts, &opts)?;
+    } else {
+        let generator = Generator::new(&bundle, engine.provider, &engine.options())
+            .context("loading the generation graphs")?;
+        for report in generator.reports() {
+            eprintln!("{report}");
+        }
+        opts = args.options(&generator.default_options());
+        t0 = Instant::now();
+        images = generator.generate_images(&prompts, &opts)?;
     }
-    let defaults = generator.default_options();
-    let opts = GenerateOptions {
-        sampler: args.sampler,
-        steps: args.steps.unwrap_or(defaults.steps),
-        guidance: args.guidance.unwrap_or(defaults.guidance),
-        seed: args.seed,
-    };
-    let t0 = Instant::now();
-    let images = generator.generate_images(&prompts, &opts)?;
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(
         "{} image(s), {:?}, {} steps, guidance {}, seed {}: {:.2} s ({:.1} ms per step)",

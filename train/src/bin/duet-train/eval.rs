@@ -165,6 +165,86 @@ pub fn run(cmd: EvalCommand, command_line: String) -> anyhow::Result<()> {
                 }),
             )?;
         }
+        Evaluation::Dream => {
+            let sampler = parse_sampler(&sampler, eta)?;
+            let opts = GenerateEvalOptions {
+                per_category,
+                prompt_seed: 0,
+                seed,
+                sampler: SamplerConfig {
+                    sampler,
+                    steps,
+                    clip_x0: true,
+                },
+                guidance,
+                untrained,
+                batch: 64,
+            };
+            let tag = if untrained {
+                "dream-untrained"
+            } else {
+                "dream"
+            };
+            let (dream, images) = cpu::eval_dream_generate(&run, &opts)?;
+            println!("text to image through the dream queries (blank image + prompt):\n{dream}");
+            let shown: Vec<_> = images
+                .chunks(per_category.max(1))
+                .flat_map(|c| c.iter().take(8).cloned())
+                .collect();
+            let grid_path = run.join(format!("{tag}-geneval.png"));
+            write_png(&grid_path, &duet_diffusion::grid(&shown, 8, 4))
+                .with_context(|| format!("writing {}", grid_path.display()))?;
+            let text = if untrained {
+                None
+            } else {
+                let (text, _) = cpu::eval_generate(&run, &opts)?;
+                println!("the same prompts through the text encoder:\n{text}");
+                Some(text)
+            };
+            let mut edits = serde_json::Value::Null;
+            if let Some(data) = &data {
+                let (edited, drawn) = cpu::eval_edits(&run, data, limit, &opts, false)?;
+                let (scratch, _) = cpu::eval_edits(&run, data, limit, &opts, true)?;
+                println!("edits of {}:\n{edited}", data.display());
+                println!("the instructions drawn from the blank image:\n{scratch}");
+                // Sources on the odd rows, their edits below them.
+                let mut shown = Vec::new();
+                for chunk in drawn.chunks(8).take(4) {
+                    shown.extend(chunk.iter().map(|d| d.source.clone()));
+                    shown.extend(chunk.iter().map(|d| d.drawn.clone()));
+                }
+                let edits_path = run.join(format!("{tag}-edits.png"));
+                write_png(&edits_path, &duet_diffusion::grid(&shown, 8, 4))
+                    .with_context(|| format!("writing {}", edits_path.display()))?;
+                for d in drawn.iter().take(8) {
+                    println!("edit: {}", d.instruction);
+                }
+                println!("sources and edits in {}", edits_path.display());
+                edits = serde_json::json!({
+                    "data": data, "limit": limit, "edited": edited, "from_scratch": scratch,
+                    "made": edited.made(), "kept": edited.kept(), "exact": edited.exact(),
+                    "kept_colour": edited.kept_colour(), "scratch_made": scratch.made(),
+                    "scratch_kept": scratch.kept(), "scratch_kept_colour": scratch.kept_colour(),
+                    "instructions": drawn.iter().take(32).map(|d| d.instruction.clone())
+                        .collect::<Vec<_>>(),
+                });
+            }
+            println!(
+                "generations (one row per category) in {}",
+                grid_path.display()
+            );
+            write_json(
+                &run.join(format!("{tag}_eval.json")),
+                &serde_json::json!({
+                    "dream": dream, "dream_overall": dream.overall(),
+                    "dream_colour_fidelity": dream.colour_fidelity(),
+                    "text": text, "text_overall": text.as_ref().map(|t| t.overall()),
+                    "edits": edits, "per_category": per_category, "steps": steps,
+                    "sampler": format!("{sampler:?}"), "guidance": guidance, "seed": seed,
+                    "command": command_line,
+                }),
+            )?;
+        }
         Evaluation::Retrieval => {
             let data = data.context(
                 "--data is required for --stage retrieval (an Emoji-CLDR split, e.g. \

@@ -11,6 +11,7 @@ use duet_run::Stage;
 use duet_train::backend::DeviceKind;
 use duet_train::cpu;
 use duet_train::stages::caption::FitArgs;
+use duet_train::stages::dream::{DreamFitArgs, DreamOutcome};
 use duet_train::stages::generate::DenoiserOptions;
 use duet_train::stages::generate::{GenerateFitArgs, GenerateOutcome};
 use duet_train::stages::restore::PairFitArgs;
@@ -106,6 +107,18 @@ pub struct FitCommand {
     /// `duet-export import` from a bundle) on --data, keeping its dimensions and tokenizer.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// `--stage dream`: learnable dream queries appended after the decoder's prompt (the
+    /// denoiser's conditioning tokens; default: tiny 8, small 16).
+    #[arg(long)]
+    pub dream_queries: Option<usize>,
+    /// `--stage dream`: weight of the caption/VQA loss beside the diffusion loss (default 1;
+    /// 0: the decoder learns to dream alone).
+    #[arg(long)]
+    pub understanding_weight: Option<f64>,
+    /// `--stage dream`: weight of matching the text encoder path's prediction on the target's
+    /// caption beside the diffusion loss (default 10; 0: diffusion loss alone).
+    #[arg(long)]
+    pub distill_weight: Option<f64>,
 }
 
 pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
@@ -136,6 +149,9 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
         image_fit,
         tokenizer,
         init_from,
+        dream_queries,
+        understanding_weight,
+        distill_weight,
     } = cmd;
     check_fit_flags(
         stage,
@@ -159,6 +175,9 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
             ("--image-fit", image_fit.is_some()),
             ("--tokenizer", tokenizer.is_some()),
             ("--init-from", init_from.is_some()),
+            ("--dream-queries", dream_queries.is_some()),
+            ("--understanding-weight", understanding_weight.is_some()),
+            ("--distill-weight", distill_weight.is_some()),
         ],
     )?;
     if let (Some(preset), Some(from)) = (preset, &init_from) {
@@ -272,6 +291,38 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 out.display()
             );
         }
+        Stage::Dream => {
+            need_data()?;
+            let args = DreamFitArgs {
+                init: init.context("--stage dream needs --init <generate run>")?,
+                data,
+                out: out.clone(),
+                steps,
+                batch_size,
+                lr,
+                queries: dream_queries,
+                understanding_weight,
+                distill_weight,
+                seed,
+                resume,
+                device: kind.to_string(),
+                command: command_line,
+                quiet: false,
+            };
+            let outcome = match kind {
+                DeviceKind::Cpu => cpu::fit_dream(&args)?,
+                DeviceKind::Cuda => fit_dream_cuda(&args)?,
+            };
+            println!(
+                "trained {} steps in {:.1}s, final diffusion loss {:.4}, understanding loss \
+                 {:.4}; run in {}",
+                outcome.steps_done,
+                outcome.seconds,
+                outcome.final_diffusion_loss,
+                outcome.final_understanding_loss,
+                out.display()
+            );
+        }
         Stage::Generate => {
             need_data()?;
             let init = init.context("--stage generate needs --init <caption run>")?;
@@ -376,6 +427,14 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--gen-lr",
             "--captions",
         ],
+        Stage::Dream => &[
+            "--data",
+            "--resume",
+            "--init",
+            "--dream-queries",
+            "--understanding-weight",
+            "--distill-weight",
+        ],
         Stage::Fusion => &["--init", "--task", "--data"],
         Stage::Restore => &["--init", "--task"],
     }
@@ -408,6 +467,17 @@ fn fit_cuda(args: &FitArgs) -> anyhow::Result<duet_train::stages::caption::FitOu
 fn fit_generate_cuda(args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
     let device = duet_train::backend::probe_cuda()?;
     duet_train::stages::generate::fit_generate::<duet_train::backend::CudaBackend>(args, &device)
+}
+
+#[cfg(feature = "cuda")]
+fn fit_dream_cuda(args: &DreamFitArgs) -> anyhow::Result<DreamOutcome> {
+    let device = duet_train::backend::probe_cuda()?;
+    duet_train::stages::dream::fit_dream::<duet_train::backend::CudaBackend>(args, &device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fit_dream_cuda(_args: &DreamFitArgs) -> anyhow::Result<DreamOutcome> {
+    Err(duet_train::backend::BackendError::CudaNotCompiled.into())
 }
 
 #[cfg(not(feature = "cuda"))]

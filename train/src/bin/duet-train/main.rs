@@ -40,6 +40,10 @@ enum Command {
         /// run on the folder trains on them beside the captions).
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=16))]
         questions: u8,
+        /// Instruction edits per scene with the exact target scene, written to edits.jsonl
+        /// (a dream run on the folder learns to draw them).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=8))]
+        edits: u8,
         /// Keep this folder apart from another (its training folder): no scene of DIR occurs
         /// here, so no (question, scene) pair does either.
         #[arg(long, value_name = "DIR")]
@@ -97,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             min_objects,
             max_objects,
             questions,
+            edits,
             held_out_from,
         } => {
             if size != 32 && size != 64 {
@@ -119,6 +124,7 @@ fn main() -> anyhow::Result<()> {
                 .transpose()?;
             let extras = DatasetExtras {
                 questions_per_scene: usize::from(questions),
+                edits_per_scene: usize::from(edits),
                 exclude,
             };
             let summary = write_dataset_with(&out, count, seed, &cfg, &command_line, &extras)

@@ -8,7 +8,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use duet_diffusion::{gaussian, NoiseSchedule, Prediction};
 use duet_models::tokens::PAD_ID;
-use duet_models::{ModelSpec, VisionEncoder};
+use duet_models::{Denoiser, ModelSpec, VisionEncoder};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -79,7 +79,6 @@ pub fn generate_loss<B: AutodiffBackend>(
     device: &B::Device,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let b = idx.len();
-    let s = data.image_size;
     // Only as many text positions as the batch's longest caption: padding positions are
     // masked anyway, and the text encoder and cross-attention cost scales with L.
     let stride = data.seq_len;
@@ -126,52 +125,18 @@ pub fn generate_loss<B: AutodiffBackend>(
     let cond_tokens = text.tokens.clone().select(0, rows.clone());
     let cond_mask = mask.select(0, rows);
 
-    // Forward process on the host rng: timesteps and noise.
-    let t: Vec<usize> = (0..b)
-        .map(|_| rng.random_range(0..schedule.train_steps()))
-        .collect();
-    let noise = gaussian(&[b, 3, s, s], rng);
-    let coef = |f: &dyn Fn(f64) -> f64| {
-        let v: Vec<f32> = t
-            .iter()
-            .map(|&t| f(schedule.alpha_bar(Some(t))) as f32)
-            .collect();
-        Tensor::<B, 4>::from_data(TensorData::new(v, [b, 1, 1, 1]), device)
-    };
-    let a = coef(&|ab| ab.sqrt());
-    let sg = coef(&|ab| (1.0 - ab).sqrt());
     let x0 = data.pixels_batch::<B>(idx, device);
-    let noise = Tensor::<B, 4>::from_data(
-        TensorData::new(noise.into_raw_vec_and_offset().0, [b, 3, s, s]),
+    let (objective, diffusion) = diffusion_loss(
+        cfg,
+        settings,
+        schedule,
+        &generator.denoiser,
+        x0,
+        cond_tokens,
+        cond_mask,
+        rng,
         device,
     );
-    let xt = x0.clone() * a.clone() + noise.clone() * sg.clone();
-    let target = match settings.prediction {
-        Prediction::Epsilon => noise,
-        Prediction::V => noise * a - x0 * sg,
-    };
-    let tt: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    let tt = Tensor::<B, 1>::from_data(TensorData::new(tt, [b]), device);
-    let pred = generator
-        .denoiser
-        .forward(cfg, xt, tt, cond_tokens, cond_mask);
-    // Per-sample mean squared error, then the batch mean under the loss weights. The plain
-    // (unweighted) mean is what is reported, so runs with and without weighting compare.
-    let per_sample = (pred - target)
-        .powi_scalar(2)
-        .reshape([b, 3 * s * s])
-        .mean_dim(1);
-    let diffusion = per_sample.clone().mean();
-    let objective = if settings.min_snr_gamma.is_some() {
-        let w: Vec<f32> = t
-            .iter()
-            .map(|&t| settings.loss_weight(schedule.alpha_bar(Some(t))) as f32)
-            .collect();
-        let w = Tensor::<B, 2>::from_data(TensorData::new(w, [b, 1]), device);
-        (per_sample * w).mean()
-    } else {
-        diffusion.clone()
-    };
 
     // Contrastive (text → frozen image embedding and back), real captions only.
     let image_emb = Tensor::<B, 2>::from_inner(image_emb);
@@ -196,4 +161,69 @@ pub fn generate_loss<B: AutodiffBackend>(
     let contrastive = (t2i + i2t).neg().div_scalar(2.0);
     let total = objective + contrastive.mul_scalar(settings.contrastive_weight);
     (total, diffusion)
+}
+
+/// The denoiser's loss on clean images `x0` `[B, C, S, S]` under conditioning `cond`
+/// `[B, L, D]` with key mask `cond_mask` `[B, L]`: a uniformly drawn timestep and Gaussian
+/// noise per sample from `rng`, MSE of the v- or ε-prediction. Returns `(objective,
+/// diffusion)`: the batch mean under the Min-SNR-γ weights when set (what is optimised), and
+/// the plain mean (what is reported, so runs with and without weighting compare).
+#[allow(clippy::too_many_arguments)]
+pub fn diffusion_loss<B: Backend>(
+    cfg: &ModelSpec,
+    settings: &DiffusionSettings,
+    schedule: &NoiseSchedule,
+    denoiser: &Denoiser<B>,
+    x0: Tensor<B, 4>,
+    cond: Tensor<B, 3>,
+    cond_mask: Tensor<B, 2>,
+    rng: &mut ChaCha8Rng,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let [b, c, s, _] = x0.dims();
+    // Forward process on the host rng: timesteps and noise.
+    let t: Vec<usize> = (0..b)
+        .map(|_| rng.random_range(0..schedule.train_steps()))
+        .collect();
+    let noise = gaussian(&[b, c, s, s], rng);
+    let coef = |f: &dyn Fn(f64) -> f64| {
+        let v: Vec<f32> = t
+            .iter()
+            .map(|&t| f(schedule.alpha_bar(Some(t))) as f32)
+            .collect();
+        Tensor::<B, 4>::from_data(TensorData::new(v, [b, 1, 1, 1]), device)
+    };
+    let a = coef(&|ab| ab.sqrt());
+    let sg = coef(&|ab| (1.0 - ab).sqrt());
+    let noise = Tensor::<B, 4>::from_data(
+        TensorData::new(noise.into_raw_vec_and_offset().0, [b, c, s, s]),
+        device,
+    );
+    let xt = x0.clone() * a.clone() + noise.clone() * sg.clone();
+    let target = match settings.prediction {
+        Prediction::Epsilon => noise,
+        Prediction::V => noise * a - x0 * sg,
+    };
+    let tt: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+    let tt = Tensor::<B, 1>::from_data(TensorData::new(tt, [b]), device);
+    let pred = denoiser.forward(cfg, xt, tt, cond, cond_mask);
+    // Per-sample mean squared error, then the batch mean under the loss weights. The plain
+    // (unweighted) mean is what is reported, so runs with and without weighting compare.
+    let per_sample = (pred - target)
+        .powi_scalar(2)
+        .reshape([b, c * s * s])
+        .mean_dim(1);
+    let diffusion = per_sample.clone().mean();
+    let objective = if settings.min_snr_gamma.is_some() {
+        let w: Vec<f32> = t
+            .iter()
+            .map(|&t| settings.loss_weight(schedule.alpha_bar(Some(t))) as f32)
+            .collect();
+        let w = Tensor::<B, 2>::from_data(TensorData::new(w, [b, 1]), device);
+        (per_sample * w).mean()
+    } else {
+        diffusion.clone()
+    };
+
+    (objective, diffusion)
 }

@@ -1,0 +1,273 @@
+//! `duet-train fit --stage dream`: what it trains and what it keeps frozen, exact resume, and
+//! the runs and data it refuses.
+
+use std::path::{Path, PathBuf};
+
+use duet_datasets::shapeworld::{write_dataset, write_dataset_with, DatasetExtras, SceneConfig};
+use duet_models::Preset;
+use duet_run::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIGHTS_FILE};
+use duet_train::backend::CpuBackend;
+use duet_train::stages::caption::{fit, FitArgs};
+use duet_train::stages::dream::{fit_dream, DreamFitArgs};
+use duet_train::stages::generate::{fit_generate, GenerateFitArgs};
+
+fn caption_args(data: &Path, out: &Path) -> FitArgs {
+    FitArgs {
+        preset: Preset::Tiny,
+        data: vec![data.to_path_buf()],
+        out: out.to_path_buf(),
+        steps: Some(2),
+        batch_size: Some(8),
+        lr: None,
+        seed: 7,
+        resume: false,
+        image_size: None,
+        image_fit: None,
+        tokenizer: None,
+        init_from: None,
+        device: "cpu".into(),
+        command: "test".into(),
+        quiet: true,
+    }
+}
+
+/// A caption run and a generate run on `data` (2 steps each).
+fn chain(dir: &Path, data: &Path) -> (PathBuf, PathBuf) {
+    let caption = dir.join(format!(
+        "caption-{}",
+        data.file_name().unwrap().to_string_lossy()
+    ));
+    fit::<CpuBackend>(&caption_args(data, &caption), &Default::default()).unwrap();
+    let gen = dir.join(format!(
+        "gen-{}",
+        data.file_name().unwrap().to_string_lossy()
+    ));
+    let args = GenerateFitArgs {
+        init: caption.clone(),
+        data: vec![data.to_path_buf()],
+        out: gen.clone(),
+        steps: Some(2),
+        batch_size: Some(4),
+        lr: None,
+        min_snr_gamma: None,
+        denoiser: Default::default(),
+        seed: 1,
+        resume: false,
+        device: "cpu".into(),
+        command: "test".into(),
+        quiet: true,
+    };
+    fit_generate::<CpuBackend>(&args, &Default::default()).unwrap();
+    (caption, gen)
+}
+
+fn dream_args(init: &Path, data: &Path, out: &Path, steps: usize, resume: bool) -> DreamFitArgs {
+    DreamFitArgs {
+        init: init.to_path_buf(),
+        data: vec![data.to_path_buf()],
+        out: out.to_path_buf(),
+        steps: Some(steps),
+        batch_size: Some(4),
+        lr: None,
+        queries: Some(3),
+        understanding_weight: None,
+        distill_weight: None,
+        seed: 5,
+        resume,
+        device: "cpu".into(),
+        command: "test".into(),
+        quiet: true,
+    }
+}
+
+#[test]
+fn dream_trains_decoder_and_queries_keeps_the_rest_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("edits");
+    let extras = DatasetExtras {
+        questions_per_scene: 1,
+        edits_per_scene: 2,
+        ..Default::default()
+    };
+    write_dataset_with(&data, 32, 3, &SceneConfig::default(), "test", &extras).unwrap();
+    let (_, gen) = chain(dir.path(), &data);
+    let device = Default::default();
+    let straight = dir.path().join("straight");
+    let resumed = dir.path().join("resumed");
+    fit_dream::<CpuBackend>(&dream_args(&gen, &data, &straight, 4, false), &device).unwrap();
+    fit_dream::<CpuBackend>(&dream_args(&gen, &data, &resumed, 2, false), &device).unwrap();
+    let half: TrainState = read_json(&resumed.join(STATE_FILE)).unwrap();
+    assert_eq!(half.step, 2);
+    fit_dream::<CpuBackend>(&dream_args(&gen, &data, &resumed, 4, true), &device).unwrap();
+
+    let init = load_weights(&gen.join(WEIGHTS_FILE)).unwrap();
+    let a = load_weights(&straight.join(WEIGHTS_FILE)).unwrap();
+    let b = load_weights(&resumed.join(WEIGHTS_FILE)).unwrap();
+    assert_eq!(a.len(), b.len());
+    let diff = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let mut worst = 0.0f32;
+    for (name, t) in &a {
+        worst = worst.max(diff(&t.data, &b[name].data));
+    }
+    assert!(worst <= 1e-6, "resumed weights differ by {worst}");
+    assert_eq!(a["dream.queries"].shape, vec![1, 3, 64]);
+    for (name, t) in &init {
+        let moved = diff(&t.data, &a[name].data);
+        if name.starts_with("decoder.") {
+            continue;
+        }
+        // Vision, text encoder and denoiser are carried bit for bit.
+        assert_eq!(moved, 0.0, "{name} changed");
+    }
+    let decoder_moved = init
+        .iter()
+        .filter(|(n, _)| n.starts_with("decoder."))
+        .map(|(n, t)| diff(&t.data, &a[n].data))
+        .fold(0.0f32, f32::max);
+    assert!(decoder_moved > 0.0, "the decoder did not train");
+    let config: serde_json::Value = read_json(&straight.join("config.json")).unwrap();
+    assert_eq!(config["stage"], "dream");
+    assert_eq!(config["model"]["dream_queries"], 3);
+    assert_eq!(config["understanding_weight"], 1.0);
+}
+
+#[test]
+fn dream_refuses_a_caption_run_and_a_vocabulary_without_the_instructions() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    write_dataset(&plain, 24, 3, &SceneConfig::default(), "test").unwrap();
+    let edits = dir.path().join("edits");
+    let extras = DatasetExtras {
+        edits_per_scene: 2,
+        ..Default::default()
+    };
+    write_dataset_with(&edits, 24, 4, &SceneConfig::default(), "test", &extras).unwrap();
+    let (caption, gen) = chain(dir.path(), &plain);
+    let device = Default::default();
+    let out = dir.path().join("dream");
+    let err = fit_dream::<CpuBackend>(&dream_args(&caption, &edits, &out, 1, false), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not a generate run"), "{err}");
+    // The captioner never saw "add", "make", … : refused, not read as [UNK].
+    let err =
+        fit_dream::<CpuBackend>(&dream_args(&gen, &edits, &out, 1, false), &device).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains("--edits"), "{err}");
+    let zero = DreamFitArgs {
+        queries: Some(0),
+        ..dream_args(&gen, &plain, &out, 1, false)
+    };
+    let err = fit_dream::<CpuBackend>(&zero, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at least 1"), "{err}");
+}
+
+/// Diagnostic (run by hand on a trained run: `DUET_DREAM_RUN=DIR cargo test -p duet-train
+/// --test dream -- --ignored --nocapture`): how much the dream conditioning varies with the
+/// prompt, against the text encoder's pooled tokens.
+#[test]
+#[ignore]
+fn dream_conditioning_spread() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    type B = burn::backend::NdArray<f32>;
+    let Some(run) = std::env::var_os("DUET_DREAM_RUN") else {
+        return;
+    };
+    let run = PathBuf::from(run);
+    let dev = Default::default();
+    for untrained in [false, true] {
+        let d = duet_run::load_dream::<B>(&run, untrained, &dev).unwrap();
+        let prompts: Vec<String> = ["red", "blue", "green", "yellow"]
+            .iter()
+            .flat_map(|c| {
+                ["circle", "square"]
+                    .iter()
+                    .map(move |s| format!("a large {c} {s} at the top left"))
+            })
+            .collect();
+        let (cond, mask) = d
+            .condition(&prompts, &vec![None; prompts.len()], &dev)
+            .unwrap();
+        let [n, k, dm] = cond.dims();
+        let pooled: Vec<f32> = duet_models::denoiser::masked_mean(cond, mask)
+            .into_data()
+            .into_vec()
+            .unwrap();
+        let mut text_pooled = Vec::new();
+        for p in &prompts {
+            let ids = duet_datasets::tokenizer::encode_caption(&d.tokenizer, p, 48).unwrap();
+            let l = ids.len();
+            let t = d.generator.text.forward(
+                Tensor::<B, 2, Int>::from_data(
+                    TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, l]),
+                    &dev,
+                ),
+                Tensor::ones([1, l], &dev),
+            );
+            let v: Vec<f32> = t.tokens.mean_dim(1).into_data().into_vec().unwrap();
+            text_pooled.extend(v);
+        }
+        let spread = |v: &[f32]| {
+            let mean: Vec<f32> = (0..dm)
+                .map(|j| (0..n).map(|i| v[i * dm + j]).sum::<f32>() / n as f32)
+                .collect();
+            let var: f32 = (0..n * dm)
+                .map(|x| (v[x] - mean[x % dm]).powi(2))
+                .sum::<f32>()
+                / n as f32;
+            let norm: f32 = mean.iter().map(|x| x * x).sum();
+            (var.sqrt(), norm.sqrt())
+        };
+        eprintln!(
+            "untrained {untrained}: K {k}; dream pooled spread/norm {:?}; text pooled {:?}",
+            spread(&pooled),
+            spread(&text_pooled)
+        );
+    }
+}
+
+#[test]
+#[ignore]
+fn dream_rows_print() {
+    use duet_datasets::folders::{load_folders, ImageTarget};
+    type B = burn::backend::NdArray<f32>;
+    let Some(run) = std::env::var_os("DUET_DREAM_RUN") else {
+        return;
+    };
+    let run = PathBuf::from(run);
+    let d = duet_run::load_dream::<B>(&run, false, &Default::default()).unwrap();
+    let data = d.config.run.data.clone();
+    let model = &d.config.run.model;
+    let samples = load_folders(&data, &ImageTarget::of(model, Some(&d.tokenizer))).unwrap();
+    let rows =
+        duet_train::stages::dream::load_dream_rows(&data, &samples, &d.tokenizer, model).unwrap();
+    let prepared = duet_train::stages::caption::prepare(&samples, &d.tokenizer, 32, 48).unwrap();
+    let blank = duet_train::stages::dream::blank_pixels(32);
+    let idx = rows.step_rows(8, 3, 0);
+    let batch = rows.batch::<B>(&prepared, &blank, &idx, &Default::default());
+    let prefix: Vec<i64> = batch.prefix.clone().into_data().into_vec().unwrap();
+    let teacher: Vec<i64> = batch.teacher.clone().into_data().into_vec().unwrap();
+    let p = batch.prefix.dims()[1];
+    let t = batch.teacher.dims()[1];
+    for (k, r) in idx.iter().enumerate() {
+        let dec = |ids: &[i64]| {
+            duet_datasets::tokenizer::decode_caption(
+                &d.tokenizer,
+                &ids.iter().map(|&x| x as u32).collect::<Vec<_>>(),
+            )
+        };
+        eprintln!(
+            "row {r} src {:?}: prompt {:?} → teacher {:?}",
+            rows.source[*r],
+            dec(&prefix[k * p..(k + 1) * p]),
+            dec(&teacher[k * t..(k + 1) * t])
+        );
+    }
+}
