@@ -768,14 +768,7 @@ pub unsafe extern "C" fn duet_generate_rgb(
             return Err(Failure::new(DuetStatus::NullPointer, "`rgb` is NULL"));
         }
         let generator = generator_of(rt)?;
-        let side = generator.image_size();
-        let want = side * side * 3;
-        if len != want {
-            return Err(Failure::new(
-                DuetStatus::InvalidArgument,
-                format!("`len` is {len} bytes but a {side}x{side} RGB image has {want}"),
-            ));
-        }
+        out_rgb_arg(rgb, len, generator.image_size())?;
         let opts = match options.as_ref() {
             None => generator.default_options(),
             Some(o) => generate_options(o)?,
@@ -784,16 +777,8 @@ pub unsafe extern "C" fn duet_generate_rgb(
             .generate_images(&[prompt], &opts)?
             .pop()
             .ok_or_else(|| Failure::new(DuetStatus::Inference, "no image was produced"))?;
-        let pixels = image.as_raw();
-        if pixels.len() != len {
-            return Err(Failure::new(
-                DuetStatus::Inference,
-                format!("the generator made {} bytes, not {len}", pixels.len()),
-            ));
-        }
         // Only now that the image exists is the caller's buffer touched.
-        std::slice::from_raw_parts_mut(rgb, len).copy_from_slice(pixels);
-        Ok(())
+        write_rgb(&image, rgb, len)
     })
 }
 
@@ -851,6 +836,9 @@ pub unsafe extern "C" fn duet_dream_rgb(
     guard(error, || {
         let rt = runtime_arg(runtime)?;
         let prompt = str_arg(prompt, "prompt")?;
+        if rgb.is_null() {
+            return Err(Failure::new(DuetStatus::NullPointer, "`rgb` is NULL"));
+        }
         let dreamer = dreamer_of(rt)?;
         out_rgb_arg(rgb, len, dreamer.generator().image_size())?;
         let opts = match options.as_ref() {
@@ -895,6 +883,9 @@ pub unsafe extern "C" fn duet_edit_rgb(
         let rt = runtime_arg(runtime)?;
         let source = rgb_image(src, src_len, width, height)?;
         let instruction = str_arg(instruction, "instruction")?;
+        if rgb.is_null() {
+            return Err(Failure::new(DuetStatus::NullPointer, "`rgb` is NULL"));
+        }
         let dreamer = dreamer_of(rt)?;
         out_rgb_arg(rgb, len, dreamer.generator().image_size())?;
         let opts = match options.as_ref() {

@@ -20,6 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::{load_weights, read_json, WEIGHTS_FILE};
+use crate::generator::to_ndarray;
 use crate::{load_generator_weights, under, DreamTrainConfig, Stage, CONFIG_FILE, TOKENIZER_FILE};
 
 /// A dream run loaded for inference.
@@ -86,16 +87,6 @@ pub fn load_dream<B: Backend>(
         generator,
         schedule,
     })
-}
-
-fn to_ndarray<B: Backend>(t: Tensor<B, 4>) -> anyhow::Result<ArrayD<f32>> {
-    let shape = t.dims().to_vec();
-    let data = t
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("reading a tensor: {e:?}"))?;
-    Ok(ArrayD::from_shape_vec(shape, data)?)
 }
 
 impl<B: Backend> LoadedDream<B> {

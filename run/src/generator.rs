@@ -79,7 +79,8 @@ pub fn load_generator_weights<B: Backend>(
         .map_err(|e| anyhow::anyhow!("{}: {e}", run.join(WEIGHTS_FILE).display()))
 }
 
-fn to_ndarray<B: Backend>(t: Tensor<B, 4>) -> anyhow::Result<ArrayD<f32>> {
+/// A tensor's values as an `ndarray` of its shape (what the shared samplers step).
+pub(crate) fn to_ndarray<B: Backend>(t: Tensor<B, 4>) -> anyhow::Result<ArrayD<f32>> {
     let shape = t.dims().to_vec();
     let data = t
         .into_data()

@@ -138,10 +138,7 @@ pub fn load_questions(dir: &Path) -> Result<Vec<QuestionRecord>, DataError> {
         return Ok(Vec::new());
     }
     let records: Vec<(usize, QuestionRecord)> = read_jsonl(&path)?;
-    let images: HashSet<String> = read_jsonl::<CaptionRecord>(&dir.join("captions.jsonl"))?
-        .into_iter()
-        .map(|(_, r)| r.image)
-        .collect();
+    let images = listed_images(dir)?;
     let mut out = Vec::with_capacity(records.len());
     for (line, r) in records {
         let problem = if !images.contains(&r.image) {
@@ -165,6 +162,14 @@ pub fn load_questions(dir: &Path) -> Result<Vec<QuestionRecord>, DataError> {
     Ok(out)
 }
 
+/// The images a folder's `captions.jsonl` lists (what its questions and edits may be about).
+fn listed_images(dir: &Path) -> Result<HashSet<String>, DataError> {
+    Ok(read_jsonl::<CaptionRecord>(&dir.join("captions.jsonl"))?
+        .into_iter()
+        .map(|(_, r)| r.image)
+        .collect())
+}
+
 /// Reads `edits.jsonl` of a folder (an empty list when the folder has none). Every edit must
 /// be of an image the folder lists, with an instruction and a target of at most one object
 /// per cell.
@@ -174,10 +179,7 @@ pub fn load_edits(dir: &Path) -> Result<Vec<EditRecord>, DataError> {
         return Ok(Vec::new());
     }
     let records: Vec<(usize, EditRecord)> = read_jsonl(&path)?;
-    let images: HashSet<String> = read_jsonl::<CaptionRecord>(&dir.join("captions.jsonl"))?
-        .into_iter()
-        .map(|(_, r)| r.image)
-        .collect();
+    let images = listed_images(dir)?;
     let mut out = Vec::with_capacity(records.len());
     for (line, r) in records {
         let cells: HashSet<Position> = r.target.iter().map(|o| o.position).collect();

@@ -35,7 +35,7 @@ use duet_datasets::folders::{load_folders, ImageTarget};
 use duet_datasets::image_to_chw;
 use duet_datasets::shapeworld::{load_edits, objects_caption, render, EditKind, Sample, Scene};
 use duet_datasets::tokenizer::{encode_caption, load_tokenizer, save_tokenizer};
-use duet_diffusion::{gaussian, NoiseSchedule, Prediction};
+use duet_diffusion::NoiseSchedule;
 use duet_models::denoiser::masked_mean;
 use duet_models::dream::dream_mask;
 use duet_models::params::load_named_tensors;
@@ -48,7 +48,7 @@ use duet_run::{
     load_generator_weights, under, warmup_cosine_lr, with_prefixes, DiffusionSettings,
     DreamTrainConfig, GenerateTrainConfig, Stage, CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE,
 };
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
@@ -56,6 +56,7 @@ use crate::stages::caption::{
     batch_indices, decoder_loss, load_question_rows, load_records, prepare_with_questions,
     save_checkpoint, PreparedData,
 };
+use crate::stages::generate::{noise_images, Noised};
 
 /// Weight of the match to the text path ([`dream_loss`]): its MSEs are a tenth of the
 /// diffusion loss's, so at 1 they barely steered the queries (measured: the conditioning
@@ -338,31 +339,12 @@ pub fn dream_loss<B: AutodiffBackend>(
     rng: &mut ChaCha8Rng,
     device: &B::Device,
 ) -> DreamLoss<B> {
-    let [b, c, s, _] = x0.dims();
-    let t: Vec<usize> = (0..b)
-        .map(|_| rng.random_range(0..p.schedule.train_steps()))
-        .collect();
-    let noise = gaussian(&[b, c, s, s], rng);
-    let coef = |f: &dyn Fn(f64) -> f64| {
-        let v: Vec<f32> = t
-            .iter()
-            .map(|&t| f(p.schedule.alpha_bar(Some(t))) as f32)
-            .collect();
-        Tensor::<B, 4>::from_data(TensorData::new(v, [b, 1, 1, 1]), device)
-    };
-    let a = coef(&|ab| ab.sqrt());
-    let sg = coef(&|ab| (1.0 - ab).sqrt());
-    let noise = Tensor::<B, 4>::from_data(
-        TensorData::new(noise.into_raw_vec_and_offset().0, [b, c, s, s]),
-        device,
-    );
-    let xt = x0.clone() * a.clone() + noise.clone() * sg.clone();
-    let target = match p.settings.prediction {
-        Prediction::Epsilon => noise,
-        Prediction::V => noise * a - x0 * sg,
-    };
-    let tt: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    let tt = Tensor::<B, 1>::from_data(TensorData::new(tt, [b]), device);
+    let Noised {
+        xt,
+        timesteps: tt,
+        target,
+        ..
+    } = noise_images(p.schedule, p.settings.prediction, x0, rng, device);
     let pred = p.denoiser.forward(
         p.cfg,
         xt.clone(),

@@ -364,6 +364,19 @@ pub(crate) struct GenerateArgs {
     pub(crate) condition: Condition,
 }
 
+/// `--out` must name a PNG in an existing directory: said now, not after minutes of sampling.
+fn check_png_out(out: &Path) -> Result<()> {
+    if out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        != Some("png".into())
+    {
+        anyhow::bail!("--out {} must end in .png", out.display());
+    }
+    check_out_dir(out)
+}
+
 impl GenerateArgs {
     /// The sampling options: these flags over the bundle's defaults.
     fn options(&self, defaults: &GenerateOptions) -> GenerateOptions {
@@ -385,15 +398,7 @@ pub(crate) fn edit(
     out: &Path,
     args: GenerateArgs,
 ) -> Result<()> {
-    if out
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        != Some("png".into())
-    {
-        anyhow::bail!("--out {} must end in .png", out.display());
-    }
-    check_out_dir(out)?;
+    check_png_out(out)?;
     if instructions.len() > duet_runtime::generate::MAX_BATCH {
         anyhow::bail!(
             "{} instructions; at most {} per run",
@@ -438,16 +443,7 @@ pub(crate) fn generate(
     out: &Path,
     args: GenerateArgs,
 ) -> Result<()> {
-    if out
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        != Some("png".into())
-    {
-        anyhow::bail!("--out {} must end in .png", out.display());
-    }
-    // A missing directory is said now, not after minutes of sampling.
-    check_out_dir(out)?;
+    check_png_out(out)?;
     // Row-major: each prompt's `count` images side by side.
     let prompts: Vec<&str> = prompt
         .iter()

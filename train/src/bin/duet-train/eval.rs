@@ -52,6 +52,31 @@ pub struct EvalCommand {
     pub untrained: bool,
 }
 
+/// The GenEval-style options of `--stage generate` and `--stage dream` (the prompt set is seed
+/// 0's, so runs compare on the same prompts).
+fn generate_eval_options(
+    per_category: usize,
+    seed: u64,
+    sampler: Sampler,
+    steps: usize,
+    guidance: f32,
+    untrained: bool,
+) -> GenerateEvalOptions {
+    GenerateEvalOptions {
+        per_category,
+        prompt_seed: 0,
+        seed,
+        sampler: SamplerConfig {
+            sampler,
+            steps,
+            clip_x0: true,
+        },
+        guidance,
+        untrained,
+        batch: 64,
+    }
+}
+
 pub fn run(cmd: EvalCommand, command_line: String) -> anyhow::Result<()> {
     let EvalCommand {
         stage,
@@ -127,19 +152,8 @@ pub fn run(cmd: EvalCommand, command_line: String) -> anyhow::Result<()> {
         }
         Evaluation::Generate => {
             let sampler = parse_sampler(&sampler, eta)?;
-            let opts = GenerateEvalOptions {
-                per_category,
-                prompt_seed: 0,
-                seed,
-                sampler: SamplerConfig {
-                    sampler,
-                    steps,
-                    clip_x0: true,
-                },
-                guidance,
-                untrained,
-                batch: 64,
-            };
+            let opts =
+                generate_eval_options(per_category, seed, sampler, steps, guidance, untrained);
             let (report, images) = cpu::eval_generate(&run, &opts)?;
             println!("{report}");
             let tag = if untrained {
@@ -167,19 +181,8 @@ pub fn run(cmd: EvalCommand, command_line: String) -> anyhow::Result<()> {
         }
         Evaluation::Dream => {
             let sampler = parse_sampler(&sampler, eta)?;
-            let opts = GenerateEvalOptions {
-                per_category,
-                prompt_seed: 0,
-                seed,
-                sampler: SamplerConfig {
-                    sampler,
-                    steps,
-                    clip_x0: true,
-                },
-                guidance,
-                untrained,
-                batch: 64,
-            };
+            let opts =
+                generate_eval_options(per_category, seed, sampler, steps, guidance, untrained);
             let tag = if untrained {
                 "dream-untrained"
             } else {

@@ -181,31 +181,12 @@ pub fn diffusion_loss<B: Backend>(
     device: &B::Device,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let [b, c, s, _] = x0.dims();
-    // Forward process on the host rng: timesteps and noise.
-    let t: Vec<usize> = (0..b)
-        .map(|_| rng.random_range(0..schedule.train_steps()))
-        .collect();
-    let noise = gaussian(&[b, c, s, s], rng);
-    let coef = |f: &dyn Fn(f64) -> f64| {
-        let v: Vec<f32> = t
-            .iter()
-            .map(|&t| f(schedule.alpha_bar(Some(t))) as f32)
-            .collect();
-        Tensor::<B, 4>::from_data(TensorData::new(v, [b, 1, 1, 1]), device)
-    };
-    let a = coef(&|ab| ab.sqrt());
-    let sg = coef(&|ab| (1.0 - ab).sqrt());
-    let noise = Tensor::<B, 4>::from_data(
-        TensorData::new(noise.into_raw_vec_and_offset().0, [b, c, s, s]),
-        device,
-    );
-    let xt = x0.clone() * a.clone() + noise.clone() * sg.clone();
-    let target = match settings.prediction {
-        Prediction::Epsilon => noise,
-        Prediction::V => noise * a - x0 * sg,
-    };
-    let tt: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    let tt = Tensor::<B, 1>::from_data(TensorData::new(tt, [b]), device);
+    let Noised {
+        xt,
+        timesteps: tt,
+        target,
+        t,
+    } = noise_images(schedule, settings.prediction, x0, rng, device);
     let pred = denoiser.forward(cfg, xt, tt, cond, cond_mask);
     // Per-sample mean squared error, then the batch mean under the loss weights. The plain
     // (unweighted) mean is what is reported, so runs with and without weighting compare.
@@ -226,4 +207,56 @@ pub fn diffusion_loss<B: Backend>(
     };
 
     (objective, diffusion)
+}
+
+/// One draw of the forward process for a batch of clean images.
+pub struct Noised<B: Backend> {
+    /// `[B, C, S, S]` the noisy images `√ᾱ x0 + √(1 − ᾱ) ε`.
+    pub xt: Tensor<B, 4>,
+    /// `[B]` their timesteps as floats (the denoiser's input), and as drawn.
+    pub timesteps: Tensor<B, 1>,
+    pub t: Vec<usize>,
+    /// `[B, C, S, S]` what the denoiser should predict (ε or v).
+    pub target: Tensor<B, 4>,
+}
+
+/// Noises `x0` `[B, C, S, S]` on the host rng: a uniform timestep per sample, then Gaussian
+/// noise (in that order: a run's draws, and so its weights, depend on it).
+pub fn noise_images<B: Backend>(
+    schedule: &NoiseSchedule,
+    prediction: Prediction,
+    x0: Tensor<B, 4>,
+    rng: &mut ChaCha8Rng,
+    device: &B::Device,
+) -> Noised<B> {
+    let [b, c, s, _] = x0.dims();
+    let t: Vec<usize> = (0..b)
+        .map(|_| rng.random_range(0..schedule.train_steps()))
+        .collect();
+    let noise = gaussian(&[b, c, s, s], rng);
+    let coef = |f: &dyn Fn(f64) -> f64| {
+        let v: Vec<f32> = t
+            .iter()
+            .map(|&t| f(schedule.alpha_bar(Some(t))) as f32)
+            .collect();
+        Tensor::<B, 4>::from_data(TensorData::new(v, [b, 1, 1, 1]), device)
+    };
+    let a = coef(&|ab| ab.sqrt());
+    let sg = coef(&|ab| (1.0 - ab).sqrt());
+    let noise = Tensor::<B, 4>::from_data(
+        TensorData::new(noise.into_raw_vec_and_offset().0, [b, c, s, s]),
+        device,
+    );
+    let xt = x0.clone() * a.clone() + noise.clone() * sg.clone();
+    let target = match prediction {
+        Prediction::Epsilon => noise,
+        Prediction::V => noise * a - x0 * sg,
+    };
+    let tt: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+    Noised {
+        xt,
+        timesteps: Tensor::from_data(TensorData::new(tt, [b]), device),
+        t,
+        target,
+    }
 }
