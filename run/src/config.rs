@@ -10,6 +10,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::Stage;
 
+/// The stage a run's `config.json` names, read before the rest of the file so that a run of
+/// another stage is reported as such rather than as a config with missing fields.
+pub fn run_stage(run: &std::path::Path) -> anyhow::Result<Stage> {
+    #[derive(Deserialize)]
+    struct StageOnly {
+        stage: Stage,
+    }
+    let StageOnly { stage } = crate::checkpoint::read_json(&run.join(crate::CONFIG_FILE))?;
+    Ok(stage)
+}
+
 /// Everything that defines a caption training run; written to `RUN/config.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaptionTrainConfig {

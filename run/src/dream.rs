@@ -42,11 +42,7 @@ pub fn load_dream<B: Backend>(
     untrained: bool,
     device: &B::Device,
 ) -> anyhow::Result<LoadedDream<B>> {
-    #[derive(serde::Deserialize)]
-    struct StageOnly {
-        stage: Stage,
-    }
-    let StageOnly { stage } = read_json(&run.join(CONFIG_FILE))?;
+    let stage = crate::run_stage(run)?;
     if stage != Stage::Dream {
         anyhow::bail!("{} is a '{stage}' run, not a dream run", run.display());
     }

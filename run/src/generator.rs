@@ -33,13 +33,7 @@ pub fn load_generator<B: Backend>(
     untrained: bool,
     device: &B::Device,
 ) -> anyhow::Result<LoadedGenerator<B>> {
-    // The stage is checked before the rest is parsed, so a caption run is named as such
-    // rather than reported as a config with missing fields.
-    #[derive(serde::Deserialize)]
-    struct StageOnly {
-        stage: Stage,
-    }
-    let StageOnly { stage } = read_json(&run.join(CONFIG_FILE))?;
+    let stage = crate::run_stage(run)?;
     // A unify run carries a (fine-tuned) generator in the same layout, a dream run its
     // init's unchanged.
     if !matches!(stage, Stage::Generate | Stage::Unify | Stage::Dream) {
