@@ -9,13 +9,14 @@ Rust's pixel for pixel while the work is identical; captions of the same image m
 
 Prints one JSON object with the fields of `duet_runtime::bench::ProviderBench`.
 
-    python3 benchmarks/python/bench.py --bundle B --image-raw IMG.rgb [--runs 10] [--steps 10,20,50]
+    python3 benchmarks/python/bench.py --bundle B --image-raw IMG.rgb|- [--runs 10] [--steps 10,20,50]
 """
 
 import argparse
 import json
 import re
 import resource
+import sys
 import time
 
 import numpy as np
@@ -170,7 +171,11 @@ def main():
     manifest = json.load(open(f"{a.bundle}/manifest.json"))
     vocab = json.load(open(f"{a.bundle}/tokenizer.json"))["model"]["vocab"]
     size = manifest["image"]["size"]
-    rgb = np.fromfile(a.image_raw, np.uint8).reshape(1, size, size, 3)
+    # "-": the raw RGB bytes on stdin (how `duet bench` passes them, leaving no file behind).
+    if a.image_raw == "-":
+        rgb = np.frombuffer(sys.stdin.buffer.read(), np.uint8).reshape(1, size, size, 3)
+    else:
+        rgb = np.fromfile(a.image_raw, np.uint8).reshape(1, size, size, 3)
 
     cap = Captioner(a.bundle, manifest, vocab)
     caption = cap.caption(rgb)[0]

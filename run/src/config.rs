@@ -227,6 +227,15 @@ pub struct DreamTrainConfig {
     /// Weight of matching the frozen text path's prediction on the target's caption beside
     /// the plain diffusion loss (`duet_train::stages::dream::dream_loss`); 0: diffusion alone.
     pub distill_weight: f64,
+    /// Weight of the generation objective (diffusion + match); 0 trains understanding alone
+    /// on the same rows and schedule: the control of the joint-vs-separate comparison.
+    /// Runs written before this field existed trained with 1.
+    #[serde(default = "one")]
+    pub generation_weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl DreamTrainConfig {

@@ -20,7 +20,8 @@ use crate::engine::{
 };
 use crate::manifest::Graph;
 use crate::{
-    Bundle, Captioner, Classifier, DecodeOptions, Decoding, Error, GenerateOptions, Generator,
+    Bundle, Captioner, Classifier, DecodeOptions, Decoding, Dreamer, Error, GenerateOptions,
+    Generator,
 };
 
 /// What to measure.
@@ -38,6 +39,8 @@ pub struct BenchSettings {
     pub prompt: String,
     /// Question of the `ask` row (bundles trained on questions).
     pub question: String,
+    /// Instruction of the `edit` row (bundles with a dream encoder).
+    pub instruction: String,
     pub seed: u64,
     /// Threads per graph run ([`EngineOptions::threads`]); `None`: each engine's default.
     pub threads: Option<std::num::NonZeroUsize>,
@@ -53,6 +56,7 @@ impl Default for BenchSettings {
             batch_steps: 20,
             prompt: "a large red circle at the top left".to_string(),
             question: "what colour is the circle?".to_string(),
+            instruction: "make the circle blue".to_string(),
             seed: 0,
             threads: None,
         }
@@ -104,6 +108,14 @@ pub struct ProviderBench {
     /// Answering one question about the image (bundles trained on questions).
     #[serde(default)]
     pub ask_b1: Option<Stats>,
+    /// One image generated through the dream queries at the first of `steps` (bundles with
+    /// a dream encoder).
+    #[serde(default)]
+    pub dream_generate_b1: Option<Stats>,
+    /// One instruction edit of the benchmark image at the first of `steps` (bundles with a
+    /// dream encoder).
+    #[serde(default)]
+    pub edit_b1: Option<Stats>,
     /// The caption of the benchmark image (the Python reference must produce the same).
     pub caption: String,
     /// `(steps, latency)` of one generated image, guidance on (denoiser batch 2).
@@ -269,6 +281,8 @@ pub fn run_provider(
         caption_batch_per_s,
         caption_beam4_b1,
         ask_b1,
+        dream_generate_b1: None,
+        edit_b1: None,
         caption,
         generate_b1: Vec::new(),
         generate_batch_per_s: None,
@@ -342,6 +356,27 @@ pub fn run_provider(
         })
         .ok();
         placement.push(format!("denoiser: {}", den.placement(&inputs)?));
+    }
+    let has_dream = bundle
+        .manifest()
+        .graphs
+        .iter()
+        .any(|g| g.name == Graph::DreamEncoder);
+    if let (true, Some(&steps)) = (has_dream, settings.steps.first()) {
+        let dreamer = Dreamer::new(bundle, choice, &options)?;
+        let opts = GenerateOptions {
+            steps,
+            seed: settings.seed,
+            ..dreamer.generator().default_options()
+        };
+        let prompt = [settings.prompt.as_str()];
+        out.dream_generate_b1 = Some(time(1, settings.runs, || {
+            dreamer.generate(&prompt, &opts).map(drop)
+        })?);
+        let instruction = [settings.instruction.as_str()];
+        out.edit_b1 = Some(time(1, settings.runs, || {
+            dreamer.edit(one, &instruction, &opts).map(drop)
+        })?);
     }
     if bundle.manifest().restore.is_some() {
         let classifier = Classifier::new(bundle, choice, &options)?;
@@ -569,6 +604,31 @@ pub fn render_markdown(
                 .collect(),
         );
     }
+    if let Some(&steps) = settings.steps.first() {
+        if results.iter().any(|r| r.dream_generate_b1.is_some()) {
+            row(
+                format!(
+                    "generate {steps} steps through the dream queries, batch 1: median / p90 (ms)"
+                ),
+                results
+                    .iter()
+                    .map(|r| opt(r.dream_generate_b1.as_ref(), ms))
+                    .collect(),
+            );
+        }
+        if results.iter().any(|r| r.edit_b1.is_some()) {
+            row(
+                format!(
+                    "edit \"{}\", {steps} steps, batch 1: median / p90 (ms)",
+                    settings.instruction
+                ),
+                results
+                    .iter()
+                    .map(|r| opt(r.edit_b1.as_ref(), ms))
+                    .collect(),
+            );
+        }
+    }
     row(
         format!(
             "generate {} steps, batch {}: images/s",
@@ -667,14 +727,6 @@ pub fn render_markdown(
         ));
     }
     md
-}
-
-/// Writes `image` as raw packed RGB for the Python reference (no image library needed there)
-/// into an already opened file, checking the write and the sync.
-pub fn write_raw_rgb(image: &RgbImage, mut file: &std::fs::File) -> std::io::Result<()> {
-    use std::io::Write;
-    file.write_all(image.as_raw())?;
-    file.sync_all()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use image::RgbImage;
-use ndarray::{Array2, Array3, ArrayD};
+use ndarray::{Array2, Array3, ArrayD, Axis};
 
 use crate::bundle::Bundle;
 use crate::caption::Captioner;
@@ -41,6 +41,39 @@ fn shape_err(reason: impl Into<String>) -> GenerateError {
         graph: Graph::DreamEncoder.name().to_string(),
         reason: reason.into(),
     }
+}
+
+/// The conditioning without the prompt positions every row masks out: `[N, longest + K, D]`
+/// from `[N, max_len + K, D]`, so each denoiser step attends over the longest prompt and the
+/// queries instead of all `max_len` positions (48 on tiny, most of them padding). A masked key
+/// has zero attention weight and zero pooling weight, so the image is the same up to float
+/// summation order.
+fn drop_padding(
+    cond: ArrayD<f32>,
+    mask: ArrayD<f32>,
+    max_len: usize,
+) -> (ArrayD<f32>, ArrayD<f32>) {
+    let width = mask.shape().get(1).copied().unwrap_or(0);
+    if width < max_len {
+        return (cond, mask);
+    }
+    // Prompts fill positions from 0 on, so the last used position of any row bounds them all.
+    let longest = mask
+        .outer_iter()
+        .map(|row| {
+            row.iter()
+                .take(max_len)
+                .enumerate()
+                .filter_map(|(i, &m)| (m > 0.0).then_some(i + 1))
+                .max()
+                .unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0);
+    let keep: Vec<usize> = (0..longest).chain(max_len..width).collect();
+    // `select` along an inner axis gives a column-major array; the engines are fed row-major.
+    let pick = |a: &ArrayD<f32>| a.select(Axis(1), &keep).as_standard_layout().into_owned();
+    (pick(&cond), pick(&mask))
 }
 
 impl Dreamer {
@@ -174,6 +207,7 @@ impl Dreamer {
         opts: &GenerateOptions,
     ) -> Result<ArrayD<f32>, GenerateError> {
         let (cond, mask) = self.condition(prompts, images)?;
+        let (cond, mask) = drop_padding(cond, mask, self.captioner.tokenizer_spec().max_len);
         self.generator.generate_conditioned(cond, mask, opts)
     }
 
@@ -227,5 +261,36 @@ impl Dreamer {
             instructions,
             opts,
         )?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_padding_keeps_the_longest_prompt_and_every_query() {
+        // Two rows over max_len 4 and K 2: prompts of 1 and 3 tokens.
+        let (n, l, k, d) = (2, 4, 2, 3);
+        let cond = ArrayD::from_shape_fn(vec![n, l + k, d], |ix| {
+            (ix[0] * 100 + ix[1] * 10 + ix[2]) as f32
+        });
+        let mut mask = ArrayD::ones(vec![n, l + k]);
+        for (row, len) in [(0, 1), (1, 3)] {
+            for j in len..l {
+                mask[[row, j]] = 0.0;
+            }
+        }
+        let (c, m) = drop_padding(cond.clone(), mask, l);
+        assert_eq!(c.shape(), &[n, 3 + k, d]);
+        // Positions 0..3 of the prompts, then the queries at 4 and 5.
+        for (out, src) in [(0, 0), (2, 2), (3, 4), (4, 5)] {
+            assert_eq!(c[[1, out, 1]], cond[[1, src, 1]]);
+        }
+        assert!(c.is_standard_layout() && m.is_standard_layout());
+        assert_eq!(
+            m.iter().copied().collect::<Vec<_>>(),
+            vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+        );
     }
 }

@@ -596,13 +596,16 @@ fn outputs_and_arguments_are_checked_before_the_work() {
     assert_eq!(stderr.matches("Not a directory").count(), 1, "{stderr}");
 }
 
-/// Regression: SIGTERM to `duet bench` used to leave its measuring child running.
-/// The child now ends with its parent.
+/// Regression: SIGTERM to `duet bench` used to leave its measuring child running, and its
+/// temporary image file in the temp dir. The child now ends with its parent, and the image
+/// goes to the children through a pipe.
 #[cfg(target_os = "linux")]
 #[test]
 fn a_terminated_bench_takes_its_worker_with_it() {
     use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
     let mut parent = duet()
+        .env("TMPDIR", tmp.path())
         .args([
             "bench",
             "--providers",
@@ -653,6 +656,11 @@ fn a_terminated_bench_takes_its_worker_with_it() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind in TMPDIR: {left:?}");
 }
 
 /// Regression: every image used to be decoded at full size before any was resized

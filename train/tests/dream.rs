@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use duet_datasets::shapeworld::{write_dataset, write_dataset_with, DatasetExtras, SceneConfig};
+use duet_models::params::NamedTensors;
 use duet_models::Preset;
 use duet_run::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIGHTS_FILE};
 use duet_train::backend::CpuBackend;
@@ -72,6 +73,7 @@ fn dream_args(init: &Path, data: &Path, out: &Path, steps: usize, resume: bool) 
         queries: Some(3),
         understanding_weight: None,
         distill_weight: None,
+        generation_weight: None,
         seed: 5,
         resume,
         device: "cpu".into(),
@@ -134,6 +136,41 @@ fn dream_trains_decoder_and_queries_keeps_the_rest_and_resumes_exactly() {
     assert_eq!(config["stage"], "dream");
     assert_eq!(config["model"]["dream_queries"], 3);
     assert_eq!(config["understanding_weight"], 1.0);
+    assert_eq!(config["generation_weight"], 1.0);
+
+    // The control of the joint-vs-separate comparison: generation weight 0 trains the decoder
+    // on captions and questions alone; the queries get no gradient, so one more step leaves
+    // them as they were, and no diffusion loss is logged.
+    let control = |out: &Path, steps| DreamFitArgs {
+        generation_weight: Some(0.0),
+        ..dream_args(&gen, &data, out, steps, false)
+    };
+    let (one, two) = (dir.path().join("control1"), dir.path().join("control2"));
+    fit_dream::<CpuBackend>(&control(&one, 1), &device).unwrap();
+    let outcome = fit_dream::<CpuBackend>(&control(&two, 2), &device).unwrap();
+    assert!(outcome.final_diffusion_loss.is_nan());
+    assert!(outcome.final_understanding_loss.is_finite());
+    let (c1, c2) = (
+        load_weights(&one.join(WEIGHTS_FILE)).unwrap(),
+        load_weights(&two.join(WEIGHTS_FILE)).unwrap(),
+    );
+    for name in c2.keys().filter(|n| n.starts_with("dream.")) {
+        assert_eq!(
+            c1[name].data, c2[name].data,
+            "{name} trained without generation"
+        );
+    }
+    let moved = |x: &NamedTensors, y: &NamedTensors| {
+        x.iter()
+            .filter(|(n, _)| n.starts_with("decoder."))
+            .map(|(n, t)| diff(&t.data, &y[n].data))
+            .fold(0.0f32, f32::max)
+    };
+    assert!(moved(&c1, &c2) > 0.0, "the control's decoder did not train");
+    let last = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+    assert!(last["diffusion_loss"].is_null(), "{last}");
+    assert!(last["understanding_loss"].as_f64().unwrap() > 0.0, "{last}");
 }
 
 #[test]
@@ -167,4 +204,21 @@ fn dream_refuses_a_caption_run_and_a_vocabulary_without_the_instructions() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("at least 1"), "{err}");
+    let nothing = DreamFitArgs {
+        generation_weight: Some(0.0),
+        understanding_weight: Some(0.0),
+        ..dream_args(&gen, &plain, &out, 1, false)
+    };
+    let err = fit_dream::<CpuBackend>(&nothing, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nothing would train"), "{err}");
+    let negative = DreamFitArgs {
+        generation_weight: Some(-1.0),
+        ..dream_args(&gen, &plain, &out, 1, false)
+    };
+    let err = fit_dream::<CpuBackend>(&negative, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--generation-weight"), "{err}");
 }

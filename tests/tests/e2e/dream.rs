@@ -40,6 +40,7 @@ fn dream_fixture() -> &'static DreamFixture {
             queries: None,
             understanding_weight: None,
             distill_weight: None,
+            generation_weight: None,
             seed: 0,
             resume: false,
             device: "cpu".into(),
@@ -237,6 +238,22 @@ fn dream_bundle_matches_burn_on_both_engines() {
             diff < 2e-2,
             "{provider}: the edit differs from Burn's by {diff}"
         );
+        // The sampler drops the prompt positions every row masks out: the same image as
+        // attending over all max_len of them, up to float summation order.
+        let (full, full_mask) = dreamer.condition(&prompts[1..], &images[1..]).unwrap();
+        let wide = dreamer
+            .generator()
+            .generate_conditioned(full, full_mask, &opts)
+            .unwrap();
+        let diff = edit
+            .iter()
+            .zip(wide.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-4,
+            "{provider}: dropping the padded positions changed the edit by {diff}"
+        );
     }
 
     // Bad input: typed errors, never a panic.
@@ -333,6 +350,32 @@ fn duet_edit_and_the_c_abi_draw_through_the_dream_queries() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(gen.is_file());
+    // `duet bench` times the dream pipelines beside the text path on a bundle that has them.
+    let o = std::process::Command::new(duet_bin())
+        .args([
+            "bench",
+            "--providers",
+            "tract",
+            "--no-python",
+            "--runs",
+            "1",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--bundle",
+        ])
+        .arg(&d.bundle)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for row in [
+        "| generate 2 steps through the dream queries, batch 1: median / p90 (ms) |",
+        "| edit \"make the circle blue\", 2 steps, batch 1: median / p90 (ms) |",
+    ] {
+        assert!(table.contains(row), "{row} missing: {table}");
+    }
     let o = std::process::Command::new(duet_bin())
         .args(["edit", "--provider", "tract", "--bundle"])
         .arg(&gen_fixture().bundle)

@@ -80,6 +80,8 @@ pub struct DreamFitArgs {
     /// Weight of the match to the text path's prediction ([`dream_loss`]); `None`:
     /// [`DEFAULT_DISTILL_WEIGHT`].
     pub distill_weight: Option<f64>,
+    /// Weight of the generation objective; `None`: 1 (0: understanding alone, the control).
+    pub generation_weight: Option<f64>,
     pub seed: u64,
     pub resume: bool,
     pub device: String,
@@ -464,6 +466,7 @@ pub fn fit_dream<B: AutodiffBackend>(
             },
             understanding_weight: args.understanding_weight.unwrap_or(1.0),
             distill_weight: args.distill_weight.unwrap_or(DEFAULT_DISTILL_WEIGHT),
+            generation_weight: args.generation_weight.unwrap_or(1.0),
         };
         let _ = std::fs::remove_file(run.join(METRICS_FILE));
         (cfg, None)
@@ -483,6 +486,17 @@ pub fn fit_dream<B: AutodiffBackend>(
         anyhow::bail!(
             "--understanding-weight must be a number >= 0, got {}",
             cfg.understanding_weight
+        );
+    }
+    if !(cfg.generation_weight.is_finite() && cfg.generation_weight >= 0.0) {
+        anyhow::bail!(
+            "--generation-weight must be a number >= 0, got {}",
+            cfg.generation_weight
+        );
+    }
+    if cfg.generation_weight == 0.0 && cfg.understanding_weight == 0.0 {
+        anyhow::bail!(
+            "--generation-weight and --understanding-weight are both 0: nothing would train"
         );
     }
     if cfg.run.batch_size < 2 {
@@ -556,55 +570,70 @@ pub fn fit_dream<B: AutodiffBackend>(
     let mut ema: Option<f64> = None;
     for step in start_step..cfg.run.steps {
         let seed = cfg.run.seed;
-        let idx = rows.step_rows(cfg.run.batch_size, step, seed);
-        let batch = rows.batch::<B::InnerBackend>(&data, &blank, &idx, device);
-        let prefix_mask = Tensor::from_inner(batch.prefix_mask);
-        let cond = model.condition(
-            Tensor::from_inner(batch.prefix),
-            prefix_mask.clone(),
-            image_tokens::<B>(&vision, batch.sources),
-        );
-        let cond_mask = dream_mask(prefix_mask, model_spec.dream_queries);
-        let mut rng = step_rng(seed, step);
-        let teacher_tokens = teacher
-            .text
-            .forward(batch.teacher, batch.teacher_mask.clone())
-            .tokens;
-        let parts = dream_loss(
-            &DreamLossInputs {
-                cfg: model_spec,
-                settings: &cfg.run.diffusion,
-                schedule: &schedule,
-                denoiser: &denoiser,
-                teacher: &teacher.denoiser,
-                distill_weight: cfg.distill_weight,
-            },
-            Tensor::from_inner(batch.targets),
-            (cond, cond_mask),
-            (teacher_tokens, batch.teacher_mask),
-            &mut rng,
-            device,
-        );
-        let (objective, diffusion) = (parts.objective, parts.diffusion);
-        let (loss, understanding) = if cfg.understanding_weight > 0.0 {
+        // The generation objective (skipped at weight 0: the understanding-only control).
+        let generation_on = cfg.generation_weight > 0.0;
+        let generation = generation_on.then(|| {
+            let idx = rows.step_rows(cfg.run.batch_size, step, seed);
+            let batch = rows.batch::<B::InnerBackend>(&data, &blank, &idx, device);
+            let prefix_mask = Tensor::from_inner(batch.prefix_mask);
+            let cond = model.condition(
+                Tensor::from_inner(batch.prefix),
+                prefix_mask.clone(),
+                image_tokens::<B>(&vision, batch.sources),
+            );
+            let cond_mask = dream_mask(prefix_mask, model_spec.dream_queries);
+            let mut rng = step_rng(seed, step);
+            let teacher_tokens = teacher
+                .text
+                .forward(batch.teacher, batch.teacher_mask.clone())
+                .tokens;
+            dream_loss(
+                &DreamLossInputs {
+                    cfg: model_spec,
+                    settings: &cfg.run.diffusion,
+                    schedule: &schedule,
+                    denoiser: &denoiser,
+                    teacher: &teacher.denoiser,
+                    distill_weight: cfg.distill_weight,
+                },
+                Tensor::from_inner(batch.targets),
+                (cond, cond_mask),
+                (teacher_tokens, batch.teacher_mask),
+                &mut rng,
+                device,
+            )
+        });
+        let understanding = (cfg.understanding_weight > 0.0).then(|| {
             let rows_u = batch_indices(data.rows(), cfg.run.batch_size, step, seed ^ 0x0DE5);
             let images: Vec<usize> = rows_u.iter().map(|&r| data.image_of[r]).collect();
             let tokens = image_tokens::<B>(&vision, data.pixels_batch(&images, device));
-            let u = decoder_loss(
+            decoder_loss(
                 &model.decoder,
                 tokens,
                 data.tokens_batch(&rows_u, device),
                 data.targets_batch(&rows_u, device),
-            );
-            (
-                objective + u.clone().mul_scalar(cfg.understanding_weight),
-                u.into_scalar().elem::<f64>(),
             )
-        } else {
-            (objective, f64::NAN)
+        });
+        let (teacher_mse, pool_mse) = generation
+            .as_ref()
+            .map_or((None, None), |g| (g.teacher_mse, g.pool_mse));
+        let diffusion_value = generation.as_ref().map_or(f64::NAN, |g| {
+            g.diffusion.clone().into_scalar().elem::<f64>()
+        });
+        let understanding_value = understanding
+            .as_ref()
+            .map_or(f64::NAN, |u| u.clone().into_scalar().elem::<f64>());
+        // At least one part is present: both weights 0 was refused above.
+        let loss = match (generation, understanding) {
+            (Some(g), Some(u)) => {
+                g.objective.mul_scalar(cfg.generation_weight)
+                    + u.mul_scalar(cfg.understanding_weight)
+            }
+            (Some(g), None) => g.objective.mul_scalar(cfg.generation_weight),
+            (None, Some(u)) => u.mul_scalar(cfg.understanding_weight),
+            (None, None) => anyhow::bail!("both loss weights are 0: nothing to train"),
         };
         let loss_value = loss.clone().into_scalar().elem::<f64>();
-        let diffusion_value = diffusion.into_scalar().elem::<f64>();
         if !loss_value.is_finite() {
             anyhow::bail!("loss became {loss_value} at step {step}; lower --lr");
         }
@@ -613,16 +642,20 @@ pub fn fit_dream<B: AutodiffBackend>(
         model = optim.step(lr, model, grads);
         last_loss = loss_value;
         last_diffusion = diffusion_value;
-        last_understanding = understanding;
+        last_understanding = understanding_value;
         let e = ema.map_or(diffusion_value, |e| 0.95 * e + 0.05 * diffusion_value);
         ema = Some(e);
         pb.set_position(step as u64 + 1);
-        pb.set_message(format!("diffusion {e:.3}"));
+        pb.set_message(if generation_on {
+            format!("diffusion {e:.3}")
+        } else {
+            format!("understanding {understanding_value:.3}")
+        });
         if (step + 1) % cfg.run.log_every == 0 || step + 1 == cfg.run.steps {
             let line = serde_json::json!({
                 "step": step + 1, "loss": loss_value, "diffusion_loss": diffusion_value,
-                "diffusion_loss_ema": e, "understanding_loss": understanding,
-                "teacher_mse": parts.teacher_mse, "pool_mse": parts.pool_mse, "lr": lr,
+                "diffusion_loss_ema": e, "understanding_loss": understanding_value,
+                "teacher_mse": teacher_mse, "pool_mse": pool_mse, "lr": lr,
                 "elapsed_s": t0.elapsed().as_secs_f64(),
             });
             writeln!(metrics, "{line}")?;

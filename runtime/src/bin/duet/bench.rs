@@ -39,19 +39,13 @@ pub(crate) fn bench_image(bundle: &Bundle, args: &BenchArgs<'_>) -> Result<image
 }
 
 pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
-    use duet_runtime::bench::{machine_peak_gflops, render_markdown, write_raw_rgb, ProviderBench};
+    use duet_runtime::bench::{machine_peak_gflops, render_markdown, ProviderBench};
     let bundle = Bundle::open(args.bundle)
         .with_context(|| format!("opening bundle {}", args.bundle.display()))?;
     let image = bench_image(&bundle, &args)?;
-    // An unpredictable, exclusively created name (removed when `tmp_file` drops), written
-    // through its own handle rather than reopened by name.
-    let tmp_file = tempfile::Builder::new()
-        .prefix("duet-bench-")
-        .suffix(".rgb")
-        .tempfile()
-        .context("creating the benchmark's image file")?;
-    let tmp = tmp_file.path().to_owned();
-    write_raw_rgb(&image, tmp_file.as_file())?;
+    // Each child reads the image's raw RGB on its stdin (`--image-raw -`): no file to leave
+    // behind when this process is killed (a temporary file did, on every SIGTERM).
+    let raw = image.as_raw().as_slice();
     let exe = std::env::current_exe()?;
     let s = args.settings;
     let steps: Vec<String> = s.steps.iter().map(ToString::to_string).collect();
@@ -96,12 +90,12 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
                 .arg("--precision")
                 .arg(precision.name())
                 .arg("--image-raw")
-                .arg(&tmp);
+                .arg("-");
             if let Some(lib) = &args.ort_lib {
                 cmd.arg("--ort-lib").arg(lib);
             }
             common(&mut cmd);
-            record(name, cmd.output());
+            record(name, output_fed(&mut cmd, raw));
         }
     }
     if args.python.is_some() && args.bundle.is_file() {
@@ -118,9 +112,9 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
             .arg("--bundle")
             .arg(args.bundle)
             .arg("--image-raw")
-            .arg(&tmp);
+            .arg("-");
         common(&mut cmd);
-        record("python-ort-cpu".to_string(), cmd.output());
+        record("python-ort-cpu".to_string(), output_fed(&mut cmd, raw));
     }
     let machine = machine_peak_gflops();
     let mut table = render_markdown(&results, &skipped, s, machine.as_ref());
@@ -152,6 +146,34 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
         eprintln!("wrote {}", out.display());
     }
     Ok(())
+}
+
+/// Runs `cmd` with `input` on its stdin and collects its output, as `Command::output` does.
+/// The input is written from its own thread so that a child which writes a lot before it
+/// reads cannot deadlock against a full pipe.
+fn output_fed(
+    cmd: &mut std::process::Command,
+    input: &[u8],
+) -> std::io::Result<std::process::Output> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| std::io::Error::other("the child's stdin was not piped"))?;
+    std::thread::scope(|scope| {
+        // A child that exits without reading gives a broken pipe here; its own exit status
+        // and stderr say why, so the write error is not the one to report.
+        scope.spawn(move || {
+            let _ = stdin.write_all(input);
+        });
+        child.wait_with_output()
+    })
 }
 
 /// `duet bench --model FILE.onnx`: each provider in a child process of its own (a cold load,
@@ -274,9 +296,25 @@ pub(crate) fn bench_worker(
     settings: &duet_runtime::bench::BenchSettings,
     raw: &Path,
 ) -> Result<()> {
+    use std::io::Read;
     let bundle = Bundle::open_for(bundle_dir, precision)?;
     let side = bundle.manifest().image.size as u32;
-    let bytes = std::fs::read(raw)?;
+    let expected = (side as usize) * (side as usize) * 3;
+    // `-`: the parent's pipe; a path: a file someone made by hand. Capped one byte past the
+    // expected size, so an oversized input is refused without reading it all.
+    let mut bytes = Vec::with_capacity(expected);
+    let source: Box<dyn Read> = if raw == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::fs::File::open(raw).with_context(|| format!("opening {}", raw.display()))?)
+    };
+    source.take(expected as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() != expected {
+        anyhow::bail!(
+            "the benchmark image has {} bytes; a {side}x{side} RGB image has {expected}",
+            bytes.len()
+        );
+    }
     let image = image::RgbImage::from_raw(side, side, bytes)
         .context("benchmark image does not match the model's size")?;
     let options = EngineOptions {

@@ -92,6 +92,13 @@ pub(crate) fn print_manifest(m: &Manifest) {
             d.default_guidance
         );
     }
+    if m.graphs.iter().any(|g| g.name == Graph::DreamEncoder) {
+        println!(
+            "dream queries: {} (`duet generate --condition dream`, `duet edit`: the captioner's \
+             decoder conditions the denoiser)",
+            s.dream_queries
+        );
+    }
     if let Some(r) = &m.restore {
         println!(
             "restoration: task {} ({} classes), feature restorers with {:?}-prediction, {} schedule with {} timesteps, {} DDIM steps, step gate {}, trust gate {}",

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use duet_runtime::diffusion::Sampler;
 use duet_runtime::engine::{ort_info, TensorRtOptions};
-use duet_runtime::manifest::{Manifest, Precision};
+use duet_runtime::manifest::{Graph, Manifest, Precision};
 use duet_runtime::preprocess;
 use duet_runtime::{
     Bundle, Captioner, Dreamer, EngineOptions, GenerateOptions, Generator, ProviderChoice,
@@ -355,7 +355,7 @@ enum Command {
         /// Internal: measure this one provider and print JSON (what each child process does).
         #[arg(long, hide = true)]
         worker: Option<duet_runtime::Provider>,
-        /// Internal: the raw RGB image the children caption.
+        /// Internal: the raw RGB image the children caption (`-`: read from stdin).
         #[arg(long, hide = true)]
         image_raw: Option<PathBuf>,
     },

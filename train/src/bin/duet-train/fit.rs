@@ -119,6 +119,11 @@ pub struct FitCommand {
     /// caption beside the diffusion loss (default 10; 0: diffusion loss alone).
     #[arg(long)]
     pub distill_weight: Option<f64>,
+    /// `--stage dream`: weight of the generation objective (default 1; 0: the caption/VQA
+    /// loss alone on the same rows and schedule, the control of the joint-vs-separate
+    /// comparison in docs/DREAM.md).
+    #[arg(long)]
+    pub generation_weight: Option<f64>,
 }
 
 pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
@@ -152,6 +157,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
         dream_queries,
         understanding_weight,
         distill_weight,
+        generation_weight,
     } = cmd;
     check_fit_flags(
         stage,
@@ -178,6 +184,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
             ("--dream-queries", dream_queries.is_some()),
             ("--understanding-weight", understanding_weight.is_some()),
             ("--distill-weight", distill_weight.is_some()),
+            ("--generation-weight", generation_weight.is_some()),
         ],
     )?;
     if let (Some(preset), Some(from)) = (preset, &init_from) {
@@ -303,6 +310,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 queries: dream_queries,
                 understanding_weight,
                 distill_weight,
+                generation_weight,
                 seed,
                 resume,
                 device: kind.to_string(),
@@ -434,6 +442,7 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--dream-queries",
             "--understanding-weight",
             "--distill-weight",
+            "--generation-weight",
         ],
         Stage::Fusion => &["--init", "--task", "--data"],
         Stage::Restore => &["--init", "--task"],
