@@ -232,6 +232,10 @@ pub struct DreamTrainConfig {
     /// Runs written before this field existed trained with 1.
     #[serde(default = "one")]
     pub generation_weight: f64,
+    /// Weight of matching generation rows' prompt tokens to the text encoder's tokens of the
+    /// same caption, position by position; runs written before this field trained with 0.
+    #[serde(default)]
+    pub token_weight: f64,
 }
 
 fn one() -> f64 {

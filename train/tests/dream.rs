@@ -74,6 +74,7 @@ fn dream_args(init: &Path, data: &Path, out: &Path, steps: usize, resume: bool) 
         understanding_weight: None,
         distill_weight: None,
         generation_weight: None,
+        token_weight: None,
         seed: 5,
         resume,
         device: "cpu".into(),
@@ -171,6 +172,21 @@ fn dream_trains_decoder_and_queries_keeps_the_rest_and_resumes_exactly() {
     let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
     assert!(last["diffusion_loss"].is_null(), "{last}");
     assert!(last["understanding_loss"].as_f64().unwrap() > 0.0, "{last}");
+
+    // The per-token match is logged when on, absent when off (the default).
+    let tokens = dir.path().join("tokens");
+    let args = DreamFitArgs {
+        token_weight: Some(1.0),
+        ..dream_args(&gen, &data, &tokens, 1, false)
+    };
+    fit_dream::<CpuBackend>(&args, &device).unwrap();
+    let line = std::fs::read_to_string(tokens.join("metrics.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    assert!(line["token_mse"].as_f64().unwrap() > 0.0, "{line}");
+    let plain = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
+    let plain: serde_json::Value = serde_json::from_str(plain.lines().last().unwrap()).unwrap();
+    assert!(plain["token_mse"].is_null(), "{plain}");
+    assert!(plain["teacher_mse"].as_f64().unwrap() > 0.0, "{plain}");
 }
 
 #[test]
@@ -196,29 +212,42 @@ fn dream_refuses_a_caption_run_and_a_vocabulary_without_the_instructions() {
         fit_dream::<CpuBackend>(&dream_args(&gen, &edits, &out, 1, false), &device).unwrap_err();
     let err = format!("{err:#}");
     assert!(err.contains("--edits"), "{err}");
-    let zero = DreamFitArgs {
-        queries: Some(0),
-        ..dream_args(&gen, &plain, &out, 1, false)
-    };
-    let err = fit_dream::<CpuBackend>(&zero, &device)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("at least 1"), "{err}");
-    let nothing = DreamFitArgs {
-        generation_weight: Some(0.0),
-        understanding_weight: Some(0.0),
-        ..dream_args(&gen, &plain, &out, 1, false)
-    };
-    let err = fit_dream::<CpuBackend>(&nothing, &device)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("nothing would train"), "{err}");
-    let negative = DreamFitArgs {
-        generation_weight: Some(-1.0),
-        ..dream_args(&gen, &plain, &out, 1, false)
-    };
-    let err = fit_dream::<CpuBackend>(&negative, &device)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--generation-weight"), "{err}");
+    // Settings refused before anything trains: (what, the words the error must hold).
+    let base = || dream_args(&gen, &plain, &out, 1, false);
+    for (args, says) in [
+        (
+            DreamFitArgs {
+                queries: Some(0),
+                ..base()
+            },
+            "at least 1",
+        ),
+        (
+            DreamFitArgs {
+                generation_weight: Some(0.0),
+                understanding_weight: Some(0.0),
+                ..base()
+            },
+            "nothing would train",
+        ),
+        (
+            DreamFitArgs {
+                generation_weight: Some(-1.0),
+                ..base()
+            },
+            "--generation-weight",
+        ),
+        (
+            DreamFitArgs {
+                token_weight: Some(f64::NAN),
+                ..base()
+            },
+            "--token-weight",
+        ),
+    ] {
+        let err = fit_dream::<CpuBackend>(&args, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(says), "{err}");
+    }
 }

@@ -41,6 +41,7 @@ fn dream_fixture() -> &'static DreamFixture {
             understanding_weight: None,
             distill_weight: None,
             generation_weight: None,
+            token_weight: None,
             seed: 0,
             resume: false,
             device: "cpu".into(),
@@ -210,6 +211,15 @@ fn dream_bundle_matches_burn_on_both_engines() {
             &device,
         )
         .unwrap();
+    fn max_diff<'a>(
+        a: impl IntoIterator<Item = &'a f32>,
+        b: impl IntoIterator<Item = &'a f32>,
+    ) -> f32 {
+        a.into_iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    }
     for provider in [Provider::OrtCpu, Provider::Tract] {
         let dreamer =
             Dreamer::new(&bundle, ProviderChoice::Only(provider), &engine_options()).unwrap();
@@ -217,11 +227,7 @@ fn dream_bundle_matches_burn_on_both_engines() {
         let w = got.shape()[1];
         assert_eq!(mask.shape(), [2, w]);
         let got = got.slice(ndarray::s![.., w - k.., ..]).to_owned();
-        let diff = got
-            .iter()
-            .zip(want.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = max_diff(&got, &want);
         assert!(
             diff < 1e-3,
             "{provider}: conditioning differs from Burn's by {diff}"
@@ -229,11 +235,7 @@ fn dream_bundle_matches_burn_on_both_engines() {
         let edit = dreamer
             .edit(std::slice::from_ref(source), &[prompts[1]], &opts)
             .unwrap();
-        let diff = edit
-            .iter()
-            .zip(burn_edit.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = max_diff(&edit, &burn_edit);
         assert!(
             diff < 2e-2,
             "{provider}: the edit differs from Burn's by {diff}"
@@ -245,11 +247,7 @@ fn dream_bundle_matches_burn_on_both_engines() {
             .generator()
             .generate_conditioned(full, full_mask, &opts)
             .unwrap();
-        let diff = edit
-            .iter()
-            .zip(wide.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = max_diff(&edit, &wide);
         assert!(
             diff < 1e-4,
             "{provider}: dropping the padded positions changed the edit by {diff}"

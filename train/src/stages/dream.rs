@@ -63,6 +63,9 @@ use crate::stages::generate::{noise_images, Noised};
 /// stayed nearly the same for every prompt after 600 steps).
 pub const DEFAULT_DISTILL_WEIGHT: f64 = 10.0;
 
+/// Weight of the per-token match to the text encoder's tokens ([`dream_loss`]).
+pub const DEFAULT_TOKEN_WEIGHT: f64 = 0.0;
+
 /// Options of `duet-train fit --stage dream`.
 #[derive(Debug, Clone)]
 pub struct DreamFitArgs {
@@ -82,6 +85,9 @@ pub struct DreamFitArgs {
     pub distill_weight: Option<f64>,
     /// Weight of the generation objective; `None`: 1 (0: understanding alone, the control).
     pub generation_weight: Option<f64>,
+    /// Weight of the per-token match of generation rows' prompts to the text encoder's
+    /// tokens ([`dream_loss`]); `None`: [`DEFAULT_TOKEN_WEIGHT`].
+    pub token_weight: Option<f64>,
     pub seed: u64,
     pub resume: bool,
     pub device: String,
@@ -231,6 +237,10 @@ pub struct DreamBatch<B: Backend> {
     /// `[B, L]` `[BOS]` caption of the image to draw `[EOS]` `[PAD]…`, and its 1/0 mask.
     pub teacher: Tensor<B, 2, Int>,
     pub teacher_mask: Tensor<B, 2>,
+    /// `[B, P]` the prompt positions whose conditioning token should equal the text
+    /// encoder's token at the same position: a generation row's prompt is `[BOS]` + its
+    /// caption, the teacher's prompt without `[EOS]`; edit rows have none.
+    pub token_mask: Tensor<B, 2>,
 }
 
 impl DreamRows {
@@ -255,6 +265,7 @@ impl DreamRows {
             .unwrap_or(2);
         let mut teacher = Vec::with_capacity(idx.len() * lt);
         let mut teacher_mask = Vec::with_capacity(idx.len() * lt);
+        let mut token_mask = Vec::with_capacity(idx.len() * p);
         for &r in idx {
             let cap = &self.target_caption[r];
             teacher.extend(cap.iter().map(|&t| i64::from(t)));
@@ -266,6 +277,10 @@ impl DreamRows {
             prefix.extend(std::iter::repeat_n(PAD_ID as i64, p - ids.len()));
             mask.extend(std::iter::repeat_n(1.0f32, ids.len()));
             mask.extend(std::iter::repeat_n(0.0f32, p - ids.len()));
+            let generation = matches!(self.targets[r], Target::Sample(_));
+            let matched = if generation { ids.len() } else { 0 };
+            token_mask.extend(std::iter::repeat_n(1.0f32, matched));
+            token_mask.extend(std::iter::repeat_n(0.0f32, p - matched));
             match self.source[r] {
                 Some(i) => sources.extend_from_slice(&data.pixels[i * per..(i + 1) * per]),
                 None => sources.extend_from_slice(blank),
@@ -287,6 +302,7 @@ impl DreamRows {
             targets: Tensor::from_data(TensorData::new(targets, [b, 3, s, s]), device),
             teacher: Tensor::from_data(TensorData::new(teacher, [b, lt]), device),
             teacher_mask: Tensor::from_data(TensorData::new(teacher_mask, [b, lt]), device),
+            token_mask: Tensor::from_data(TensorData::new(token_mask, [b, p]), device),
         }
     }
 
@@ -323,6 +339,17 @@ pub struct DreamLossInputs<'a, B: AutodiffBackend> {
     /// The same denoiser outside autodiff, for the teacher's prediction.
     pub teacher: &'a Denoiser<B::InnerBackend>,
     pub distill_weight: f64,
+    /// Weight of the per-token match ([`dream_loss`]).
+    pub token_weight: f64,
+}
+
+/// The frozen text path's view of a batch: the text encoder's tokens of each target's caption
+/// `[B, L, D]` with their key mask, and which prompt positions should equal them
+/// ([`DreamBatch::token_mask`], `[B, P]`).
+pub struct TeacherTokens<B: Backend> {
+    pub tokens: Tensor<B, 3>,
+    pub mask: Tensor<B, 2>,
+    pub token_mask: Tensor<B, 2>,
 }
 
 /// The dream stage's generation loss on clean targets `x0` `[B, C, S, S]` under the dream
@@ -332,12 +359,14 @@ pub struct DreamLossInputs<'a, B: AutodiffBackend> {
 /// tokens `[B, L, D]` and mask). The noisy target of the plain loss is mostly noise; the
 /// teacher's prediction is what the text path would draw, a far less noisy signal for the few
 /// new parameters to follow; beside it, the mean of the queries' tokens is pulled to the mean
-/// of the caption's (what the denoiser's modulation reads).
+/// of the caption's (what the denoiser's modulation reads). With `token_weight` > 0, each
+/// generation row's prompt positions are also pulled to the text encoder's tokens of the same
+/// caption, position by position: the most direct form of "condition like the text path".
 pub fn dream_loss<B: AutodiffBackend>(
     p: &DreamLossInputs<'_, B>,
     x0: Tensor<B, 4>,
     (cond, cond_mask): (Tensor<B, 3>, Tensor<B, 2>),
-    teacher: (Tensor<B::InnerBackend, 3>, Tensor<B::InnerBackend, 2>),
+    teacher: TeacherTokens<B::InnerBackend>,
     rng: &mut ChaCha8Rng,
     device: &B::Device,
 ) -> DreamLoss<B> {
@@ -356,15 +385,27 @@ pub fn dream_loss<B: AutodiffBackend>(
     );
     let mse = |x: Tensor<B, 4>, y: Tensor<B, 4>| (x - y).powi_scalar(2).mean();
     let diffusion = mse(pred.clone(), target);
+    let TeacherTokens {
+        tokens,
+        mask,
+        token_mask,
+    } = teacher;
+    let (objective, token_mse) = if p.token_weight > 0.0 {
+        let t = token_match(cond.clone(), tokens.clone(), token_mask);
+        let v = t.clone().into_scalar().elem::<f64>();
+        (diffusion.clone() + t.mul_scalar(p.token_weight), Some(v))
+    } else {
+        (diffusion.clone(), None)
+    };
     if p.distill_weight == 0.0 {
         return DreamLoss {
-            objective: diffusion.clone(),
+            objective,
             diffusion,
             teacher_mse: None,
             pool_mse: None,
+            token_mse,
         };
     }
-    let (tokens, mask) = teacher;
     // The pooled conditioning the denoiser's adaptive LayerNorms read (its `text_pool`): the
     // mean of the queries' tokens should be the mean of the caption's.
     let pooled = Tensor::<B, 2>::from_inner(masked_mean(tokens.clone(), mask.clone()));
@@ -380,11 +421,33 @@ pub fn dream_loss<B: AutodiffBackend>(
         pool.clone().into_scalar().elem::<f64>(),
     ];
     DreamLoss {
-        objective: diffusion.clone() + (matched + pool).mul_scalar(p.distill_weight),
+        objective: objective + (matched + pool).mul_scalar(p.distill_weight),
         diffusion,
         teacher_mse: Some(parts[0]),
         pool_mse: Some(parts[1]),
+        token_mse,
     }
+}
+
+/// Mean squared difference between the conditioning `cond` `[B, P + K, D]` and the teacher's
+/// tokens `[B, L, D]` over the positions `token_mask` `[B, P]` marks (all within both).
+fn token_match<B: AutodiffBackend>(
+    cond: Tensor<B, 3>,
+    tokens: Tensor<B::InnerBackend, 3>,
+    token_mask: Tensor<B::InnerBackend, 2>,
+) -> Tensor<B, 1> {
+    let [b, p] = token_mask.dims();
+    let [_, l, d] = tokens.dims();
+    // Marked positions are a generation row's prompt, one shorter than its teacher caption,
+    // so `m` covers them all even when an edit row's instruction makes `p` the larger.
+    let m = p.min(l);
+    let mask = token_mask.slice([0..b, 0..m]);
+    let count = mask.clone().sum().into_scalar().elem::<f64>();
+    let want = Tensor::<B, 3>::from_inner(tokens.slice([0..b, 0..m, 0..d]));
+    let weight = Tensor::<B, 3>::from_inner(mask.reshape([b, m, 1]));
+    ((cond.slice([0..b, 0..m, 0..d]) - want).powi_scalar(2) * weight)
+        .sum()
+        .div_scalar((count * d as f64).max(1.0))
 }
 
 /// [`dream_loss`]'s value and its parts (for the metrics log).
@@ -397,6 +460,9 @@ pub struct DreamLoss<B: AutodiffBackend> {
     /// (`None` with `distill_weight` 0).
     pub teacher_mse: Option<f64>,
     pub pool_mse: Option<f64>,
+    /// MSE of the generation rows' prompt tokens to the text encoder's (`None` with
+    /// `token_weight` 0).
+    pub token_mse: Option<f64>,
 }
 
 /// Image tokens of the frozen vision encoder, as a constant of the autodiff graph.
@@ -467,6 +533,7 @@ pub fn fit_dream<B: AutodiffBackend>(
             understanding_weight: args.understanding_weight.unwrap_or(1.0),
             distill_weight: args.distill_weight.unwrap_or(DEFAULT_DISTILL_WEIGHT),
             generation_weight: args.generation_weight.unwrap_or(1.0),
+            token_weight: args.token_weight.unwrap_or(DEFAULT_TOKEN_WEIGHT),
         };
         let _ = std::fs::remove_file(run.join(METRICS_FILE));
         (cfg, None)
@@ -476,23 +543,15 @@ pub fn fit_dream<B: AutodiffBackend>(
     if model_spec.dream_queries == 0 {
         anyhow::bail!("--dream-queries must be at least 1");
     }
-    if !(cfg.distill_weight.is_finite() && cfg.distill_weight >= 0.0) {
-        anyhow::bail!(
-            "--distill-weight must be a number >= 0, got {}",
-            cfg.distill_weight
-        );
-    }
-    if !(cfg.understanding_weight.is_finite() && cfg.understanding_weight >= 0.0) {
-        anyhow::bail!(
-            "--understanding-weight must be a number >= 0, got {}",
-            cfg.understanding_weight
-        );
-    }
-    if !(cfg.generation_weight.is_finite() && cfg.generation_weight >= 0.0) {
-        anyhow::bail!(
-            "--generation-weight must be a number >= 0, got {}",
-            cfg.generation_weight
-        );
+    for (flag, weight) in [
+        ("--distill-weight", cfg.distill_weight),
+        ("--understanding-weight", cfg.understanding_weight),
+        ("--generation-weight", cfg.generation_weight),
+        ("--token-weight", cfg.token_weight),
+    ] {
+        if !(weight.is_finite() && weight >= 0.0) {
+            anyhow::bail!("{flag} must be a number >= 0, got {weight}");
+        }
     }
     if cfg.generation_weight == 0.0 && cfg.understanding_weight == 0.0 {
         anyhow::bail!(
@@ -595,10 +654,15 @@ pub fn fit_dream<B: AutodiffBackend>(
                     denoiser: &denoiser,
                     teacher: &teacher.denoiser,
                     distill_weight: cfg.distill_weight,
+                    token_weight: cfg.token_weight,
                 },
                 Tensor::from_inner(batch.targets),
                 (cond, cond_mask),
-                (teacher_tokens, batch.teacher_mask),
+                TeacherTokens {
+                    tokens: teacher_tokens,
+                    mask: batch.teacher_mask,
+                    token_mask: batch.token_mask,
+                },
                 &mut rng,
                 device,
             )
@@ -614,9 +678,10 @@ pub fn fit_dream<B: AutodiffBackend>(
                 data.targets_batch(&rows_u, device),
             )
         });
-        let (teacher_mse, pool_mse) = generation
-            .as_ref()
-            .map_or((None, None), |g| (g.teacher_mse, g.pool_mse));
+        let (teacher_mse, pool_mse, token_mse) =
+            generation.as_ref().map_or((None, None, None), |g| {
+                (g.teacher_mse, g.pool_mse, g.token_mse)
+            });
         let diffusion_value = generation.as_ref().map_or(f64::NAN, |g| {
             g.diffusion.clone().into_scalar().elem::<f64>()
         });
@@ -655,7 +720,7 @@ pub fn fit_dream<B: AutodiffBackend>(
             let line = serde_json::json!({
                 "step": step + 1, "loss": loss_value, "diffusion_loss": diffusion_value,
                 "diffusion_loss_ema": e, "understanding_loss": understanding_value,
-                "teacher_mse": teacher_mse, "pool_mse": pool_mse, "lr": lr,
+                "teacher_mse": teacher_mse, "pool_mse": pool_mse, "token_mse": token_mse, "lr": lr,
                 "elapsed_s": t0.elapsed().as_secs_f64(),
             });
             writeln!(metrics, "{line}")?;
@@ -686,4 +751,35 @@ pub fn fit_dream<B: AutodiffBackend>(
         final_understanding_loss: last_understanding,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+
+    type Inner = <CpuBackend as AutodiffBackend>::InnerBackend;
+
+    #[test]
+    fn token_match_averages_over_the_marked_positions_only() {
+        let dev = Default::default();
+        // Two rows, P = 3 prompt positions + K = 1 query, D = 2; the teacher has L = 4.
+        let teacher = Tensor::<Inner, 3>::zeros([2, 4, 2], &dev);
+        let mut cond = vec![0.0f32; 2 * 4 * 2];
+        // Row 0, position 1: off by (1, 1) — marked. Row 1, position 0: off by 5 — unmarked
+        // (an edit row). The query position of row 0 is off by 9 — never matched.
+        cond[2..4].copy_from_slice(&[1.0, 1.0]);
+        cond[8] = 5.0;
+        cond[6] = 9.0;
+        let cond = Tensor::<CpuBackend, 3>::from_data(TensorData::new(cond, [2, 4, 2]), &dev);
+        let mask = Tensor::<Inner, 2>::from_data(
+            TensorData::new(vec![1.0f32, 1.0, 0.0, 0.0, 0.0, 0.0], [2, 3]),
+            &dev,
+        );
+        let got = token_match::<CpuBackend>(cond, teacher, mask)
+            .into_scalar()
+            .elem::<f64>();
+        // (1² + 1²) over 2 marked positions × 2 dims.
+        assert!((got - 0.5).abs() < 1e-6, "{got}");
+    }
 }

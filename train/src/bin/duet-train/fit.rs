@@ -124,6 +124,10 @@ pub struct FitCommand {
     /// comparison in docs/DREAM.md).
     #[arg(long)]
     pub generation_weight: Option<f64>,
+    /// `--stage dream`: weight of matching each generation row's prompt tokens to the text
+    /// encoder's tokens of the same caption (default 0).
+    #[arg(long)]
+    pub token_weight: Option<f64>,
 }
 
 pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
@@ -158,6 +162,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
         understanding_weight,
         distill_weight,
         generation_weight,
+        token_weight,
     } = cmd;
     check_fit_flags(
         stage,
@@ -185,6 +190,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
             ("--understanding-weight", understanding_weight.is_some()),
             ("--distill-weight", distill_weight.is_some()),
             ("--generation-weight", generation_weight.is_some()),
+            ("--token-weight", token_weight.is_some()),
         ],
     )?;
     if let (Some(preset), Some(from)) = (preset, &init_from) {
@@ -311,6 +317,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 understanding_weight,
                 distill_weight,
                 generation_weight,
+                token_weight,
                 seed,
                 resume,
                 device: kind.to_string(),
@@ -443,6 +450,7 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--understanding-weight",
             "--distill-weight",
             "--generation-weight",
+            "--token-weight",
         ],
         Stage::Fusion => &["--init", "--task", "--data"],
         Stage::Restore => &["--init", "--task"],
