@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use duet_models::params::{named_tensors, NamedTensor, NamedTensors};
+use duet_models::params::{param_shapes, NamedTensor, NamedTensors};
 use duet_models::{CaptionModel, Preset};
 use duet_run::checkpoint::{save_weights, write_json, WEIGHTS_FILE};
 use duet_run::{CaptionTrainConfig, Stage, TokenizerOrigin, CONFIG_FILE, TOKENIZER_FILE};
@@ -54,7 +54,7 @@ pub fn import_captioner(bundle: &Path, out: &Path, command: &str) -> anyhow::Res
     // The captioner's parameters by the names and shapes Burn's module has: each must be an
     // initializer of that shape; other initializers are the graphs' own constants.
     let device = Default::default();
-    let expected = named_tensors(&CaptionModel::<Ref>::new(&spec, &device));
+    let expected = param_shapes(&CaptionModel::<Ref>::new(&spec, &device));
     let mut weights = NamedTensors::new();
     for (name, want) in &expected {
         let found = initializers.remove(name).with_context(|| {
@@ -63,12 +63,12 @@ pub fn import_captioner(bundle: &Path, out: &Path, command: &str) -> anyhow::Res
                 bundle.display()
             )
         })?;
-        if found.shape != want.shape {
+        if &found.shape != want {
             anyhow::bail!(
                 "{}: {name} is {:?} in the graph but {:?} in the model",
                 bundle.display(),
                 found.shape,
-                want.shape
+                want
             );
         }
         weights.insert(name.clone(), found);

@@ -11,6 +11,7 @@ pub mod conv;
 pub mod denoiser;
 pub mod dream;
 pub mod generation;
+pub mod init;
 pub mod params;
 pub mod position;
 pub mod restorer;

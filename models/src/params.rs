@@ -57,6 +57,35 @@ pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> NamedTensors {
     c.out
 }
 
+struct Shapes {
+    path: Vec<String>,
+    out: BTreeMap<String, Vec<usize>>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Shapes {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.out
+            .insert(self.path.join("."), param.lazy_shape().as_slice().to_vec());
+    }
+}
+
+/// Every float parameter's shape by path, without drawing a lazily initialised parameter's
+/// values (see [`crate::init`]).
+pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    let mut s = Shapes {
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut s);
+    s.out
+}
+
 /// Why a set of named tensors could not be loaded into a module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoadError {
@@ -113,7 +142,9 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
             self.error = Some(LoadError::Missing(name));
             return param;
         };
-        let expected = param.shape().as_slice().to_vec();
+        // `lazy_shape` and `transform_for_load` leave a lazily initialised parameter undrawn:
+        // loading must not consume the backend's random generator (see `crate::init`).
+        let expected = param.lazy_shape().as_slice().to_vec();
         if src.shape != expected {
             self.error = Some(LoadError::Shape {
                 name,
@@ -124,15 +155,9 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
         }
         self.used.push(name);
         let data = TensorData::new(src.data.clone(), src.shape.clone());
-        param.map(|t| {
-            let require_grad = t.is_require_grad();
-            let fresh = Tensor::<B, D>::from_data(data, &t.device());
-            if require_grad {
-                fresh.require_grad()
-            } else {
-                fresh
-            }
-        })
+        let fresh = Tensor::<B, D>::from_data(data, &param.lazy_device());
+        let id = param.id;
+        param.transform_for_load(fresh, id)
     }
 }
 

@@ -10,6 +10,7 @@ use duet_datasets::image_to_chw;
 use duet_datasets::tokenizer::{encode_caption, load_tokenizer};
 use duet_diffusion::{gaussian, guide, sample, NoiseSchedule, SamplerConfig};
 use duet_models::dream::dream_mask;
+use duet_models::init::seeded;
 use duet_models::params::load_named_tensors;
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
 use duet_models::{CaptionDecoder, DreamModel, DreamQueries, GenerationModel, VisionEncoder};
@@ -63,12 +64,16 @@ pub fn load_dream<B: Backend>(
         &under(&weights, "decoder"),
     )
     .map_err(named)?;
-    B::seed(device, config.run.seed);
-    let queries = DreamQueries::<B>::new(model, device);
     let queries = if untrained {
-        queries
+        seeded(device, config.run.seed, || {
+            DreamQueries::<B>::new(model, device)
+        })
     } else {
-        load_named_tensors(queries, &under(&weights, "dream")).map_err(named)?
+        load_named_tensors(
+            DreamQueries::<B>::new(model, device),
+            &under(&weights, "dream"),
+        )
+        .map_err(named)?
     };
     let generator = load_generator_weights::<B>(run, model, device)?;
     let schedule = NoiseSchedule::cosine(config.run.diffusion.train_timesteps)?;

@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use duet_datasets::tokenizer::{encode_caption, load_tokenizer};
 use duet_diffusion::{gaussian, guide, sample, NoiseSchedule, SamplerConfig};
+use duet_models::init::seeded;
 use duet_models::params::{load_named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
 use duet_models::{GenerationModel, ModelSpec};
@@ -44,9 +45,10 @@ pub fn load_generator<B: Backend>(
     }
     let config: GenerateTrainConfig = read_json(&run.join(CONFIG_FILE))?;
     let tokenizer = load_tokenizer(&run.join(TOKENIZER_FILE))?;
-    B::seed(device, config.seed);
     let generator = if untrained {
-        GenerationModel::<B>::new(&config.model, device)
+        seeded(device, config.seed, || {
+            GenerationModel::<B>::new(&config.model, device)
+        })
     } else {
         load_generator_weights(run, &config.model, device)?
     };

@@ -47,7 +47,11 @@ fn trained_tiny_captioner_reaches_accuracy_floors() {
 
     // The same architecture untrained cannot do it: the floors measure learning.
     let untrained = LoadedRun {
-        model: CaptionModel::<Cpu>::new(&trained.config.model, &device),
+        // Seeded like every module that starts random: an unseeded lazy draw here would land
+        // in the middle of another test's seeded initialisation.
+        model: duet_models::init::seeded(&device, 0, || {
+            CaptionModel::<Cpu>::new(&trained.config.model, &device)
+        }),
         config: trained.config.clone(),
         tokenizer: trained.tokenizer.clone(),
     };

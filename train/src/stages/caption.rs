@@ -12,6 +12,7 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use duet_models::init::seeded;
 use duet_models::params::{named_tensors, NamedTensors};
 use duet_models::tokens::{BOS_ID, EOS_ID, PAD_ID};
 use duet_models::{CaptionDecoder, CaptionModel, ImageFit, ModelSpec, Preset};
@@ -365,7 +366,6 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
     std::fs::create_dir_all(run)?;
     write_json(&config_path, &cfg)?;
 
-    B::seed(device, cfg.seed);
     let data = prepare_with_questions(
         &samples,
         &questions,
@@ -373,7 +373,9 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         cfg.model.image_size,
         cfg.model.max_len,
     )?;
-    let mut model = CaptionModel::<B>::new(&cfg.model, device);
+    let mut model = seeded(device, cfg.seed, || {
+        CaptionModel::<B>::new(&cfg.model, device)
+    });
     if let (Some(from), None) = (&cfg.init_from, &state) {
         // Fine-tuning: the optimizer starts fresh, the weights from the source's captioner
         // (a resumed run has its own weights and need not find the source again).

@@ -38,6 +38,7 @@ use duet_datasets::tokenizer::{encode_caption, load_tokenizer, save_tokenizer};
 use duet_diffusion::NoiseSchedule;
 use duet_models::denoiser::masked_mean;
 use duet_models::dream::dream_mask;
+use duet_models::init::seeded;
 use duet_models::params::load_named_tensors;
 use duet_models::tokens::{PAD_ID, UNK_ID};
 use duet_models::{CaptionDecoder, Denoiser, DreamModel, ModelSpec, VisionEncoder};
@@ -594,9 +595,10 @@ pub fn fit_dream<B: AutodiffBackend>(
     let teacher = load_generator_weights::<B::InnerBackend>(init, model_spec, device)?;
     write_json(&config_path, &cfg)?;
 
-    B::seed(device, cfg.run.seed);
     let schedule = NoiseSchedule::cosine(cfg.run.diffusion.train_timesteps)?;
-    let mut model = DreamModel::<B>::new(model_spec, device);
+    let mut model = seeded(device, cfg.run.seed, || {
+        DreamModel::<B>::new(model_spec, device)
+    });
     model.decoder = load_named_tensors(
         CaptionDecoder::<B>::new(model_spec, device),
         &under(&init_weights, "decoder"),

@@ -22,6 +22,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use duet_diffusion::NoiseSchedule;
+use duet_models::init::seeded;
 use duet_models::params::{load_named_tensors, named_tensors};
 use duet_models::GenerationModel;
 use duet_models::{ModelSpec, VisionEncoder};
@@ -218,7 +219,6 @@ pub fn fit_generate<B: AutodiffBackend>(
     .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.init.display()))?;
     write_json(&config_path, &cfg)?;
 
-    B::seed(device, cfg.seed);
     let schedule = NoiseSchedule::cosine(cfg.diffusion.train_timesteps)?;
     let data = prepare(
         &samples,
@@ -226,7 +226,9 @@ pub fn fit_generate<B: AutodiffBackend>(
         cfg.model.image_size,
         cfg.model.max_len,
     )?;
-    let mut model = GenerationModel::<B>::new(&cfg.model, device);
+    let mut model = seeded(device, cfg.seed, || {
+        GenerationModel::<B>::new(&cfg.model, device)
+    });
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)
         .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(

@@ -9,6 +9,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 use duet_datasets::tokenizer::save_tokenizer;
+use duet_models::init::seeded;
 use duet_models::params::named_tensors;
 use duet_models::FusionHead;
 use duet_run::checkpoint::{
@@ -136,8 +137,9 @@ pub fn fit_fusion<B: AutodiffBackend>(
     let train = extract_features(&bb, &examples.train, device)?;
     let test = extract_features(&bb, &examples.test, device)?;
 
-    B::seed(device, cfg.seed);
-    let mut head = FusionHead::<B>::new(&cfg.restore, device);
+    let mut head = seeded(device, cfg.seed, || {
+        FusionHead::<B>::new(&cfg.restore, device)
+    });
     let mut optim = AdamWConfig::new().with_weight_decay(1e-4).init();
     let pb = duet_datasets::progress::stage_bar(args.quiet, cfg.steps, "fusion head");
     let mut last = f64::NAN;

@@ -9,6 +9,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use duet_datasets::tokenizer::save_tokenizer;
 use duet_diffusion::NoiseSchedule;
+use duet_models::init::seeded;
 use duet_models::params::named_tensors;
 use duet_models::{FeatureRestorer, FusionHead, MissingTokens, Restorers};
 use duet_run::checkpoint::{
@@ -268,8 +269,7 @@ pub fn fit_restore<B: AutodiffBackend>(
 
     // The prompt-style baseline: a learned vector per modality, trained on the task loss with
     // the other modality present.
-    B::seed(device, cfg.seed);
-    let mut tokens = MissingTokens::<B>::new(e, device);
+    let mut tokens = seeded(device, cfg.seed, || MissingTokens::<B>::new(e, device));
     let mut token_optim = AdamWConfig::new().init();
     let pb = duet_datasets::progress::stage_bar(args.quiet, settings.token_steps, "missing token");
     for step in 0..settings.token_steps {
@@ -291,13 +291,12 @@ pub fn fit_restore<B: AutodiffBackend>(
     let mut restorers = Vec::new();
     let mut last = f64::NAN;
     for variant in VARIANTS {
-        B::seed(device, cfg.seed);
-        let mut model = Restorers::<B> {
+        let mut model = seeded(device, cfg.seed, || Restorers::<B> {
             t2i: FeatureRestorer::new(&cfg.restore, device)
                 .with_statistics(image_stats.clone(), text_stats.clone()),
             i2t: FeatureRestorer::new(&cfg.restore, device)
                 .with_statistics(text_stats.clone(), image_stats.clone()),
-        };
+        });
         let mut optim = AdamWConfig::new()
             .with_weight_decay(1e-4)
             .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))

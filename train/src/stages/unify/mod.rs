@@ -274,7 +274,6 @@ pub fn fit_unify<B: AutodiffBackend>(
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
     let vision = reference.vision.clone();
-    B::seed(device, cfg.base.seed);
     let t0 = Instant::now();
 
     // ---- Stage 1: generation for understanding ----
