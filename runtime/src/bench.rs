@@ -16,7 +16,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{
-    graph_flops_of, Engine, EngineError, EngineOptions, Provider, ProviderChoice, ValueView,
+    graph_flops_of, Engine, EngineError, EngineOptions, OpProfile, Provider, ProviderChoice,
+    ValueView,
 };
 use crate::manifest::Graph;
 use crate::{
@@ -44,6 +45,9 @@ pub struct BenchSettings {
     pub seed: u64,
     /// Threads per graph run ([`EngineOptions::threads`]); `None`: each engine's default.
     pub threads: Option<std::num::NonZeroUsize>,
+    /// `bench --model`: also profile each engine by operator ([`Engine::op_profile`], over
+    /// `runs` runs).
+    pub profile: bool,
 }
 
 impl Default for BenchSettings {
@@ -59,6 +63,7 @@ impl Default for BenchSettings {
             instruction: "make the circle blue".to_string(),
             seed: 0,
             threads: None,
+            profile: false,
         }
     }
 }
@@ -415,6 +420,9 @@ pub struct ModelBench {
     pub flops: Option<u64>,
     /// Peak resident memory of the process (`VmHWM`), MiB.
     pub peak_rss_mib: Option<f64>,
+    /// Time by operator, with `--profile`.
+    #[serde(default)]
+    pub ops: Option<OpProfile>,
 }
 
 /// Loads the graph at `path` on `provider` only (strictly) and times it on sample inputs
@@ -454,6 +462,11 @@ pub fn run_model(
         engine.run_views(&views).map(drop)
     })?;
     let shapes: Vec<(&str, &[usize])> = feed.iter().map(|(n, v)| (n.as_str(), v.shape())).collect();
+    // After the timed runs, so profiling (a twin session on ort) cannot disturb them.
+    let ops = match settings.profile {
+        true => Some(engine.op_profile(&views, settings.runs)?),
+        false => None,
+    };
     Ok(ModelBench {
         provider: engine.provider().to_string(),
         load_ms,
@@ -468,8 +481,12 @@ pub fn run_model(
             .map_err(|e| tracing::info!("no FLOP count: {e}"))
             .ok(),
         peak_rss_mib: peak_rss_mib(),
+        ops,
     })
 }
+
+/// Operators shown per engine in the profile section of [`render_model_markdown`].
+const PROFILE_ROWS: usize = 12;
 
 /// The table of [`run_model`] results (Markdown): one column per provider, the providers not
 /// measured with their reasons, and how many times faster onnxruntime's CPU run is than
@@ -520,8 +537,44 @@ pub fn render_model_markdown(
             tract.run.median_ms / ort.run.median_ms
         ));
     }
+    for r in results {
+        if let Some(profile) = &r.ops {
+            out.push_str(&render_op_profile(&r.provider, profile));
+        }
+    }
     for (p, why) in skipped {
         out.push_str(&format!("\n{p}: not measured: {why}\n"));
+    }
+    out
+}
+
+/// One engine's time by operator: the slowest [`PROFILE_ROWS`] ops, the rest in one row.
+fn render_op_profile(provider: &str, profile: &OpProfile) -> String {
+    let total = profile.total_ms();
+    let share = |ms: f64| 100.0 * ms / total.max(f64::MIN_POSITIVE);
+    let mut out = format!(
+        "\n{provider}: time by operator ({} profiled runs, {total:.2} ms per run in the ops)\n\n\
+         | op | nodes | ms per run | share |\n|---|---:|---:|---:|\n",
+        profile.runs
+    );
+    for o in profile.ops.iter().take(PROFILE_ROWS) {
+        out.push_str(&format!(
+            "| {} | {} | {:.3} | {:.1} % |\n",
+            o.op,
+            o.nodes,
+            o.ms_per_run,
+            share(o.ms_per_run)
+        ));
+    }
+    let rest = &profile.ops[profile.ops.len().min(PROFILE_ROWS)..];
+    if !rest.is_empty() {
+        let ms: f64 = rest.iter().map(|o| o.ms_per_run).sum();
+        let nodes: usize = rest.iter().map(|o| o.nodes).sum();
+        out.push_str(&format!(
+            "| {} other ops | {nodes} | {ms:.3} | {:.1} % |\n",
+            rest.len(),
+            share(ms)
+        ));
     }
     out
 }

@@ -821,6 +821,27 @@ fn bench_times_a_users_own_graph() {
     let written = std::fs::read_to_string(&md).unwrap();
     assert!(written.contains(stdout.trim()), "{written}");
 
+    // --profile adds each engine's time by operator.
+    let out = bench(&["--providers", "ort-cpu,tract", "--profile"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("tract: time by operator (2 profiled runs"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| op | nodes | ms per run | share |"),
+        "{stdout}"
+    );
+    if common::ort_lib().is_some() {
+        assert!(
+            stdout.contains("ort-cpu: time by operator (2 profiled runs"),
+            "{stdout}"
+        );
+    }
+    let out = bench(&["--providers", "tract", "--profile", "--bundle", "x"]);
+    assert!(!out.status.success());
+
     let out = bench(&["--providers", "tract", "--dim", "batch=100000000000"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);

@@ -696,3 +696,55 @@ fn an_input_type_the_engines_do_not_feed_is_a_typed_error() {
         assert_eq!(e.kind(), duet_runtime::ErrorKind::Unsupported);
     }
 }
+
+/// `Engine::op_profile` on each engine: the graph's product is in it, every node onnxruntime
+/// ran is in exactly one op row (tract's plan also holds constants it never evaluates), the
+/// runs are the ones asked for, and each row's time is a real, non-negative duration.
+#[test]
+fn op_profiles_cover_every_node_the_engine_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "linear.onnx", linear_model());
+    let mut providers = vec![Provider::Tract];
+    if ort_lib().is_some() {
+        providers.push(Provider::OrtCpu);
+    }
+    let x = Value::F32(ndarray::Array2::<f32>::ones((4, 3)).into_dyn());
+    for p in providers {
+        let (engine, _) =
+            Engine::load(&path, "linear", ProviderChoice::Only(p), &options()).unwrap();
+        let inputs = [("x", x.view())];
+        let profile = engine.op_profile(&inputs, 3).unwrap();
+        assert_eq!(profile.runs, 3, "{p}");
+        assert!(!profile.ops.is_empty(), "{p}: {profile:?}");
+        let placed: usize = engine.placement(&inputs).unwrap().nodes.values().sum();
+        let profiled: usize = profile.ops.iter().map(|o| o.nodes).sum();
+        match p {
+            Provider::Tract => assert!(profiled <= placed, "{p}: {placed}: {profile:?}"),
+            _ => assert_eq!(profiled, placed, "{p}: {profile:?}"),
+        }
+        assert!(
+            profile
+                .ops
+                .iter()
+                .any(|o| o.op.contains("MatMul") || o.op == "Gemm"),
+            "{p}: {profile:?}"
+        );
+        assert!(
+            profile
+                .ops
+                .iter()
+                .all(|o| o.ms_per_run.is_finite() && o.ms_per_run >= 0.0),
+            "{p}: {profile:?}"
+        );
+        assert!(
+            profile
+                .ops
+                .windows(2)
+                .all(|w| w[0].ms_per_run >= w[1].ms_per_run),
+            "{p}: slowest first: {profile:?}"
+        );
+        // A wrong input is the same typed error as for `run`.
+        let bad = Value::F32(ndarray::Array2::<f32>::ones((4, 5)).into_dyn());
+        assert!(engine.op_profile(&[("x", bad.view())], 3).is_err(), "{p}");
+    }
+}

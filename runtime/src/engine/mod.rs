@@ -239,6 +239,92 @@ impl Placement {
     }
 }
 
+/// Where a graph's run time goes, by operator: what a per-op profile of one engine says
+/// (`duet bench --model FILE --profile`). tract's rows are the ops of its optimised plan
+/// (`OptMatMul`, `RmsNorm`, … after fusion); onnxruntime's the kernels it ran (`MatMul`,
+/// `FusedMatMul`, `LayerNormalization`, …).
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct OpProfile {
+    /// Profiled runs the times are averaged over (after one unprofiled warm-up run).
+    pub runs: usize,
+    /// Slowest first.
+    pub ops: Vec<OpTime>,
+}
+
+/// One operator's share of a run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OpTime {
+    pub op: String,
+    /// Nodes of this op in the graph the engine ran.
+    pub nodes: usize,
+    /// Time per run summed over those nodes, milliseconds.
+    pub ms_per_run: f64,
+}
+
+impl OpProfile {
+    /// From per-node observations `(op, node, seconds)` over `runs` runs.
+    pub(crate) fn from_nodes<'a>(
+        runs: usize,
+        observations: impl IntoIterator<Item = (&'a str, &'a str, f64)>,
+    ) -> OpProfile {
+        let mut by_op: std::collections::BTreeMap<&str, (std::collections::BTreeSet<&str>, f64)> =
+            Default::default();
+        for (op, node, seconds) in observations {
+            let e = by_op.entry(op).or_default();
+            e.0.insert(node);
+            e.1 += seconds;
+        }
+        let mut ops: Vec<OpTime> = by_op
+            .into_iter()
+            .map(|(op, (nodes, s))| OpTime {
+                op: op.to_string(),
+                nodes: nodes.len(),
+                ms_per_run: s * 1e3 / runs.max(1) as f64,
+            })
+            .collect();
+        ops.sort_by(|a, b| b.ms_per_run.total_cmp(&a.ms_per_run));
+        OpProfile { runs, ops }
+    }
+
+    /// Reads an onnxruntime profile (the JSON array `end_profiling` writes) of a session that
+    /// ran once to warm up and then `runs` more times: kernel events after the first
+    /// `model_run` are summed by `args.op_name`.
+    pub fn from_ort_profile(json: &str) -> Result<OpProfile, String> {
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(json).map_err(|e| format!("profile is not a JSON array: {e}"))?;
+        let run_ends: Vec<u64> = events
+            .iter()
+            .filter(|ev| ev["cat"] == "Session" && ev["name"] == "model_run")
+            .filter_map(|ev| Some(ev["ts"].as_u64()? + ev["dur"].as_u64()?))
+            .collect();
+        let Some(&warm_end) = run_ends.iter().min() else {
+            return Err("the profile has no model_run events".to_string());
+        };
+        let runs = run_ends.len() - 1;
+        if runs == 0 {
+            return Err("the profile has only the warm-up run".to_string());
+        }
+        let observations = events.iter().filter_map(|ev| {
+            let name = ev["name"].as_str()?.strip_suffix("_kernel_time")?;
+            (ev["cat"] == "Node" && ev["ts"].as_u64()? > warm_end).then_some((
+                ev["args"]["op_name"].as_str()?,
+                name,
+                ev["dur"].as_u64()? as f64 * 1e-6,
+            ))
+        });
+        let profile = OpProfile::from_nodes(runs, observations);
+        if profile.ops.is_empty() {
+            return Err("the profile has no kernel events after the warm-up run".to_string());
+        }
+        Ok(profile)
+    }
+
+    /// Time per run over all ops, milliseconds.
+    pub fn total_ms(&self) -> f64 {
+        self.ops.iter().map(|o| o.ms_per_run).sum()
+    }
+}
+
 impl fmt::Display for Placement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let parts: Vec<String> = self
@@ -720,6 +806,28 @@ impl Engine {
         }
     }
 
+    /// Per-operator time of this graph on its engine ([`OpProfile`]): one warm-up run, then
+    /// `runs` profiled ones on `inputs`. For ort a profiling twin of the session runs them
+    /// (onnxruntime's own profiler); tract times each node of its plan.
+    pub fn op_profile(
+        &self,
+        inputs: &[(&str, ValueView<'_>)],
+        runs: usize,
+    ) -> Result<OpProfile, EngineError> {
+        let ordered = self.order_inputs(inputs)?;
+        let runs = runs.max(1);
+        let profiled = match &self.backend {
+            #[cfg(feature = "ort")]
+            Backend::Ort(e) => e.op_profile(&self.inputs, &ordered, runs),
+            Backend::Tract(e) => e.op_profile(&ordered, runs),
+        };
+        profiled.map_err(|reason| EngineError::Run {
+            graph: self.graph.clone(),
+            provider: self.provider,
+            reason: format!("profiling: {reason}"),
+        })
+    }
+
     /// Checks names and dtypes and returns the inputs in the graph's declaration order (what
     /// tract needs; ort takes names but the same order costs nothing).
     fn order_inputs<'a, 'v>(
@@ -858,5 +966,41 @@ pub fn ort_library_candidates(options: &EngineOptions) -> Vec<PathBuf> {
     {
         let _ = options;
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod op_profile_tests {
+    use super::OpProfile;
+
+    /// The warm-up run's kernels are left out and the rest averaged over the timed runs.
+    #[test]
+    fn ort_profiles_leave_out_the_warm_up_run() {
+        let node = |ts: u64, name: &str, op: &str, dur: u64| {
+            format!(
+                r#"{{"cat":"Node","name":"{name}_kernel_time","ts":{ts},"dur":{dur},"args":{{"op_name":"{op}","provider":"CPUExecutionProvider"}}}}"#
+            )
+        };
+        let run = |ts: u64, dur: u64| {
+            format!(r#"{{"cat":"Session","name":"model_run","ts":{ts},"dur":{dur}}}"#)
+        };
+        let events = [
+            run(0, 100),
+            node(10, "mm", "MatMul", 90_000),
+            run(200, 100),
+            node(210, "mm", "MatMul", 400),
+            node(260, "add", "Add", 100),
+            run(400, 100),
+            node(410, "mm", "MatMul", 600),
+            node(460, "add", "Add", 300),
+        ];
+        let p = OpProfile::from_ort_profile(&format!("[{}]", events.join(","))).unwrap();
+        assert_eq!(p.runs, 2);
+        assert_eq!(p.ops.len(), 2);
+        assert_eq!((p.ops[0].op.as_str(), p.ops[0].nodes), ("MatMul", 1));
+        assert!((p.ops[0].ms_per_run - 0.5).abs() < 1e-9, "{p:?}");
+        assert!((p.ops[1].ms_per_run - 0.2).abs() < 1e-9, "{p:?}");
+        let only_warm_up = format!("[{},{}]", run(0, 100), node(10, "mm", "MatMul", 5));
+        assert!(OpProfile::from_ort_profile(&only_warm_up).is_err());
     }
 }

@@ -28,7 +28,8 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{PrimitiveTensorElementType, Tensor, TensorElementType, TensorRef, ValueType};
 
 use super::{
-    EngineOptions, IoInfo, OrtInfo, Placement, Provider, TensorRtOptions, Value, ValueView,
+    EngineOptions, IoInfo, OpProfile, OrtInfo, Placement, Provider, TensorRtOptions, Value,
+    ValueView,
 };
 use crate::manifest::{DType, DimSpec};
 
@@ -460,6 +461,27 @@ impl OrtEngine {
         infos: &[IoInfo],
         ordered: &[&ValueView<'_>],
     ) -> Result<Placement, String> {
+        Placement::from_ort_profile(&self.profiled_runs(infos, ordered, 1)?)
+    }
+
+    /// Per-operator time: a profiling twin runs once to warm up, then `runs` times.
+    pub(super) fn op_profile(
+        &self,
+        infos: &[IoInfo],
+        ordered: &[&ValueView<'_>],
+        runs: usize,
+    ) -> Result<OpProfile, String> {
+        OpProfile::from_ort_profile(&self.profiled_runs(infos, ordered, runs + 1)?)
+    }
+
+    /// The profile (JSON text) of a twin session with profiling on that ran `ordered` `runs`
+    /// times.
+    fn profiled_runs(
+        &self,
+        infos: &[IoInfo],
+        ordered: &[&ValueView<'_>],
+        runs: usize,
+    ) -> Result<String, String> {
         // onnxruntime names the profile after this prefix; a private directory (created
         // exclusively, removed on return) keeps it away from predictable names in /tmp.
         let private = tempfile::Builder::new()
@@ -477,8 +499,10 @@ impl OrtEngine {
             &self.model,
             &self.graph,
         )?;
-        let feed = feed(infos, ordered).map_err(|(_, e)| e)?;
-        session.run(feed).map_err(|e| e.to_string())?;
+        for _ in 0..runs {
+            let feed = feed(infos, ordered).map_err(|(_, e)| e)?;
+            session.run(feed).map_err(|e| e.to_string())?;
+        }
         let file = PathBuf::from(
             session
                 .end_profiling()
@@ -486,8 +510,7 @@ impl OrtEngine {
         );
         let text = std::fs::read_to_string(&file);
         let _ = std::fs::remove_file(&file);
-        let text = text.map_err(|e| format!("reading the profile {}: {e}", file.display()))?;
-        Placement::from_ort_profile(&text)
+        text.map_err(|e| format!("reading the profile {}: {e}", file.display()))
     }
 
     pub(super) fn inputs(&self) -> Vec<IoInfo> {

@@ -26,7 +26,7 @@ use std::time::Instant;
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
-use super::{IoInfo, Value, ValueView};
+use super::{IoInfo, OpProfile, Value, ValueView};
 use crate::manifest::{DType, DimSpec};
 
 pub(super) struct TractEngine {
@@ -254,6 +254,51 @@ impl TractEngine {
             out.insert(name.clone(), value);
         }
         Ok(out)
+    }
+}
+
+impl TractEngine {
+    /// Per-operator time of the plan for these inputs: one warm-up run, then `runs` runs that
+    /// time each node (the time of one node includes its share of the executor's threads).
+    pub(super) fn op_profile(
+        &self,
+        ordered: &[&ValueView<'_>],
+        runs: usize,
+    ) -> Result<OpProfile, String> {
+        let feed: TVec<TValue> = ordered.iter().map(|v| to_tensor(v).into_tvalue()).collect();
+        let plan = self.plan_for(ordered)?;
+        let profile = || -> TractResult<OpProfile> {
+            let mut state = plan.spawn()?;
+            state.run(feed.clone())?;
+            // (op, node) names are owned by the plan, so the observations borrow nothing
+            // across runs.
+            let mut seen: Vec<(String, String, f64)> = Vec::new();
+            let mut index: HashMap<usize, usize> = HashMap::new();
+            for _ in 0..runs {
+                state.run_plan_with_eval(feed.clone(), |ctx, op_state, node, inputs| {
+                    let t = Instant::now();
+                    let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                    let slot = *index.entry(node.id).or_insert_with(|| {
+                        seen.push((node.op.name().to_string(), node.name.clone(), 0.0));
+                        seen.len() - 1
+                    });
+                    seen[slot].2 += t.elapsed().as_secs_f64();
+                    out
+                })?;
+            }
+            Ok(OpProfile::from_nodes(
+                runs,
+                seen.iter()
+                    .map(|(op, node, s)| (op.as_str(), node.as_str(), *s)),
+            ))
+        };
+        let run = || match &self.executor {
+            Some(pool) => multithread_tract_scope(pool.clone(), profile),
+            None => profile(),
+        };
+        crate::panic_guard::catch(run)
+            .map_err(|panic| format!("tract {panic} profiling the graph"))?
+            .map_err(|e| format!("{e:?}"))
     }
 }
 

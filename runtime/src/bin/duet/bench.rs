@@ -206,6 +206,9 @@ pub(crate) fn bench_model(
         if let Some(n) = settings.threads {
             cmd.arg("--threads").arg(n.to_string());
         }
+        if settings.profile {
+            cmd.arg("--profile");
+        }
         if let Some(lib) = &ort_lib {
             cmd.arg("--ort-lib").arg(lib);
         }

@@ -306,6 +306,10 @@ enum Command {
         /// not given are 1, and so are axes with neither a size nor a name.
         #[arg(long = "dim", value_parser = duet_runtime::engine::sample::parse_dim, requires = "model")]
         dims: Vec<(String, usize)>,
+        /// With --model: also time each operator on each engine (tract's optimised plan,
+        /// onnxruntime's profiler) over the --runs runs, and print where the time goes.
+        #[arg(long, requires = "model")]
+        profile: bool,
         /// Providers to measure (comma-separated); unavailable ones are listed with the reason.
         #[arg(
             long,
@@ -525,6 +529,7 @@ fn main() -> ExitCode {
             bundle,
             model,
             dims,
+            profile,
             providers,
             runs,
             steps,
@@ -547,6 +552,7 @@ fn main() -> ExitCode {
                 batch: usize::from(batch),
                 prompt,
                 threads,
+                profile,
                 ..Default::default()
             };
             match (model, bundle, worker, image_raw) {
