@@ -415,6 +415,33 @@ impl<'w> GraphBuilder<'w> {
         self.node("Conv", &[x, w, b], attrs)
     }
 
+    /// Patch embedding of `x` `[B, C, S, S]` by `w` `[D, C, P, P]` + `b` `[D]` (a convolution
+    /// with kernel = stride = `patch`) → tokens `[B, (S/P)², D]`, row-major over patches.
+    ///
+    /// Written as patches → one `MatMul`, not `Conv → Reshape → Transpose`: tract's optimiser
+    /// pushes that transpose through the whole network and then runs every block channels
+    /// first, where its per-channel broadcasting ops are slow (about 10 % of a denoiser call,
+    /// `docs/BENCHMARKS.md`); onnxruntime runs both forms at the same speed. `w` stays the
+    /// checkpoint's `[D, C, P, P]` tensor (reshaped in the graph and folded at load), so the
+    /// parameter keeps its name and shape.
+    pub fn patch_embed(
+        &mut self,
+        x: &GraphValue,
+        w: &GraphValue,
+        b: &GraphValue,
+        [c, s, p, d]: [usize; 4],
+    ) -> GraphValue {
+        let (n, k) = ((s / p) as i64, (c * p * p) as i64);
+        let (c, p) = (c as i64, p as i64);
+        let grid = self.reshape(x, &[0, c, n, p, n, p]);
+        let grid = self.transpose(&grid, &[0, 2, 4, 1, 3, 5]);
+        let patches = self.reshape(&grid, &[0, n * n, k]);
+        let wm = self.reshape(w, &[d as i64, k]);
+        let wm = self.transpose(&wm, &[1, 0]);
+        let y = self.matmul(&patches, &wm);
+        self.add(&y, b)
+    }
+
     /// `ReduceMean` with axes passed as an input (the opset-18 form).
     pub fn reduce_mean(&mut self, x: &GraphValue, axes: &[i64], keepdims: bool) -> GraphValue {
         let a = self.const_i64("axes", axes);

@@ -70,9 +70,7 @@ pub fn build_denoiser(weights: &Weights, dims: &ModelSpec) -> Result<ModelProto,
     let b = g.param("denoiser.patch_embed.bias", &[d])?;
     let pos = g.param("denoiser.pos_embed", &[1, n_tok, d])?;
     let mut h = g.scoped("denoiser.patch_embed", |g| {
-        let y = g.conv(&x, &w, &b, [p as i64; 2], [p as i64; 2], None);
-        let y = g.reshape(&y, &[0, d as i64, n_tok as i64]);
-        let y = g.transpose(&y, &[0, 2, 1]);
+        let y = g.patch_embed(&x, &w, &b, [c, s, p, d]);
         g.add(&y, &pos)
     });
 

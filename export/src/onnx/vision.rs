@@ -67,14 +67,12 @@ pub fn build_vision_encoder(
         ],
     )?;
 
-    // Patch embedding: Conv (kernel = stride = patch) → [B, D, h, w] → [B, D, P] → [B, P, D].
+    // Patch embedding (a convolution with kernel = stride = patch) → [B, P, D].
     let w = g.param("vision.patch_embed.weight", &[d, dims.channels, p, p])?;
     let b = g.param("vision.patch_embed.bias", &[d])?;
     let pos = g.param("vision.pos_embed", &[1, n_patches, d])?;
     let mut x = g.scoped("vision.patch_embed", |g| {
-        let y = g.conv(&pixels, &w, &b, [p as i64; 2], [p as i64; 2], None);
-        let y = g.reshape(&y, &[0, d as i64, n_patches as i64]);
-        let y = g.transpose(&y, &[0, 2, 1]);
+        let y = g.patch_embed(&pixels, &w, &b, [dims.channels, dims.image_size, p, d]);
         g.add(&y, &pos)
     });
 
