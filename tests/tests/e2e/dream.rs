@@ -148,9 +148,13 @@ fn dream_training_follows_the_text_path_and_edits_keep_the_scene() {
     );
 }
 
-/// Measured on this fixture (400 steps): colour fidelity 0.390 through the trained queries,
-/// 0.077 through the untrained ones (the text path: 0.496).
-const DREAM_COLOUR_FLOOR: f64 = 0.25;
+/// Measured on this fixture (400 steps) since initialisation is seeded per model
+/// (`duet_models::init`), two CI runs of 2026-12-06: colour fidelity 0.272 and 0.278 through the
+/// trained queries, 0.000 through the untrained ones (before, with the other draw order: 0.35–0.39
+/// trained, 0.08–0.23 untrained). The runs differ because the generate fixture's text encoder
+/// is not bit-reproducible from run to run (≈1e-7 from its fourth step on; docs/TRAINING.md),
+/// which 400 steps grow to about a point here.
+const DREAM_COLOUR_FLOOR: f64 = 0.20;
 /// Measured on this fixture: 8.6 % of the untouched objects keep their colour, 0.0 % when the
 /// instruction is drawn from the blank image.
 const EDIT_KEPT_FLOOR: f64 = 0.05;
