@@ -84,9 +84,12 @@ fn quantised_variants_keep_their_task_metrics_and_are_chosen_by_precision() {
         get(Precision::Int8, CAPTION_EXACT_MATCH) >= caption - 0.03,
         "{metrics:?}"
     );
-    // GenEval of the CI-sized generator is 21.7 % here (60 prompts; fp16 21.7 %, int8 20 %): a
-    // broken variant draws nothing the detector reads (0 %), a working one stays near fp32.
-    assert!(geneval >= 0.1, "fp32 GenEval {geneval}");
+    // GenEval of the CI-sized generator (60 prompts): 21.7 % (fp16 21.7 %, int8 20 %) before
+    // initialisation was seeded per model, 10.0 % since (fp16 11.7 %, int8 10.0 %, 2026-12-06):
+    // a broken variant draws nothing the detector reads (0 %), a working one stays near fp32.
+    // The overall score is a mean of category shares, so a tenth can come out as 0.0999…: the
+    // floor allows for that rounding, not for a lower score.
+    assert!(geneval >= 0.1 - 1e-9, "fp32 GenEval {geneval}");
     assert!(
         get(Precision::Fp16, GENEVAL_OVERALL) >= geneval - 0.05,
         "{metrics:?}"
