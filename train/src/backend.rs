@@ -88,3 +88,49 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         "unknown panic".into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CpuBackend;
+    use burn::tensor::{Tensor, TensorData};
+
+    /// Values whose reciprocals are not exact in binary, so an approximation shows.
+    fn values(n: usize) -> Vec<f32> {
+        (0..n).map(|i| 3.0 + i as f32 * 0.37).collect()
+    }
+
+    /// burn-ndarray's `simd` feature computes `recip` with the CPU's reciprocal *estimate*
+    /// (`rcp_ps`, 12 bits) on the vector-aligned middle of a buffer and exactly on its ends, so
+    /// the gradient of every division and logarithm was off by up to 4e-4 and depended on where
+    /// the allocator put the buffer: the same seed trained different weights in different
+    /// processes. The CPU backend is built without it (workspace Cargo.toml); this pins that
+    /// reciprocals, forward and in the gradients of `a / b` and `ln x`, are exact at every
+    /// alignment.
+    #[test]
+    fn reciprocals_are_exact_at_every_alignment() {
+        let device = Default::default();
+        for offset in 0..8 {
+            for n in [33, 40, 67] {
+                let all = values(offset + n);
+                let exact: Vec<f32> = all[offset..].iter().map(|x| 1.0 / x).collect();
+                let x = Tensor::<CpuBackend, 1>::from_data(
+                    TensorData::new(all.clone(), [offset + n]),
+                    &device,
+                )
+                .slice(burn::tensor::s![offset..offset + n])
+                .require_grad();
+                let recip: Vec<f32> = x.clone().recip().into_data().to_vec().unwrap();
+                assert_eq!(recip, exact, "recip at offset {offset}, n {n}");
+
+                let a = Tensor::<CpuBackend, 1>::ones([n], &device).require_grad();
+                let grads = (a.clone() / x.clone()).sum().backward();
+                let da: Vec<f32> = a.grad(&grads).unwrap().into_data().to_vec().unwrap();
+                assert_eq!(da, exact, "d(a/x)/da at offset {offset}, n {n}");
+
+                let grads = x.clone().log().sum().backward();
+                let dx: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+                assert_eq!(dx, exact, "d(ln x)/dx at offset {offset}, n {n}");
+            }
+        }
+    }
+}

@@ -11,5 +11,6 @@ pub mod curves;
 pub mod ema;
 pub mod eval;
 pub mod metrics;
+pub mod parallel;
 pub mod plot;
 pub mod stages;

@@ -27,6 +27,7 @@ fn caption_args(data: &Path, out: &Path) -> FitArgs {
         tokenizer: None,
         init_from: None,
         device: "cpu".into(),
+        devices: 1,
         command: "test".into(),
         quiet: true,
     }

@@ -322,6 +322,7 @@ fn held_out_emoji_are_scored_by_name_and_by_retrieval() {
             tokenizer: None,
             init_from: None,
             device: "cpu".into(),
+            devices: 1,
             command: "test".into(),
             quiet: true,
         },

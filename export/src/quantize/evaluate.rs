@@ -25,6 +25,10 @@ use crate::onnx::ExportError;
 /// Metric names in manifests and reports.
 pub const CAPTION_EXACT_MATCH: &str = "shapeworld_caption_exact_match";
 pub const GENEVAL_OVERALL: &str = "geneval_overall";
+/// Share of the foreground pixels of one-object generations that are of the asked colour: a
+/// pixel-level score that still separates a working variant from a broken one where a small
+/// generator draws few shapes the detector can read (GenEval near its floor).
+pub const GENEVAL_COLOUR_FIDELITY: &str = "geneval_colour_fidelity";
 pub const RESTORE_ACCURACY: &str = "restore_accuracy_mixed_70";
 
 /// The missing rate of [`RESTORE_ACCURACY`].
@@ -114,6 +118,7 @@ pub fn evaluate_precisions(
         if eval.per_category > 0 && b.manifest().diffusion.is_some() {
             let report = geneval(&b, eval)?;
             metrics.insert(GENEVAL_OVERALL.to_owned(), report.overall());
+            metrics.insert(GENEVAL_COLOUR_FIDELITY.to_owned(), report.colour_fidelity());
             for c in Category::ALL {
                 if let Some(a) = report.accuracy(c) {
                     metrics.insert(format!("geneval_{}", c.name().replace(' ', "_")), a);
@@ -145,6 +150,7 @@ fn geneval(bundle: &Bundle, eval: &TaskEval) -> Result<GenEvalReport, ExportErro
         let images = generator.generate_images(&texts, &opts).map_err(fail)?;
         for (p, img) in chunk.iter().zip(&images) {
             report.add(p, &detector.detect(img));
+            report.add_colour_pixels(p, img);
         }
     }
     Ok(report)

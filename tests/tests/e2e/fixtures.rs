@@ -70,6 +70,7 @@ pub(crate) fn train_and_export_captioner(
         tokenizer: None,
         init_from: None,
         device: "cpu".into(),
+        devices: 1,
         command: format!("e2e {what}: fit --stage caption --preset tiny --steps {steps}"),
         quiet: true,
     };

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use duet_export::quantize::evaluate::{
-    evaluate_precisions, TaskEval, CAPTION_EXACT_MATCH, GENEVAL_OVERALL,
+    evaluate_precisions, TaskEval, CAPTION_EXACT_MATCH, GENEVAL_COLOUR_FIDELITY, GENEVAL_OVERALL,
 };
 use duet_export::quantize::variants::{add_variants, record_metrics, VariantOptions};
 use duet_export::quantize::Precision;
@@ -84,20 +84,22 @@ fn quantised_variants_keep_their_task_metrics_and_are_chosen_by_precision() {
         get(Precision::Int8, CAPTION_EXACT_MATCH) >= caption - 0.03,
         "{metrics:?}"
     );
-    // GenEval of the CI-sized generator (60 prompts): 21.7 % (fp16 21.7 %, int8 20 %) before
-    // initialisation was seeded per model, 10.0 % since (fp16 11.7 %, int8 10.0 %, 2026-12-06):
-    // a broken variant draws nothing the detector reads (0 %), a working one stays near fp32.
-    // The overall score is a mean of category shares, so a tenth can come out as 0.0999…: the
-    // floor allows for that rounding, not for a lower score.
-    assert!(geneval >= 0.1 - 1e-9, "fp32 GenEval {geneval}");
+    // GenEval of the CI-sized generator (60 prompts) is near its floor (18.3 %, fp16 18.3 %,
+    // int8 16.7 %; 2026-12-06, deterministic training): too coarse to tell a variant that
+    // draws worse from one that draws the same. Colour fidelity counts pixels, so it can
+    // (measured 54.7 %, fp16 54.7 %, int8 54.7 %): a broken variant draws no foreground of the
+    // asked colour, a working one stays within a point or two of fp32.
+    let colour = get(Precision::Fp32, GENEVAL_COLOUR_FIDELITY);
+    assert!(colour >= COLOUR_FLOOR, "fp32 colour fidelity {colour}");
     assert!(
-        get(Precision::Fp16, GENEVAL_OVERALL) >= geneval - 0.05,
+        get(Precision::Fp16, GENEVAL_COLOUR_FIDELITY) >= colour - 0.02,
         "{metrics:?}"
     );
     assert!(
-        get(Precision::Int8, GENEVAL_OVERALL) >= geneval - 0.1,
+        get(Precision::Int8, GENEVAL_COLOUR_FIDELITY) >= colour - 0.05,
         "{metrics:?}"
     );
+    assert!(geneval > 0.0, "fp32 GenEval {geneval}");
     record_metrics(&bundle, &metrics).expect("record");
     let m = Bundle::open(&bundle).unwrap().manifest().clone();
     assert_eq!(m.metrics, metrics[&Precision::Fp32]);
@@ -135,3 +137,8 @@ fn quantised_variants_keep_their_task_metrics_and_are_chosen_by_precision() {
         "{stderr}"
     );
 }
+
+/// The fp32 fixture's colour fidelity on this evaluation (DPM-Solver++ 10 steps, 10 prompts a
+/// category) measured 54.7 %; the untrained generator draws 11–12 % of its foreground in the
+/// asked colour (the generate and dream tests' untrained baselines).
+const COLOUR_FLOOR: f64 = 0.35;

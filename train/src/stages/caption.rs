@@ -21,6 +21,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
+use crate::parallel::Peer;
 use duet_datasets::folders::{default_image_side, load_folders, ImageTarget};
 use duet_datasets::image_to_chw;
 use duet_datasets::shapeworld::{load_edits, load_questions, QuestionKind, Sample};
@@ -192,6 +193,19 @@ impl PreparedData {
         Tensor::from_data(TensorData::new(data, [idx.len(), self.seq_len]), device)
     }
 
+    /// How many of the next-token targets of rows `idx` are not PAD (the loss's normaliser).
+    pub fn target_count(&self, idx: &[usize]) -> usize {
+        let l = self.seq_len - 1;
+        idx.iter()
+            .map(|&i| {
+                self.targets[i * l..(i + 1) * l]
+                    .iter()
+                    .filter(|&&t| t != PAD_ID as i64)
+                    .count()
+            })
+            .sum()
+    }
+
     /// The next-token targets of rows `idx`, `[B, seq_len - 1]` (PAD: no loss).
     pub fn targets_batch<B: Backend>(
         &self,
@@ -227,6 +241,19 @@ pub fn decoder_loss<B: Backend>(
     tokens: Tensor<B, 2, Int>,
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 1> {
+    let (nll, count) = decoder_nll(decoder, image_tokens, tokens, targets);
+    nll / count.clamp_min(1.0)
+}
+
+/// The summed next-token negative log-likelihood over the targets that are not PAD, and their
+/// count: the parts of [`decoder_loss`]. A data-parallel peer divides its shard's sum by the
+/// whole batch's count, so the peers' losses add up to the one-device loss.
+pub fn decoder_nll<B: Backend>(
+    decoder: &CaptionDecoder<B>,
+    image_tokens: Tensor<B, 3>,
+    tokens: Tensor<B, 2, Int>,
+    targets: Tensor<B, 2, Int>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let [b, l] = tokens.dims();
     let inputs = tokens.slice([0..b, 0..l - 1]);
     let targets = targets.reshape([b * (l - 1), 1]);
@@ -238,8 +265,8 @@ pub fn decoder_loss<B: Backend>(
         .not_equal_elem(PAD_ID as i64)
         .float()
         .reshape([b * (l - 1)]);
-    let count = mask.clone().sum().clamp_min(1.0);
-    (picked * mask).sum().neg() / count
+    let count = mask.clone().sum();
+    ((picked * mask).sum().neg(), count)
 }
 
 /// The batch indices of a step: a fresh seeded permutation per epoch, so a resumed run sees
@@ -280,6 +307,9 @@ pub struct FitArgs {
     /// tokenizer) instead of from scratch.
     pub init_from: Option<PathBuf>,
     pub device: String,
+    /// Data-parallel peers (`--devices`, [`crate::parallel`]): each takes `1/devices` of every
+    /// batch. 1: plain one-device training.
+    pub devices: usize,
     pub command: String,
     pub quiet: bool,
 }
@@ -297,11 +327,21 @@ pub struct FitOutcome {
     pub seconds: f64,
 }
 
+/// Trains a captioner on `device`, data-parallel over `args.devices` peers there.
 pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Result<FitOutcome> {
+    fit_on::<B>(args, &vec![device.clone(); args.devices])
+}
+
+/// Trains a captioner data-parallel, one peer on each of `devices` (`args.devices` is not
+/// read).
+pub fn fit_on<B: AutodiffBackend>(
+    args: &FitArgs,
+    devices: &[B::Device],
+) -> anyhow::Result<FitOutcome> {
     let run = &args.out;
     let config_path = run.join(CONFIG_FILE);
 
-    let (cfg, tokenizer, samples, questions, mut state) = if args.resume && config_path.exists() {
+    let (cfg, tokenizer, samples, questions, state) = if args.resume && config_path.exists() {
         let mut cfg: CaptionTrainConfig = read_json(&config_path)?;
         if let Some(s) = args.steps {
             cfg.steps = s;
@@ -349,7 +389,6 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
             command: args.command.clone(),
             questions: fresh.questions.len(),
         };
-        save_tokenizer(&fresh.tokenizer, &run.join(TOKENIZER_FILE))?;
         // A fresh run starts a fresh metrics log.
         let _ = std::fs::remove_file(run.join(METRICS_FILE));
         (cfg, fresh.tokenizer, fresh.samples, fresh.questions, None)
@@ -362,8 +401,12 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         );
     }
     cfg.model.validate().map_err(anyhow::Error::msg)?;
-    // Made only now, so a refused folder leaves no empty run behind.
+    crate::parallel::check(devices.len(), cfg.batch_size)?;
+    // Made only now, so a refused folder or configuration leaves no empty run behind.
     std::fs::create_dir_all(run)?;
+    if state.is_none() {
+        save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
+    }
     write_json(&config_path, &cfg)?;
 
     let data = prepare_with_questions(
@@ -373,6 +416,23 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         cfg.model.image_size,
         cfg.model.max_len,
     )?;
+    crate::parallel::run_peers::<B, _, _>(devices, |peer, device| {
+        train_peer::<B>(args, &cfg, &data, state.clone(), peer, device)
+    })
+}
+
+/// The caption training loop of one data-parallel peer (all of it on one device): the same
+/// model, optimizer and batches on every peer, each computing the loss of its shard; the
+/// leader writes checkpoints, metrics and progress.
+fn train_peer<B: AutodiffBackend>(
+    args: &FitArgs,
+    cfg: &CaptionTrainConfig,
+    data: &PreparedData,
+    mut state: Option<TrainState>,
+    peer: Peer,
+    device: &B::Device,
+) -> anyhow::Result<FitOutcome> {
+    let run = &args.out;
     let mut model = seeded(device, cfg.seed, || {
         CaptionModel::<B>::new(&cfg.model, device)
     });
@@ -380,7 +440,9 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         // Fine-tuning: the optimizer starts fresh, the weights from the source's captioner
         // (a resumed run has its own weights and need not find the source again).
         model = duet_run::load_captioner::<B>(from, &cfg.model, device)?;
-        tracing::info!("starting from the captioner of {}", from.display());
+        if peer.is_leader() {
+            tracing::info!("starting from the captioner of {}", from.display());
+        }
     }
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)
@@ -396,27 +458,41 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         None => 0,
     };
 
-    let pb = duet_datasets::progress::stage_bar(args.quiet, cfg.steps, "caption");
+    let leader = peer.is_leader();
+    let pb = duet_datasets::progress::stage_bar(args.quiet || !leader, cfg.steps, "caption");
     pb.set_position(start_step as u64);
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run.join(METRICS_FILE))?;
+    let mut metrics = if leader {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(run.join(METRICS_FILE))?,
+        )
+    } else {
+        None
+    };
     let t0 = Instant::now();
     let mut last_loss = state.as_ref().map(|s| s.last_loss).unwrap_or(f64::NAN);
     let mut ema: Option<f64> = None;
     for step in start_step..cfg.steps {
-        let idx = batch_indices(data.rows(), cfg.batch_size, step, cfg.seed);
+        let batch = batch_indices(data.rows(), cfg.batch_size, step, cfg.seed);
+        // Every peer's loss is its shard's sum over the whole batch's target count, so the
+        // peers' losses (and gradients) add up to the one-device loss.
+        let count = data.target_count(&batch).max(1) as f64;
+        let idx = peer.shard(&batch);
         let images: Vec<usize> = idx.iter().map(|&r| data.image_of[r]).collect();
         let pixels = data.pixels_batch::<B>(&images, device);
-        let tokens = data.tokens_batch::<B>(&idx, device);
-        let targets = data.targets_batch::<B>(&idx, device);
-        let loss = caption_loss(&model, pixels, tokens, targets);
-        let loss_value = loss.clone().into_scalar().elem::<f64>();
+        let tokens = data.tokens_batch::<B>(idx, device);
+        let targets = data.targets_batch::<B>(idx, device);
+        let image_tokens = model.vision.forward(pixels).patch_tokens;
+        let (nll, _) = decoder_nll(&model.decoder, image_tokens, tokens, targets);
+        let loss = nll.div_scalar(count);
+        let loss_value = peer.sum::<B>(loss.clone().into_scalar().elem::<f64>(), device)?;
         if !loss_value.is_finite() {
             anyhow::bail!("loss became {loss_value} at step {step}; lower --lr");
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = peer.sum_gradients(&model, grads)?;
         let lr = cfg.lr_at(step);
         model = optim.step(lr, model, grads);
         last_loss = loss_value;
@@ -424,6 +500,9 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         ema = Some(e);
         pb.set_position(step as u64 + 1);
         pb.set_message(format!("loss {e:.3}"));
+        let Some(metrics) = metrics.as_mut() else {
+            continue;
+        };
         if (step + 1) % cfg.log_every == 0 || step + 1 == cfg.steps {
             let line = serde_json::json!({
                 "step": step + 1, "loss": loss_value, "loss_ema": e, "lr": lr,
@@ -442,7 +521,7 @@ pub fn fit<B: AutodiffBackend>(args: &FitArgs, device: &B::Device) -> anyhow::Re
         }
     }
     pb.finish_and_clear();
-    if state.is_none() {
+    if leader && state.is_none() {
         // Nothing to do (steps already reached): still make sure a checkpoint exists.
         let saved = TrainState {
             step: start_step,

@@ -107,6 +107,12 @@ pub struct FitCommand {
     /// `duet-export import` from a bundle) on --data, keeping its dimensions and tokenizer.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// `--stage caption`: train data-parallel on this many devices through Burn's collective
+    /// engine: N CPU peers with `--device cpu`, CUDA devices 0..N with `--device cuda`. Each
+    /// takes 1/N of every batch (so --batch-size must divide by N) and the gradients are summed
+    /// before every step: the same run as on one device, up to floating-point rounding.
+    #[arg(long)]
+    pub devices: Option<usize>,
     /// `--stage dream`: learnable dream queries appended after the decoder's prompt (the
     /// denoiser's conditioning tokens; default: tiny 8, small 16).
     #[arg(long)]
@@ -163,6 +169,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
         distill_weight,
         generation_weight,
         token_weight,
+        devices,
     } = cmd;
     check_fit_flags(
         stage,
@@ -191,6 +198,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
             ("--distill-weight", distill_weight.is_some()),
             ("--generation-weight", generation_weight.is_some()),
             ("--token-weight", token_weight.is_some()),
+            ("--devices", devices.is_some()),
         ],
     )?;
     if let (Some(preset), Some(from)) = (preset, &init_from) {
@@ -389,6 +397,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 tokenizer,
                 init_from,
                 device: kind.to_string(),
+                devices: devices.unwrap_or(1),
                 command: command_line,
                 quiet: false,
             };
@@ -422,6 +431,7 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--image-fit",
             "--tokenizer",
             "--init-from",
+            "--devices",
         ],
         Stage::Generate => &[
             "--data",
@@ -476,8 +486,12 @@ fn check_fit_flags(stage: Stage, given: &[(&str, bool)]) -> anyhow::Result<()> {
 
 #[cfg(feature = "cuda")]
 fn fit_cuda(args: &FitArgs) -> anyhow::Result<duet_train::stages::caption::FitOutcome> {
-    let device = duet_train::backend::probe_cuda()?;
-    duet_train::stages::caption::fit::<duet_train::backend::CudaBackend>(args, &device)
+    duet_train::backend::probe_cuda()?;
+    // One peer per CUDA device, 0..N.
+    let devices: Vec<_> = (0..args.devices)
+        .map(|index| burn::backend::cuda::CudaDevice { index })
+        .collect();
+    duet_train::stages::caption::fit_on::<duet_train::backend::CudaBackend>(args, &devices)
 }
 
 #[cfg(feature = "cuda")]
