@@ -22,12 +22,37 @@ pub struct NamedTensor {
 /// All float parameters of a module keyed by path.
 pub type NamedTensors = BTreeMap<String, NamedTensor>;
 
-struct Collector {
+/// A module visitor or mapper that knows each parameter's path (`vision.blocks.0.attn.q.weight`):
+/// Burn tells it which module it enters and leaves; `inner` sees the parameters by name.
+struct Named<V> {
     path: Vec<String>,
-    out: NamedTensors,
+    inner: V,
 }
 
-impl<B: Backend> ModuleVisitor<B> for Collector {
+impl<V> Named<V> {
+    fn new(inner: V) -> Self {
+        Self {
+            path: Vec::new(),
+            inner,
+        }
+    }
+}
+
+/// Sees every float parameter with its path ([`Named`] as a `ModuleVisitor`).
+trait NamedVisitor<B: Backend> {
+    fn visit_named<const D: usize>(&mut self, name: String, param: &Param<Tensor<B, D>>);
+}
+
+/// Replaces every float parameter, knowing its path ([`Named`] as a `ModuleMapper`).
+trait NamedMapper<B: Backend> {
+    fn map_named<const D: usize>(
+        &mut self,
+        name: String,
+        param: Param<Tensor<B, D>>,
+    ) -> Param<Tensor<B, D>>;
+}
+
+impl<B: Backend, V: NamedVisitor<B>> ModuleVisitor<B> for Named<V> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -35,6 +60,26 @@ impl<B: Backend> ModuleVisitor<B> for Collector {
         self.path.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.inner.visit_named(self.path.join("."), param);
+    }
+}
+
+impl<B: Backend, V: NamedMapper<B>> ModuleMapper<B> for Named<V> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        self.inner.map_named(self.path.join("."), param)
+    }
+}
+
+struct Collector(NamedTensors);
+
+impl<B: Backend> NamedVisitor<B> for Collector {
+    fn visit_named<const D: usize>(&mut self, name: String, param: &Param<Tensor<B, D>>) {
         let t = param.val();
         let shape = t.dims().to_vec();
         let data = t
@@ -42,48 +87,31 @@ impl<B: Backend> ModuleVisitor<B> for Collector {
             .convert::<f32>()
             .into_vec::<f32>()
             .unwrap_or_default();
-        self.out
-            .insert(self.path.join("."), NamedTensor { shape, data });
+        self.0.insert(name, NamedTensor { shape, data });
     }
 }
 
 /// Copies every float parameter out of `module`.
 pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> NamedTensors {
-    let mut c = Collector {
-        path: Vec::new(),
-        out: BTreeMap::new(),
-    };
+    let mut c = Named::new(Collector(BTreeMap::new()));
     module.visit(&mut c);
-    c.out
+    c.inner.0
 }
 
-struct Shapes {
-    path: Vec<String>,
-    out: BTreeMap<String, Vec<usize>>,
-}
+struct Shapes(BTreeMap<String, Vec<usize>>);
 
-impl<B: Backend> ModuleVisitor<B> for Shapes {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.out
-            .insert(self.path.join("."), param.lazy_shape().as_slice().to_vec());
+impl<B: Backend> NamedVisitor<B> for Shapes {
+    fn visit_named<const D: usize>(&mut self, name: String, param: &Param<Tensor<B, D>>) {
+        self.0.insert(name, param.lazy_shape().as_slice().to_vec());
     }
 }
 
 /// Every float parameter's shape by path, without drawing a lazily initialised parameter's
 /// values (see [`crate::init`]).
 pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
-    let mut s = Shapes {
-        path: Vec::new(),
-        out: BTreeMap::new(),
-    };
+    let mut s = Named::new(Shapes(BTreeMap::new()));
     module.visit(&mut s);
-    s.out
+    s.inner.0
 }
 
 /// Why a set of named tensors could not be loaded into a module.
@@ -120,21 +148,17 @@ impl std::fmt::Display for LoadError {
 impl std::error::Error for LoadError {}
 
 struct Loader<'a> {
-    path: Vec<String>,
     source: &'a NamedTensors,
     used: Vec<String>,
     error: Option<LoadError>,
 }
 
-impl<B: Backend> ModuleMapper<B> for Loader<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let name = self.path.join(".");
+impl<B: Backend> NamedMapper<B> for Loader<'_> {
+    fn map_named<const D: usize>(
+        &mut self,
+        name: String,
+        param: Param<Tensor<B, D>>,
+    ) -> Param<Tensor<B, D>> {
         if self.error.is_some() {
             return param;
         }
@@ -167,13 +191,13 @@ pub fn load_named_tensors<B: Backend, M: Module<B>>(
     module: M,
     source: &NamedTensors,
 ) -> Result<M, LoadError> {
-    let mut loader = Loader {
-        path: Vec::new(),
+    let mut named = Named::new(Loader {
         source,
         used: Vec::new(),
         error: None,
-    };
-    let module = module.map(&mut loader);
+    });
+    let module = module.map(&mut named);
+    let loader = named.inner;
     if let Some(e) = loader.error {
         return Err(e);
     }

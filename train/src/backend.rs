@@ -74,18 +74,9 @@ pub fn probe_cuda() -> Result<burn::backend::cuda::CudaDevice, BackendError> {
         Ok(v) => Err(BackendError::CudaUnavailable(format!(
             "probe computed {v}, expected 4"
         ))),
-        Err(panic) => Err(BackendError::CudaUnavailable(panic_text(&panic))),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".into()
+        Err(panic) => Err(BackendError::CudaUnavailable(crate::parallel::panic_text(
+            &panic,
+        ))),
     }
 }
 

@@ -13,6 +13,9 @@
 //! server is one per process and backend, so one group trains at a time ([`run_peers`] holds a
 //! process-wide lock).
 
+use std::fs::{File, OpenOptions};
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
 use std::sync::Mutex;
 
 use burn::collective::{
@@ -20,8 +23,9 @@ use burn::collective::{
 };
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorPrimitive};
+use duet_run::METRICS_FILE;
 use thiserror::Error;
 
 /// Why data-parallel training cannot start or stopped.
@@ -87,6 +91,19 @@ impl Peer {
         self.rank == 0
     }
 
+    /// The run's metrics log, opened for appending: the leader's (`None` on the others, which
+    /// write nothing).
+    pub fn metrics_log(&self, run: &Path) -> std::io::Result<Option<File>> {
+        if !self.is_leader() {
+            return Ok(None);
+        }
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run.join(METRICS_FILE))
+            .map(Some)
+    }
+
     /// This peer's contiguous part of a global batch ([`check`] made the parts equal).
     pub fn shard<'a, T>(&self, batch: &'a [T]) -> &'a [T] {
         let n = batch.len() / self.devices;
@@ -138,14 +155,25 @@ impl Peer {
             return Ok(value);
         }
         let t = Tensor::<B::InnerBackend, 1>::from_floats([value as f32], device);
-        let summed = collective::all_reduce::<B::InnerBackend>(
+        Ok(self.sum_tensor(t)?.into_scalar().elem::<f64>())
+    }
+
+    /// The element-wise sum over all peers of `t` (same shape on every peer); an all-gather
+    /// when each peer fills only its own rows of a zeroed tensor.
+    pub fn sum_tensor<B: Backend, const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, ParallelError> {
+        if self.devices == 1 {
+            return Ok(t);
+        }
+        let summed = collective::all_reduce::<B>(
             self.id(),
             t.into_primitive().tensor(),
             ReduceOperation::Sum,
         )
         .map_err(|e| self.failed(e))?;
-        let t = Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(summed));
-        Ok(t.into_scalar().elem::<f64>())
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(summed)))
     }
 }
 
@@ -215,7 +243,17 @@ where
                 s.spawn(move || -> anyhow::Result<T> {
                     collective::register::<B::InnerBackend>(peer.id(), device.clone(), config)
                         .map_err(|e| peer.failed(e))?;
-                    let out = body(peer, device);
+                    // A panic is caught here, not at the join: the others must be released
+                    // now, and the leader, joined first, may be waiting on this peer.
+                    let out = std::panic::catch_unwind(AssertUnwindSafe(|| body(peer, device)))
+                        .unwrap_or_else(|panic| {
+                            Err(ParallelError::Panicked {
+                                rank,
+                                devices: n,
+                                detail: panic_text(&panic),
+                            }
+                            .into())
+                        });
                     match &out {
                         Err(_) => collective::reset_collective::<B::InnerBackend>(),
                         Ok(_) => collective::finish_collective::<B::InnerBackend>(peer.id())
@@ -262,7 +300,8 @@ where
     }
 }
 
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+/// The message of a caught panic.
+pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {

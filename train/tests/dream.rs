@@ -5,33 +5,14 @@ use std::path::{Path, PathBuf};
 
 use duet_datasets::shapeworld::{write_dataset, write_dataset_with, DatasetExtras, SceneConfig};
 use duet_models::params::NamedTensors;
-use duet_models::Preset;
 use duet_run::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIGHTS_FILE};
 use duet_train::backend::CpuBackend;
-use duet_train::stages::caption::{fit, FitArgs};
+
+mod common;
+use common::{caption_args, generate_args, max_difference};
+use duet_train::stages::caption::fit;
 use duet_train::stages::dream::{fit_dream, DreamFitArgs};
 use duet_train::stages::generate::{fit_generate, GenerateFitArgs};
-
-fn caption_args(data: &Path, out: &Path) -> FitArgs {
-    FitArgs {
-        preset: Preset::Tiny,
-        data: vec![data.to_path_buf()],
-        out: out.to_path_buf(),
-        steps: Some(2),
-        batch_size: Some(8),
-        lr: None,
-        seed: 7,
-        resume: false,
-        image_size: None,
-        image_fit: None,
-        tokenizer: None,
-        init_from: None,
-        device: "cpu".into(),
-        devices: 1,
-        command: "test".into(),
-        quiet: true,
-    }
-}
 
 /// A caption run and a generate run on `data` (2 steps each).
 fn chain(dir: &Path, data: &Path) -> (PathBuf, PathBuf) {
@@ -39,25 +20,14 @@ fn chain(dir: &Path, data: &Path) -> (PathBuf, PathBuf) {
         "caption-{}",
         data.file_name().unwrap().to_string_lossy()
     ));
-    fit::<CpuBackend>(&caption_args(data, &caption), &Default::default()).unwrap();
+    fit::<CpuBackend>(&caption_args(data, &caption, 2, false), &Default::default()).unwrap();
     let gen = dir.join(format!(
         "gen-{}",
         data.file_name().unwrap().to_string_lossy()
     ));
     let args = GenerateFitArgs {
-        init: caption.clone(),
-        data: vec![data.to_path_buf()],
-        out: gen.clone(),
-        steps: Some(2),
         batch_size: Some(4),
-        lr: None,
-        min_snr_gamma: None,
-        denoiser: Default::default(),
-        seed: 1,
-        resume: false,
-        device: "cpu".into(),
-        command: "test".into(),
-        quiet: true,
+        ..generate_args(&caption, vec![data.to_path_buf()], &gen, 2)
     };
     fit_generate::<CpuBackend>(&args, &Default::default()).unwrap();
     (caption, gen)
@@ -107,18 +77,15 @@ fn dream_trains_decoder_and_queries_keeps_the_rest_and_resumes_exactly() {
     let init = load_weights(&gen.join(WEIGHTS_FILE)).unwrap();
     let a = load_weights(&straight.join(WEIGHTS_FILE)).unwrap();
     let b = load_weights(&resumed.join(WEIGHTS_FILE)).unwrap();
-    assert_eq!(a.len(), b.len());
     let diff = |x: &[f32], y: &[f32]| {
         x.iter()
             .zip(y)
             .map(|(p, q)| (p - q).abs())
             .fold(0.0f32, f32::max)
     };
-    let mut worst = 0.0f32;
-    for (name, t) in &a {
-        worst = worst.max(diff(&t.data, &b[name].data));
-    }
-    assert!(worst <= 1e-6, "resumed weights differ by {worst}");
+    // Bit for bit: CPU training is deterministic.
+    let worst = max_difference(&a, &b);
+    assert_eq!(worst, 0.0, "resumed weights differ by {worst}");
     assert_eq!(a["dream.queries"].shape, vec![1, 3, 64]);
     for (name, t) in &init {
         let moved = diff(&t.data, &a[name].data);

@@ -6,6 +6,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
 
+mod common;
+use common::{caption_args, generate_args};
+
 use duet_datasets::emoji::{
     load_emoji_info, load_emoji_split, split_entries, ArtStyle, EmojiOptions, EmojiSource,
     NameSource, SPLITS,
@@ -292,7 +295,7 @@ fn held_out_emoji_are_scored_by_name_and_by_retrieval() {
         eval_emoji_captions, eval_emoji_retrieval, score_captions, RetrievalOptions,
     };
     use duet_train::stages::caption::{fit, FitArgs};
-    use duet_train::stages::generate::{fit_generate, GenerateFitArgs};
+    use duet_train::stages::generate::fit_generate;
     type Infer = burn::backend::NdArray<f32>;
 
     let tmp = tempfile::tempdir().unwrap();
@@ -309,43 +312,16 @@ fn held_out_emoji_are_scored_by_name_and_by_retrieval() {
     let device = Default::default();
     fit::<CpuBackend>(
         &FitArgs {
-            preset: duet_models::Preset::Tiny,
             data: data.clone(),
-            out: caption_run.clone(),
-            steps: Some(8),
-            batch_size: Some(8),
-            lr: None,
             seed: 1,
-            resume: false,
-            image_size: None,
-            image_fit: None,
-            tokenizer: None,
-            init_from: None,
-            device: "cpu".into(),
-            devices: 1,
-            command: "test".into(),
-            quiet: true,
+            ..caption_args(&shapes, &caption_run, 8, false)
         },
         &device,
     )
     .unwrap();
     let generate_run = tmp.path().join("generate");
     fit_generate::<CpuBackend>(
-        &GenerateFitArgs {
-            init: caption_run.clone(),
-            data,
-            out: generate_run.clone(),
-            steps: Some(4),
-            batch_size: Some(8),
-            lr: None,
-            min_snr_gamma: None,
-            denoiser: Default::default(),
-            seed: 1,
-            resume: false,
-            device: "cpu".into(),
-            command: "test".into(),
-            quiet: true,
-        },
+        &generate_args(&caption_run, data, &generate_run, 4),
         &device,
     )
     .unwrap();

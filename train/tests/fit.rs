@@ -5,32 +5,13 @@ use std::path::Path;
 use std::process::Command;
 
 use duet_datasets::shapeworld::{write_dataset, SceneConfig};
-use duet_models::Preset;
 use duet_run::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIGHTS_FILE};
 use duet_run::METRICS_FILE;
 use duet_train::backend::CpuBackend;
 use duet_train::stages::caption::{fit, FitArgs};
 
-fn args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitArgs {
-    FitArgs {
-        preset: Preset::Tiny,
-        data: vec![data.to_path_buf()],
-        out: out.to_path_buf(),
-        steps: Some(steps),
-        batch_size: Some(8),
-        lr: None,
-        seed: 7,
-        resume,
-        image_size: None,
-        image_fit: None,
-        tokenizer: None,
-        init_from: None,
-        device: "cpu".into(),
-        devices: 1,
-        command: "test".into(),
-        quiet: true,
-    }
-}
+mod common;
+use common::{caption_args as args, max_difference};
 
 #[test]
 fn resume_continues_exactly_like_an_uninterrupted_run() {
@@ -48,15 +29,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
 
     let a = load_weights(&straight.join(WEIGHTS_FILE)).unwrap();
     let b = load_weights(&resumed.join(WEIGHTS_FILE)).unwrap();
-    assert_eq!(a.len(), b.len());
-    let mut worst = 0.0f32;
-    for (name, t) in &a {
-        let u = &b[name];
-        assert_eq!(t.shape, u.shape, "{name}");
-        for (x, y) in t.data.iter().zip(&u.data) {
-            worst = worst.max((x - y).abs());
-        }
-    }
+    let worst = max_difference(&a, &b);
     // Bit for bit: CPU training is deterministic (docs/TRAINING.md "Seeds and initial weights").
     assert_eq!(worst, 0.0, "resumed weights differ by {worst}");
     // And training did move the weights: a 3-step checkpoint is not the 6-step one.
@@ -72,6 +45,18 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         })
         .collect();
     assert_eq!(steps.last(), Some(&6), "metrics log: {steps:?}");
+}
+
+/// `duet-train fit --stage generate --init CAPTION --data DATA --out OUT`, to add flags to.
+fn fit_generate_cli(caption: &Path, data: &Path, out: &Path) -> Command {
+    let mut c = duet_train();
+    c.args(["fit", "--stage", "generate", "--init"])
+        .arg(caption)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out);
+    c
 }
 
 fn duet_train() -> Command {
@@ -258,13 +243,7 @@ fn the_same_command_trains_the_same_weights_in_another_process() {
     let caption = dir.path().join("caption");
     fit::<CpuBackend>(&args(&data, &caption, 2, false), &Default::default()).unwrap();
     let train = |out: &Path| {
-        let o = duet_train()
-            .args(["fit", "--stage", "generate", "--init"])
-            .arg(&caption)
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(out)
+        let o = fit_generate_cli(&caption, &data, out)
             .args(["--batch-size", "16", "--steps", "6", "--seed", "3"])
             .output()
             .unwrap();
@@ -294,13 +273,7 @@ fn generate_options_are_recorded_and_checked() {
     fit::<CpuBackend>(&args(&data, &caption, 2, false), &Default::default()).unwrap();
     let gen = dir.path().join("gen");
     let run = |extra: &[&str]| {
-        duet_train()
-            .args(["fit", "--stage", "generate", "--init"])
-            .arg(&caption)
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(&gen)
+        fit_generate_cli(&caption, &data, &gen)
             .args(["--batch-size", "4"])
             .args(extra)
             .output()

@@ -200,6 +200,7 @@ pub(crate) fn gen_fixture() -> &'static GenFixture {
             seed: 0,
             resume: false,
             device: "cpu".into(),
+            devices: 1,
             command: format!("e2e fixture: fit --stage generate --steps {steps}"),
             quiet: true,
         };

@@ -461,16 +461,7 @@ fn train_peer<B: AutodiffBackend>(
     let leader = peer.is_leader();
     let pb = duet_datasets::progress::stage_bar(args.quiet || !leader, cfg.steps, "caption");
     pb.set_position(start_step as u64);
-    let mut metrics = if leader {
-        Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(run.join(METRICS_FILE))?,
-        )
-    } else {
-        None
-    };
+    let mut metrics = peer.metrics_log(run)?;
     let t0 = Instant::now();
     let mut last_loss = state.as_ref().map(|s| s.last_loss).unwrap_or(f64::NAN);
     let mut ema: Option<f64> = None;

@@ -107,7 +107,7 @@ pub struct FitCommand {
     /// `duet-export import` from a bundle) on --data, keeping its dimensions and tokenizer.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
-    /// `--stage caption`: train data-parallel on this many devices through Burn's collective
+    /// `--stage caption|generate`: train data-parallel on this many devices through Burn's collective
     /// engine: N CPU peers with `--device cpu`, CUDA devices 0..N with `--device cuda`. Each
     /// takes 1/N of every batch (so --batch-size must divide by N) and the gradients are summed
     /// before every step: the same run as on one device, up to floating-point rounding.
@@ -366,6 +366,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 seed,
                 resume,
                 device: kind.to_string(),
+                devices: devices.unwrap_or(1),
                 command: command_line,
                 quiet: false,
             };
@@ -442,6 +443,7 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--conv-head",
             "--denoiser-layers",
             "--denoiser-patch",
+            "--devices",
         ],
         Stage::Unify => &[
             "--data",
@@ -487,17 +489,27 @@ fn check_fit_flags(stage: Stage, given: &[(&str, bool)]) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 fn fit_cuda(args: &FitArgs) -> anyhow::Result<duet_train::stages::caption::FitOutcome> {
     duet_train::backend::probe_cuda()?;
-    // One peer per CUDA device, 0..N.
-    let devices: Vec<_> = (0..args.devices)
+    duet_train::stages::caption::fit_on::<duet_train::backend::CudaBackend>(
+        args,
+        &cuda_devices(args.devices),
+    )
+}
+
+/// One data-parallel peer per CUDA device, 0..n.
+#[cfg(feature = "cuda")]
+fn cuda_devices(n: usize) -> Vec<burn::backend::cuda::CudaDevice> {
+    (0..n)
         .map(|index| burn::backend::cuda::CudaDevice { index })
-        .collect();
-    duet_train::stages::caption::fit_on::<duet_train::backend::CudaBackend>(args, &devices)
+        .collect()
 }
 
 #[cfg(feature = "cuda")]
 fn fit_generate_cuda(args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> {
-    let device = duet_train::backend::probe_cuda()?;
-    duet_train::stages::generate::fit_generate::<duet_train::backend::CudaBackend>(args, &device)
+    duet_train::backend::probe_cuda()?;
+    duet_train::stages::generate::fit_generate_on::<duet_train::backend::CudaBackend>(
+        args,
+        &cuda_devices(args.devices),
+    )
 }
 
 #[cfg(feature = "cuda")]

@@ -2,10 +2,11 @@
 //! diffusion loss plus the contrastive loss that aligns the text encoder with the frozen vision
 //! encoder's image embeddings, which are cached here.
 
+use crate::parallel::{ParallelError, Peer};
 use crate::stages::caption::PreparedData;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use duet_diffusion::{gaussian, NoiseSchedule, Prediction};
 use duet_models::tokens::PAD_ID;
 use duet_models::{Denoiser, ModelSpec, VisionEncoder};
@@ -65,7 +66,23 @@ impl<B: Backend> ImageEmbeddings<B> {
     }
 }
 
-/// Diffusion + contrastive loss of one batch. Returns `(total, diffusion)`.
+/// One data-parallel peer's part of the generate loss ([`generate_loss`]).
+pub struct GenerateLoss<B: AutodiffBackend> {
+    /// What this peer back-propagates: its shard's diffusion objective (a sum over the whole
+    /// batch's size) plus the contrastive loss, whose gradient reaches the text encoder only
+    /// through this peer's captions. Summed over peers, the gradients are the one-device ones.
+    pub objective: Tensor<B, 1>,
+    /// This peer's part of the reported total (the contrastive loss counted once over all
+    /// peers): the parts sum to the one-device loss.
+    pub total: f64,
+    /// This peer's part of the plain diffusion loss.
+    pub diffusion: f64,
+}
+
+/// Diffusion + contrastive loss of the global batch `batch`, computed by `peer` on its shard
+/// (with [`Peer::ALONE`], the whole batch). `image_emb` holds the frozen image embeddings of
+/// the whole batch. The whole batch's dropout, timesteps and noise are drawn from `rng` on
+/// every peer and each takes its rows, so the peers draw what one device draws.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_loss<B: AutodiffBackend>(
     cfg: &ModelSpec,
@@ -74,15 +91,20 @@ pub fn generate_loss<B: AutodiffBackend>(
     generator: &GenerationModel<B>,
     image_emb: Tensor<B::InnerBackend, 2>,
     data: &PreparedData,
-    idx: &[usize],
+    batch: &[usize],
+    peer: Peer,
     rng: &mut ChaCha8Rng,
     device: &B::Device,
-) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let b = idx.len();
+) -> Result<GenerateLoss<B>, ParallelError> {
+    let b = batch.len();
+    let idx = peer.shard(batch);
+    let n = idx.len();
+    let rows = peer.rank() * n..(peer.rank() + 1) * n;
     // Only as many text positions as the batch's longest caption: padding positions are
-    // masked anyway, and the text encoder and cross-attention cost scales with L.
+    // masked anyway, and the text encoder and cross-attention cost scales with L. (The whole
+    // batch's longest, so every peer pads as one device does.)
     let stride = data.seq_len;
-    let l = idx
+    let l = batch
         .iter()
         .map(|&i| {
             let row = &data.tokens[i * stride..(i + 1) * stride];
@@ -93,9 +115,9 @@ pub fn generate_loss<B: AutodiffBackend>(
         .max()
         .unwrap_or(0)
         .max(2);
-    // Captions of the batch plus one empty caption (row b) for the dropped ones.
-    let mut ids = Vec::with_capacity((b + 1) * l);
-    let mut mask = Vec::with_capacity((b + 1) * l);
+    // This shard's captions plus one empty caption (row n) for the dropped ones.
+    let mut ids = Vec::with_capacity((n + 1) * l);
+    let mut mask = Vec::with_capacity((n + 1) * l);
     for &i in idx {
         let row = &data.tokens[i * stride..i * stride + l];
         ids.extend_from_slice(row);
@@ -107,41 +129,71 @@ pub fn generate_loss<B: AutodiffBackend>(
     let (empty_ids, empty_mask) = empty_caption(l);
     ids.extend(empty_ids);
     mask.extend(empty_mask);
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b + 1, l]), device);
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [b + 1, l]), device);
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n + 1, l]), device);
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [n + 1, l]), device);
     let text = generator.text.forward(ids, mask.clone());
 
-    // Classifier-free guidance dropout: row i conditions on caption i or on the empty one.
-    let rows: Vec<i64> = (0..b)
-        .map(|i| {
-            if rng.random::<f64>() < settings.cond_dropout {
-                b as i64
+    // Classifier-free guidance dropout, drawn for the whole batch: row i conditions on
+    // caption i or on the empty one.
+    let dropped: Vec<bool> = (0..b)
+        .map(|_| rng.random::<f64>() < settings.cond_dropout)
+        .collect();
+    let cond_rows: Vec<i64> = (0..n)
+        .map(|j| {
+            if dropped[rows.start + j] {
+                n as i64
             } else {
-                i as i64
+                j as i64
             }
         })
         .collect();
-    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b]), device);
-    let cond_tokens = text.tokens.clone().select(0, rows.clone());
-    let cond_mask = mask.select(0, rows);
+    let cond_rows = Tensor::<B, 1, Int>::from_data(TensorData::new(cond_rows, [n]), device);
+    let cond_tokens = text.tokens.clone().select(0, cond_rows.clone());
+    let cond_mask = mask.select(0, cond_rows);
 
     let x0 = data.pixels_batch::<B>(idx, device);
-    let (objective, diffusion) = diffusion_loss(
+    let noised = noise_images_part(
+        schedule,
+        settings.prediction,
+        x0,
+        b,
+        rows.clone(),
+        rng,
+        device,
+    );
+    let (objective, diffusion) = diffusion_loss_part(
         cfg,
         settings,
         schedule,
         &generator.denoiser,
-        x0,
+        noised,
+        b,
         cond_tokens,
         cond_mask,
-        rng,
         device,
     );
 
-    // Contrastive (text → frozen image embedding and back), real captions only.
+    // Contrastive (text → frozen image embedding and back), real captions only, over the
+    // whole batch: the other peers' text embeddings come in as constants, so this peer's
+    // gradient reaches the text encoder through its own captions only.
     let image_emb = Tensor::<B, 2>::from_inner(image_emb);
     let e = text.embedding.dims()[1];
-    let text_emb = text.embedding.slice([0..b, 0..e]);
+    let own = text.embedding.slice([0..n, 0..e]);
+    let text_emb = if peer.devices() == 1 {
+        own
+    } else {
+        let mut padded = Tensor::<B::InnerBackend, 2>::zeros([b, e], device);
+        padded = padded.slice_assign([rows.clone(), 0..e], own.clone().inner());
+        let all = Tensor::<B, 2>::from_inner(peer.sum_tensor(padded)?);
+        Tensor::cat(
+            vec![
+                all.clone().slice([0..rows.start, 0..e]),
+                own,
+                all.slice([rows.end..b, 0..e]),
+            ],
+            0,
+        )
+    };
     let logits = text_emb
         .matmul(image_emb.transpose())
         .div_scalar(settings.temperature);
@@ -159,8 +211,14 @@ pub fn generate_loss<B: AutodiffBackend>(
         .div_scalar(b as f64);
     let i2t = (log_softmax(logits, 0) * eye).sum().div_scalar(b as f64);
     let contrastive = (t2i + i2t).neg().div_scalar(2.0);
-    let total = objective + contrastive.mul_scalar(settings.contrastive_weight);
-    (total, diffusion)
+    let contrastive_value = contrastive.clone().into_scalar().elem::<f64>();
+    let objective_value = objective.clone().into_scalar().elem::<f64>();
+    Ok(GenerateLoss {
+        objective: objective + contrastive.mul_scalar(settings.contrastive_weight),
+        total: objective_value
+            + settings.contrastive_weight * contrastive_value / peer.devices() as f64,
+        diffusion: diffusion.into_scalar().elem::<f64>(),
+    })
 }
 
 /// The denoiser's loss on clean images `x0` `[B, C, S, S]` under conditioning `cond`
@@ -180,13 +238,34 @@ pub fn diffusion_loss<B: Backend>(
     rng: &mut ChaCha8Rng,
     device: &B::Device,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let [b, c, s, _] = x0.dims();
+    let b = x0.dims()[0];
+    let noised = noise_images(schedule, settings.prediction, x0, rng, device);
+    diffusion_loss_part(
+        cfg, settings, schedule, denoiser, noised, b, cond, cond_mask, device,
+    )
+}
+
+/// [`diffusion_loss`] of the rows of a larger batch of `batch` samples that `noised` holds: the
+/// per-sample errors summed and divided by `batch`, so the parts of a batch sum to its mean.
+#[allow(clippy::too_many_arguments)]
+fn diffusion_loss_part<B: Backend>(
+    cfg: &ModelSpec,
+    settings: &DiffusionSettings,
+    schedule: &NoiseSchedule,
+    denoiser: &Denoiser<B>,
+    noised: Noised<B>,
+    batch: usize,
+    cond: Tensor<B, 3>,
+    cond_mask: Tensor<B, 2>,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let Noised {
         xt,
         timesteps: tt,
         target,
         t,
-    } = noise_images(schedule, settings.prediction, x0, rng, device);
+    } = noised;
+    let [b, c, s, _] = xt.dims();
     let pred = denoiser.forward(cfg, xt, tt, cond, cond_mask);
     // Per-sample mean squared error, then the batch mean under the loss weights. The plain
     // (unweighted) mean is what is reported, so runs with and without weighting compare.
@@ -194,14 +273,14 @@ pub fn diffusion_loss<B: Backend>(
         .powi_scalar(2)
         .reshape([b, c * s * s])
         .mean_dim(1);
-    let diffusion = per_sample.clone().mean();
+    let diffusion = per_sample.clone().sum().div_scalar(batch as f64);
     let objective = if settings.min_snr_gamma.is_some() {
         let w: Vec<f32> = t
             .iter()
             .map(|&t| settings.loss_weight(schedule.alpha_bar(Some(t))) as f32)
             .collect();
         let w = Tensor::<B, 2>::from_data(TensorData::new(w, [b, 1]), device);
-        (per_sample * w).mean()
+        (per_sample * w).sum().div_scalar(batch as f64)
     } else {
         diffusion.clone()
     };
@@ -229,11 +308,30 @@ pub fn noise_images<B: Backend>(
     rng: &mut ChaCha8Rng,
     device: &B::Device,
 ) -> Noised<B> {
+    let b = x0.dims()[0];
+    noise_images_part(schedule, prediction, x0, b, 0..b, rng, device)
+}
+
+/// [`noise_images`] of rows `rows` of a batch of `batch` images, `x0` holding those rows: the
+/// whole batch's timesteps and noise are drawn, so the parts of a batch get what the whole
+/// batch would.
+pub fn noise_images_part<B: Backend>(
+    schedule: &NoiseSchedule,
+    prediction: Prediction,
+    x0: Tensor<B, 4>,
+    batch: usize,
+    rows: std::ops::Range<usize>,
+    rng: &mut ChaCha8Rng,
+    device: &B::Device,
+) -> Noised<B> {
     let [b, c, s, _] = x0.dims();
-    let t: Vec<usize> = (0..b)
+    let all_t: Vec<usize> = (0..batch)
         .map(|_| rng.random_range(0..schedule.train_steps()))
         .collect();
-    let noise = gaussian(&[b, c, s, s], rng);
+    let noise = gaussian(&[batch, c, s, s], rng);
+    let t = all_t[rows.clone()].to_vec();
+    let per = c * s * s;
+    let noise = noise.into_raw_vec_and_offset().0[rows.start * per..rows.end * per].to_vec();
     let coef = |f: &dyn Fn(f64) -> f64| {
         let v: Vec<f32> = t
             .iter()
@@ -243,10 +341,7 @@ pub fn noise_images<B: Backend>(
     };
     let a = coef(&|ab| ab.sqrt());
     let sg = coef(&|ab| (1.0 - ab).sqrt());
-    let noise = Tensor::<B, 4>::from_data(
-        TensorData::new(noise.into_raw_vec_and_offset().0, [b, c, s, s]),
-        device,
-    );
+    let noise = Tensor::<B, 4>::from_data(TensorData::new(noise, [b, c, s, s]), device);
     let xt = x0.clone() * a.clone() + noise.clone() * sg.clone();
     let target = match prediction {
         Prediction::Epsilon => noise,

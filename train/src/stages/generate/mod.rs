@@ -17,10 +17,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ElementConversion;
 use duet_diffusion::NoiseSchedule;
 use duet_models::init::seeded;
 use duet_models::params::{load_named_tensors, named_tensors};
@@ -31,6 +30,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::ema::Ema;
+use crate::parallel::{ParallelError, Peer};
+use crate::stages::caption::PreparedData;
 use crate::stages::caption::{batch_indices, load_records, prepare, save_checkpoint};
 use duet_datasets::folders::{load_folders, ImageTarget};
 use duet_datasets::tokenizer::{load_tokenizer, save_tokenizer};
@@ -100,6 +101,8 @@ pub struct GenerateFitArgs {
     pub seed: u64,
     pub resume: bool,
     pub device: String,
+    /// Data-parallel peers ([`crate::parallel`]); 1: one device.
+    pub devices: usize,
     pub command: String,
     pub quiet: bool,
 }
@@ -119,14 +122,25 @@ fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ 0xD1FF_u64.wrapping_mul(step as u64 + 1).rotate_left(17))
 }
 
-/// Trains the generate stage; see the module docs.
+/// Trains the generate stage on `device`, data-parallel over `args.devices` peers there; see
+/// the module docs.
 pub fn fit_generate<B: AutodiffBackend>(
     args: &GenerateFitArgs,
     device: &B::Device,
 ) -> anyhow::Result<GenerateOutcome> {
+    fit_generate_on::<B>(args, &vec![device.clone(); args.devices])
+}
+
+/// Trains the generate stage data-parallel, one peer on each of `devices` (`args.devices` is
+/// not read).
+pub fn fit_generate_on<B: AutodiffBackend>(
+    args: &GenerateFitArgs,
+    devices: &[B::Device],
+) -> anyhow::Result<GenerateOutcome> {
+    let device = devices.first().ok_or(ParallelError::NoDevices)?;
     let run = &args.out;
     let config_path = run.join(CONFIG_FILE);
-    let (cfg, mut state) = if args.resume && run.join(STATE_FILE).exists() {
+    let (cfg, state) = if args.resume && run.join(STATE_FILE).exists() {
         let mut cfg: GenerateTrainConfig = read_json(&config_path)?;
         if let Some(s) = args.steps {
             cfg.steps = s;
@@ -197,6 +211,7 @@ pub fn fit_generate<B: AutodiffBackend>(
     if cfg.batch_size < 2 {
         anyhow::bail!("the contrastive loss needs --batch-size >= 2");
     }
+    crate::parallel::check(devices.len(), cfg.batch_size)?;
     // The captioner's tokenizer and weights, carried unchanged; the images fitted as it saw
     // them.
     let tokenizer = load_tokenizer(&cfg.init.join(TOKENIZER_FILE))?;
@@ -226,6 +241,49 @@ pub fn fit_generate<B: AutodiffBackend>(
         cfg.model.image_size,
         cfg.model.max_len,
     )?;
+    let shared = Shared {
+        args,
+        cfg: &cfg,
+        schedule: &schedule,
+        data: &data,
+        vision: &vision,
+        frozen: &frozen,
+    };
+    crate::parallel::run_peers::<B, _, _>(devices, |peer, device| {
+        train_peer::<B>(&shared, state.clone(), peer, device)
+    })
+}
+
+/// What every peer of a generate run reads.
+struct Shared<'a, B: AutodiffBackend> {
+    args: &'a GenerateFitArgs,
+    cfg: &'a GenerateTrainConfig,
+    schedule: &'a NoiseSchedule,
+    data: &'a PreparedData,
+    vision: &'a VisionEncoder<B::InnerBackend>,
+    /// The captioner's weights, carried into every checkpoint.
+    frozen: &'a duet_models::params::NamedTensors,
+}
+
+/// The generate training loop of one data-parallel peer: the same model, optimizer and
+/// batches on every peer, each computing its shard's part of the loss; the leader keeps the
+/// weight average and writes checkpoints, metrics and progress.
+fn train_peer<B: AutodiffBackend>(
+    shared: &Shared<'_, B>,
+    mut state: Option<TrainState>,
+    peer: Peer,
+    device: &B::Device,
+) -> anyhow::Result<GenerateOutcome> {
+    let Shared {
+        args,
+        cfg,
+        schedule,
+        data,
+        vision,
+        frozen,
+    } = *shared;
+    let run = &args.out;
+    let leader = peer.is_leader();
     let mut model = seeded(device, cfg.seed, || {
         GenerationModel::<B>::new(&cfg.model, device)
     });
@@ -243,59 +301,70 @@ pub fn fit_generate<B: AutodiffBackend>(
         None => 0,
     };
     // The average starts from the published weights of the checkpoint being resumed (its EMA)
-    // or from the fresh model.
-    let mut weight_avg = Ema::new(
-        cfg.diffusion.ema_decay,
-        match &state {
-            Some(_) => with_prefixes(
-                &load_weights(&run.join(WEIGHTS_FILE))?,
-                &["text", "denoiser"],
-            ),
-            None => named_tensors(&model.valid()),
-        },
-    );
-    let mut image_embeddings = ImageEmbeddings::new(vision, &cfg.model, data.n);
+    // or from the fresh model; only the leader, which writes it, keeps one.
+    let mut weight_avg = if leader {
+        Some(Ema::new(
+            cfg.diffusion.ema_decay,
+            match &state {
+                Some(_) => with_prefixes(
+                    &load_weights(&run.join(WEIGHTS_FILE))?,
+                    &["text", "denoiser"],
+                ),
+                None => named_tensors(&model.valid()),
+            },
+        ))
+    } else {
+        None
+    };
+    let mut image_embeddings =
+        ImageEmbeddings::new(vision.clone().to_device(device), &cfg.model, data.n);
 
-    let pb = duet_datasets::progress::stage_bar(args.quiet, cfg.steps, "generate");
+    let pb = duet_datasets::progress::stage_bar(args.quiet || !leader, cfg.steps, "generate");
     pb.set_position(start_step as u64);
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run.join(METRICS_FILE))?;
+    let mut metrics = peer.metrics_log(run)?;
     let t0 = Instant::now();
     let mut last_loss = state.as_ref().map(|s| s.last_loss).unwrap_or(f64::NAN);
     let mut last_diffusion = f64::NAN;
     let mut ema: Option<f64> = None;
     for step in start_step..cfg.steps {
-        let idx = batch_indices(data.n, cfg.batch_size, step, cfg.seed);
+        let batch = batch_indices(data.n, cfg.batch_size, step, cfg.seed);
         let mut rng = step_rng(cfg.seed, step);
-        let image_emb = image_embeddings.batch(&data, &idx, device);
-        let (loss, diffusion) = generate_loss(
+        let image_emb = image_embeddings.batch(data, &batch, device);
+        let GenerateLoss {
+            objective,
+            total,
+            diffusion,
+        } = generate_loss(
             &cfg.model,
             &cfg.diffusion,
-            &schedule,
+            schedule,
             &model,
             image_emb,
-            &data,
-            &idx,
+            data,
+            &batch,
+            peer,
             &mut rng,
             device,
-        );
-        let loss_value = loss.clone().into_scalar().elem::<f64>();
-        let diffusion_value = diffusion.into_scalar().elem::<f64>();
+        )?;
+        let loss_value = peer.sum::<B>(total, device)?;
+        let diffusion_value = peer.sum::<B>(diffusion, device)?;
         if !loss_value.is_finite() {
             anyhow::bail!("loss became {loss_value} at step {step}; lower --lr");
         }
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = GradientsParams::from_grads(objective.backward(), &model);
+        let grads = peer.sum_gradients(&model, grads)?;
         let lr = warmup_cosine_lr(cfg.lr, cfg.warmup_steps, cfg.steps, step);
         model = optim.step(lr, model, grads);
-        weight_avg.update(&model.valid(), step);
         last_loss = loss_value;
         last_diffusion = diffusion_value;
         let e = ema.map_or(diffusion_value, |e| 0.95 * e + 0.05 * diffusion_value);
         ema = Some(e);
         pb.set_position(step as u64 + 1);
         pb.set_message(format!("diffusion {e:.3}"));
+        let (Some(metrics), Some(weight_avg)) = (metrics.as_mut(), weight_avg.as_mut()) else {
+            continue;
+        };
+        weight_avg.update(&model.valid(), step);
         if (step + 1) % cfg.log_every == 0 || step + 1 == cfg.steps {
             let line = serde_json::json!({
                 "step": step + 1, "loss": loss_value, "diffusion_loss": diffusion_value,
@@ -313,7 +382,7 @@ pub fn fit_generate<B: AutodiffBackend>(
                 run,
                 &model,
                 Some(weight_avg.weights()),
-                &frozen,
+                frozen,
                 &optim,
                 &saved,
             )?;
@@ -321,7 +390,7 @@ pub fn fit_generate<B: AutodiffBackend>(
         }
     }
     pb.finish_and_clear();
-    if state.is_none() {
+    if let (true, None, Some(weight_avg)) = (leader, &state, &weight_avg) {
         let saved = TrainState {
             step: start_step,
             seed: cfg.seed,
@@ -331,7 +400,7 @@ pub fn fit_generate<B: AutodiffBackend>(
             run,
             &model,
             Some(weight_avg.weights()),
-            &frozen,
+            frozen,
             &optim,
             &saved,
         )?;

@@ -25,7 +25,6 @@ use std::time::Instant;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ElementConversion;
 use duet_models::params::{load_named_tensors, named_tensors, NamedTensors};
 use duet_models::CaptionModel;
 use rand::SeedableRng;
@@ -33,8 +32,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::ema::Ema;
+use crate::parallel::Peer;
 use crate::stages::caption::{batch_indices, prepare, PreparedData};
-use crate::stages::generate::{generate_loss, ImageEmbeddings};
+use crate::stages::generate::{generate_loss, GenerateLoss, ImageEmbeddings};
 use crate::stages::grpo::{grpo_step, GrpoSettings};
 use duet_datasets::folders::{folders_display, load_folders, ImageTarget};
 use duet_datasets::progress::stage_bar;
@@ -415,7 +415,11 @@ pub fn fit_unify<B: AutodiffBackend>(
             None => &data,
         };
         let image_emb = embeddings.batch(train_data, &idx, device);
-        let (loss, diffusion) = generate_loss(
+        let GenerateLoss {
+            objective: loss,
+            total: loss_value,
+            diffusion,
+        } = generate_loss(
             model_cfg,
             &cfg.base.diffusion,
             &schedule,
@@ -423,11 +427,11 @@ pub fn fit_unify<B: AutodiffBackend>(
             image_emb,
             train_data,
             &idx,
+            Peer::ALONE,
             &mut rng,
             device,
-        );
-        let loss_value = loss.clone().into_scalar().elem::<f64>();
-        last_diffusion = diffusion.into_scalar().elem::<f64>();
+        )?;
+        last_diffusion = diffusion;
         if !loss_value.is_finite() {
             anyhow::bail!("loss became {loss_value} at stage-2 step {step}; lower --gen-lr");
         }

@@ -1,0 +1,69 @@
+//! Helpers the training tests share: the tiny caption run they start from, and comparing
+//! checkpoints.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+
+use duet_models::params::NamedTensors;
+use duet_models::Preset;
+use duet_train::stages::caption::FitArgs;
+use duet_train::stages::generate::GenerateFitArgs;
+
+/// A tiny caption run on `data` into `out`: `steps` steps of batch 8, seed 7, one device.
+pub fn caption_args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitArgs {
+    FitArgs {
+        preset: Preset::Tiny,
+        data: vec![data.to_path_buf()],
+        out: out.to_path_buf(),
+        steps: Some(steps),
+        batch_size: Some(8),
+        lr: None,
+        seed: 7,
+        resume,
+        image_size: None,
+        image_fit: None,
+        tokenizer: None,
+        init_from: None,
+        device: "cpu".into(),
+        devices: 1,
+        command: "test".into(),
+        quiet: true,
+    }
+}
+
+/// A tiny generate run from the caption run `init` on `data` into `out`: `steps` steps of
+/// batch 8, seed 1, one device.
+pub fn generate_args(init: &Path, data: Vec<PathBuf>, out: &Path, steps: usize) -> GenerateFitArgs {
+    GenerateFitArgs {
+        init: init.to_path_buf(),
+        data,
+        out: out.to_path_buf(),
+        steps: Some(steps),
+        batch_size: Some(8),
+        lr: None,
+        min_snr_gamma: None,
+        denoiser: Default::default(),
+        seed: 1,
+        resume: false,
+        device: "cpu".into(),
+        devices: 1,
+        command: "test".into(),
+        quiet: true,
+    }
+}
+
+/// The largest |a - b| over every parameter of two checkpoints (which must hold the same
+/// parameters with the same shapes).
+pub fn max_difference(a: &NamedTensors, b: &NamedTensors) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0.0f32;
+    for (name, t) in a {
+        let u = &b[name];
+        assert_eq!(t.shape, u.shape, "{name}");
+        for (x, y) in t.data.iter().zip(&u.data) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    worst
+}
