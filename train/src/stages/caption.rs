@@ -221,20 +221,21 @@ impl PreparedData {
     }
 }
 
-/// Mean next-token cross-entropy over the targets that are not PAD (`targets` `[B, L - 1]`,
-/// see [`PreparedData::targets`]).
-pub fn caption_loss<B: Backend>(
+/// The captioner's summed next-token negative log-likelihood over the targets that are not PAD
+/// (`targets` `[B, L - 1]`, see [`PreparedData::targets`]), and their count ([`decoder_nll`]
+/// on the vision encoder's tokens).
+pub fn caption_nll<B: Backend>(
     model: &CaptionModel<B>,
     pixels: Tensor<B, 4>,
     tokens: Tensor<B, 2, Int>,
     targets: Tensor<B, 2, Int>,
-) -> Tensor<B, 1> {
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let image_tokens = model.vision.forward(pixels).patch_tokens;
-    decoder_loss(&model.decoder, image_tokens, tokens, targets)
+    decoder_nll(&model.decoder, image_tokens, tokens, targets)
 }
 
-/// [`caption_loss`] of the decoder alone, on image tokens computed elsewhere (a frozen
-/// vision encoder's).
+/// Mean next-token cross-entropy of the decoder over the targets that are not PAD, on image
+/// tokens computed elsewhere (a frozen vision encoder's).
 pub fn decoder_loss<B: Backend>(
     decoder: &CaptionDecoder<B>,
     image_tokens: Tensor<B, 3>,
@@ -475,8 +476,7 @@ fn train_peer<B: AutodiffBackend>(
         let pixels = data.pixels_batch::<B>(&images, device);
         let tokens = data.tokens_batch::<B>(idx, device);
         let targets = data.targets_batch::<B>(idx, device);
-        let image_tokens = model.vision.forward(pixels).patch_tokens;
-        let (nll, _) = decoder_nll(&model.decoder, image_tokens, tokens, targets);
+        let (nll, _) = caption_nll(&model, pixels, tokens, targets);
         let loss = nll.div_scalar(count);
         let loss_value = peer.sum::<B>(loss.clone().into_scalar().elem::<f64>(), device)?;
         if !loss_value.is_finite() {

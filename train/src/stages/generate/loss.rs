@@ -161,7 +161,7 @@ pub fn generate_loss<B: AutodiffBackend>(
         rng,
         device,
     );
-    let (objective, diffusion) = diffusion_loss_part(
+    let (objective, diffusion) = diffusion_loss(
         cfg,
         settings,
         schedule,
@@ -221,34 +221,13 @@ pub fn generate_loss<B: AutodiffBackend>(
     })
 }
 
-/// The denoiser's loss on clean images `x0` `[B, C, S, S]` under conditioning `cond`
-/// `[B, L, D]` with key mask `cond_mask` `[B, L]`: a uniformly drawn timestep and Gaussian
-/// noise per sample from `rng`, MSE of the v- or ε-prediction. Returns `(objective,
-/// diffusion)`: the batch mean under the Min-SNR-γ weights when set (what is optimised), and
-/// the plain mean (what is reported, so runs with and without weighting compare).
+/// The denoiser's loss on the noised rows `noised` of a batch of `batch` clean images under
+/// conditioning `cond` `[n, L, D]` with key mask `cond_mask` `[n, L]`: MSE of the v- or
+/// ε-prediction per sample, summed and divided by `batch` so the parts of a batch add up to
+/// its mean. Returns `(objective, diffusion)`: under the Min-SNR-γ weights when set (what is
+/// optimised), and plain (what is reported, so runs with and without weighting compare).
 #[allow(clippy::too_many_arguments)]
-pub fn diffusion_loss<B: Backend>(
-    cfg: &ModelSpec,
-    settings: &DiffusionSettings,
-    schedule: &NoiseSchedule,
-    denoiser: &Denoiser<B>,
-    x0: Tensor<B, 4>,
-    cond: Tensor<B, 3>,
-    cond_mask: Tensor<B, 2>,
-    rng: &mut ChaCha8Rng,
-    device: &B::Device,
-) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let b = x0.dims()[0];
-    let noised = noise_images(schedule, settings.prediction, x0, rng, device);
-    diffusion_loss_part(
-        cfg, settings, schedule, denoiser, noised, b, cond, cond_mask, device,
-    )
-}
-
-/// [`diffusion_loss`] of the rows of a larger batch of `batch` samples that `noised` holds: the
-/// per-sample errors summed and divided by `batch`, so the parts of a batch sum to its mean.
-#[allow(clippy::too_many_arguments)]
-fn diffusion_loss_part<B: Backend>(
+fn diffusion_loss<B: Backend>(
     cfg: &ModelSpec,
     settings: &DiffusionSettings,
     schedule: &NoiseSchedule,
