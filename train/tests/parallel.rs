@@ -12,6 +12,7 @@ use duet_train::backend::CpuBackend;
 use duet_train::parallel::{run_peers, ParallelError, Peer};
 use duet_train::stages::caption::{fit, FitArgs};
 use duet_train::stages::generate::{fit_generate, GenerateFitArgs};
+use duet_train::stages::restore::{fit_fusion, fit_restore, PairFitArgs};
 
 mod common;
 use common::{caption_args, generate_args, max_difference};
@@ -109,6 +110,138 @@ fn two_cpu_peers_train_the_generator_one_device_trains() {
     }
 }
 
+/// The fusion head and the restorers on two peers: each draws the whole batch's timesteps and
+/// noise and takes its rows, every loss divides by the whole batch, so 2 peers with 8 examples
+/// each train what one device trains with 16 (the restorers through the unrolled sampler too).
+#[test]
+fn two_cpu_peers_train_fusion_and_restore_like_one_device() {
+    use duet_datasets::pair_tasks::PairTask;
+    use duet_run::RestoreSettings;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_dataset(&data, 24, 3, &SceneConfig::default(), "test").unwrap();
+    let device = Default::default();
+    let caption = dir.path().join("caption");
+    fit::<CpuBackend>(&args(&data, &caption, 2, 1, false), &device).unwrap();
+    let generate = dir.path().join("generate");
+    fit_generate::<CpuBackend>(
+        &generate_args(&caption, vec![data.clone()], &generate, 1),
+        &device,
+    )
+    .unwrap();
+    let pair = |init: &Path, out: &Path, devices, steps| PairFitArgs {
+        init: init.to_path_buf(),
+        out: out.to_path_buf(),
+        task: Some(PairTask::ColourColumn),
+        data: None,
+        train_examples: Some(64),
+        test_examples: Some(16),
+        steps: Some(steps),
+        batch_size: Some(16),
+        lr: None,
+        seed: 3,
+        settings: Some(RestoreSettings {
+            token_steps: 3,
+            ..RestoreSettings::default()
+        }),
+        device: "cpu".into(),
+        devices,
+        network: None,
+        command: "test".into(),
+        quiet: true,
+    };
+    let fusion = |out: &Path, devices| {
+        fit_fusion::<CpuBackend>(&pair(&generate, out, devices, 4), &device).unwrap();
+        load_weights(&out.join(WEIGHTS_FILE)).unwrap()
+    };
+    let (one, two) = (dir.path().join("fusion-1"), dir.path().join("fusion-2"));
+    let delta = max_difference(&fusion(&one, 1), &fusion(&two, 2));
+    eprintln!("fusion, 1 device vs 2 peers: max |Δ| = {delta:e}");
+    assert!(delta <= 1e-6, "2 peers trained another head: {delta}");
+
+    let restore = |out: &Path, devices, steps| {
+        fit_restore::<CpuBackend>(&pair(&one, out, devices, steps), &device).unwrap();
+        load_weights(&out.join(WEIGHTS_FILE)).unwrap()
+    };
+    let (a, b) = (
+        restore(&dir.path().join("restore-1"), 1, 4),
+        restore(&dir.path().join("restore-2"), 2, 4),
+    );
+    let delta = max_difference(&a, &b);
+    eprintln!("restore, 1 device vs 2 peers: max |Δ| = {delta:e}");
+    assert!(delta <= 1e-6, "2 peers trained other restorers: {delta}");
+    // The steps moved the restorers by far more than that (3 more steps than a 1-step run).
+    let moved = max_difference(&a, &restore(&dir.path().join("restore-short"), 1, 1));
+    eprintln!("restore, 4 steps vs 1: max |Δ| = {moved:e}");
+    assert!(
+        moved > 100.0 * delta.max(1e-7),
+        "training moved the restorers by {moved}"
+    );
+}
+
+/// The unify stage on two peers: stage 1 splits each step's images (each image's captions come
+/// from its own generator stream and its rebuild from its own start noise, whichever peer takes
+/// it) and stage 2 each batch, so both stages end where one device ends, with the same rewards.
+#[test]
+fn two_cpu_peers_run_the_unify_stage_one_device_runs() {
+    use duet_train::stages::unify::{fit_unify, UnifyFitArgs, STAGE1_DIR, STAGE2_DIR};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_dataset(&data, 24, 3, &SceneConfig::default(), "test").unwrap();
+    let device = Default::default();
+    let caption = dir.path().join("caption");
+    fit::<CpuBackend>(&args(&data, &caption, 2, 1, false), &device).unwrap();
+    let generate = dir.path().join("generate");
+    fit_generate::<CpuBackend>(
+        &generate_args(&caption, vec![data.clone()], &generate, 1),
+        &device,
+    )
+    .unwrap();
+    let unify = |out: &Path, devices| {
+        let args = UnifyFitArgs {
+            init: generate.clone(),
+            data: vec![data.clone()],
+            out: out.to_path_buf(),
+            understand_steps: Some(3),
+            understand_images: Some(4),
+            understand_lr: Some(1e-3),
+            group: Some(3),
+            temperature: Some(2.0),
+            generate_steps: Some(2),
+            seed: 5,
+            device: "cpu".into(),
+            devices,
+            quiet: true,
+            ..UnifyFitArgs::default()
+        };
+        fit_unify::<CpuBackend>(&args, &device).unwrap()
+    };
+    let (one, two) = (dir.path().join("unify-1"), dir.path().join("unify-2"));
+    let (a, b) = (unify(&one, 1), unify(&two, 2));
+    eprintln!("unify, 1 device: {a:?}\n2 peers: {b:?}");
+    for (x, y) in [
+        (a.reward_start, b.reward_start),
+        (a.reward_end, b.reward_end),
+        (a.final_kl, b.final_kl),
+        (a.informative_groups, b.informative_groups),
+        (a.final_diffusion_loss, b.final_diffusion_loss),
+    ] {
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "{a:?} vs {b:?}");
+    }
+    assert!(a.informative_groups > 0.0, "stage 1 never updated: {a:?}");
+    for stage in [STAGE1_DIR, STAGE2_DIR] {
+        let delta = max_difference(
+            &load_weights(&one.join(stage).join(WEIGHTS_FILE)).unwrap(),
+            &load_weights(&two.join(stage).join(WEIGHTS_FILE)).unwrap(),
+        );
+        eprintln!("unify {stage}, 1 device vs 2 peers: max |Δ| = {delta:e}");
+        assert!(
+            delta <= 1e-6,
+            "{stage}: 2 peers trained other weights: {delta}"
+        );
+    }
+}
+
 /// A two-peer run stopped after 3 steps and resumed (on two peers) ends where the
 /// uninterrupted two-peer run ends, bit for bit: two peers' sums do not depend on which
 /// arrives first.
@@ -198,9 +331,9 @@ fn uneven_batches_and_zero_devices_are_refused_before_anything_is_written() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--devices must be at least 1"));
     assert!(!out.exists(), "nothing is written on a refused run");
-    // A stage that does not train data-parallel yet says so.
+    // The dream stage does not train data-parallel yet, and says so.
     let o = Command::new(env!("CARGO_BIN_EXE_duet-train"))
-        .args(["fit", "--stage", "unify", "--init"])
+        .args(["fit", "--stage", "dream", "--init"])
         .arg(&out)
         .arg("--data")
         .arg(&data)
@@ -211,5 +344,6 @@ fn uneven_batches_and_zero_devices_are_refused_before_anything_is_written() {
         .unwrap();
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("--stage unify does not use --devices"), "{e}");
+    assert!(e.contains("--stage dream does not use --devices"), "{e}");
+    assert!(!out.exists(), "nothing is written on a refused run");
 }

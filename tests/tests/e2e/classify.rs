@@ -31,6 +31,8 @@ fn restore_bundle_classifies_with_a_missing_modality_on_ort_and_tract_like_burn(
             ..RestoreSettings::default()
         }),
         device: "cpu".into(),
+        devices: 1,
+        network: None,
         command: "e2e classify".into(),
         quiet: true,
     };

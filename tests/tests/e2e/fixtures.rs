@@ -71,6 +71,7 @@ pub(crate) fn train_and_export_captioner(
         init_from: None,
         device: "cpu".into(),
         devices: 1,
+        network: None,
         command: format!("e2e {what}: fit --stage caption --preset tiny --steps {steps}"),
         quiet: true,
     };
@@ -201,6 +202,7 @@ pub(crate) fn gen_fixture() -> &'static GenFixture {
             resume: false,
             device: "cpu".into(),
             devices: 1,
+            network: None,
             command: format!("e2e fixture: fit --stage generate --steps {steps}"),
             quiet: true,
         };

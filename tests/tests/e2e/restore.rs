@@ -33,6 +33,8 @@ fn restore_stage_freezes_backbones_and_restores_closer_than_mean_fill() {
             ..RestoreSettings::default()
         }),
         device: "cpu".into(),
+        devices: 1,
+        network: None,
         command: "e2e restore".into(),
         quiet: true,
     };
@@ -201,6 +203,8 @@ fn fusion_and_restore_learn_a_labelled_folders_classes() {
             ..RestoreSettings::default()
         }),
         device: "cpu".into(),
+        devices: 1,
+        network: None,
         command: "e2e restore folder".into(),
         quiet: true,
     };

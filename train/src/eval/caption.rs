@@ -167,6 +167,8 @@ pub fn eval_reconstruction<B: Backend>(
             1,
             settings,
             seed.wrapping_add(k as u64),
+            0,
+            chunk.len(),
             device,
         )?;
         for (c, m) in

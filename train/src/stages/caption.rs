@@ -57,6 +57,29 @@ pub struct PreparedData {
     pub seq_len: usize,
 }
 
+impl PreparedData {
+    /// A digest of every prepared value (for peers in other processes to check that they
+    /// prepared the same rows).
+    pub fn digest(&self) -> [u8; 32] {
+        let ints = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let floats = self
+            .pixels
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>();
+        let images: Vec<i64> = self.image_of.iter().map(|&i| i as i64).collect();
+        crate::parallel::digest_of(&[
+            &(self.n as u64).to_le_bytes(),
+            &(self.image_size as u64).to_le_bytes(),
+            &(self.seq_len as u64).to_le_bytes(),
+            &floats,
+            &ints(&self.tokens),
+            &ints(&self.targets),
+            &ints(&images),
+        ])
+    }
+}
+
 /// A question about image `image` (an index into the samples) with its answer: one training
 /// row `[BOS] question answer [EOS]` with the loss on the answer and EOS only.
 #[derive(Debug, Clone)]
@@ -311,6 +334,9 @@ pub struct FitArgs {
     /// Data-parallel peers (`--devices`, [`crate::parallel`]): each takes `1/devices` of every
     /// batch. 1: plain one-device training.
     pub devices: usize,
+    /// This process's rank of a multi-process group (`--peers`, `--rank`); `None`: the
+    /// peers, if any, are `devices` threads of this process.
+    pub network: Option<crate::parallel::NetworkSpec>,
     pub command: String,
     pub quiet: bool,
 }
@@ -390,8 +416,6 @@ pub fn fit_on<B: AutodiffBackend>(
             command: args.command.clone(),
             questions: fresh.questions.len(),
         };
-        // A fresh run starts a fresh metrics log.
-        let _ = std::fs::remove_file(run.join(METRICS_FILE));
         (cfg, fresh.tokenizer, fresh.samples, fresh.questions, None)
     };
     if !questions.is_empty() {
@@ -402,14 +426,11 @@ pub fn fit_on<B: AutodiffBackend>(
         );
     }
     cfg.model.validate().map_err(anyhow::Error::msg)?;
-    crate::parallel::check(devices.len(), cfg.batch_size)?;
-    // Made only now, so a refused folder or configuration leaves no empty run behind.
-    std::fs::create_dir_all(run)?;
-    if state.is_none() {
-        save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
-    }
-    write_json(&config_path, &cfg)?;
-
+    let network = args.network.as_ref();
+    crate::parallel::check(
+        crate::parallel::group_size(devices.len(), network)?,
+        cfg.batch_size,
+    )?;
     let data = prepare_with_questions(
         &samples,
         &questions,
@@ -417,9 +438,39 @@ pub fn fit_on<B: AutodiffBackend>(
         cfg.model.image_size,
         cfg.model.max_len,
     )?;
-    crate::parallel::run_peers::<B, _, _>(devices, |peer, device| {
-        train_peer::<B>(args, &cfg, &data, state.clone(), peer, device)
-    })
+    let digest = || -> anyhow::Result<[u8; 32]> {
+        // What must match across processes: the settings (not where each keeps its files or
+        // which device it names), the tokenizer and the prepared rows.
+        let settings = CaptionTrainConfig {
+            device: String::new(),
+            command: String::new(),
+            data: Vec::new(),
+            init_from: None,
+            tokenizer: Default::default(),
+            ..cfg.clone()
+        };
+        Ok(crate::parallel::digest_of(&[
+            &serde_json::to_vec(&settings)?,
+            tokenizer
+                .to_string(false)
+                .map_err(anyhow::Error::msg)?
+                .as_bytes(),
+            &data.digest(),
+        ]))
+    };
+    let group = crate::parallel::Group::<B>::join(devices, network, digest)?;
+    // Made only now, so a refused folder, configuration or peer leaves no empty run behind.
+    if crate::parallel::writes_run(network) {
+        std::fs::create_dir_all(run)?;
+        if state.is_none() {
+            // A fresh run starts a fresh metrics log.
+            let _ = std::fs::remove_file(run.join(METRICS_FILE));
+            save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
+        }
+        write_json(&config_path, &cfg)?;
+    }
+
+    group.run(|peer, device| train_peer::<B>(args, &cfg, &data, state.clone(), peer, device))
 }
 
 /// The caption training loop of one data-parallel peer (all of it on one device): the same
@@ -458,6 +509,13 @@ fn train_peer<B: AutodiffBackend>(
         }
         None => 0,
     };
+    peer.agree(
+        "initial weights and step (resume every peer from the same run)",
+        crate::parallel::digest_of(&[
+            &crate::parallel::weights_digest(&model),
+            &(start_step as u64).to_le_bytes(),
+        ]),
+    )?;
 
     let leader = peer.is_leader();
     let pb = duet_datasets::progress::stage_bar(args.quiet || !leader, cfg.steps, "caption");

@@ -20,6 +20,8 @@ use duet_models::{CaptionModel, KvCache};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::parallel::{ParallelError, Peer};
+
 /// GRPO hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GrpoSettings {
@@ -41,19 +43,22 @@ impl Default for GrpoSettings {
     }
 }
 
-/// Samples `group` captions per image (rows `i·group .. (i+1)·group` belong to image `i`).
-/// Each is `[BOS] tokens… [EOS]` (EOS missing if `max_len` ran out).
-pub fn sample_captions<B: Backend, R: Rng + ?Sized>(
+/// Samples `group` captions per image (rows `i·group .. (i+1)·group` belong to image `i`),
+/// image `i`'s from `rngs[i]` alone, so an image's captions do not depend on which other images
+/// share its batch (data-parallel peers split a batch by image). Each is `[BOS] tokens… [EOS]`
+/// (EOS missing if `max_len` ran out).
+pub fn sample_captions<B: Backend, R: Rng>(
     model: &CaptionModel<B>,
     pixels: Tensor<B, 4>,
     group: usize,
     temperature: f64,
     max_len: usize,
-    rng: &mut R,
+    rngs: &mut [R],
 ) -> Vec<Vec<u32>> {
     let device = pixels.device();
     let image_tokens = model.vision.forward(pixels).patch_tokens;
     let n = image_tokens.dims()[0];
+    assert_eq!(rngs.len(), n, "one generator per image");
     let rows: Vec<i64> = (0..n * group).map(|k| (k / group) as i64).collect();
     let image_tokens = image_tokens.select(
         0,
@@ -93,7 +98,7 @@ pub fn sample_captions<B: Backend, R: Rng + ?Sized>(
             let mut row = probs[i * v..(i + 1) * v].to_vec();
             row[PAD_ID as usize] = 0.0;
             row[BOS_ID as usize] = 0.0;
-            let tok = sample_index(&row, rng) as u32;
+            let tok = sample_index(&row, &mut rngs[i / group]) as u32;
             seqs[i].push(tok);
             if tok == EOS_ID {
                 done[i] = true;
@@ -188,7 +193,10 @@ pub struct GrpoStats {
 }
 
 /// The GRPO loss of sampled captions `seqs` (grouped as [`sample_captions`] returns them) for
-/// the images `pixels` `[N, 3, S, S]`, with `advantages` from [`group_advantages`].
+/// the images `pixels` `[N, 3, S, S]`, with `advantages` from [`group_advantages`]: the sum of
+/// the per-caption losses divided by `captions`, the whole batch's count (a data-parallel
+/// peer's part of the mean when `seqs` is its share). Also returns the sum of the per-token KL
+/// estimates and the number of tokens they were taken over.
 pub fn grpo_loss<B: AutodiffBackend>(
     policy: &CaptionModel<B>,
     reference: &CaptionModel<B::InnerBackend>,
@@ -196,7 +204,8 @@ pub fn grpo_loss<B: AutodiffBackend>(
     seqs: &[Vec<u32>],
     advantages: &[f32],
     settings: &GrpoSettings,
-) -> (Tensor<B, 1>, f64) {
+    captions: usize,
+) -> (Tensor<B, 1>, f64, f64) {
     let device = pixels.device();
     let n = pixels.dims()[0];
     let b = seqs.len();
@@ -228,18 +237,20 @@ pub fn grpo_loss<B: AutodiffBackend>(
     let per_token = logp.neg() * adv + kl.clone().mul_scalar(settings.kl_weight);
     let lengths = mask.clone().sum_dim(1).clamp_min(1.0);
     let per_seq = (per_token * mask.clone()).sum_dim(1) / lengths;
-    let loss = per_seq.mean();
-    let kl_mean = ((kl * mask.clone()).sum() / mask.sum().clamp_min(1.0))
-        .into_scalar()
-        .elem::<f64>();
-    (loss, kl_mean)
+    let loss = per_seq.sum().div_scalar(captions.max(1) as f64);
+    let kl_sum = (kl * mask.clone()).sum().into_scalar().elem::<f64>();
+    let tokens = mask.sum().into_scalar().elem::<f64>();
+    (loss, kl_sum, tokens)
 }
 
-/// One GRPO update: samples a group per image, scores all captions at once with `reward`
-/// (given every sampled caption, grouped as [`sample_captions`] returns them; batched because a
-/// real reward — rebuilding each image with the generator — runs best as one batch), and takes
-/// one optimizer step. Returns the updated policy, the mean reward of the samples and the loss
-/// statistics.
+/// One GRPO update: samples a group per image (image `i` from `rngs[i]`), scores all
+/// captions at once with `reward` (given every sampled caption, grouped as
+/// [`sample_captions`] returns them; batched because a real reward — rebuilding each image with
+/// the generator — runs best as one batch), and takes one optimizer step. `pixels` are the
+/// images of `peer`'s share of a batch of `batch_images` (all of them with [`Peer::ALONE`]);
+/// the loss is its part of the whole batch's and the gradients are summed across peers, so
+/// every peer takes the step one device takes. Returns the updated policy and the whole
+/// batch's statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn grpo_step<B, O, R, F, E>(
     policy: CaptionModel<B>,
@@ -249,46 +260,65 @@ pub fn grpo_step<B, O, R, F, E>(
     pixels: Tensor<B, 4>,
     settings: &GrpoSettings,
     max_len: usize,
-    rng: &mut R,
+    rngs: &mut [R],
+    peer: &Peer,
+    batch_images: usize,
     mut reward: F,
 ) -> Result<(CaptionModel<B>, GrpoStats), E>
 where
     B: AutodiffBackend,
     O: Optimizer<CaptionModel<B>, B>,
-    R: Rng + ?Sized,
+    R: Rng,
     F: FnMut(&[Vec<u32>]) -> Result<Vec<f32>, E>,
+    E: From<ParallelError>,
 {
+    let device = pixels.device();
     let seqs = sample_captions(
         &policy.valid(),
         pixels.clone().inner(),
         settings.group,
         settings.temperature,
         max_len,
-        rng,
+        rngs,
     );
     let rewards = reward(&seqs)?;
-    let n = rewards.len().max(1) as f64;
-    let mean_reward = rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / n;
     let adv = group_advantages(&rewards, settings.group);
-    // Groups whose samples all scored the same teach nothing (advantage 0).
     let informative = rewards
         .chunks(settings.group.max(1))
         .filter(|g| g.iter().any(|&r| (r - g[0]).abs() > 1e-6))
-        .count() as f64
-        / rewards.chunks(settings.group.max(1)).count().max(1) as f64;
-    let mean_len = seqs.iter().map(|s| s.len() as f64).sum::<f64>() / seqs.len().max(1) as f64;
-    let (loss, kl) = grpo_loss(&policy, reference, pixels, &seqs, &adv, settings);
-    let loss_value = loss.clone().into_scalar().elem::<f64>();
+        .count();
+    let captions = batch_images * settings.group;
+    let (loss, kl_sum, kl_tokens) =
+        grpo_loss(&policy, reference, pixels, &seqs, &adv, settings, captions);
+    // The whole batch's sums, in one collective operation.
+    let sums = peer.sum_tensor(Tensor::<B::InnerBackend, 1>::from_floats(
+        [
+            loss.clone().into_scalar().elem::<f32>(),
+            rewards.iter().sum::<f32>(),
+            informative as f32,
+            seqs.iter().map(|s| s.len() as f32).sum::<f32>(),
+            kl_sum as f32,
+            kl_tokens as f32,
+        ],
+        &device,
+    ))?;
+    let sums: Vec<f64> = sums
+        .into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .map_err(|e| ParallelError::BadPeers(format!("reading the GRPO statistics: {e:?}")))?;
     let grads = GradientsParams::from_grads(loss.backward(), &policy);
+    let grads = peer.sum_gradients(&policy, grads)?;
     let policy = optim.step(lr, policy, grads);
+    let n = captions.max(1) as f64;
     Ok((
         policy,
         GrpoStats {
-            loss: loss_value,
-            kl,
-            mean_reward,
-            informative_groups: informative,
-            mean_len,
+            loss: sums[0],
+            kl: sums[4] / sums[5].max(1.0),
+            mean_reward: sums[1] / n,
+            informative_groups: sums[2] / batch_images.max(1) as f64,
+            mean_len: sums[3] / n,
         },
     ))
 }
@@ -323,7 +353,14 @@ mod tests {
         let policy = CaptionModel::<B>::new(&cfg, &device);
         let reference = policy.valid();
         let mut optim = AdamConfig::new().init::<B, CaptionModel<B>>();
-        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        // One generator per image, fresh for every sampling round.
+        let mut round = 0u64;
+        let mut rngs = || {
+            round += 1;
+            (0..4)
+                .map(|i| ChaCha8Rng::seed_from_u64(11 + 100 * round + i))
+                .collect::<Vec<_>>()
+        };
         let pixels = Tensor::<B, 4>::random(
             [4, 3, 32, 32],
             burn::tensor::Distribution::Uniform(-1.0, 1.0),
@@ -339,11 +376,11 @@ mod tests {
             temperature: 1.0,
             kl_weight: 0.01,
         };
-        let measure = |p: &CaptionModel<B>, rng: &mut ChaCha8Rng| {
-            let seqs = sample_captions(&p.valid(), pixels.clone().inner(), 16, 1.0, 12, rng);
+        let measure = |p: &CaptionModel<B>, rngs: &mut [ChaCha8Rng]| {
+            let seqs = sample_captions(&p.valid(), pixels.clone().inner(), 16, 1.0, 12, rngs);
             seqs.iter().map(|s| share(0, s)).sum::<f32>() / seqs.len() as f32
         };
-        let before = measure(&policy, &mut rng);
+        let before = measure(&policy, &mut rngs());
         let mut policy = policy;
         let mut last = None;
         for _ in 0..8 {
@@ -355,17 +392,19 @@ mod tests {
                 pixels.clone(),
                 &settings,
                 12,
-                &mut rng,
+                &mut rngs(),
+                &Peer::ALONE,
+                4,
                 |seqs: &[Vec<u32>]| {
-                    Ok::<_, std::convert::Infallible>(seqs.iter().map(|s| share(0, s)).collect())
+                    Ok::<_, ParallelError>(seqs.iter().map(|s| share(0, s)).collect())
                 },
             )
-            .unwrap_or_else(|e| match e {});
+            .unwrap();
             policy = p;
             assert!(stats.kl.is_finite() && stats.kl >= 0.0, "{stats:?}");
             last = Some(stats);
         }
-        let after = measure(&policy, &mut rng);
+        let after = measure(&policy, &mut rngs());
         eprintln!("toy reward {before:.3} -> {after:.3}, last step {last:?}");
         assert!(
             after > 2.0 * before && after > before + 0.1,

@@ -27,6 +27,7 @@ pub fn caption_args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitA
         init_from: None,
         device: "cpu".into(),
         devices: 1,
+        network: None,
         command: "test".into(),
         quiet: true,
     }
@@ -48,6 +49,7 @@ pub fn generate_args(init: &Path, data: Vec<PathBuf>, out: &Path, steps: usize) 
         resume: false,
         device: "cpu".into(),
         devices: 1,
+        network: None,
         command: "test".into(),
         quiet: true,
     }

@@ -10,6 +10,7 @@ use duet_models::{ImageFit, Preset};
 use duet_run::Stage;
 use duet_train::backend::DeviceKind;
 use duet_train::cpu;
+use duet_train::parallel::{NetworkSpec, DEFAULT_PEER_TIMEOUT};
 use duet_train::stages::caption::FitArgs;
 use duet_train::stages::dream::{DreamFitArgs, DreamOutcome};
 use duet_train::stages::generate::DenoiserOptions;
@@ -107,12 +108,26 @@ pub struct FitCommand {
     /// `duet-export import` from a bundle) on --data, keeping its dimensions and tokenizer.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
-    /// `--stage caption|generate`: train data-parallel on this many devices through Burn's collective
-    /// engine: N CPU peers with `--device cpu`, CUDA devices 0..N with `--device cuda`. Each
+    /// `--stage caption|generate|unify|fusion|restore`: train data-parallel on this many devices
+    /// through Burn's collective engine: N CPU peers with `--device cpu`, CUDA devices 0..N
+    /// with `--device cuda` (caption, generate, unify). Each
     /// takes 1/N of every batch (so --batch-size must divide by N) and the gradients are summed
     /// before every step: the same run as on one device, up to floating-point rounding.
     #[arg(long)]
     pub devices: Option<usize>,
+    /// `--stage caption|generate|unify|fusion|restore`: train as one process of a data-parallel group of several
+    /// processes, possibly on several machines: the HOST:PORT of every peer in rank order,
+    /// comma-separated; rank 0 listens on the first. Every peer runs the same command with
+    /// its own --rank (and one device: no --devices).
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// With --peers: this process's rank, its index in --peers (0 writes the run).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// With --peers: seconds to wait for a peer to join or to answer before stopping with an
+    /// error naming it (default 300).
+    #[arg(long)]
+    pub peer_timeout: Option<f64>,
     /// `--stage dream`: learnable dream queries appended after the decoder's prompt (the
     /// denoiser's conditioning tokens; default: tiny 8, small 16).
     #[arg(long)]
@@ -170,7 +185,11 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
         generation_weight,
         token_weight,
         devices,
+        peers,
+        rank,
+        peer_timeout,
     } = cmd;
+    let network = network_spec(peers, rank, peer_timeout)?;
     check_fit_flags(
         stage,
         &[
@@ -199,6 +218,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
             ("--generation-weight", generation_weight.is_some()),
             ("--token-weight", token_weight.is_some()),
             ("--devices", devices.is_some()),
+            ("--peers", network.is_some()),
         ],
     )?;
     if let (Some(preset), Some(from)) = (preset, &init_from) {
@@ -249,6 +269,8 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 seed,
                 settings: None,
                 device: kind.to_string(),
+                devices: devices.unwrap_or(1),
+                network: network.clone(),
                 command: command_line,
                 quiet: false,
             };
@@ -256,7 +278,8 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 (DeviceKind::Cpu, true) => cpu::fit_fusion(&args)?,
                 (DeviceKind::Cpu, false) => cpu::fit_restore(&args)?,
                 (DeviceKind::Cuda, _) => anyhow::bail!(
-                    "--stage {stage} trains small MLPs on cached embeddings; use --device cpu"
+                    "--stage {stage} trains small MLPs on cached embeddings; use --device cpu \
+                     (with --devices N for N CPU peers)"
                 ),
             };
             println!(
@@ -287,6 +310,8 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 captions,
                 seed,
                 device: kind.to_string(),
+                devices: devices.unwrap_or(1),
+                network: network.clone(),
                 command: command_line,
                 quiet: false,
             };
@@ -367,6 +392,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 resume,
                 device: kind.to_string(),
                 devices: devices.unwrap_or(1),
+                network: network.clone(),
                 command: command_line,
                 quiet: false,
             };
@@ -399,6 +425,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 init_from,
                 device: kind.to_string(),
                 devices: devices.unwrap_or(1),
+                network: network.clone(),
                 command: command_line,
                 quiet: false,
             };
@@ -418,6 +445,33 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The multi-process group of `--peers`, `--rank` and `--peer-timeout` (all or none).
+fn network_spec(
+    peers: Vec<String>,
+    rank: Option<usize>,
+    timeout: Option<f64>,
+) -> anyhow::Result<Option<NetworkSpec>> {
+    if peers.is_empty() {
+        if rank.is_some() || timeout.is_some() {
+            anyhow::bail!("--rank and --peer-timeout belong to --peers HOST:PORT,HOST:PORT,...");
+        }
+        return Ok(None);
+    }
+    let rank = rank.context("--peers needs --rank R: this process's index in the list")?;
+    let timeout = match timeout {
+        None => DEFAULT_PEER_TIMEOUT,
+        Some(s) if s.is_finite() && s > 0.0 && s <= 7.0 * 86400.0 => {
+            std::time::Duration::from_secs_f64(s)
+        }
+        Some(s) => anyhow::bail!("--peer-timeout must be from 0 to a week of seconds, got {s}"),
+    };
+    Ok(Some(NetworkSpec {
+        peers,
+        rank,
+        timeout,
+    }))
+}
+
 /// The stage-specific flags of `fit` each stage reads (the common ones — --out, --device,
 /// --steps, --batch-size, --lr, --seed — apply to all). A flag given to a stage that does not
 /// read it is an error rather than silently ignored: `--stage caption --init RUN` would
@@ -433,6 +487,7 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--tokenizer",
             "--init-from",
             "--devices",
+            "--peers",
         ],
         Stage::Generate => &[
             "--data",
@@ -444,6 +499,7 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--denoiser-layers",
             "--denoiser-patch",
             "--devices",
+            "--peers",
         ],
         Stage::Unify => &[
             "--data",
@@ -453,6 +509,8 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--gen-steps",
             "--gen-lr",
             "--captions",
+            "--devices",
+            "--peers",
         ],
         Stage::Dream => &[
             "--data",
@@ -464,8 +522,8 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--generation-weight",
             "--token-weight",
         ],
-        Stage::Fusion => &["--init", "--task", "--data"],
-        Stage::Restore => &["--init", "--task"],
+        Stage::Fusion => &["--init", "--task", "--data", "--devices", "--peers"],
+        Stage::Restore => &["--init", "--task", "--devices", "--peers"],
     }
 }
 
@@ -530,8 +588,11 @@ fn fit_generate_cuda(_args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome>
 
 #[cfg(feature = "cuda")]
 fn fit_unify_cuda(args: &UnifyFitArgs) -> anyhow::Result<UnifyOutcome> {
-    let device = duet_train::backend::probe_cuda()?;
-    duet_train::stages::unify::fit_unify::<duet_train::backend::CudaBackend>(args, &device)
+    duet_train::backend::probe_cuda()?;
+    duet_train::stages::unify::fit_unify_on::<duet_train::backend::CudaBackend>(
+        args,
+        &cuda_devices(args.devices),
+    )
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -92,7 +92,7 @@ pub fn generate_loss<B: AutodiffBackend>(
     image_emb: Tensor<B::InnerBackend, 2>,
     data: &PreparedData,
     batch: &[usize],
-    peer: Peer,
+    peer: &Peer,
     rng: &mut ChaCha8Rng,
     device: &B::Device,
 ) -> Result<GenerateLoss<B>, ParallelError> {

@@ -103,6 +103,9 @@ pub struct GenerateFitArgs {
     pub device: String,
     /// Data-parallel peers ([`crate::parallel`]); 1: one device.
     pub devices: usize,
+    /// This process's rank of a multi-process group (`--peers`, `--rank`); `None`: the
+    /// peers, if any, are `devices` threads of this process.
+    pub network: Option<crate::parallel::NetworkSpec>,
     pub command: String,
     pub quiet: bool,
 }
@@ -196,7 +199,6 @@ pub fn fit_generate_on<B: AutodiffBackend>(
                 ..DiffusionSettings::default()
             },
         };
-        let _ = std::fs::remove_file(run.join(METRICS_FILE));
         (cfg, None)
     };
     cfg.model.validate().map_err(anyhow::Error::msg)?;
@@ -211,15 +213,17 @@ pub fn fit_generate_on<B: AutodiffBackend>(
     if cfg.batch_size < 2 {
         anyhow::bail!("the contrastive loss needs --batch-size >= 2");
     }
-    crate::parallel::check(devices.len(), cfg.batch_size)?;
+    let network = args.network.as_ref();
+    let writes = crate::parallel::writes_run(network);
+    crate::parallel::check(
+        crate::parallel::group_size(devices.len(), network)?,
+        cfg.batch_size,
+    )?;
     // The captioner's tokenizer and weights, carried unchanged; the images fitted as it saw
     // them.
     let tokenizer = load_tokenizer(&cfg.init.join(TOKENIZER_FILE))?;
     let samples = load_folders(&args.data, &ImageTarget::of(&cfg.model, Some(&tokenizer)))
         .with_context(|| format!("the captioner in {}", cfg.init.display()))?;
-    // Made only now, so a refused folder leaves no empty run behind.
-    std::fs::create_dir_all(run)?;
-    save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
     let frozen = with_prefixes(
         &load_weights(&cfg.init.join(WEIGHTS_FILE))?,
         &["vision", "decoder"],
@@ -232,7 +236,6 @@ pub fn fit_generate_on<B: AutodiffBackend>(
             .collect(),
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.init.display()))?;
-    write_json(&config_path, &cfg)?;
 
     let schedule = NoiseSchedule::cosine(cfg.diffusion.train_timesteps)?;
     let data = prepare(
@@ -249,9 +252,38 @@ pub fn fit_generate_on<B: AutodiffBackend>(
         vision: &vision,
         frozen: &frozen,
     };
-    crate::parallel::run_peers::<B, _, _>(devices, |peer, device| {
-        train_peer::<B>(&shared, state.clone(), peer, device)
-    })
+    let digest = || -> anyhow::Result<[u8; 32]> {
+        // What must match across processes: the settings (not where each keeps its files or
+        // which device it names), the tokenizer, the frozen captioner and the prepared rows.
+        let settings = GenerateTrainConfig {
+            device: String::new(),
+            command: String::new(),
+            data: Vec::new(),
+            init: PathBuf::new(),
+            ..cfg.clone()
+        };
+        Ok(crate::parallel::digest_of(&[
+            &serde_json::to_vec(&settings)?,
+            tokenizer
+                .to_string(false)
+                .map_err(anyhow::Error::msg)?
+                .as_bytes(),
+            &crate::parallel::weights_digest(&vision),
+            &data.digest(),
+        ]))
+    };
+    let group = crate::parallel::Group::<B>::join(devices, network, digest)?;
+    // Made only now, so a refused folder or peer leaves no empty run behind.
+    if writes {
+        std::fs::create_dir_all(run)?;
+        if state.is_none() {
+            // A fresh run starts a fresh metrics log.
+            let _ = std::fs::remove_file(run.join(METRICS_FILE));
+        }
+        save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
+        write_json(&config_path, &cfg)?;
+    }
+    group.run(|peer, device| train_peer::<B>(&shared, state.clone(), peer, device))
 }
 
 /// What every peer of a generate run reads.
@@ -300,6 +332,13 @@ fn train_peer<B: AutodiffBackend>(
         }
         None => 0,
     };
+    peer.agree(
+        "initial weights and step (resume every peer from the same run)",
+        crate::parallel::digest_of(&[
+            &crate::parallel::weights_digest(&model),
+            &(start_step as u64).to_le_bytes(),
+        ]),
+    )?;
     // The average starts from the published weights of the checkpoint being resumed (its EMA)
     // or from the fresh model; only the leader, which writes it, keeps one.
     let mut weight_avg = if leader {
@@ -342,7 +381,7 @@ fn train_peer<B: AutodiffBackend>(
             image_emb,
             data,
             &batch,
-            peer,
+            &peer,
             &mut rng,
             device,
         )?;

@@ -21,25 +21,34 @@ use std::time::Instant;
 
 use super::*;
 
-/// Mean cross-entropy of `logits` `[B, C]` against integer labels.
+/// Cross-entropy of `logits` `[b, C]` against integer labels, summed over the rows and divided
+/// by `batch`: the mean when the rows are the whole batch, a data-parallel peer's part of it
+/// when they are its shard.
 pub(super) fn cross_entropy<B: Backend>(
     logits: Tensor<B, 2>,
     labels: Tensor<B, 1, Int>,
+    batch: usize,
 ) -> Tensor<B, 1> {
     let [b, _] = logits.dims();
     log_softmax(logits, 1)
         .gather(1, labels.reshape([b, 1]))
-        .mean()
+        .sum()
+        .div_scalar(batch as f64)
         .neg()
 }
 
-/// `KL(p ‖ softmax(logits))` per batch, `p` given as probabilities (no gradient).
-pub(super) fn kl_from<B: Backend>(p: Tensor<B, 2>, logits: Tensor<B, 2>) -> Tensor<B, 1> {
-    let [b, _] = p.dims();
+/// `KL(p ‖ softmax(logits))` summed over the rows and divided by `batch` (the mean per example
+/// over the whole batch, of which the rows may be a data-parallel peer's shard), `p` given as
+/// probabilities (no gradient).
+pub(super) fn kl_from<B: Backend>(
+    p: Tensor<B, 2>,
+    logits: Tensor<B, 2>,
+    batch: usize,
+) -> Tensor<B, 1> {
     let logp = p.clone().clamp_min(1e-8).log();
     (p * (logp - log_softmax(logits, 1)))
         .sum()
-        .div_scalar(b as f64)
+        .div_scalar(batch as f64)
         .reshape([1])
 }
 
@@ -122,9 +131,13 @@ pub fn fit_fusion<B: AutodiffBackend>(
         cfg.train_examples = e.train.len();
         cfg.test_examples = e.test.len();
     }
-    prepare_out(&args.out)?;
-    write_json(&args.out.join(CONFIG_FILE), &cfg)?;
-    save_tokenizer(&bb.tokenizer, &args.out.join(TOKENIZER_FILE))?;
+    check_out(&args.out)?;
+    let network = args.network.as_ref();
+    let devices = vec![device.clone(); args.devices];
+    crate::parallel::check(
+        crate::parallel::group_size(devices.len(), network)?,
+        cfg.batch_size,
+    )?;
     let examples = match folder_examples {
         Some(e) => e,
         None => cfg.task.examples(
@@ -136,25 +149,69 @@ pub fn fit_fusion<B: AutodiffBackend>(
     };
     let train = extract_features(&bb, &examples.train, device)?;
     let test = extract_features(&bb, &examples.test, device)?;
+    let group = crate::parallel::Group::<B>::join(&devices, network, || pair_digest(&cfg, &train))?;
+    let writes = crate::parallel::writes_run(network);
+    if writes {
+        create_out(&args.out)?;
+        write_json(&args.out.join(CONFIG_FILE), &cfg)?;
+        save_tokenizer(&bb.tokenizer, &args.out.join(TOKENIZER_FILE))?;
+    }
+    let (head, last) =
+        group.run(|peer, device| train_head::<B>(args, &cfg, &train, &peer, device))?;
+    let complete_accuracy = complete_accuracy(&head, &test, device)?;
+    if writes {
+        let mut weights = load_weights(&args.init.join(WEIGHTS_FILE))?;
+        weights.retain(|k, _| !k.starts_with("head."));
+        weights.extend(prefixed(named_tensors(&head), HEAD));
+        save_weights(&args.out.join(WEIGHTS_FILE), &weights)?;
+        write_json(
+            &args.out.join("fusion.json"),
+            &serde_json::json!({"complete_accuracy": complete_accuracy, "task": cfg.task.to_string()}),
+        )?;
+        write_json(
+            &args.out.join(STATE_FILE),
+            &TrainState {
+                step: cfg.steps,
+                seed: cfg.seed,
+                last_loss: last,
+            },
+        )?;
+    }
+    tracing::info!(complete_accuracy, "fusion head trained");
+    Ok(PairOutcome {
+        complete_accuracy,
+        final_loss: last,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
 
+/// The fusion head's training loop on one data-parallel peer: every peer draws the same batch
+/// and takes its shard; the leader logs. Returns the trained head and the last loss.
+fn train_head<B: AutodiffBackend>(
+    args: &PairFitArgs,
+    cfg: &PairTrainConfig,
+    train: &PairFeatures,
+    peer: &Peer,
+    device: &B::Device,
+) -> anyhow::Result<(FusionHead<B::InnerBackend>, f64)> {
     let mut head = seeded(device, cfg.seed, || {
         FusionHead::<B>::new(&cfg.restore, device)
     });
     let mut optim = AdamWConfig::new().with_weight_decay(1e-4).init();
-    let pb = duet_datasets::progress::stage_bar(args.quiet, cfg.steps, "fusion head");
+    let leader = peer.is_leader();
+    let pb = duet_datasets::progress::stage_bar(args.quiet || !leader, cfg.steps, "fusion head");
     let mut last = f64::NAN;
     for step in 0..cfg.steps {
-        let idx = batch_indices(train.n, cfg.batch_size, step, cfg.seed);
-        let logits = head.forward(
-            train.image_rows(&idx, device),
-            train.text_rows(&idx, device),
-        );
-        let loss = cross_entropy(logits, train.label_rows(&idx, device));
-        last = loss.clone().into_scalar().elem::<f64>();
+        let batch = batch_indices(train.n, cfg.batch_size, step, cfg.seed);
+        let idx = peer.shard(&batch);
+        let logits = head.forward(train.image_rows(idx, device), train.text_rows(idx, device));
+        let loss = cross_entropy(logits, train.label_rows(idx, device), batch.len());
+        last = peer.sum::<B>(loss.clone().into_scalar().elem::<f64>(), device)?;
         let grads = GradientsParams::from_grads(loss.backward(), &head);
+        let grads = peer.sum_gradients(&head, grads)?;
         let lr = duet_run::warmup_cosine_lr(cfg.lr, 50, cfg.steps, step);
         head = optim.step(lr, head, grads);
-        if step % 50 == 0 || step + 1 == cfg.steps {
+        if leader && (step % 50 == 0 || step + 1 == cfg.steps) {
             pb.set_message(format!("loss {last:.4}"));
             append_metric(
                 &args.out,
@@ -164,28 +221,5 @@ pub fn fit_fusion<B: AutodiffBackend>(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let head = head.valid();
-    let complete_accuracy = complete_accuracy(&head, &test, device)?;
-    let mut weights = load_weights(&args.init.join(WEIGHTS_FILE))?;
-    weights.retain(|k, _| !k.starts_with("head."));
-    weights.extend(prefixed(named_tensors(&head), HEAD));
-    save_weights(&args.out.join(WEIGHTS_FILE), &weights)?;
-    write_json(
-        &args.out.join("fusion.json"),
-        &serde_json::json!({"complete_accuracy": complete_accuracy, "task": cfg.task.to_string()}),
-    )?;
-    write_json(
-        &args.out.join(STATE_FILE),
-        &TrainState {
-            step: cfg.steps,
-            seed: cfg.seed,
-            last_loss: last,
-        },
-    )?;
-    tracing::info!(complete_accuracy, "fusion head trained");
-    Ok(PairOutcome {
-        complete_accuracy,
-        final_loss: last,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    Ok((head.valid(), last))
 }

@@ -28,6 +28,8 @@ use duet_run::checkpoint::STATE_FILE;
 use duet_run::Stage;
 use duet_run::METRICS_FILE;
 
+use crate::parallel::Peer;
+
 mod backbones;
 mod fusion;
 mod restorers;
@@ -57,6 +59,11 @@ pub struct PairFitArgs {
     /// Restore only; `None` = defaults.
     pub settings: Option<RestoreSettings>,
     pub device: String,
+    /// Data-parallel peers on this machine's CPU (`--devices`): each takes `1/devices` of
+    /// every batch.
+    pub devices: usize,
+    /// This process's rank of a multi-process group (`--peers`, `--rank`).
+    pub network: Option<crate::parallel::NetworkSpec>,
     pub command: String,
     pub quiet: bool,
 }
@@ -135,15 +142,43 @@ fn validate_args(args: &PairFitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates `out` and refuses to overwrite a finished run.
-fn prepare_out(out: &Path) -> anyhow::Result<()> {
+/// Refuses to overwrite a finished run (checked before anything is computed or written).
+fn check_out(out: &Path) -> anyhow::Result<()> {
     if out.join(STATE_FILE).exists() {
         anyhow::bail!(
             "{} already holds a finished run; choose another --out",
             out.display()
         );
     }
+    Ok(())
+}
+
+fn create_out(out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))
+}
+
+/// A digest of what a pair run trains on, for data-parallel peers in other processes to
+/// check against each other: its settings (not where it keeps its files, its device or its
+/// command line) and its training features (which the data and the frozen backbones make).
+fn pair_digest(cfg: &PairTrainConfig, train: &PairFeatures) -> anyhow::Result<[u8; 32]> {
+    let mut settings = serde_json::to_value(cfg)?;
+    if let Some(fields) = settings.as_object_mut() {
+        for field in ["device", "command", "init"] {
+            fields.remove(field);
+        }
+    }
+    let floats = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let labels: Vec<u8> = train
+        .labels
+        .iter()
+        .flat_map(|&l| (l as u64).to_le_bytes())
+        .collect();
+    Ok(crate::parallel::digest_of(&[
+        &serde_json::to_vec(&settings)?,
+        &floats(&train.image),
+        &floats(&train.text),
+        &labels,
+    ]))
 }
 
 fn append_metric(out: &Path, value: &serde_json::Value) -> anyhow::Result<()> {

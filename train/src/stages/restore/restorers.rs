@@ -78,12 +78,31 @@ pub fn ddim_restore<B: Backend>(
     Ok(restorer.unstandardise(x))
 }
 
-/// `1 − cos(a, b)` averaged over rows.
-fn cosine_distance<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 1> {
+/// `1 − cos(a, b)` summed over rows and divided by `batch` (the mean over the whole batch when
+/// the rows are a data-parallel peer's shard of it).
+fn cosine_distance<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, batch: usize) -> Tensor<B, 1> {
     let dot = (a.clone() * b.clone()).sum_dim(1);
     let na = a.powi_scalar(2).sum_dim(1).add_scalar(1e-12).sqrt();
     let nb = b.powi_scalar(2).sum_dim(1).add_scalar(1e-12).sqrt();
-    (dot / (na * nb)).neg().add_scalar(1.0).mean()
+    (dot / (na * nb))
+        .neg()
+        .add_scalar(1.0)
+        .sum()
+        .div_scalar(batch as f64)
+}
+
+/// The rows of a whole batch that a data-parallel peer computes: every peer draws the whole
+/// batch's timesteps and noise (so the peers draw what one device draws) and keeps these.
+#[derive(Debug, Clone)]
+struct Shard {
+    rows: std::ops::Range<usize>,
+    batch: usize,
+}
+
+impl Shard {
+    fn of<B: Backend>(&self, t: Tensor<B, 2>) -> Tensor<B, 2> {
+        t.slice([self.rows.clone()])
+    }
 }
 
 /// Losses of one restorer step.
@@ -103,9 +122,11 @@ fn restore_loss<B: AutodiffBackend>(
     schedule: &NoiseSchedule,
     image: Tensor<B, 2>,
     text: Tensor<B, 2>,
+    shard: &Shard,
     rng: &mut ChaCha8Rng,
 ) -> anyhow::Result<RestoreLosses<B>> {
     let [b, e] = image.dims();
+    let whole = shard.batch;
     let device = image.device();
     let t_max = schedule.train_steps();
     // Denoising: each direction predicts `v` of its own modality at a random timestep.
@@ -122,10 +143,11 @@ fn restore_loss<B: AutodiffBackend>(
             image.clone(),
         ),
     ] {
-        let ts: Vec<usize> = (0..b).map(|_| rng.random_range(0..t_max)).collect();
-        let a = per_example::<B>(schedule, &ts, f64::sqrt, &device);
-        let s = per_example::<B>(schedule, &ts, |ab| (1.0 - ab).sqrt(), &device);
-        let noise = gaussian::<B, _>(rng, [b, e], &device);
+        let ts: Vec<usize> = (0..whole).map(|_| rng.random_range(0..t_max)).collect();
+        let ts = &ts[shard.rows.clone()];
+        let a = per_example::<B>(schedule, ts, f64::sqrt, &device);
+        let s = per_example::<B>(schedule, ts, |ab| (1.0 - ab).sqrt(), &device);
+        let noise = shard.of(gaussian::<B, _>(rng, [whole, e], &device));
         let x_t = x0.clone() * a.clone() + noise.clone() * s.clone();
         let target = noise * a - x0 * s;
         let tt = Tensor::<B, 1>::from_data(
@@ -133,7 +155,11 @@ fn restore_loss<B: AutodiffBackend>(
             &device,
         );
         let v = restorer.forward(x_t, tt, cond, variant.gating);
-        diffusion = diffusion + (v - target).powi_scalar(2).mean();
+        diffusion = diffusion
+            + (v - target)
+                .powi_scalar(2)
+                .sum()
+                .div_scalar((whole * e) as f64);
     }
     let diffusion_value = diffusion.clone().into_scalar().elem::<f64>();
     if !variant.mutual {
@@ -151,7 +177,7 @@ fn restore_loss<B: AutodiffBackend>(
         schedule,
         k,
         text.clone(),
-        gaussian::<B, _>(rng, [b, e], &device),
+        shard.of(gaussian::<B, _>(rng, [whole, e], &device)),
         variant.gating,
     )?;
     let r_text = ddim_restore(
@@ -159,7 +185,7 @@ fn restore_loss<B: AutodiffBackend>(
         schedule,
         k,
         image.clone(),
-        gaussian::<B, _>(rng, [b, e], &device),
+        shard.of(gaussian::<B, _>(rng, [whole, e], &device)),
         variant.gating,
     )?;
     // Agreement: the head's prediction with a restored (gated) feature should match its
@@ -171,8 +197,8 @@ fn restore_loss<B: AutodiffBackend>(
     let f_text = model
         .i2t
         .blend(r_text.clone(), image.clone(), variant.trusts());
-    let agreement = kl_from(target.clone(), head.forward(f_image, text.clone()))
-        + kl_from(target, head.forward(image.clone(), f_text));
+    let agreement = kl_from(target.clone(), head.forward(f_image, text.clone()), whole)
+        + kl_from(target, head.forward(image.clone(), f_text), whole);
     // Cycle consistency: restoring back from a restored feature should land on the real
     // feature of the start modality (raw cosine distance). The cycle's second leg is the
     // sampler's first x0 estimate from pure noise (one step, not the unrolled sampler, to keep
@@ -180,14 +206,14 @@ fn restore_loss<B: AutodiffBackend>(
     let t_last = t_max - 1;
     let ab = schedule.alpha_bar(Some(t_last));
     let one_step = |r: &FeatureRestorer<B>, cond: Tensor<B, 2>, rng: &mut ChaCha8Rng| {
-        let x = gaussian::<B, _>(rng, [b, e], &device);
+        let x = shard.of(gaussian::<B, _>(rng, [whole, e], &device));
         let tt = Tensor::<B, 1>::from_data(TensorData::new(vec![t_last as f32; b], [b]), &device);
         let v = r.forward(x.clone(), tt, cond, variant.gating);
         r.unstandardise(x.mul_scalar(ab.sqrt()) - v.mul_scalar((1.0 - ab).sqrt()))
     };
     let back_text = one_step(&model.i2t, r_image, rng);
     let back_image = one_step(&model.t2i, r_text, rng);
-    let cycle = cosine_distance(back_text, text) + cosine_distance(back_image, image);
+    let cycle = cosine_distance(back_text, text, whole) + cosine_distance(back_image, image, whole);
     let agreement_value = agreement.clone().into_scalar().elem::<f64>();
     let cycle_value = cycle.clone().into_scalar().elem::<f64>();
     Ok(RestoreLosses {
@@ -243,19 +269,102 @@ pub fn fit_restore<B: AutodiffBackend>(
         &ImageTarget::of(&cfg.model, Some(&bb.tokenizer)),
     )?;
     let settings = cfg.settings.clone().unwrap_or_default();
-    prepare_out(&args.out)?;
-    write_json(&args.out.join(CONFIG_FILE), &cfg)?;
-    save_tokenizer(&bb.tokenizer, &args.out.join(TOKENIZER_FILE))?;
+    check_out(&args.out)?;
+    let network = args.network.as_ref();
+    let devices = vec![device.clone(); args.devices];
+    crate::parallel::check(
+        crate::parallel::group_size(devices.len(), network)?,
+        cfg.batch_size,
+    )?;
     let init_weights = load_weights(&args.init.join(WEIGHTS_FILE))?;
+    let train = extract_features(&bb, &examples.train, device)?;
+    let group = crate::parallel::Group::<B>::join(&devices, network, || pair_digest(&cfg, &train))?;
+    let writes = crate::parallel::writes_run(network);
+    if writes {
+        create_out(&args.out)?;
+        write_json(&args.out.join(CONFIG_FILE), &cfg)?;
+        save_tokenizer(&bb.tokenizer, &args.out.join(TOKENIZER_FILE))?;
+    }
+    let shared = RestoreInputs {
+        args,
+        cfg: &cfg,
+        settings: &settings,
+        train: &train,
+        init_weights: &init_weights,
+    };
+    let (head, tokens, restorers, last) =
+        group.run(|peer, device| train_restorers::<B>(&shared, &peer, device))?;
+    let test = extract_features(&bb, &examples.test, device)?;
+    let complete_accuracy = complete_accuracy(&head, &test, device)?;
+    if writes {
+        // The run: the init run's tensors, with the frozen modules written from the very
+        // instances this stage used (so a test can prove they did not move), and the new ones.
+        let mut weights = init_weights;
+        weights.retain(|k, _| {
+            !(k.starts_with("vision.") || k.starts_with("text.") || k.starts_with("head."))
+        });
+        weights.extend(prefixed(named_tensors(&bb.vision), "vision"));
+        weights.extend(prefixed(named_tensors(&bb.text), "text"));
+        weights.extend(prefixed(named_tensors(&head), HEAD));
+        weights.extend(prefixed(named_tensors(&tokens), MISSING_TOKEN));
+        for (variant, model) in VARIANTS.iter().zip(&restorers) {
+            weights.extend(prefixed(named_tensors(model), variant.prefix));
+        }
+        save_weights(&args.out.join(WEIGHTS_FILE), &weights)?;
+        write_json(
+            &args.out.join(STATE_FILE),
+            &TrainState {
+                step: cfg.steps,
+                seed: cfg.seed,
+                last_loss: last,
+            },
+        )?;
+    }
+    Ok(PairOutcome {
+        complete_accuracy,
+        final_loss: last,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// What every peer of a restore run reads.
+struct RestoreInputs<'a> {
+    args: &'a PairFitArgs,
+    cfg: &'a PairTrainConfig,
+    settings: &'a RestoreSettings,
+    train: &'a PairFeatures,
+    init_weights: &'a duet_models::params::NamedTensors,
+}
+
+/// The frozen head, the missing-token baseline, the restorer of each variant, and the last
+/// loss: what a restore run trains.
+type Restored<B> = (FusionHead<B>, MissingTokens<B>, Vec<Restorers<B>>, f64);
+
+/// The restore stage's training on one data-parallel peer: the missing-token baseline, then
+/// each restorer variant, every step on the peer's shard of the batch with the gradients
+/// summed across peers; the leader logs.
+fn train_restorers<B: AutodiffBackend>(
+    inputs: &RestoreInputs<'_>,
+    peer: &Peer,
+    device: &B::Device,
+) -> anyhow::Result<Restored<B::InnerBackend>> {
+    let RestoreInputs {
+        args,
+        cfg,
+        settings,
+        train,
+        init_weights,
+    } = *inputs;
+    let leader = peer.is_leader();
+    let quiet = args.quiet || !leader;
     // The frozen head, without gradients: only the restorers' optimisers step.
     let head = load_module(
         FusionHead::<B>::new(&cfg.restore, device),
-        &init_weights,
+        init_weights,
         HEAD,
         &args.init,
     )?
     .no_grad();
-    let train = extract_features(&bb, &examples.train, device)?;
     let schedule = NoiseSchedule::cosine(settings.train_timesteps)?;
     let e = train.dim;
     let stats = |data: &[f32]| {
@@ -271,18 +380,25 @@ pub fn fit_restore<B: AutodiffBackend>(
     // the other modality present.
     let mut tokens = seeded(device, cfg.seed, || MissingTokens::<B>::new(e, device));
     let mut token_optim = AdamWConfig::new().init();
-    let pb = duet_datasets::progress::stage_bar(args.quiet, settings.token_steps, "missing token");
+    let pb = duet_datasets::progress::stage_bar(quiet, settings.token_steps, "missing token");
     for step in 0..settings.token_steps {
-        let idx = batch_indices(train.n, cfg.batch_size, step, cfg.seed);
+        let batch = batch_indices(train.n, cfg.batch_size, step, cfg.seed);
+        let idx = peer.shard(&batch);
         let b = idx.len();
-        let labels = train.label_rows(&idx, device);
+        let labels = train.label_rows(idx, device);
         let ti = tokens.image.val().reshape([1, e]).expand([b, e]);
         let tt = tokens.text.val().reshape([1, e]).expand([b, e]);
         let loss = cross_entropy(
-            head.forward(ti, train.text_rows(&idx, device)),
+            head.forward(ti, train.text_rows(idx, device)),
             labels.clone(),
-        ) + cross_entropy(head.forward(train.image_rows(&idx, device), tt), labels);
+            batch.len(),
+        ) + cross_entropy(
+            head.forward(train.image_rows(idx, device), tt),
+            labels,
+            batch.len(),
+        );
         let grads = GradientsParams::from_grads(loss.backward(), &tokens);
+        let grads = peer.sum_gradients(&tokens, grads)?;
         tokens = token_optim.step(cfg.lr, tokens, grads);
         pb.inc(1);
     }
@@ -301,9 +417,14 @@ pub fn fit_restore<B: AutodiffBackend>(
             .with_weight_decay(1e-4)
             .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
             .init();
-        let pb = duet_datasets::progress::stage_bar(args.quiet, cfg.steps, variant.method);
+        let pb = duet_datasets::progress::stage_bar(quiet, cfg.steps, variant.method);
         for step in 0..cfg.steps {
-            let idx = batch_indices(train.n, cfg.batch_size, step, cfg.seed);
+            let batch = batch_indices(train.n, cfg.batch_size, step, cfg.seed);
+            let shard = Shard {
+                rows: peer.shard_range(batch.len()),
+                batch: batch.len(),
+            };
+            let idx = &batch[shard.rows.clone()];
             let mut rng = ChaCha8Rng::seed_from_u64(
                 cfg.seed ^ 0x5EED_u64.wrapping_mul(step as u64 + 1).rotate_left(23),
             );
@@ -311,68 +432,48 @@ pub fn fit_restore<B: AutodiffBackend>(
                 &model,
                 &head,
                 variant,
-                &settings,
+                settings,
                 &schedule,
-                train.image_rows(&idx, device),
-                train.text_rows(&idx, device),
+                train.image_rows(idx, device),
+                train.text_rows(idx, device),
+                &shard,
                 &mut rng,
             )?;
-            last = losses.total.clone().into_scalar().elem::<f64>();
+            last = peer.sum::<B>(losses.total.clone().into_scalar().elem::<f64>(), device)?;
             if !last.is_finite() {
                 anyhow::bail!("{}: loss became {last} at step {step}", variant.method);
             }
             let grads = GradientsParams::from_grads(losses.total.backward(), &model);
+            let grads = peer.sum_gradients(&model, grads)?;
             let lr = duet_run::warmup_cosine_lr(cfg.lr, 50, cfg.steps, step);
             model = optim.step(lr, model, grads);
             if step % 50 == 0 || step + 1 == cfg.steps {
-                pb.set_message(format!(
-                    "diffusion {:.4} agree {:.4} cycle {:.4}",
-                    losses.diffusion, losses.agreement, losses.cycle
-                ));
-                append_metric(
-                    &args.out,
-                    &serde_json::json!({
-                        "stage": Stage::Restore, "variant": variant.prefix, "step": step,
-                        "loss": last, "diffusion": losses.diffusion,
-                        "agreement": losses.agreement, "cycle": losses.cycle,
-                    }),
-                )?;
+                let (diffusion, agreement, cycle) = (
+                    peer.sum::<B>(losses.diffusion, device)?,
+                    peer.sum::<B>(losses.agreement, device)?,
+                    peer.sum::<B>(losses.cycle, device)?,
+                );
+                if leader {
+                    pb.set_message(format!(
+                        "diffusion {diffusion:.4} agree {agreement:.4} cycle {cycle:.4}"
+                    ));
+                    append_metric(
+                        &args.out,
+                        &serde_json::json!({
+                            "stage": Stage::Restore, "variant": variant.prefix, "step": step,
+                            "loss": last, "diffusion": diffusion,
+                            "agreement": agreement, "cycle": cycle,
+                        }),
+                    )?;
+                }
             }
             pb.inc(1);
         }
         pb.finish_and_clear();
-        tracing::info!(variant = variant.method, loss = last, "restorer trained");
+        if leader {
+            tracing::info!(variant = variant.method, loss = last, "restorer trained");
+        }
         restorers.push(model.valid());
     }
-
-    // The run: the init run's tensors, with the frozen modules written from the very
-    // instances this stage used (so a test can prove they did not move), and the new ones.
-    let mut weights = init_weights;
-    weights.retain(|k, _| {
-        !(k.starts_with("vision.") || k.starts_with("text.") || k.starts_with("head."))
-    });
-    weights.extend(prefixed(named_tensors(&bb.vision), "vision"));
-    weights.extend(prefixed(named_tensors(&bb.text), "text"));
-    let head = head.valid();
-    weights.extend(prefixed(named_tensors(&head), HEAD));
-    weights.extend(prefixed(named_tensors(&tokens.valid()), MISSING_TOKEN));
-    for (variant, model) in VARIANTS.iter().zip(&restorers) {
-        weights.extend(prefixed(named_tensors(model), variant.prefix));
-    }
-    save_weights(&args.out.join(WEIGHTS_FILE), &weights)?;
-    write_json(
-        &args.out.join(STATE_FILE),
-        &TrainState {
-            step: cfg.steps,
-            seed: cfg.seed,
-            last_loss: last,
-        },
-    )?;
-    let test = extract_features(&bb, &examples.test, device)?;
-    let complete_accuracy = complete_accuracy(&head, &test, device)?;
-    Ok(PairOutcome {
-        complete_accuracy,
-        final_loss: last,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    Ok((head.valid(), tokens.valid(), restorers, last))
 }

@@ -126,7 +126,7 @@ pub struct UnifyTrainConfig {
 }
 
 /// Options of `duet-train fit --stage unify`; `None` keeps [`UnifySettings::default`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct UnifyFitArgs {
     /// The generate run to start from.
     pub init: PathBuf,
@@ -145,8 +145,37 @@ pub struct UnifyFitArgs {
     pub captions: Option<Stage2Captions>,
     pub seed: u64,
     pub device: String,
+    /// Data-parallel peers (`--devices`): each takes its share of the images of every stage-1
+    /// step and of every stage-2 batch. 1: plain one-device training.
+    pub devices: usize,
+    /// This process's rank of a multi-process group (`--peers`, `--rank`).
+    pub network: Option<crate::parallel::NetworkSpec>,
     pub command: String,
     pub quiet: bool,
+}
+
+impl Default for UnifyFitArgs {
+    fn default() -> Self {
+        Self {
+            init: PathBuf::new(),
+            data: Vec::new(),
+            out: PathBuf::new(),
+            understand_steps: None,
+            understand_images: None,
+            understand_lr: None,
+            group: None,
+            temperature: None,
+            generate_steps: None,
+            generate_lr: None,
+            captions: None,
+            seed: 0,
+            device: String::new(),
+            devices: 1,
+            network: None,
+            command: String::new(),
+            quiet: false,
+        }
+    }
 }
 
 /// Summary of a finished unify run.
@@ -191,6 +220,18 @@ pub fn fit_unify<B: AutodiffBackend>(
     args: &UnifyFitArgs,
     device: &B::Device,
 ) -> anyhow::Result<UnifyOutcome> {
+    fit_unify_on::<B>(args, &vec![device.clone(); args.devices])
+}
+
+/// Runs the unify stage data-parallel, one peer on each of `devices` (`args.devices` is not
+/// read).
+pub fn fit_unify_on<B: AutodiffBackend>(
+    args: &UnifyFitArgs,
+    devices: &[B::Device],
+) -> anyhow::Result<UnifyOutcome> {
+    let device = devices
+        .first()
+        .ok_or(crate::parallel::ParallelError::NoDevices)?;
     let out = &args.out;
     let init_cfg: GenerateTrainConfig =
         duet_run::checkpoint::read_json(&args.init.join(CONFIG_FILE)).map_err(|e| {
@@ -262,9 +303,10 @@ pub fn fit_unify<B: AutodiffBackend>(
         model_cfg.max_len,
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", folders_display(&args.data)))?;
-    // Made only now, so a refused folder leaves no empty run behind.
-    std::fs::create_dir_all(out)?;
-    write_json(&out.join(CONFIG_FILE), &cfg)?;
+    let network = args.network.as_ref();
+    let peers = crate::parallel::group_size(devices.len(), network)?;
+    crate::parallel::check(peers, cfg.unify.understand_images)?;
+    crate::parallel::check(peers, cfg.unify.generate_batch)?;
     let weights = load_weights(&args.init.join(WEIGHTS_FILE))?;
     let captioner_weights = with_prefixes(&weights, &["vision", "decoder"]);
     let generator_weights = with_prefixes(&weights, &["text", "denoiser"]);
@@ -273,53 +315,143 @@ pub fn fit_unify<B: AutodiffBackend>(
         &captioner_weights,
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
+    let digest = || -> anyhow::Result<[u8; 32]> {
+        // What must match across processes: the settings (not where each keeps its files or
+        // which device it names), the tokenizer, the starting weights and the prepared rows.
+        let mut settings = serde_json::to_value(&cfg)?;
+        if let Some(fields) = settings.as_object_mut() {
+            for field in ["device", "command", "init", "data"] {
+                fields.remove(field);
+            }
+        }
+        Ok(crate::parallel::digest_of(&[
+            &serde_json::to_vec(&settings)?,
+            generator
+                .tokenizer
+                .to_string(false)
+                .map_err(anyhow::Error::msg)?
+                .as_bytes(),
+            &crate::parallel::weights_digest(&reference),
+            &crate::parallel::weights_digest(&generator.generator),
+            &data.digest(),
+        ]))
+    };
+    let group = crate::parallel::Group::<B>::join(devices, network, digest)?;
+    // Made only now, so a refused folder or peer leaves no empty run behind.
+    if crate::parallel::writes_run(network) {
+        std::fs::create_dir_all(out)?;
+        write_json(&out.join(CONFIG_FILE), &cfg)?;
+    }
+    let inputs = UnifyInputs {
+        args,
+        cfg: &cfg,
+        data: &data,
+        generator: &generator,
+        reference: &reference,
+        captioner_weights: &captioner_weights,
+        generator_weights: &generator_weights,
+    };
+    group.run(|peer, device| unify_peer::<B>(&inputs, &peer, device))
+}
+
+/// What every peer of a unify run reads.
+struct UnifyInputs<'a, B: AutodiffBackend> {
+    args: &'a UnifyFitArgs,
+    cfg: &'a UnifyTrainConfig,
+    data: &'a PreparedData,
+    generator: &'a duet_run::LoadedGenerator<B::InnerBackend>,
+    /// The starting captioner, frozen: stage 1's KL reference.
+    reference: &'a CaptionModel<B::InnerBackend>,
+    captioner_weights: &'a NamedTensors,
+    generator_weights: &'a NamedTensors,
+}
+
+/// Both unify stages on one data-parallel peer: in stage 1 each peer samples and rebuilds the
+/// groups of its share of a step's images, in stage 2 it computes its share of the batch's
+/// loss; the gradients are summed across peers before every step, and the leader writes the
+/// stage directories, metrics and progress.
+fn unify_peer<B: AutodiffBackend>(
+    inputs: &UnifyInputs<'_, B>,
+    peer: &Peer,
+    device: &B::Device,
+) -> anyhow::Result<UnifyOutcome> {
+    let UnifyInputs {
+        args,
+        cfg,
+        data,
+        generator,
+        reference,
+        captioner_weights,
+        generator_weights,
+    } = *inputs;
+    let out = &args.out;
+    let model_cfg = &cfg.base.model;
+    let leader = peer.is_leader();
+    let quiet = args.quiet || !leader;
     let vision = reference.vision.clone();
     let t0 = Instant::now();
 
     // ---- Stage 1: generation for understanding ----
     let u = &cfg.unify;
-    let mut policy = load_named_tensors(
-        CaptionModel::<B>::new(model_cfg, device),
-        &captioner_weights,
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
+    let mut policy =
+        load_named_tensors(CaptionModel::<B>::new(model_cfg, device), captioner_weights)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
     policy.vision = policy.vision.no_grad();
     let mut optim = AdamWConfig::new()
         .with_weight_decay(0.0)
         .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
         .init::<B, CaptionModel<B>>();
     let stage1 = out.join(STAGE1_DIR);
-    std::fs::create_dir_all(&stage1)?;
-    let mut metrics = std::fs::File::create(stage1.join(METRICS_FILE))?;
-    let pb = stage_bar(args.quiet, u.understand_steps, "unify 1/2 grpo");
+    let mut metrics = if leader {
+        std::fs::create_dir_all(&stage1)?;
+        Some(std::fs::File::create(stage1.join(METRICS_FILE))?)
+    } else {
+        None
+    };
+    let pb = stage_bar(quiet, u.understand_steps, "unify 1/2 grpo");
     let mut rewards = Vec::with_capacity(u.understand_steps);
     let mut informative = Vec::with_capacity(u.understand_steps);
     let mut last_kl = 0.0;
     let mut last_grpo_loss = f64::NAN;
     for step in 0..u.understand_steps {
-        let idx = batch_indices(data.n, u.understand_images, step, cfg.base.seed ^ 0x5EED);
-        let pixels = data.pixels_batch::<B>(&idx, device);
-        let originals = data.pixels_batch::<B::InnerBackend>(&idx, device);
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(cfg.base.seed.wrapping_mul(1_000_003) ^ step as u64);
+        let batch = batch_indices(data.n, u.understand_images, step, cfg.base.seed ^ 0x5EED);
+        let mine = peer.shard_range(batch.len());
+        let idx = &batch[mine.clone()];
+        let pixels = data.pixels_batch::<B>(idx, device);
+        let originals = data.pixels_batch::<B::InnerBackend>(idx, device);
+        // One caption generator per image, a stream of the step's seed chosen by the image's
+        // place in the batch: its captions are the same whichever peer samples them.
+        let mut rngs: Vec<ChaCha8Rng> = mine
+            .clone()
+            .map(|j| {
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(cfg.base.seed.wrapping_mul(1_000_003) ^ step as u64);
+                rng.set_stream(j as u64);
+                rng
+            })
+            .collect();
         let noise_seed = cfg.base.seed.wrapping_add(step as u64);
         let lr = warmup_cosine_lr(u.understand_lr, 10, u.understand_steps, step);
         let (p, stats) = grpo_step(
             policy,
-            &reference,
+            reference,
             &mut optim,
             lr,
             pixels,
             &u.grpo,
             model_cfg.max_len,
-            &mut rng,
+            &mut rngs,
+            peer,
+            batch.len(),
             |seqs: &[Vec<u32>]| -> anyhow::Result<Vec<f32>> {
                 let rebuilt = reconstruct(
-                    &generator,
+                    generator,
                     seqs,
                     u.grpo.group,
                     &u.reconstruction,
                     noise_seed,
+                    mine.start,
+                    batch.len(),
                     device,
                 )?;
                 Ok(
@@ -338,15 +470,18 @@ pub fn fit_unify<B: AutodiffBackend>(
         informative.push(stats.informative_groups);
         last_kl = stats.kl;
         last_grpo_loss = stats.loss;
-        writeln!(
-            metrics,
-            "{}",
-            serde_json::json!({
-                "step": step + 1, "reward": stats.mean_reward, "kl": stats.kl,
-                "loss": stats.loss, "informative_groups": stats.informative_groups,
-                "mean_len": stats.mean_len, "lr": lr, "elapsed_s": t0.elapsed().as_secs_f64(),
-            })
-        )?;
+        if let Some(metrics) = metrics.as_mut() {
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({
+                    "step": step + 1, "reward": stats.mean_reward, "kl": stats.kl,
+                    "loss": stats.loss, "informative_groups": stats.informative_groups,
+                    "mean_len": stats.mean_len, "lr": lr,
+                    "elapsed_s": t0.elapsed().as_secs_f64(),
+                })
+            )?;
+        }
         pb.inc(1);
         pb.set_message(format!(
             "reward {:.3} kl {:.4} informative {:.0}%",
@@ -356,7 +491,7 @@ pub fn fit_unify<B: AutodiffBackend>(
         ));
     }
     pb.finish_and_clear();
-    if !informative.is_empty() && informative.iter().all(|&f| f == 0.0) {
+    if leader && !informative.is_empty() && informative.iter().all(|&f| f == 0.0) {
         tracing::warn!(
             temperature = u.grpo.temperature,
             "stage 1 left the captioner unchanged: every group sampled captions that scored \
@@ -365,32 +500,35 @@ pub fn fit_unify<B: AutodiffBackend>(
     }
     let captioner = policy.valid();
     let captioner_trained = named_tensors(&captioner);
-    write_stage(
-        &stage1,
-        &cfg,
-        &args.init,
-        &merged(&[captioner_trained.clone(), generator_weights.clone()]),
-        &TrainState {
-            step: u.understand_steps,
-            seed: cfg.base.seed,
-            last_loss: last_grpo_loss,
-        },
-    )?;
-    crate::curves::write_run_curves(&stage1)?;
-    tracing::info!(dir = %stage1.display(), "stage 1 written");
+    if leader {
+        write_stage(
+            &stage1,
+            cfg,
+            &args.init,
+            &merged(&[captioner_trained.clone(), generator_weights.clone()]),
+            &TrainState {
+                step: u.understand_steps,
+                seed: cfg.base.seed,
+                last_loss: last_grpo_loss,
+            },
+        )?;
+        crate::curves::write_run_curves(&stage1)?;
+        tracing::info!(dir = %stage1.display(), "stage 1 written");
+    }
 
     // ---- Stage 2: understanding for generation ----
     // Own captions are made as stage 2 first draws each image (like the cached embeddings):
     // a short fine-tune sees a fraction of a large dataset, so captioning all of it up front
-    // would cost more than the fine-tune.
+    // would cost more than the fine-tune. Every peer captions the whole batch (greedy, so the
+    // same captions), as generate_loss reads every row's caption for the contrastive loss.
     let mut own = match u.captions {
-        Stage2Captions::Own => Some(OwnCaptions::new(&data, model_cfg.max_len)),
+        Stage2Captions::Own => Some(OwnCaptions::new(data, model_cfg.max_len)),
         Stage2Captions::Truth => None,
     };
     let schedule = duet_diffusion::NoiseSchedule::cosine(cfg.base.diffusion.train_timesteps)?;
     let mut model = load_named_tensors(
         GenerationModel::<B>::new(model_cfg, device),
-        &generator_weights,
+        generator_weights,
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.init.display()))?;
     let mut optim = AdamWConfig::new()
@@ -399,12 +537,18 @@ pub fn fit_unify<B: AutodiffBackend>(
             cfg.base.grad_clip,
         )))
         .init::<B, GenerationModel<B>>();
-    let mut weight_avg = Ema::new(cfg.base.diffusion.ema_decay, generator_weights.clone());
+    // Only the leader, which writes it, keeps the weight average.
+    let mut weight_avg =
+        leader.then(|| Ema::new(cfg.base.diffusion.ema_decay, generator_weights.clone()));
     let mut embeddings = ImageEmbeddings::new(vision.clone(), model_cfg, data.n);
     let stage2 = out.join(STAGE2_DIR);
-    std::fs::create_dir_all(&stage2)?;
-    let mut metrics = std::fs::File::create(stage2.join(METRICS_FILE))?;
-    let pb = stage_bar(args.quiet, u.generate_steps, "unify 2/2 generator");
+    let mut metrics = if leader {
+        std::fs::create_dir_all(&stage2)?;
+        Some(std::fs::File::create(stage2.join(METRICS_FILE))?)
+    } else {
+        None
+    };
+    let pb = stage_bar(quiet, u.generate_steps, "unify 2/2 generator");
     let mut ema_loss: Option<f64> = None;
     let mut last_diffusion = f64::NAN;
     for step in 0..u.generate_steps {
@@ -412,12 +556,12 @@ pub fn fit_unify<B: AutodiffBackend>(
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.base.seed.rotate_left(23) ^ step as u64);
         let train_data: &PreparedData = match own.as_mut() {
             Some(own) => own.caption(&captioner, &idx, device),
-            None => &data,
+            None => data,
         };
         let image_emb = embeddings.batch(train_data, &idx, device);
         let GenerateLoss {
             objective: loss,
-            total: loss_value,
+            total,
             diffusion,
         } = generate_loss(
             model_cfg,
@@ -427,47 +571,56 @@ pub fn fit_unify<B: AutodiffBackend>(
             image_emb,
             train_data,
             &idx,
-            Peer::ALONE,
+            peer,
             &mut rng,
             device,
         )?;
-        last_diffusion = diffusion;
+        let loss_value = peer.sum::<B>(total, device)?;
+        last_diffusion = peer.sum::<B>(diffusion, device)?;
         if !loss_value.is_finite() {
             anyhow::bail!("loss became {loss_value} at stage-2 step {step}; lower --gen-lr");
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = peer.sum_gradients(&model, grads)?;
         let lr = warmup_cosine_lr(u.generate_lr, cfg.base.warmup_steps, u.generate_steps, step);
         model = optim.step(lr, model, grads);
-        weight_avg.update(&model.valid(), step);
+        if let Some(avg) = weight_avg.as_mut() {
+            avg.update(&model.valid(), step);
+        }
         let e = ema_loss.map_or(last_diffusion, |e| 0.95 * e + 0.05 * last_diffusion);
         ema_loss = Some(e);
-        if (step + 1) % 10 == 0 || step + 1 == u.generate_steps {
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::json!({
-                    "step": step + 1, "loss": loss_value, "diffusion_loss": last_diffusion,
-                    "diffusion_loss_ema": e, "lr": lr, "elapsed_s": t0.elapsed().as_secs_f64(),
-                })
-            )?;
+        if let Some(metrics) = metrics.as_mut() {
+            if (step + 1) % 10 == 0 || step + 1 == u.generate_steps {
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::json!({
+                        "step": step + 1, "loss": loss_value, "diffusion_loss": last_diffusion,
+                        "diffusion_loss_ema": e, "lr": lr,
+                        "elapsed_s": t0.elapsed().as_secs_f64(),
+                    })
+                )?;
+            }
         }
         pb.inc(1);
         pb.set_message(format!("diffusion {e:.3}"));
     }
     pb.finish_and_clear();
-    write_stage(
-        &stage2,
-        &cfg,
-        &args.init,
-        &merged(&[captioner_trained, weight_avg.weights().clone()]),
-        &TrainState {
-            step: u.generate_steps,
-            seed: cfg.base.seed,
-            last_loss: last_diffusion,
-        },
-    )?;
-    crate::curves::write_run_curves(&stage2)?;
-    tracing::info!(dir = %stage2.display(), "stage 2 written");
+    if let Some(avg) = &weight_avg {
+        write_stage(
+            &stage2,
+            cfg,
+            &args.init,
+            &merged(&[captioner_trained, avg.weights().clone()]),
+            &TrainState {
+                step: u.generate_steps,
+                seed: cfg.base.seed,
+                last_loss: last_diffusion,
+            },
+        )?;
+        crate::curves::write_run_curves(&stage2)?;
+        tracing::info!(dir = %stage2.display(), "stage 2 written");
+    }
     let k = (rewards.len() / 2).clamp(1, 10).min(rewards.len());
     let mean = |r: &[f64]| r.iter().sum::<f64>() / r.len().max(1) as f64;
     Ok(UnifyOutcome {

@@ -16,21 +16,33 @@ use rand_chacha::ChaCha8Rng;
 use super::*;
 
 /// Rebuilds images from captions with a generator: `seqs` grouped `group` per image, every
-/// group from the image's own start noise (drawn from `seed`). Returns `[N·group, 3, S, S]`.
+/// group from the image's own start noise. The noise of a batch of `batch_images` is drawn from
+/// `seed` and `seqs` are the groups of its images `first_image..` (a data-parallel peer's share;
+/// every image of the batch when `first_image` is 0 and `seqs` hold them all), so an image's
+/// start noise is the same whichever peer rebuilds it. Returns `[N·group, 3, S, S]`.
+#[allow(clippy::too_many_arguments)]
 pub fn reconstruct<B: Backend>(
     generator: &LoadedGenerator<B>,
     seqs: &[Vec<u32>],
     group: usize,
     settings: &ReconstructionSettings,
     seed: u64,
+    first_image: usize,
+    batch_images: usize,
     device: &B::Device,
 ) -> anyhow::Result<ArrayD<f32>> {
     let group = group.max(1);
     let images = seqs.len().div_ceil(group);
+    if first_image + images > batch_images {
+        anyhow::bail!(
+            "images {first_image}..{} are not in a batch of {batch_images}",
+            first_image + images
+        );
+    }
     let s = generator.config.model.image_size;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let noise = gaussian(&[images, 3, s, s], &mut rng);
-    let rows: Vec<usize> = (0..seqs.len()).map(|k| k / group).collect();
+    let noise = gaussian(&[batch_images, 3, s, s], &mut rng);
+    let rows: Vec<usize> = (0..seqs.len()).map(|k| first_image + k / group).collect();
     let x = noise.select(Axis(0), &rows);
     let sampler = SamplerConfig {
         sampler: Sampler::Ddim { eta: 0.0 },

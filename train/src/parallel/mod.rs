@@ -11,12 +11,16 @@
 //! The peers are threads of this process, each with its own device: `N` CPU peers (to test and
 //! to use cores that one small step leaves idle) or one per CUDA device. Burn's collective
 //! server is one per process and backend, so one group trains at a time ([`run_peers`] holds a
-//! process-wide lock).
+//! process-wide lock). Or they are processes, one device each, possibly on other machines
+//! (`--peers`, `--rank`): see [`net`].
+
+mod net;
+pub use net::{NetGroup, NetworkSpec, DEFAULT_PEER_TIMEOUT};
 
 use std::fs::{File, OpenOptions};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use burn::collective::{
     self, AllReduceStrategy, CollectiveConfig, CollectiveError, PeerId, ReduceOperation,
@@ -24,8 +28,9 @@ use burn::collective::{
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorPrimitive};
+use burn::tensor::{ElementConversion, Tensor, TensorData, TensorPrimitive};
 use duet_run::METRICS_FILE;
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Why data-parallel training cannot start or stopped.
@@ -50,6 +55,22 @@ pub enum ParallelError {
         devices: usize,
         detail: String,
     },
+    #[error("--peers {address}: {detail}")]
+    Address { address: String, detail: String },
+    #[error("rank 0 at {address} could not be reached within {seconds:.0} s (is it started, and listening there?)")]
+    Unreachable { address: String, seconds: f64 },
+    #[error("rank(s) {ranks:?} did not join within {seconds:.0} s (are they started, with the same --peers?)")]
+    Missing { ranks: Vec<usize>, seconds: f64 },
+    #[error("rank {rank} disagrees with rank 0 on the {what}: every peer must run the same command on the same data")]
+    Disagree { rank: usize, what: &'static str },
+    #[error("bad peer group: {0}")]
+    BadPeers(String),
+    #[error("lost rank {rank}: {detail} (the last checkpoint stays valid: rerun every peer with --resume)")]
+    PeerLost { rank: usize, detail: String },
+    #[error(
+        "--peers runs one device per process: drop --devices, or start one process per device"
+    )]
+    PeersWithDevices,
 }
 
 /// Checks a data-parallel configuration before anything is written: at least one device, and a
@@ -64,11 +85,13 @@ pub fn check(devices: usize, batch: usize) -> Result<(), ParallelError> {
     Ok(())
 }
 
-/// One member of a data-parallel group: its rank and the group's size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One member of a data-parallel group: its rank, the group's size and, in a multi-process
+/// group, its connections to the other processes.
+#[derive(Clone)]
 pub struct Peer {
     rank: usize,
     devices: usize,
+    net: Option<Arc<Mutex<NetGroup>>>,
 }
 
 impl Peer {
@@ -76,6 +99,7 @@ impl Peer {
     pub const ALONE: Peer = Peer {
         rank: 0,
         devices: 1,
+        net: None,
     };
 
     pub fn rank(&self) -> usize {
@@ -106,8 +130,13 @@ impl Peer {
 
     /// This peer's contiguous part of a global batch ([`check`] made the parts equal).
     pub fn shard<'a, T>(&self, batch: &'a [T]) -> &'a [T] {
-        let n = batch.len() / self.devices;
-        &batch[self.rank * n..(self.rank + 1) * n]
+        &batch[self.shard_range(batch.len())]
+    }
+
+    /// The rows of a global batch of `len` that are this peer's.
+    pub fn shard_range(&self, len: usize) -> std::ops::Range<usize> {
+        let n = len / self.devices;
+        self.rank * n..(self.rank + 1) * n
     }
 
     fn id(&self) -> PeerId {
@@ -131,6 +160,9 @@ impl Peer {
     ) -> Result<GradientsParams, ParallelError> {
         if self.devices == 1 {
             return Ok(grads);
+        }
+        if let Some(net) = &self.net {
+            return sum_gradients_over(net, module, grads);
         }
         let mut visitor = SumGradients::<B> {
             peer: self.id(),
@@ -167,6 +199,13 @@ impl Peer {
         if self.devices == 1 {
             return Ok(t);
         }
+        if let Some(net) = &self.net {
+            let device = t.device();
+            let shape = t.shape();
+            let mut values = host_values(t.into_data());
+            lock(net).sum(&mut values)?;
+            return Ok(Tensor::from_data(TensorData::new(values, shape), &device));
+        }
         let summed = collective::all_reduce::<B>(
             self.id(),
             t.into_primitive().tensor(),
@@ -175,6 +214,91 @@ impl Peer {
         .map_err(|e| self.failed(e))?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(summed)))
     }
+
+    /// Checks that every peer holds the same `digest` of `what` (e.g. its initial weights):
+    /// peers in other processes load their own copies; threads of one process share them.
+    pub fn agree(&self, what: &'static str, digest: [u8; 32]) -> Result<(), ParallelError> {
+        match &self.net {
+            Some(net) => lock(net).agree(what, digest),
+            None => Ok(()),
+        }
+    }
+}
+
+fn lock(net: &Mutex<NetGroup>) -> std::sync::MutexGuard<'_, NetGroup> {
+    net.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A tensor's values as f32 on the host (the wire format of [`NetGroup::sum`]).
+fn host_values(data: TensorData) -> Vec<f32> {
+    data.convert::<f32>()
+        .into_vec::<f32>()
+        .expect("converted to f32 just above")
+}
+
+/// [`Peer::sum_gradients`] across processes: every gradient, in module order, in one buffer
+/// and one round trip (a round trip per parameter would cost a network latency each).
+fn sum_gradients_over<B: AutodiffBackend, M: AutodiffModule<B>>(
+    net: &Mutex<NetGroup>,
+    module: &M,
+    mut grads: GradientsParams,
+) -> Result<GradientsParams, ParallelError> {
+    /// Puts a summed gradient back: built where the parameter's rank `D` is known.
+    type Restore = Box<dyn FnOnce(&mut GradientsParams, &[f32])>;
+    struct Take<'a, B: AutodiffBackend> {
+        grads: &'a mut GradientsParams,
+        taken: Vec<(usize, Restore)>,
+        values: Vec<f32>,
+        _backend: std::marker::PhantomData<B>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Take<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            // A parameter without a gradient (frozen, or unused by this loss) has none on any
+            // peer: the peers run the same graph.
+            let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
+                return;
+            };
+            let (id, shape, device) = (param.id, grad.shape(), grad.device());
+            let n = shape.num_elements();
+            self.values.extend(host_values(grad.into_data()));
+            let restore: Restore = Box::new(move |grads, values| {
+                let data = TensorData::new(values.to_vec(), shape);
+                grads.register(id, Tensor::<B::InnerBackend, D>::from_data(data, &device));
+            });
+            self.taken.push((n, restore));
+        }
+    }
+    let mut take = Take::<B> {
+        grads: &mut grads,
+        taken: Vec::new(),
+        values: Vec::new(),
+        _backend: std::marker::PhantomData,
+    };
+    module.visit(&mut take);
+    let (taken, mut values) = (take.taken, take.values);
+    lock(net).sum(&mut values)?;
+    let mut at = 0;
+    for (n, restore) in taken {
+        restore(&mut grads, &values[at..at + n]);
+        at += n;
+    }
+    Ok(grads)
+}
+
+/// A digest of a module's parameter values, in module order (to check that peers in other
+/// processes start from the same weights).
+pub fn weights_digest<B: Backend, M: burn::module::Module<B>>(module: &M) -> [u8; 32] {
+    struct Hash(Sha256);
+    impl<B: Backend> ModuleVisitor<B> for Hash {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let data = param.val().into_data();
+            self.0.update(format!("{:?}", data.shape).as_bytes());
+            self.0.update(data.as_bytes());
+        }
+    }
+    let mut hash = Hash(Sha256::new());
+    module.visit(&mut hash);
+    hash.0.finalize().into()
 }
 
 struct SumGradients<'a, B: AutodiffBackend> {
@@ -238,22 +362,27 @@ where
             .iter()
             .enumerate()
             .map(|(rank, device)| {
-                let peer = Peer { rank, devices: n };
+                let peer = Peer {
+                    rank,
+                    devices: n,
+                    net: None,
+                };
                 let (body, config) = (&body, config.clone());
                 s.spawn(move || -> anyhow::Result<T> {
                     collective::register::<B::InnerBackend>(peer.id(), device.clone(), config)
                         .map_err(|e| peer.failed(e))?;
                     // A panic is caught here, not at the join: the others must be released
                     // now, and the leader, joined first, may be waiting on this peer.
-                    let out = std::panic::catch_unwind(AssertUnwindSafe(|| body(peer, device)))
-                        .unwrap_or_else(|panic| {
-                            Err(ParallelError::Panicked {
-                                rank,
-                                devices: n,
-                                detail: panic_text(&panic),
-                            }
-                            .into())
-                        });
+                    let out =
+                        std::panic::catch_unwind(AssertUnwindSafe(|| body(peer.clone(), device)))
+                            .unwrap_or_else(|panic| {
+                                Err(ParallelError::Panicked {
+                                    rank,
+                                    devices: n,
+                                    detail: panic_text(&panic),
+                                }
+                                .into())
+                            });
                     match &out {
                         Err(_) => collective::reset_collective::<B::InnerBackend>(),
                         Ok(_) => collective::finish_collective::<B::InnerBackend>(peer.id())
@@ -298,6 +427,83 @@ where
             .map_err(|e| e.context(format!("data-parallel peer {rank} of {n}"))),
         None => results.swap_remove(0),
     }
+}
+
+/// The size of a run's data-parallel group: `devices` threads here, or the processes of
+/// `network` (one device each).
+pub fn group_size(devices: usize, network: Option<&NetworkSpec>) -> Result<usize, ParallelError> {
+    match network {
+        None => Ok(devices),
+        Some(_) if devices != 1 => Err(ParallelError::PeersWithDevices),
+        Some(spec) => Ok(spec.peers.len()),
+    }
+}
+
+/// Whether this process writes the run's files: every single-process run, and rank 0 of a
+/// multi-process one (the others read the run folder only to resume).
+pub fn writes_run(network: Option<&NetworkSpec>) -> bool {
+    network.is_none_or(|spec| spec.rank == 0)
+}
+
+/// The peers a run trains with, joined: threads of this process over `devices` (see
+/// [`run_peers`]), or this process as one rank of a multi-process group.
+pub enum Group<'a, B: AutodiffBackend> {
+    Threads(&'a [B::Device]),
+    Process { peer: Peer, device: &'a B::Device },
+}
+
+impl<'a, B: AutodiffBackend> Group<'a, B> {
+    /// The threads over `devices`, or, with `network`, this process's place in its group once
+    /// every rank has joined and agreed on `digest()` (the configuration and data it trains
+    /// on). Called before the run writes anything, so a missing or disagreeing peer leaves
+    /// nothing behind.
+    pub fn join(
+        devices: &'a [B::Device],
+        network: Option<&NetworkSpec>,
+        digest: impl FnOnce() -> anyhow::Result<[u8; 32]>,
+    ) -> anyhow::Result<Self> {
+        let Some(spec) = network else {
+            return Ok(Group::Threads(devices));
+        };
+        let [device] = devices else {
+            return Err(ParallelError::PeersWithDevices.into());
+        };
+        let group = NetGroup::connect(spec, digest()?)?;
+        let peer = Peer {
+            rank: group.rank(),
+            devices: group.world(),
+            net: Some(Arc::new(Mutex::new(group))),
+        };
+        Ok(Group::Process { peer, device })
+    }
+
+    /// Runs `body` on every peer of this process and returns the leader's result (or this
+    /// rank's).
+    pub fn run<T, F>(self, body: F) -> anyhow::Result<T>
+    where
+        T: Send,
+        F: Fn(Peer, &B::Device) -> anyhow::Result<T> + Sync,
+    {
+        match self {
+            Group::Threads(devices) => run_peers::<B, T, F>(devices, body),
+            Group::Process { peer, device } => {
+                let (rank, world) = (peer.rank, peer.devices);
+                body(peer, device)
+                    .map_err(|e| e.context(format!("data-parallel rank {rank} of {world}")))
+            }
+        }
+    }
+}
+
+/// A digest of what a run trains on, for [`Group::join`]: every part in order, each
+/// length-prefixed so that no two different lists hash alike.
+pub fn digest_of(parts: &[&[u8]]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part);
+    }
+    hash.finalize().into()
 }
 
 /// The message of a caught panic.
