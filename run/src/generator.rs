@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use duet_datasets::tokenizer::{encode_caption, load_tokenizer};
@@ -87,6 +88,16 @@ pub(crate) fn to_ndarray<B: Backend>(t: Tensor<B, 4>) -> anyhow::Result<ArrayD<f
 }
 
 impl<B: Backend> LoadedGenerator<B> {
+    /// The same generator on `device` (a data-parallel peer's own).
+    pub fn to_device(&self, device: &B::Device) -> Self {
+        Self {
+            config: self.config.clone(),
+            tokenizer: self.tokenizer.clone(),
+            generator: self.generator.clone().to_device(device),
+            schedule: self.schedule.clone(),
+        }
+    }
+
     /// Generates one image per prompt with classifier-free guidance, sampling in the shared
     /// `duet-diffusion` samplers (the runtime uses the same code behind ort/tract). Returns
     /// `[N, 3, S, S]` in `[-1, 1]`.

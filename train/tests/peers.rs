@@ -162,6 +162,31 @@ fn a_killed_peer_stops_the_run_and_resume_continues() {
     assert!(zero.status.success(), "rank 0: {}", stderr(&zero));
     assert!(first.status.success(), "rank 1: {}", stderr(&first));
 
+    let resume = |c: Command| {
+        let mut c = c;
+        c.arg("--resume");
+        c
+    };
+    // A rank resuming from another folder (a stale or missing copy of the run) is refused
+    // before rank 0 touches the run: its config still says 4 steps.
+    let config = std::fs::read(run.join("config.json")).unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    let peers = loopback_peers();
+    let (zero, first) = run_pair(
+        resume(as_rank(caption(&data, &run, 8), &peers, 0, 30)),
+        resume(as_rank(caption(&data, &elsewhere, 8), &peers, 1, 30)),
+    );
+    assert!(!zero.status.success() && !first.status.success());
+    assert!(
+        stderr(&zero).contains(
+            "rank 1 disagrees with rank 0 on the configuration, data or resumed checkpoint"
+        ),
+        "{}",
+        stderr(&zero)
+    );
+    assert_eq!(std::fs::read(run.join("config.json")).unwrap(), config);
+    assert!(!elsewhere.exists());
+
     // A long resumed run; rank 1 dies once rank 0 has logged step 10.
     let logged = |run: &Path| {
         std::fs::read_to_string(run.join(METRICS_FILE))
@@ -170,11 +195,6 @@ fn a_killed_peer_stops_the_run_and_resume_continues() {
     };
     let before = logged(&run);
     let peers = loopback_peers();
-    let resume = |c: Command| {
-        let mut c = c;
-        c.arg("--resume");
-        c
-    };
     let mut one = spawn(resume(as_rank(caption(&data, &run, 5000), &peers, 1, 60)));
     let zero = spawn(resume(as_rank(caption(&data, &run, 5000), &peers, 0, 60)));
     let start = Instant::now();
@@ -272,12 +292,15 @@ fn bad_peer_groups_are_refused_before_anything_is_written() {
     );
     assert!(!zero.status.success() && !first.status.success());
     assert!(
-        stderr(&zero).contains("rank 1 disagrees with rank 0 on the configuration or data"),
+        stderr(&zero).contains(
+            "rank 1 disagrees with rank 0 on the configuration, data or resumed checkpoint"
+        ),
         "{}",
         stderr(&zero)
     );
     assert!(
-        stderr(&first).contains("rank 1's configuration or data differ from rank 0's"),
+        stderr(&first)
+            .contains("rank 1's configuration, data or resumed checkpoint differ from rank 0's"),
         "{}",
         stderr(&first)
     );

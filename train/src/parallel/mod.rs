@@ -65,7 +65,7 @@ pub enum ParallelError {
     Disagree { rank: usize, what: &'static str },
     #[error("bad peer group: {0}")]
     BadPeers(String),
-    #[error("lost rank {rank}: {detail} (the last checkpoint stays valid: rerun every peer with --resume)")]
+    #[error("lost rank {rank}: {detail}")]
     PeerLost { rank: usize, detail: String },
     #[error(
         "--peers runs one device per process: drop --devices, or start one process per device"
@@ -492,6 +492,20 @@ impl<'a, B: AutodiffBackend> Group<'a, B> {
                     .map_err(|e| e.context(format!("data-parallel rank {rank} of {world}")))
             }
         }
+    }
+}
+
+/// Adds to a lost peer's error what a run that checkpoints can do about it.
+pub fn with_resume_hint(e: anyhow::Error) -> anyhow::Error {
+    let lost = e
+        .chain()
+        .any(|c| matches!(c.downcast_ref(), Some(ParallelError::PeerLost { .. })));
+    if lost {
+        e.context(
+            "a peer was lost: the last checkpoint stays valid; rerun every peer with --resume",
+        )
+    } else {
+        e
     }
 }
 

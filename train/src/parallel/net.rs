@@ -134,34 +134,57 @@ impl NetGroup {
         let deadline = Instant::now() + spec.timeout;
         let mut refusal: Option<ParallelError> = None;
         while links.iter().any(Option::is_none) && refusal.is_none() {
+            if Instant::now() >= deadline {
+                let ranks = (1..world).filter(|r| links[r - 1].is_none()).collect();
+                let missing = ParallelError::Missing {
+                    ranks,
+                    seconds: spec.timeout.as_secs_f64(),
+                };
+                // The ranks that did join learn why they were not welcomed.
+                for link in links.iter_mut().flatten() {
+                    let _ = write_frame(link, Kind::Refuse, 0, missing.to_string().as_bytes());
+                }
+                return Err(missing);
+            }
             let (mut stream, from) = match listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let ranks = (1..world).filter(|r| links[r - 1].is_none()).collect();
-                        return Err(ParallelError::Missing {
-                            ranks,
-                            seconds: spec.timeout.as_secs_f64(),
-                        });
-                    }
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
                 }
-                Err(e) => return Err(lost(0, "accepting a peer", e)),
-            };
-            configure(&stream, spec.timeout).map_err(|e| lost(0, "a new connection", e))?;
-            // A connection that does not say hello at once is a stranger: dropped, not fatal
-            // (a worker says hello as soon as it connects).
-            stream
-                .set_read_timeout(Some(spec.timeout.min(HELLO_WAIT)))
-                .map_err(|e| lost(0, "a new connection", e))?;
-            let hello = match read_frame(&mut stream, Kind::Hello, 0, HELLO as u64) {
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::warn!("ignored a connection from {from}: {e}");
+                // A connection reset or aborted before it was accepted is not a peer's.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
                     continue;
                 }
+                Err(e) => {
+                    return Err(ParallelError::Address {
+                        address: spec.peers[0].clone(),
+                        detail: format!("accepting peers there: {e}"),
+                    })
+                }
             };
+            // A connection that cannot be set up, or does not say hello at once (a worker says
+            // hello as soon as it connects), is a stranger: dropped, not fatal.
+            if let Err(e) = configure(&stream, spec.timeout) {
+                tracing::warn!("ignored a connection from {from}: {e}");
+                continue;
+            }
+            let until = deadline.min(Instant::now() + HELLO_WAIT);
+            let hello =
+                match read_frame(&mut Until(&mut stream, until), Kind::Hello, 0, HELLO as u64) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!("ignored a connection from {from}: {e}");
+                        continue;
+                    }
+                };
             let word = |i: usize| u32::from_le_bytes(hello[4 * i..4 * i + 4].try_into().unwrap());
             let (protocol, rank, their_world) = (word(0), word(1) as usize, word(2) as usize);
             let problem = if protocol != PROTOCOL {
@@ -193,16 +216,18 @@ impl NetGroup {
             }
             if hello[12..44] != digest {
                 let problem = format!(
-                    "rank {rank}'s configuration or data differ from rank 0's: give every peer \
-                     the same flags, the same --data and the same duet-train"
+                    "rank {rank}'s configuration, data or resumed checkpoint differ from rank \
+                     0's: give every peer the same flags, the same --data, the same run folder \
+                     to --resume and the same duet-train"
                 );
                 let _ = write_frame(&mut stream, Kind::Refuse, 0, problem.as_bytes());
                 refusal = Some(ParallelError::Disagree {
                     rank,
-                    what: "configuration or data",
+                    what: "configuration, data or resumed checkpoint",
                 });
                 continue;
             }
+            // Reading the hello left a short timeout on the stream: the peer's own from here.
             stream
                 .set_read_timeout(Some(spec.timeout))
                 .map_err(|e| lost(rank, "a new connection", e))?;
@@ -259,6 +284,11 @@ impl NetGroup {
         hello.extend_from_slice(&digest);
         write_frame(&mut stream, Kind::Hello, 0, &hello).map_err(|e| lost(0, "saying hello", e))?;
         read_frame(&mut stream, Kind::Welcome, 0, 0).map_err(|e| e.into_error(0))?;
+        // A worker waits for rank 0's sum while rank 0 waits for the slowest worker: twice the
+        // timeout, so rank 0 always gives up on a straggler first and names it to the others.
+        stream
+            .set_read_timeout(Some(spec.timeout.saturating_mul(2)))
+            .map_err(|e| lost(0, "connecting", e))?;
         Ok(NetGroup {
             rank: spec.rank,
             world: spec.peers.len(),
@@ -442,10 +472,25 @@ fn write_frame(
     stream.flush()
 }
 
+/// A stream whose reads give up at a deadline (a stream's own timeout bounds each read, not
+/// a whole frame).
+struct Until<'a>(&'a mut TcpStream, Instant);
+
+impl Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.1.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.0.set_read_timeout(Some(left))?;
+        self.0.read(buf)
+    }
+}
+
 /// Reads the frame `kind` number `seq` of exactly `len` payload bytes; an abort or refusal
 /// from rank 0 instead is reported as such, anything else as unexpected.
 fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut impl Read,
     kind: Kind,
     seq: u64,
     len: u64,
@@ -557,6 +602,26 @@ mod tests {
         );
         let e = leader.join().unwrap().unwrap_err();
         assert!(matches!(e, ParallelError::Disagree { rank: 1, .. }), "{e}");
+    }
+
+    /// When a rank never joins, rank 0 gives up after its timeout naming it, and tells the
+    /// ranks that did join why (rather than leaving them to report rank 0 lost).
+    #[test]
+    fn a_missing_rank_is_named_on_every_side() {
+        let port = free_port();
+        let three = move |rank, seconds| NetworkSpec {
+            peers: (0..3).map(|i| format!("127.0.0.1:{}", port + i)).collect(),
+            rank,
+            timeout: Duration::from_secs(seconds),
+        };
+        let leader = std::thread::spawn(move || NetGroup::connect(&three(0, 1), [7; 32]).err());
+        let e = NetGroup::connect(&three(1, 10), [7; 32]).err().unwrap();
+        assert!(e.to_string().contains("rank(s) [2] did not join"), "{e}");
+        let e = leader.join().unwrap().unwrap();
+        assert!(
+            matches!(&e, ParallelError::Missing { ranks, .. } if ranks == &[2]),
+            "{e}"
+        );
     }
 
     /// A worker whose digest differs is refused by rank 0 with the reason, on both sides.

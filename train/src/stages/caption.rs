@@ -456,6 +456,8 @@ pub fn fit_on<B: AutodiffBackend>(
                 .map_err(anyhow::Error::msg)?
                 .as_bytes(),
             &data.digest(),
+            // The checkpoint being resumed, if any (its weights are compared once loaded).
+            &serde_json::to_vec(&state)?,
         ]))
     };
     let group = crate::parallel::Group::<B>::join(devices, network, digest)?;
@@ -470,7 +472,9 @@ pub fn fit_on<B: AutodiffBackend>(
         write_json(&config_path, &cfg)?;
     }
 
-    group.run(|peer, device| train_peer::<B>(args, &cfg, &data, state.clone(), peer, device))
+    group
+        .run(|peer, device| train_peer::<B>(args, &cfg, &data, state.clone(), peer, device))
+        .map_err(crate::parallel::with_resume_hint)
 }
 
 /// The caption training loop of one data-parallel peer (all of it on one device): the same

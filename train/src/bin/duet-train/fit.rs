@@ -288,7 +288,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 outcome.complete_accuracy,
                 outcome.final_loss,
                 outcome.seconds,
-                out.display()
+                written_to(&out, network.as_ref())
             );
         }
         Stage::Unify => {
@@ -334,7 +334,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 "stage 2: diffusion loss {:.4}; {:.1}s in all; runs in {}/{{{STAGE1_DIR},{STAGE2_DIR}}}",
                 outcome.final_diffusion_loss,
                 outcome.seconds,
-                out.display()
+                written_to(&out, network.as_ref())
             );
         }
         Stage::Dream => {
@@ -368,7 +368,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 outcome.seconds,
                 outcome.final_diffusion_loss,
                 outcome.final_understanding_loss,
-                out.display()
+                written_to(&out, network.as_ref())
             );
         }
         Stage::Generate => {
@@ -405,7 +405,7 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 outcome.steps_done,
                 outcome.seconds,
                 outcome.final_diffusion_loss,
-                out.display()
+                written_to(&out, network.as_ref())
             );
         }
         Stage::Caption => {
@@ -438,11 +438,24 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 outcome.steps_done,
                 outcome.seconds,
                 outcome.final_loss,
-                out.display()
+                written_to(&out, network.as_ref())
             );
         }
     }
     Ok(())
+}
+
+/// Where a finished run is, as the closing line says it: a rank other than 0 of a
+/// multi-process group writes nothing.
+fn written_to(out: &std::path::Path, network: Option<&NetworkSpec>) -> String {
+    match network {
+        Some(spec) if spec.rank != 0 => format!(
+            "rank 0's folder ({} here: rank {} writes nothing)",
+            out.display(),
+            spec.rank
+        ),
+        _ => out.display().to_string(),
+    }
 }
 
 /// The multi-process group of `--peers`, `--rank` and `--peer-timeout` (all or none).

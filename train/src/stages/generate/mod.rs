@@ -270,6 +270,8 @@ pub fn fit_generate_on<B: AutodiffBackend>(
                 .as_bytes(),
             &crate::parallel::weights_digest(&vision),
             &data.digest(),
+            // The checkpoint being resumed, if any (its weights are compared once loaded).
+            &serde_json::to_vec(&state)?,
         ]))
     };
     let group = crate::parallel::Group::<B>::join(devices, network, digest)?;
@@ -283,7 +285,9 @@ pub fn fit_generate_on<B: AutodiffBackend>(
         save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
         write_json(&config_path, &cfg)?;
     }
-    group.run(|peer, device| train_peer::<B>(&shared, state.clone(), peer, device))
+    group
+        .run(|peer, device| train_peer::<B>(&shared, state.clone(), peer, device))
+        .map_err(crate::parallel::with_resume_hint)
 }
 
 /// What every peer of a generate run reads.

@@ -149,7 +149,9 @@ pub fn fit_fusion<B: AutodiffBackend>(
     };
     let train = extract_features(&bb, &examples.train, device)?;
     let test = extract_features(&bb, &examples.test, device)?;
-    let group = crate::parallel::Group::<B>::join(&devices, network, || pair_digest(&cfg, &train))?;
+    let group = crate::parallel::Group::<B>::join(&devices, network, || {
+        pair_digest(&cfg, &examples.train, &bb)
+    })?;
     let writes = crate::parallel::writes_run(network);
     if writes {
         create_out(&args.out)?;
@@ -197,6 +199,10 @@ fn train_head<B: AutodiffBackend>(
     let mut head = seeded(device, cfg.seed, || {
         FusionHead::<B>::new(&cfg.restore, device)
     });
+    peer.agree(
+        "initial head weights",
+        crate::parallel::weights_digest(&head),
+    )?;
     let mut optim = AdamWConfig::new().with_weight_decay(1e-4).init();
     let leader = peer.is_leader();
     let pb = duet_datasets::progress::stage_bar(args.quiet || !leader, cfg.steps, "fusion head");

@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use burn::tensor::backend::Backend;
 use duet_models::{ModelSpec, Preset, RestoreConfig};
 use duet_run::{
     load_backbones, load_module, prefixed, PairTrainConfig, RestoreSettings, Variant, HEAD,
@@ -158,26 +159,36 @@ fn create_out(out: &Path) -> anyhow::Result<()> {
 }
 
 /// A digest of what a pair run trains on, for data-parallel peers in other processes to
-/// check against each other: its settings (not where it keeps its files, its device or its
-/// command line) and its training features (which the data and the frozen backbones make).
-fn pair_digest(cfg: &PairTrainConfig, train: &PairFeatures) -> anyhow::Result<[u8; 32]> {
+/// check against each other before anything is written: its settings (not where it keeps its
+/// files, its device or its command line), its training examples (pixels, texts, labels) and
+/// the frozen backbones' weights. Inputs, not the features computed from them: those may
+/// differ in their last bits between CPUs with different vector units.
+fn pair_digest<B: Backend>(
+    cfg: &PairTrainConfig,
+    examples: &[duet_datasets::pair_tasks::PairExample],
+    bb: &duet_run::Backbones<B>,
+) -> anyhow::Result<[u8; 32]> {
     let mut settings = serde_json::to_value(cfg)?;
     if let Some(fields) = settings.as_object_mut() {
         for field in ["device", "command", "init"] {
             fields.remove(field);
         }
+        if let Some(task) = fields.get_mut("task").and_then(|t| t.as_object_mut()) {
+            task.remove("dir");
+        }
     }
-    let floats = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let labels: Vec<u8> = train
-        .labels
-        .iter()
-        .flat_map(|&l| (l as u64).to_le_bytes())
-        .collect();
+    let mut inputs = Vec::new();
+    for e in examples {
+        inputs.extend_from_slice(e.image.as_raw());
+        inputs.extend_from_slice(&(e.text.len() as u64).to_le_bytes());
+        inputs.extend_from_slice(e.text.as_bytes());
+        inputs.extend_from_slice(&(e.label as u64).to_le_bytes());
+    }
     Ok(crate::parallel::digest_of(&[
         &serde_json::to_vec(&settings)?,
-        &floats(&train.image),
-        &floats(&train.text),
-        &labels,
+        &inputs,
+        &crate::parallel::weights_digest(&bb.vision),
+        &crate::parallel::weights_digest(&bb.text),
     ]))
 }
 

@@ -278,7 +278,9 @@ pub fn fit_restore<B: AutodiffBackend>(
     )?;
     let init_weights = load_weights(&args.init.join(WEIGHTS_FILE))?;
     let train = extract_features(&bb, &examples.train, device)?;
-    let group = crate::parallel::Group::<B>::join(&devices, network, || pair_digest(&cfg, &train))?;
+    let group = crate::parallel::Group::<B>::join(&devices, network, || {
+        pair_digest(&cfg, &examples.train, &bb)
+    })?;
     let writes = crate::parallel::writes_run(network);
     if writes {
         create_out(&args.out)?;
@@ -365,6 +367,8 @@ fn train_restorers<B: AutodiffBackend>(
         &args.init,
     )?
     .no_grad();
+    // Each peer reads the frozen head from its own --init: all must hold the same one.
+    peer.agree("fusion head", crate::parallel::weights_digest(&head))?;
     let schedule = NoiseSchedule::cosine(settings.train_timesteps)?;
     let e = train.dim;
     let stats = |data: &[f32]| {

@@ -388,6 +388,10 @@ fn unify_peer<B: AutodiffBackend>(
     let model_cfg = &cfg.base.model;
     let leader = peer.is_leader();
     let quiet = args.quiet || !leader;
+    // The frozen models were loaded once, on the first device: each peer uses its own copy on
+    // its own device (a no-op on the CPU).
+    let reference = &reference.clone().to_device(device);
+    let generator = &generator.to_device(device);
     let vision = reference.vision.clone();
     let t0 = Instant::now();
 
