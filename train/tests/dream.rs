@@ -49,6 +49,8 @@ fn dream_args(init: &Path, data: &Path, out: &Path, steps: usize, resume: bool) 
         seed: 5,
         resume,
         device: "cpu".into(),
+        devices: 1,
+        network: None,
         command: "test".into(),
         quiet: true,
     }
@@ -218,4 +220,45 @@ fn dream_refuses_a_caption_run_and_a_vocabulary_without_the_instructions() {
             .to_string();
         assert!(err.contains(says), "{err}");
     }
+}
+
+/// The dream stage on two peers: peer 0 takes the step's generation rows and peer 1 its edit
+/// rows (padded to the whole batch's prompt length, so the queries sit where one device puts
+/// them), the noise of the whole batch is drawn on both, the per-token match is averaged over
+/// both peers' marked tokens, and the understanding loss over the whole batch's targets: the
+/// weights one device trains, within 1e-6.
+#[test]
+fn two_peers_train_the_dream_model_one_device_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("edits");
+    let extras = DatasetExtras {
+        questions_per_scene: 1,
+        edits_per_scene: 2,
+        ..Default::default()
+    };
+    write_dataset_with(&data, 24, 3, &SceneConfig::default(), "test", &extras).unwrap();
+    let (_, gen) = chain(dir.path(), &data);
+    let device = Default::default();
+    let run = |out: &Path, devices, steps| {
+        let args = DreamFitArgs {
+            devices,
+            token_weight: Some(1.0),
+            ..dream_args(&gen, &data, out, steps, false)
+        };
+        fit_dream::<CpuBackend>(&args, &device).unwrap();
+        load_weights(&out.join(WEIGHTS_FILE)).unwrap()
+    };
+    let one = run(&dir.path().join("one"), 1, 3);
+    let two = run(&dir.path().join("two"), 2, 3);
+    let delta = max_difference(&one, &two);
+    eprintln!("dream, 1 device vs 2 peers: max |Δ| = {delta:e}");
+    assert!(
+        delta <= 1e-6,
+        "2 peers trained another dream model: {delta}"
+    );
+    let moved = max_difference(&one, &run(&dir.path().join("short"), 1, 1));
+    assert!(
+        moved > 100.0 * delta.max(1e-7),
+        "training moved the weights by {moved}"
+    );
 }

@@ -331,19 +331,5 @@ fn uneven_batches_and_zero_devices_are_refused_before_anything_is_written() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--devices must be at least 1"));
     assert!(!out.exists(), "nothing is written on a refused run");
-    // The dream stage does not train data-parallel yet, and says so.
-    let o = Command::new(env!("CARGO_BIN_EXE_duet-train"))
-        .args(["fit", "--stage", "dream", "--init"])
-        .arg(&out)
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .args(["--devices", "2"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("--stage dream does not use --devices"), "{e}");
     assert!(!out.exists(), "nothing is written on a refused run");
 }

@@ -45,6 +45,8 @@ fn dream_fixture() -> &'static DreamFixture {
             seed: 0,
             resume: false,
             device: "cpu".into(),
+            devices: 1,
+            network: None,
             command: format!("e2e dream fixture: fit --stage dream --steps {steps}"),
             quiet: true,
         };

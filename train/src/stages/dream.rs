@@ -39,7 +39,7 @@ use duet_diffusion::NoiseSchedule;
 use duet_models::denoiser::masked_mean;
 use duet_models::dream::dream_mask;
 use duet_models::init::seeded;
-use duet_models::params::load_named_tensors;
+use duet_models::params::{load_named_tensors, NamedTensors};
 use duet_models::tokens::{PAD_ID, UNK_ID};
 use duet_models::{CaptionDecoder, Denoiser, DreamModel, ModelSpec, VisionEncoder};
 use duet_run::checkpoint::{
@@ -53,11 +53,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
+use crate::parallel::{ParallelError, Peer};
 use crate::stages::caption::{
-    batch_indices, decoder_loss, load_question_rows, load_records, prepare_with_questions,
+    batch_indices, decoder_nll, load_question_rows, load_records, prepare_with_questions,
     save_checkpoint, PreparedData,
 };
-use crate::stages::generate::{noise_images, Noised};
+use crate::stages::generate::{noise_images_part, Noised};
 
 /// Weight of the match to the text path ([`dream_loss`]): its MSEs are a tenth of the
 /// diffusion loss's, so at 1 they barely steered the queries (measured: the conditioning
@@ -92,6 +93,11 @@ pub struct DreamFitArgs {
     pub seed: u64,
     pub resume: bool,
     pub device: String,
+    /// Data-parallel peers (`--devices`): each takes `1/devices` of every batch's generation
+    /// and understanding rows. 1: plain one-device training.
+    pub devices: usize,
+    /// This process's rank of a multi-process group (`--peers`, `--rank`).
+    pub network: Option<crate::parallel::NetworkSpec>,
     pub command: String,
     pub quiet: bool,
 }
@@ -245,11 +251,15 @@ pub struct DreamBatch<B: Backend> {
 }
 
 impl DreamRows {
+    /// The rows `part` of the batch `idx` (all of it: `0..idx.len()`), padded to the whole
+    /// batch's longest prompt and caption, so a data-parallel peer's queries sit where one
+    /// device's would.
     pub fn batch<B: Backend>(
         &self,
         data: &PreparedData,
         blank: &[f32],
         idx: &[usize],
+        part: std::ops::Range<usize>,
         device: &B::Device,
     ) -> DreamBatch<B> {
         let s = data.image_size;
@@ -264,6 +274,7 @@ impl DreamRows {
             .map(|&r| self.target_caption[r].len())
             .max()
             .unwrap_or(2);
+        let idx = &idx[part];
         let mut teacher = Vec::with_capacity(idx.len() * lt);
         let mut teacher_mask = Vec::with_capacity(idx.len() * lt);
         let mut token_mask = Vec::with_capacity(idx.len() * p);
@@ -363,20 +374,36 @@ pub struct TeacherTokens<B: Backend> {
 /// of the caption's (what the denoiser's modulation reads). With `token_weight` > 0, each
 /// generation row's prompt positions are also pulled to the text encoder's tokens of the same
 /// caption, position by position: the most direct form of "condition like the text path".
+///
+/// `x0` holds rows `rows` of a batch of `batch` (all of them with [`Peer::ALONE`]): every
+/// term sums over these rows and divides by the whole batch's size (or marked-token count,
+/// summed across `peer`s), so the peers' losses add up to the one-device loss.
+#[allow(clippy::too_many_arguments)]
 pub fn dream_loss<B: AutodiffBackend>(
     p: &DreamLossInputs<'_, B>,
     x0: Tensor<B, 4>,
     (cond, cond_mask): (Tensor<B, 3>, Tensor<B, 2>),
     teacher: TeacherTokens<B::InnerBackend>,
+    (batch, rows): (usize, std::ops::Range<usize>),
+    peer: &Peer,
     rng: &mut ChaCha8Rng,
     device: &B::Device,
-) -> DreamLoss<B> {
+) -> Result<DreamLoss<B>, ParallelError> {
+    let [_, c, side, _] = x0.dims();
     let Noised {
         xt,
         timesteps: tt,
         target,
         ..
-    } = noise_images(p.schedule, p.settings.prediction, x0, rng, device);
+    } = noise_images_part(
+        p.schedule,
+        p.settings.prediction,
+        x0,
+        batch,
+        rows,
+        rng,
+        device,
+    );
     let pred = p.denoiser.forward(
         p.cfg,
         xt.clone(),
@@ -384,7 +411,12 @@ pub fn dream_loss<B: AutodiffBackend>(
         cond.clone(),
         cond_mask.clone(),
     );
-    let mse = |x: Tensor<B, 4>, y: Tensor<B, 4>| (x - y).powi_scalar(2).mean();
+    let mse = |x: Tensor<B, 4>, y: Tensor<B, 4>| {
+        (x - y)
+            .powi_scalar(2)
+            .sum()
+            .div_scalar((batch * c * side * side) as f64)
+    };
     let diffusion = mse(pred.clone(), target);
     let TeacherTokens {
         tokens,
@@ -392,63 +424,70 @@ pub fn dream_loss<B: AutodiffBackend>(
         token_mask,
     } = teacher;
     let (objective, token_mse) = if p.token_weight > 0.0 {
-        let t = token_match(cond.clone(), tokens.clone(), token_mask);
-        let v = t.clone().into_scalar().elem::<f64>();
+        let t = token_match(cond.clone(), tokens.clone(), token_mask, peer, device)?;
+        let v = peer.sum::<B>(t.clone().into_scalar().elem::<f64>(), device)?;
         (diffusion.clone() + t.mul_scalar(p.token_weight), Some(v))
     } else {
         (diffusion.clone(), None)
     };
     if p.distill_weight == 0.0 {
-        return DreamLoss {
+        return Ok(DreamLoss {
             objective,
             diffusion,
             teacher_mse: None,
             pool_mse: None,
             token_mse,
-        };
+        });
     }
     // The pooled conditioning the denoiser's adaptive LayerNorms read (its `text_pool`): the
     // mean of the queries' tokens should be the mean of the caption's.
     let pooled = Tensor::<B, 2>::from_inner(masked_mean(tokens.clone(), mask.clone()));
+    let width = pooled.dims()[1];
     let pool = (masked_mean(cond, cond_mask) - pooled)
         .powi_scalar(2)
-        .mean();
+        .sum()
+        .div_scalar((batch * width) as f64);
     let want = p
         .teacher
         .forward(p.cfg, xt.inner(), tt.inner(), tokens, mask);
     let matched = mse(pred, Tensor::from_inner(want));
     let parts = [
-        matched.clone().into_scalar().elem::<f64>(),
-        pool.clone().into_scalar().elem::<f64>(),
+        peer.sum::<B>(matched.clone().into_scalar().elem::<f64>(), device)?,
+        peer.sum::<B>(pool.clone().into_scalar().elem::<f64>(), device)?,
     ];
-    DreamLoss {
+    Ok(DreamLoss {
         objective: objective + (matched + pool).mul_scalar(p.distill_weight),
         diffusion,
         teacher_mse: Some(parts[0]),
         pool_mse: Some(parts[1]),
         token_mse,
-    }
+    })
 }
 
 /// Mean squared difference between the conditioning `cond` `[B, P + K, D]` and the teacher's
-/// tokens `[B, L, D]` over the positions `token_mask` `[B, P]` marks (all within both).
+/// tokens `[B, L, D]` over the positions `token_mask` `[B, P]` marks (all within both): over
+/// every peer's marked positions, when the rows are a data-parallel peer's share.
 fn token_match<B: AutodiffBackend>(
     cond: Tensor<B, 3>,
     tokens: Tensor<B::InnerBackend, 3>,
     token_mask: Tensor<B::InnerBackend, 2>,
-) -> Tensor<B, 1> {
+    peer: &Peer,
+    device: &B::Device,
+) -> Result<Tensor<B, 1>, ParallelError> {
     let [b, p] = token_mask.dims();
     let [_, l, d] = tokens.dims();
     // Marked positions are a generation row's prompt, one shorter than its teacher caption,
     // so `m` covers them all even when an edit row's instruction makes `p` the larger.
     let m = p.min(l);
     let mask = token_mask.slice([0..b, 0..m]);
-    let count = mask.clone().sum().into_scalar().elem::<f64>();
+    let count = peer.sum::<B>(mask.clone().sum().into_scalar().elem::<f64>(), device)?;
     let want = Tensor::<B, 3>::from_inner(tokens.slice([0..b, 0..m, 0..d]));
     let weight = Tensor::<B, 3>::from_inner(mask.reshape([b, m, 1]));
-    ((cond.slice([0..b, 0..m, 0..d]) - want).powi_scalar(2) * weight)
-        .sum()
-        .div_scalar((count * d as f64).max(1.0))
+    Ok(
+        ((cond.slice([0..b, 0..m, 0..d]) - want).powi_scalar(2) * weight)
+            .sum()
+            .div_scalar((count * d as f64).max(1.0)),
+    )
 }
 
 /// [`dream_loss`]'s value and its parts (for the metrics log).
@@ -479,9 +518,18 @@ pub fn fit_dream<B: AutodiffBackend>(
     args: &DreamFitArgs,
     device: &B::Device,
 ) -> anyhow::Result<DreamOutcome> {
+    fit_dream_on::<B>(args, &vec![device.clone(); args.devices])
+}
+
+/// Trains the dream stage data-parallel, one peer on each of `devices` (`args.devices` is not
+/// read).
+pub fn fit_dream_on<B: AutodiffBackend>(
+    args: &DreamFitArgs,
+    devices: &[B::Device],
+) -> anyhow::Result<DreamOutcome> {
     let run = &args.out;
     let config_path = run.join(CONFIG_FILE);
-    let (cfg, mut state) = if args.resume && run.join(STATE_FILE).exists() {
+    let (cfg, state) = if args.resume && run.join(STATE_FILE).exists() {
         let mut cfg: DreamTrainConfig = read_json(&config_path)?;
         if let Some(s) = args.steps {
             cfg.run.steps = s;
@@ -536,7 +584,6 @@ pub fn fit_dream<B: AutodiffBackend>(
             generation_weight: args.generation_weight.unwrap_or(1.0),
             token_weight: args.token_weight.unwrap_or(DEFAULT_TOKEN_WEIGHT),
         };
-        let _ = std::fs::remove_file(run.join(METRICS_FILE));
         (cfg, None)
     };
     let model_spec = &cfg.run.model;
@@ -562,6 +609,11 @@ pub fn fit_dream<B: AutodiffBackend>(
     if cfg.run.batch_size < 2 {
         anyhow::bail!("--batch-size must be at least 2 (half generation, half edit rows)");
     }
+    let network = args.network.as_ref();
+    crate::parallel::check(
+        crate::parallel::group_size(devices.len(), network)?,
+        cfg.run.batch_size,
+    )?;
     let init = &cfg.run.init;
     let tokenizer = load_tokenizer(&init.join(TOKENIZER_FILE))?;
     let samples = load_folders(
@@ -578,13 +630,94 @@ pub fn fit_dream<B: AutodiffBackend>(
         model_spec.image_size,
         model_spec.max_len,
     )?;
-    std::fs::create_dir_all(run)?;
-    save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
     let init_weights = load_weights(&init.join(WEIGHTS_FILE))?;
     let frozen = with_prefixes(&init_weights, &["vision", "text", "denoiser"]);
+    let digest = || -> anyhow::Result<[u8; 32]> {
+        // What must match across processes: the settings (not where each keeps its files or
+        // which device it names), the tokenizer, the starting weights, the prepared rows and
+        // the checkpoint being resumed.
+        let mut settings = serde_json::to_value(&cfg)?;
+        if let Some(fields) = settings.as_object_mut() {
+            for field in ["device", "command", "init", "data"] {
+                fields.remove(field);
+            }
+        }
+        let mut weights = Vec::new();
+        for (name, t) in &init_weights {
+            weights.extend_from_slice(name.as_bytes());
+            weights.extend(t.data.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        Ok(crate::parallel::digest_of(&[
+            &serde_json::to_vec(&settings)?,
+            tokenizer
+                .to_string(false)
+                .map_err(anyhow::Error::msg)?
+                .as_bytes(),
+            &weights,
+            &data.digest(),
+            &serde_json::to_vec(&rows.prompt)?,
+            &serde_json::to_vec(&state)?,
+        ]))
+    };
+    let group = crate::parallel::Group::<B>::join(devices, network, digest)?;
+    // Made only now, so a refused folder or peer leaves no empty run behind.
+    if crate::parallel::writes_run(network) {
+        std::fs::create_dir_all(run)?;
+        if state.is_none() {
+            // A fresh run starts a fresh metrics log.
+            let _ = std::fs::remove_file(run.join(METRICS_FILE));
+        }
+        save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
+        write_json(&config_path, &cfg)?;
+    }
+    let inputs = DreamInputs {
+        args,
+        cfg: &cfg,
+        data: &data,
+        rows: &rows,
+        init_weights: &init_weights,
+        frozen: &frozen,
+    };
+    group
+        .run(|peer, device| dream_peer::<B>(&inputs, state.clone(), &peer, device))
+        .map_err(crate::parallel::with_resume_hint)
+}
+
+/// What every peer of a dream run reads.
+struct DreamInputs<'a> {
+    args: &'a DreamFitArgs,
+    cfg: &'a DreamTrainConfig,
+    data: &'a PreparedData,
+    rows: &'a DreamRows,
+    init_weights: &'a NamedTensors,
+    /// The generate run's frozen tensors, carried into every checkpoint.
+    frozen: &'a NamedTensors,
+}
+
+/// The dream training loop of one data-parallel peer: the same model, optimizer and batches
+/// on every peer, each computing its share of the generation and understanding rows; the
+/// leader writes checkpoints, metrics and progress.
+fn dream_peer<B: AutodiffBackend>(
+    inputs: &DreamInputs<'_>,
+    mut state: Option<TrainState>,
+    peer: &Peer,
+    device: &B::Device,
+) -> anyhow::Result<DreamOutcome> {
+    let DreamInputs {
+        args,
+        cfg,
+        data,
+        rows,
+        init_weights,
+        frozen,
+    } = *inputs;
+    let run = &args.out;
+    let init = &cfg.run.init;
+    let model_spec = &cfg.run.model;
+    let leader = peer.is_leader();
     let vision = load_named_tensors(
         VisionEncoder::<B::InnerBackend>::new(model_spec, device),
-        &under(&init_weights, "vision"),
+        &under(init_weights, "vision"),
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", init.display()))?;
     let denoiser = load_generator_weights::<B>(init, model_spec, device)?
@@ -593,7 +726,6 @@ pub fn fit_dream<B: AutodiffBackend>(
     // The text path on the target's caption: the teacher whose predictions the dream path
     // learns to match.
     let teacher = load_generator_weights::<B::InnerBackend>(init, model_spec, device)?;
-    write_json(&config_path, &cfg)?;
 
     let schedule = NoiseSchedule::cosine(cfg.run.diffusion.train_timesteps)?;
     let mut model = seeded(device, cfg.run.seed, || {
@@ -601,7 +733,7 @@ pub fn fit_dream<B: AutodiffBackend>(
     });
     model.decoder = load_named_tensors(
         CaptionDecoder::<B>::new(model_spec, device),
-        &under(&init_weights, "decoder"),
+        &under(init_weights, "decoder"),
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", init.display()))?;
     let mut optim = AdamWConfig::new()
@@ -617,14 +749,18 @@ pub fn fit_dream<B: AutodiffBackend>(
         }
         None => 0,
     };
+    peer.agree(
+        "initial weights and step (resume every peer from the same run)",
+        crate::parallel::digest_of(&[
+            &crate::parallel::weights_digest(&model),
+            &(start_step as u64).to_le_bytes(),
+        ]),
+    )?;
     let blank = blank_pixels(model_spec.image_size);
 
-    let pb = duet_datasets::progress::stage_bar(args.quiet, cfg.run.steps, "dream");
+    let pb = duet_datasets::progress::stage_bar(args.quiet || !leader, cfg.run.steps, "dream");
     pb.set_position(start_step as u64);
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run.join(METRICS_FILE))?;
+    let mut metrics = peer.metrics_log(run)?;
     let t0 = Instant::now();
     let mut last_loss = state.as_ref().map(|s| s.last_loss).unwrap_or(f64::NAN);
     let (mut last_diffusion, mut last_understanding) = (f64::NAN, f64::NAN);
@@ -633,9 +769,10 @@ pub fn fit_dream<B: AutodiffBackend>(
         let seed = cfg.run.seed;
         // The generation objective (skipped at weight 0: the understanding-only control).
         let generation_on = cfg.generation_weight > 0.0;
-        let generation = generation_on.then(|| {
+        let generation = if generation_on {
             let idx = rows.step_rows(cfg.run.batch_size, step, seed);
-            let batch = rows.batch::<B::InnerBackend>(&data, &blank, &idx, device);
+            let mine = peer.shard_range(idx.len());
+            let batch = rows.batch::<B::InnerBackend>(data, &blank, &idx, mine.clone(), device);
             let prefix_mask = Tensor::from_inner(batch.prefix_mask);
             let cond = model.condition(
                 Tensor::from_inner(batch.prefix),
@@ -648,7 +785,7 @@ pub fn fit_dream<B: AutodiffBackend>(
                 .text
                 .forward(batch.teacher, batch.teacher_mask.clone())
                 .tokens;
-            dream_loss(
+            Some(dream_loss(
                 &DreamLossInputs {
                     cfg: model_spec,
                     settings: &cfg.run.diffusion,
@@ -665,31 +802,41 @@ pub fn fit_dream<B: AutodiffBackend>(
                     mask: batch.teacher_mask,
                     token_mask: batch.token_mask,
                 },
+                (idx.len(), mine),
+                peer,
                 &mut rng,
                 device,
-            )
-        });
+            )?)
+        } else {
+            None
+        };
         let understanding = (cfg.understanding_weight > 0.0).then(|| {
             let rows_u = batch_indices(data.rows(), cfg.run.batch_size, step, seed ^ 0x0DE5);
+            // The shard's summed NLL over the whole batch's target count.
+            let count = data.target_count(&rows_u).max(1) as f64;
+            let rows_u = peer.shard(&rows_u);
             let images: Vec<usize> = rows_u.iter().map(|&r| data.image_of[r]).collect();
             let tokens = image_tokens::<B>(&vision, data.pixels_batch(&images, device));
-            decoder_loss(
+            let (nll, _) = decoder_nll(
                 &model.decoder,
                 tokens,
-                data.tokens_batch(&rows_u, device),
-                data.targets_batch(&rows_u, device),
-            )
+                data.tokens_batch(rows_u, device),
+                data.targets_batch(rows_u, device),
+            );
+            nll.div_scalar(count)
         });
         let (teacher_mse, pool_mse, token_mse) =
             generation.as_ref().map_or((None, None, None), |g| {
                 (g.teacher_mse, g.pool_mse, g.token_mse)
             });
-        let diffusion_value = generation.as_ref().map_or(f64::NAN, |g| {
-            g.diffusion.clone().into_scalar().elem::<f64>()
-        });
-        let understanding_value = understanding
-            .as_ref()
-            .map_or(f64::NAN, |u| u.clone().into_scalar().elem::<f64>());
+        let diffusion_value = match &generation {
+            Some(g) => peer.sum::<B>(g.diffusion.clone().into_scalar().elem::<f64>(), device)?,
+            None => f64::NAN,
+        };
+        let understanding_value = match &understanding {
+            Some(u) => peer.sum::<B>(u.clone().into_scalar().elem::<f64>(), device)?,
+            None => f64::NAN,
+        };
         // At least one part is present: both weights 0 was refused above.
         let loss = match (generation, understanding) {
             (Some(g), Some(u)) => {
@@ -700,11 +847,12 @@ pub fn fit_dream<B: AutodiffBackend>(
             (None, Some(u)) => u.mul_scalar(cfg.understanding_weight),
             (None, None) => anyhow::bail!("both loss weights are 0: nothing to train"),
         };
-        let loss_value = loss.clone().into_scalar().elem::<f64>();
+        let loss_value = peer.sum::<B>(loss.clone().into_scalar().elem::<f64>(), device)?;
         if !loss_value.is_finite() {
             anyhow::bail!("loss became {loss_value} at step {step}; lower --lr");
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = peer.sum_gradients(&model, grads)?;
         let lr = warmup_cosine_lr(cfg.run.lr, cfg.run.warmup_steps, cfg.run.steps, step);
         model = optim.step(lr, model, grads);
         last_loss = loss_value;
@@ -718,6 +866,9 @@ pub fn fit_dream<B: AutodiffBackend>(
         } else {
             format!("understanding {understanding_value:.3}")
         });
+        let Some(metrics) = metrics.as_mut() else {
+            continue;
+        };
         if (step + 1) % cfg.run.log_every == 0 || step + 1 == cfg.run.steps {
             let line = serde_json::json!({
                 "step": step + 1, "loss": loss_value, "diffusion_loss": diffusion_value,
@@ -733,18 +884,18 @@ pub fn fit_dream<B: AutodiffBackend>(
                 seed,
                 last_loss,
             };
-            save_checkpoint(run, &model, None, &frozen, &optim, &saved)?;
+            save_checkpoint(run, &model, None, frozen, &optim, &saved)?;
             state = Some(saved);
         }
     }
     pb.finish_and_clear();
-    if state.is_none() {
+    if leader && state.is_none() {
         let saved = TrainState {
             step: start_step,
             seed: cfg.run.seed,
             last_loss,
         };
-        save_checkpoint(run, &model, None, &frozen, &optim, &saved)?;
+        save_checkpoint(run, &model, None, frozen, &optim, &saved)?;
     }
     Ok(DreamOutcome {
         steps_done: cfg.run.steps,
@@ -778,7 +929,8 @@ mod tests {
             TensorData::new(vec![1.0f32, 1.0, 0.0, 0.0, 0.0, 0.0], [2, 3]),
             &dev,
         );
-        let got = token_match::<CpuBackend>(cond, teacher, mask)
+        let got = token_match::<CpuBackend>(cond, teacher, mask, &Peer::ALONE, &dev)
+            .unwrap()
             .into_scalar()
             .elem::<f64>();
         // (1² + 1²) over 2 marked positions × 2 dims.

@@ -108,14 +108,14 @@ pub struct FitCommand {
     /// `duet-export import` from a bundle) on --data, keeping its dimensions and tokenizer.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
-    /// `--stage caption|generate|unify|fusion|restore`: train data-parallel on this many devices
+    /// Every stage: train data-parallel on this many devices
     /// through Burn's collective engine: N CPU peers with `--device cpu`, CUDA devices 0..N
-    /// with `--device cuda` (caption, generate, unify). Each
+    /// with `--device cuda` (all but fusion and restore, which are CPU-only). Each
     /// takes 1/N of every batch (so --batch-size must divide by N) and the gradients are summed
     /// before every step: the same run as on one device, up to floating-point rounding.
     #[arg(long)]
     pub devices: Option<usize>,
-    /// `--stage caption|generate|unify|fusion|restore`: train as one process of a data-parallel group of several
+    /// Every stage: train as one process of a data-parallel group of several
     /// processes, possibly on several machines: the HOST:PORT of every peer in rank order,
     /// comma-separated; rank 0 listens on the first. Every peer runs the same command with
     /// its own --rank (and one device: no --devices).
@@ -354,6 +354,8 @@ pub fn run(cmd: FitCommand, command_line: String) -> anyhow::Result<()> {
                 seed,
                 resume,
                 device: kind.to_string(),
+                devices: devices.unwrap_or(1),
+                network: network.clone(),
                 command: command_line,
                 quiet: false,
             };
@@ -534,6 +536,8 @@ fn stage_flags(stage: Stage) -> &'static [&'static str] {
             "--distill-weight",
             "--generation-weight",
             "--token-weight",
+            "--devices",
+            "--peers",
         ],
         Stage::Fusion => &["--init", "--task", "--data", "--devices", "--peers"],
         Stage::Restore => &["--init", "--task", "--devices", "--peers"],
@@ -585,8 +589,11 @@ fn fit_generate_cuda(args: &GenerateFitArgs) -> anyhow::Result<GenerateOutcome> 
 
 #[cfg(feature = "cuda")]
 fn fit_dream_cuda(args: &DreamFitArgs) -> anyhow::Result<DreamOutcome> {
-    let device = duet_train::backend::probe_cuda()?;
-    duet_train::stages::dream::fit_dream::<duet_train::backend::CudaBackend>(args, &device)
+    duet_train::backend::probe_cuda()?;
+    duet_train::stages::dream::fit_dream_on::<duet_train::backend::CudaBackend>(
+        args,
+        &cuda_devices(args.devices),
+    )
 }
 
 #[cfg(not(feature = "cuda"))]
