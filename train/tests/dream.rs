@@ -1,7 +1,7 @@
 //! `duet-train fit --stage dream`: what it trains and what it keeps frozen, exact resume, and
 //! the runs and data it refuses.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use duet_datasets::shapeworld::{write_dataset, write_dataset_with, DatasetExtras, SceneConfig};
 use duet_models::params::NamedTensors;
@@ -9,29 +9,8 @@ use duet_run::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIG
 use duet_train::backend::CpuBackend;
 
 mod common;
-use common::{caption_args, generate_args, max_difference};
-use duet_train::stages::caption::fit;
+use common::{chain, max_difference};
 use duet_train::stages::dream::{fit_dream, DreamFitArgs};
-use duet_train::stages::generate::{fit_generate, GenerateFitArgs};
-
-/// A caption run and a generate run on `data` (2 steps each).
-fn chain(dir: &Path, data: &Path) -> (PathBuf, PathBuf) {
-    let caption = dir.join(format!(
-        "caption-{}",
-        data.file_name().unwrap().to_string_lossy()
-    ));
-    fit::<CpuBackend>(&caption_args(data, &caption, 2, false), &Default::default()).unwrap();
-    let gen = dir.join(format!(
-        "gen-{}",
-        data.file_name().unwrap().to_string_lossy()
-    ));
-    let args = GenerateFitArgs {
-        batch_size: Some(4),
-        ..generate_args(&caption, vec![data.to_path_buf()], &gen, 2)
-    };
-    fit_generate::<CpuBackend>(&args, &Default::default()).unwrap();
-    (caption, gen)
-}
 
 fn dream_args(init: &Path, data: &Path, out: &Path, steps: usize, resume: bool) -> DreamFitArgs {
     DreamFitArgs {

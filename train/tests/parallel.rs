@@ -15,7 +15,7 @@ use duet_train::stages::generate::{fit_generate, GenerateFitArgs};
 use duet_train::stages::restore::{fit_fusion, fit_restore, PairFitArgs};
 
 mod common;
-use common::{caption_args, generate_args, max_difference};
+use common::{caption_args, chain, generate_args, max_difference};
 
 fn args(data: &Path, out: &Path, steps: usize, devices: usize, resume: bool) -> FitArgs {
     FitArgs {
@@ -121,14 +121,7 @@ fn two_cpu_peers_train_fusion_and_restore_like_one_device() {
     let data = dir.path().join("data");
     write_dataset(&data, 24, 3, &SceneConfig::default(), "test").unwrap();
     let device = Default::default();
-    let caption = dir.path().join("caption");
-    fit::<CpuBackend>(&args(&data, &caption, 2, 1, false), &device).unwrap();
-    let generate = dir.path().join("generate");
-    fit_generate::<CpuBackend>(
-        &generate_args(&caption, vec![data.clone()], &generate, 1),
-        &device,
-    )
-    .unwrap();
+    let (_, generate) = chain(dir.path(), &data);
     let pair = |init: &Path, out: &Path, devices, steps| PairFitArgs {
         init: init.to_path_buf(),
         out: out.to_path_buf(),
@@ -189,14 +182,7 @@ fn two_cpu_peers_run_the_unify_stage_one_device_runs() {
     let data = dir.path().join("data");
     write_dataset(&data, 24, 3, &SceneConfig::default(), "test").unwrap();
     let device = Default::default();
-    let caption = dir.path().join("caption");
-    fit::<CpuBackend>(&args(&data, &caption, 2, 1, false), &device).unwrap();
-    let generate = dir.path().join("generate");
-    fit_generate::<CpuBackend>(
-        &generate_args(&caption, vec![data.clone()], &generate, 1),
-        &device,
-    )
-    .unwrap();
+    let (_, generate) = chain(dir.path(), &data);
     let unify = |out: &Path, devices| {
         let args = UnifyFitArgs {
             init: generate.clone(),

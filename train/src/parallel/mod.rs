@@ -215,6 +215,23 @@ impl Peer {
         Ok(Tensor::from_primitive(TensorPrimitive::Float(summed)))
     }
 
+    /// Checks that every peer starts from the same weights of `model` at the same `step`
+    /// (peers in other processes build or load their own; threads of one process cannot
+    /// differ, and skip the hashing).
+    pub fn agree_on_start<B: Backend, M: burn::module::Module<B>>(
+        &self,
+        model: &M,
+        step: usize,
+    ) -> Result<(), ParallelError> {
+        if self.net.is_none() {
+            return Ok(());
+        }
+        self.agree(
+            "initial weights and step (resume every peer from the same run)",
+            digest_of(&[&weights_digest(model), &(step as u64).to_le_bytes()]),
+        )
+    }
+
     /// Checks that every peer holds the same `digest` of `what` (e.g. its initial weights):
     /// peers in other processes load their own copies; threads of one process share them.
     pub fn agree(&self, what: &'static str, digest: [u8; 32]) -> Result<(), ParallelError> {
@@ -509,6 +526,39 @@ pub fn with_resume_hint(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
+/// Fields of a run's configuration that may differ between peers training the same thing:
+/// where each keeps its files (folders, the run it starts from, a reused tokenizer's path),
+/// which device it names, and its command line.
+const LOCAL_FIELDS: &[&str] = &[
+    "device",
+    "command",
+    "init",
+    "init_from",
+    "data",
+    "dir",
+    "path",
+];
+
+/// A run's configuration as the peers of a group compare it ([`Group::join`]'s digest): its
+/// JSON without [`LOCAL_FIELDS`], at any depth.
+pub fn settings_bytes(config: &impl serde::Serialize) -> anyhow::Result<Vec<u8>> {
+    fn strip(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for key in LOCAL_FIELDS {
+                    fields.remove(*key);
+                }
+                fields.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(config)?;
+    strip(&mut value);
+    Ok(serde_json::to_vec(&value)?)
+}
+
 /// A digest of what a run trains on, for [`Group::join`]: every part in order, each
 /// length-prefixed so that no two different lists hash alike.
 pub fn digest_of(parts: &[&[u8]]) -> [u8; 32] {
@@ -528,5 +578,31 @@ pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "unknown panic".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settings_bytes;
+    use serde_json::json;
+
+    /// Peers keep their files in different places and name different devices; everything else
+    /// they must agree on, at any depth of the configuration.
+    #[test]
+    fn settings_leave_out_paths_devices_and_command_lines_only() {
+        let config = |root: &str, device: &str, lr: f64, steps: u32, sha: &str| {
+            json!({
+                "lr": lr, "device": device, "command": format!("duet-train --out {root}"),
+                "run": {"data": [format!("{root}/data")], "init": format!("{root}/gen"), "steps": steps},
+                "task": {"dir": format!("{root}/labelled"), "classes": 4},
+                "tokenizer": {"from": "reused", "path": format!("{root}/tok.json"), "sha256": sha},
+            })
+        };
+        let bytes = |v: serde_json::Value| settings_bytes(&v).unwrap();
+        let here = bytes(config("/a", "cpu", 0.1, 3, "ab"));
+        assert_eq!(here, bytes(config("/mnt/b", "cuda:1", 0.1, 3, "ab")));
+        assert_ne!(here, bytes(config("/a", "cpu", 0.2, 3, "ab")));
+        assert_ne!(here, bytes(config("/a", "cpu", 0.1, 4, "ab")));
+        assert_ne!(here, bytes(config("/a", "cpu", 0.1, 3, "cd")));
     }
 }

@@ -441,16 +441,8 @@ pub fn fit_on<B: AutodiffBackend>(
     let digest = || -> anyhow::Result<[u8; 32]> {
         // What must match across processes: the settings (not where each keeps its files or
         // which device it names), the tokenizer and the prepared rows.
-        let settings = CaptionTrainConfig {
-            device: String::new(),
-            command: String::new(),
-            data: Vec::new(),
-            init_from: None,
-            tokenizer: Default::default(),
-            ..cfg.clone()
-        };
         Ok(crate::parallel::digest_of(&[
-            &serde_json::to_vec(&settings)?,
+            &crate::parallel::settings_bytes(&cfg)?,
             tokenizer
                 .to_string(false)
                 .map_err(anyhow::Error::msg)?
@@ -461,20 +453,39 @@ pub fn fit_on<B: AutodiffBackend>(
         ]))
     };
     let group = crate::parallel::Group::<B>::join(devices, network, digest)?;
-    // Made only now, so a refused folder, configuration or peer leaves no empty run behind.
     if crate::parallel::writes_run(network) {
-        std::fs::create_dir_all(run)?;
-        if state.is_none() {
-            // A fresh run starts a fresh metrics log.
-            let _ = std::fs::remove_file(run.join(METRICS_FILE));
-            save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
-        }
-        write_json(&config_path, &cfg)?;
+        // A resumed run keeps the tokenizer file it has.
+        begin_run(
+            run,
+            state.is_none(),
+            state.is_none().then_some(&tokenizer),
+            &cfg,
+        )?;
     }
 
     group
         .run(|peer, device| train_peer::<B>(args, &cfg, &data, state.clone(), peer, device))
         .map_err(crate::parallel::with_resume_hint)
+}
+
+/// Starts a run folder, once the run's data-parallel group has joined (never before, so a
+/// refused folder, configuration or peer leaves no empty run behind): a fresh run starts a
+/// fresh metrics log; the tokenizer (when given) and the configuration are written.
+pub(crate) fn begin_run(
+    run: &Path,
+    fresh: bool,
+    tokenizer: Option<&Tokenizer>,
+    config: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(run)?;
+    if fresh {
+        let _ = std::fs::remove_file(run.join(METRICS_FILE));
+    }
+    if let Some(tokenizer) = tokenizer {
+        save_tokenizer(tokenizer, &run.join(TOKENIZER_FILE))?;
+    }
+    write_json(&run.join(CONFIG_FILE), config)?;
+    Ok(())
 }
 
 /// The caption training loop of one data-parallel peer (all of it on one device): the same
@@ -513,13 +524,7 @@ fn train_peer<B: AutodiffBackend>(
         }
         None => 0,
     };
-    peer.agree(
-        "initial weights and step (resume every peer from the same run)",
-        crate::parallel::digest_of(&[
-            &crate::parallel::weights_digest(&model),
-            &(start_step as u64).to_le_bytes(),
-        ]),
-    )?;
+    peer.agree_on_start(&model, start_step)?;
 
     let leader = peer.is_leader();
     let pb = duet_datasets::progress::stage_bar(args.quiet || !leader, cfg.steps, "caption");

@@ -34,7 +34,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use duet_datasets::folders::{load_folders, ImageTarget};
 use duet_datasets::image_to_chw;
 use duet_datasets::shapeworld::{load_edits, objects_caption, render, EditKind, Sample, Scene};
-use duet_datasets::tokenizer::{encode_caption, load_tokenizer, save_tokenizer};
+use duet_datasets::tokenizer::{encode_caption, load_tokenizer};
 use duet_diffusion::NoiseSchedule;
 use duet_models::denoiser::masked_mean;
 use duet_models::dream::dream_mask;
@@ -42,12 +42,10 @@ use duet_models::init::seeded;
 use duet_models::params::{load_named_tensors, NamedTensors};
 use duet_models::tokens::{PAD_ID, UNK_ID};
 use duet_models::{CaptionDecoder, Denoiser, DreamModel, ModelSpec, VisionEncoder};
-use duet_run::checkpoint::{
-    load_weights, read_json, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
-};
+use duet_run::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIGHTS_FILE};
 use duet_run::{
     load_generator_weights, under, warmup_cosine_lr, with_prefixes, DiffusionSettings,
-    DreamTrainConfig, GenerateTrainConfig, Stage, CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE,
+    DreamTrainConfig, GenerateTrainConfig, Stage, CONFIG_FILE, TOKENIZER_FILE,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -55,8 +53,8 @@ use tokenizers::Tokenizer;
 
 use crate::parallel::{ParallelError, Peer};
 use crate::stages::caption::{
-    batch_indices, decoder_nll, load_question_rows, load_records, prepare_with_questions,
-    save_checkpoint, PreparedData,
+    batch_indices, begin_run, decoder_nll, load_question_rows, load_records,
+    prepare_with_questions, save_checkpoint, PreparedData,
 };
 use crate::stages::generate::{noise_images_part, Noised};
 
@@ -636,19 +634,13 @@ pub fn fit_dream_on<B: AutodiffBackend>(
         // What must match across processes: the settings (not where each keeps its files or
         // which device it names), the tokenizer, the starting weights, the prepared rows and
         // the checkpoint being resumed.
-        let mut settings = serde_json::to_value(&cfg)?;
-        if let Some(fields) = settings.as_object_mut() {
-            for field in ["device", "command", "init", "data"] {
-                fields.remove(field);
-            }
-        }
         let mut weights = Vec::new();
         for (name, t) in &init_weights {
             weights.extend_from_slice(name.as_bytes());
             weights.extend(t.data.iter().flat_map(|x| x.to_le_bytes()));
         }
         Ok(crate::parallel::digest_of(&[
-            &serde_json::to_vec(&settings)?,
+            &crate::parallel::settings_bytes(&cfg)?,
             tokenizer
                 .to_string(false)
                 .map_err(anyhow::Error::msg)?
@@ -660,15 +652,8 @@ pub fn fit_dream_on<B: AutodiffBackend>(
         ]))
     };
     let group = crate::parallel::Group::<B>::join(devices, network, digest)?;
-    // Made only now, so a refused folder or peer leaves no empty run behind.
     if crate::parallel::writes_run(network) {
-        std::fs::create_dir_all(run)?;
-        if state.is_none() {
-            // A fresh run starts a fresh metrics log.
-            let _ = std::fs::remove_file(run.join(METRICS_FILE));
-        }
-        save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
-        write_json(&config_path, &cfg)?;
+        begin_run(run, state.is_none(), Some(&tokenizer), &cfg)?;
     }
     let inputs = DreamInputs {
         args,
@@ -749,13 +734,7 @@ fn dream_peer<B: AutodiffBackend>(
         }
         None => 0,
     };
-    peer.agree(
-        "initial weights and step (resume every peer from the same run)",
-        crate::parallel::digest_of(&[
-            &crate::parallel::weights_digest(&model),
-            &(start_step as u64).to_le_bytes(),
-        ]),
-    )?;
+    peer.agree_on_start(&model, start_step)?;
     let blank = blank_pixels(model_spec.image_size);
 
     let pb = duet_datasets::progress::stage_bar(args.quiet || !leader, cfg.run.steps, "dream");

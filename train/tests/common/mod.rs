@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use duet_models::params::NamedTensors;
 use duet_models::Preset;
-use duet_train::stages::caption::FitArgs;
-use duet_train::stages::generate::GenerateFitArgs;
+use duet_train::backend::CpuBackend;
+use duet_train::stages::caption::{fit, FitArgs};
+use duet_train::stages::generate::{fit_generate, GenerateFitArgs};
 
 /// A tiny caption run on `data` into `out`: `steps` steps of batch 8, seed 7, one device.
 pub fn caption_args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitArgs {
@@ -68,4 +69,23 @@ pub fn max_difference(a: &NamedTensors, b: &NamedTensors) -> f32 {
         }
     }
     worst
+}
+
+/// A caption run and a generate run on `data` (2 steps each).
+pub fn chain(dir: &Path, data: &Path) -> (PathBuf, PathBuf) {
+    let caption = dir.join(format!(
+        "caption-{}",
+        data.file_name().unwrap().to_string_lossy()
+    ));
+    fit::<CpuBackend>(&caption_args(data, &caption, 2, false), &Default::default()).unwrap();
+    let gen = dir.join(format!(
+        "gen-{}",
+        data.file_name().unwrap().to_string_lossy()
+    ));
+    let args = GenerateFitArgs {
+        batch_size: Some(4),
+        ..generate_args(&caption, vec![data.to_path_buf()], &gen, 2)
+    };
+    fit_generate::<CpuBackend>(&args, &Default::default()).unwrap();
+    (caption, gen)
 }

@@ -32,15 +32,11 @@ use rand_chacha::ChaCha8Rng;
 use crate::ema::Ema;
 use crate::parallel::{ParallelError, Peer};
 use crate::stages::caption::PreparedData;
-use crate::stages::caption::{batch_indices, load_records, prepare, save_checkpoint};
+use crate::stages::caption::{batch_indices, begin_run, load_records, prepare, save_checkpoint};
 use duet_datasets::folders::{load_folders, ImageTarget};
-use duet_datasets::tokenizer::{load_tokenizer, save_tokenizer};
-use duet_run::checkpoint::{
-    load_weights, read_json, write_json, TrainState, STATE_FILE, WEIGHTS_FILE,
-};
-use duet_run::{
-    warmup_cosine_lr, with_prefixes, CaptionTrainConfig, CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE,
-};
+use duet_datasets::tokenizer::load_tokenizer;
+use duet_run::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIGHTS_FILE};
+use duet_run::{warmup_cosine_lr, with_prefixes, CaptionTrainConfig, CONFIG_FILE, TOKENIZER_FILE};
 
 mod loss;
 #[cfg(test)]
@@ -255,15 +251,8 @@ pub fn fit_generate_on<B: AutodiffBackend>(
     let digest = || -> anyhow::Result<[u8; 32]> {
         // What must match across processes: the settings (not where each keeps its files or
         // which device it names), the tokenizer, the frozen captioner and the prepared rows.
-        let settings = GenerateTrainConfig {
-            device: String::new(),
-            command: String::new(),
-            data: Vec::new(),
-            init: PathBuf::new(),
-            ..cfg.clone()
-        };
         Ok(crate::parallel::digest_of(&[
-            &serde_json::to_vec(&settings)?,
+            &crate::parallel::settings_bytes(&cfg)?,
             tokenizer
                 .to_string(false)
                 .map_err(anyhow::Error::msg)?
@@ -275,15 +264,8 @@ pub fn fit_generate_on<B: AutodiffBackend>(
         ]))
     };
     let group = crate::parallel::Group::<B>::join(devices, network, digest)?;
-    // Made only now, so a refused folder or peer leaves no empty run behind.
     if writes {
-        std::fs::create_dir_all(run)?;
-        if state.is_none() {
-            // A fresh run starts a fresh metrics log.
-            let _ = std::fs::remove_file(run.join(METRICS_FILE));
-        }
-        save_tokenizer(&tokenizer, &run.join(TOKENIZER_FILE))?;
-        write_json(&config_path, &cfg)?;
+        begin_run(run, state.is_none(), Some(&tokenizer), &cfg)?;
     }
     group
         .run(|peer, device| train_peer::<B>(&shared, state.clone(), peer, device))
@@ -336,13 +318,7 @@ fn train_peer<B: AutodiffBackend>(
         }
         None => 0,
     };
-    peer.agree(
-        "initial weights and step (resume every peer from the same run)",
-        crate::parallel::digest_of(&[
-            &crate::parallel::weights_digest(&model),
-            &(start_step as u64).to_le_bytes(),
-        ]),
-    )?;
+    peer.agree_on_start(&model, start_step)?;
     // The average starts from the published weights of the checkpoint being resumed (its EMA)
     // or from the fresh model; only the leader, which writes it, keeps one.
     let mut weight_avg = if leader {

@@ -199,10 +199,7 @@ fn train_head<B: AutodiffBackend>(
     let mut head = seeded(device, cfg.seed, || {
         FusionHead::<B>::new(&cfg.restore, device)
     });
-    peer.agree(
-        "initial head weights",
-        crate::parallel::weights_digest(&head),
-    )?;
+    peer.agree_on_start(&head, 0)?;
     let mut optim = AdamWConfig::new().with_weight_decay(1e-4).init();
     let leader = peer.is_leader();
     let pb = duet_datasets::progress::stage_bar(args.quiet || !leader, cfg.steps, "fusion head");

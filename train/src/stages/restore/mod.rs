@@ -168,15 +168,6 @@ fn pair_digest<B: Backend>(
     examples: &[duet_datasets::pair_tasks::PairExample],
     bb: &duet_run::Backbones<B>,
 ) -> anyhow::Result<[u8; 32]> {
-    let mut settings = serde_json::to_value(cfg)?;
-    if let Some(fields) = settings.as_object_mut() {
-        for field in ["device", "command", "init"] {
-            fields.remove(field);
-        }
-        if let Some(task) = fields.get_mut("task").and_then(|t| t.as_object_mut()) {
-            task.remove("dir");
-        }
-    }
     let mut inputs = Vec::new();
     for e in examples {
         inputs.extend_from_slice(e.image.as_raw());
@@ -185,7 +176,7 @@ fn pair_digest<B: Backend>(
         inputs.extend_from_slice(&(e.label as u64).to_le_bytes());
     }
     Ok(crate::parallel::digest_of(&[
-        &serde_json::to_vec(&settings)?,
+        &crate::parallel::settings_bytes(cfg)?,
         &inputs,
         &crate::parallel::weights_digest(&bb.vision),
         &crate::parallel::weights_digest(&bb.text),

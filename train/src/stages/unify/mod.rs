@@ -318,14 +318,8 @@ pub fn fit_unify_on<B: AutodiffBackend>(
     let digest = || -> anyhow::Result<[u8; 32]> {
         // What must match across processes: the settings (not where each keeps its files or
         // which device it names), the tokenizer, the starting weights and the prepared rows.
-        let mut settings = serde_json::to_value(&cfg)?;
-        if let Some(fields) = settings.as_object_mut() {
-            for field in ["device", "command", "init", "data"] {
-                fields.remove(field);
-            }
-        }
         Ok(crate::parallel::digest_of(&[
-            &serde_json::to_vec(&settings)?,
+            &crate::parallel::settings_bytes(&cfg)?,
             generator
                 .tokenizer
                 .to_string(false)
