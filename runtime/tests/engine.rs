@@ -748,3 +748,88 @@ fn op_profiles_cover_every_node_the_engine_ran() {
         assert!(engine.op_profile(&[("x", bad.view())], 3).is_err(), "{p}");
     }
 }
+
+/// The element-wise ops tract leaves on its slow generic path in duet's graphs — a per-sample
+/// vector broadcast over the middle axes (`[B, T, D] ⊙ [B, 1, D]`, the denoiser's adaLN
+/// modulation) and same-shape ops with a symbolic batch — run as the engine's own
+/// `Broadcast*` ops on tract, and both engines give the values of the same f32 operations in
+/// ndarray. An op with the small operand first (`s - x`) is not
+/// taken over and stays right.
+#[test]
+fn broadcasting_ops_are_rewritten_on_tract_and_exact() {
+    let (t, d) = (5usize, 16usize);
+    let mut g = GraphBuilder::default();
+    let batch = || D::S("batch");
+    let x = g.input("x", FLOAT, &[batch(), D::N(t as i64), D::N(d as i64)]);
+    let s = g.input("s", FLOAT, &[batch(), D::N(1), D::N(d as i64)]);
+    let y = g.input("y", FLOAT, &[batch(), D::N(t as i64), D::N(d as i64)]);
+    let a = g.op("Add", &[&x, &s]);
+    let a = g.op("Mul", &[&a, &s]);
+    let a = g.op("Sub", &[&a, &s]);
+    let a = g.op("Div", &[&a, &s]);
+    let a = g.op("Add", &[&a, &y]);
+    let per_token: Vec<f32> = (0..t).map(|j| j as f32 * 0.25 - 0.5).collect();
+    let c = g.f32("c", &[1, t, 1], per_token.clone());
+    let a = g.op("Add", &[&a, &c]);
+    let a = g.op("Mul", &[&s, &a]);
+    g.node("Sub", &[&s, &a], vec![], Some("out"));
+    g.output("out", FLOAT, &[batch(), D::N(t as i64), D::N(d as i64)]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "mid.onnx", g.finish(18));
+
+    let mut rng = Lcg::new(3);
+    for b in [1usize, 3] {
+        let arr = |shape: &[usize], rng: &mut Lcg| {
+            ArrayD::from_shape_vec(IxDyn(shape), rng.vec(shape.iter().product(), 2.0)).unwrap()
+        };
+        let xs = arr(&[b, t, d], &mut rng);
+        // Away from zero: it divides.
+        let ss = arr(&[b, 1, d], &mut rng).mapv(|v| v.signum() * (v.abs() + 0.5));
+        let ys = arr(&[b, t, d], &mut rng);
+        let mut want = ArrayD::<f32>::zeros(IxDyn(&[b, t, d]));
+        for i in 0..b {
+            for j in 0..t {
+                for k in 0..d {
+                    let (xv, sv, yv) = (xs[[i, j, k]], ss[[i, 0, k]], ys[[i, j, k]]);
+                    let v = ((((xv + sv) * sv - sv) / sv) + yv) + per_token[j];
+                    want[[i, j, k]] = sv - sv * v;
+                }
+            }
+        }
+        let inputs = [
+            ("x", Value::F32(xs.clone())),
+            ("s", Value::F32(ss.clone())),
+            ("y", Value::F32(ys.clone())),
+        ];
+        let mut providers = vec![Provider::Tract];
+        if ort_lib().is_some() {
+            providers.push(Provider::OrtCpu);
+        }
+        for p in providers {
+            let (engine, _) =
+                Engine::load(&path, "mid", ProviderChoice::Only(p), &options()).unwrap();
+            let out = engine.run(&inputs).unwrap();
+            let got = out["out"].as_f32().unwrap();
+            // Within rounding of the reference: an engine may divide by multiplying with the
+            // reciprocal (bit-exactness to tract's own ops is the unit test's job).
+            let worst = (got - &want)
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (e, w)| m.max(e.abs() / w.abs().max(1.0)));
+            assert!(worst < 1e-5, "{p}, batch {b}: {worst}");
+            if p == Provider::Tract {
+                let views: Vec<_> = inputs.iter().map(|(n, v)| (*n, v.view())).collect();
+                let profile = engine.op_profile(&views, 1).unwrap();
+                let rewritten: usize = profile
+                    .ops
+                    .iter()
+                    .filter(|o| o.op.starts_with("Broadcast"))
+                    .map(|o| o.nodes)
+                    .sum();
+                // x + s, · s, - s, · (1 / s) (tract's division), + y, + c (per token), and
+                // s · (…) (operands swapped); s - (…) stays tract's.
+                assert_eq!(rewritten, 7, "batch {b}: {profile:?}");
+            }
+        }
+    }
+}

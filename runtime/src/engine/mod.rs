@@ -18,6 +18,7 @@
 mod ort_backend;
 pub mod sample;
 mod tract_backend;
+mod tract_rewrite;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -182,7 +182,7 @@ impl TractEngine {
             };
             let model = onnx.model_for_proto_model(&proto)?;
             drop(proto);
-            let plans = match model.clone().into_optimized() {
+            let plans = match optimised(model.clone()) {
                 Ok(typed) => Plans::Symbolic(typed.into_runnable()?),
                 // Only an input axis without a fixed size is a reason to wait for shapes; a
                 // graph with every input axis sized that still fails is broken, and says so now.
@@ -302,6 +302,22 @@ impl TractEngine {
     }
 }
 
+/// tract's optimised model of a graph, with duet's own rewrites of the ops tract leaves slow
+/// ([`super::tract_rewrite`]): convolutions before tract's code generation, element-wise ops
+/// after it.
+fn optimised(model: InferenceModel) -> TractResult<TypedModel> {
+    let mut typed = model.into_typed()?.into_decluttered()?;
+    let convolutions = super::tract_rewrite::rewrite_convolutions(&mut typed)?;
+    let mut typed = typed.into_optimized()?;
+    let element_wise = super::tract_rewrite::rewrite(&mut typed)?;
+    if convolutions + element_wise > 0 {
+        tracing::debug!(
+            "tract: {convolutions} convolutions and {element_wise} element-wise ops rewritten"
+        );
+    }
+    Ok(typed)
+}
+
 impl TractEngine {
     /// The plan that runs inputs of these shapes: the symbolic one, or a cached or newly built
     /// specialised one.
@@ -325,7 +341,7 @@ impl TractEngine {
                 let dt = datum_type(v.dtype());
                 m.set_input_fact(ix, InferenceFact::dt_shape(dt, v.shape().to_vec()))?;
             }
-            m.into_optimized()?.into_runnable()
+            optimised(m)?.into_runnable()
         };
         let plan = match crate::panic_guard::catch(build) {
             Ok(r) => {
