@@ -32,10 +32,11 @@ static void print_piece(void *user, const char *text) {
 }
 
 int main(int argc, char **argv) {
-    /* Zero-initialised: every field at its default (auto provider, not strict, default
-     * library search, TensorRT without fp16 or engine cache). */
-    DuetRuntimeOptions options = {0};
-    DuetDecodeOptions decode;
+    /* Zero-initialised but for its size: every field at its default (auto provider, not
+     * strict, default library search, TensorRT without fp16 or engine cache). Every options
+     * struct carries its size, so a library built with another duet.h refuses it. */
+    DuetRuntimeOptions options = {.struct_size = sizeof options};
+    DuetDecodeOptions decode = {.struct_size = sizeof decode};
     char *error = NULL;
     DuetStatus status = duet_decode_defaults(&decode, &error);
     if (status != DUET_STATUS_OK) {

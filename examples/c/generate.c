@@ -64,7 +64,7 @@ int main(int argc, char **argv) {
     duet_string_free(report);
 
     uint32_t width = 0, height = 0;
-    DuetGenerateOptions options;
+    DuetGenerateOptions options = {.struct_size = sizeof options};
     status = duet_generate_image_size(rt, &width, &height, &error);
     if (status == DUET_STATUS_OK) {
         status = duet_generate_defaults(rt, &options, &error);

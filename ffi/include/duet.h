@@ -76,9 +76,12 @@ typedef enum DuetStatus {
 // Opaque to C.
 typedef struct DuetRuntime DuetRuntime;
 
-// Options of [`duet_runtime_create_with_options`]. Zero-initialise it (`DuetRuntimeOptions
-// options = {0};` in C) and set only what you need: a NULL or false field keeps its default.
+// Options of [`duet_runtime_create_with_options`]. Zero-initialise it with its size
+// (`DuetRuntimeOptions options = {.struct_size = sizeof options};` in C) and set only what
+// you need: a NULL, false or 0 field keeps its default.
 typedef struct DuetRuntimeOptions {
+  // `sizeof(DuetRuntimeOptions)`, set by the caller (see the conventions at the top).
+  uint32_t struct_size;
   // As `provider` of [`duet_runtime_create`]; NULL means `"auto"`.
   const char *provider;
   // Make any provider that had to be skipped an error instead of a fallback.
@@ -107,6 +110,8 @@ typedef struct DuetRuntimeOptions {
 // How `duet_caption_rgb_with` picks tokens. Start from `duet_decode_defaults` and change what
 // you need.
 typedef struct DuetDecodeOptions {
+  // `sizeof(DuetDecodeOptions)`, set by the caller (see the conventions at the top).
+  uint32_t struct_size;
   // `DUET_DECODE_GREEDY`, `DUET_DECODE_SAMPLE` or `DUET_DECODE_BEAM`.
   uint32_t strategy;
   // Sampling temperature, >= 0 (0 is greedy).
@@ -132,6 +137,8 @@ typedef void (*DuetTokenCallback)(void *user, const char *text);
 // How `duet_generate_rgb` samples. Start from `duet_generate_defaults` (the bundle's
 // settings) and change what you need.
 typedef struct DuetGenerateOptions {
+  // `sizeof(DuetGenerateOptions)`, set by the caller (see the conventions at the top).
+  uint32_t struct_size;
   // `DUET_SAMPLER_DDIM` or `DUET_SAMPLER_DPMPP_2M`.
   uint32_t sampler;
   // DDIM noise: 0 is deterministic.

@@ -9,6 +9,11 @@
 //! - No panic crosses the boundary: every entry point runs under `catch_unwind`, and a panic
 //!   becomes `DUET_STATUS_PANIC` with its message and location. Nothing is written to the
 //!   host's stderr: the panic hook is silent for panics the boundary catches.
+//! - Options structs (`DuetRuntimeOptions`, `DuetDecodeOptions`, `DuetGenerateOptions`) start
+//!   with `struct_size`, which the caller sets to `sizeof` the struct, before filling it or
+//!   passing it: a library built with another `duet.h` then refuses the struct
+//!   (`DUET_STATUS_INVALID_ARGUMENT`, naming both sizes) instead of reading or writing past
+//!   it. Fields are only ever appended, so a later library can take an older, shorter size.
 //! - Thread safety: a `DuetRuntime` may be used from any number of threads at once (the
 //!   onnxruntime sessions are behind a mutex, tract plans are immutable); only
 //!   `duet_runtime_destroy` needs exclusive access, after every other call on the handle has
@@ -88,6 +93,8 @@ pub const DUET_SAMPLER_DPMPP_2M: u32 = 1;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DuetGenerateOptions {
+    /// `sizeof(DuetGenerateOptions)`, set by the caller (see the conventions at the top).
+    pub struct_size: u32,
     /// `DUET_SAMPLER_DDIM` or `DUET_SAMPLER_DPMPP_2M`.
     pub sampler: u32,
     /// DDIM noise: 0 is deterministic.
@@ -113,6 +120,8 @@ pub const DUET_DECODE_BEAM: u32 = 2;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DuetDecodeOptions {
+    /// `sizeof(DuetDecodeOptions)`, set by the caller (see the conventions at the top).
+    pub struct_size: u32,
     /// `DUET_DECODE_GREEDY`, `DUET_DECODE_SAMPLE` or `DUET_DECODE_BEAM`.
     pub strategy: u32,
     /// Sampling temperature, >= 0 (0 is greedy).
@@ -257,6 +266,73 @@ fn out_arg<T>(p: *mut T, name: &str) -> Result<(), Failure> {
     }
 }
 
+/// An options struct that starts with `struct_size` (checked by [`options_arg`] and
+/// [`options_out`]).
+trait Versioned: Copy {
+    const NAME: &'static str;
+}
+impl Versioned for DuetRuntimeOptions {
+    const NAME: &'static str = "DuetRuntimeOptions";
+}
+impl Versioned for DuetDecodeOptions {
+    const NAME: &'static str = "DuetDecodeOptions";
+}
+impl Versioned for DuetGenerateOptions {
+    const NAME: &'static str = "DuetGenerateOptions";
+}
+
+/// Checks the `struct_size` at `p` (non-NULL, its first 4 bytes readable) against this
+/// library's struct. Only the size is read before the check, so a shorter struct from
+/// another header is never read past.
+///
+/// # Safety
+/// `p` must be non-NULL and point to at least a readable `u32`.
+unsafe fn check_struct_size<T: Versioned>(p: *const T, name: &str) -> Result<(), Failure> {
+    let given = ptr::read_unaligned(p.cast::<u32>());
+    let ours = std::mem::size_of::<T>();
+    if given as usize == ours {
+        return Ok(());
+    }
+    let why = if given == 0 {
+        format!("set it to sizeof({}) before the call", T::NAME)
+    } else {
+        format!(
+            "this library's {} is {ours} bytes: the caller was built with another duet.h",
+            T::NAME
+        )
+    };
+    Err(Failure::new(
+        DuetStatus::InvalidArgument,
+        format!("`{name}.struct_size` is {given}: {why}"),
+    ))
+}
+
+/// A caller's options struct: `None` for NULL, a copy once its `struct_size` checks out.
+///
+/// # Safety
+/// `p` must be NULL or point to a readable struct of the size it declares.
+unsafe fn options_arg<T: Versioned>(p: *const T, name: &str) -> Result<Option<T>, Failure> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    check_struct_size(p, name)?;
+    Ok(Some(*p))
+}
+
+/// A caller's options struct to fill: non-NULL and of this library's size.
+///
+/// # Safety
+/// `p` must be NULL or point to a writable struct of the size it declares.
+unsafe fn options_out<T: Versioned>(p: *mut T, name: &str) -> Result<(), Failure> {
+    out_arg(p, name)?;
+    check_struct_size(p.cast_const(), name)
+}
+
+/// `sizeof(T)` as the `struct_size` field holds it.
+fn struct_size<T>() -> u32 {
+    std::mem::size_of::<T>() as u32
+}
+
 /// # Safety
 /// `rt` must be NULL or a handle from [`duet_runtime_create`] not yet destroyed.
 unsafe fn runtime_arg<'a>(rt: *const DuetRuntime) -> Result<&'a DuetRuntime, Failure> {
@@ -270,11 +346,14 @@ pub extern "C" fn duet_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
-/// Options of [`duet_runtime_create_with_options`]. Zero-initialise it (`DuetRuntimeOptions
-/// options = {0};` in C) and set only what you need: a NULL or false field keeps its default.
+/// Options of [`duet_runtime_create_with_options`]. Zero-initialise it with its size
+/// (`DuetRuntimeOptions options = {.struct_size = sizeof options};` in C) and set only what
+/// you need: a NULL, false or 0 field keeps its default.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct DuetRuntimeOptions {
+    /// `sizeof(DuetRuntimeOptions)`, set by the caller (see the conventions at the top).
+    pub struct_size: u32,
     /// As `provider` of [`duet_runtime_create`]; NULL means `"auto"`.
     pub provider: *const c_char,
     /// Make any provider that had to be skipped an error instead of a fallback.
@@ -432,7 +511,7 @@ pub unsafe extern "C" fn duet_runtime_create_with_options(
         out_arg(out, "out")?;
         *out = ptr::null_mut();
         let dir = PathBuf::from(str_arg(bundle_dir, "bundle_dir")?);
-        let (choice, engine, precision) = match options.as_ref() {
+        let (choice, engine, precision) = match options_arg(options, "options")? {
             None => (
                 ProviderChoice::Auto,
                 EngineOptions::default(),
@@ -580,8 +659,9 @@ pub unsafe extern "C" fn duet_decode_defaults(
     error: *mut *mut c_char,
 ) -> DuetStatus {
     guard(error, || {
-        out_arg(options, "options")?;
+        options_out(options, "options")?;
         *options = DuetDecodeOptions {
+            struct_size: struct_size::<DuetDecodeOptions>(),
             strategy: DUET_DECODE_GREEDY,
             temperature: 1.0,
             top_k: 0,
@@ -726,13 +806,14 @@ pub unsafe extern "C" fn duet_generate_defaults(
     error: *mut *mut c_char,
 ) -> DuetStatus {
     guard(error, || {
-        out_arg(options, "options")?;
+        options_out(options, "options")?;
         let d = generator_of(runtime_arg(runtime)?)?.default_options();
         let (sampler, eta) = match d.sampler {
             Sampler::Ddim { eta } => (DUET_SAMPLER_DDIM, eta),
             Sampler::DpmSolverPp2M => (DUET_SAMPLER_DPMPP_2M, 0.0),
         };
         *options = DuetGenerateOptions {
+            struct_size: struct_size::<DuetGenerateOptions>(),
             sampler,
             eta,
             steps: u32::try_from(d.steps).unwrap_or(u32::MAX),
@@ -769,9 +850,9 @@ pub unsafe extern "C" fn duet_generate_rgb(
         }
         let generator = generator_of(rt)?;
         out_rgb_arg(rgb, len, generator.image_size())?;
-        let opts = match options.as_ref() {
+        let opts = match options_arg(options, "options")? {
             None => generator.default_options(),
-            Some(o) => generate_options(o)?,
+            Some(o) => generate_options(&o)?,
         };
         let image = generator
             .generate_images(&[prompt], &opts)?
@@ -841,9 +922,9 @@ pub unsafe extern "C" fn duet_dream_rgb(
         }
         let dreamer = dreamer_of(rt)?;
         out_rgb_arg(rgb, len, dreamer.generator().image_size())?;
-        let opts = match options.as_ref() {
+        let opts = match options_arg(options, "options")? {
             None => dreamer.generator().default_options(),
-            Some(o) => generate_options(o)?,
+            Some(o) => generate_options(&o)?,
         };
         let image = dreamer
             .generate_images(&[prompt], &opts)?
@@ -888,9 +969,9 @@ pub unsafe extern "C" fn duet_edit_rgb(
         }
         let dreamer = dreamer_of(rt)?;
         out_rgb_arg(rgb, len, dreamer.generator().image_size())?;
-        let opts = match options.as_ref() {
+        let opts = match options_arg(options, "options")? {
             None => dreamer.generator().default_options(),
-            Some(o) => generate_options(o)?,
+            Some(o) => generate_options(&o)?,
         };
         let image = dreamer
             .edit_images(&[source], &[instruction], &opts)?
@@ -1085,8 +1166,8 @@ impl<'a> DecodeCall<'a> {
             } else {
                 Some(str_arg(prompt, "prompt")?)
             },
-            options: match options.as_ref() {
-                Some(o) => decode_options(o)?,
+            options: match options_arg(options, "options")? {
+                Some(o) => decode_options(&o)?,
                 None => DecodeOptions::default(),
             },
             on_token,

@@ -234,6 +234,7 @@ fn options_name_the_provider_and_the_onnxruntime_library() {
     let dir = bundle();
     let path = dir.path().to_str().unwrap();
     let none = DuetRuntimeOptions {
+        struct_size: std::mem::size_of::<DuetRuntimeOptions>() as u32,
         provider: ptr::null(),
         strict: false,
         ort_library: ptr::null(),
@@ -243,7 +244,7 @@ fn options_name_the_provider_and_the_onnxruntime_library() {
         precision: ptr::null(),
     };
 
-    // NULL options and all-zero options are the defaults: auto, not strict.
+    // NULL options and all-zero options (with their size) are the defaults: auto, not strict.
     for options in [None, Some(&none)] {
         let (s, rt, e) = create_with(path, options);
         assert_eq!(s, DuetStatus::Ok, "{e:?}");
@@ -359,6 +360,7 @@ fn the_precision_option_picks_a_variant_or_names_the_ones_there_are() {
     let path = dir.path().to_str().unwrap();
     let tract = cstr("tract");
     let options = |precision: *const std::ffi::c_char| DuetRuntimeOptions {
+        struct_size: std::mem::size_of::<DuetRuntimeOptions>() as u32,
         provider: tract.as_ptr(),
         strict: false,
         ort_library: ptr::null(),
@@ -494,6 +496,7 @@ fn generation_on_a_caption_only_bundle_is_unsupported_and_null_checked() {
     let e = take(err).unwrap();
     assert!(e.contains("no generator"), "{e}");
     let mut opts = DuetGenerateOptions {
+        struct_size: std::mem::size_of::<DuetGenerateOptions>() as u32,
         sampler: DUET_SAMPLER_DDIM,
         eta: 0.0,
         steps: 1,
@@ -712,10 +715,11 @@ fn decoding_options_prompt_and_streaming_callback() {
             };
             (status, take(cap), take(err), pieces)
         };
-    let mut defaults = std::mem::MaybeUninit::<DuetDecodeOptions>::uninit();
-    let s = unsafe { duet_decode_defaults(defaults.as_mut_ptr(), ptr::null_mut()) };
+    // SAFETY: plain numbers; the call fills every field.
+    let mut defaults: DuetDecodeOptions = unsafe { std::mem::zeroed() };
+    defaults.struct_size = std::mem::size_of::<DuetDecodeOptions>() as u32;
+    let s = unsafe { duet_decode_defaults(&mut defaults, ptr::null_mut()) };
     assert_eq!(s, DuetStatus::Ok);
-    let defaults = unsafe { defaults.assume_init() };
     assert_eq!(defaults.strategy, DUET_DECODE_GREEDY);
 
     let mut beam_differs = false;
@@ -894,5 +898,121 @@ fn asking_a_captioner_not_trained_on_questions_is_unsupported() {
     assert!(e.unwrap().contains("`question` is NULL"));
     let (s, _) = ask(q.as_ptr(), ptr::null_mut());
     assert_eq!(s, DuetStatus::NullPointer);
+    unsafe { duet_runtime_destroy(rt) };
+}
+
+/// An options struct whose `struct_size` is not this library's (unset, or from another
+/// `duet.h`) is an argument error naming both sizes, for every options struct, before anything
+/// else is read or written: a shorter struct is never read or written past its size.
+#[test]
+fn options_structs_of_another_size_are_refused() {
+    let dir = bundle();
+    let path = dir.path().to_str().unwrap();
+    let tract = cstr("tract");
+    let runtime_size = std::mem::size_of::<DuetRuntimeOptions>() as u32;
+    for (size, says) in [
+        (0, "set it to sizeof(DuetRuntimeOptions)"),
+        (runtime_size - 8, "another duet.h"),
+        (runtime_size + 8, "another duet.h"),
+    ] {
+        let options = DuetRuntimeOptions {
+            struct_size: size,
+            provider: tract.as_ptr(),
+            strict: false,
+            ort_library: ptr::null(),
+            tensorrt_fp16: false,
+            tensorrt_cache_dir: ptr::null(),
+            threads: 0,
+            precision: ptr::null(),
+        };
+        let (s, rt, e) = create_with(path, Some(&options));
+        assert_eq!(s, DuetStatus::InvalidArgument, "{size}");
+        assert!(rt.is_null());
+        let e = e.unwrap();
+        assert!(
+            e.contains(&format!("`options.struct_size` is {size}")),
+            "{e}"
+        );
+        assert!(e.contains(says), "{e}");
+    }
+
+    let options = DuetRuntimeOptions {
+        struct_size: runtime_size,
+        provider: tract.as_ptr(),
+        strict: false,
+        ort_library: ptr::null(),
+        tensorrt_fp16: false,
+        tensorrt_cache_dir: ptr::null(),
+        threads: 0,
+        precision: ptr::null(),
+    };
+    let (s, rt, e) = create_with(path, Some(&options));
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+
+    // A caller's struct of 4 bytes holding only its size: filling it would write past it.
+    let mut short = [4u32, 0xdead_beef];
+    let mut err = ptr::null_mut();
+    let s =
+        unsafe { duet_decode_defaults(short.as_mut_ptr().cast::<DuetDecodeOptions>(), &mut err) };
+    assert_eq!(s, DuetStatus::InvalidArgument);
+    let e = take(err).unwrap();
+    assert!(e.contains("`options.struct_size` is 4"), "{e}");
+    assert_eq!(short, [4, 0xdead_beef], "nothing written");
+    let mut err = ptr::null_mut();
+    let s = unsafe {
+        duet_generate_defaults(
+            rt,
+            short.as_mut_ptr().cast::<DuetGenerateOptions>(),
+            &mut err,
+        )
+    };
+    assert_eq!(
+        s,
+        DuetStatus::InvalidArgument,
+        "checked before the missing generator"
+    );
+    assert!(take(err).unwrap().contains("DuetGenerateOptions"));
+    assert_eq!(short, [4, 0xdead_beef], "nothing written");
+
+    // Read: decoding options of another size are refused, the right size decodes (greedy:
+    // `caption_of`'s caption of the same image).
+    let img = image(7);
+    // SAFETY: plain numbers; the call fills every field.
+    let mut decode: DuetDecodeOptions = unsafe { std::mem::zeroed() };
+    decode.struct_size = std::mem::size_of::<DuetDecodeOptions>() as u32;
+    assert_eq!(
+        unsafe { duet_decode_defaults(&mut decode, ptr::null_mut()) },
+        DuetStatus::Ok
+    );
+    let caption_with = |options: &DuetDecodeOptions| {
+        let mut cap = ptr::null_mut();
+        let mut err = ptr::null_mut();
+        let s = unsafe {
+            duet_caption_rgb_with(
+                rt,
+                img.as_ptr(),
+                img.len(),
+                8,
+                8,
+                ptr::null(),
+                options,
+                None,
+                ptr::null_mut(),
+                &mut cap,
+                &mut err,
+            )
+        };
+        (s, take(cap), take(err))
+    };
+    let (s, cap, e) = caption_with(&decode);
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    assert_eq!(cap.unwrap(), caption_of(rt));
+    let (s, cap, e) = caption_with(&DuetDecodeOptions {
+        struct_size: 0,
+        ..decode
+    });
+    assert_eq!(s, DuetStatus::InvalidArgument);
+    assert!(cap.is_none());
+    assert!(e.unwrap().contains("sizeof(DuetDecodeOptions)"));
     unsafe { duet_runtime_destroy(rt) };
 }

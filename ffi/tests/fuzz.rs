@@ -133,7 +133,9 @@ fn fuzz_c_abi_arguments() {
                 }
                 2 => {
                     let p = prompt(&mut rng);
+                    let size = std::mem::size_of::<DuetGenerateOptions>() as u32;
                     let opts = DuetGenerateOptions {
+                        struct_size: pick(&mut rng, &[size, size, size, 0, 4, size + 8]),
                         sampler: pick(&mut rng, &[0, 1, 2, u32::MAX]),
                         eta: pick(&mut rng, &[0.0, 1.0, -1.0, f32::NAN, f32::INFINITY]),
                         steps: pick(&mut rng, &[0, 1, 2, 3, 1001, u32::MAX]),

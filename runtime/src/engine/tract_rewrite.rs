@@ -136,6 +136,9 @@ impl EvalOp for BroadcastArith {
             return self.fallback.eval(ctx, inputs);
         };
         let (a, b) = args_2!(inputs);
+        if a.len() == 0 {
+            return Ok(tvec!(a));
+        }
         let mut a = a.into_tensor();
         {
             let mut plain = a.try_as_plain_ram_mut()?;
@@ -378,6 +381,9 @@ impl EvalOp for PlaneConv {
         let x_plain = x.try_as_plain_ram()?;
         let xs = x_plain.as_slice::<f32>()?;
         let mut out = Tensor::zero::<f32>(&[batch, self.out_channels, h, w])?;
+        if out.len() == 0 {
+            return Ok(tvec!(out.into_tvalue()));
+        }
         {
             let mut out_plain = out.try_as_plain_ram_mut()?;
             let ys = out_plain.as_slice_mut::<f32>()?;
@@ -608,7 +614,8 @@ mod tests {
             ours.into_runnable().unwrap(),
         );
         let mut rng = Lcg::new(9);
-        for batch in [1usize, 4] {
+        // An empty batch too: nothing to do, and no row loop over zero-length rows.
+        for batch in [1usize, 4, 0] {
             let x = Tensor::from_shape(&[batch, 7, 24], &rng.vec(batch * 7 * 24, 3.0)).unwrap();
             let s: Vec<f32> = rng.vec(batch * 24, 3.0).iter().map(|v| v + 4.0).collect();
             let s = Tensor::from_shape(&[batch, 1, 24], &s).unwrap();
@@ -694,7 +701,7 @@ mod tests {
                 .unwrap()
                 .into_runnable()
                 .unwrap();
-            for batch in [1usize, 3] {
+            for batch in [1usize, 3, 0] {
                 let x = Tensor::from_shape(&[batch, c, h, w], &rng.vec(batch * c * h * w, 2.0))
                     .unwrap();
                 let want = theirs.run(tvec!(x.clone().into_tvalue())).unwrap();

@@ -67,6 +67,7 @@ fn c_abi_generates_like_the_rust_runtime() {
     assert_eq!((s, w, h), (DuetStatus::Ok, 32, 32));
     let len = (w * h * 3) as usize;
     let mut defaults = DuetGenerateOptions {
+        struct_size: std::mem::size_of::<DuetGenerateOptions>() as u32,
         sampler: 9,
         eta: 9.0,
         steps: 0,
@@ -87,6 +88,7 @@ fn c_abi_generates_like_the_rust_runtime() {
     assert_eq!(
         defaults,
         DuetGenerateOptions {
+            struct_size: std::mem::size_of::<DuetGenerateOptions>() as u32,
             sampler: DUET_SAMPLER_DDIM,
             eta: 0.0,
             steps: d.steps as u32,

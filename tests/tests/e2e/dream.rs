@@ -422,11 +422,12 @@ fn duet_edit_and_the_c_abi_draw_through_the_dream_queries() {
         .pop()
         .unwrap();
     let rt = super::c_abi::sys::create(&d.bundle, "tract");
-    let mut c_opts = std::mem::MaybeUninit::<DuetGenerateOptions>::uninit();
+    // SAFETY: plain numbers; the call fills every field.
+    let mut c_opts: DuetGenerateOptions = unsafe { std::mem::zeroed() };
+    c_opts.struct_size = std::mem::size_of::<DuetGenerateOptions>() as u32;
     let mut err = std::ptr::null_mut();
-    let s = unsafe { duet_generate_defaults(rt, c_opts.as_mut_ptr(), &mut err) };
+    let s = unsafe { duet_generate_defaults(rt, &mut c_opts, &mut err) };
     assert_eq!(s, DuetStatus::Ok);
-    let mut c_opts = unsafe { c_opts.assume_init() };
     c_opts.steps = 5;
     let len = want.as_raw().len();
     let instruction = CString::new("remove the circle").unwrap();
