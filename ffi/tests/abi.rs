@@ -910,21 +910,22 @@ fn options_structs_of_another_size_are_refused() {
     let path = dir.path().to_str().unwrap();
     let tract = cstr("tract");
     let runtime_size = std::mem::size_of::<DuetRuntimeOptions>() as u32;
+    let on_tract = |struct_size: u32| DuetRuntimeOptions {
+        struct_size,
+        provider: tract.as_ptr(),
+        strict: false,
+        ort_library: ptr::null(),
+        tensorrt_fp16: false,
+        tensorrt_cache_dir: ptr::null(),
+        threads: 0,
+        precision: ptr::null(),
+    };
     for (size, says) in [
         (0, "set it to sizeof(DuetRuntimeOptions)"),
         (runtime_size - 8, "another duet.h"),
         (runtime_size + 8, "another duet.h"),
     ] {
-        let options = DuetRuntimeOptions {
-            struct_size: size,
-            provider: tract.as_ptr(),
-            strict: false,
-            ort_library: ptr::null(),
-            tensorrt_fp16: false,
-            tensorrt_cache_dir: ptr::null(),
-            threads: 0,
-            precision: ptr::null(),
-        };
+        let options = on_tract(size);
         let (s, rt, e) = create_with(path, Some(&options));
         assert_eq!(s, DuetStatus::InvalidArgument, "{size}");
         assert!(rt.is_null());
@@ -936,17 +937,7 @@ fn options_structs_of_another_size_are_refused() {
         assert!(e.contains(says), "{e}");
     }
 
-    let options = DuetRuntimeOptions {
-        struct_size: runtime_size,
-        provider: tract.as_ptr(),
-        strict: false,
-        ort_library: ptr::null(),
-        tensorrt_fp16: false,
-        tensorrt_cache_dir: ptr::null(),
-        threads: 0,
-        precision: ptr::null(),
-    };
-    let (s, rt, e) = create_with(path, Some(&options));
+    let (s, rt, e) = create_with(path, Some(&on_tract(runtime_size)));
     assert_eq!(s, DuetStatus::Ok, "{e:?}");
 
     // A caller's struct of 4 bytes holding only its size: filling it would write past it.

@@ -250,21 +250,33 @@ fn replacement(
 /// Replaces every generic binary op [`BroadcastArith`] takes in an optimised model. Returns
 /// how many were replaced.
 pub(super) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
-    let mut targets = Vec::new();
-    for node in model.nodes() {
-        if replacement(model, node)?.is_some() {
-            targets.push(node.id);
-        }
-    }
-    // One patch at a time against the model as it is; the replaced nodes are left without
-    // successors and dropped by the compaction.
-    for &id in &targets {
-        let node = model.node(id);
-        if let Some((op, swap)) = replacement(model, node)? {
-            let mut inputs = node.inputs.clone();
+    replace_each(model, |model, node| {
+        Ok(replacement(model, node)?.map(|(op, swap)| {
+            let mut inputs = node.inputs.to_vec();
             if swap {
                 inputs.swap(0, 1);
             }
+            (op, inputs)
+        }))
+    })
+}
+
+/// Replaces each node `find` gives an op for (with the outlets to wire it to), one patch at a
+/// time against the model as it is; the replaced nodes are left without successors and dropped
+/// by the compaction. Returns how many were replaced.
+fn replace_each<O: TypedOp>(
+    model: &mut TypedModel,
+    find: impl Fn(&TypedModel, &TypedNode) -> TractResult<Option<(O, Vec<OutletId>)>>,
+) -> TractResult<usize> {
+    let mut targets = Vec::new();
+    for node in model.nodes() {
+        if find(model, node)?.is_some() {
+            targets.push(node.id);
+        }
+    }
+    for &id in &targets {
+        let node = model.node(id);
+        if let Some((op, inputs)) = find(model, node)? {
             TypedModelPatch::replace_single_op(model, node, &inputs, op)?.apply(model)?;
         }
     }
@@ -504,23 +516,9 @@ fn plane_conv(model: &TypedModel, node: &TypedNode) -> TractResult<Option<PlaneC
 /// Replaces the convolutions [`PlaneConv`] handles in a decluttered model (before tract's
 /// code generation turns them into im2col and a matrix product). Returns how many.
 pub(super) fn rewrite_convolutions(model: &mut TypedModel) -> TractResult<usize> {
-    let mut targets = Vec::new();
-    for node in model.nodes() {
-        if plane_conv(model, node)?.is_some() {
-            targets.push(node.id);
-        }
-    }
-    for &id in &targets {
-        let node = model.node(id);
-        if let Some(op) = plane_conv(model, node)? {
-            let input = [node.inputs[0]];
-            TypedModelPatch::replace_single_op(model, node, &input, op)?.apply(model)?;
-        }
-    }
-    if !targets.is_empty() {
-        model.compact()?;
-    }
-    Ok(targets.len())
+    replace_each(model, |model, node| {
+        Ok(plane_conv(model, node)?.map(|op| (op, vec![node.inputs[0]])))
+    })
 }
 
 #[cfg(test)]
