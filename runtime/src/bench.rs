@@ -580,7 +580,19 @@ fn render_op_profile(provider: &str, profile: &OpProfile) -> String {
 }
 
 fn ms(s: &Stats) -> String {
-    format!("{:.1} / {:.1}", s.median_ms, s.p90_ms)
+    format!("{} / {}", millis(s.median_ms), millis(s.p90_ms))
+}
+
+/// Milliseconds with about three significant digits: a decoder step (0.2–0.6 ms) printed to
+/// one decimal would hide the differences the table is read for.
+fn millis(ms: f64) -> String {
+    if ms < 1.0 {
+        format!("{ms:.3}")
+    } else if ms < 10.0 {
+        format!("{ms:.2}")
+    } else {
+        format!("{ms:.1}")
+    }
 }
 
 fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {

@@ -303,16 +303,18 @@ impl TractEngine {
 }
 
 /// tract's optimised model of a graph, with duet's own rewrites of the ops tract leaves slow
-/// ([`super::tract_rewrite`]): convolutions before tract's code generation, element-wise ops
-/// after it.
+/// ([`super::tract_rewrite`]): convolutions and products of activations before tract's code
+/// generation, element-wise ops after it.
 fn optimised(model: InferenceModel) -> TractResult<TypedModel> {
     let mut typed = model.into_typed()?.into_decluttered()?;
     let convolutions = super::tract_rewrite::rewrite_convolutions(&mut typed)?;
+    let products = super::tract_rewrite::rewrite_products(&mut typed)?;
     let mut typed = typed.into_optimized()?;
     let element_wise = super::tract_rewrite::rewrite(&mut typed)?;
-    if convolutions + element_wise > 0 {
+    if convolutions + products + element_wise > 0 {
         tracing::debug!(
-            "tract: {convolutions} convolutions and {element_wise} element-wise ops rewritten"
+            "tract: {convolutions} convolutions, {products} products of activations and \
+             {element_wise} element-wise ops rewritten"
         );
     }
     Ok(typed)

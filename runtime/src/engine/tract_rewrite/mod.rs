@@ -17,11 +17,17 @@
 //!
 //! **Convolutions with few outputs**: [`PlaneConv`], below.
 //!
+//! **Products of two activations with few rows** (attention in a decoder step):
+//! [`products::ActivationProduct`].
+//!
 //! Written here because no crate provides these: the fixes belong in tract, and this module
 //! goes away when tract gains them.
 
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
+
+mod products;
+pub(super) use products::rewrite_products;
 
 /// The element-wise operations the rewrite takes over. (tract turns a division into a
 /// multiplication by the reciprocal before this runs.)
