@@ -162,7 +162,7 @@ impl TractEngine {
             ),
         };
         let load = move || -> TractResult<TractEngine> {
-            let onnx = tract_onnx::onnx();
+            let onnx = super::tract_rewrite::onnx();
             let proto = onnx.proto_model_for_read(&mut &model[..])?;
             // The graph's own inputs: initializers may also be listed as inputs (IR < 4).
             let (inputs, outputs) = match proto.graph.as_ref() {
@@ -304,7 +304,8 @@ impl TractEngine {
 
 /// tract's optimised model of a graph, with duet's own rewrites of the ops tract leaves slow
 /// ([`super::tract_rewrite`]): convolutions and products of activations before tract's code
-/// generation, element-wise ops after it.
+/// generation, element-wise ops after it (layer norms are read as one op by the parser,
+/// [`super::tract_rewrite::onnx`]).
 fn optimised(model: InferenceModel) -> TractResult<TypedModel> {
     let mut typed = model.into_typed()?.into_decluttered()?;
     let convolutions = super::tract_rewrite::rewrite_convolutions(&mut typed)?;
@@ -386,7 +387,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// dominated by the matrix products.
 pub fn graph_flops(model: &[u8], shapes: &[(&str, &[usize])]) -> Result<u64, String> {
     let count = || -> TractResult<u64> {
-        let mut model = tract_onnx::onnx().model_for_read(&mut &model[..])?;
+        let mut model = super::tract_rewrite::onnx().model_for_read(&mut &model[..])?;
         for (ix, outlet) in model.input_outlets()?.to_vec().iter().enumerate() {
             let name = model.node(outlet.node).name.clone();
             let Some((_, shape)) = shapes.iter().find(|(n, _)| *n == name) else {

@@ -20,13 +20,18 @@
 //! **Products of two activations with few rows** (attention in a decoder step):
 //! [`products::ActivationProduct`].
 //!
+//! **Layer normalisation** as one op instead of tract's five-node expansion:
+//! [`layer_norm::RowLayerNorm`], wired by duet's parser of the ONNX op ([`onnx`]).
+//!
 //! Written here because no crate provides these: the fixes belong in tract, and this module
 //! goes away when tract gains them.
 
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 
+mod layer_norm;
 mod products;
+pub(super) use layer_norm::onnx;
 pub(super) use products::rewrite_products;
 
 /// The element-wise operations the rewrite takes over. (tract turns a division into a
