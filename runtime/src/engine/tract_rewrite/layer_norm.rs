@@ -22,7 +22,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_hir::infer::{Solver, TensorProxy};
 use tract_onnx::tract_hir::internal::{expand, Expansion, InferenceOp, InferenceResult};
 
-use super::natural;
+use super::plain_f32;
 
 type Builder = fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
 
@@ -105,13 +105,20 @@ impl Expansion for FusedLayerNorm {
         } else {
             self.axis
         };
-        let f32_plain = |f: &TypedFact| f.datum_type == f32::datum_type() && f.is_plain();
+        let plain_f32_fact = |f: &TypedFact| f.datum_type == f32::datum_type() && f.is_plain();
+        // Scale and bias must line up with the normalised axes element for element (ONNX
+        // broadcasts them from the right; leading 1s change nothing).
+        let without_leading_ones = |dims: &[TDim]| -> Vec<TDim> {
+            dims.iter().skip_while(|d| d.is_one()).cloned().collect()
+        };
         let fits = (0..rank).contains(&axis)
-            && f32_plain(&x)
+            && plain_f32_fact(&x)
             && inputs[1..].iter().all(|&i| {
                 model.outlet_fact(i).is_ok_and(|f| {
-                    f32_plain(f)
-                        && f.shape.volume() == x.shape[axis as usize..].iter().product::<TDim>()
+                    plain_f32_fact(f)
+                        && f.rank() <= x.rank()
+                        && without_leading_ones(&f.shape)
+                            == without_leading_ones(&x.shape[axis as usize..])
                 })
             });
         if !fits {
@@ -142,34 +149,16 @@ impl Op for RowLayerNorm {
     op_as_typed_op!();
 }
 
-/// `Σ row` over eight running sums (so the loop becomes vector adds).
-fn sum(row: &[f32]) -> f32 {
+/// `Σ f(v)` over `row`, in eight running sums (so the loop becomes vector operations).
+#[inline(always)]
+fn sum_by(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let chunks = row.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
     let mut acc = [0f32; 8];
     for c in chunks {
         let c: &[f32; 8] = c.try_into().unwrap();
         for i in 0..8 {
-            acc[i] += c[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `Σ (row - mean)²`, as [`sum`].
-fn squared_deviations(row: &[f32], mean: f32) -> f32 {
-    let chunks = row.chunks_exact(8);
-    let tail: f32 = chunks
-        .remainder()
-        .iter()
-        .map(|v| (v - mean) * (v - mean))
-        .sum();
-    let mut acc = [0f32; 8];
-    for c in chunks {
-        let c: &[f32; 8] = c.try_into().unwrap();
-        for i in 0..8 {
-            let d = c[i] - mean;
-            acc[i] += d * d;
+            acc[i] += f(c[i]);
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -180,7 +169,6 @@ impl EvalOp for RowLayerNorm {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = &inputs[0];
-        let plain_f32 = |t: &Tensor| t.datum_type() == f32::datum_type() && natural(t);
         ensure!(
             inputs.iter().all(|t| plain_f32(t)) && self.axis < x.rank(),
             "RowLayerNorm expects plain f32 tensors normalised from axis {}, got {inputs:?}",
@@ -208,8 +196,9 @@ impl EvalOp for RowLayerNorm {
             let mut out_plain = out.try_as_plain_ram_mut()?;
             let ys = out_plain.as_slice_mut::<f32>()?;
             for (row, dst) in xs.chunks_exact(n).zip(ys.chunks_exact_mut(n)) {
-                let mean = sum(row) / n as f32;
-                let inv = 1.0 / (squared_deviations(row, mean) / n as f32 + self.epsilon).sqrt();
+                let mean = sum_by(row, |v| v) / n as f32;
+                let variance = sum_by(row, |v| (v - mean) * (v - mean)) / n as f32;
+                let inv = 1.0 / (variance + self.epsilon).sqrt();
                 match bias {
                     Some(bias) => {
                         for (((y, &v), &s), &b) in dst.iter_mut().zip(row).zip(scale).zip(bias) {
@@ -244,22 +233,30 @@ mod tests {
 
     /// Layer norms as ONNX writes them, through duet's parser and tract's: the same values
     /// within rounding at three batch sizes of the symbolic plan, and [`RowLayerNorm`] used
-    /// exactly where it fits — over the last axis or the last two (scale of their size, with
-    /// or without a bias), not when the mean is asked for too or the scale broadcasts.
+    /// exactly where it fits — over the last axis or the last two (scale of their shape, with
+    /// or without a bias), not when the mean is asked for too, the scale broadcasts, or it has
+    /// a row's size in another shape.
     #[test]
     fn layer_norms_match_tracts() {
         let mut rng = Lcg::new(11);
         // (normalised from axis, scale shape, a bias, the mean as a second output, fused)
-        let cases: [(i64, &[usize], bool, bool, bool); 5] = [
-            (-1, &[24], true, false, true),
-            (2, &[24], false, false, true),
-            (1, &[5, 24], true, false, true),
-            (-1, &[24], true, true, false),
-            (-1, &[1], true, false, false),
+        // (x's two fixed axes, normalised from axis, scale shape, a bias, the mean as a second
+        // output, fused)
+        type Case = ([usize; 2], i64, &'static [usize], bool, bool, bool);
+        let cases: [Case; 7] = [
+            ([5, 24], -1, &[24], true, false, true),
+            ([5, 24], 2, &[1, 24], false, false, true),
+            ([5, 24], 1, &[5, 24], true, false, true),
+            ([5, 24], -1, &[24], true, true, false),
+            ([5, 24], -1, &[1], true, false, false),
+            // A row's size, but one value per row rather than per element.
+            ([4, 4], -1, &[4, 1], true, false, false),
+            ([4, 4], -1, &[4], true, false, true),
         ];
-        for (axis, scale_shape, with_bias, with_mean, fused) in cases {
+        for ([r, c], axis, scale_shape, with_bias, with_mean, fused) in cases {
             let mut g = GraphBuilder::default();
-            let x = g.input("x", FLOAT, &[D::S("batch"), D::N(5), D::N(24)]);
+            let dims = [D::S("batch"), D::N(r as i64), D::N(c as i64)];
+            let x = g.input("x", FLOAT, &dims);
             let n: usize = scale_shape.iter().product();
             let scale = g.f32("scale", scale_shape, rng.vec(n, 1.0));
             let bias = g.f32("bias", scale_shape, rng.vec(n, 1.0));
@@ -277,7 +274,7 @@ mod tests {
                 vec![attr_int("axis", axis)],
                 Some("y"),
             );
-            g.output(&y, FLOAT, &[D::S("batch"), D::N(5), D::N(24)]);
+            g.output(&y, FLOAT, &dims);
             let mut bytes = g.finish(18);
             if with_mean {
                 // The builder makes one output per node: name the mean output by hand.
@@ -303,7 +300,7 @@ mod tests {
                 .any(|n| n.op_is::<RowLayerNorm>());
             assert_eq!(uses_ours, fused, "axis {axis}, scale {scale_shape:?}");
             for batch in [1usize, 3, 0] {
-                let x = Tensor::from_shape(&[batch, 5, 24], &rng.vec(batch * 120, 4.0)).unwrap();
+                let x = Tensor::from_shape(&[batch, r, c], &rng.vec(batch * r * c, 4.0)).unwrap();
                 let want = theirs.run(tvec!(x.clone().into_tvalue())).unwrap();
                 let got = ours.run(tvec!(x.into_tvalue())).unwrap();
                 assert_eq!(got[0].shape(), want[0].shape());

@@ -98,6 +98,12 @@ impl Op for BroadcastArith {
     op_as_typed_op!();
 }
 
+/// Whether `t` is an `f32` tensor stored in row-major order: what the rewritten ops' loops
+/// read.
+fn plain_f32(t: &Tensor) -> bool {
+    t.datum_type() == f32::datum_type() && natural(t)
+}
+
 /// Whether `t`'s storage is its elements in row-major order. (The stride of an axis of size 1
 /// does not matter: tract leaves odd ones after inserting an axis.)
 fn natural(t: &Tensor) -> bool {
@@ -137,12 +143,7 @@ impl EvalOp for BroadcastArith {
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (a, b) = (&inputs[0], &inputs[1]);
-        let layout = runs(a.shape(), b.shape()).filter(|_| {
-            a.datum_type() == f32::datum_type()
-                && b.datum_type() == f32::datum_type()
-                && natural(a)
-                && natural(b)
-        });
+        let layout = runs(a.shape(), b.shape()).filter(|_| plain_f32(a) && plain_f32(b));
         let Some(runs) = layout else {
             return self.fallback.eval(ctx, inputs);
         };

@@ -13,18 +13,19 @@
 //! contiguous along the summed axis, then dot products.
 //!
 //! Taken over: `f32` einsums of two non-constant operands with one summed axis, where the
-//! rows of `A` (its axes that `B` lacks) are symbolic or at most [`SMALL_ROWS`] — a decoder
-//! step's `seq`. Products with more rows (the vision encoder's and denoiser's 64 × 64
-//! attention) stay tract's, and so does any call whose sizes at run time exceed the bound: a
-//! symbolic `seq` may be long in someone else's graph, so such a call runs tract's own plan
-//! of the einsum, built on first need.
+//! rows of `A` (its axes that `B` lacks) are at most [`SMALL_ROWS`] and the multiply-adds per
+//! batch slice at most [`SMALL_WORK`] with every symbolic axis at 1 — a decoder step's `seq`.
+//! Products with more rows (the vision encoder's and denoiser's 64 × 64 attention) stay
+//! tract's, and so does any call whose sizes at run time exceed the bounds: a symbolic `seq`
+//! may be long in someone else's graph, so such a call runs tract's own plan of the einsum,
+//! built on first need.
 
 use std::sync::{Arc, OnceLock};
 
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
-use super::{natural, replace_each};
+use super::{plain_f32, replace_each};
 
 /// The most rows of `A` (per batch slice) the product takes; above it tract's packed kernel,
 /// which reuses each packed column across rows, is faster.
@@ -36,7 +37,7 @@ const SMALL_WORK: usize = 1 << 20;
 
 /// Where each axis of an einsum `A, B -> C` sits, by role: `batch` in all three, rows `m` in
 /// `A` and `C`, columns `n` in `B` and `C`, and the one summed axis `k` in `A` and `B`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 struct Layout {
     /// `[position in A, in B, in C]`.
     batch: Vec<[usize; 3]>,
@@ -178,18 +179,24 @@ impl ActivationProduct {
 impl EvalOp for ActivationProduct {
     op_out_of_plan!();
 
-    #[allow(clippy::needless_range_loop)]
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let l = &self.layout;
         let (a, b) = (&inputs[0], &inputs[1]);
         let (sa, sb) = (a.shape(), b.shape());
-        let plain_f32 = |t: &Tensor| t.datum_type() == f32::datum_type() && natural(t);
-        ensure!(
-            plain_f32(a) && plain_f32(b) && sa.len() == self.facts[0].rank(),
-            "ActivationProduct expects two plain f32 tensors, got {a:?} and {b:?}"
-        );
+        // Anything but the expected layout and sizes (tract also accepts a summed axis of 1
+        // against k, broadcast) goes to tract's own plan of the einsum.
+        let expected = plain_f32(a)
+            && plain_f32(b)
+            && sa.len() == self.facts[0].rank()
+            && sb.len() == self.facts[1].rank()
+            && sa[l.k[0]] == sb[l.k[1]]
+            && l.batch
+                .iter()
+                .all(|&[pa, pb, _]| sa[pa] == sb[pb] || sa[pa] == 1 || sb[pb] == 1);
+        if !expected {
+            return self.fallback_plan()?.run(inputs);
+        }
         let k = sa[l.k[0]];
-        ensure!(k == sb[l.k[1]], "summed axis of {k} against {}", sb[l.k[1]]);
         let rows: usize = l.m.iter().map(|&[pa, _]| sa[pa]).product();
         let cols: usize = l.n.iter().map(|&[pb, _]| sb[pb]).product();
         if rows > SMALL_ROWS || rows.saturating_mul(cols).saturating_mul(k) > SMALL_WORK {
@@ -198,9 +205,7 @@ impl EvalOp for ActivationProduct {
         let rank = l.batch.len() + l.m.len() + l.n.len();
         let mut shape = vec![0usize; rank];
         for &[pa, pb, pc] in &l.batch {
-            let (x, y) = (sa[pa], sb[pb]);
-            ensure!(x == y || x == 1 || y == 1, "batch axis of {x} against {y}");
-            shape[pc] = if x == 1 { y } else { x };
+            shape[pc] = if sa[pa] == 1 { sb[pb] } else { sa[pa] };
         }
         for &[pa, pc] in &l.m {
             shape[pc] = sa[pa];
@@ -302,13 +307,23 @@ fn activation_product(
     let Some(layout) = Layout::of(&einsum.axes) else {
         return Ok(None);
     };
-    let rows: TDim = layout
-        .m
-        .iter()
-        .map(|&[pa, _]| facts[0].shape[pa].clone())
-        .product();
-    if rows.to_usize().is_ok_and(|rows| rows > SMALL_ROWS) {
-        return Ok(None);
+    // The least each extent can be (every symbol at 1): a product whose rows or work are
+    // already above the bounds there would always run the fallback.
+    let least = |dims: &mut dyn Iterator<Item = TDim>| -> Option<usize> {
+        let d: TDim = dims.product();
+        let mut ones = SymbolValues::default();
+        for s in d.symbols() {
+            ones = ones.with(&s, 1);
+        }
+        d.eval(&ones).to_usize().ok()
+    };
+    let rows = least(&mut layout.m.iter().map(|&[pa, _]| facts[0].shape[pa].clone()));
+    let cols = least(&mut layout.n.iter().map(|&[pb, _]| facts[1].shape[pb].clone()));
+    let k = least(&mut std::iter::once(facts[0].shape[layout.k[0]].clone()));
+    match (rows, cols, k) {
+        (Some(rows), Some(cols), Some(k))
+            if rows <= SMALL_ROWS && rows.saturating_mul(cols).saturating_mul(k) <= SMALL_WORK => {}
+        _ => return Ok(None),
     }
     Ok(Some(ActivationProduct {
         einsum: einsum.clone(),
@@ -442,6 +457,53 @@ mod tests {
                 worst < 1e-5,
                 "batch {batch}, seq {seq}, keys {keys}: {worst}"
             );
+        }
+    }
+
+    /// Einsums built directly (every role, several column axes, a batch axis broadcast on
+    /// either side) against tract's evaluation of the same einsum.
+    #[test]
+    fn einsums_match_tracts() {
+        use duet_testkit::Lcg;
+        let mut rng = Lcg::new(8);
+        let cases: [(&str, &[usize], &[usize]); 5] = [
+            ("ambk,anbk->abmn", &[2, 3, 4, 8], &[2, 5, 4, 8]),
+            ("abmk,akbn->ambn", &[2, 4, 3, 5], &[2, 5, 4, 8]),
+            ("mk,kab->mab", &[3, 6], &[6, 2, 5]),
+            ("amk,akn->amn", &[1, 2, 7], &[3, 7, 4]),
+            ("amk,akn->amn", &[3, 2, 7], &[1, 7, 4]),
+        ];
+        for (expr, sa, sb) in cases {
+            let mut model = TypedModel::default();
+            let a = model.add_source("a", f32::datum_type().fact(sa)).unwrap();
+            let b = model.add_source("b", f32::datum_type().fact(sb)).unwrap();
+            let einsum = EinSum::new(expr.parse().unwrap(), f32::datum_type());
+            let out = model.wire_node("einsum", einsum, &[a, b]).unwrap();
+            model.select_output_outlets(&out).unwrap();
+            let theirs = model.clone().into_optimized().unwrap();
+            assert_eq!(rewrite_products(&mut model).unwrap(), 1, "{expr}");
+            let ours = model.into_optimized().unwrap();
+            assert!(ours.nodes().iter().any(|n| n.op_is::<ActivationProduct>()));
+            let tensor = |shape: &[usize], rng: &mut Lcg| {
+                let n = shape.iter().product();
+                Tensor::from_shape(shape, &rng.vec(n, 1.0)).unwrap()
+            };
+            let feed = tvec!(
+                tensor(sa, &mut rng).into_tvalue(),
+                tensor(sb, &mut rng).into_tvalue()
+            );
+            let want = theirs.into_runnable().unwrap().run(feed.clone()).unwrap();
+            let got = ours.into_runnable().unwrap().run(feed).unwrap();
+            assert_eq!(got[0].shape(), want[0].shape(), "{expr}");
+            let (got, want) = (
+                got[0].to_plain_array_view::<f32>().unwrap(),
+                want[0].to_plain_array_view::<f32>().unwrap(),
+            );
+            let worst = got
+                .iter()
+                .zip(want.iter())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst < 1e-5, "{expr}: {worst}");
         }
     }
 
