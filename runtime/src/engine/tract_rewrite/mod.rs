@@ -533,6 +533,36 @@ pub(super) fn rewrite_convolutions(model: &mut TypedModel) -> TractResult<usize>
     })
 }
 
+/// Plumbing shared by the rewrites' tests.
+#[cfg(test)]
+mod test_support {
+    use tract_onnx::prelude::*;
+
+    /// tract's decluttered model of ONNX `bytes` (where the rewrites before code generation
+    /// run).
+    pub(super) fn decluttered(bytes: &[u8]) -> TypedModel {
+        tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])
+            .unwrap()
+            .into_typed()
+            .unwrap()
+            .into_decluttered()
+            .unwrap()
+    }
+
+    /// The largest `|got - want|` between two `f32` outputs of the same shape.
+    pub(super) fn worst_difference(got: &TValue, want: &TValue) -> f32 {
+        assert_eq!(got.shape(), want.shape());
+        let (got, want) = (
+            got.to_plain_array_view::<f32>().unwrap(),
+            want.to_plain_array_view::<f32>().unwrap(),
+        );
+        got.iter()
+            .zip(want.iter())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,6 +570,8 @@ mod tests {
     fn fact(shape: &[TDim]) -> TypedFact {
         f32::datum_type().fact(shape)
     }
+
+    use super::test_support::{decluttered, worst_difference};
 
     #[test]
     fn which_shapes_are_taken_over() {
@@ -646,7 +678,6 @@ mod tests {
     #[test]
     fn plane_convolutions_match_tracts() {
         use duet_testkit::{attr_ints, GraphBuilder, Lcg, D, FLOAT};
-        use tract_onnx::prelude::InferenceModelExt;
         let mut rng = Lcg::new(5);
         let (c, h, w) = (5usize, 9usize, 11usize);
         // (out channels, kernel, pads, strides, a bias input, taken over)
@@ -687,13 +718,7 @@ mod tests {
                 &[D::S("batch"), D::N(o as i64), D::Unknown, D::Unknown],
             );
             let bytes = g.finish(18);
-            let mut decluttered = tract_onnx::onnx()
-                .model_for_read(&mut &bytes[..])
-                .unwrap()
-                .into_typed()
-                .unwrap()
-                .into_decluttered()
-                .unwrap();
+            let mut decluttered = decluttered(&bytes);
             let theirs = decluttered
                 .clone()
                 .into_optimized()
@@ -716,15 +741,7 @@ mod tests {
                     .unwrap();
                 let want = theirs.run(tvec!(x.clone().into_tvalue())).unwrap();
                 let got = ours.run(tvec!(x.into_tvalue())).unwrap();
-                assert_eq!(got[0].shape(), want[0].shape());
-                let (got, want) = (
-                    got[0].to_plain_array_view::<f32>().unwrap(),
-                    want[0].to_plain_array_view::<f32>().unwrap(),
-                );
-                let worst = got
-                    .iter()
-                    .zip(want.iter())
-                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                let worst = worst_difference(&got[0], &want[0]);
                 assert!(
                     worst < 1e-5,
                     "{o} outputs, kernel {kh}x{kw}, batch {batch}: {worst}"

@@ -344,6 +344,7 @@ pub(in crate::engine) fn rewrite_products(model: &mut TypedModel) -> TractResult
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{decluttered, worst_difference};
     use super::*;
 
     fn layout(expr: &str) -> Option<Layout> {
@@ -376,7 +377,6 @@ mod tests {
     #[test]
     fn products_match_tracts() {
         use duet_testkit::{attr_int, attr_ints, GraphBuilder, Lcg, D, FLOAT};
-        use tract_onnx::prelude::InferenceModelExt;
         let mut g = GraphBuilder::default();
         let (h, d, e) = (2usize, 8usize, 3usize);
         let q = g.input(
@@ -411,13 +411,7 @@ mod tests {
         let out = [D::S("batch"), D::N(h as i64), D::S("seq"), D::N(e as i64)];
         g.output("out", FLOAT, &out);
         let bytes = g.finish(18);
-        let mut decluttered = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .unwrap()
-            .into_typed()
-            .unwrap()
-            .into_decluttered()
-            .unwrap();
+        let mut decluttered = decluttered(&bytes);
         let theirs = decluttered
             .clone()
             .into_optimized()
@@ -444,15 +438,7 @@ mod tests {
             );
             let want = theirs.run(feed.clone()).unwrap();
             let got = ours.run(feed).unwrap();
-            assert_eq!(got[0].shape(), want[0].shape());
-            let (got, want) = (
-                got[0].to_plain_array_view::<f32>().unwrap(),
-                want[0].to_plain_array_view::<f32>().unwrap(),
-            );
-            let worst = got
-                .iter()
-                .zip(want.iter())
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let worst = worst_difference(&got[0], &want[0]);
             assert!(
                 worst < 1e-5,
                 "batch {batch}, seq {seq}, keys {keys}: {worst}"
@@ -494,15 +480,7 @@ mod tests {
             );
             let want = theirs.into_runnable().unwrap().run(feed.clone()).unwrap();
             let got = ours.into_runnable().unwrap().run(feed).unwrap();
-            assert_eq!(got[0].shape(), want[0].shape(), "{expr}");
-            let (got, want) = (
-                got[0].to_plain_array_view::<f32>().unwrap(),
-                want[0].to_plain_array_view::<f32>().unwrap(),
-            );
-            let worst = got
-                .iter()
-                .zip(want.iter())
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let worst = worst_difference(&got[0], &want[0]);
             assert!(worst < 1e-5, "{expr}: {worst}");
         }
     }
@@ -512,7 +490,6 @@ mod tests {
     #[test]
     fn long_products_stay_tracts() {
         use duet_testkit::{GraphBuilder, D, FLOAT};
-        use tract_onnx::prelude::InferenceModelExt;
         let mut g = GraphBuilder::default();
         let rows = (SMALL_ROWS + 1) as i64;
         let a = g.input("a", FLOAT, &[D::S("batch"), D::N(rows), D::N(8)]);
@@ -520,13 +497,7 @@ mod tests {
         g.node("MatMul", &[&a, &b], vec![], Some("out"));
         g.output("out", FLOAT, &[D::S("batch"), D::N(rows), D::N(rows)]);
         let bytes = g.finish(18);
-        let mut decluttered = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .unwrap()
-            .into_typed()
-            .unwrap()
-            .into_decluttered()
-            .unwrap();
+        let mut decluttered = decluttered(&bytes);
         assert_eq!(rewrite_products(&mut decluttered).unwrap(), 0);
     }
 }
