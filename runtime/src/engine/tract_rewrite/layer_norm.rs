@@ -167,53 +167,50 @@ fn sum_by(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 impl EvalOp for RowLayerNorm {
     op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = &inputs[0];
+    fn eval(&self, _ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(
-            inputs.iter().all(|t| plain_f32(t)) && self.axis < x.rank(),
+            inputs.iter().all(|t| plain_f32(t)) && self.axis < inputs[0].rank(),
             "RowLayerNorm expects plain f32 tensors normalised from axis {}, got {inputs:?}",
             self.axis
         );
-        let n: usize = x.shape()[self.axis..].iter().product();
+        let n: usize = inputs[0].shape()[self.axis..].iter().product();
         ensure!(
             inputs[1..].iter().all(|t| t.len() == n),
             "RowLayerNorm: scale and bias must have the {n} values of a row"
         );
-        let mut out = Tensor::zero::<f32>(x.shape())?;
-        if out.len() == 0 || n == 0 {
-            return Ok(tvec!(out.into_tvalue()));
+        // Normalised in place: tract hands over its buffer when nothing else reads it.
+        let mut x = inputs.remove(0).into_tensor();
+        if x.len() == 0 || n == 0 {
+            return Ok(tvec!(x.into_tvalue()));
         }
-        let x_plain = x.try_as_plain_ram()?;
-        let xs = x_plain.as_slice::<f32>()?;
-        let scale_plain = inputs[1].try_as_plain_ram()?;
+        let scale_plain = inputs[0].try_as_plain_ram()?;
         let scale = scale_plain.as_slice::<f32>()?;
-        let bias_plain = inputs.get(2).map(|b| b.try_as_plain_ram()).transpose()?;
+        let bias_plain = inputs.get(1).map(|b| b.try_as_plain_ram()).transpose()?;
         let bias = bias_plain
             .as_ref()
             .map(|b| b.as_slice::<f32>())
             .transpose()?;
         {
-            let mut out_plain = out.try_as_plain_ram_mut()?;
-            let ys = out_plain.as_slice_mut::<f32>()?;
-            for (row, dst) in xs.chunks_exact(n).zip(ys.chunks_exact_mut(n)) {
+            let mut x_plain = x.try_as_plain_ram_mut()?;
+            for row in x_plain.as_slice_mut::<f32>()?.chunks_exact_mut(n) {
                 let mean = sum_by(row, |v| v) / n as f32;
                 let variance = sum_by(row, |v| (v - mean) * (v - mean)) / n as f32;
                 let inv = 1.0 / (variance + self.epsilon).sqrt();
                 match bias {
                     Some(bias) => {
-                        for (((y, &v), &s), &b) in dst.iter_mut().zip(row).zip(scale).zip(bias) {
-                            *y = (v - mean) * inv * s + b;
+                        for ((v, &s), &b) in row.iter_mut().zip(scale).zip(bias) {
+                            *v = (*v - mean) * inv * s + b;
                         }
                     }
                     None => {
-                        for ((y, &v), &s) in dst.iter_mut().zip(row).zip(scale) {
-                            *y = (v - mean) * inv * s;
+                        for (v, &s) in row.iter_mut().zip(scale) {
+                            *v = (*v - mean) * inv * s;
                         }
                     }
                 }
             }
         }
-        Ok(tvec!(out.into_tvalue()))
+        Ok(tvec!(x.into_tvalue()))
     }
 }
 
