@@ -17,14 +17,15 @@
 //!
 //! **Convolutions with few outputs**: [`PlaneConv`], below.
 //!
-//! **Products of two activations with few rows** (attention in a decoder step):
-//! [`products::ActivationProduct`].
+//! **Matrix products** (attention and linear layers) without tract's per-call packing:
+//! [`products::StridedProduct`], on the `gemm` crate's kernels.
 //!
 //! **Layer normalisation** as one op instead of tract's five-node expansion:
 //! [`layer_norm::RowLayerNorm`], wired by duet's parser of the ONNX op ([`onnx`]).
 //!
-//! Written here because no crate provides these: the fixes belong in tract, and this module
-//! goes away when tract gains them.
+//! Written here because no crate provides these rewrites (the arithmetic is a crate's where
+//! one does it well: `gemm`): the fixes belong in tract, and this module goes away when tract
+//! gains them.
 
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;

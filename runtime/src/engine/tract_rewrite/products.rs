@@ -1,24 +1,29 @@
-//! Matrix products of two computed tensors with few rows: attention's `Q·Kᵀ` and `P·V` in a
-//! decoder step.
+//! Matrix products (`f32` einsums with one summed axis), computed from the operands' own
+//! strides instead of tract's packed-kernel lowering.
 //!
 //! tract lowers every product to its packed matrix kernel: each operand is moved into the
 //! kernel's layout (`MoveAxis`), packed (`OptMatMulPack`), multiplied, and the result reshaped
-//! back — five to eight plan nodes per product. For a product of weights with activations
-//! that pays off (the weights are packed once, at load). For attention in a decoder step
-//! both operands are new on every call and tiny (one query row per head against 64 image
-//! tokens): in the shipped caption decoder the 16 attention products and their moves and
-//! packs took about 0.12 of a 0.55 ms step at batch 1 and 0.95 of 3.5 ms at batch 8, for
-//! well under a MFLOP of arithmetic. [`ActivationProduct`] computes such an einsum in one
-//! node straight from the operands' strides: each row of `A` and each column of `B` gathered
-//! contiguous along the summed axis, then dot products.
+//! back — five to eight plan nodes per product. Weights are packed once, at load, but the
+//! activations of every product are packed on every call, and both operands of attention's
+//! `Q·Kᵀ` and `P·V`. In the shipped vision encoder (64 tokens) the packs took 0.18 of a
+//! 1.86 ms run and tract's kernels ran its 64 × 64 attention products at about half their
+//! speed on the linear layers. [`StridedProduct`] replaces such an einsum with one node:
 //!
-//! Taken over: `f32` einsums of two non-constant operands with one summed axis, where the
-//! rows of `A` (its axes that `B` lacks) are at most [`SMALL_ROWS`] and the multiply-adds per
-//! batch slice at most [`SMALL_WORK`] with every symbolic axis at 1 — a decoder step's `seq`.
-//! Products with more rows (the vision encoder's and denoiser's 64 × 64 attention) stay
-//! tract's, and so does any call whose sizes at run time exceed the bounds: a symbolic `seq`
-//! may be long in someone else's graph, so such a call runs tract's own plan of the einsum,
-//! built on first need.
+//! - **small products of two computed tensors** (a decoder step's attention: one query row
+//!   per head against 64 image tokens; rows of `A` at most [`SMALL_ROWS`], multiply-adds per
+//!   batch slice at most [`SMALL_WORK`]): each row of `A` and each column of `B` gathered
+//!   contiguous along the summed axis, then dot products;
+//! - **every other product whose row axes and column axes each merge into one strided axis**
+//!   (attention of any length, and linear layers: `[batch, tokens, k] · [k, n]` against a
+//!   constant weight): the `gemm` crate's kernels, which read both operands in place through
+//!   their strides, one matrix per batch slice. (A weight never takes the direct path: it
+//!   would gather the weight's columns afresh on every call.)
+//!
+//! Anything else at run time (an operand broadcast along the summed axis, a layout that does
+//! not merge) runs tract's own plan of the einsum, built on first need. With
+//! `EngineOptions::threads` above 1, products of at least [`PARALLEL_ROWS`] rows and gemm's
+//! own minimum of work are split among the threads of the engine's pool (tract's); smaller
+//! ones run on the calling thread.
 
 use std::sync::{Arc, OnceLock};
 
@@ -27,12 +32,18 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 
 use super::{plain_f32, replace_each};
 
-/// The most rows of `A` (per batch slice) the product takes; above it tract's packed kernel,
-/// which reuses each packed column across rows, is faster.
+/// The most rows of `A` (per batch slice) the direct path takes; above it the `gemm` kernels,
+/// which reuse each loaded column across rows, are faster.
 pub(super) const SMALL_ROWS: usize = 16;
 
-/// The most multiply-adds per batch slice the product takes (a long symbolic axis among the
-/// columns or the summed axis).
+/// The fewest rows of `A` a product needs to be split among the engine's threads (with gemm's
+/// own minimum of work): handing a product to the pool and back costs tens of microseconds,
+/// more than a few rows take on one thread (a decoder step's vocabulary projection, a short
+/// prompt's text encoder).
+const PARALLEL_ROWS: usize = 32;
+
+/// The most multiply-adds per batch slice the direct path takes (a long symbolic axis among
+/// the columns or the summed axis).
 const SMALL_WORK: usize = 1 << 20;
 
 /// Where each axis of an einsum `A, B -> C` sits, by role: `batch` in all three, rows `m` in
@@ -77,12 +88,53 @@ impl Layout {
         }
         Some(Layout { batch, m, n, k: k? })
     }
+
+    /// Whether the row axes lie next to each other in the same order in `A` and `C`, and so
+    /// do the column axes in `B` and `C`: with the tensors' natural strides each group is
+    /// then one strided axis, so each operand is one matrix per batch slice — the form the
+    /// `gemm` kernels take. (A linear layer's `[batch, tokens, k] · [k, n]` has two row axes.)
+    fn matrices(&self) -> bool {
+        fn adjacent(axes: &[[usize; 2]]) -> bool {
+            let mut sorted = axes.to_vec();
+            sorted.sort();
+            sorted
+                .windows(2)
+                .all(|w| w[1][0] == w[0][0] + 1 && w[1][1] == w[0][1] + 1)
+        }
+        adjacent(&self.m) && adjacent(&self.n)
+    }
 }
 
-/// An einsum of two computed `f32` tensors with few rows, evaluated directly (see the module
-/// documentation).
+/// One group of axes (`[position in the operand, in the output]`) as a single axis: its size
+/// and its strides in the operand and in the output, if the group is contiguous in both
+/// (each axis's stride the next inner one's times its size); no axes is a size of 1.
+fn merged(
+    axes: &[[usize; 2]],
+    shape: &[usize],
+    strides: &[usize],
+    out_strides: &[usize],
+) -> Option<(usize, isize, isize)> {
+    let mut sorted = axes.to_vec();
+    sorted.sort();
+    let Some(&[inner, inner_c]) = sorted.last() else {
+        return Some((1, 0, 0));
+    };
+    for w in sorted.windows(2) {
+        let ([outer, outer_c], [next, next_c]) = (w[0], w[1]);
+        if strides[outer] != strides[next] * shape[next]
+            || out_strides[outer_c] != out_strides[next_c] * shape[next]
+        {
+            return None;
+        }
+    }
+    let size = sorted.iter().map(|&[p, _]| shape[p]).product();
+    Some((size, strides[inner] as isize, out_strides[inner_c] as isize))
+}
+
+/// An `f32` einsum with one summed axis, evaluated from its operands' strides: directly when
+/// small, on the `gemm` kernels otherwise (see the module documentation).
 #[derive(Debug, Clone)]
-pub(super) struct ActivationProduct {
+pub(super) struct StridedProduct {
     einsum: EinSum,
     layout: Layout,
     /// The einsum's input facts in the model it came from (symbolic axes kept), for the
@@ -90,21 +142,24 @@ pub(super) struct ActivationProduct {
     facts: [TypedFact; 2],
     /// The symbol scope of those facts' axes (the fallback plan's model must share it).
     symbols: SymbolScope,
-    /// tract's plan of the einsum alone, for calls beyond [`SMALL_ROWS`] / [`SMALL_WORK`];
-    /// built the first time one comes.
+    /// Whether small calls may take the direct path: not when an operand is a constant (a
+    /// weight matrix), whose columns it would gather afresh on every call.
+    direct: bool,
+    /// tract's plan of the einsum alone, for calls neither path takes; built the first time
+    /// one comes.
     fallback: Arc<OnceLock<Arc<TypedRunnableModel>>>,
 }
 
-impl PartialEq for ActivationProduct {
+impl PartialEq for StridedProduct {
     fn eq(&self, other: &Self) -> bool {
         self.einsum == other.einsum
     }
 }
-impl Eq for ActivationProduct {}
+impl Eq for StridedProduct {}
 
-impl Op for ActivationProduct {
+impl Op for StridedProduct {
     fn name(&self) -> StaticName {
-        "ActivationProduct".into()
+        "StridedProduct".into()
     }
     op_as_typed_op!();
 }
@@ -155,7 +210,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-impl ActivationProduct {
+impl StridedProduct {
     fn fallback_plan(&self) -> TractResult<&Arc<TypedRunnableModel>> {
         if let Some(plan) = self.fallback.get() {
             return Ok(plan);
@@ -176,7 +231,7 @@ impl ActivationProduct {
     }
 }
 
-impl EvalOp for ActivationProduct {
+impl EvalOp for StridedProduct {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
@@ -199,9 +254,9 @@ impl EvalOp for ActivationProduct {
         let k = sa[l.k[0]];
         let rows: usize = l.m.iter().map(|&[pa, _]| sa[pa]).product();
         let cols: usize = l.n.iter().map(|&[pb, _]| sb[pb]).product();
-        if rows > SMALL_ROWS || rows.saturating_mul(cols).saturating_mul(k) > SMALL_WORK {
-            return self.fallback_plan()?.run(inputs);
-        }
+        let small = self.direct
+            && rows <= SMALL_ROWS
+            && rows.saturating_mul(cols).saturating_mul(k) <= SMALL_WORK;
         let rank = l.batch.len() + l.m.len() + l.n.len();
         let mut shape = vec![0usize; rank];
         for &[pa, pb, pc] in &l.batch {
@@ -234,23 +289,85 @@ impl EvalOp for ActivationProduct {
                 })
                 .collect::<Vec<_>>(),
         );
-        let m = offsets(
-            &l.m.iter()
-                .map(|&[pa, pc]| (sa[pa], [ta[pa], tc[pc]]))
-                .collect::<Vec<_>>(),
-        );
-        let n = offsets(
-            &l.n.iter()
-                .map(|&[pb, pc]| (sb[pb], [tb[pb], tc[pc]]))
-                .collect::<Vec<_>>(),
-        );
+        // Otherwise each operand as one strided matrix per batch slice, if its row and column
+        // axes merge (always, for the layouts taken, with natural strides).
+        let matrices = if small {
+            None
+        } else {
+            match (merged(&l.m, sa, &ta, &tc), merged(&l.n, sb, &tb, &tc)) {
+                (Some(rows), Some(columns)) => Some((rows, columns)),
+                _ => return self.fallback_plan()?.run(inputs),
+            }
+        };
         let (ka, kb) = (ta[l.k[0]], tb[l.k[1]]);
         let a_plain = a.try_as_plain_ram()?;
         let b_plain = b.try_as_plain_ram()?;
         let (xs, ys) = (a_plain.as_slice::<f32>()?, b_plain.as_slice::<f32>()?);
-        {
-            let mut out_plain = out.try_as_plain_ram_mut()?;
-            let zs = out_plain.as_slice_mut::<f32>()?;
+        let mut out_plain = out.try_as_plain_ram_mut()?;
+        let zs = out_plain.as_slice_mut::<f32>()?;
+        if let Some(((m_size, a_row, c_row), (n_size, b_col, c_col))) = matrices {
+            // On the engine's thread pool when it has one (`EngineOptions::threads`): gemm
+            // splits a product among the pool's threads above its own size threshold.
+            let executor = tract_linalg::multithread::current_tract_executor();
+            let pool = match &executor {
+                tract_linalg::multithread::Executor::MultiThread(pool)
+                    if m_size >= PARALLEL_ROWS
+                        && m_size * n_size * k >= gemm::get_threading_threshold() =>
+                {
+                    Some(pool)
+                }
+                _ => None,
+            };
+            let parallelism = pool.map_or(gemm::Parallelism::None, |p| {
+                gemm::Parallelism::Rayon(p.current_num_threads())
+            });
+            let products = |zs: &mut [f32]| {
+                for &[oa, ob, oc] in &batch {
+                    // SAFETY: every offset and stride comes from the operands' and the output's
+                    // own shapes (checked above: plain f32 of the einsum's ranks, equal summed
+                    // axes, batch axes equal or 1 with stride 0), so each element gemm reads or
+                    // writes, `base + i·stride` for `i` below the axis size, lies inside
+                    // `xs`, `ys` and `zs`; the output does not alias the inputs.
+                    unsafe {
+                        gemm::gemm(
+                            m_size,
+                            n_size,
+                            k,
+                            zs.as_mut_ptr().add(oc),
+                            c_col,
+                            c_row,
+                            false,
+                            xs.as_ptr().add(oa),
+                            ka as isize,
+                            a_row,
+                            ys.as_ptr().add(ob),
+                            b_col,
+                            kb as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            parallelism,
+                        );
+                    }
+                }
+            };
+            match pool {
+                Some(pool) => pool.install(|| products(zs)),
+                None => products(zs),
+            }
+        } else {
+            let m = offsets(
+                &l.m.iter()
+                    .map(|&[pa, pc]| (sa[pa], [ta[pa], tc[pc]]))
+                    .collect::<Vec<_>>(),
+            );
+            let n = offsets(
+                &l.n.iter()
+                    .map(|&[pb, pc]| (sb[pb], [tb[pb], tc[pc]]))
+                    .collect::<Vec<_>>(),
+            );
             // B's columns of one batch slice, each contiguous along the summed axis.
             let mut columns = vec![0f32; n.len() * k];
             let mut row = vec![0f32; k];
@@ -270,7 +387,7 @@ impl EvalOp for ActivationProduct {
     }
 }
 
-impl TypedOp for ActivationProduct {
+impl TypedOp for StridedProduct {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         self.einsum.output_facts(inputs)
     }
@@ -284,10 +401,7 @@ impl TypedOp for ActivationProduct {
 
 /// The product that replaces `node`, if `node` is an einsum it takes (see the module
 /// documentation).
-fn activation_product(
-    model: &TypedModel,
-    node: &TypedNode,
-) -> TractResult<Option<ActivationProduct>> {
+fn strided_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<StridedProduct>> {
     let Some(einsum) = node.op_as::<EinSum>() else {
         return Ok(None);
     };
@@ -300,15 +414,33 @@ fn activation_product(
     let facts = model.node_input_facts(node.id)?;
     if facts
         .iter()
-        .any(|f| f.konst.is_some() || f.datum_type != f32::datum_type() || !f.is_plain())
+        .any(|f| f.datum_type != f32::datum_type() || !f.is_plain())
     {
         return Ok(None);
     }
     let Some(layout) = Layout::of(&einsum.axes) else {
         return Ok(None);
     };
-    // The least each extent can be (every symbol at 1): a product whose rows or work are
-    // already above the bounds there would always run the fallback.
+    let direct = facts.iter().all(|f| f.konst.is_none());
+    let op = |layout| StridedProduct {
+        einsum: einsum.clone(),
+        layout,
+        // The fallback plan feeds both operands, constants included.
+        facts: [facts[0].without_value(), facts[1].without_value()],
+        symbols: model.symbols.clone(),
+        direct,
+        fallback: Arc::default(),
+    };
+    if layout.matrices() {
+        // Any size runs on the `gemm` kernels.
+        return Ok(Some(op(layout)));
+    }
+    if !direct {
+        return Ok(None);
+    }
+    // Rows or columns that do not merge: only the direct path. The least each extent can be
+    // (every symbol at 1): a product whose rows or work are already above the bounds there
+    // would always run the fallback.
     let least = |dims: &mut dyn Iterator<Item = TDim>| -> Option<usize> {
         let d: TDim = dims.product();
         let mut ones = SymbolValues::default();
@@ -322,23 +454,19 @@ fn activation_product(
     let k = least(&mut std::iter::once(facts[0].shape[layout.k[0]].clone()));
     match (rows, cols, k) {
         (Some(rows), Some(cols), Some(k))
-            if rows <= SMALL_ROWS && rows.saturating_mul(cols).saturating_mul(k) <= SMALL_WORK => {}
-        _ => return Ok(None),
+            if rows <= SMALL_ROWS && rows.saturating_mul(cols).saturating_mul(k) <= SMALL_WORK =>
+        {
+            Ok(Some(op(layout)))
+        }
+        _ => Ok(None),
     }
-    Ok(Some(ActivationProduct {
-        einsum: einsum.clone(),
-        layout,
-        facts: [facts[0].clone(), facts[1].clone()],
-        symbols: model.symbols.clone(),
-        fallback: Arc::default(),
-    }))
 }
 
-/// Replaces the einsums [`ActivationProduct`] takes, in a decluttered model (before tract
+/// Replaces the einsums [`StridedProduct`] takes, in a decluttered model (before tract
 /// lowers them to its matrix kernels). Returns how many.
 pub(in crate::engine) fn rewrite_products(model: &mut TypedModel) -> TractResult<usize> {
     replace_each(model, |model, node| {
-        Ok(activation_product(model, node)?.map(|op| (op, node.inputs.to_vec())))
+        Ok(strided_product(model, node)?.map(|op| (op, node.inputs.to_vec())))
     })
 }
 
@@ -372,8 +500,8 @@ mod tests {
 
     /// Attention as the decoder writes it (keys transposed by `Transpose`, a symbolic query
     /// length, a head axis, a product against an operand broadcast over batch and heads) gives
-    /// tract's values within rounding at several sizes of the one symbolic plan, including
-    /// query lengths above `SMALL_ROWS`, which run tract's own plan of the einsum.
+    /// tract's values within rounding at several sizes of the one symbolic plan: short
+    /// queries on the direct path, queries above `SMALL_ROWS` on the `gemm` kernels.
     #[test]
     fn products_match_tracts() {
         use duet_testkit::{attr_int, attr_ints, GraphBuilder, Lcg, D, FLOAT};
@@ -425,7 +553,13 @@ mod tests {
             .into_runnable()
             .unwrap();
         let mut rng = Lcg::new(3);
-        for (batch, seq, keys) in [(1, 1, 5), (2, 3, 11), (2, SMALL_ROWS + 4, 7), (0, 1, 5)] {
+        for (batch, seq, keys) in [
+            (1, 1, 5),
+            (2, 3, 11),
+            (2, SMALL_ROWS + 4, 7),
+            (1, 64, 64),
+            (0, 1, 5),
+        ] {
             let tensor = |shape: &[usize], rng: &mut Lcg| {
                 let n = shape.iter().product();
                 Tensor::from_shape(shape, &rng.vec(n, 1.5)).unwrap()
@@ -447,17 +581,25 @@ mod tests {
     }
 
     /// Einsums built directly (every role, several column axes, a batch axis broadcast on
-    /// either side) against tract's evaluation of the same einsum.
+    /// either side, a transposed output) against tract's evaluation of the same einsum: small
+    /// ones on the direct path, the rest (rows above `SMALL_ROWS`) on the `gemm` kernels.
     #[test]
     fn einsums_match_tracts() {
         use duet_testkit::Lcg;
         let mut rng = Lcg::new(8);
-        let cases: [(&str, &[usize], &[usize]); 5] = [
+        let cases: [(&str, &[usize], &[usize]); 12] = [
             ("ambk,anbk->abmn", &[2, 3, 4, 8], &[2, 5, 4, 8]),
             ("abmk,akbn->ambn", &[2, 4, 3, 5], &[2, 5, 4, 8]),
             ("mk,kab->mab", &[3, 6], &[6, 2, 5]),
             ("amk,akn->amn", &[1, 2, 7], &[3, 7, 4]),
             ("amk,akn->amn", &[3, 2, 7], &[1, 7, 4]),
+            ("mk,kn->nm", &[3, 6], &[6, 9]),
+            ("ambk,anbk->abmn", &[2, 20, 4, 8], &[2, 5, 4, 8]),
+            ("abmk,akbn->ambn", &[2, 4, 24, 5], &[2, 5, 4, 8]),
+            ("mk,kab->mab", &[20, 6], &[6, 2, 5]),
+            ("amk,akn->amn", &[1, 30, 7], &[3, 7, 4]),
+            ("amk,akn->amn", &[3, 30, 7], &[1, 7, 4]),
+            ("mk,kn->nm", &[20, 6], &[6, 9]),
         ];
         for (expr, sa, sb) in cases {
             let mut model = TypedModel::default();
@@ -469,7 +611,7 @@ mod tests {
             let theirs = model.clone().into_optimized().unwrap();
             assert_eq!(rewrite_products(&mut model).unwrap(), 1, "{expr}");
             let ours = model.into_optimized().unwrap();
-            assert!(ours.nodes().iter().any(|n| n.op_is::<ActivationProduct>()));
+            assert!(ours.nodes().iter().any(|n| n.op_is::<StridedProduct>()));
             let tensor = |shape: &[usize], rng: &mut Lcg| {
                 let n = shape.iter().product();
                 Tensor::from_shape(shape, &rng.vec(n, 1.0)).unwrap()
@@ -481,23 +623,102 @@ mod tests {
             let want = theirs.into_runnable().unwrap().run(feed.clone()).unwrap();
             let got = ours.into_runnable().unwrap().run(feed).unwrap();
             let worst = worst_difference(&got[0], &want[0]);
-            assert!(worst < 1e-5, "{expr}: {worst}");
+            assert!(worst < 1e-5, "{expr} {sa:?} {sb:?}: {worst}");
         }
     }
 
-    /// A product whose rows are a known size above `SMALL_ROWS` (the vision encoder's
-    /// self-attention) is left to tract.
+    /// A linear layer (`[batch, tokens, k] · W + b`, two row axes against a constant weight)
+    /// runs on the `gemm` kernels at every size of its symbolic plan — one token (where a
+    /// weight must not take the direct path) up to many, and an empty batch — within rounding
+    /// of tract's own plan, on one thread and split among a pool's two.
     #[test]
-    fn long_products_stay_tracts() {
-        use duet_testkit::{GraphBuilder, D, FLOAT};
+    fn linear_layers_match_tracts() {
+        use duet_testkit::{GraphBuilder, Lcg, D, FLOAT};
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        // 64 tokens of these are above gemm's minimum of work for threads.
+        let (k, n) = (96usize, 128usize);
+        assert!(64 * k * n >= gemm::get_threading_threshold());
+        let mut rng = Lcg::new(5);
         let mut g = GraphBuilder::default();
-        let rows = (SMALL_ROWS + 1) as i64;
-        let a = g.input("a", FLOAT, &[D::S("batch"), D::N(rows), D::N(8)]);
-        let b = g.input("b", FLOAT, &[D::S("batch"), D::N(8), D::N(rows)]);
-        g.node("MatMul", &[&a, &b], vec![], Some("out"));
-        g.output("out", FLOAT, &[D::S("batch"), D::N(rows), D::N(rows)]);
+        let x = g.input("x", FLOAT, &[D::S("batch"), D::S("tokens"), D::N(k as i64)]);
+        let w = g.f32("w", &[k, n], rng.vec(k * n, 0.1));
+        let bias = g.f32("b", &[n], rng.vec(n, 0.5));
+        let y = g.op("MatMul", &[&x, &w]);
+        g.node("Add", &[&y, &bias], vec![], Some("out"));
+        g.output(
+            "out",
+            FLOAT,
+            &[D::S("batch"), D::S("tokens"), D::N(n as i64)],
+        );
         let bytes = g.finish(18);
         let mut decluttered = decluttered(&bytes);
-        assert_eq!(rewrite_products(&mut decluttered).unwrap(), 0);
+        let theirs = decluttered
+            .clone()
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap();
+        assert_eq!(rewrite_products(&mut decluttered).unwrap(), 1);
+        let ours = decluttered.into_optimized().unwrap();
+        let product = ours
+            .nodes()
+            .iter()
+            .find_map(|n| n.op_as::<StridedProduct>())
+            .expect("the product is rewritten");
+        assert!(!product.direct, "a weight never takes the direct path");
+        let ours = ours.into_runnable().unwrap();
+        let pool = Executor::multithread(2);
+        for (batch, tokens) in [(1, 1), (2, 3), (1, 64), (3, 17), (0, 4)] {
+            let x =
+                Tensor::from_shape(&[batch, tokens, k], &rng.vec(batch * tokens * k, 1.0)).unwrap();
+            let feed = tvec!(x.into_tvalue());
+            let want = theirs.run(feed.clone()).unwrap();
+            let got = ours.run(feed.clone()).unwrap();
+            let worst = worst_difference(&got[0], &want[0]);
+            assert!(worst < 1e-5, "batch {batch}, tokens {tokens}: {worst}");
+            let threaded = multithread_tract_scope(pool.clone(), || ours.run(feed)).unwrap();
+            let worst = worst_difference(&threaded[0], &want[0]);
+            assert!(
+                worst < 1e-5,
+                "2 threads, batch {batch}, tokens {tokens}: {worst}"
+            );
+        }
+    }
+
+    /// Axis groups merge into one strided axis only when contiguous in the operand and the
+    /// output alike.
+    #[test]
+    fn axis_groups_merge_when_contiguous() {
+        // [batch 2, tokens 3, k 4] with rows (batch, tokens) into an output [2, 3, 5].
+        let (shape, strides, out) = ([2, 3, 4], [12, 4, 1], [15, 5, 1]);
+        assert_eq!(
+            merged(&[[0, 0], [1, 1]], &shape, &strides, &out),
+            Some((6, 4, 5))
+        );
+        assert_eq!(merged(&[], &shape, &strides, &out), Some((1, 0, 0)));
+        // The output's axes in the other order ([3, 2, 5]): no single stride.
+        assert_eq!(
+            merged(&[[0, 1], [1, 0]], &shape, &strides, &[10, 5, 1]),
+            None
+        );
+        // An axis between the two in the operand.
+        assert_eq!(merged(&[[0, 0], [2, 1]], &shape, &strides, &out), None);
+    }
+
+    /// A product whose row axes do not merge (in the other order in the output) and are a
+    /// known size above `SMALL_ROWS` is left to tract: neither path takes it.
+    #[test]
+    fn unmergeable_long_products_stay_tracts() {
+        let mut model = TypedModel::default();
+        let a = model
+            .add_source("a", f32::datum_type().fact([SMALL_ROWS, 2, 6]))
+            .unwrap();
+        let b = model
+            .add_source("b", f32::datum_type().fact([6, 3]))
+            .unwrap();
+        let einsum = EinSum::new("mak,kn->amn".parse().unwrap(), f32::datum_type());
+        let out = model.wire_node("einsum", einsum, &[a, b]).unwrap();
+        model.select_output_outlets(&out).unwrap();
+        assert_eq!(rewrite_products(&mut model).unwrap(), 0);
     }
 }
