@@ -551,6 +551,27 @@ mod test_support {
             .unwrap()
     }
 
+    /// tract's own plan of a model (what a rewritten copy of it is checked against).
+    pub(super) fn tracts_plan(model: &TypedModel) -> Arc<TypedRunnableModel> {
+        model
+            .clone()
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap()
+    }
+
+    /// The largest `|ours - theirs|` between the first outputs of two plans run on `feed`.
+    pub(super) fn worst_difference_of_runs(
+        ours: &Arc<TypedRunnableModel>,
+        theirs: &Arc<TypedRunnableModel>,
+        feed: TVec<TValue>,
+    ) -> f32 {
+        let want = theirs.run(feed.clone()).unwrap();
+        let got = ours.run(feed).unwrap();
+        worst_difference(&got[0], &want[0])
+    }
+
     /// The largest `|got - want|` between two `f32` outputs of the same shape.
     pub(super) fn worst_difference(got: &TValue, want: &TValue) -> f32 {
         assert_eq!(got.shape(), want.shape());
@@ -558,9 +579,15 @@ mod test_support {
             got.to_plain_array_view::<f32>().unwrap(),
             want.to_plain_array_view::<f32>().unwrap(),
         );
-        got.iter()
-            .zip(want.iter())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        // A NaN on either side is the worst difference (`f32::max` would skip it).
+        got.iter().zip(want.iter()).fold(0f32, |m, (a, b)| {
+            let d = (a - b).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                m.max(d)
+            }
+        })
     }
 }
 
@@ -572,7 +599,7 @@ mod tests {
         f32::datum_type().fact(shape)
     }
 
-    use super::test_support::{decluttered, worst_difference};
+    use super::test_support::{decluttered, tracts_plan, worst_difference_of_runs};
 
     #[test]
     fn which_shapes_are_taken_over() {
@@ -720,12 +747,7 @@ mod tests {
             );
             let bytes = g.finish(18);
             let mut decluttered = decluttered(&bytes);
-            let theirs = decluttered
-                .clone()
-                .into_optimized()
-                .unwrap()
-                .into_runnable()
-                .unwrap();
+            let theirs = tracts_plan(&decluttered);
             let n = rewrite_convolutions(&mut decluttered).unwrap();
             assert_eq!(
                 n,
@@ -740,9 +762,7 @@ mod tests {
             for batch in [1usize, 3, 0] {
                 let x = Tensor::from_shape(&[batch, c, h, w], &rng.vec(batch * c * h * w, 2.0))
                     .unwrap();
-                let want = theirs.run(tvec!(x.clone().into_tvalue())).unwrap();
-                let got = ours.run(tvec!(x.into_tvalue())).unwrap();
-                let worst = worst_difference(&got[0], &want[0]);
+                let worst = worst_difference_of_runs(&ours, &theirs, tvec!(x.into_tvalue()));
                 assert!(
                     worst < 1e-5,
                     "{o} outputs, kernel {kh}x{kw}, batch {batch}: {worst}"

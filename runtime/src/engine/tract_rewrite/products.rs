@@ -15,8 +15,10 @@
 //!   contiguous along the summed axis, then dot products;
 //! - **every other product whose row axes and column axes each merge into one strided axis**
 //!   (attention of any length, and linear layers: `[batch, tokens, k] · [k, n]` against a
-//!   constant weight): the `gemm` crate's kernels, which read both operands in place through
-//!   their strides, one matrix per batch slice. (A weight never takes the direct path: it
+//!   constant weight): the `gemm` crate's kernels, which take both operands through their
+//!   strides, one matrix per batch slice — no move or pack nodes in the plan (gemm packs a
+//!   block internally where its kernel gains from it, a weight included: work tract did once,
+//!   at load; measured, gemm is still faster). (A weight never takes the direct path: it
 //!   would gather the weight's columns afresh on every call.)
 //!
 //! Anything else at run time (an operand broadcast along the summed axis, a layout that does
@@ -45,6 +47,35 @@ const PARALLEL_ROWS: usize = 32;
 /// The most multiply-adds per batch slice the direct path takes (a long symbolic axis among
 /// the columns or the summed axis).
 const SMALL_WORK: usize = 1 << 20;
+
+/// Which path each evaluation took, counted per thread, so tests can tell the paths apart
+/// (each agrees with tract's values, so the values alone cannot).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Taken {
+    direct: usize,
+    gemm: usize,
+    /// `gemm` calls split among the pool's threads.
+    pooled: usize,
+    fallback: usize,
+}
+
+#[cfg(test)]
+thread_local! {
+    static TAKEN: std::cell::Cell<Taken> = const {
+        std::cell::Cell::new(Taken { direct: 0, gemm: 0, pooled: 0, fallback: 0 })
+    };
+}
+
+/// Counts one evaluation's path (tests only).
+#[cfg(test)]
+fn took(count: impl FnOnce(&mut Taken)) {
+    TAKEN.with(|t| {
+        let mut taken = t.get();
+        count(&mut taken);
+        t.set(taken);
+    });
+}
 
 /// Where each axis of an einsum `A, B -> C` sits, by role: `batch` in all three, rows `m` in
 /// `A` and `C`, columns `n` in `B` and `C`, and the one summed axis `k` in `A` and `B`.
@@ -249,6 +280,8 @@ impl EvalOp for StridedProduct {
                 .iter()
                 .all(|&[pa, pb, _]| sa[pa] == sb[pb] || sa[pa] == 1 || sb[pb] == 1);
         if !expected {
+            #[cfg(test)]
+            took(|t| t.fallback += 1);
             return self.fallback_plan()?.run(inputs);
         }
         let k = sa[l.k[0]];
@@ -296,7 +329,11 @@ impl EvalOp for StridedProduct {
         } else {
             match (merged(&l.m, sa, &ta, &tc), merged(&l.n, sb, &tb, &tc)) {
                 (Some(rows), Some(columns)) => Some((rows, columns)),
-                _ => return self.fallback_plan()?.run(inputs),
+                _ => {
+                    #[cfg(test)]
+                    took(|t| t.fallback += 1);
+                    return self.fallback_plan()?.run(inputs);
+                }
             }
         };
         let (ka, kb) = (ta[l.k[0]], tb[l.k[1]]);
@@ -312,12 +349,18 @@ impl EvalOp for StridedProduct {
             let pool = match &executor {
                 tract_linalg::multithread::Executor::MultiThread(pool)
                     if m_size >= PARALLEL_ROWS
-                        && m_size * n_size * k >= gemm::get_threading_threshold() =>
+                        && m_size.saturating_mul(n_size).saturating_mul(k)
+                            >= gemm::get_threading_threshold() =>
                 {
                     Some(pool)
                 }
                 _ => None,
             };
+            #[cfg(test)]
+            took(|t| {
+                t.gemm += 1;
+                t.pooled += usize::from(pool.is_some());
+            });
             let parallelism = pool.map_or(gemm::Parallelism::None, |p| {
                 gemm::Parallelism::Rayon(p.current_num_threads())
             });
@@ -358,6 +401,8 @@ impl EvalOp for StridedProduct {
                 None => products(zs),
             }
         } else {
+            #[cfg(test)]
+            took(|t| t.direct += 1);
             let m = offsets(
                 &l.m.iter()
                     .map(|&[pa, pc]| (sa[pa], [ta[pa], tc[pc]]))
@@ -472,8 +517,17 @@ pub(in crate::engine) fn rewrite_products(model: &mut TypedModel) -> TractResult
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{decluttered, worst_difference};
+    use super::super::test_support::{
+        decluttered, tracts_plan, worst_difference, worst_difference_of_runs,
+    };
     use super::*;
+
+    /// The paths `f`'s product evaluations took on this thread.
+    fn taken_by<R>(f: impl FnOnce() -> R) -> (R, Taken) {
+        TAKEN.with(|t| t.set(Taken::default()));
+        let r = f();
+        (r, TAKEN.with(|t| t.get()))
+    }
 
     fn layout(expr: &str) -> Option<Layout> {
         Layout::of(&expr.parse::<AxesMapping>().unwrap())
@@ -540,12 +594,7 @@ mod tests {
         g.output("out", FLOAT, &out);
         let bytes = g.finish(18);
         let mut decluttered = decluttered(&bytes);
-        let theirs = decluttered
-            .clone()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
+        let theirs = tracts_plan(&decluttered);
         assert_eq!(rewrite_products(&mut decluttered).unwrap(), 3);
         let ours = decluttered
             .into_optimized()
@@ -570,13 +619,24 @@ mod tests {
                 tensor(&[batch, keys, h, d], &mut rng).into_tvalue(),
                 tensor(&[1, 1, d, e], &mut rng).into_tvalue(),
             );
-            let want = theirs.run(feed.clone()).unwrap();
-            let got = ours.run(feed).unwrap();
-            let worst = worst_difference(&got[0], &want[0]);
+            let (worst, taken) = taken_by(|| worst_difference_of_runs(&ours, &theirs, feed));
             assert!(
                 worst < 1e-5,
                 "batch {batch}, seq {seq}, keys {keys}: {worst}"
             );
+            // Three products per run, all on one path (none computed for an empty batch).
+            let want = match (batch, seq) {
+                (0, _) => Taken::default(),
+                (_, seq) if seq <= SMALL_ROWS => Taken {
+                    direct: 3,
+                    ..Taken::default()
+                },
+                _ => Taken {
+                    gemm: 3,
+                    ..Taken::default()
+                },
+            };
+            assert_eq!(taken, want, "batch {batch}, seq {seq}, keys {keys}");
         }
     }
 
@@ -587,7 +647,8 @@ mod tests {
     fn einsums_match_tracts() {
         use duet_testkit::Lcg;
         let mut rng = Lcg::new(8);
-        let cases: [(&str, &[usize], &[usize]); 12] = [
+        // The first six on the direct path, the next six on gemm, the last with nothing to sum.
+        let cases: [(&str, &[usize], &[usize]); 13] = [
             ("ambk,anbk->abmn", &[2, 3, 4, 8], &[2, 5, 4, 8]),
             ("abmk,akbn->ambn", &[2, 4, 3, 5], &[2, 5, 4, 8]),
             ("mk,kab->mab", &[3, 6], &[6, 2, 5]),
@@ -600,8 +661,9 @@ mod tests {
             ("amk,akn->amn", &[1, 30, 7], &[3, 7, 4]),
             ("amk,akn->amn", &[3, 30, 7], &[1, 7, 4]),
             ("mk,kn->nm", &[20, 6], &[6, 9]),
+            ("amk,akn->amn", &[2, 20, 0], &[2, 0, 4]),
         ];
-        for (expr, sa, sb) in cases {
+        for (i, (expr, sa, sb)) in cases.into_iter().enumerate() {
             let mut model = TypedModel::default();
             let a = model.add_source("a", f32::datum_type().fact(sa)).unwrap();
             let b = model.add_source("b", f32::datum_type().fact(sb)).unwrap();
@@ -620,10 +682,24 @@ mod tests {
                 tensor(sa, &mut rng).into_tvalue(),
                 tensor(sb, &mut rng).into_tvalue()
             );
-            let want = theirs.into_runnable().unwrap().run(feed.clone()).unwrap();
-            let got = ours.into_runnable().unwrap().run(feed).unwrap();
-            let worst = worst_difference(&got[0], &want[0]);
+            let (ours, theirs) = (
+                ours.into_runnable().unwrap(),
+                theirs.into_runnable().unwrap(),
+            );
+            let (worst, taken) = taken_by(|| worst_difference_of_runs(&ours, &theirs, feed));
             assert!(worst < 1e-5, "{expr} {sa:?} {sb:?}: {worst}");
+            let want = match i {
+                0..6 => Taken {
+                    direct: 1,
+                    ..Taken::default()
+                },
+                6..12 => Taken {
+                    gemm: 1,
+                    ..Taken::default()
+                },
+                _ => Taken::default(),
+            };
+            assert_eq!(taken, want, "{expr} {sa:?} {sb:?}");
         }
     }
 
@@ -652,12 +728,7 @@ mod tests {
         );
         let bytes = g.finish(18);
         let mut decluttered = decluttered(&bytes);
-        let theirs = decluttered
-            .clone()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
+        let theirs = tracts_plan(&decluttered);
         assert_eq!(rewrite_products(&mut decluttered).unwrap(), 1);
         let ours = decluttered.into_optimized().unwrap();
         let product = ours
@@ -673,10 +744,31 @@ mod tests {
                 Tensor::from_shape(&[batch, tokens, k], &rng.vec(batch * tokens * k, 1.0)).unwrap();
             let feed = tvec!(x.into_tvalue());
             let want = theirs.run(feed.clone()).unwrap();
-            let got = ours.run(feed.clone()).unwrap();
+            let (got, taken) = taken_by(|| ours.run(feed.clone()).unwrap());
             let worst = worst_difference(&got[0], &want[0]);
             assert!(worst < 1e-5, "batch {batch}, tokens {tokens}: {worst}");
-            let threaded = multithread_tract_scope(pool.clone(), || ours.run(feed)).unwrap();
+            let gemm = usize::from(batch > 0);
+            assert_eq!(
+                taken,
+                Taken {
+                    gemm,
+                    ..Taken::default()
+                },
+                "batch {batch}, tokens {tokens}"
+            );
+            let (threaded, taken) =
+                taken_by(|| multithread_tract_scope(pool.clone(), || ours.run(feed)).unwrap());
+            // Split only with enough rows (64 and 3 × 17 tokens) for the pool to pay.
+            let pooled = usize::from(batch * tokens >= PARALLEL_ROWS);
+            assert_eq!(
+                taken,
+                Taken {
+                    gemm,
+                    pooled,
+                    ..Taken::default()
+                },
+                "batch {batch}, tokens {tokens}"
+            );
             let worst = worst_difference(&threaded[0], &want[0]);
             assert!(
                 worst < 1e-5,
@@ -720,5 +812,93 @@ mod tests {
         let out = model.wire_node("einsum", einsum, &[a, b]).unwrap();
         model.select_output_outlets(&out).unwrap();
         assert_eq!(rewrite_products(&mut model).unwrap(), 0);
+    }
+
+    /// A constant operand on the left, and one with no row axis at all (`k, kn -> n`), take the
+    /// `gemm` path (never the direct one) and match tract.
+    #[test]
+    fn constant_operands_take_gemm() {
+        use duet_testkit::Lcg;
+        let mut rng = Lcg::new(11);
+        let cases: [(&str, &[usize], &[usize]); 2] = [
+            ("mk,kn->mn", &[20, 6], &[6, 9]),
+            ("k,kn->n", &[6], &[6, 40]),
+        ];
+        for (expr, sa, sb) in cases {
+            let tensor = |shape: &[usize], rng: &mut Lcg| {
+                let n = shape.iter().product();
+                Tensor::from_shape(shape, &rng.vec(n, 1.0)).unwrap()
+            };
+            let mut model = TypedModel::default();
+            let a = model.add_const("a", tensor(sa, &mut rng)).unwrap();
+            let b = model.add_source("b", f32::datum_type().fact(sb)).unwrap();
+            let einsum = EinSum::new(expr.parse().unwrap(), f32::datum_type());
+            let out = model.wire_node("einsum", einsum, &[a, b]).unwrap();
+            model.select_output_outlets(&out).unwrap();
+            let theirs = tracts_plan(&model);
+            assert_eq!(rewrite_products(&mut model).unwrap(), 1, "{expr}");
+            let ours = model.into_optimized().unwrap().into_runnable().unwrap();
+            let feed = tvec!(tensor(sb, &mut rng).into_tvalue());
+            let (worst, taken) = taken_by(|| worst_difference_of_runs(&ours, &theirs, feed));
+            assert!(worst < 1e-5, "{expr}: {worst}");
+            assert_eq!(
+                taken,
+                Taken {
+                    gemm: 1,
+                    ..Taken::default()
+                },
+                "{expr}"
+            );
+        }
+    }
+
+    /// A product taken for the direct path whose rows do not merge runs tract's own plan of
+    /// the einsum (built in the model's symbol scope) when its symbolic rows turn out above
+    /// `SMALL_ROWS` at run time, with tract's values.
+    #[test]
+    fn long_calls_of_unmergeable_products_run_tracts_plan() {
+        use duet_testkit::Lcg;
+        let mut rng = Lcg::new(12);
+        let mut model = TypedModel::default();
+        let rows = model.symbols.sym("rows");
+        let a_fact = f32::datum_type().fact(&[TDim::Sym(rows), 2.into(), 6.into()]);
+        let a = model.add_source("a", a_fact).unwrap();
+        let b = model
+            .add_source("b", f32::datum_type().fact([6, 3]))
+            .unwrap();
+        let einsum = EinSum::new("mak,kn->amn".parse().unwrap(), f32::datum_type());
+        let out = model.wire_node("einsum", einsum, &[a, b]).unwrap();
+        model.select_output_outlets(&out).unwrap();
+        let theirs = tracts_plan(&model);
+        assert_eq!(rewrite_products(&mut model).unwrap(), 1);
+        let ours = model.into_optimized().unwrap().into_runnable().unwrap();
+        for (m, want) in [
+            (
+                3,
+                Taken {
+                    direct: 1,
+                    ..Taken::default()
+                },
+            ),
+            (
+                SMALL_ROWS,
+                Taken {
+                    fallback: 1,
+                    ..Taken::default()
+                },
+            ),
+        ] {
+            let feed = tvec!(
+                Tensor::from_shape(&[m, 2, 6], &rng.vec(m * 12, 1.0))
+                    .unwrap()
+                    .into_tvalue(),
+                Tensor::from_shape(&[6, 3], &rng.vec(18, 1.0))
+                    .unwrap()
+                    .into_tvalue()
+            );
+            let (worst, taken) = taken_by(|| worst_difference_of_runs(&ours, &theirs, feed));
+            assert!(worst < 1e-5, "{m} rows: {worst}");
+            assert_eq!(taken, want, "{m} rows");
+        }
     }
 }
