@@ -343,17 +343,15 @@ impl EvalOp for StridedProduct {
         let mut out_plain = out.try_as_plain_ram_mut()?;
         let zs = out_plain.as_slice_mut::<f32>()?;
         if let Some(((m_size, a_row, c_row), (n_size, b_col, c_col))) = matrices {
-            // On the engine's thread pool when it has one (`EngineOptions::threads`): gemm
-            // splits a product among the pool's threads above its own size threshold.
-            let executor = tract_linalg::multithread::current_tract_executor();
+            // On the engine's thread pool when it has one (`EngineOptions::threads`) and the
+            // product is large enough to gain from it; the executor (a global lock when no
+            // pool is set) is looked up only then.
+            let large = m_size >= PARALLEL_ROWS
+                && m_size.saturating_mul(n_size).saturating_mul(k)
+                    >= gemm::get_threading_threshold();
+            let executor = large.then(tract_linalg::multithread::current_tract_executor);
             let pool = match &executor {
-                tract_linalg::multithread::Executor::MultiThread(pool)
-                    if m_size >= PARALLEL_ROWS
-                        && m_size.saturating_mul(n_size).saturating_mul(k)
-                            >= gemm::get_threading_threshold() =>
-                {
-                    Some(pool)
-                }
+                Some(tract_linalg::multithread::Executor::MultiThread(pool)) => Some(pool),
                 _ => None,
             };
             #[cfg(test)]
