@@ -173,7 +173,11 @@ pub struct EngineOptions {
     pub tensorrt: TensorRtOptions,
     /// Threads one graph run may use: onnxruntime's intra-op pool, tract's matrix-product pool.
     /// `None`: each engine's own default (onnxruntime one per physical core, tract one), which
-    /// is not a fair comparison; `duet bench --threads N` sets both.
+    /// is not a fair comparison; `duet bench --threads N` sets both. tract runs a graph on its
+    /// pool (large products and a batch's convolutions split among the threads, the others
+    /// kept looking for work during the run, as onnxruntime's spin) once its runs take a
+    /// millisecond or more; shorter ones stay on the calling thread, where the hand-off would
+    /// cost more than the split saves.
     pub threads: Option<std::num::NonZeroUsize>,
 }
 

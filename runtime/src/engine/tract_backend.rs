@@ -33,8 +33,40 @@ pub(super) struct TractEngine {
     plans: Plans,
     /// The matrix-product thread pool of this engine's runs (`None`: single-threaded).
     executor: Option<Executor>,
+    /// Whether runs skip the pool, decided from the last run's time ([`ShortRuns`]).
+    short_runs: ShortRuns,
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
+}
+
+/// Runs of a graph too short to gain from the pool run on the caller. Handing a run to the
+/// pool and back costs two thread wake-ups (tens of microseconds each on a busy machine), and a
+/// short run has no product large enough to split ([`super::tract_rewrite`]): measured at two
+/// threads, the text path of classification (three sub-millisecond runs) took 1.4–1.8 ms on the
+/// pool against 1.14 ms on one thread. A graph whose run on the pool ends within
+/// [`ShortRuns::POOL_BELOW`] runs on the caller from then on, and back on the pool once a run
+/// there takes [`ShortRuns::CALLER_ABOVE`] (a band, so that a graph near the bound does not
+/// alternate).
+#[derive(Debug, Default)]
+struct ShortRuns(std::sync::atomic::AtomicBool);
+
+impl ShortRuns {
+    const POOL_BELOW: std::time::Duration = std::time::Duration::from_millis(1);
+    const CALLER_ABOVE: std::time::Duration = std::time::Duration::from_millis(2);
+
+    fn on_caller(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a run that took `elapsed` (on the caller or not) for the next run's choice.
+    fn took(&self, on_caller: bool, elapsed: std::time::Duration) {
+        let next = if on_caller {
+            elapsed < Self::CALLER_ABOVE
+        } else {
+            elapsed < Self::POOL_BELOW
+        };
+        self.0.store(next, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Specialised plans kept per engine: a caller alternating among a few input shapes (batch
@@ -201,6 +233,7 @@ impl TractEngine {
             Ok(TractEngine {
                 plans,
                 executor,
+                short_runs: ShortRuns::default(),
                 inputs,
                 outputs,
             })
@@ -231,13 +264,26 @@ impl TractEngine {
         let plan = self.plan_for(ordered).map_err(|e| (None, e))?;
         // Under the panic guard like loading: a user's graph can reach an assertion deep in an
         // op at run time too, which must be an error, not an abort of the host.
-        let run = || match &self.executor {
-            Some(pool) => multithread_tract_scope(pool.clone(), || plan.run(feed)),
-            None => plan.run(feed),
-        };
-        let results = crate::panic_guard::catch(run)
-            .map_err(|panic| (None, format!("tract {panic} running the graph")))?
-            .map_err(|e| (None, format!("{e:?}")))?;
+        // (The guard goes on the thread that runs the plan: with a pool, one of its threads.)
+        let run = || crate::panic_guard::catch(|| plan.run(feed));
+        let results = match &self.executor {
+            Some(executor) => {
+                let on_caller = self.short_runs.on_caller();
+                #[cfg(test)]
+                RUNS_ON_CALLER.with(|n| n.set(n.get() + usize::from(on_caller)));
+                let started = Instant::now();
+                let results = if on_caller {
+                    run()
+                } else {
+                    on_pool(executor, run)
+                };
+                self.short_runs.took(on_caller, started.elapsed());
+                results
+            }
+            None => run(),
+        }
+        .map_err(|panic| (None, format!("tract {panic} running the graph")))?
+        .map_err(|e| (None, format!("{e:?}")))?;
         if results.len() != output_names.len() {
             return Err((
                 None,
@@ -292,14 +338,63 @@ impl TractEngine {
                     .map(|(op, node, s)| (op.as_str(), node.as_str(), *s)),
             ))
         };
-        let run = || match &self.executor {
-            Some(pool) => multithread_tract_scope(pool.clone(), profile),
-            None => profile(),
-        };
-        crate::panic_guard::catch(run)
-            .map_err(|panic| format!("tract {panic} profiling the graph"))?
-            .map_err(|e| format!("{e:?}"))
+        let run = || crate::panic_guard::catch(profile);
+        match &self.executor {
+            Some(executor) => on_pool(executor, run),
+            None => run(),
+        }
+        .map_err(|panic| format!("tract {panic} profiling the graph"))?
+        .map_err(|e| format!("{e:?}"))
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Runs of an engine with a pool that this thread made on itself ([`ShortRuns`]).
+    static RUNS_ON_CALLER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `work` (a whole plan run) on one of the executor's threads, with the executor set for
+/// the products inside it, while the pool's other threads keep looking for work until the run
+/// ends. Why not on the caller: a product split among the pool's threads would otherwise leave
+/// the caller waiting beside them, one thread more than the pool's size, and the workers still
+/// spinning after a product take the cores from the caller's next (sequential) ops. Why keep
+/// the others looking: a rayon worker with nothing to do sleeps within microseconds, and
+/// waking it costs more than the half of a small product it would take; onnxruntime's intra-op
+/// threads spin through a run the same way.
+fn on_pool<R: Send>(executor: &Executor, work: impl FnOnce() -> R + Send) -> R {
+    let Executor::MultiThread(pool) = executor else {
+        return multithread_tract_scope(executor.clone(), work);
+    };
+    pool.install(|| {
+        let running = rayon::current_thread_index();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        // Set on unwinding too: a panicking run must not leave the helpers looking forever.
+        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        rayon::scope(|scope| {
+            for _ in 1..pool.current_num_threads() {
+                scope.spawn(|_| {
+                    // The running thread may pick a helper up itself while it waits inside
+                    // a product; it must return to its run, not look for work until the end.
+                    if rayon::current_thread_index() == running {
+                        return;
+                    }
+                    while !done.load(std::sync::atomic::Ordering::Acquire) {
+                        if let Some(rayon::Yield::Idle) = rayon::yield_now() {
+                            std::hint::spin_loop();
+                        }
+                    }
+                });
+            }
+            let _done = Done(&done);
+            multithread_tract_scope(executor.clone(), work)
+        })
+    })
 }
 
 /// tract's optimised model of a graph, with duet's own rewrites of the ops tract leaves slow
@@ -418,4 +513,120 @@ pub fn graph_flops(model: &[u8], shapes: &[(&str, &[usize])]) -> Result<u64, Str
         Ok(flops)
     };
     count().map_err(|e| format!("counting FLOPs: {e:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run on a pool goes to one of the pool's threads with the executor set there, and the
+    /// pool's other threads take part in what the run splits.
+    #[test]
+    fn a_run_on_a_pool_runs_on_its_threads_with_its_executor() {
+        let executor = Executor::multithread(2);
+        let (index, set, threads) = on_pool(&executor, || {
+            let set = matches!(
+                tract_linalg::multithread::current_tract_executor(),
+                Executor::MultiThread(_)
+            );
+            // Each half waits until the other has started: done only if another thread of
+            // the pool takes the second half while the first waits.
+            let started = [
+                std::sync::atomic::AtomicBool::new(false),
+                std::sync::atomic::AtomicBool::new(false),
+            ];
+            let half = |me: usize| {
+                started[me].store(true, std::sync::atomic::Ordering::Release);
+                while !started[1 - me].load(std::sync::atomic::Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                std::thread::current().id()
+            };
+            let (a, b) = rayon::join(|| half(0), || half(1));
+            (rayon::current_thread_index(), set, [a, b])
+        });
+        assert!(index.is_some(), "the run stayed on the calling thread");
+        assert!(set, "tract's executor is not set for the run");
+        assert_ne!(threads[0], threads[1]);
+        // A pool of one runs the work with no helper.
+        let single = Executor::multithread(1);
+        assert_eq!(on_pool(&single, || 7), 7);
+        assert_eq!(on_pool(&Executor::SingleThread, || 8), 8);
+    }
+
+    /// A graph whose runs are short runs on the caller after its first run, a long one stays
+    /// on the pool; both give the values of one thread.
+    #[test]
+    fn short_runs_skip_the_pool_long_runs_keep_it() {
+        use duet_testkit::{GraphBuilder, Lcg, D, FLOAT};
+        let model = |n: usize| {
+            let mut g = GraphBuilder::default();
+            let d = D::N(n as i64);
+            let x = g.input("x", FLOAT, &[d.clone(), d.clone()]);
+            let w = g.f32("W", &[n, n], Lcg::new(7).vec(n * n, 0.1));
+            let h = g.node("MatMul", &[&x, &w], vec![], None);
+            g.node("MatMul", &[&h, &w], vec![], Some("y"));
+            g.output("y", FLOAT, &[d.clone(), d]);
+            g.finish(17)
+        };
+        let on_caller = || RUNS_ON_CALLER.with(std::cell::Cell::get);
+        // 8×8: microseconds; 512×512 twice: 268 M multiply-adds, several milliseconds.
+        for (n, short) in [(8, true), (512, false)] {
+            let bytes = model(n);
+            let one = TractEngine::load(&bytes, None).unwrap();
+            let two = TractEngine::load(&bytes, std::num::NonZeroUsize::new(2)).unwrap();
+            let x = ndarray::ArrayD::from_shape_vec(
+                ndarray::IxDyn(&[n, n]),
+                Lcg::new(3).vec(n * n, 1.0),
+            )
+            .unwrap();
+            let x = Value::F32(x);
+            let view = x.view();
+            let names = ["y".to_string()];
+            let want = one.run(&[&view], &names).unwrap();
+            let before = on_caller();
+            for _ in 0..10 {
+                let got = two.run(&[&view], &names).unwrap();
+                let d = (got["y"].as_f32().unwrap() - want["y"].as_f32().unwrap())
+                    .iter()
+                    .fold(0f32, |m, v| m.max(v.abs()));
+                assert!(d < 1e-4, "{n}×{n}: two threads differ from one by {d}");
+            }
+            let ran_on_caller = on_caller() - before;
+            if short {
+                // The first run is on the pool; a stall of the machine may send one more there.
+                assert!(
+                    ran_on_caller >= 8,
+                    "{n}×{n}: {ran_on_caller} of 10 runs on the caller"
+                );
+            } else {
+                assert_eq!(ran_on_caller, 0, "{n}×{n} ran on the caller");
+            }
+        }
+    }
+
+    /// A run that panics ends the helpers it started: the panic reaches the caller (it would
+    /// hang there if the helpers kept looking for work), and the pool runs the next run.
+    #[test]
+    fn a_panicking_run_releases_the_pool() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // On its own thread, so that a hang fails the test instead of stalling the suite.
+        std::thread::spawn(move || {
+            let executor = Executor::multithread(2);
+            for round in 0..3 {
+                let caught = crate::panic_guard::catch(|| {
+                    on_pool(&executor, || -> usize { panic!("planted panic {round}") })
+                });
+                let next = on_pool(&executor, || round);
+                tx.send((caught, next, round)).unwrap();
+            }
+        });
+        for _ in 0..3 {
+            let (caught, next, round) = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("a panicking run left the pool's helpers running");
+            assert!(caught.unwrap_err().contains("planted panic"));
+            assert_eq!(next, round);
+        }
+    }
 }

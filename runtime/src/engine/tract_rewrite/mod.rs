@@ -412,14 +412,15 @@ impl EvalOp for PlaneConv {
         {
             let mut out_plain = out.try_as_plain_ram_mut()?;
             let ys = out_plain.as_slice_mut::<f32>()?;
-            // Each input plane zero-padded, rows `wp` wide, with slack at the end so the last
-            // block of the last tap may read past the last row (into columns that are dropped).
-            let mut padded = vec![0f32; self.in_channels * plane + self.kw + BLOCK];
-            // Output rows computed `wp` wide too: columns `w..wp` are wrap-around, dropped.
-            let len = h * wp;
-            let mut acc = vec![0f32; self.out_channels * len];
-            for b in 0..batch {
-                let img = &xs[b * self.in_channels * h * w..][..self.in_channels * h * w];
+            let (per_in, per_out) = (self.in_channels * h * w, self.out_channels * h * w);
+            let image = |img: &[f32], out_b: &mut [f32]| {
+                // Each input plane zero-padded, rows `wp` wide, with slack at the end so the
+                // last block of the last tap may read past the last row (into columns that
+                // are dropped).
+                let mut padded = vec![0f32; self.in_channels * plane + self.kw + BLOCK];
+                // Output rows computed `wp` wide too: columns `w..wp` are wrap-around, dropped.
+                let len = h * wp;
+                let mut acc = vec![0f32; self.out_channels * len];
                 for c in 0..self.in_channels {
                     for y in 0..h {
                         let dst = c * plane + (y + ph) * wp + pw;
@@ -430,11 +431,28 @@ impl EvalOp for PlaneConv {
                     }
                 }
                 self.accumulate(&padded, &mut acc, wp, plane);
-                let out_b = &mut ys[b * self.out_channels * h * w..][..self.out_channels * h * w];
                 for o in 0..self.out_channels {
                     for y in 0..h {
                         out_b[(o * h + y) * w..][..w]
                             .copy_from_slice(&acc[o * len + y * wp..][..w]);
+                    }
+                }
+            };
+            // The images of a batch (the guided pair of a sampler step) side by side on the
+            // engine's threads when it has several; the executor is looked up only then.
+            let executor = (batch > 1).then(tract_linalg::multithread::current_tract_executor);
+            match &executor {
+                Some(tract_linalg::multithread::Executor::MultiThread(pool)) => {
+                    use rayon::prelude::*;
+                    pool.install(|| {
+                        xs.par_chunks(per_in)
+                            .zip(ys.par_chunks_mut(per_out))
+                            .for_each(|(img, out_b)| image(img, out_b))
+                    })
+                }
+                _ => {
+                    for (img, out_b) in xs.chunks(per_in).zip(ys.chunks_mut(per_out)) {
+                        image(img, out_b);
                     }
                 }
             }
@@ -768,6 +786,18 @@ mod tests {
                     "{o} outputs, kernel {kh}x{kw}, batch {batch}: {worst}"
                 );
             }
+            // The images of a batch split among a pool's threads: the same values, bit for bit.
+            let pool = tract_linalg::multithread::Executor::multithread(2);
+            let x = Tensor::from_shape(&[3, c, h, w], &rng.vec(3 * c * h * w, 2.0)).unwrap();
+            let feed = tvec!(x.into_tvalue());
+            let one = ours.run(feed.clone()).unwrap();
+            let two = tract_linalg::multithread::multithread_tract_scope(pool, || ours.run(feed))
+                .unwrap();
+            assert_eq!(
+                super::test_support::worst_difference(&two[0], &one[0]),
+                0.0,
+                "{o} outputs, kernel {kh}x{kw}, on two threads"
+            );
         }
     }
 }
