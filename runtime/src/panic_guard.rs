@@ -23,6 +23,31 @@ thread_local! {
 /// Runs `f`; a panic inside it is returned as `Err` with its message and location, and is not
 /// printed.
 pub fn catch<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    install_hook();
+    // A location left by a panic that was caught elsewhere (a pool thread's) is not this one's.
+    LOCATION.with(|l| l.borrow_mut().take());
+    DEPTH.with(|d| d.set(d.get() + 1));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    DEPTH.with(|d| d.set(d.get() - 1));
+    result.map_err(|payload| {
+        let at = LOCATION
+            .with(|l| l.borrow_mut().take())
+            .map(|l| format!(" at {l}"))
+            .unwrap_or_default();
+        format!("panicked{at}: {}", message(payload.as_ref()))
+    })
+}
+
+/// Makes every panic on this thread quiet, for a thread of a pool whose work is always run
+/// under a [`catch`] on another thread (rayon hands a worker's panic to the thread that waits
+/// for the work): without it a panic in a piece of a split product would be printed there,
+/// although the [`catch`] that receives it reports it as an error.
+pub fn quiet_thread() {
+    install_hook();
+    DEPTH.with(|d| d.set(d.get() + 1));
+}
+
+fn install_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
@@ -37,16 +62,6 @@ pub fn catch<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             LOCATION.with(|p| *p.borrow_mut() = at);
         }));
     });
-    DEPTH.with(|d| d.set(d.get() + 1));
-    let result = catch_unwind(AssertUnwindSafe(f));
-    DEPTH.with(|d| d.set(d.get() - 1));
-    result.map_err(|payload| {
-        let at = LOCATION
-            .with(|l| l.borrow_mut().take())
-            .map(|l| format!(" at {l}"))
-            .unwrap_or_default();
-        format!("panicked{at}: {}", message(payload.as_ref()))
-    })
 }
 
 /// The text of a panic payload (`panic!` with a literal or a formatted message).

@@ -175,9 +175,10 @@ pub struct EngineOptions {
     /// `None`: each engine's own default (onnxruntime one per physical core, tract one), which
     /// is not a fair comparison; `duet bench --threads N` sets both. tract runs a graph on its
     /// pool (large products and a batch's convolutions split among the threads, the others
-    /// kept looking for work during the run, as onnxruntime's spin) once its runs take a
-    /// millisecond or more; shorter ones stay on the calling thread, where the hand-off would
-    /// cost more than the split saves.
+    /// kept looking for work during the run), except input shapes whose runs there end within
+    /// a millisecond: those run on the calling thread, where the hand-off would cost more than
+    /// the split saves, until a run there takes two (a shape not seen yet goes where the last
+    /// run went).
     pub threads: Option<std::num::NonZeroUsize>,
 }
 

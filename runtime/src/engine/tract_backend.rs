@@ -39,33 +39,50 @@ pub(super) struct TractEngine {
     outputs: Vec<IoInfo>,
 }
 
-/// Runs of a graph too short to gain from the pool run on the caller. Handing a run to the
-/// pool and back costs two thread wake-ups (tens of microseconds each on a busy machine), and a
-/// short run has no product large enough to split ([`super::tract_rewrite`]): measured at two
-/// threads, the text path of classification (three sub-millisecond runs) took 1.4–1.8 ms on the
-/// pool against 1.14 ms on one thread. A graph whose run on the pool ends within
-/// [`ShortRuns::POOL_BELOW`] runs on the caller from then on, and back on the pool once a run
-/// there takes [`ShortRuns::CALLER_ABOVE`] (a band, so that a graph near the bound does not
-/// alternate).
+/// Runs too short to gain from the pool run on the caller, decided per input shape (a prefill
+/// and a decoder step, or two batch sizes, differ). Handing a run to the pool and back costs
+/// two thread wake-ups (tens of microseconds each on a busy machine), and a short run has no
+/// product large enough to split ([`super::tract_rewrite`]): measured at two threads, the text
+/// path of classification (three sub-millisecond runs) took 1.4–1.8 ms on the pool against
+/// 1.14 ms on one thread. A shape whose run on the pool ends within [`ShortRuns::POOL_BELOW`]
+/// runs on the caller from then on, and goes back to the pool once a run of it on the caller
+/// takes [`ShortRuns::CALLER_ABOVE`] (a band, so that a shape near the bound does not
+/// alternate). A shape not seen yet goes where the engine's last run went: a KV-cache decoder
+/// meets a new shape at every step, all alike.
 #[derive(Debug, Default)]
-struct ShortRuns(std::sync::atomic::AtomicBool);
+struct ShortRuns(Mutex<ShortRunsSeen>);
+
+#[derive(Debug, Default)]
+struct ShortRunsSeen {
+    shapes: HashMap<ShapeSignature, bool>,
+    last: bool,
+}
 
 impl ShortRuns {
     const POOL_BELOW: std::time::Duration = std::time::Duration::from_millis(1);
     const CALLER_ABOVE: std::time::Duration = std::time::Duration::from_millis(2);
+    /// Shapes remembered; a caller sweeping more starts over.
+    const SHAPES: usize = 64;
 
-    fn on_caller(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    fn on_caller(&self, shape: &ShapeSignature) -> bool {
+        let seen = lock(&self.0);
+        seen.shapes.get(shape).copied().unwrap_or(seen.last)
     }
 
-    /// Records a run that took `elapsed` (on the caller or not) for the next run's choice.
-    fn took(&self, on_caller: bool, elapsed: std::time::Duration) {
+    /// Records a run of `shape` that took `elapsed` (on the caller or not) for the next run's
+    /// choice.
+    fn took(&self, shape: ShapeSignature, on_caller: bool, elapsed: std::time::Duration) {
         let next = if on_caller {
             elapsed < Self::CALLER_ABOVE
         } else {
             elapsed < Self::POOL_BELOW
         };
-        self.0.store(next, std::sync::atomic::Ordering::Relaxed);
+        let mut seen = lock(&self.0);
+        if seen.shapes.len() >= Self::SHAPES && !seen.shapes.contains_key(&shape) {
+            seen.shapes.clear();
+        }
+        seen.shapes.insert(shape, next);
+        seen.last = next;
     }
 }
 
@@ -187,11 +204,17 @@ impl TractEngine {
     ) -> Result<TractEngine, String> {
         let executor = match threads.map(std::num::NonZeroUsize::get) {
             None | Some(1) => None,
-            // rayon panics only when the OS refuses threads; that is a load error here.
-            Some(n) => Some(
-                crate::panic_guard::catch(|| Executor::multithread_with_name(n, "duet-tract"))
-                    .map_err(|panic| format!("tract could not start {n} threads: {panic}"))?,
-            ),
+            // tract's own pool, built here for its start handler: a panic in a piece of a split
+            // product reaches the run's guard on another thread, and is not printed here.
+            Some(n) => {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("duet-tract-{i}"))
+                    .start_handler(|_| crate::panic_guard::quiet_thread())
+                    .build()
+                    .map_err(|e| format!("tract could not start {n} threads: {e}"))?;
+                Some(Executor::MultiThread(Arc::new(pool)))
+            }
         };
         let load = move || -> TractResult<TractEngine> {
             let onnx = super::tract_rewrite::onnx();
@@ -268,7 +291,8 @@ impl TractEngine {
         let run = || crate::panic_guard::catch(|| plan.run(feed));
         let results = match &self.executor {
             Some(executor) => {
-                let on_caller = self.short_runs.on_caller();
+                let shape: ShapeSignature = ordered.iter().map(|v| v.shape().to_vec()).collect();
+                let on_caller = self.short_runs.on_caller(&shape);
                 #[cfg(test)]
                 RUNS_ON_CALLER.with(|n| n.set(n.get() + usize::from(on_caller)));
                 let started = Instant::now();
@@ -277,7 +301,7 @@ impl TractEngine {
                 } else {
                     on_pool(executor, run)
                 };
-                self.short_runs.took(on_caller, started.elapsed());
+                self.short_runs.took(shape, on_caller, started.elapsed());
                 results
             }
             None => run(),
@@ -360,41 +384,65 @@ thread_local! {
 /// the caller waiting beside them, one thread more than the pool's size, and the workers still
 /// spinning after a product take the cores from the caller's next (sequential) ops. Why keep
 /// the others looking: a rayon worker with nothing to do sleeps within microseconds, and
-/// waking it costs more than the half of a small product it would take; onnxruntime's intra-op
-/// threads spin through a run the same way.
+/// waking it costs more than the half of a small product it would take (onnxruntime's intra-op
+/// threads likewise spin between the ops of a run by default).
+///
+/// The helpers are detached (`spawn_broadcast`: one per thread, which no other thread can
+/// take) and stop at the run's end, so a run returns as soon as its plan does, whatever a
+/// helper is doing then; they back off to `std::thread::yield_now` when idle, so a helper
+/// gives its core to any other runnable thread. Two callers sharing an engine share its pool
+/// the way any rayon pool is shared: a thread waiting inside one run may take up a part of the
+/// other.
 fn on_pool<R: Send>(executor: &Executor, work: impl FnOnce() -> R + Send) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let Executor::MultiThread(pool) = executor else {
-        return multithread_tract_scope(executor.clone(), work);
+        return with_executor(executor, work);
     };
     pool.install(|| {
         let running = rayon::current_thread_index();
-        let done = std::sync::atomic::AtomicBool::new(false);
+        let done = Arc::new(AtomicBool::new(false));
         // Set on unwinding too: a panicking run must not leave the helpers looking forever.
-        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
-        impl Drop for Done<'_> {
+        struct Done(Arc<AtomicBool>);
+        impl Drop for Done {
             fn drop(&mut self) {
-                self.0.store(true, std::sync::atomic::Ordering::Release);
+                self.0.store(true, Ordering::Release);
             }
         }
-        rayon::scope(|scope| {
-            for _ in 1..pool.current_num_threads() {
-                scope.spawn(|_| {
-                    // The running thread may pick a helper up itself while it waits inside
-                    // a product; it must return to its run, not look for work until the end.
-                    if rayon::current_thread_index() == running {
-                        return;
-                    }
-                    while !done.load(std::sync::atomic::Ordering::Acquire) {
-                        if let Some(rayon::Yield::Idle) = rayon::yield_now() {
-                            std::hint::spin_loop();
-                        }
-                    }
-                });
+        let _done = Done(Arc::clone(&done));
+        pool.spawn_broadcast(move |thread| {
+            // The running thread takes its own copy while it waits inside a product (or
+            // after the run): it has its run to get back to.
+            if Some(thread.index()) == running {
+                return;
             }
-            let _done = Done(&done);
-            multithread_tract_scope(executor.clone(), work)
-        })
+            #[cfg(test)]
+            let _live = tests::LiveHelper::new();
+            let mut idle = 0u32;
+            while !done.load(Ordering::Acquire) {
+                match rayon::yield_now() {
+                    Some(rayon::Yield::Executed) => idle = 0,
+                    _ if idle < HELPER_SPINS => {
+                        idle += 1;
+                        std::hint::spin_loop();
+                    }
+                    _ => std::thread::yield_now(),
+                }
+            }
+        });
+        with_executor(executor, work)
     })
+}
+
+/// Idle rounds a helper of [`on_pool`] spins through before it yields its core at each round.
+const HELPER_SPINS: u32 = 64;
+
+/// `work` with tract's executor set to `executor`, the previous one back afterwards, also when
+/// `work` panics (tract's own scope restores it only on return).
+fn with_executor<R>(executor: &Executor, work: impl FnOnce() -> R) -> R {
+    let caught = multithread_tract_scope(executor.clone(), || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+    });
+    caught.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// tract's optimised model of a graph, with duet's own rewrites of the ops tract leaves slow
@@ -518,115 +566,209 @@ pub fn graph_flops(model: &[u8], shapes: &[(&str, &[usize])]) -> Result<u64, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
-    /// A run on a pool goes to one of the pool's threads with the executor set there, and the
-    /// pool's other threads take part in what the run splits.
-    #[test]
-    fn a_run_on_a_pool_runs_on_its_threads_with_its_executor() {
-        let executor = Executor::multithread(2);
-        let (index, set, threads) = on_pool(&executor, || {
-            let set = matches!(
-                tract_linalg::multithread::current_tract_executor(),
-                Executor::MultiThread(_)
-            );
-            // Each half waits until the other has started: done only if another thread of
-            // the pool takes the second half while the first waits.
-            let started = [
-                std::sync::atomic::AtomicBool::new(false),
-                std::sync::atomic::AtomicBool::new(false),
-            ];
-            let half = |me: usize| {
-                started[me].store(true, std::sync::atomic::Ordering::Release);
-                while !started[1 - me].load(std::sync::atomic::Ordering::Acquire) {
-                    std::hint::spin_loop();
-                }
-                std::thread::current().id()
-            };
-            let (a, b) = rayon::join(|| half(0), || half(1));
-            (rayon::current_thread_index(), set, [a, b])
-        });
-        assert!(index.is_some(), "the run stayed on the calling thread");
-        assert!(set, "tract's executor is not set for the run");
-        assert_ne!(threads[0], threads[1]);
-        // A pool of one runs the work with no helper.
-        let single = Executor::multithread(1);
-        assert_eq!(on_pool(&single, || 7), 7);
-        assert_eq!(on_pool(&Executor::SingleThread, || 8), 8);
+    /// Helpers of [`on_pool`] looking for work now, in this test process.
+    static LIVE_HELPERS: AtomicUsize = AtomicUsize::new(0);
+
+    pub(super) struct LiveHelper;
+    impl LiveHelper {
+        pub(super) fn new() -> Self {
+            LIVE_HELPERS.fetch_add(1, Ordering::SeqCst);
+            LiveHelper
+        }
+    }
+    impl Drop for LiveHelper {
+        fn drop(&mut self) {
+            LIVE_HELPERS.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
-    /// A graph whose runs are short runs on the caller after its first run, a long one stays
-    /// on the pool; both give the values of one thread.
+    /// `f` on a thread of its own, failed after `secs` instead of hanging the suite.
+    fn within<R: Send + 'static>(secs: u64, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(secs))
+            .expect("hung (or panicked) past its time")
+    }
+
+    /// A run on a pool goes to one of the pool's threads with the executor set there; at two
+    /// and three threads the others take part in what it splits (each half or third waits
+    /// for the others to start); afterwards tract's executor is back as it was and the
+    /// helpers stop.
     #[test]
-    fn short_runs_skip_the_pool_long_runs_keep_it() {
-        use duet_testkit::{GraphBuilder, Lcg, D, FLOAT};
-        let model = |n: usize| {
-            let mut g = GraphBuilder::default();
-            let d = D::N(n as i64);
-            let x = g.input("x", FLOAT, &[d.clone(), d.clone()]);
-            let w = g.f32("W", &[n, n], Lcg::new(7).vec(n * n, 0.1));
-            let h = g.node("MatMul", &[&x, &w], vec![], None);
-            g.node("MatMul", &[&h, &w], vec![], Some("y"));
-            g.output("y", FLOAT, &[d.clone(), d]);
-            g.finish(17)
-        };
-        let on_caller = || RUNS_ON_CALLER.with(std::cell::Cell::get);
-        // 8×8: microseconds; 512×512 twice: 268 M multiply-adds, several milliseconds.
-        for (n, short) in [(8, true), (512, false)] {
-            let bytes = model(n);
-            let one = TractEngine::load(&bytes, None).unwrap();
-            let two = TractEngine::load(&bytes, std::num::NonZeroUsize::new(2)).unwrap();
-            let x = ndarray::ArrayD::from_shape_vec(
-                ndarray::IxDyn(&[n, n]),
-                Lcg::new(3).vec(n * n, 1.0),
-            )
-            .unwrap();
-            let x = Value::F32(x);
-            let view = x.view();
-            let names = ["y".to_string()];
-            let want = one.run(&[&view], &names).unwrap();
-            let before = on_caller();
-            for _ in 0..10 {
-                let got = two.run(&[&view], &names).unwrap();
-                let d = (got["y"].as_f32().unwrap() - want["y"].as_f32().unwrap())
-                    .iter()
-                    .fold(0f32, |m, v| m.max(v.abs()));
-                assert!(d < 1e-4, "{n}×{n}: two threads differ from one by {d}");
+    fn a_run_on_a_pool_runs_on_its_threads_with_its_executor() {
+        within(60, || {
+            for n in [2usize, 3] {
+                let executor = Executor::multithread(n);
+                let (index, set, threads) = on_pool(&executor, || {
+                    let set = matches!(
+                        tract_linalg::multithread::current_tract_executor(),
+                        Executor::MultiThread(_)
+                    );
+                    let started = AtomicUsize::new(0);
+                    let part = || {
+                        started.fetch_add(1, Ordering::SeqCst);
+                        while started.load(Ordering::SeqCst) < n {
+                            std::hint::spin_loop();
+                        }
+                        std::thread::current().id()
+                    };
+                    let mut ids = std::sync::Mutex::new(Vec::new());
+                    // (Each part takes the lock only after its rendezvous.)
+                    let record = || {
+                        let id = part();
+                        ids.lock().unwrap().push(id);
+                    };
+                    rayon::scope(|scope| {
+                        for _ in 1..n {
+                            scope.spawn(|_| record());
+                        }
+                        record();
+                    });
+                    let ids = std::mem::take(ids.get_mut().unwrap());
+                    (rayon::current_thread_index(), set, ids)
+                });
+                assert!(index.is_some(), "the run stayed on the calling thread");
+                assert!(set, "tract's executor is not set for the run");
+                let distinct: std::collections::HashSet<_> = threads.iter().collect();
+                assert_eq!(distinct.len(), n, "{n} threads: {threads:?}");
             }
-            let ran_on_caller = on_caller() - before;
-            if short {
-                // The first run is on the pool; a stall of the machine may send one more there.
-                assert!(
-                    ran_on_caller >= 8,
-                    "{n}×{n}: {ran_on_caller} of 10 runs on the caller"
-                );
-            } else {
-                assert_eq!(ran_on_caller, 0, "{n}×{n} ran on the caller");
-            }
+            // A pool of one runs the work with no helper; no pool, on the caller.
+            assert_eq!(on_pool(&Executor::multithread(1), || 7), 7);
+            assert_eq!(on_pool(&Executor::SingleThread, || 8), 8);
+            helpers_end();
+        });
+    }
+
+    /// Waits for the helpers of [`on_pool`] to end with their runs (another test's runs may
+    /// hold some for a moment).
+    fn helpers_end() {
+        let started = Instant::now();
+        while LIVE_HELPERS.load(Ordering::SeqCst) > 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "helpers left running"
+            );
+            std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// The choice between caller and pool, per input shape: the first shape goes to the pool,
+    /// a short run there sends its shape to the caller, an unseen shape follows the last run,
+    /// a long run on the caller sends its shape back, runs inside the band stay where they
+    /// are, and a sweep of shapes is bounded.
+    #[test]
+    fn short_runs_are_chosen_per_shape_with_a_band() {
+        let runs = ShortRuns::default();
+        let (a, b, c) = (vec![vec![1, 4]], vec![vec![8, 4]], vec![vec![2, 4]]);
+        let ms = |v: f64| Duration::from_secs_f64(v / 1e3);
+        assert!(!runs.on_caller(&a));
+        runs.took(a.clone(), false, ms(0.3));
+        assert!(runs.on_caller(&a));
+        assert!(runs.on_caller(&c), "an unseen shape follows the last run");
+        runs.took(b.clone(), true, ms(3.0));
+        assert!(!runs.on_caller(&b), "3 ms on the caller goes to the pool");
+        assert!(runs.on_caller(&a), "a seen shape keeps its own choice");
+        assert!(!runs.on_caller(&c), "an unseen shape follows the last run");
+        runs.took(b.clone(), false, ms(1.5));
+        assert!(!runs.on_caller(&b), "1.5 ms on the pool stays on the pool");
+        runs.took(a.clone(), true, ms(1.5));
+        assert!(
+            runs.on_caller(&a),
+            "1.5 ms on the caller stays on the caller"
+        );
+        runs.took(a.clone(), true, ms(2.5));
+        assert!(
+            !runs.on_caller(&a),
+            "2.5 ms on the caller goes back to the pool"
+        );
+        for i in 0..3 * ShortRuns::SHAPES {
+            runs.took(vec![vec![i]], false, ms(0.1));
+        }
+        assert!(lock(&runs.0).shapes.len() <= ShortRuns::SHAPES);
+    }
+
+    /// An engine with a pool gives one thread's values on a short graph and a long one, called
+    /// from four threads at once; no run hangs.
+    #[test]
+    fn runs_on_a_pool_from_several_callers_give_one_threads_values() {
+        use duet_testkit::{GraphBuilder, Lcg, D, FLOAT};
+        within(120, || {
+            let model = |n: usize| {
+                let mut g = GraphBuilder::default();
+                let d = D::N(n as i64);
+                let x = g.input("x", FLOAT, &[d.clone(), d.clone()]);
+                let w = g.f32("W", &[n, n], Lcg::new(7).vec(n * n, 0.1));
+                let h = g.node("MatMul", &[&x, &w], vec![], None);
+                g.node("MatMul", &[&h, &w], vec![], Some("y"));
+                g.output("y", FLOAT, &[d.clone(), d]);
+                g.finish(17)
+            };
+            // 8×8: microseconds, on the caller after its first run; 256×256 twice: 34 M
+            // multiply-adds, split on the pool.
+            for n in [8usize, 256] {
+                let bytes = model(n);
+                let one = TractEngine::load(&bytes, None).unwrap();
+                let two =
+                    Arc::new(TractEngine::load(&bytes, std::num::NonZeroUsize::new(2)).unwrap());
+                let x = ndarray::ArrayD::from_shape_vec(
+                    ndarray::IxDyn(&[n, n]),
+                    Lcg::new(3).vec(n * n, 1.0),
+                )
+                .unwrap();
+                let x = Value::F32(x);
+                let names = ["y".to_string()];
+                let want = Arc::new(one.run(&[&x.view()], &names).unwrap()["y"].clone());
+                let callers: Vec<_> = (0..4)
+                    .map(|_| {
+                        let (two, x, want) = (Arc::clone(&two), x.clone(), Arc::clone(&want));
+                        std::thread::spawn(move || {
+                            for _ in 0..10 {
+                                let got = two.run(&[&x.view()], &["y".to_string()]).unwrap();
+                                let d = (got["y"].as_f32().unwrap() - want.as_f32().unwrap())
+                                    .iter()
+                                    .fold(0f32, |m, v| m.max(v.abs()));
+                                assert!(d < 1e-4, "{n}×{n}: two threads differ by {d}");
+                            }
+                        })
+                    })
+                    .collect();
+                for c in callers {
+                    c.join().unwrap();
+                }
+            }
+        });
     }
 
     /// A run that panics ends the helpers it started: the panic reaches the caller (it would
     /// hang there if the helpers kept looking for work), and the pool runs the next run.
     #[test]
     fn a_panicking_run_releases_the_pool() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        // On its own thread, so that a hang fails the test instead of stalling the suite.
-        std::thread::spawn(move || {
+        within(60, || {
             let executor = Executor::multithread(2);
             for round in 0..3 {
                 let caught = crate::panic_guard::catch(|| {
                     on_pool(&executor, || -> usize { panic!("planted panic {round}") })
                 });
-                let next = on_pool(&executor, || round);
-                tx.send((caught, next, round)).unwrap();
+                assert!(caught.unwrap_err().contains("planted panic"));
+                // tract's executor setting is back to none on every thread of the pool.
+                let Executor::MultiThread(pool) = &executor else {
+                    unreachable!()
+                };
+                let unset = pool.broadcast(|_| {
+                    matches!(
+                        tract_linalg::multithread::current_tract_executor(),
+                        Executor::SingleThread
+                    )
+                });
+                assert!(unset.iter().all(|&u| u), "executor left set: {unset:?}");
+                assert_eq!(on_pool(&executor, || round), round);
             }
+            helpers_end();
         });
-        for _ in 0..3 {
-            let (caught, next, round) = rx
-                .recv_timeout(std::time::Duration::from_secs(60))
-                .expect("a panicking run left the pool's helpers running");
-            assert!(caught.unwrap_err().contains("planted panic"));
-            assert_eq!(next, round);
-        }
     }
 }

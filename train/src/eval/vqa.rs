@@ -24,6 +24,10 @@ pub struct KindScore {
     /// The kind's most common answer in the folder and how many questions it answers.
     pub majority_answer: String,
     pub majority_correct: usize,
+    /// The answer the model gave most often and how often: a model that gives one answer to
+    /// every question of a kind has learnt the prior, not the image.
+    pub most_given: String,
+    pub most_given_count: usize,
 }
 
 impl KindScore {
@@ -47,7 +51,13 @@ impl VqaReport {
     pub fn score(answers: &[(QuestionRow, String)]) -> Self {
         let mut per_kind: BTreeMap<QuestionKind, KindScore> = BTreeMap::new();
         let mut counts: BTreeMap<QuestionKind, BTreeMap<&str, usize>> = BTreeMap::new();
+        let mut given: BTreeMap<QuestionKind, BTreeMap<&str, usize>> = BTreeMap::new();
         for (q, predicted) in answers {
+            *given
+                .entry(q.kind)
+                .or_default()
+                .entry(predicted.trim())
+                .or_default() += 1;
             let s = per_kind.entry(q.kind).or_default();
             s.questions += 1;
             s.correct += usize::from(predicted.trim() == q.answer);
@@ -57,15 +67,25 @@ impl VqaReport {
                 .entry(q.answer.as_str())
                 .or_default() += 1;
         }
-        for (kind, answers) in counts {
-            // Most common; ties to the alphabetically first, so the report is stable.
-            if let Some((answer, n)) = answers
+        // Most common; ties to the alphabetically first, so the report is stable.
+        let most = |answers: &BTreeMap<&str, usize>| {
+            answers
                 .iter()
                 .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
-            {
+                .map(|(a, n)| (a.to_string(), *n))
+        };
+        for (kind, answers) in counts {
+            if let Some((answer, n)) = most(&answers) {
                 let s = per_kind.entry(kind).or_default();
-                s.majority_answer = answer.to_string();
-                s.majority_correct = *n;
+                s.majority_answer = answer;
+                s.majority_correct = n;
+            }
+        }
+        for (kind, answers) in given {
+            if let Some((answer, n)) = most(&answers) {
+                let s = per_kind.entry(kind).or_default();
+                s.most_given = answer;
+                s.most_given_count = n;
             }
         }
         VqaReport { per_kind }
@@ -91,22 +111,24 @@ impl fmt::Display for VqaReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "| kind | questions | accuracy | majority answer | its accuracy |"
+            "| kind | questions | accuracy | majority answer | its accuracy | most given answer |"
         )?;
-        writeln!(f, "|---|---:|---:|---|---:|")?;
+        writeln!(f, "|---|---:|---:|---|---:|---|")?;
         for (kind, s) in &self.per_kind {
             writeln!(
                 f,
-                "| {kind} | {} | {:.1} % | {} | {:.1} % |",
+                "| {kind} | {} | {:.1} % | {} | {:.1} % | {} ({:.0} %) |",
                 s.questions,
                 100.0 * s.accuracy(),
                 s.majority_answer,
-                100.0 * s.majority_accuracy()
+                100.0 * s.majority_accuracy(),
+                s.most_given,
+                100.0 * s.most_given_count as f64 / s.questions.max(1) as f64
             )?;
         }
         write!(
             f,
-            "| overall | {} | {:.1} % | | {:.1} % |",
+            "| overall | {} | {:.1} % | | {:.1} % | |",
             self.per_kind.values().map(|s| s.questions).sum::<usize>(),
             100.0 * self.overall(),
             100.0 * self.majority_overall()
@@ -216,8 +238,9 @@ mod tests {
         assert_eq!((e.majority_answer.as_str(), e.majority_correct), ("yes", 2));
         assert!((r.overall() - 0.75).abs() < 1e-12);
         assert!((r.majority_overall() - 0.75).abs() < 1e-12);
+        assert_eq!((e.most_given.as_str(), e.most_given_count), ("no", 2));
         assert!(r
             .to_string()
-            .contains("| exists | 3 | 66.7 % | yes | 66.7 % |"));
+            .contains("| exists | 3 | 66.7 % | yes | 66.7 % | no (67 %) |"));
     }
 }

@@ -378,6 +378,12 @@ impl PlaneConv {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Plane convolutions this thread evaluated with the batch split among a pool.
+    static PLANE_CONV_SPLITS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl Op for PlaneConv {
     fn name(&self) -> StaticName {
         "PlaneConv".into()
@@ -444,6 +450,8 @@ impl EvalOp for PlaneConv {
             match &executor {
                 Some(tract_linalg::multithread::Executor::MultiThread(pool)) => {
                     use rayon::prelude::*;
+                    #[cfg(test)]
+                    PLANE_CONV_SPLITS.with(|n| n.set(n.get() + 1));
                     pool.install(|| {
                         xs.par_chunks(per_in)
                             .zip(ys.par_chunks_mut(per_out))
@@ -791,8 +799,15 @@ mod tests {
             let x = Tensor::from_shape(&[3, c, h, w], &rng.vec(3 * c * h * w, 2.0)).unwrap();
             let feed = tvec!(x.into_tvalue());
             let one = ours.run(feed.clone()).unwrap();
+            let splits = PLANE_CONV_SPLITS.with(std::cell::Cell::get);
             let two = tract_linalg::multithread::multithread_tract_scope(pool, || ours.run(feed))
                 .unwrap();
+            let split = PLANE_CONV_SPLITS.with(std::cell::Cell::get) - splits;
+            assert_eq!(
+                split,
+                usize::from(taken),
+                "{o} outputs: batch split {split} times"
+            );
             assert_eq!(
                 super::test_support::worst_difference(&two[0], &one[0]),
                 0.0,
