@@ -293,8 +293,6 @@ impl TractEngine {
             Some(executor) => {
                 let shape: ShapeSignature = ordered.iter().map(|v| v.shape().to_vec()).collect();
                 let on_caller = self.short_runs.on_caller(&shape);
-                #[cfg(test)]
-                RUNS_ON_CALLER.with(|n| n.set(n.get() + usize::from(on_caller)));
                 let started = Instant::now();
                 let results = if on_caller {
                     run()
@@ -370,12 +368,6 @@ impl TractEngine {
         .map_err(|panic| format!("tract {panic} profiling the graph"))?
         .map_err(|e| format!("{e:?}"))
     }
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Runs of an engine with a pool that this thread made on itself ([`ShortRuns`]).
-    static RUNS_ON_CALLER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Runs `work` (a whole plan run) on one of the executor's threads, with the executor set for

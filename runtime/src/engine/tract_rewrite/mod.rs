@@ -419,31 +419,37 @@ impl EvalOp for PlaneConv {
             let mut out_plain = out.try_as_plain_ram_mut()?;
             let ys = out_plain.as_slice_mut::<f32>()?;
             let (per_in, per_out) = (self.in_channels * h * w, self.out_channels * h * w);
-            let image = |img: &[f32], out_b: &mut [f32]| {
-                // Each input plane zero-padded, rows `wp` wide, with slack at the end so the
-                // last block of the last tap may read past the last row (into columns that
-                // are dropped).
-                let mut padded = vec![0f32; self.in_channels * plane + self.kw + BLOCK];
-                // Output rows computed `wp` wide too: columns `w..wp` are wrap-around, dropped.
-                let len = h * wp;
-                let mut acc = vec![0f32; self.out_channels * len];
-                for c in 0..self.in_channels {
-                    for y in 0..h {
-                        let dst = c * plane + (y + ph) * wp + pw;
-                        let src = &img[(c * h + y) * w..][..w];
-                        for (p, &v) in padded[dst..dst + w].iter_mut().zip(src) {
-                            *p = flushed(v);
+            // Output rows computed `wp` wide too: columns `w..wp` are wrap-around, dropped.
+            let len = h * wp;
+            // Scratch of one thread, reused across its images: each input plane zero-padded,
+            // rows `wp` wide, with slack at the end so the last block of the last tap may read
+            // past the last row (into columns that are dropped); only the interior is
+            // rewritten per image, so the padding stays zero.
+            let scratch = || {
+                (
+                    vec![0f32; self.in_channels * plane + self.kw + BLOCK],
+                    vec![0f32; self.out_channels * len],
+                )
+            };
+            let image =
+                |(padded, acc): &mut (Vec<f32>, Vec<f32>), img: &[f32], out_b: &mut [f32]| {
+                    for c in 0..self.in_channels {
+                        for y in 0..h {
+                            let dst = c * plane + (y + ph) * wp + pw;
+                            let src = &img[(c * h + y) * w..][..w];
+                            for (p, &v) in padded[dst..dst + w].iter_mut().zip(src) {
+                                *p = flushed(v);
+                            }
                         }
                     }
-                }
-                self.accumulate(&padded, &mut acc, wp, plane);
-                for o in 0..self.out_channels {
-                    for y in 0..h {
-                        out_b[(o * h + y) * w..][..w]
-                            .copy_from_slice(&acc[o * len + y * wp..][..w]);
+                    self.accumulate(padded, acc, wp, plane);
+                    for o in 0..self.out_channels {
+                        for y in 0..h {
+                            out_b[(o * h + y) * w..][..w]
+                                .copy_from_slice(&acc[o * len + y * wp..][..w]);
+                        }
                     }
-                }
-            };
+                };
             // The images of a batch (the guided pair of a sampler step) side by side on the
             // engine's threads when it has several; the executor is looked up only then.
             let executor = (batch > 1).then(tract_linalg::multithread::current_tract_executor);
@@ -455,12 +461,13 @@ impl EvalOp for PlaneConv {
                     pool.install(|| {
                         xs.par_chunks(per_in)
                             .zip(ys.par_chunks_mut(per_out))
-                            .for_each(|(img, out_b)| image(img, out_b))
+                            .for_each_init(scratch, |s, (img, out_b)| image(s, img, out_b))
                     })
                 }
                 _ => {
+                    let mut s = scratch();
                     for (img, out_b) in xs.chunks(per_in).zip(ys.chunks_mut(per_out)) {
-                        image(img, out_b);
+                        image(&mut s, img, out_b);
                     }
                 }
             }
