@@ -178,7 +178,8 @@ pub struct EngineOptions {
     /// kept looking for work during the run), except input shapes whose runs there end within
     /// a millisecond: those run on the calling thread, where the hand-off would cost more than
     /// the split saves, until a run there takes two (a shape not seen yet goes where the last
-    /// run went).
+    /// run went). tract engines with the same count share one pool of that many threads in
+    /// the process, so a pipeline's graphs hold `N` threads between them, not `N` each.
     pub threads: Option<std::num::NonZeroUsize>,
 }
 

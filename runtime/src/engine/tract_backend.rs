@@ -204,17 +204,7 @@ impl TractEngine {
     ) -> Result<TractEngine, String> {
         let executor = match threads.map(std::num::NonZeroUsize::get) {
             None | Some(1) => None,
-            // tract's own pool, built here for its start handler: a panic in a piece of a split
-            // product reaches the run's guard on another thread, and is not printed here.
-            Some(n) => {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .thread_name(|i| format!("duet-tract-{i}"))
-                    .start_handler(|_| crate::panic_guard::quiet_thread())
-                    .build()
-                    .map_err(|e| format!("tract could not start {n} threads: {e}"))?;
-                Some(Executor::MultiThread(Arc::new(pool)))
-            }
+            Some(n) => Some(Executor::MultiThread(shared_pool(n)?)),
         };
         let load = move || -> TractResult<TractEngine> {
             let onnx = super::tract_rewrite::onnx();
@@ -368,6 +358,37 @@ impl TractEngine {
         .map_err(|panic| format!("tract {panic} profiling the graph"))?
         .map_err(|e| format!("{e:?}"))
     }
+}
+
+/// The pool of `n` threads every tract engine of the process that asks for `n` shares: a
+/// pipeline's graphs run one after another, so one pool serves them all instead of each graph
+/// holding `n` idle threads of its own (a classifier at `--threads 2` held five pools). Runs
+/// of engines used at the same time from several threads share its threads too, so `n` bounds
+/// the threads tract keeps busy whatever runs. Dropped with the last engine that uses it.
+///
+/// Built here rather than by `Executor::multithread` for its start handler: a panic in a piece
+/// of a split product reaches the run's guard on another thread, and is not printed here.
+fn shared_pool(n: usize) -> Result<Arc<rayon::ThreadPool>, String> {
+    static POOLS: Mutex<Vec<(usize, std::sync::Weak<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = lock(&POOLS);
+    pools.retain(|(_, pool)| pool.strong_count() > 0);
+    if let Some(pool) = pools
+        .iter()
+        .filter(|(threads, _)| *threads == n)
+        .find_map(|(_, pool)| pool.upgrade())
+    {
+        return Ok(pool);
+    }
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("duet-tract-{i}"))
+            .start_handler(|_| crate::panic_guard::quiet_thread())
+            .build()
+            .map_err(|e| format!("tract could not start {n} threads: {e}"))?,
+    );
+    pools.push((n, Arc::downgrade(&pool)));
+    Ok(pool)
 }
 
 /// Runs `work` (a whole plan run) on one of the executor's threads, with the executor set for
@@ -682,6 +703,40 @@ mod tests {
             runs.took(vec![vec![i]], false, ms(0.1));
         }
         assert!(lock(&runs.0).shapes.len() <= ShortRuns::SHAPES);
+    }
+
+    /// Engines asking for the same number of threads share one pool while any of them lives;
+    /// another count gets its own; a pool goes with its last engine.
+    #[test]
+    fn engines_with_the_same_thread_count_share_one_pool() {
+        use duet_testkit::{GraphBuilder, D, FLOAT};
+        let mut g = GraphBuilder::default();
+        let x = g.input("x", FLOAT, &[D::N(2)]);
+        g.node("Relu", &[&x], vec![], Some("y"));
+        g.output("y", FLOAT, &[D::N(2)]);
+        let bytes = g.finish(17);
+        let pool = |e: &TractEngine| match &e.executor {
+            Some(Executor::MultiThread(pool)) => Arc::clone(pool),
+            other => panic!("no pool: {other:?}"),
+        };
+        // Thread counts no other test of this process uses, so their pools are this test's.
+        let load = |n: usize| TractEngine::load(&bytes, std::num::NonZeroUsize::new(n)).unwrap();
+        let (a, b, c) = (load(5), load(5), load(6));
+        assert!(
+            Arc::ptr_eq(&pool(&a), &pool(&b)),
+            "two engines of 5 threads, two pools"
+        );
+        assert!(!Arc::ptr_eq(&pool(&a), &pool(&c)));
+        assert_eq!(pool(&c).current_num_threads(), 6);
+        let weak = Arc::downgrade(&pool(&a));
+        drop(a);
+        assert!(
+            weak.upgrade().is_some(),
+            "the pool went while an engine used it"
+        );
+        drop(b);
+        assert!(weak.upgrade().is_none(), "the pool outlived its engines");
+        assert!(TractEngine::load(&bytes, None).unwrap().executor.is_none());
     }
 
     /// An engine with a pool gives one thread's values on a short graph and a long one, called
