@@ -11,9 +11,12 @@
 //!   host's stderr: the panic hook is silent for panics the boundary catches.
 //! - Options structs (`DuetRuntimeOptions`, `DuetDecodeOptions`, `DuetGenerateOptions`) start
 //!   with `struct_size`, which the caller sets to `sizeof` the struct, before filling it or
-//!   passing it: a library built with another `duet.h` then refuses the struct
-//!   (`DUET_STATUS_INVALID_ARGUMENT`, naming both sizes) instead of reading or writing past
-//!   it. Fields are only ever appended, so a later library can take an older, shorter size.
+//!   passing it. Fields are only ever appended, so a library takes the struct of its own
+//!   `duet.h` and of every earlier one: of an earlier struct it reads and writes only the
+//!   fields that header had, and the later ones read as 0 ("as before"; each struct's earlier
+//!   layouts are listed beside it, `Versioned::EARLIER`). Any other size (unset, or from a
+//!   later `duet.h`) is refused with `DUET_STATUS_INVALID_ARGUMENT`, naming both sizes,
+//!   before anything past the size is read or written.
 //! - Thread safety: a `DuetRuntime` may be used from any number of threads at once (the
 //!   onnxruntime sessions are behind a mutex, tract plans are immutable); only
 //!   `duet_runtime_destroy` needs exclusive access, after every other call on the handle has
@@ -161,6 +164,7 @@ const _: fn() = || {
     assert_sync::<DuetRuntime>();
 };
 
+#[derive(Debug)]
 struct Failure {
     status: DuetStatus,
     message: String,
@@ -268,8 +272,19 @@ fn out_arg<T>(p: *mut T, name: &str) -> Result<(), Failure> {
 
 /// An options struct that starts with `struct_size` (checked by [`options_arg`] and
 /// [`options_out`]).
+///
+/// Appending a field to one of these structs: list the layout it had until then in
+/// [`Versioned::EARLIER`] (its `sizeof` there, and where its last field ended), so hosts built
+/// with that `duet.h` keep working; and give the new field a meaning for 0, "as before", since
+/// that is what such hosts' structs read as.
 trait Versioned: Copy {
     const NAME: &'static str;
+    /// This struct's layouts in earlier `duet.h`s, oldest first. A caller built with one
+    /// passes its size; the library reads or writes the fields that layout had and no byte
+    /// after them (not even its tail padding, which a later field may occupy here), and the
+    /// later fields read as 0. Empty: every struct still has the layout it had when
+    /// `struct_size` was introduced.
+    const EARLIER: &'static [Layout] = &[];
 }
 impl Versioned for DuetRuntimeOptions {
     const NAME: &'static str = "DuetRuntimeOptions";
@@ -281,23 +296,57 @@ impl Versioned for DuetGenerateOptions {
     const NAME: &'static str = "DuetGenerateOptions";
 }
 
+// `struct_size` is the first field of each: it is read before anything else is known.
+const _: () = assert!(std::mem::offset_of!(DuetRuntimeOptions, struct_size) == 0);
+const _: () = assert!(std::mem::offset_of!(DuetDecodeOptions, struct_size) == 0);
+const _: () = assert!(std::mem::offset_of!(DuetGenerateOptions, struct_size) == 0);
+
+/// One earlier layout of a [`Versioned`] struct.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Its `sizeof`, what a caller built with it puts in `struct_size`.
+    size: usize,
+    /// The end of its last field (`offset_of` + size): the bytes the library touches.
+    fields_end: usize,
+}
+
+/// How many leading bytes of a caller's struct whose `struct_size` is `given` hold fields this
+/// library knows: all of this library's struct, or an earlier layout's fields.
+fn known_bytes<T: Versioned>(given: u32) -> Option<usize> {
+    let given = given as usize;
+    if given == std::mem::size_of::<T>() {
+        return Some(given);
+    }
+    T::EARLIER
+        .iter()
+        .find(|l| l.size == given)
+        .map(|l| l.fields_end)
+}
+
 /// Checks the `struct_size` at `p` (non-NULL, its first 4 bytes readable) against this
-/// library's struct. Only the size is read before the check, so a shorter struct from
-/// another header is never read past.
+/// library's struct and its earlier layouts; returns how many bytes of it may be read or
+/// written. Only the size is read before the check, so a struct from another header is never
+/// read past.
 ///
 /// # Safety
 /// `p` must be non-NULL and point to at least a readable `u32`.
-unsafe fn check_struct_size<T: Versioned>(p: *const T, name: &str) -> Result<(), Failure> {
+unsafe fn check_struct_size<T: Versioned>(p: *const T, name: &str) -> Result<usize, Failure> {
     let given = ptr::read_unaligned(p.cast::<u32>());
-    let ours = std::mem::size_of::<T>();
-    if given as usize == ours {
-        return Ok(());
+    if let Some(n) = known_bytes::<T>(given) {
+        return Ok(n);
     }
+    let ours = std::mem::size_of::<T>();
     let why = if given == 0 {
         format!("set it to sizeof({}) before the call", T::NAME)
     } else {
+        let earlier: Vec<String> = T::EARLIER.iter().map(|l| l.size.to_string()).collect();
+        let earlier = if earlier.is_empty() {
+            String::new()
+        } else {
+            format!(" (earlier duet.h: {})", earlier.join(", "))
+        };
         format!(
-            "this library's {} is {ours} bytes: the caller was built with another duet.h",
+            "this library's {} is {ours} bytes{earlier}: the caller was built with another duet.h",
             T::NAME
         )
     };
@@ -307,7 +356,8 @@ unsafe fn check_struct_size<T: Versioned>(p: *const T, name: &str) -> Result<(),
     ))
 }
 
-/// A caller's options struct: `None` for NULL, a copy once its `struct_size` checks out.
+/// A caller's options struct: `None` for NULL, a copy once its `struct_size` checks out (the
+/// fields of an earlier layout copied, the later ones 0).
 ///
 /// # Safety
 /// `p` must be NULL or point to a readable struct of the size it declares.
@@ -315,17 +365,36 @@ unsafe fn options_arg<T: Versioned>(p: *const T, name: &str) -> Result<Option<T>
     if p.is_null() {
         return Ok(None);
     }
-    check_struct_size(p, name)?;
-    Ok(Some(*p))
+    let n = check_struct_size(p, name)?;
+    // SAFETY (of `zeroed`): every options struct is integers, floats, bools and pointers, for
+    // which all-zero bytes are a valid value (0, false, NULL).
+    let mut out = std::mem::zeroed::<T>();
+    ptr::copy_nonoverlapping(p.cast::<u8>(), (&mut out as *mut T).cast::<u8>(), n);
+    Ok(Some(out))
 }
 
-/// A caller's options struct to fill: non-NULL and of this library's size.
+/// A caller's options struct to fill: non-NULL and of a size this library knows; returns how
+/// many of its bytes [`put_options`] may write.
 ///
 /// # Safety
 /// `p` must be NULL or point to a writable struct of the size it declares.
-unsafe fn options_out<T: Versioned>(p: *mut T, name: &str) -> Result<(), Failure> {
+unsafe fn options_out<T: Versioned>(p: *mut T, name: &str) -> Result<usize, Failure> {
     out_arg(p, name)?;
     check_struct_size(p.cast_const(), name)
+}
+
+/// Writes `value` into the caller's struct at `p`: the `n` bytes [`options_out`] allowed, less
+/// the caller's own `struct_size` (left as the caller set it).
+///
+/// # Safety
+/// `p` must have passed [`options_out`], which returned `n`.
+unsafe fn put_options<T: Versioned>(p: *mut T, value: T, n: usize) {
+    let skip = std::mem::size_of::<u32>();
+    ptr::copy_nonoverlapping(
+        (&value as *const T).cast::<u8>().add(skip),
+        p.cast::<u8>().add(skip),
+        n.saturating_sub(skip),
+    );
 }
 
 /// `sizeof(T)` as the `struct_size` field holds it.
@@ -659,8 +728,8 @@ pub unsafe extern "C" fn duet_decode_defaults(
     error: *mut *mut c_char,
 ) -> DuetStatus {
     guard(error, || {
-        options_out(options, "options")?;
-        *options = DuetDecodeOptions {
+        let n = options_out(options, "options")?;
+        let defaults = DuetDecodeOptions {
             struct_size: struct_size::<DuetDecodeOptions>(),
             strategy: DUET_DECODE_GREEDY,
             temperature: 1.0,
@@ -670,6 +739,7 @@ pub unsafe extern "C" fn duet_decode_defaults(
             max_tokens: 0,
             seed: 0,
         };
+        put_options(options, defaults, n);
         Ok(())
     })
 }
@@ -806,13 +876,13 @@ pub unsafe extern "C" fn duet_generate_defaults(
     error: *mut *mut c_char,
 ) -> DuetStatus {
     guard(error, || {
-        options_out(options, "options")?;
+        let n = options_out(options, "options")?;
         let d = generator_of(runtime_arg(runtime)?)?.default_options();
         let (sampler, eta) = match d.sampler {
             Sampler::Ddim { eta } => (DUET_SAMPLER_DDIM, eta),
             Sampler::DpmSolverPp2M => (DUET_SAMPLER_DPMPP_2M, 0.0),
         };
-        *options = DuetGenerateOptions {
+        let defaults = DuetGenerateOptions {
             struct_size: struct_size::<DuetGenerateOptions>(),
             sampler,
             eta,
@@ -820,6 +890,7 @@ pub unsafe extern "C" fn duet_generate_defaults(
             guidance: d.guidance,
             seed: d.seed,
         };
+        put_options(options, defaults, n);
         Ok(())
     })
 }
@@ -1266,6 +1337,131 @@ fn caption_one(rt: &DuetRuntime, img: preprocess::RgbImage) -> Result<String, Fa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An options struct that gained fields: `Old` is its layout in an earlier header (tail
+    /// padding after `flag`, where `New` puts `level`), `New` this library's.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Old {
+        struct_size: u32,
+        path: *const c_char,
+        flag: bool,
+    }
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct New {
+        struct_size: u32,
+        path: *const c_char,
+        flag: bool,
+        level: u8,
+        count: u64,
+    }
+    impl Versioned for New {
+        const NAME: &'static str = "New";
+        const EARLIER: &'static [Layout] = &[Layout {
+            size: std::mem::size_of::<Old>(),
+            fields_end: std::mem::offset_of!(Old, flag) + 1,
+        }];
+    }
+
+    /// A host built with the earlier header passes its shorter struct: the fields it has are
+    /// read, the later ones are 0, its tail padding (garbage here) is not read, and nothing
+    /// past its fields is written when the library fills it; sizes of no layout are refused.
+    #[test]
+    fn an_earlier_headers_struct_is_read_and_written_up_to_its_fields() {
+        assert_eq!(
+            std::mem::offset_of!(New, level),
+            std::mem::offset_of!(Old, flag) + 1
+        );
+        assert!(std::mem::size_of::<Old>() < std::mem::size_of::<New>());
+        let path = c"p".as_ptr();
+        // The caller's memory: its struct, then bytes that are not its.
+        let mut buf = [0xA5u8; 64];
+        let old = Old {
+            struct_size: std::mem::size_of::<Old>() as u32,
+            path,
+            flag: true,
+        };
+        let fields_end = std::mem::offset_of!(Old, flag) + 1;
+        // SAFETY: `buf` is larger than `Old`; only its fields' bytes are copied.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                (&old as *const Old).cast::<u8>(),
+                buf.as_mut_ptr(),
+                fields_end,
+            )
+        };
+        let p = buf.as_mut_ptr().cast::<New>();
+        // SAFETY: `p` points to 64 readable bytes.
+        let read = unsafe { options_arg(p.cast_const(), "options") }
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            read,
+            New {
+                struct_size: old.struct_size,
+                path,
+                flag: true,
+                level: 0,
+                count: 0
+            }
+        );
+
+        let filled = New {
+            struct_size: std::mem::size_of::<New>() as u32,
+            path: ptr::null(),
+            flag: false,
+            level: 7,
+            count: 9,
+        };
+        // SAFETY: as above, writable.
+        let n = unsafe { options_out(p, "options") }.unwrap();
+        assert_eq!(n, fields_end);
+        // SAFETY: `p` passed `options_out`, which returned `n`.
+        unsafe { put_options(p, filled, n) };
+        assert_eq!(
+            &buf[..4],
+            &old.struct_size.to_ne_bytes(),
+            "struct_size kept"
+        );
+        assert_eq!(buf[std::mem::offset_of!(Old, flag)], 0, "flag written");
+        assert!(
+            buf[fields_end..].iter().all(|&b| b == 0xA5),
+            "written past the fields"
+        );
+
+        // This library's own size: every field.
+        let mut own = New {
+            struct_size: std::mem::size_of::<New>() as u32,
+            ..filled
+        };
+        // SAFETY: a whole `New`.
+        let n = unsafe { options_out(&mut own, "options") }.unwrap();
+        assert_eq!(n, std::mem::size_of::<New>());
+        // SAFETY: as above.
+        assert_eq!(unsafe { options_arg(&own, "options") }.unwrap(), Some(own));
+
+        for size in [
+            0u32,
+            4,
+            fields_end as u32,
+            std::mem::size_of::<Old>() as u32 + 4,
+        ] {
+            let mut buf = [0u8; 64];
+            buf[..4].copy_from_slice(&size.to_ne_bytes());
+            // SAFETY: 64 readable bytes.
+            let e = unsafe { options_arg(buf.as_ptr().cast::<New>(), "options") }.unwrap_err();
+            assert_eq!(e.status, DuetStatus::InvalidArgument, "{size}");
+            if size != 0 {
+                assert!(
+                    e.message
+                        .contains(&format!("earlier duet.h: {}", std::mem::size_of::<Old>())),
+                    "{}",
+                    e.message
+                );
+            }
+        }
+    }
 
     /// A panic caught at the boundary becomes `DUET_STATUS_PANIC` with its message and
     /// location, and writes nothing to stderr (the host's). Run in a child process so that
