@@ -44,6 +44,12 @@
 // `DuetDecodeOptions::strategy`: beam search over `beam_width` hypotheses.
 #define DUET_DECODE_BEAM 2
 
+// [`DuetRuntimeOptions::idle_wait`]: threads keep looking for work during a run.
+#define DUET_IDLE_WAIT_SPIN 0
+
+// [`DuetRuntimeOptions::idle_wait`]: threads sleep until woken for a piece of work.
+#define DUET_IDLE_WAIT_SLEEP 1
+
 // The most threads [`DuetRuntimeOptions::threads`] accepts.
 #define DUET_MAX_THREADS 256
 
@@ -105,6 +111,12 @@ typedef struct DuetRuntimeOptions {
   // means `"fp32"`. A precision the bundle lacks is `DUET_STATUS_UNSUPPORTED`, naming those
   // it has; [`duet_provider_report`] names it beside each graph (`denoiser (int8): …`).
   const char *precision;
+  // How a run's other threads wait for work when `threads` is above 1:
+  // [`DUET_IDLE_WAIT_SPIN`] (0, the fastest: they keep looking for work during a run) or
+  // [`DUET_IDLE_WAIT_SLEEP`] (they sleep until woken, leaving cores idle while a run is
+  // sequential: the choice on a battery). Appended after `precision`: a host built with a
+  // `duet.h` without it passes the shorter struct and gets spin.
+  uint32_t idle_wait;
 } DuetRuntimeOptions;
 
 // How `duet_caption_rgb_with` picks tokens. Start from `duet_decode_defaults` and change what

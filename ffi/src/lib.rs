@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::ptr;
 
 use duet_runtime::diffusion::Sampler;
-use duet_runtime::engine::{EngineOptions, ProviderChoice};
+use duet_runtime::engine::{EngineOptions, IdleWait, ProviderChoice};
 use duet_runtime::manifest::{Graph, ParsePrecisionError, Precision};
 use duet_runtime::{
     preprocess, Bundle, Captioner, Classifier, ClassifyError, DecodeOptions, Decoding, Dreamer,
@@ -288,6 +288,15 @@ trait Versioned: Copy {
 }
 impl Versioned for DuetRuntimeOptions {
     const NAME: &'static str = "DuetRuntimeOptions";
+    // Before `idle_wait`: everything up to `precision`.
+    const EARLIER: &'static [Layout] = &[{
+        let fields_end = std::mem::offset_of!(DuetRuntimeOptions, precision)
+            + std::mem::size_of::<*const c_char>();
+        Layout {
+            size: fields_end.next_multiple_of(std::mem::align_of::<*const c_char>()),
+            fields_end,
+        }
+    }];
 }
 impl Versioned for DuetDecodeOptions {
     const NAME: &'static str = "DuetDecodeOptions";
@@ -446,7 +455,18 @@ pub struct DuetRuntimeOptions {
     /// means `"fp32"`. A precision the bundle lacks is `DUET_STATUS_UNSUPPORTED`, naming those
     /// it has; [`duet_provider_report`] names it beside each graph (`denoiser (int8): …`).
     pub precision: *const c_char,
+    /// How a run's other threads wait for work when `threads` is above 1:
+    /// [`DUET_IDLE_WAIT_SPIN`] (0, the fastest: they keep looking for work during a run) or
+    /// [`DUET_IDLE_WAIT_SLEEP`] (they sleep until woken, leaving cores idle while a run is
+    /// sequential: the choice on a battery). Appended after `precision`: a host built with a
+    /// `duet.h` without it passes the shorter struct and gets spin.
+    pub idle_wait: u32,
 }
+
+/// [`DuetRuntimeOptions::idle_wait`]: threads keep looking for work during a run.
+pub const DUET_IDLE_WAIT_SPIN: u32 = 0;
+/// [`DuetRuntimeOptions::idle_wait`]: threads sleep until woken for a piece of work.
+pub const DUET_IDLE_WAIT_SLEEP: u32 = 1;
 
 /// The most threads [`DuetRuntimeOptions::threads`] accepts.
 pub const DUET_MAX_THREADS: u32 = 256;
@@ -609,6 +629,19 @@ pub unsafe extern "C" fn duet_runtime_create_with_options(
                     ));
                 }
                 engine.threads = std::num::NonZeroUsize::new(o.threads as usize);
+                engine.idle_wait = match o.idle_wait {
+                    DUET_IDLE_WAIT_SPIN => IdleWait::Spin,
+                    DUET_IDLE_WAIT_SLEEP => IdleWait::Sleep,
+                    other => {
+                        return Err(Failure::new(
+                            DuetStatus::InvalidArgument,
+                            format!(
+                                "options.idle_wait: {other} is neither DUET_IDLE_WAIT_SPIN (0) \
+                                 nor DUET_IDLE_WAIT_SLEEP (1)"
+                            ),
+                        ))
+                    }
+                };
                 engine.tensorrt.fp16 = o.tensorrt_fp16;
                 engine.tensorrt.engine_cache =
                     path(o.tensorrt_cache_dir, "options.tensorrt_cache_dir")?;

@@ -242,6 +242,7 @@ fn options_name_the_provider_and_the_onnxruntime_library() {
         tensorrt_cache_dir: ptr::null(),
         threads: 0,
         precision: ptr::null(),
+        idle_wait: DUET_IDLE_WAIT_SPIN,
     };
 
     // NULL options and all-zero options (with their size) are the defaults: auto, not strict.
@@ -368,6 +369,7 @@ fn the_precision_option_picks_a_variant_or_names_the_ones_there_are() {
         tensorrt_cache_dir: ptr::null(),
         threads: 0,
         precision,
+        idle_wait: DUET_IDLE_WAIT_SPIN,
     };
     let (s, rt, e) = create_with(path, Some(&options(ptr::null())));
     assert_eq!(s, DuetStatus::Ok, "{e:?}");
@@ -919,10 +921,12 @@ fn options_structs_of_another_size_are_refused() {
         tensorrt_cache_dir: ptr::null(),
         threads: 0,
         precision: ptr::null(),
+        idle_wait: DUET_IDLE_WAIT_SPIN,
     };
     for (size, says) in [
         (0, "set it to sizeof(DuetRuntimeOptions)"),
-        (runtime_size - 8, "another duet.h"),
+        // (`runtime_size - 8` is the struct before `idle_wait`, taken: the test below.)
+        (runtime_size - 16, "another duet.h"),
         (runtime_size + 8, "another duet.h"),
     ] {
         let options = on_tract(size);
@@ -1006,4 +1010,79 @@ fn options_structs_of_another_size_are_refused() {
     assert!(cap.is_none());
     assert!(e.unwrap().contains("sizeof(DuetDecodeOptions)"));
     unsafe { duet_runtime_destroy(rt) };
+}
+
+/// A host built with the `duet.h` before `idle_wait` passes its shorter struct: taken, with
+/// spin, and the bytes after it (garbage where `idle_wait` is now) are not read. `idle_wait`
+/// sleep runs and captions as spin does; another value is an argument error.
+#[test]
+fn runtime_options_of_the_header_before_idle_wait_are_taken() {
+    /// `DuetRuntimeOptions` as the earlier `duet.h` declared it.
+    #[repr(C)]
+    struct Before {
+        struct_size: u32,
+        provider: *const std::ffi::c_char,
+        strict: bool,
+        ort_library: *const std::ffi::c_char,
+        tensorrt_fp16: bool,
+        tensorrt_cache_dir: *const std::ffi::c_char,
+        threads: u32,
+        precision: *const std::ffi::c_char,
+    }
+    /// The host's memory: its struct, then bytes that are not its.
+    #[repr(C)]
+    struct HostMemory {
+        options: Before,
+        after: [u8; 16],
+    }
+    assert!(std::mem::size_of::<Before>() < std::mem::size_of::<DuetRuntimeOptions>());
+    assert!(std::mem::size_of::<HostMemory>() >= std::mem::size_of::<DuetRuntimeOptions>());
+    let dir = bundle();
+    let path = dir.path().to_str().unwrap();
+    let tract = cstr("tract");
+    let host = HostMemory {
+        options: Before {
+            struct_size: std::mem::size_of::<Before>() as u32,
+            provider: tract.as_ptr(),
+            strict: true,
+            ort_library: ptr::null(),
+            tensorrt_fp16: false,
+            tensorrt_cache_dir: ptr::null(),
+            threads: 2,
+            precision: ptr::null(),
+        },
+        after: [0xA5; 16],
+    };
+    // SAFETY: `host` spans a whole `DuetRuntimeOptions` of valid field values (the bytes
+    // after `Before` make a `u32`); the library reads only `Before`'s fields of it.
+    let as_new = unsafe { &*(&host as *const HostMemory).cast::<DuetRuntimeOptions>() };
+    assert_ne!(
+        as_new.idle_wait, DUET_IDLE_WAIT_SPIN,
+        "the garbage would be refused if read"
+    );
+    let (s, rt, e) = create_with(path, Some(as_new));
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    assert!(report(rt).contains("caption_decoder: running on tract"));
+    let spin = caption_of(rt);
+    unsafe { duet_runtime_destroy(rt) };
+
+    let options = |idle_wait: u32| DuetRuntimeOptions {
+        struct_size: std::mem::size_of::<DuetRuntimeOptions>() as u32,
+        provider: tract.as_ptr(),
+        strict: true,
+        ort_library: ptr::null(),
+        tensorrt_fp16: false,
+        tensorrt_cache_dir: ptr::null(),
+        threads: 2,
+        precision: ptr::null(),
+        idle_wait,
+    };
+    let (s, rt, e) = create_with(path, Some(&options(DUET_IDLE_WAIT_SLEEP)));
+    assert_eq!(s, DuetStatus::Ok, "{e:?}");
+    assert_eq!(caption_of(rt), spin);
+    unsafe { duet_runtime_destroy(rt) };
+    let (s, rt, e) = create_with(path, Some(&options(2)));
+    assert_eq!(s, DuetStatus::InvalidArgument);
+    assert!(rt.is_null());
+    assert!(e.unwrap().contains("options.idle_wait: 2"));
 }

@@ -45,6 +45,9 @@ pub struct BenchSettings {
     pub seed: u64,
     /// Threads per graph run ([`EngineOptions::threads`]); `None`: each engine's default.
     pub threads: Option<std::num::NonZeroUsize>,
+    /// How the threads of a run wait for work ([`EngineOptions::idle_wait`]).
+    #[serde(default)]
+    pub idle_wait: crate::engine::IdleWait,
     /// `bench --model`: also profile each engine by operator ([`Engine::op_profile`], over
     /// `runs` runs).
     pub profile: bool,
@@ -63,6 +66,7 @@ impl Default for BenchSettings {
             instruction: "make the circle blue".to_string(),
             seed: 0,
             threads: None,
+            idle_wait: crate::engine::IdleWait::Spin,
             profile: false,
         }
     }
@@ -231,6 +235,7 @@ pub fn run_provider(
     let options = EngineOptions {
         strict: true,
         threads: settings.threads,
+        idle_wait: settings.idle_wait,
         ..options.clone()
     };
     let t = Instant::now();
@@ -438,6 +443,7 @@ pub fn run_model(
     let options = EngineOptions {
         strict: true,
         threads: settings.threads,
+        idle_wait: settings.idle_wait,
         ..options.clone()
     };
     let name = path

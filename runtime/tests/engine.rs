@@ -4,10 +4,10 @@
 use duet_testkit as common;
 
 use common::*;
-use duet_runtime::engine::IoInfo;
 use duet_runtime::engine::{
     ort_info, Engine, EngineError, EngineOptions, Provider, ProviderChoice, Value, TRACT_PLAN_CACHE,
 };
+use duet_runtime::engine::{IdleWait, IoInfo};
 use duet_runtime::manifest::{DType, DimSpec};
 use ndarray::{array, ArrayD, Axis, IxDyn};
 
@@ -144,8 +144,9 @@ fn unnamed_dynamic_axis_runs_on_tract_with_per_shape_plans() {
     assert_eq!(e.specialised_plans(), None);
 }
 
-/// `EngineOptions::threads` reaches both engines (tract's pool, onnxruntime's intra-op
-/// threads) and changes no result: a 64×96 · 96×80 product, large enough for tract to split.
+/// `EngineOptions::threads` (and `idle_wait`) reach both engines (tract's pool, onnxruntime's
+/// intra-op threads) and change no result: a 64×96 · 96×80 product, large enough for tract to
+/// split.
 #[test]
 fn thread_count_option_runs_both_engines_with_the_same_results() {
     let dir = tempfile::tempdir().unwrap();
@@ -161,10 +162,18 @@ fn thread_count_option_runs_both_engines_with_the_same_results() {
         providers.push(Provider::OrtCpu);
     }
     let mut outputs = Vec::new();
+    // Two threads also with their idle threads sleeping (onnxruntime's spinning off, no
+    // helpers on tract's pool).
+    let settings = [
+        (1, IdleWait::Spin),
+        (2, IdleWait::Spin),
+        (2, IdleWait::Sleep),
+    ];
     for p in providers {
-        for threads in [1, 2] {
+        for (threads, idle_wait) in settings {
             let opts = EngineOptions {
                 threads: std::num::NonZeroUsize::new(threads),
+                idle_wait,
                 ..options()
             };
             let (e, _) = Engine::load(&path, "mm", ProviderChoice::Only(p), &opts).unwrap();

@@ -181,6 +181,52 @@ pub struct EngineOptions {
     /// run went). tract engines with the same count share one pool of that many threads in
     /// the process, so a pipeline's graphs hold `N` threads between them, not `N` each.
     pub threads: Option<std::num::NonZeroUsize>,
+    /// How a run's other threads wait for work while it runs (with `threads` above 1).
+    pub idle_wait: IdleWait,
+}
+
+/// How the threads of a multi-threaded run wait between the pieces of work it hands them.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleWait {
+    /// Keep looking for work for the whole run (onnxruntime's intra-op threads spin between
+    /// ops; tract's pool threads are kept looking by a helper, backing off to yielding their
+    /// core): the fastest, at the price of cores kept busy while a run waits on one thread.
+    #[default]
+    Spin,
+    /// Sleep until woken for a piece of work (onnxruntime's `session.intra_op.allow_spinning`
+    /// off; no helpers on tract's pool): slower runs, idle cores while a run is sequential —
+    /// the choice on a battery.
+    Sleep,
+}
+
+impl IdleWait {
+    pub const ALL: [IdleWait; 2] = [IdleWait::Spin, IdleWait::Sleep];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            IdleWait::Spin => "spin",
+            IdleWait::Sleep => "sleep",
+        }
+    }
+}
+
+impl fmt::Display for IdleWait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for IdleWait {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        IdleWait::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| format!("unknown idle wait '{s}' (expected spin or sleep)"))
+    }
 }
 
 /// TensorRT execution-provider settings.
@@ -900,7 +946,7 @@ fn load_backend(
 ) -> Result<Loaded, String> {
     match provider {
         Provider::Tract => {
-            let e = tract_backend::TractEngine::load(model, options.threads)?;
+            let e = tract_backend::TractEngine::load(model, options.threads, options.idle_wait)?;
             let (i, o) = (e.inputs(), e.outputs());
             Ok((Backend::Tract(e), i, o))
         }
@@ -1009,5 +1055,22 @@ mod op_profile_tests {
         assert!((p.ops[1].ms_per_run - 0.2).abs() < 1e-9, "{p:?}");
         let only_warm_up = format!("[{},{}]", run(0, 100), node(10, "mm", "MatMul", 5));
         assert!(OpProfile::from_ort_profile(&only_warm_up).is_err());
+    }
+}
+
+#[cfg(test)]
+mod idle_wait_tests {
+    use super::IdleWait;
+
+    /// Each name parses back to its value (the CLI's `--idle-wait`, the bench worker's
+    /// argument); others are an error naming both; spin is the default.
+    #[test]
+    fn idle_wait_names_round_trip() {
+        for w in IdleWait::ALL {
+            assert_eq!(w.to_string().parse::<IdleWait>(), Ok(w));
+        }
+        let e = "busy".parse::<IdleWait>().unwrap_err();
+        assert!(e.contains("spin or sleep"), "{e}");
+        assert_eq!(IdleWait::default(), IdleWait::Spin);
     }
 }

@@ -397,6 +397,11 @@ fn session_builder(
             .with_intra_threads(n.get())
             .map_err(|e| format!("onnxruntime refused {n} intra-op threads: {e}"))?;
     }
+    if options.idle_wait == super::IdleWait::Sleep {
+        builder = builder
+            .with_intra_op_spinning(false)
+            .map_err(|e| format!("onnxruntime refused to turn intra-op spinning off: {e}"))?;
+    }
     let dispatch: Vec<ExecutionProviderDispatch> = eps.into_iter().map(|(_, d)| d).collect();
     builder.with_execution_providers(dispatch).map_err(|e| {
         let mut reason = format!("onnxruntime refused the execution provider: {e}");

@@ -26,13 +26,15 @@ use std::time::Instant;
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
-use super::{IoInfo, OpProfile, Value, ValueView};
+use super::{IdleWait, IoInfo, OpProfile, Value, ValueView};
 use crate::manifest::{DType, DimSpec};
 
 pub(super) struct TractEngine {
     plans: Plans,
     /// The matrix-product thread pool of this engine's runs (`None`: single-threaded).
     executor: Option<Executor>,
+    /// Whether the pool's other threads are kept looking for work during a run ([`on_pool`]).
+    idle_wait: IdleWait,
     /// Whether runs skip the pool, decided from the last run's time ([`ShortRuns`]).
     short_runs: ShortRuns,
     inputs: Vec<IoInfo>,
@@ -201,6 +203,7 @@ impl TractEngine {
     pub(super) fn load(
         model: &[u8],
         threads: Option<std::num::NonZeroUsize>,
+        idle_wait: IdleWait,
     ) -> Result<TractEngine, String> {
         let executor = match threads.map(std::num::NonZeroUsize::get) {
             None | Some(1) => None,
@@ -246,6 +249,7 @@ impl TractEngine {
             Ok(TractEngine {
                 plans,
                 executor,
+                idle_wait,
                 short_runs: ShortRuns::default(),
                 inputs,
                 outputs,
@@ -287,7 +291,7 @@ impl TractEngine {
                 let results = if on_caller {
                     run()
                 } else {
-                    on_pool(executor, run)
+                    on_pool(executor, self.idle_wait, run)
                 };
                 self.short_runs.took(shape, on_caller, started.elapsed());
                 results
@@ -352,7 +356,7 @@ impl TractEngine {
         };
         let run = || crate::panic_guard::catch(profile);
         match &self.executor {
-            Some(executor) => on_pool(executor, run),
+            Some(executor) => on_pool(executor, self.idle_wait, run),
             None => run(),
         }
         .map_err(|panic| format!("tract {panic} profiling the graph"))?
@@ -406,12 +410,22 @@ fn shared_pool(n: usize) -> Result<Arc<rayon::ThreadPool>, String> {
 /// gives its core to any other runnable thread. Two callers sharing an engine share its pool
 /// the way any rayon pool is shared: a thread waiting inside one run may take up a part of the
 /// other.
-fn on_pool<R: Send>(executor: &Executor, work: impl FnOnce() -> R + Send) -> R {
+///
+/// With [`IdleWait::Sleep`] no helpers are started: the other threads sleep until a product
+/// wakes them.
+fn on_pool<R: Send>(
+    executor: &Executor,
+    idle_wait: IdleWait,
+    work: impl FnOnce() -> R + Send,
+) -> R {
     use std::sync::atomic::{AtomicBool, Ordering};
     let Executor::MultiThread(pool) = executor else {
         return with_executor(executor, work);
     };
     pool.install(|| {
+        if idle_wait == IdleWait::Sleep {
+            return with_executor(executor, work);
+        }
         let running = rayon::current_thread_index();
         let done = Arc::new(AtomicBool::new(false));
         // Set on unwinding too: a panicking run must not leave the helpers looking forever.
@@ -422,6 +436,8 @@ fn on_pool<R: Send>(executor: &Executor, work: impl FnOnce() -> R + Send) -> R {
             }
         }
         let _done = Done(Arc::clone(&done));
+        #[cfg(test)]
+        tests::helpers_started_on(pool);
         pool.spawn_broadcast(move |thread| {
             // The running thread takes its own copy while it waits inside a product (or
             // after the run): it has its run to get back to.
@@ -584,6 +600,46 @@ mod tests {
 
     /// Helpers of [`on_pool`] looking for work now, in this test process.
     static LIVE_HELPERS: AtomicUsize = AtomicUsize::new(0);
+    /// The pools (by address) on which [`on_pool`] has started helpers.
+    static HELPED_POOLS: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+    pub(super) fn helpers_started_on(pool: &Arc<rayon::ThreadPool>) {
+        lock(&HELPED_POOLS).push(Arc::as_ptr(pool) as usize);
+    }
+
+    /// With [`IdleWait::Sleep`] a run on a pool starts no helpers and still splits its work
+    /// among the pool's threads (rayon wakes them); with `Spin` it starts them.
+    #[test]
+    fn a_sleeping_pool_gets_no_helpers_and_still_splits() {
+        within(60, || {
+            // Kept to the end, so no pool's address is reused by the next one.
+            let mut pools = Vec::new();
+            for wait in IdleWait::ALL {
+                let pool = match Executor::multithread(2) {
+                    Executor::MultiThread(pool) => pool,
+                    other => panic!("{other:?}"),
+                };
+                let executor = Executor::MultiThread(Arc::clone(&pool));
+                let threads = on_pool(&executor, wait, || {
+                    let started = AtomicUsize::new(0);
+                    let part = || {
+                        started.fetch_add(1, Ordering::SeqCst);
+                        while started.load(Ordering::SeqCst) < 2 {
+                            std::hint::spin_loop();
+                        }
+                        std::thread::current().id()
+                    };
+                    let (a, b) = rayon::join(part, part);
+                    (a, b)
+                });
+                assert_ne!(threads.0, threads.1, "{wait}: the work was not split");
+                let helped = lock(&HELPED_POOLS).contains(&(Arc::as_ptr(&pool) as usize));
+                assert_eq!(helped, wait == IdleWait::Spin, "{wait}");
+                pools.push(pool);
+            }
+            helpers_end();
+        });
+    }
 
     pub(super) struct LiveHelper;
     impl LiveHelper {
@@ -617,7 +673,7 @@ mod tests {
         within(60, || {
             for n in [2usize, 3] {
                 let executor = Executor::multithread(n);
-                let (index, set, threads) = on_pool(&executor, || {
+                let (index, set, threads) = on_pool(&executor, IdleWait::Spin, || {
                     let set = matches!(
                         tract_linalg::multithread::current_tract_executor(),
                         Executor::MultiThread(_)
@@ -651,8 +707,8 @@ mod tests {
                 assert_eq!(distinct.len(), n, "{n} threads: {threads:?}");
             }
             // A pool of one runs the work with no helper; no pool, on the caller.
-            assert_eq!(on_pool(&Executor::multithread(1), || 7), 7);
-            assert_eq!(on_pool(&Executor::SingleThread, || 8), 8);
+            assert_eq!(on_pool(&Executor::multithread(1), IdleWait::Spin, || 7), 7);
+            assert_eq!(on_pool(&Executor::SingleThread, IdleWait::Spin, || 8), 8);
             helpers_end();
         });
     }
@@ -720,7 +776,9 @@ mod tests {
             other => panic!("no pool: {other:?}"),
         };
         // Thread counts no other test of this process uses, so their pools are this test's.
-        let load = |n: usize| TractEngine::load(&bytes, std::num::NonZeroUsize::new(n)).unwrap();
+        let load = |n: usize| {
+            TractEngine::load(&bytes, std::num::NonZeroUsize::new(n), IdleWait::Spin).unwrap()
+        };
         let (a, b, c) = (load(5), load(5), load(6));
         assert!(
             Arc::ptr_eq(&pool(&a), &pool(&b)),
@@ -736,7 +794,10 @@ mod tests {
         );
         drop(b);
         assert!(weak.upgrade().is_none(), "the pool outlived its engines");
-        assert!(TractEngine::load(&bytes, None).unwrap().executor.is_none());
+        assert!(TractEngine::load(&bytes, None, IdleWait::Spin)
+            .unwrap()
+            .executor
+            .is_none());
     }
 
     /// An engine with a pool gives one thread's values on a short graph and a long one, called
@@ -759,9 +820,11 @@ mod tests {
             // multiply-adds, split on the pool.
             for n in [8usize, 256] {
                 let bytes = model(n);
-                let one = TractEngine::load(&bytes, None).unwrap();
-                let two =
-                    Arc::new(TractEngine::load(&bytes, std::num::NonZeroUsize::new(2)).unwrap());
+                let one = TractEngine::load(&bytes, None, IdleWait::Spin).unwrap();
+                let two = Arc::new(
+                    TractEngine::load(&bytes, std::num::NonZeroUsize::new(2), IdleWait::Spin)
+                        .unwrap(),
+                );
                 let x = ndarray::ArrayD::from_shape_vec(
                     ndarray::IxDyn(&[n, n]),
                     Lcg::new(3).vec(n * n, 1.0),
@@ -799,7 +862,9 @@ mod tests {
             let executor = Executor::multithread(2);
             for round in 0..3 {
                 let caught = crate::panic_guard::catch(|| {
-                    on_pool(&executor, || -> usize { panic!("planted panic {round}") })
+                    on_pool(&executor, IdleWait::Spin, || -> usize {
+                        panic!("planted panic {round}")
+                    })
                 });
                 assert!(caught.unwrap_err().contains("planted panic"));
                 // tract's executor setting is back to none on every thread of the pool.
@@ -813,7 +878,7 @@ mod tests {
                     )
                 });
                 assert!(unset.iter().all(|&u| u), "executor left set: {unset:?}");
-                assert_eq!(on_pool(&executor, || round), round);
+                assert_eq!(on_pool(&executor, IdleWait::Spin, || round), round);
             }
             helpers_end();
         });

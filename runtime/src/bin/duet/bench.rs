@@ -61,6 +61,7 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
         if let Some(n) = s.threads {
             cmd.arg("--threads").arg(n.to_string());
         }
+        cmd.arg("--idle-wait").arg(s.idle_wait.name());
         die_with_parent(cmd);
     };
     let mut results: Vec<ProviderBench> = Vec::new();
@@ -136,7 +137,10 @@ pub(crate) fn bench(args: BenchArgs<'_>) -> Result<()> {
             args.bundle.display(),
             s.runs,
             match s.threads {
-                Some(n) => format!("{n} thread(s) per graph run on every engine"),
+                Some(n) => format!(
+                    "{n} thread(s) per graph run on every engine, idle threads {}",
+                    s.idle_wait
+                ),
                 None => "each engine's default threads (onnxruntime one per core, tract one)".into(),
             },
             results.first().map(|r| r.caption.as_str()).unwrap_or(""),
@@ -206,6 +210,7 @@ pub(crate) fn bench_model(
         if let Some(n) = settings.threads {
             cmd.arg("--threads").arg(n.to_string());
         }
+        cmd.arg("--idle-wait").arg(settings.idle_wait.name());
         if settings.profile {
             cmd.arg("--profile");
         }

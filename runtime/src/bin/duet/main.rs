@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use duet_runtime::diffusion::Sampler;
-use duet_runtime::engine::{ort_info, TensorRtOptions};
+use duet_runtime::engine::{ort_info, IdleWait, TensorRtOptions};
 use duet_runtime::manifest::{Graph, Manifest, Precision};
 use duet_runtime::preprocess;
 use duet_runtime::{
@@ -59,6 +59,10 @@ struct EngineArgs {
     /// onnxruntime one per core, tract one.
     #[arg(long)]
     threads: Option<std::num::NonZeroUsize>,
+    /// How a run's other threads wait for work (with --threads above 1): spin (the fastest)
+    /// or sleep (idle cores between the parallel parts: the choice on a battery).
+    #[arg(long, default_value = "spin")]
+    idle_wait: IdleWait,
     /// Which of the bundle's graph files to run: fp32 (the exported graphs), or a compressed
     /// variant the bundle has (fp16, int8: `duet-export quantize`).
     #[arg(long, default_value = "fp32")]
@@ -85,6 +89,7 @@ impl EngineArgs {
                 engine_cache: self.trt_cache.clone(),
             },
             threads: self.threads,
+            idle_wait: self.idle_wait,
         }
     }
 }
@@ -346,6 +351,10 @@ enum Command {
         /// (default: each engine's own, onnxruntime one per core and tract one).
         #[arg(long)]
         threads: Option<std::num::NonZeroUsize>,
+        /// How a run's other threads wait for work on every engine measured (see `caption
+        /// --help`); the Python reference keeps onnxruntime's default (spin).
+        #[arg(long, default_value = "spin")]
+        idle_wait: IdleWait,
         /// Also write the table (with the command and machine) to this Markdown file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -540,6 +549,7 @@ fn main() -> ExitCode {
             python_script,
             no_python,
             threads,
+            idle_wait,
             out,
             ort_lib,
             precision,
@@ -552,6 +562,7 @@ fn main() -> ExitCode {
                 batch: usize::from(batch),
                 prompt,
                 threads,
+                idle_wait,
                 profile,
                 ..Default::default()
             };
