@@ -273,38 +273,95 @@ fn out_arg<T>(p: *mut T, name: &str) -> Result<(), Failure> {
 /// An options struct that starts with `struct_size` (checked by [`options_arg`] and
 /// [`options_out`]).
 ///
-/// Appending a field to one of these structs: list the layout it had until then in
-/// [`Versioned::EARLIER`] (its `sizeof` there, and where its last field ended), so hosts built
-/// with that `duet.h` keep working; and give the new field a meaning for 0, "as before", since
-/// that is what such hosts' structs read as.
-trait Versioned: Copy {
+/// Appending a field to one of these structs: keep a `#[repr(C)]` copy of the layout it had
+/// until then and list it in [`Versioned::EARLIER`] ([`Layout::of`]), so hosts built with that
+/// `duet.h` keep working; and give the new field a meaning for 0, "as before", since that is
+/// what such hosts' structs read as. If the struct's `sizeof` does not grow (the field fits in
+/// its tail padding), the two headers cannot be told apart: the build fails
+/// ([`check_layouts`]); add an explicit reserved field instead.
+///
+/// # Safety
+/// Every field must accept all-zero bytes (integers, floats, `bool`s, pointers, `Option`s of
+/// function pointers), and every `bool` field must be listed in [`Versioned::BOOLS`]: the
+/// library zero-fills what a caller's earlier struct lacks and reads the rest from the
+/// caller's bytes.
+unsafe trait Versioned: Copy {
     const NAME: &'static str;
     /// This struct's layouts in earlier `duet.h`s, oldest first. A caller built with one
     /// passes its size; the library reads or writes the fields that layout had and no byte
     /// after them (not even its tail padding, which a later field may occupy here), and the
-    /// later fields read as 0. Empty: every struct still has the layout it had when
-    /// `struct_size` was introduced.
+    /// later fields read as 0.
     const EARLIER: &'static [Layout] = &[];
+    /// Name and offset of each `bool` field: a host's byte there must be 0 or 1 (a Rust
+    /// `bool` of any other value is undefined behaviour, and other languages' bindings may
+    /// write any byte).
+    const BOOLS: &'static [(&'static str, usize)] = &[];
 }
-impl Versioned for DuetRuntimeOptions {
+
+/// Earlier layouts each smaller than the one after them and than this library's, and their
+/// fields inside their size: a size names one layout, and a copy of a layout's fields stays
+/// inside both structs. Checked at compile time for every [`Versioned`] struct.
+const fn check_layouts<T: Versioned>() {
+    let mut i = 0;
+    while i < T::EARLIER.len() {
+        let l = T::EARLIER[i];
+        assert!(
+            l.fields_end <= l.size,
+            "a layout's fields end past its size"
+        );
+        assert!(
+            l.size < std::mem::size_of::<T>(),
+            "an earlier layout as large as the struct: its header cannot be told apart"
+        );
+        assert!(
+            i == 0 || T::EARLIER[i - 1].size < l.size,
+            "earlier layouts must grow, oldest first"
+        );
+        i += 1;
+    }
+}
+
+/// `DuetRuntimeOptions` before `idle_wait`, as its `duet.h` declared it.
+#[repr(C)]
+#[allow(dead_code)] // read only through `size_of` / `offset_of`
+struct RuntimeOptionsBeforeIdleWait {
+    struct_size: u32,
+    provider: *const c_char,
+    strict: bool,
+    ort_library: *const c_char,
+    tensorrt_fp16: bool,
+    tensorrt_cache_dir: *const c_char,
+    threads: u32,
+    precision: *const c_char,
+}
+
+// SAFETY: integers, bools (listed) and pointers.
+unsafe impl Versioned for DuetRuntimeOptions {
     const NAME: &'static str = "DuetRuntimeOptions";
-    // Before `idle_wait`: everything up to `precision`.
-    const EARLIER: &'static [Layout] = &[{
-        let fields_end = std::mem::offset_of!(DuetRuntimeOptions, precision)
-            + std::mem::size_of::<*const c_char>();
-        Layout {
-            size: fields_end.next_multiple_of(std::mem::align_of::<*const c_char>()),
-            fields_end,
-        }
-    }];
+    const EARLIER: &'static [Layout] = &[Layout::of::<RuntimeOptionsBeforeIdleWait>(
+        std::mem::offset_of!(RuntimeOptionsBeforeIdleWait, precision)
+            + std::mem::size_of::<*const c_char>(),
+    )];
+    const BOOLS: &'static [(&'static str, usize)] = &[
+        ("strict", std::mem::offset_of!(DuetRuntimeOptions, strict)),
+        (
+            "tensorrt_fp16",
+            std::mem::offset_of!(DuetRuntimeOptions, tensorrt_fp16),
+        ),
+    ];
 }
-impl Versioned for DuetDecodeOptions {
+// SAFETY: integers and floats.
+unsafe impl Versioned for DuetDecodeOptions {
     const NAME: &'static str = "DuetDecodeOptions";
 }
-impl Versioned for DuetGenerateOptions {
+// SAFETY: integers and floats.
+unsafe impl Versioned for DuetGenerateOptions {
     const NAME: &'static str = "DuetGenerateOptions";
 }
 
+const _: () = check_layouts::<DuetRuntimeOptions>();
+const _: () = check_layouts::<DuetDecodeOptions>();
+const _: () = check_layouts::<DuetGenerateOptions>();
 // `struct_size` is the first field of each: it is read before anything else is known.
 const _: () = assert!(std::mem::offset_of!(DuetRuntimeOptions, struct_size) == 0);
 const _: () = assert!(std::mem::offset_of!(DuetDecodeOptions, struct_size) == 0);
@@ -317,6 +374,17 @@ struct Layout {
     size: usize,
     /// The end of its last field (`offset_of` + size): the bytes the library touches.
     fields_end: usize,
+}
+
+impl Layout {
+    /// The layout of `Old` (a `#[repr(C)]` copy of the struct as an earlier header declared
+    /// it) whose last field ends at `fields_end`.
+    const fn of<Old>(fields_end: usize) -> Layout {
+        Layout {
+            size: std::mem::size_of::<Old>(),
+            fields_end,
+        }
+    }
 }
 
 /// How many leading bytes of a caller's struct whose `struct_size` is `given` hold fields this
@@ -375,8 +443,19 @@ unsafe fn options_arg<T: Versioned>(p: *const T, name: &str) -> Result<Option<T>
         return Ok(None);
     }
     let n = check_struct_size(p, name)?;
-    // SAFETY (of `zeroed`): every options struct is integers, floats, bools and pointers, for
-    // which all-zero bytes are a valid value (0, false, NULL).
+    for &(field, offset) in T::BOOLS {
+        if offset < n {
+            let byte = ptr::read(p.cast::<u8>().add(offset));
+            if byte > 1 {
+                return Err(Failure::new(
+                    DuetStatus::InvalidArgument,
+                    format!("`{name}.{field}` is {byte}: a bool is 0 or 1"),
+                ));
+            }
+        }
+    }
+    // SAFETY (of `zeroed`): `Versioned`'s contract — all-zero bytes are a valid value of
+    // every field.
     let mut out = std::mem::zeroed::<T>();
     ptr::copy_nonoverlapping(p.cast::<u8>(), (&mut out as *mut T).cast::<u8>(), n);
     Ok(Some(out))
@@ -1389,13 +1468,15 @@ mod tests {
         level: u8,
         count: u64,
     }
-    impl Versioned for New {
+    // SAFETY: a pointer, a listed bool and integers.
+    unsafe impl Versioned for New {
         const NAME: &'static str = "New";
-        const EARLIER: &'static [Layout] = &[Layout {
-            size: std::mem::size_of::<Old>(),
-            fields_end: std::mem::offset_of!(Old, flag) + 1,
-        }];
+        const EARLIER: &'static [Layout] =
+            &[Layout::of::<Old>(std::mem::offset_of!(Old, flag) + 1)];
+        const BOOLS: &'static [(&'static str, usize)] =
+            &[("flag", std::mem::offset_of!(New, flag))];
     }
+    const _: () = check_layouts::<New>();
 
     /// A host built with the earlier header passes its shorter struct: the fields it has are
     /// read, the later ones are 0, its tail padding (garbage here) is not read, and nothing
@@ -1494,6 +1575,20 @@ mod tests {
                 );
             }
         }
+
+        // A host's `bool` byte that is neither 0 nor 1 (another language's binding) is an
+        // argument error naming the field, never read as a Rust `bool`.
+        let mut buf = [0u8; 64];
+        buf[..4].copy_from_slice(&(std::mem::size_of::<New>() as u32).to_ne_bytes());
+        buf[std::mem::offset_of!(New, flag)] = 2;
+        // SAFETY: 64 readable bytes.
+        let e = unsafe { options_arg(buf.as_ptr().cast::<New>(), "options") }.unwrap_err();
+        assert_eq!(e.status, DuetStatus::InvalidArgument);
+        assert!(e.message.contains("`options.flag` is 2"), "{}", e.message);
+        buf[std::mem::offset_of!(New, flag)] = 1;
+        // SAFETY: as above.
+        let read = unsafe { options_arg(buf.as_ptr().cast::<New>(), "options") };
+        assert!(read.unwrap().unwrap().flag);
     }
 
     /// A panic caught at the boundary becomes `DUET_STATUS_PANIC` with its message and

@@ -925,7 +925,8 @@ fn options_structs_of_another_size_are_refused() {
     };
     for (size, says) in [
         (0, "set it to sizeof(DuetRuntimeOptions)"),
-        // (`runtime_size - 8` is the struct before `idle_wait`, taken: the test below.)
+        // (`runtime_size - 8` is, on 64-bit targets, the struct before `idle_wait`: taken, the
+        // test below.)
         (runtime_size - 16, "another duet.h"),
         (runtime_size + 8, "another duet.h"),
     ] {

@@ -178,8 +178,9 @@ pub struct EngineOptions {
     /// kept looking for work during the run), except input shapes whose runs there end within
     /// a millisecond: those run on the calling thread, where the hand-off would cost more than
     /// the split saves, until a run there takes two (a shape not seen yet goes where the last
-    /// run went). tract engines with the same count share one pool of that many threads in
-    /// the process, so a pipeline's graphs hold `N` threads between them, not `N` each.
+    /// run went). tract engines with the same count (and [`IdleWait`]) share one pool of that
+    /// many threads in the process, so a pipeline's graphs hold `N` threads between them, not
+    /// `N` each.
     pub threads: Option<std::num::NonZeroUsize>,
     /// How a run's other threads wait for work while it runs (with `threads` above 1).
     pub idle_wait: IdleWait,

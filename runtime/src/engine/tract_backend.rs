@@ -20,6 +20,7 @@
 //! the most recent [`PLAN_CACHE`] signatures.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -32,9 +33,7 @@ use crate::manifest::{DType, DimSpec};
 pub(super) struct TractEngine {
     plans: Plans,
     /// The matrix-product thread pool of this engine's runs (`None`: single-threaded).
-    executor: Option<Executor>,
-    /// Whether the pool's other threads are kept looking for work during a run ([`on_pool`]).
-    idle_wait: IdleWait,
+    pool: Option<Arc<Pool>>,
     /// Whether runs skip the pool, decided from the last run's time ([`ShortRuns`]).
     short_runs: ShortRuns,
     inputs: Vec<IoInfo>,
@@ -205,9 +204,9 @@ impl TractEngine {
         threads: Option<std::num::NonZeroUsize>,
         idle_wait: IdleWait,
     ) -> Result<TractEngine, String> {
-        let executor = match threads.map(std::num::NonZeroUsize::get) {
+        let pool = match threads.map(std::num::NonZeroUsize::get) {
             None | Some(1) => None,
-            Some(n) => Some(Executor::MultiThread(shared_pool(n)?)),
+            Some(n) => Some(shared_pool(n, idle_wait)?),
         };
         let load = move || -> TractResult<TractEngine> {
             let onnx = super::tract_rewrite::onnx();
@@ -248,8 +247,7 @@ impl TractEngine {
             };
             Ok(TractEngine {
                 plans,
-                executor,
-                idle_wait,
+                pool,
                 short_runs: ShortRuns::default(),
                 inputs,
                 outputs,
@@ -283,16 +281,12 @@ impl TractEngine {
         // op at run time too, which must be an error, not an abort of the host.
         // (The guard goes on the thread that runs the plan: with a pool, one of its threads.)
         let run = || crate::panic_guard::catch(|| plan.run(feed));
-        let results = match &self.executor {
-            Some(executor) => {
+        let results = match &self.pool {
+            Some(pool) => {
                 let shape: ShapeSignature = ordered.iter().map(|v| v.shape().to_vec()).collect();
                 let on_caller = self.short_runs.on_caller(&shape);
                 let started = Instant::now();
-                let results = if on_caller {
-                    run()
-                } else {
-                    on_pool(executor, self.idle_wait, run)
-                };
+                let results = if on_caller { run() } else { on_pool(pool, run) };
                 self.short_runs.took(shape, on_caller, started.elapsed());
                 results
             }
@@ -355,8 +349,8 @@ impl TractEngine {
             ))
         };
         let run = || crate::panic_guard::catch(profile);
-        match &self.executor {
-            Some(executor) => on_pool(executor, self.idle_wait, run),
+        match &self.pool {
+            Some(pool) => on_pool(pool, run),
             None => run(),
         }
         .map_err(|panic| format!("tract {panic} profiling the graph"))?
@@ -364,39 +358,68 @@ impl TractEngine {
     }
 }
 
-/// The pool of `n` threads every tract engine of the process that asks for `n` shares: a
-/// pipeline's graphs run one after another, so one pool serves them all instead of each graph
-/// holding `n` idle threads of its own (a classifier at `--threads 2` held five pools). Runs
-/// of engines used at the same time from several threads share its threads too, so `n` bounds
-/// the threads tract keeps busy whatever runs. Dropped with the last engine that uses it.
+/// A thread pool tract's products are split over, with what [`on_pool`] needs to run on it.
+pub(super) struct Pool {
+    /// `Executor::MultiThread` of the pool (another executor runs on the calling thread).
+    executor: Executor,
+    idle_wait: IdleWait,
+    /// Runs on the pool now (spinning or not): a run keeps the other threads looking for work
+    /// only while it is the only one ([`on_pool`] says why).
+    runs: Arc<AtomicUsize>,
+    /// Runs that started helpers.
+    #[cfg(test)]
+    helped_runs: AtomicUsize,
+}
+
+impl Pool {
+    fn new(executor: Executor, idle_wait: IdleWait) -> Pool {
+        Pool {
+            executor,
+            idle_wait,
+            runs: Arc::new(AtomicUsize::new(0)),
+            #[cfg(test)]
+            helped_runs: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The pool of `n` threads every tract engine of the process that asks for `n` threads and
+/// `idle_wait` shares: a pipeline's graphs run one after another, so one pool serves them all
+/// instead of each graph holding `n` idle threads of its own (a classifier at `--threads 2`
+/// held five pools). Engines used at the same time from several threads share its threads
+/// too. Sleeping engines get a pool of their own, so no spinning run keeps their threads busy.
+/// Dropped with the last engine that uses it.
 ///
 /// Built here rather than by `Executor::multithread` for its start handler: a panic in a piece
 /// of a split product reaches the run's guard on another thread, and is not printed here.
-fn shared_pool(n: usize) -> Result<Arc<rayon::ThreadPool>, String> {
-    static POOLS: Mutex<Vec<(usize, std::sync::Weak<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+fn shared_pool(n: usize, idle_wait: IdleWait) -> Result<Arc<Pool>, String> {
+    type Key = (usize, IdleWait);
+    static POOLS: Mutex<Vec<(Key, std::sync::Weak<Pool>)>> = Mutex::new(Vec::new());
     let mut pools = lock(&POOLS);
     pools.retain(|(_, pool)| pool.strong_count() > 0);
     if let Some(pool) = pools
         .iter()
-        .filter(|(threads, _)| *threads == n)
+        .filter(|(key, _)| *key == (n, idle_wait))
         .find_map(|(_, pool)| pool.upgrade())
     {
         return Ok(pool);
     }
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .thread_name(|i| format!("duet-tract-{i}"))
-            .start_handler(|_| crate::panic_guard::quiet_thread())
-            .build()
-            .map_err(|e| format!("tract could not start {n} threads: {e}"))?,
-    );
-    pools.push((n, Arc::downgrade(&pool)));
+    let threads = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("duet-tract-{i}"))
+        .start_handler(|_| crate::panic_guard::quiet_thread())
+        .build()
+        .map_err(|e| format!("tract could not start {n} threads: {e}"))?;
+    let pool = Arc::new(Pool::new(
+        Executor::MultiThread(Arc::new(threads)),
+        idle_wait,
+    ));
+    pools.push(((n, idle_wait), Arc::downgrade(&pool)));
     Ok(pool)
 }
 
-/// Runs `work` (a whole plan run) on one of the executor's threads, with the executor set for
-/// the products inside it, while the pool's other threads keep looking for work until the run
+/// Runs `work` (a whole plan run) on one of the pool's threads, with the executor set for the
+/// products inside it, while the pool's other threads keep looking for work until the run
 /// ends. Why not on the caller: a product split among the pool's threads would otherwise leave
 /// the caller waiting beside them, one thread more than the pool's size, and the workers still
 /// spinning after a product take the cores from the caller's next (sequential) ops. Why keep
@@ -407,24 +430,33 @@ fn shared_pool(n: usize) -> Result<Arc<rayon::ThreadPool>, String> {
 /// The helpers are detached (`spawn_broadcast`: one per thread, which no other thread can
 /// take) and stop at the run's end, so a run returns as soon as its plan does, whatever a
 /// helper is doing then; they back off to `std::thread::yield_now` when idle, so a helper
-/// gives its core to any other runnable thread. Two callers sharing an engine share its pool
-/// the way any rayon pool is shared: a thread waiting inside one run may take up a part of the
-/// other.
+/// gives its core to any other runnable thread.
+///
+/// Helpers look for work only while their run is the only one on the pool: a thread waiting
+/// inside one run's product may pick up another run's helper, which then holds that thread
+/// (and the product it waits in) until the other run ends; two runs doing that to each other's
+/// threads would each wait for the other forever. So a run that starts beside another starts
+/// no helpers, and the helpers of a run alone stop as soon as another starts; concurrent runs
+/// share the pool the way any rayon pool is shared.
 ///
 /// With [`IdleWait::Sleep`] no helpers are started: the other threads sleep until a product
 /// wakes them.
-fn on_pool<R: Send>(
-    executor: &Executor,
-    idle_wait: IdleWait,
-    work: impl FnOnce() -> R + Send,
-) -> R {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let Executor::MultiThread(pool) = executor else {
-        return with_executor(executor, work);
+fn on_pool<R: Send>(pool: &Pool, work: impl FnOnce() -> R + Send) -> R {
+    let Executor::MultiThread(threads) = &pool.executor else {
+        return with_executor(&pool.executor, work);
     };
-    pool.install(|| {
-        if idle_wait == IdleWait::Sleep {
-            return with_executor(executor, work);
+    // Counted for the whole run, on unwinding too.
+    struct Leave<'a>(&'a AtomicUsize);
+    impl Drop for Leave<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    pool.runs.fetch_add(1, Ordering::AcqRel);
+    let _leave = Leave(&pool.runs);
+    threads.install(|| {
+        if pool.idle_wait == IdleWait::Sleep || pool.runs.load(Ordering::Acquire) > 1 {
+            return with_executor(&pool.executor, work);
         }
         let running = rayon::current_thread_index();
         let done = Arc::new(AtomicBool::new(false));
@@ -437,8 +469,9 @@ fn on_pool<R: Send>(
         }
         let _done = Done(Arc::clone(&done));
         #[cfg(test)]
-        tests::helpers_started_on(pool);
-        pool.spawn_broadcast(move |thread| {
+        pool.helped_runs.fetch_add(1, Ordering::SeqCst);
+        let runs = Arc::clone(&pool.runs);
+        threads.spawn_broadcast(move |thread| {
             // The running thread takes its own copy while it waits inside a product (or
             // after the run): it has its run to get back to.
             if Some(thread.index()) == running {
@@ -447,7 +480,7 @@ fn on_pool<R: Send>(
             #[cfg(test)]
             let _live = tests::LiveHelper::new();
             let mut idle = 0u32;
-            while !done.load(Ordering::Acquire) {
+            while !done.load(Ordering::Acquire) && runs.load(Ordering::Acquire) == 1 {
                 match rayon::yield_now() {
                     Some(rayon::Yield::Executed) => idle = 0,
                     _ if idle < HELPER_SPINS => {
@@ -458,7 +491,7 @@ fn on_pool<R: Send>(
                 }
             }
         });
-        with_executor(executor, work)
+        with_executor(&pool.executor, work)
     })
 }
 
@@ -595,16 +628,28 @@ pub fn graph_flops(model: &[u8], shapes: &[(&str, &[usize])]) -> Result<u64, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     /// Helpers of [`on_pool`] looking for work now, in this test process.
     static LIVE_HELPERS: AtomicUsize = AtomicUsize::new(0);
-    /// The pools (by address) on which [`on_pool`] has started helpers.
-    static HELPED_POOLS: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
 
-    pub(super) fn helpers_started_on(pool: &Arc<rayon::ThreadPool>) {
-        lock(&HELPED_POOLS).push(Arc::as_ptr(pool) as usize);
+    /// A pool of `n` threads of its own (not [`shared_pool`]'s, which other tests share).
+    fn own_pool(n: usize, idle_wait: IdleWait) -> Pool {
+        Pool::new(Executor::multithread(n), idle_wait)
+    }
+
+    /// Two halves of a `rayon::join` that each wait for the other to start: completes only
+    /// when two threads take part. Returns the two threads.
+    fn split_in_two() -> (std::thread::ThreadId, std::thread::ThreadId) {
+        let started = AtomicUsize::new(0);
+        let part = || {
+            started.fetch_add(1, Ordering::SeqCst);
+            while started.load(Ordering::SeqCst) < 2 {
+                std::hint::spin_loop();
+            }
+            std::thread::current().id()
+        };
+        rayon::join(part, part)
     }
 
     /// With [`IdleWait::Sleep`] a run on a pool starts no helpers and still splits its work
@@ -612,31 +657,102 @@ mod tests {
     #[test]
     fn a_sleeping_pool_gets_no_helpers_and_still_splits() {
         within(60, || {
-            // Kept to the end, so no pool's address is reused by the next one.
-            let mut pools = Vec::new();
             for wait in IdleWait::ALL {
-                let pool = match Executor::multithread(2) {
-                    Executor::MultiThread(pool) => pool,
-                    other => panic!("{other:?}"),
-                };
-                let executor = Executor::MultiThread(Arc::clone(&pool));
-                let threads = on_pool(&executor, wait, || {
-                    let started = AtomicUsize::new(0);
-                    let part = || {
-                        started.fetch_add(1, Ordering::SeqCst);
-                        while started.load(Ordering::SeqCst) < 2 {
-                            std::hint::spin_loop();
-                        }
-                        std::thread::current().id()
-                    };
-                    let (a, b) = rayon::join(part, part);
-                    (a, b)
-                });
-                assert_ne!(threads.0, threads.1, "{wait}: the work was not split");
-                let helped = lock(&HELPED_POOLS).contains(&(Arc::as_ptr(&pool) as usize));
-                assert_eq!(helped, wait == IdleWait::Spin, "{wait}");
-                pools.push(pool);
+                let pool = own_pool(2, wait);
+                let (a, b) = on_pool(&pool, split_in_two);
+                assert_ne!(a, b, "{wait}: the work was not split");
+                let helped = pool.helped_runs.load(Ordering::SeqCst);
+                assert_eq!(helped, usize::from(wait == IdleWait::Spin), "{wait}");
+                assert_eq!(pool.runs.load(Ordering::SeqCst), 0);
             }
+            helpers_end();
+        });
+    }
+
+    /// A run that starts while another is on the pool starts no helpers, and the first run's
+    /// helpers stop looking for work (they would otherwise hold the threads the second run's
+    /// products wait on); a run alone afterwards starts them again.
+    #[test]
+    fn runs_side_by_side_start_no_helpers() {
+        within(60, || {
+            let pool = Arc::new(own_pool(3, IdleWait::Spin));
+            let second_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let first = {
+                let (pool, second_done) = (Arc::clone(&pool), Arc::clone(&second_done));
+                std::thread::spawn(move || {
+                    on_pool(&pool, || {
+                        while !second_done.load(Ordering::SeqCst) {
+                            std::thread::yield_now();
+                        }
+                    })
+                })
+            };
+            while pool.helped_runs.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            let (a, b) = on_pool(&pool, || {
+                assert_eq!(pool.runs.load(Ordering::SeqCst), 2);
+                split_in_two()
+            });
+            assert_ne!(a, b);
+            second_done.store(true, Ordering::SeqCst);
+            first.join().unwrap();
+            assert_eq!(
+                pool.helped_runs.load(Ordering::SeqCst),
+                1,
+                "the second run had helpers"
+            );
+            assert_eq!(pool.runs.load(Ordering::SeqCst), 0);
+            on_pool(&pool, || ());
+            assert_eq!(pool.helped_runs.load(Ordering::SeqCst), 2);
+            helpers_end();
+        });
+    }
+
+    /// Three callers at once on a pool of four threads, each run splitting products in nested
+    /// joins many times over: every run ends (a run holding another's threads would hang).
+    #[test]
+    fn concurrent_runs_on_a_wide_pool_all_end() {
+        within(120, || {
+            let pool = Arc::new(own_pool(4, IdleWait::Spin));
+            let callers: Vec<_> = (0..3)
+                .map(|c| {
+                    let pool = Arc::clone(&pool);
+                    std::thread::spawn(move || {
+                        let mut total = 0u64;
+                        for round in 0..200u64 {
+                            total += on_pool(&pool, || {
+                                fn sum(lo: u64, hi: u64) -> u64 {
+                                    if hi - lo <= 64 {
+                                        // Long enough leaves that halves are stolen and
+                                        // waited for while the other callers' runs go on.
+                                        return (lo..hi)
+                                            .map(|v| {
+                                                (0..200u64).fold(v, |a, _| std::hint::black_box(a))
+                                            })
+                                            .sum();
+                                    }
+                                    let mid = (lo + hi) / 2;
+                                    let (a, b) = rayon::join(|| sum(lo, mid), || sum(mid, hi));
+                                    a + b
+                                }
+                                sum(0, 4096 + round + c)
+                            });
+                        }
+                        total
+                    })
+                })
+                .collect();
+            for (c, caller) in callers.into_iter().enumerate() {
+                let want: u64 = (0..200u64)
+                    .map(|round| {
+                        let n = 4096 + round + c as u64;
+                        n * (n - 1) / 2
+                    })
+                    .sum();
+                assert_eq!(caller.join().unwrap(), want);
+            }
+            assert_eq!(pool.runs.load(Ordering::SeqCst), 0);
             helpers_end();
         });
     }
@@ -672,8 +788,8 @@ mod tests {
     fn a_run_on_a_pool_runs_on_its_threads_with_its_executor() {
         within(60, || {
             for n in [2usize, 3] {
-                let executor = Executor::multithread(n);
-                let (index, set, threads) = on_pool(&executor, IdleWait::Spin, || {
+                let pool = own_pool(n, IdleWait::Spin);
+                let (index, set, threads) = on_pool(&pool, || {
                     let set = matches!(
                         tract_linalg::multithread::current_tract_executor(),
                         Executor::MultiThread(_)
@@ -707,8 +823,9 @@ mod tests {
                 assert_eq!(distinct.len(), n, "{n} threads: {threads:?}");
             }
             // A pool of one runs the work with no helper; no pool, on the caller.
-            assert_eq!(on_pool(&Executor::multithread(1), IdleWait::Spin, || 7), 7);
-            assert_eq!(on_pool(&Executor::SingleThread, IdleWait::Spin, || 8), 8);
+            assert_eq!(on_pool(&own_pool(1, IdleWait::Spin), || 7), 7);
+            let single = Pool::new(Executor::SingleThread, IdleWait::Spin);
+            assert_eq!(on_pool(&single, || 8), 8);
             helpers_end();
         });
     }
@@ -761,8 +878,8 @@ mod tests {
         assert!(lock(&runs.0).shapes.len() <= ShortRuns::SHAPES);
     }
 
-    /// Engines asking for the same number of threads share one pool while any of them lives;
-    /// another count gets its own; a pool goes with its last engine.
+    /// Engines asking for the same number of threads and idle wait share one pool while any of
+    /// them lives; another count or idle wait gets its own; a pool goes with its last engine.
     #[test]
     fn engines_with_the_same_thread_count_share_one_pool() {
         use duet_testkit::{GraphBuilder, D, FLOAT};
@@ -771,9 +888,10 @@ mod tests {
         g.node("Relu", &[&x], vec![], Some("y"));
         g.output("y", FLOAT, &[D::N(2)]);
         let bytes = g.finish(17);
-        let pool = |e: &TractEngine| match &e.executor {
-            Some(Executor::MultiThread(pool)) => Arc::clone(pool),
-            other => panic!("no pool: {other:?}"),
+        let pool = |e: &TractEngine| Arc::clone(e.pool.as_ref().expect("no pool"));
+        let threads = |e: &TractEngine| match &pool(e).executor {
+            Executor::MultiThread(threads) => threads.current_num_threads(),
+            other => panic!("{other:?}"),
         };
         // Thread counts no other test of this process uses, so their pools are this test's.
         let load = |n: usize| {
@@ -785,7 +903,11 @@ mod tests {
             "two engines of 5 threads, two pools"
         );
         assert!(!Arc::ptr_eq(&pool(&a), &pool(&c)));
-        assert_eq!(pool(&c).current_num_threads(), 6);
+        assert_eq!(threads(&c), 6);
+        let sleeping =
+            TractEngine::load(&bytes, std::num::NonZeroUsize::new(5), IdleWait::Sleep).unwrap();
+        assert!(!Arc::ptr_eq(&pool(&a), &pool(&sleeping)));
+        assert_eq!(threads(&sleeping), 5);
         let weak = Arc::downgrade(&pool(&a));
         drop(a);
         assert!(
@@ -796,7 +918,7 @@ mod tests {
         assert!(weak.upgrade().is_none(), "the pool outlived its engines");
         assert!(TractEngine::load(&bytes, None, IdleWait::Spin)
             .unwrap()
-            .executor
+            .pool
             .is_none());
     }
 
@@ -859,26 +981,29 @@ mod tests {
     #[test]
     fn a_panicking_run_releases_the_pool() {
         within(60, || {
-            let executor = Executor::multithread(2);
+            let pool = own_pool(2, IdleWait::Spin);
             for round in 0..3 {
                 let caught = crate::panic_guard::catch(|| {
-                    on_pool(&executor, IdleWait::Spin, || -> usize {
-                        panic!("planted panic {round}")
-                    })
+                    on_pool(&pool, || -> usize { panic!("planted panic {round}") })
                 });
                 assert!(caught.unwrap_err().contains("planted panic"));
                 // tract's executor setting is back to none on every thread of the pool.
-                let Executor::MultiThread(pool) = &executor else {
+                assert_eq!(
+                    pool.runs.load(Ordering::SeqCst),
+                    0,
+                    "the run is still counted"
+                );
+                let Executor::MultiThread(threads) = &pool.executor else {
                     unreachable!()
                 };
-                let unset = pool.broadcast(|_| {
+                let unset = threads.broadcast(|_| {
                     matches!(
                         tract_linalg::multithread::current_tract_executor(),
                         Executor::SingleThread
                     )
                 });
                 assert!(unset.iter().all(|&u| u), "executor left set: {unset:?}");
-                assert_eq!(on_pool(&executor, IdleWait::Spin, || round), round);
+                assert_eq!(on_pool(&pool, || round), round);
             }
             helpers_end();
         });
