@@ -5,15 +5,19 @@
 #
 # The shipped caption and generate runs trained on one H200 (`DUET_DEVICE=cuda`, a build with
 # `--features duet-train/cuda`; 7.8 and 4 min), the later stages on the 2-core CPU. On a CPU
-# alone the same commands take hours (caption ≈ 1.6 s/step at batch 64), so every stage can be
+# alone the same commands take hours (caption ≈ 1.1–1.5 s/step at batch 64 on one core's worth,
+# 0.8 s with DUET_DEVICES=2: two data-parallel CPU peers, docs/TRAINING.md), so every stage can be
 # stopped and the script run again: caption and generate resume from their last checkpoint
 # (every 200 steps), and a finished stage is marked by a `.done` file and skipped. Set
 # DUET_SMALL_DIR to keep the work outside the clone (default out/small); DUET_DEVICE is passed to
-# the caption, generate and unify stages (fusion and restore train on the CPU).
+# the caption, generate and unify stages (fusion and restore train on the CPU). DUET_DEVICES
+# (default 1) is every stage's --devices: 2 on a CPU with two or more cores, the number of GPUs
+# with DUET_DEVICE=cuda (fusion and restore then run that many CPU peers).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${DUET_SMALL_DIR:-$root/out/small}
 device=${DUET_DEVICE:-cpu}
+devices=${DUET_DEVICES:-1}
 # Exported next to the runs, not over shipped/duet-small: that directory also holds the model
 # card and the evaluation files it quotes (copied from runs/ by hand), which duet-export refuses
 # to delete. Compare the new bundle with it, then copy the graphs and manifest across.
@@ -51,7 +55,7 @@ resume() { [ -f "$1/state.json" ] && echo --resume || true; }
 
 stage caption runs/small \
     "$t" fit --stage caption --preset small "${train[@]}" --out runs/small \
-    --steps 5000 --seed 0 --device "$device" $(resume runs/small)
+    --steps 5000 --seed 0 --device "$device" --devices "$devices" $(resume runs/small)
 # The denoiser with a 3×3 convolutional output head and U-ViT long skips: at twice this budget
 # they doubled the GenEval score of the plain DiT head on this data (docs/TRAINING.md). The
 # shipped generator is the step-2,400 checkpoint of this command: the device time stopped the
@@ -59,7 +63,7 @@ stage caption runs/small \
 # of its 5e-4 peak and 0.8e-5 above its floor).
 stage generate runs/small-gen \
     "$t" fit --stage generate --init runs/small "${train[@]}" --out runs/small-gen \
-    --steps 2600 --conv-head 32 --long-skips --seed 0 --device "$device" $(resume runs/small-gen)
+    --steps 2600 --conv-head 32 --long-skips --seed 0 --device "$device" --devices "$devices" $(resume runs/small-gen)
 # The bundle carries unify stage 1 (the captioner after GRPO with the reconstruction reward, and
 # the generate run's generator). Stage 2 fine-tunes only the generator on the captioner's own
 # captions; on ShapeWorld it gained no more than the same-budget control (docs/RESULTS.md), and
@@ -67,12 +71,12 @@ stage generate runs/small-gen \
 # time, so it is skipped here (--gen-steps 0 still writes stage2: stage 1's weights).
 stage unify runs/small-unify \
     "$t" fit --stage unify --init runs/small-gen "${train[@]}" --out runs/small-unify \
-    --steps 40 --batch-size 8 --group 8 --gen-steps 0 --seed 0 --device "$device"
+    --steps 40 --batch-size 8 --group 8 --gen-steps 0 --seed 0 --device "$device" --devices "$devices"
 stage fusion runs/small-fusion \
     "$t" fit --stage fusion --init runs/small-unify/stage1 --task colour-column \
-    --out runs/small-fusion --seed 0
+    --out runs/small-fusion --seed 0 --devices "$devices"
 stage restore runs/small-restore \
-    "$t" fit --stage restore --init runs/small-fusion --out runs/small-restore --steps 600 --seed 0
+    "$t" fit --stage restore --init runs/small-fusion --out runs/small-restore --steps 600 --seed 0 --devices "$devices"
 
 # The restore run carries runs/small-unify/stage1's captioner and generator unchanged (the
 # backbones are frozen in fusion and restore), so they are scored there. The first-100 report

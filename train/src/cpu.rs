@@ -25,6 +25,23 @@ use duet_run::LoadedGenerator;
 use duet_run::LoadedRestore;
 use duet_run::LoadedRun;
 
+/// Gives each matrix product one thread in a process about to train `peers` data-parallel CPU
+/// peers (`--devices N`), unless `MATMUL_NUM_THREADS` is already set. burn-ndarray's products
+/// run on `matrixmultiply`, whose one thread pool per process (sized by that variable when the
+/// first product runs; the machine's physical cores otherwise) would take both peers'
+/// products, one at a time: a `small` caption step on two peers took 0.95 s that way and 0.70 s
+/// with a thread per product (docs/TRAINING.md). The peers already keep the cores busy. Thread
+/// counts never change a product's values (its threads split rows and columns, not sums).
+///
+/// Sets an environment variable, so call it first thing in `main`, before any other thread
+/// starts (`duet-train` does); later it has no effect on products already set up.
+pub fn single_thread_products_for_peers(peers: usize) {
+    const VAR: &str = "MATMUL_NUM_THREADS";
+    if peers > 1 && std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "1");
+    }
+}
+
 /// The inference backend of evaluation and export (the training backend without autodiff).
 pub type Infer = burn::backend::NdArray<f32>;
 
