@@ -33,9 +33,14 @@ use duet_run::LoadedRun;
 /// with a thread per product (docs/TRAINING.md). The peers already keep the cores busy. Thread
 /// counts never change a product's values (its threads split rows and columns, not sums).
 ///
-/// Sets an environment variable, so call it first thing in `main`, before any other thread
-/// starts (`duet-train` does); later it has no effect on products already set up.
-pub fn single_thread_products_for_peers(peers: usize) {
+/// After the process's first product it has no effect.
+///
+/// # Safety
+///
+/// Sets an environment variable: call it before any other thread of the process starts
+/// (`duet-train` calls it first thing in `main`), as no other thread may read or write the
+/// environment while it runs.
+pub unsafe fn single_thread_products_for_peers(peers: usize) {
     const VAR: &str = "MATMUL_NUM_THREADS";
     if peers > 1 && std::env::var_os(VAR).is_none() {
         std::env::set_var(VAR, "1");

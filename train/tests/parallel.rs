@@ -291,7 +291,8 @@ fn a_failing_peer_stops_the_group_with_its_error() {
 
 /// Each peer runs on a rayon pool of its own, of one thread, so burn-ndarray's parallel loops
 /// inside a peer run on that peer's thread instead of queueing on the global pool behind the
-/// other peers' (docs/TRAINING.md: 0.98 against 0.70 s a `small` caption step on two peers).
+/// other peers' (docs/TRAINING.md: a part of 0.98 → 0.70 s a `small` caption step on two
+/// peers; one thread per matrix product is the other).
 #[test]
 fn each_peer_runs_its_parallel_loops_on_its_own_thread() {
     use rayon::prelude::*;

@@ -116,6 +116,8 @@ pub(crate) fn score(run: &LoadedRun<Cpu>, samples: &[Sample]) -> CaptionMetrics 
 pub(crate) const CI_VQA_STEPS: usize = 6000;
 
 pub(crate) struct VqaFixture {
+    /// Training steps (`CI_VQA_STEPS` unless overridden).
+    pub(crate) steps: usize,
     pub(crate) train: PathBuf,
     pub(crate) val: PathBuf,
     pub(crate) run: PathBuf,
@@ -157,6 +159,7 @@ pub(crate) fn vqa_fixture() -> &'static VqaFixture {
         let bundle = root.join("bundle");
         train_and_export_captioner(&train, &run, &bundle, steps, "vqa fixture");
         VqaFixture {
+            steps,
             train,
             val,
             run,

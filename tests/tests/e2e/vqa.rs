@@ -48,18 +48,30 @@ fn vqa_answers_beat_the_majority_baseline_per_kind() {
     // Measured margins over the majority answer at 6,000 steps (this fixture; a release run of
     // the same data on two peers): colour +56 / +52, size +35 / +38, shape at +55 / +54,
     // count +26 / +25, exists +31 / +30, where +45 / +38, left of +32 / +39 (28 questions),
-    // above +80 / +60 (25 questions). The floors leave a band for noise; counting and "is
-    // there" are learnt only after a plateau near step 4,000 (docs/VQA.md).
-    for (kind, margin) in [
-        (QuestionKind::Colour, 0.35),
-        (QuestionKind::Size, 0.20),
-        (QuestionKind::ShapeAt, 0.35),
-        (QuestionKind::Count, 0.12),
-        (QuestionKind::Exists, 0.15),
-        (QuestionKind::Where, 0.25),
-        (QuestionKind::LeftOf, 0.10),
-        (QuestionKind::Above, 0.30),
-    ] {
+    // above +80 / +60 (25 questions). The floors leave a band for noise. Counting and "is
+    // there" are learnt only after a plateau near step 4,000 (docs/VQA.md), so a fixture
+    // trained for fewer steps (`DUET_E2E_VQA_STEPS`) is held to the floors of 1,500 steps
+    // (colour +46, size +26, where +39 measured there) and overall only.
+    let at_ci_budget = vqa_fixture().steps >= CI_VQA_STEPS;
+    let floors: &[(QuestionKind, f64)] = if at_ci_budget {
+        &[
+            (QuestionKind::Colour, 0.35),
+            (QuestionKind::Size, 0.20),
+            (QuestionKind::ShapeAt, 0.35),
+            (QuestionKind::Count, 0.12),
+            (QuestionKind::Exists, 0.15),
+            (QuestionKind::Where, 0.25),
+            (QuestionKind::LeftOf, 0.10),
+            (QuestionKind::Above, 0.30),
+        ]
+    } else {
+        &[
+            (QuestionKind::Colour, 0.30),
+            (QuestionKind::Size, 0.15),
+            (QuestionKind::Where, 0.25),
+        ]
+    };
+    for &(kind, margin) in floors {
         let s = &report.per_kind[&kind];
         assert!(
             s.accuracy() >= s.majority_accuracy() + margin,
@@ -68,8 +80,9 @@ fn vqa_answers_beat_the_majority_baseline_per_kind() {
             s.majority_accuracy()
         );
     }
+    let overall_margin = if at_ci_budget { 0.30 } else { 0.15 };
     assert!(
-        report.overall() >= report.majority_overall() + 0.30,
+        report.overall() >= report.majority_overall() + overall_margin,
         "overall {:.3} vs majority {:.3}",
         report.overall(),
         report.majority_overall()

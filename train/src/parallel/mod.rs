@@ -55,7 +55,7 @@ pub enum ParallelError {
         devices: usize,
         detail: String,
     },
-    #[error("peer {rank} of {devices}: its thread could not start ({detail})")]
+    #[error("peer {rank} of {devices}: its thread pool could not start ({detail})")]
     Pool {
         rank: usize,
         devices: usize,
@@ -380,11 +380,32 @@ where
     let config = CollectiveConfig::default()
         .with_num_devices(n)
         .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
+    // Each peer runs on a rayon pool of its own, of one thread, so burn-ndarray's parallel loops
+    // (batched products, convolutions) run inline on the peer's thread instead of queueing on
+    // the global pool behind the other peers' while the peers' own threads wait (a `small`
+    // caption step on two CPU peers: 0.98 s, 0.95 with these pools, 0.70 with one thread per
+    // product as well: `crate::cpu::single_thread_products_for_peers`, docs/TRAINING.md).
+    // Built before any peer starts: a peer that failed after the others began to register
+    // would leave them waiting for it forever.
+    let pools = (0..n)
+        .map(|rank| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(move |_| format!("duet-peer-{rank}"))
+                .build()
+                .map_err(|e| ParallelError::Pool {
+                    rank,
+                    devices: n,
+                    detail: e.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut results: Vec<anyhow::Result<T>> = std::thread::scope(|s| {
         let handles: Vec<_> = devices
             .iter()
+            .zip(pools)
             .enumerate()
-            .map(|(rank, device)| {
+            .map(|(rank, (device, pool))| {
                 let peer = Peer {
                     rank,
                     devices: n,
@@ -392,20 +413,6 @@ where
                 };
                 let (body, config) = (&body, config.clone());
                 s.spawn(move || -> anyhow::Result<T> {
-                    // Each peer on its own one-thread rayon pool, so the parallel loops of
-                    // burn-ndarray (batched products, convolutions) run inline on the peer's
-                    // thread. On the global pool the peers' loops queued behind each other on the
-                    // same workers while the peers' own threads waited: 0.98 s a `small` caption
-                    // step on two CPU peers against 0.70 s this way (docs/TRAINING.md).
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(1)
-                        .thread_name(move |_| format!("duet-peer-{rank}"))
-                        .build()
-                        .map_err(|e| ParallelError::Pool {
-                            rank,
-                            devices: n,
-                            detail: e.to_string(),
-                        })?;
                     pool.install(|| -> anyhow::Result<T> {
                         collective::register::<B::InnerBackend>(peer.id(), device.clone(), config)
                             .map_err(|e| peer.failed(e))?;

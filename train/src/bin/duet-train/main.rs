@@ -97,12 +97,14 @@ fn main() -> anyhow::Result<()> {
     if let Command::Fit(fit) = &cli.command {
         // Before the first matrix product and before any thread starts (it sets a variable).
         if fit.device.parse::<DeviceKind>().ok() == Some(DeviceKind::Cpu) {
-            duet_train::cpu::single_thread_products_for_peers(fit.devices.unwrap_or(1));
+            // SAFETY: no other thread has started yet (the allocator option, the log
+            // subscriber and the argument parser above start none).
+            unsafe { duet_train::cpu::single_thread_products_for_peers(fit.devices.unwrap_or(1)) };
             let cores = std::thread::available_parallelism().map_or(1, usize::from);
             if fit.devices.is_none() && fit.peers.is_empty() && cores > 1 {
                 tracing::info!(
                     "training as one CPU peer; on this machine's {cores} cores `--devices 2` \
-                     trains the same run (up to rounding) 1.5-1.8x faster (docs/TRAINING.md)"
+                     trains the same run (up to rounding) 1.5-1.9x faster (docs/TRAINING.md)"
                 );
             }
         }
