@@ -112,7 +112,8 @@ pub(crate) fn score(run: &LoadedRun<Cpu>, samples: &[Sample]) -> CaptionMetrics 
 /// Steps of the VQA fixture (`DUET_E2E_VQA_STEPS` overrides). Measured on this data: held-out
 /// accuracy 56.5 % at 1,500 steps, 59.9 % at 3,000 and 78.2 % at 6,000 (majority baseline
 /// 35.6 %). Counting and "is there" stay at the baseline until a plateau ends near step 4,000
-/// (docs/VQA.md), so CI pays for 6,000 steps (about 9 minutes on 2 cores) to check every kind.
+/// (docs/VQA.md), so CI pays for 6,000 steps to check every kind: 9 minutes alone on 2 cores,
+/// 12–14 in CI beside clippy and the other crates' tests (1,500 steps took 6 there).
 pub(crate) const CI_VQA_STEPS: usize = 6000;
 
 pub(crate) struct VqaFixture {
