@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use burn_onnx::{LoadStrategy, ModelGen};
 
-/// The graphs of `shipped/duet-small`, in manifest order.
+/// The graphs of `shipped/duet-small`, in manifest order, but for `dream_encoder` (the caption
+/// decoder's weights again, read with dream queries; not yet checked here).
 const GRAPHS: [&str; 7] = [
     "vision_encoder",
     "caption_decoder",

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # README command 1: set up, build, and run the shipped `shipped/duet-small` bundle — no training.
 # Captions the sample images in examples/images/ (emoji and ShapeWorld), generates a PNG grid
-# from several prompts (one row each), and classifies a scene with the text or the image
-# missing (restored in feature space). Each runs on onnxruntime (provider chain `auto`:
+# from several prompts (one row each), classifies a scene with the text or the image missing
+# (restored in feature space), answers questions about a scene, and draws and edits through
+# the dream queries. Each runs on onnxruntime (provider chain `auto`:
 # TensorRT → CUDA → CPU, every skip printed with its reason) and on tract (pure Rust), and the
 # tract-only edge binary, linked without onnxruntime, captions and generates too. Every
 # command prints the provider of each graph and its timings on stderr.
@@ -50,4 +51,22 @@ for provider in auto tract; do
     "$bin/duet" classify --bundle "$bundle" --provider "$provider" \
         --text "a large cyan diamond on the right"
 done
-echo "generations (one row per prompt): $out/generated-auto.png (onnxruntime), $out/generated-tract.png (tract), $out/generated-edge.png (duet-edge)"
+# The same decoder answers questions and, through its dream queries, conditions the denoiser:
+# drawing from a prompt, and editing a picture by instruction.
+scene="$root/examples/images/shapeworld-val-000001.png" # a large white square at the top left and a small yellow triangle on the right and a small cyan circle at the bottom left
+for provider in auto tract; do
+    echo "== ask ($provider) =="
+    # Questions fixed before the model answered them, with the scene's true answers.
+    for pair in "what colour is the square ?|white" "where is the triangle ?|on the right" \
+        "how many cyan objects are there ?|one"; do
+        printf '%s (truth: %s) -> ' "${pair%|*}" "${pair#*|}"
+        "$bin/duet" ask --bundle "$bundle" --provider "$provider" --image "$scene" "${pair%|*}"
+    done
+done
+echo "== generate through the dream queries (auto) =="
+"$bin/duet" generate --bundle "$bundle" --condition dream --count 4 --seed 0 \
+    -o "$out/generated-dream.png" "${prompts[@]}"
+echo "== edit (auto): the scene, then one edit per instruction =="
+"$bin/duet" edit --bundle "$bundle" --image "$scene" --seed 0 -o "$out/edited.png" \
+    "remove the triangle" "make the square red" "add a small red circle at the top right"
+echo "generations (one row per prompt): $out/generated-auto.png (onnxruntime), $out/generated-tract.png (tract), $out/generated-edge.png (duet-edge), $out/generated-dream.png (dream queries); edits: $out/edited.png"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The recipe of the shipped `shipped/duet-small` bundle: the `small` preset trained on ShapeWorld
-# + Emoji-CLDR (both art styles) through every stage — caption, generate, unify (Unified-GRPO),
-# fusion + restore (missing-modality restoration) — then evaluated and exported.
+# The first half of the shipped `shipped/duet-small` recipe: the `small` preset trained on
+# ShapeWorld + Emoji-CLDR (both art styles) through every stage — caption, generate, unify
+# (Unified-GRPO), fusion + restore (missing-modality restoration) — then evaluated and exported:
+# the bundle of commit 48b3c87. `scripts/tune-small.sh` is the second half (that bundle taught
+# to answer questions and to draw and edit through dream queries): the bundle shipped now.
 #
 # The shipped caption and generate runs trained on one H200 (`DUET_DEVICE=cuda`, a build with
 # `--features duet-train/cuda`; 7.8 and 4 min), the later stages on the 2-core CPU. On a CPU

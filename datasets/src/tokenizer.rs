@@ -65,6 +65,8 @@ pub enum TokenizerError {
         expected: u32,
         found: Option<u32>,
     },
+    #[error("extending the vocabulary: {0}")]
+    Extend(String),
     #[error("caption needs {len} tokens including [BOS]/[EOS], more than max_len {max_len}")]
     TooLong { len: usize, max_len: usize },
 }
@@ -201,6 +203,72 @@ pub fn reuse_tokenizer(path: &Path) -> Result<ReusedTokenizer, TokenizerError> {
         file,
         sha256,
     })
+}
+
+/// The words of `texts` that `tokenizer` maps to `[UNK]` (lowercased, as its normaliser
+/// does) with their counts, most frequent first and then alphabetically: what
+/// [`extend_vocabulary`] would add for a fine-tune on those texts.
+pub fn unknown_words(
+    tokenizer: &Tokenizer,
+    texts: &[String],
+) -> Result<Vec<(String, usize)>, TokenizerError> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for text in texts {
+        let enc = tokenizer
+            .encode(text.as_str(), false)
+            .map_err(TokenizerError::Tokenizers)?;
+        for (id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+            if *id == UNK_ID {
+                // The offsets give back the word that became `[UNK]`.
+                if let Some(word) = text.get(start..end) {
+                    *counts.entry(word.to_lowercase()).or_default() += 1;
+                }
+            }
+        }
+    }
+    let mut words: Vec<(String, usize)> = counts.into_iter().collect();
+    words.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    Ok(words)
+}
+
+/// `tokenizer` with `words` appended to its vocabulary in order, at the ids after its last:
+/// every text it encoded before encodes to the same ids, and the model's embedding tables
+/// grow by as many rows (`duet-train extend-vocab`). Words it already has are refused.
+pub fn extend_vocabulary(
+    tokenizer: &Tokenizer,
+    words: &[String],
+) -> Result<Tokenizer, TokenizerError> {
+    // Edited through the `tokenizer.json` form: the `tokenizers` crate builds a `WordLevel`
+    // model only from a hash map type it does not re-export, and the file format is the
+    // stable, documented interface (the same file the runtime and Python load).
+    let invalid = TokenizerError::Extend;
+    let json = tokenizer
+        .to_string(false)
+        .map_err(TokenizerError::Tokenizers)?;
+    let mut value: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| invalid(e.to_string()))?;
+    let vocab = value
+        .pointer_mut("/model/vocab")
+        .and_then(|v| v.as_object_mut())
+        .ok_or_else(|| invalid("not a word-level tokenizer (no model.vocab)".into()))?;
+    let first = vocab_size(tokenizer) as u64;
+    for (next, word) in (first..).zip(words) {
+        let normal = word.to_lowercase();
+        if normal.is_empty() || normal.split_whitespace().count() != 1 || normal != *word {
+            return Err(invalid(format!(
+                "{word:?} is not one lowercase word; only whole words join the vocabulary"
+            )));
+        }
+        if vocab.insert(normal, next.into()).is_some() {
+            return Err(invalid(format!("{word:?} is already in the vocabulary")));
+        }
+    }
+    let extended: Tokenizer = serde_json::to_string(&value)
+        .map_err(|e| invalid(e.to_string()))?
+        .parse()
+        .map_err(TokenizerError::Tokenizers)?;
+    check_special_ids(&extended)?;
+    Ok(extended)
 }
 
 /// Encodes a caption as `[BOS] ids… [EOS]`, failing if that exceeds `max_len` (the decoder's

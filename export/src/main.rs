@@ -64,9 +64,18 @@ enum Convert {
     /// --geneval, the task metrics of fp32 and each variant, measured through the runtime,
     /// go into the manifest. Pick one at run time with `duet --precision`.
     Quantize(QuantizeArgs),
-    /// Bundle (directory or `.duet`) → a new caption run holding its captioner, tokenizer and
-    /// dimensions, to fine-tune with `duet-train fit --stage caption --init-from RUN`.
-    Import { bundle: PathBuf, run: PathBuf },
+    /// Bundle (directory or `.duet`) → a new run holding its model, tokenizer and dimensions,
+    /// to fine-tune: a generate run (captioner and generator, with the bundle's diffusion
+    /// settings) when the bundle has a generator, for `duet-train fit --init RUN` of the dream,
+    /// unify, fusion and restore stages; else (or with `--stage caption`) a caption run, for
+    /// `duet-train fit --stage caption --init-from RUN`.
+    Import {
+        bundle: PathBuf,
+        run: PathBuf,
+        /// The run to write: `caption` or `generate` (default: the most the bundle holds).
+        #[arg(long)]
+        stage: Option<duet_run::Stage>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -200,13 +209,14 @@ fn convert(c: &Convert) -> anyhow::Result<()> {
                 .with_context(|| format!("unpacking {} into {}", file.display(), dir.display()))?;
             println!("bundle unpacked into {}", dir.display());
         }
-        Convert::Import { bundle, run } => {
+        Convert::Import { bundle, run, stage } => {
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            let report = duet_export::import::import_captioner(bundle, run, &command)?;
+            let report = duet_export::import::import_run(bundle, run, *stage, &command)?;
             println!(
-                "captioner of {} imported into {}: {} parameters, {} values",
+                "{} imported into {} as a {} run: {} parameters, {} values",
                 bundle.display(),
                 report.run.display(),
+                report.stage,
                 report.parameters,
                 report.values
             );

@@ -1,15 +1,19 @@
-//! `duet-export import` is the inverse of the export for the captioner: a run exported and
-//! imported back holds the very same parameters (bit for bit), dimensions and tokenizer.
+//! `duet-export import` is the inverse of the export for the captioner and the generator: a
+//! run exported and imported back holds the very same parameters (bit for bit), dimensions,
+//! tokenizer and diffusion settings.
 
 use std::path::Path;
 
 use duet_datasets::tokenizer::{save_tokenizer, train_tokenizer};
-use duet_export::import::import_captioner;
+use duet_export::import::{import_captioner, import_run};
 use duet_export::{export_run, ExportOptions};
-use duet_models::params::named_tensors;
-use duet_models::{CaptionModel, ImageFit, ModelSpec, Preset};
+use duet_models::params::{named_tensors, NamedTensors};
+use duet_models::{CaptionModel, GenerationModel, ImageFit, ModelSpec, Preset};
 use duet_run::checkpoint::{load_weights, read_json, save_weights, write_json, WEIGHTS_FILE};
-use duet_run::{CaptionTrainConfig, Stage, TokenizerOrigin, CONFIG_FILE, TOKENIZER_FILE};
+use duet_run::{
+    CaptionTrainConfig, DiffusionSettings, GenerateTrainConfig, Stage, TokenizerOrigin,
+    CONFIG_FILE, TOKENIZER_FILE,
+};
 
 type B = burn::backend::NdArray<f32>;
 
@@ -52,6 +56,22 @@ fn random_run(run: &Path) -> ModelSpec {
     model
 }
 
+/// The same parameters, with the same shapes and the same bits.
+fn assert_bit_identical(original: &NamedTensors, back: &NamedTensors) {
+    assert_eq!(back.len(), original.len());
+    for (name, t) in original {
+        let b = &back[name];
+        assert_eq!(b.shape, t.shape, "{name}");
+        assert!(
+            b.data
+                .iter()
+                .zip(&t.data)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} changed"
+        );
+    }
+}
+
 #[test]
 fn an_exported_captioner_imports_back_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,21 +95,16 @@ fn an_exported_captioner_imports_back_bit_for_bit() {
         let original = load_weights(&run.join(WEIGHTS_FILE)).unwrap();
         let back = load_weights(&imported.join(WEIGHTS_FILE)).unwrap();
         assert_eq!(report.parameters, original.len());
-        assert_eq!(back.len(), original.len());
-        for (name, t) in &original {
-            let b = &back[name];
-            assert_eq!(b.shape, t.shape, "{name}");
-            assert!(
-                b.data
-                    .iter()
-                    .zip(&t.data)
-                    .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{name} changed"
-            );
-        }
+        assert_bit_identical(&original, &back);
         let config: CaptionTrainConfig = read_json(&imported.join(CONFIG_FILE)).unwrap();
         assert_eq!(config.model, model);
         assert_eq!(config.stage, Stage::Caption);
+        // The stages' optimizer settings, not zeros: a later stage that carries its init's
+        // settings must still update (a clip norm of 0 stops every step).
+        assert_eq!(
+            (config.weight_decay, config.grad_clip),
+            (duet_run::WEIGHT_DECAY, duet_run::GRAD_CLIP)
+        );
         // The origin names a file that exists: the folder's tokenizer.json or the .duet
         // itself; its hash is that of the bytes imported.
         let TokenizerOrigin::Reused { path, sha256 } = &config.tokenizer else {
@@ -120,4 +135,239 @@ fn an_exported_captioner_imports_back_bit_for_bit() {
     let err = import_captioner(&run, &dir.path().join("from-run"), "x").unwrap_err();
     assert!(format!("{err:#}").contains("manifest"), "{err:#}");
     assert!(!dir.path().join("from-run").exists());
+}
+
+/// `random_run`'s captioner with a random generator beside it: a generate run.
+fn random_generate_run(run: &Path) -> ModelSpec {
+    let model = random_run(run);
+    let mut weights = load_weights(&run.join(WEIGHTS_FILE)).unwrap();
+    weights.extend(named_tensors(&GenerationModel::<B>::new(
+        &model,
+        &Default::default(),
+    )));
+    save_weights(&run.join(WEIGHTS_FILE), &weights).unwrap();
+    let diffusion = DiffusionSettings {
+        cond_dropout: 0.25,
+        min_snr_gamma: Some(5.0),
+        ..DiffusionSettings::default()
+    };
+    let config = GenerateTrainConfig {
+        stage: Stage::Generate,
+        preset: Preset::Tiny,
+        model: model.clone(),
+        init: run.to_path_buf(),
+        data: Vec::new(),
+        steps: 0,
+        batch_size: 8,
+        lr: 1e-3,
+        warmup_steps: 0,
+        weight_decay: 0.0,
+        grad_clip: 1.0,
+        seed: 0,
+        checkpoint_every: 1,
+        log_every: 1,
+        device: "cpu".into(),
+        command: "test".into(),
+        diffusion,
+    };
+    write_json(&run.join(CONFIG_FILE), &config).unwrap();
+    model
+}
+
+#[test]
+fn an_exported_generator_imports_back_as_a_generate_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("gen");
+    let model = random_generate_run(&run);
+    let bundle = dir.path().join("bundle");
+    export_run(&ExportOptions::new(&run, &bundle)).unwrap();
+
+    // By default the most the bundle holds: captioner and generator, bit for bit.
+    let imported = dir.path().join("imported");
+    let report = import_run(&bundle, &imported, None, "test import").unwrap();
+    assert_eq!(report.stage, Stage::Generate);
+    let original = load_weights(&run.join(WEIGHTS_FILE)).unwrap();
+    let back = load_weights(&imported.join(WEIGHTS_FILE)).unwrap();
+    assert_bit_identical(&original, &back);
+    let config: GenerateTrainConfig = read_json(&imported.join(CONFIG_FILE)).unwrap();
+    assert_eq!(config.stage, Stage::Generate);
+    assert_eq!(config.model, model);
+    assert_eq!(config.init, bundle);
+    assert_eq!(
+        (config.weight_decay, config.grad_clip),
+        (duet_run::WEIGHT_DECAY, duet_run::GRAD_CLIP)
+    );
+    // What the manifest says (prediction, timesteps) and what the provenance recorded of the
+    // training-only settings.
+    let original: GenerateTrainConfig = read_json(&run.join(CONFIG_FILE)).unwrap();
+    assert_eq!(config.diffusion, original.diffusion);
+    // The imported run loads as a generator, the way the dream and restore stages read it.
+    duet_run::load_generator::<B>(&imported, false, &Default::default()).unwrap();
+
+    // The captioner alone, on request; a caption-only bundle has no generator to import.
+    let captioner = dir.path().join("captioner");
+    let report = import_run(&bundle, &captioner, Some(Stage::Caption), "test").unwrap();
+    assert_eq!(report.stage, Stage::Caption);
+    assert_eq!(
+        load_weights(&captioner.join(WEIGHTS_FILE)).unwrap().len(),
+        named_tensors(&CaptionModel::<B>::new(&model, &Default::default())).len()
+    );
+    let caption_run = dir.path().join("caption-run");
+    random_run(&caption_run);
+    let caption_bundle = dir.path().join("caption-bundle");
+    export_run(&ExportOptions::new(&caption_run, &caption_bundle)).unwrap();
+    let err = import_run(
+        &caption_bundle,
+        &dir.path().join("x"),
+        Some(Stage::Generate),
+        "x",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no generator"), "{err}");
+    let err = import_run(&bundle, &dir.path().join("y"), Some(Stage::Dream), "y").unwrap_err();
+    assert!(
+        err.to_string().contains("caption or a generate run"),
+        "{err}"
+    );
+    assert!(!dir.path().join("x").exists() && !dir.path().join("y").exists());
+}
+
+/// The shipped bundle's chain: a dream run (its decoder trained on questions, its queries)
+/// under the fusion and restore stages. The restore run carries the dream queries, and its
+/// export holds every graph: the dream encoder beside the restorers, and the questions the
+/// decoder was trained on (what `duet ask` checks).
+#[test]
+fn a_restore_run_over_a_dream_run_exports_the_dream_queries_and_questions() {
+    use duet_datasets::pair_tasks::PairTask;
+    use duet_datasets::shapeworld::{write_dataset_with, DatasetExtras, SceneConfig};
+    use duet_run::RestoreSettings;
+    use duet_runtime::graph::Graph;
+    use duet_train::backend::CpuBackend;
+    use duet_train::stages::caption::{fit, FitArgs};
+    use duet_train::stages::dream::{fit_dream, DreamFitArgs};
+    use duet_train::stages::generate::{fit_generate, GenerateFitArgs};
+    use duet_train::stages::restore::{fit_fusion, fit_restore, PairFitArgs};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let extras = DatasetExtras {
+        questions_per_scene: 1,
+        edits_per_scene: 1,
+        ..Default::default()
+    };
+    write_dataset_with(&data, 24, 3, &SceneConfig::default(), "test", &extras).unwrap();
+    let run = |name: &str| dir.path().join(name);
+    let device = Default::default();
+    fit::<CpuBackend>(
+        &FitArgs {
+            preset: Preset::Tiny,
+            data: vec![data.clone()],
+            out: run("caption"),
+            steps: Some(1),
+            batch_size: Some(4),
+            lr: None,
+            seed: 0,
+            resume: false,
+            image_size: None,
+            image_fit: None,
+            tokenizer: None,
+            init_from: None,
+            device: "cpu".into(),
+            devices: 1,
+            network: None,
+            command: "test".into(),
+            quiet: true,
+        },
+        &device,
+    )
+    .unwrap();
+    fit_generate::<CpuBackend>(
+        &GenerateFitArgs {
+            init: run("caption"),
+            data: vec![data.clone()],
+            out: run("gen"),
+            steps: Some(1),
+            batch_size: Some(4),
+            lr: None,
+            min_snr_gamma: None,
+            denoiser: Default::default(),
+            seed: 0,
+            resume: false,
+            device: "cpu".into(),
+            devices: 1,
+            network: None,
+            command: "test".into(),
+            quiet: true,
+        },
+        &device,
+    )
+    .unwrap();
+    fit_dream::<CpuBackend>(
+        &DreamFitArgs {
+            init: run("gen"),
+            data: vec![data.clone()],
+            out: run("dream"),
+            steps: Some(1),
+            batch_size: Some(4),
+            lr: None,
+            queries: Some(2),
+            understanding_weight: None,
+            distill_weight: None,
+            generation_weight: None,
+            token_weight: None,
+            seed: 0,
+            resume: false,
+            device: "cpu".into(),
+            devices: 1,
+            network: None,
+            command: "test".into(),
+            quiet: true,
+        },
+        &device,
+    )
+    .unwrap();
+    let pair_args = |init: &str, out: &str| PairFitArgs {
+        init: run(init),
+        out: run(out),
+        task: Some(PairTask::ColourColumn),
+        data: None,
+        train_examples: Some(64),
+        test_examples: Some(32),
+        steps: Some(1),
+        batch_size: Some(8),
+        lr: None,
+        seed: 0,
+        settings: Some(RestoreSettings {
+            token_steps: 1,
+            ..RestoreSettings::default()
+        }),
+        device: "cpu".into(),
+        devices: 1,
+        network: None,
+        command: "test".into(),
+        quiet: true,
+    };
+    fit_fusion::<CpuBackend>(&pair_args("dream", "fusion"), &device).unwrap();
+    fit_restore::<CpuBackend>(&pair_args("fusion", "restore"), &device).unwrap();
+
+    let carried = load_weights(&run("restore").join(WEIGHTS_FILE)).unwrap();
+    let dreamt = load_weights(&run("dream").join(WEIGHTS_FILE)).unwrap();
+    for (name, t) in dreamt.iter().filter(|(k, _)| k.starts_with("dream.")) {
+        assert_eq!(&carried[name], t, "{name} not carried");
+    }
+    let bundle = run("bundle");
+    export_run(&ExportOptions::new(run("restore"), &bundle)).unwrap();
+    let b = duet_runtime::Bundle::open(&bundle).unwrap();
+    let graphs: Vec<Graph> = b.manifest().graphs.iter().map(|g| g.name).collect();
+    for g in [Graph::DreamEncoder, Graph::RestorerT2i, Graph::FusionHead] {
+        assert!(graphs.contains(&g), "{g} missing from {graphs:?}");
+    }
+    assert!(
+        b.manifest()
+            .questions
+            .as_ref()
+            .is_some_and(|q| q.trained_on > 0),
+        "{:?}",
+        b.manifest().questions
+    );
 }

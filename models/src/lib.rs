@@ -17,6 +17,7 @@ pub mod position;
 pub mod restorer;
 pub mod text;
 pub mod vision;
+pub mod vocab;
 
 pub use caption::{CaptionDecoder, CaptionModel, KvCache};
 pub use denoiser::Denoiser;

@@ -22,6 +22,11 @@ pub fn run_stage(run: &std::path::Path) -> anyhow::Result<Stage> {
 }
 
 /// Everything that defines a caption training run; written to `RUN/config.json`.
+/// AdamW weight decay of the caption, generate and dream stages.
+pub const WEIGHT_DECAY: f32 = 0.01;
+/// Largest global gradient norm of the caption, generate and dream stages (clipped above).
+pub const GRAD_CLIP: f32 = 1.0;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaptionTrainConfig {
     pub stage: Stage,
@@ -66,6 +71,13 @@ pub enum TokenizerOrigin {
     /// the `--init-from` run's): its sha256, so the manifest can say which. `path` is the file
     /// read, or the single-file bundle it was imported from.
     Reused { path: PathBuf, sha256: String },
+    /// The tokenizer of `path` (sha256 `sha256`) with the words `added` appended after its
+    /// last id (`duet-train extend-vocab`): every text it encoded keeps its ids.
+    Extended {
+        path: PathBuf,
+        sha256: String,
+        added: Vec<String>,
+    },
 }
 
 impl std::fmt::Display for TokenizerOrigin {
@@ -75,6 +87,17 @@ impl std::fmt::Display for TokenizerOrigin {
             TokenizerOrigin::Reused { path, sha256 } => {
                 write!(f, "reused from {} (sha256 {sha256})", path.display())
             }
+            TokenizerOrigin::Extended {
+                path,
+                sha256,
+                added,
+            } => write!(
+                f,
+                "{} (sha256 {sha256}) with {} words added: {}",
+                path.display(),
+                added.len(),
+                added.join(" ")
+            ),
         }
     }
 }
@@ -106,7 +129,7 @@ pub fn warmup_cosine_lr(lr: f64, warmup_steps: usize, steps: usize, step: usize)
 }
 
 /// Diffusion and contrastive settings of a generate run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiffusionSettings {
     pub prediction: Prediction,
     /// Training timesteps `T` of the cosine schedule.
@@ -236,6 +259,11 @@ pub struct DreamTrainConfig {
     /// same caption, position by position; runs written before this field trained with 0.
     #[serde(default)]
     pub token_weight: f64,
+    /// Questions (the folders' `questions.jsonl`) the decoder trained on in this stage (with
+    /// an understanding weight above 0): it answers them (`duet ask`). 0 in runs written
+    /// before this field existed.
+    #[serde(default)]
+    pub questions: usize,
 }
 
 fn one() -> f64 {

@@ -1,8 +1,9 @@
 //! The shipped `shipped/duet-small` bundle against its model card: the card's held-out emoji
-//! caption scores were computed in Burn by `duet-train eval` (`shipped/duet-small/eval/`); here the
-//! committed ONNX graphs, run by the runtime on tract and on onnxruntime, caption a slice of the
-//! same held-out emoji (rebuilt from the sources `scripts/setup.sh` fetches) and must agree with
-//! those captions and scores.
+//! caption scores and VQA accuracy were computed in Burn by `duet-train eval`
+//! (`shipped/duet-small/eval/`); here the committed ONNX graphs, run by the runtime on tract and
+//! on onnxruntime, caption a slice of the same held-out emoji (rebuilt from the sources
+//! `scripts/setup.sh` fetches) and answer a slice of the same held-out questions (rebuilt from
+//! the recipe's seeds), and must agree with those captions, answers and scores.
 
 mod common;
 use common::{engine_options, repo_root};
@@ -97,6 +98,100 @@ fn shipped_bundle_reproduces_its_cards_held_out_emoji_captions() {
             "{provider}: slice token F1 {:.4} vs {:.4} in Burn",
             runtime.token_f1,
             burn_slice.token_f1
+        );
+    }
+}
+
+/// Held-out questions answered through the runtime: the held-out folder's first questions
+/// (every kind occurs in them).
+const QUESTION_SLICE: usize = 150;
+
+/// The card's VQA figure comes from `duet-train eval --stage vqa` in Burn (every answer in
+/// `eval/vqa_eval.json`); the committed graphs answer the same held-out questions, rebuilt from
+/// the recipe's seeds (`scripts/tune-small.sh`), the same way on tract and onnxruntime.
+#[test]
+fn shipped_bundle_answers_its_cards_held_out_questions() {
+    use duet_datasets::shapeworld::{
+        load_questions, write_dataset_with, DatasetExtras, SceneConfig,
+    };
+    use duet_runtime::DecodeOptions;
+
+    let model = repo_root().join("shipped/duet-small");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.join("eval/vqa_eval.json"))
+            .expect("shipped/duet-small/eval/vqa_eval.json"),
+    )
+    .expect("eval json");
+    let burn: Vec<serde_json::Value> =
+        serde_json::from_value(report["answers"].clone()).expect("answers");
+    let overall = report["overall"].as_f64().expect("overall");
+    let card = std::fs::read_to_string(model.join("MODEL_CARD.md")).expect("MODEL_CARD.md");
+    let quoted = format!("{:.1} %", 100.0 * overall);
+    assert!(
+        card.contains(&quoted),
+        "MODEL_CARD.md does not quote the held-out VQA accuracy {quoted}"
+    );
+
+    // The folders exactly as the recipe wrote them: the training scenes (only to be left out)
+    // and the held-out questions.
+    let data = tempfile::tempdir().unwrap();
+    let scenes = SceneConfig {
+        max_objects: 4,
+        ..SceneConfig::default()
+    };
+    let train = data.path().join("sw-qa");
+    let extras = DatasetExtras {
+        questions_per_scene: 2,
+        edits_per_scene: 2,
+        exclude: None,
+    };
+    write_dataset_with(&train, 6000, 11, &scenes, "shipped test", &extras).unwrap();
+    let held = data.path().join("sw-qa-val");
+    let extras = DatasetExtras {
+        questions_per_scene: 3,
+        edits_per_scene: 2,
+        exclude: Some((
+            train.display().to_string(),
+            duet_datasets::shapeworld::folder_captions(&train).unwrap(),
+        )),
+    };
+    write_dataset_with(&held, 500, 12, &scenes, "shipped test", &extras).unwrap();
+    let questions = load_questions(&held).unwrap();
+    assert_eq!(questions.len(), burn.len(), "held-out questions changed");
+    let slice = &questions[..QUESTION_SLICE];
+    for (q, b) in slice.iter().zip(&burn) {
+        assert_eq!(b["question"], q.question.as_str(), "question order changed");
+        assert_eq!(b["truth"], q.answer.as_str(), "answers changed");
+    }
+
+    let bundle = Bundle::open(&model).expect("the shipped bundle opens");
+    for provider in [Provider::Tract, Provider::OrtCpu] {
+        let captioner = Captioner::new(&bundle, ProviderChoice::Only(provider), &engine_options())
+            .unwrap_or_else(|e| panic!("{provider}: {e}"));
+        assert!(captioner.answers_questions(), "{provider}: no questions");
+        let mut same = 0;
+        let mut right = 0;
+        for (q, b) in slice.iter().zip(&burn) {
+            let image = duet_runtime::preprocess::load_image(held.join(&q.image)).unwrap();
+            let answer = captioner
+                .answer_images(&[image], &q.question, &DecodeOptions::default(), None)
+                .unwrap_or_else(|e| panic!("{provider}: {e}"))
+                .remove(0);
+            same += usize::from(b["answer"] == answer.as_str());
+            right += usize::from(answer.trim() == q.answer);
+        }
+        // Parity is 1e-4 per graph: an answer may flip only where two words tie.
+        assert!(
+            same >= QUESTION_SLICE - 2,
+            "{provider}: {same}/{QUESTION_SLICE} answers as in Burn's evaluation"
+        );
+        let burn_right = burn[..QUESTION_SLICE]
+            .iter()
+            .filter(|b| b["answer"] == b["truth"])
+            .count();
+        assert!(
+            right.abs_diff(burn_right) <= 2,
+            "{provider}: {right}/{QUESTION_SLICE} right, Burn {burn_right}"
         );
     }
 }

@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod parallel;
 pub mod plot;
 pub mod stages;
+pub mod vocab;

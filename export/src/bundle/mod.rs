@@ -485,10 +485,25 @@ fn tokenizer_origin(run: &Path) -> Option<String> {
     Some(origin.to_string())
 }
 
-/// How many questions the run's captioner was trained on, when any.
+/// How many questions the run's caption decoder was trained on, when any: said by the
+/// latest run of its `init` chain that trained it on questions (the caption stage, or a dream
+/// stage, whose understanding loss trains the same decoder).
 fn trained_questions(run: &Path) -> Option<usize> {
-    let n = caption_config(run)?.get("questions")?.as_u64()? as usize;
-    (n > 0).then_some(n)
+    let mut dir = run.to_path_buf();
+    // Bounded like `caption_config`.
+    for _ in 0..16 {
+        let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok()?;
+        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let n = config
+            .get("questions")
+            .and_then(|q| q.as_u64())
+            .unwrap_or(0);
+        if n > 0 {
+            return usize::try_from(n).ok();
+        }
+        dir = PathBuf::from(config.get("init")?.as_str()?);
+    }
+    None
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> ExportError {

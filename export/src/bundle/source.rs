@@ -5,10 +5,12 @@ use std::path::Path;
 
 use duet_datasets::tokenizer::load_tokenizer;
 use duet_diffusion::{NoiseSchedule, Prediction};
+use duet_models::params::load_named_tensors;
 use duet_models::{CaptionModel, DreamQueries, FusionHead, GenerationModel, ModelSpec, Restorers};
+use duet_run::checkpoint::{load_weights, WEIGHTS_FILE};
 use duet_run::{
     load_captioner, load_dream, load_generator, load_generator_weights, load_restore, load_run,
-    Backbones, PairTrainConfig, Stage, CONFIG_FILE, TOKENIZER_FILE, VARIANTS,
+    under, Backbones, PairTrainConfig, Stage, CONFIG_FILE, TOKENIZER_FILE, VARIANTS,
 };
 use tokenizers::Tokenizer;
 
@@ -68,7 +70,9 @@ pub(super) fn load_source(run: &Path, device: &RefDevice) -> anyhow::Result<Sour
                 model: r.config.model.clone(),
                 tokenizer: load_tokenizer(&run.join(TOKENIZER_FILE))?,
                 captioner: load_captioner(run, &r.config.model, device)?,
-                dream: None,
+                // A restore run carries its init's tensors: the dream queries too when the
+                // chain went through a dream run (its model then counts them).
+                dream: carried_dream_queries(run, &r.config.model, device)?,
                 generator: Some(GeneratorSource {
                     generator: load_generator_weights(run, &r.config.model, device)?,
                     prediction: diffusion.prediction,
@@ -119,6 +123,25 @@ pub(super) fn load_source(run: &Path, device: &RefDevice) -> anyhow::Result<Sour
             })
         }
     }
+}
+
+/// The dream queries (`dream.*`) a run carries from a dream run earlier in its chain, when
+/// its model has them.
+fn carried_dream_queries(
+    run: &Path,
+    model: &ModelSpec,
+    device: &RefDevice,
+) -> anyhow::Result<Option<DreamQueries<Ref>>> {
+    if model.dream_queries == 0 {
+        return Ok(None);
+    }
+    let weights = load_weights(&run.join(WEIGHTS_FILE))?;
+    let queries = load_named_tensors(
+        DreamQueries::<Ref>::new(model, device),
+        &under(&weights, "dream"),
+    )
+    .map_err(|e| anyhow::anyhow!("{} (dream.*): {e}", run.join(WEIGHTS_FILE).display()))?;
+    Ok(Some(queries))
 }
 
 /// `stage` of a run's `config.json` (`caption` when absent or unreadable: the caption loader

@@ -180,7 +180,7 @@ pub struct Answered {
 }
 
 /// Answers every question of the ShapeWorld folder `data` (its `questions.jsonl`) with the
-/// run's captioner; returns the report and the first answers for display.
+/// run's captioner; returns the report and every answer, in the folder's order.
 pub fn eval_vqa<B: Backend>(
     run: &Path,
     data: &Path,
@@ -200,10 +200,9 @@ pub fn eval_vqa<B: Backend>(
         );
     }
     let predictions = answer_questions(&loaded, &samples, &questions, device)?;
-    let examples = questions
+    let answered = questions
         .iter()
         .zip(&predictions)
-        .take(12)
         .map(|(q, p)| Answered {
             question: q.question.clone(),
             truth: q.answer.clone(),
@@ -211,7 +210,7 @@ pub fn eval_vqa<B: Backend>(
         })
         .collect();
     let scored: Vec<(QuestionRow, String)> = questions.into_iter().zip(predictions).collect();
-    Ok((VqaReport::score(&scored), examples))
+    Ok((VqaReport::score(&scored), answered))
 }
 
 #[cfg(test)]

@@ -407,8 +407,8 @@ pub fn fit_on<B: AutodiffBackend>(
             batch_size: args.batch_size.unwrap_or(batch),
             lr: args.lr.unwrap_or(lr),
             warmup_steps: 100,
-            weight_decay: 0.01,
-            grad_clip: 1.0,
+            weight_decay: duet_run::WEIGHT_DECAY,
+            grad_clip: duet_run::GRAD_CLIP,
             seed: args.seed,
             checkpoint_every: 200,
             log_every: 10,
@@ -748,10 +748,12 @@ fn report_unknown_words(samples: &[Sample], tokenizer: &Tokenizer, from: &Path) 
             .map(|(w, n)| format!("{w} ({n})"))
             .collect();
         tracing::warn!(
-            "{} distinct caption words are not in the tokenizer of {} and train as [UNK]: {}",
+            "{} distinct caption words are not in the tokenizer of {} and train as [UNK]: {} \
+             (`duet-train extend-vocab --run {} --data …` makes a run that knows them)",
             unknown.len(),
             from.display(),
-            shown.join(", ")
+            shown.join(", "),
+            from.display()
         );
     }
 }

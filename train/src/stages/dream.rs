@@ -527,7 +527,7 @@ pub fn fit_dream_on<B: AutodiffBackend>(
 ) -> anyhow::Result<DreamOutcome> {
     let run = &args.out;
     let config_path = run.join(CONFIG_FILE);
-    let (cfg, state) = if args.resume && run.join(STATE_FILE).exists() {
+    let (mut cfg, state) = if args.resume && run.join(STATE_FILE).exists() {
         let mut cfg: DreamTrainConfig = read_json(&config_path)?;
         if let Some(s) = args.steps {
             cfg.run.steps = s;
@@ -570,6 +570,10 @@ pub fn fit_dream_on<B: AutodiffBackend>(
                 batch_size: args.batch_size.unwrap_or(batch),
                 lr: args.lr.unwrap_or(lr),
                 warmup_steps: 50,
+                // The stage's own, not its init's: an imported run records none it trained
+                // with, and a clip norm of 0 would stop every update.
+                weight_decay: duet_run::WEIGHT_DECAY,
+                grad_clip: duet_run::GRAD_CLIP,
                 seed: args.seed,
                 checkpoint_every: 200,
                 log_every: 10,
@@ -581,6 +585,7 @@ pub fn fit_dream_on<B: AutodiffBackend>(
             distill_weight: args.distill_weight.unwrap_or(DEFAULT_DISTILL_WEIGHT),
             generation_weight: args.generation_weight.unwrap_or(1.0),
             token_weight: args.token_weight.unwrap_or(DEFAULT_TOKEN_WEIGHT),
+            questions: 0,
         };
         (cfg, None)
     };
@@ -604,6 +609,12 @@ pub fn fit_dream_on<B: AutodiffBackend>(
             "--generation-weight and --understanding-weight are both 0: nothing would train"
         );
     }
+    if !(cfg.run.grad_clip.is_finite() && cfg.run.grad_clip > 0.0) {
+        anyhow::bail!(
+            "the gradient clip norm is {}: it must be above 0 (0 would stop every update)",
+            cfg.run.grad_clip
+        );
+    }
     if cfg.run.batch_size < 2 {
         anyhow::bail!("--batch-size must be at least 2 (half generation, half edit rows)");
     }
@@ -620,7 +631,30 @@ pub fn fit_dream_on<B: AutodiffBackend>(
     )
     .with_context(|| format!("the captioner in {}", init.display()))?;
     let rows = load_dream_rows(&cfg.run.data, &samples, &tokenizer, model_spec)?;
+    let unknown = duet_datasets::tokenizer::unknown_words(
+        &tokenizer,
+        &crate::vocab::folder_texts(&cfg.run.data)?,
+    )?;
+    if !unknown.is_empty() {
+        let shown: Vec<String> = unknown
+            .iter()
+            .take(10)
+            .map(|(w, n)| format!("{w} ({n})"))
+            .collect();
+        tracing::warn!(
+            "{} distinct words of the captions, questions and instructions are not in the \
+             tokenizer of {} and train as [UNK]: {} (`duet-train extend-vocab --run {} --data …` \
+             makes a run that knows them)",
+            unknown.len(),
+            init.display(),
+            shown.join(", "),
+            init.display()
+        );
+    }
     let questions = load_question_rows(&cfg.run.data, &samples)?;
+    if state.is_none() && cfg.understanding_weight > 0.0 {
+        cfg.questions = questions.len();
+    }
     let data = prepare_with_questions(
         &samples,
         &questions,

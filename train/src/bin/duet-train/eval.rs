@@ -96,8 +96,8 @@ pub fn run(cmd: EvalCommand, command_line: String) -> anyhow::Result<()> {
             let data = data.context(
                 "--data is required for --stage vqa (a ShapeWorld folder written with --questions)",
             )?;
-            let (report, examples) = cpu::eval_vqa(&run, &data, limit)?;
-            for a in &examples {
+            let (report, answers) = cpu::eval_vqa(&run, &data, limit)?;
+            for a in answers.iter().take(12) {
                 println!("{} truth: {} | answer: {}", a.question, a.truth, a.answer);
             }
             println!("{report}");
@@ -106,7 +106,7 @@ pub fn run(cmd: EvalCommand, command_line: String) -> anyhow::Result<()> {
                 &serde_json::json!({
                     "data": data, "report": report, "overall": report.overall(),
                     "majority_overall": report.majority_overall(), "limit": limit,
-                    "command": command_line, "examples": examples,
+                    "command": command_line, "answers": answers,
                 }),
             )?;
         }

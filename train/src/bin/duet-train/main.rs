@@ -82,6 +82,24 @@ enum Command {
     Fit(Box<fit::FitCommand>),
     /// Evaluate a trained run on a dataset.
     Eval(eval::EvalCommand),
+    /// Grow a caption or generate run's vocabulary by the words of new training folders it
+    /// does not know (captions, questions and answers, edit instructions): a new run whose
+    /// tokenizer keeps every old id and whose embeddings and output layer have a row per new
+    /// word, to fine-tune from (e.g. a shipped model imported with `duet-export import`).
+    ExtendVocab {
+        /// The caption or generate run.
+        #[arg(long)]
+        run: PathBuf,
+        /// The folders the fine-tune will train on (repeatable).
+        #[arg(long, required = true)]
+        data: Vec<PathBuf>,
+        /// The new run folder (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the new rows' noise.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -185,6 +203,31 @@ fn main() -> anyhow::Result<()> {
         Command::Data(cmd) => data::run(cmd)?,
         Command::Fit(cmd) => fit::run(*cmd, command_line)?,
         Command::Eval(cmd) => eval::run(cmd, command_line)?,
+        Command::ExtendVocab {
+            run,
+            data,
+            out,
+            seed,
+        } => {
+            let report = duet_train::vocab::extend_run(&run, &data, &out, seed, &command_line)?;
+            let shown: Vec<String> = report
+                .added
+                .iter()
+                .take(20)
+                .map(|(w, n)| format!("{w} ({n})"))
+                .collect();
+            println!(
+                "{} ({} run) → {}: {} words added (vocabulary {}), {} tables grown; {}{}",
+                run.display(),
+                report.stage,
+                report.out.display(),
+                report.added.len(),
+                report.vocab_size,
+                report.grown.len(),
+                shown.join(", "),
+                if report.added.len() > 20 { ", …" } else { "" }
+            );
+        }
     }
     Ok(())
 }
