@@ -260,13 +260,26 @@ fn to_fp16(
     Ok(())
 }
 
+/// Largest code of a `MatMulInteger` weight: 7 bits, not 8. onnxruntime's u8 × s8 kernels on
+/// x86 CPUs without VNNI (AVX2) add pairs of products in saturating 16-bit lanes; with codes up
+/// to ±127 against activations up to 255 a pair reaches 64,770 and clips (measured on an AMD
+/// EPYC with AVX2 only: a tiny decoder's int8 output off by 27 % of its range on onnxruntime,
+/// 0.9 % on tract). With ±63 a pair stays under 32,767 on every CPU, as onnxruntime's own
+/// quantiser does with `reduce_range` for such machines; the cost is one bit of weight
+/// precision, per output channel.
+pub const MATMUL_MAX_CODE: f32 = 63.0;
+/// Largest code of an int8 `Gather` table (dequantised before use: no integer products).
+pub const TABLE_MAX_CODE: f32 = 127.0;
+
 /// Symmetric int8 of `values` laid out as `rows × cols`, one scale per column (`per_column`)
-/// or per row; an all-zero line gets scale 1 (its codes are 0 either way).
+/// or per row, codes in `-max_code..=max_code`; an all-zero line gets scale 1 (its codes are
+/// 0 either way).
 fn quantize_symmetric(
     values: &[f32],
     rows: usize,
     cols: usize,
     per_column: bool,
+    max_code: f32,
 ) -> (Vec<i8>, Vec<f32>) {
     let lines = if per_column { cols } else { rows };
     let mut scale = vec![0f32; lines];
@@ -275,14 +288,14 @@ fn quantize_symmetric(
         scale[line] = scale[line].max(v.abs());
     }
     for s in &mut scale {
-        *s = if *s > 0.0 { *s / 127.0 } else { 1.0 };
+        *s = if *s > 0.0 { *s / max_code } else { 1.0 };
     }
     let codes = values
         .iter()
         .enumerate()
         .map(|(i, &v)| {
             let line = if per_column { i % cols } else { i / cols };
-            (v / scale[line]).round().clamp(-127.0, 127.0) as i8
+            (v / scale[line]).round().clamp(-max_code, max_code) as i8
         })
         .collect();
     (codes, scale)
@@ -373,7 +386,12 @@ fn to_int8(
         checked_len(t, &values)?;
         let (rows, cols) = (t.dims[0] as usize, t.dims[1] as usize);
         let per_column = matmul_weights.contains(name);
-        let (codes, scale) = quantize_symmetric(&values, rows, cols, per_column);
+        let max_code = if per_column {
+            MATMUL_MAX_CODE
+        } else {
+            TABLE_MAX_CODE
+        };
+        let (codes, scale) = quantize_symmetric(&values, rows, cols, per_column, max_code);
         let codes_name = names.fresh(&format!("{name}.int8"));
         let scale_name = names.fresh(&format!("{name}.scale"));
         new_inits.push(tensor(

@@ -54,11 +54,15 @@ fn initializer_types(bytes: &[u8]) -> Vec<(String, i32, Vec<i64>)> {
 fn symmetric_codes_use_the_full_range_per_line() {
     // 2 × 3, per column: column maxima 2, 0 (all zero) and 4.
     let w = [2.0, 0.0, -4.0, -1.0, 0.0, 1.0];
-    let (codes, scale) = quantize_symmetric(&w, 2, 3, true);
+    let (codes, scale) = quantize_symmetric(&w, 2, 3, true, 127.0);
     assert_eq!(scale, vec![2.0 / 127.0, 1.0, 4.0 / 127.0]);
     assert_eq!(codes, vec![127, 0, -127, -64, 0, 32]);
-    // Per row: row maxima 4 and 1.
-    let (codes, scale) = quantize_symmetric(&w, 2, 3, false);
+    // The integer products' 7-bit range: the same lines, half the steps.
+    let (codes63, scale63) = quantize_symmetric(&w, 2, 3, true, MATMUL_MAX_CODE);
+    assert_eq!(scale63, vec![2.0 / 63.0, 1.0, 4.0 / 63.0]);
+    assert_eq!(codes63, vec![63, 0, -63, -31, 0, 16]); // -1 / (2 / 63) is -31.4999… in f32
+                                                       // Per row: row maxima 4 and 1.
+    let (codes, scale) = quantize_symmetric(&w, 2, 3, false, 127.0);
     assert_eq!(scale, vec![4.0 / 127.0, 1.0 / 127.0]);
     assert_eq!(codes, vec![64, 0, -127, -127, 0, 127]);
     // Dequantised values are within half a step of the originals.
