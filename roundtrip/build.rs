@@ -8,15 +8,15 @@ use std::path::PathBuf;
 
 use burn_onnx::{LoadStrategy, ModelGen};
 
-/// The graphs of `shipped/duet-small`, in manifest order, but for `dream_encoder` (the caption
-/// decoder's weights again, read with dream queries; not yet checked here).
-const GRAPHS: [&str; 7] = [
+/// Every graph of `shipped/duet-small`, in manifest order.
+const GRAPHS: [&str; 8] = [
     "vision_encoder",
     "caption_decoder",
     "text_encoder",
     "denoiser",
-    "restorer_i2t",
+    "dream_encoder",
     "restorer_t2i",
+    "restorer_i2t",
     "fusion_head",
 ];
 

@@ -24,36 +24,14 @@ devices=${DUET_DEVICES:-1}
 # card and the evaluation files it quotes (copied from runs/ by hand), which duet-export refuses
 # to delete. Compare the new bundle with it, then copy the graphs and manifest across.
 bundle=${DUET_SMALL_BUNDLE:-$work/bundle}
-bin=${DUET_BIN:-}
-if [ -z "$bin" ]; then
-    (cd "$root" && cargo build --release -p duet-train -p duet-export)
-    bin="${CARGO_TARGET_DIR:-$root/target}/release"
-fi
-mkdir -p "$work"
-cd "$work"
-t="$bin/duet-train"
+# shellcheck source=scripts/recipe.sh
+source "$root/scripts/recipe.sh"
 
 # Data: built in seconds and bit for bit from these seeds, so it is never committed.
 [ -f data/sw-train/dataset.json ] || "$t" shapeworld --out data/sw-train --count 6000 --seed 11 --max-objects 4
 [ -f data/sw-val/dataset.json ] || "$t" shapeworld --out data/sw-val --count 500 --seed 12 --max-objects 4
-for style in google twitter; do
-    [ -f "data/emoji-$style/dataset.json" ] ||
-        "$t" emoji --out "data/emoji-$style" --style "$style" --source "$root/.data/emoji-src"
-done
+emoji_data
 train=(--data data/sw-train --data data/emoji-google/train --data data/emoji-twitter/train)
-
-stage() { # stage NAME RUN_DIR COMMAND...: runs COMMAND unless RUN_DIR/.done exists
-    local name=$1 run=$2
-    shift 2
-    if [ -f "$run/.done" ]; then
-        echo "== $name: done ($run)"
-        return
-    fi
-    echo "== $name ($(date -u +%H:%M:%S))"
-    "$@"
-    touch "$run/.done"
-}
-resume() { [ -f "$1/state.json" ] && echo --resume || true; }
 
 stage caption runs/small \
     "$t" fit --stage caption --preset small "${train[@]}" --out runs/small \
@@ -81,19 +59,11 @@ stage restore runs/small-restore \
     "$t" fit --stage restore --init runs/small-fusion --out runs/small-restore --steps 600 --seed 0 --devices "$devices"
 
 # The restore run carries runs/small-unify/stage1's captioner and generator unchanged (the
-# backbones are frozen in fusion and restore), so they are scored there. The first-100 report
-# is the slice tests/tests/shipped.rs recomputes through the exported graphs.
+# backbones are frozen in fusion and restore), so they are scored there.
 echo "== evaluation"
 final=runs/small-unify/stage1
-"$t" eval --run "$final" --data data/emoji-google/test --limit 100
-mv "$final/eval-emoji.json" "$final/eval-emoji-google-first100.json"
-for style in google twitter; do
-    "$t" eval --run "$final" --data "data/emoji-$style/test"
-    mv "$final/eval-emoji.json" "$final/eval-emoji-$style.json"
-done
+eval_emoji "$final"
 "$t" eval --run "$final" --data data/sw-val
-"$t" eval --run "$final" --data data/emoji-google/train --limit 382
-mv "$final/eval-emoji.json" "$final/eval-emoji-google-train-first382.json"
 "$t" eval --stage retrieval --run "$final" --data data/emoji-google/train --limit 382 --steps 30 --guidance 3
 mv "$final/retrieval.json" "$final/retrieval-train-first382.json"
 mv "$final/retrieval.png" "$final/retrieval-train-first382.png"

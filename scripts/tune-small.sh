@@ -19,14 +19,8 @@ work=${DUET_SMALL_DIR:-$root/out/small-tune}
 devices=${DUET_DEVICES:-2}
 dream_steps=${DUET_DREAM_STEPS:-1500}
 bundle=${DUET_SMALL_BUNDLE:-$work/bundle}
-bin=${DUET_BIN:-}
-if [ -z "$bin" ]; then
-    (cd "$root" && cargo build --release -p duet-train -p duet-export)
-    bin="${CARGO_TARGET_DIR:-$root/target}/release"
-fi
-mkdir -p "$work"
-cd "$work"
-t="$bin/duet-train"
+# shellcheck source=scripts/recipe.sh
+source "$root/scripts/recipe.sh"
 base=${DUET_BASE:-}
 if [ -z "$base" ]; then
     base=$work/base/shipped/duet-small
@@ -43,24 +37,8 @@ fi
 [ -f data/sw-qa/dataset.json ] || "$t" shapeworld --out data/sw-qa --count 6000 --seed 11 --max-objects 4 --questions 2 --edits 2
 [ -f data/sw-qa-val/dataset.json ] || "$t" shapeworld --out data/sw-qa-val --count 500 --seed 12 --max-objects 4 --questions 3 --edits 2 --held-out-from data/sw-qa
 [ -f data/sw-val/dataset.json ] || "$t" shapeworld --out data/sw-val --count 500 --seed 12 --max-objects 4
-for style in google twitter; do
-    [ -f "data/emoji-$style/dataset.json" ] ||
-        "$t" emoji --out "data/emoji-$style" --style "$style" --source "$root/.data/emoji-src"
-done
+emoji_data
 train=(--data data/sw-qa --data data/emoji-google/train --data data/emoji-twitter/train)
-
-stage() { # stage NAME RUN_DIR COMMAND...: runs COMMAND unless RUN_DIR/.done exists
-    local name=$1 run=$2
-    shift 2
-    if [ -f "$run/.done" ]; then
-        echo "== $name: done ($run)"
-        return
-    fi
-    echo "== $name ($(date -u +%H:%M:%S))"
-    "$@"
-    touch "$run/.done"
-}
-resume() { [ -f "$1/state.json" ] && echo --resume || true; }
 
 # The bundle's captioner and generator as a generate run, then its vocabulary grown by the
 # questions' and instructions' words (what, colour, how, many, remove, …) so they are not [UNK].
@@ -82,14 +60,7 @@ final=runs/dream
 "$t" eval --stage vqa --run "$final" --data data/sw-qa-val
 "$t" eval --stage dream --run "$final" --data data/sw-qa-val --limit 120 --sampler dpmpp --steps 20
 "$t" eval --run "$final" --data data/sw-val
-"$t" eval --run "$final" --data data/emoji-google/test --limit 100
-mv "$final/eval-emoji.json" "$final/eval-emoji-google-first100.json"
-for style in google twitter; do
-    "$t" eval --run "$final" --data "data/emoji-$style/test"
-    mv "$final/eval-emoji.json" "$final/eval-emoji-$style.json"
-done
-"$t" eval --run "$final" --data data/emoji-google/train --limit 382
-mv "$final/eval-emoji.json" "$final/eval-emoji-google-train-first382.json"
+eval_emoji "$final"
 "$t" eval --stage restore --run runs/restore
 
 echo "== export to $bundle"

@@ -161,14 +161,17 @@ pub fn import_run(
         ..caption
     };
     let config = match stage {
-        Stage::Generate => serde_json::to_value(generate_config(
-            preset,
-            spec,
-            bundle,
-            command,
-            &caption.device,
-            diffusion_settings(manifest, bundle)?,
-        ))?,
+        Stage::Generate => serde_json::to_value(GenerateTrainConfig {
+            tokenizer: Some(caption.tokenizer.clone()),
+            ..generate_config(
+                preset,
+                spec,
+                bundle,
+                command,
+                &caption.device,
+                diffusion_settings(manifest, bundle)?,
+            )
+        })?,
         _ => serde_json::to_value(&caption)?,
     };
     // Built beside `out` and renamed into place, so a failed import leaves nothing behind.
@@ -253,6 +256,7 @@ fn generate_config(
         device: device.to_owned(),
         command: command.to_owned(),
         diffusion,
+        tokenizer: None,
     }
 }
 

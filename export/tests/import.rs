@@ -169,6 +169,7 @@ fn random_generate_run(run: &Path) -> ModelSpec {
         device: "cpu".into(),
         command: "test".into(),
         diffusion,
+        tokenizer: None,
     };
     write_json(&run.join(CONFIG_FILE), &config).unwrap();
     model
@@ -203,6 +204,58 @@ fn an_exported_generator_imports_back_as_a_generate_run() {
     assert_eq!(config.diffusion, original.diffusion);
     // The imported run loads as a generator, the way the dream and restore stages read it.
     duet_run::load_generator::<B>(&imported, false, &Default::default()).unwrap();
+
+    // It says where its tokenizer came from, and so do the bundles made from it (its `init`
+    // names a bundle, not a caption run) and from a run whose vocabulary grew from it.
+    let origin = |b: &Path| {
+        let said = duet_runtime::Bundle::open(b)
+            .unwrap()
+            .manifest()
+            .tokenizer
+            .origin
+            .clone();
+        said.unwrap_or_else(|| panic!("{}: no tokenizer origin", b.display()))
+    };
+    let sha =
+        duet_runtime::bundle::sha256_hex(&std::fs::read(bundle.join(TOKENIZER_FILE)).unwrap());
+    let again = dir.path().join("again");
+    export_run(&ExportOptions::new(&imported, &again)).unwrap();
+    assert_eq!(
+        origin(&again),
+        format!(
+            "reused from {} (sha256 {sha})",
+            bundle.join(TOKENIZER_FILE).display()
+        )
+    );
+    let data = dir.path().join("data");
+    let scenes = duet_datasets::shapeworld::SceneConfig::default();
+    duet_datasets::shapeworld::write_dataset_with(
+        &data,
+        8,
+        2,
+        &scenes,
+        "test",
+        &Default::default(),
+    )
+    .unwrap();
+    let grown = dir.path().join("grown");
+    let report = duet_train::vocab::extend_run(&imported, &[data], &grown, 0, "test").unwrap();
+    let grown_bundle = dir.path().join("grown-bundle");
+    export_run(&ExportOptions::new(&grown, &grown_bundle)).unwrap();
+    assert_eq!(
+        origin(&grown_bundle),
+        format!(
+            "{} (sha256 {sha}) with {} words added: {}",
+            imported.join(TOKENIZER_FILE).display(),
+            report.added.len(),
+            report
+                .added
+                .iter()
+                .map(|(w, _)| w.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    );
 
     // The captioner alone, on request; a caption-only bundle has no generator to import.
     let captioner = dir.path().join("captioner");
@@ -258,94 +311,51 @@ fn a_restore_run_over_a_dream_run_exports_the_dream_queries_and_questions() {
     write_dataset_with(&data, 24, 3, &SceneConfig::default(), "test", &extras).unwrap();
     let run = |name: &str| dir.path().join(name);
     let device = Default::default();
+    // One step of batch 4 per stage: the test is about what the runs carry, not training.
+    let (steps, batch_size) = (Some(1), Some(4));
     fit::<CpuBackend>(
         &FitArgs {
-            preset: Preset::Tiny,
-            data: vec![data.clone()],
-            out: run("caption"),
-            steps: Some(1),
-            batch_size: Some(4),
-            lr: None,
-            seed: 0,
-            resume: false,
-            image_size: None,
-            image_fit: None,
-            tokenizer: None,
-            init_from: None,
-            device: "cpu".into(),
-            devices: 1,
-            network: None,
-            command: "test".into(),
+            steps,
+            batch_size,
             quiet: true,
+            ..FitArgs::new(Preset::Tiny, vec![data.clone()], run("caption"))
         },
         &device,
     )
     .unwrap();
     fit_generate::<CpuBackend>(
         &GenerateFitArgs {
-            init: run("caption"),
-            data: vec![data.clone()],
-            out: run("gen"),
-            steps: Some(1),
-            batch_size: Some(4),
-            lr: None,
-            min_snr_gamma: None,
-            denoiser: Default::default(),
-            seed: 0,
-            resume: false,
-            device: "cpu".into(),
-            devices: 1,
-            network: None,
-            command: "test".into(),
+            steps,
+            batch_size,
             quiet: true,
+            ..GenerateFitArgs::new(run("caption"), vec![data.clone()], run("gen"))
         },
         &device,
     )
     .unwrap();
     fit_dream::<CpuBackend>(
         &DreamFitArgs {
-            init: run("gen"),
-            data: vec![data.clone()],
-            out: run("dream"),
-            steps: Some(1),
-            batch_size: Some(4),
-            lr: None,
+            steps,
+            batch_size,
             queries: Some(2),
-            understanding_weight: None,
-            distill_weight: None,
-            generation_weight: None,
-            token_weight: None,
-            seed: 0,
-            resume: false,
-            device: "cpu".into(),
-            devices: 1,
-            network: None,
-            command: "test".into(),
             quiet: true,
+            ..DreamFitArgs::new(run("gen"), vec![data.clone()], run("dream"))
         },
         &device,
     )
     .unwrap();
     let pair_args = |init: &str, out: &str| PairFitArgs {
-        init: run(init),
-        out: run(out),
         task: Some(PairTask::ColourColumn),
-        data: None,
         train_examples: Some(64),
         test_examples: Some(32),
-        steps: Some(1),
+        steps,
         batch_size: Some(8),
-        lr: None,
-        seed: 0,
         settings: Some(RestoreSettings {
             token_steps: 1,
             ..RestoreSettings::default()
         }),
-        device: "cpu".into(),
-        devices: 1,
-        network: None,
-        command: "test".into(),
         quiet: true,
+        ..PairFitArgs::new(run(init), run(out))
     };
     fit_fusion::<CpuBackend>(&pair_args("dream", "fusion"), &device).unwrap();
     fit_restore::<CpuBackend>(&pair_args("fusion", "restore"), &device).unwrap();
@@ -370,4 +380,11 @@ fn a_restore_run_over_a_dream_run_exports_the_dream_queries_and_questions() {
         "{:?}",
         b.manifest().questions
     );
+    // Every stage carries its init's tokenizer origin: the caption run's, four links back.
+    assert_eq!(
+        b.manifest().tokenizer.origin.as_deref(),
+        Some("trained on the run's captions")
+    );
+    let fusion: serde_json::Value = read_json(&run("fusion").join(CONFIG_FILE)).unwrap();
+    assert_eq!(fusion["tokenizer"]["from"], "trained", "{fusion}");
 }

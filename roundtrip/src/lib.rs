@@ -8,6 +8,10 @@
 
 use std::path::PathBuf;
 
+// burn-onnx's generated code names `alloc::vec::Vec` (in `dream_encoder`'s shape arithmetic)
+// as a no_std crate would; a std crate brings `alloc` into scope by name like this.
+extern crate alloc;
+
 macro_rules! imported {
     ($($graph:ident),* $(,)?) => {
         $(
@@ -22,6 +26,7 @@ macro_rules! imported {
 imported!(
     vision_encoder,
     caption_decoder,
+    dream_encoder,
     text_encoder,
     denoiser,
     restorer_i2t,

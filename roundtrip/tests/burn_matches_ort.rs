@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 use burn::backend::ndarray::{NdArray, NdArrayDevice};
 use burn::tensor::{Int, Tensor, TensorData};
 use duet_roundtrip::{
-    bundle_dir, caption_decoder, denoiser, fusion_head, restorer_i2t, restorer_t2i, text_encoder,
-    vision_encoder, weights,
+    bundle_dir, caption_decoder, denoiser, dream_encoder, fusion_head, restorer_i2t, restorer_t2i,
+    text_encoder, vision_encoder, weights,
 };
 use ort::environment::Environment;
 use ort::session::{Session, SessionInputValue};
@@ -284,9 +284,10 @@ impl Vocab {
 
 /// `[BOS] words [EOS]` padded to `max_len`, and its mask (1 on tokens, 0 on padding), for each
 /// prompt; every word must be in the vocabulary so the inputs are ones the model was trained on.
-fn tokenise(m: &Json, vocab: &Vocab, prompts: &[&str]) -> (Host<i64>, Host<f32>) {
+/// Without `eos` the prompt is `[BOS] words`, as the dream encoder reads it (its queries follow).
+fn tokenise(m: &Json, vocab: &Vocab, prompts: &[&str], eos: bool) -> (Host<i64>, Host<f32>) {
     let max_len = usize_at(m, "/tokenizer/max_len");
-    let (pad, bos, eos) = (
+    let (pad, bos, eos_id) = (
         usize_at(m, "/tokenizer/pad_id") as i64,
         usize_at(m, "/tokenizer/bos_id") as i64,
         usize_at(m, "/tokenizer/eos_id") as i64,
@@ -301,7 +302,9 @@ fn tokenise(m: &Json, vocab: &Vocab, prompts: &[&str]) -> (Host<i64>, Host<f32>)
                 .get(w)
                 .unwrap_or_else(|| panic!("`{w}` is not in the vocabulary"))
         }));
-        seq.push(eos);
+        if eos {
+            seq.push(eos_id);
+        }
         assert!(seq.len() < max_len);
         mask.extend((0..max_len).map(|j| if j < seq.len() { 1.0 } else { 0.0 }));
         seq.resize(max_len, pad);
@@ -319,7 +322,7 @@ const PROMPTS: [&str; 3] = [
 
 /// The text encoder's outputs on `PROMPTS` through ort: the conditions fed to the later graphs.
 fn ort_text(m: &Json) -> (Host<f32>, Host<f32>, Host<f32>) {
-    let (ids, mask) = tokenise(m, &Vocab::load(), &PROMPTS);
+    let (ids, mask) = tokenise(m, &Vocab::load(), &PROMPTS, true);
     let mut out = OrtGraph::load("text_encoder")
         .run(vec![("input_ids", ids.ort()), ("attn_mask", mask.ort())]);
     (
@@ -488,7 +491,7 @@ fn argmax(row: &[f32]) -> i64 {
 #[test]
 fn text_encoder_matches_ort_on_padded_prompts() {
     let m = manifest();
-    let (ids, mask) = tokenise(&m, &Vocab::load(), &PROMPTS);
+    let (ids, mask) = tokenise(&m, &Vocab::load(), &PROMPTS, true);
     let burn = text_encoder::Model::<B>::from_file(weights("text_encoder"), &DEVICE);
     let (tokens, embedding) = burn.forward(ids.burn(), mask.burn());
     let mut ort = OrtGraph::load("text_encoder")
@@ -607,4 +610,70 @@ fn fusion_head_matches_ort() {
     let ort_logits = out.remove("logits").unwrap();
     assert_eq!(ort_logits.shape, vec![n, classes]);
     assert_close("fusion_head logits", &Host::from_burn(logits), &ort_logits);
+}
+
+/// The dream encoder (the caption decoder's weights reading `[BOS] prompt` over an image, then
+/// the learnt dream queries) on the prompts over the first sample images, and the denoiser on
+/// its dream tokens, as `duet generate --condition dream` and `duet edit` run them.
+#[test]
+fn dream_encoder_matches_ort_and_conditions_the_denoiser() {
+    let m = manifest();
+    let (ids, mask) = tokenise(&m, &Vocab::load(), &PROMPTS, false);
+    let n = PROMPTS.len();
+    let (_, pixels) = sample_pixels(&m);
+    let per_image = pixels.data.len() / pixels.shape[0];
+    let mut shape = pixels.shape.clone();
+    shape[0] = n;
+    let pixels = Host::new(&shape, pixels.data[..n * per_image].to_vec());
+    let image_tokens = OrtGraph::load("vision_encoder")
+        .run(vec![("pixels", pixels.ort())])
+        .remove("patch_tokens")
+        .unwrap();
+
+    let burn = dream_encoder::Model::<B>::from_file(weights("dream_encoder"), &DEVICE);
+    let dream_tokens = burn.forward(ids.burn(), mask.burn(), image_tokens.burn());
+    let mut out = OrtGraph::load("dream_encoder").run(vec![
+        ("input_ids", ids.ort()),
+        ("attn_mask", mask.ort()),
+        ("image_tokens", image_tokens.ort()),
+    ]);
+    let ort_tokens = out.remove("dream_tokens").unwrap();
+    let queries = usize_at(&m, "/model/dream_queries");
+    let max_len = usize_at(&m, "/tokenizer/max_len");
+    assert_eq!(ort_tokens.shape[..2], [n, max_len + queries]);
+    assert_close(
+        "dream_encoder dream_tokens",
+        &Host::from_burn(dream_tokens),
+        &ort_tokens,
+    );
+
+    // The denoiser's key mask over the dream tokens: the prompt's positions, then every query.
+    let key_mask: Vec<f32> = mask
+        .data
+        .chunks(max_len)
+        .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(1.0, queries)))
+        .collect();
+    let key_mask = Host::new(&[n, max_len + queries], key_mask);
+    let size = usize_at(&m, "/image/size");
+    let t = f32s_at(&m, "/diffusion/alphas_cumprod").len() / 2;
+    let x = Host::randn(&[n, 3, size, size], &mut ChaCha8Rng::seed_from_u64(13));
+    let timestep = Host::new(&[n], vec![t as f32; n]);
+    let denoiser = denoiser::Model::<B>::from_file(weights("denoiser"), &DEVICE);
+    let prediction = denoiser.forward(
+        x.burn(),
+        timestep.burn(),
+        ort_tokens.burn(),
+        key_mask.burn(),
+    );
+    let mut out = OrtGraph::load("denoiser").run(vec![
+        ("x", x.ort()),
+        ("timestep", timestep.ort()),
+        ("text_tokens", ort_tokens.ort()),
+        ("text_mask", key_mask.ort()),
+    ]);
+    assert_close(
+        &format!("denoiser on dream tokens, t = {t}"),
+        &Host::from_burn(prediction),
+        &out.remove("prediction").unwrap(),
+    );
 }

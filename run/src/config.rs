@@ -208,6 +208,12 @@ pub struct GenerateTrainConfig {
     pub device: String,
     pub command: String,
     pub diffusion: DiffusionSettings,
+    /// Where the run's tokenizer came from: its caption run's (the generate stage copies it),
+    /// the bundle it was imported from (`duet-export import`), or a grown vocabulary
+    /// (`duet-train extend-vocab`); later stages copy their init's. `None` (absent from the
+    /// file) in runs made before this was written: the caption run of the `init` chain says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerOrigin>,
 }
 
 impl GenerateTrainConfig {
@@ -386,4 +392,8 @@ pub struct PairTrainConfig {
     /// Restore stage only.
     #[serde(default)]
     pub settings: Option<RestoreSettings>,
+    /// The tokenizer origin of the run this one starts from (see
+    /// [`GenerateTrainConfig::tokenizer`]); `None` in runs made before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerOrigin>,
 }

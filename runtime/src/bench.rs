@@ -186,42 +186,52 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Nominal fp32 peak of this machine's CPUs: cores × clock × FLOPs per cycle, where a core
-/// with AVX2 + FMA retires two 8-wide FMAs a cycle (32 FLOPs; AVX-512 parts like AMD Zen 4
-/// execute 512-bit FMAs as two 256-bit halves, so 32 is used for them too), AVX alone 16,
-/// SSE 8. A nominal figure: clocks boost and throttle. Linux only.
+/// Nominal fp32 peak of this machine's CPUs: cores × clock × [`fp32_flops_per_cycle`]. A
+/// nominal figure: clocks boost and throttle. Linux only.
 pub fn machine_peak_gflops() -> Option<(f64, String)> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let flags: Vec<&str> = info
-        .lines()
-        .find_map(|l| l.strip_prefix("flags"))?
-        .split_whitespace()
-        .collect();
-    let mhz: f64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("cpu MHz"))?
-        .trim_start_matches([' ', '\t', ':'])
-        .trim()
-        .parse()
-        .ok()?;
-    let model = info
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|m| m.trim_start_matches([' ', '\t', ':']).trim().to_string())
-        .unwrap_or_else(|| "unknown CPU".to_string());
-    let cores = std::thread::available_parallelism().ok()?.get();
-    let per_cycle = if flags.contains(&"fma") && flags.contains(&"avx2") {
-        32.0
-    } else if flags.contains(&"avx") {
-        16.0
-    } else {
-        8.0
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).trim())
     };
+    let flags: Vec<&str> = field("flags")?.split_whitespace().collect();
+    let mhz: f64 = field("cpu MHz")?.parse().ok()?;
+    let model = field("model name").unwrap_or("unknown CPU").to_string();
+    let vendor = field("vendor_id").unwrap_or("");
+    let family: u32 = field("cpu family")
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().ok()?.get();
+    let per_cycle = fp32_flops_per_cycle(&flags, vendor, family);
     let peak = cores as f64 * mhz * 1e-3 * per_cycle;
     Some((
         peak,
         format!("{cores} × {model} at {mhz:.0} MHz × {per_cycle} FLOP/cycle"),
     ))
+}
+
+/// fp32 FLOPs one core retires per cycle, from its `/proc/cpuinfo` flags, vendor and family:
+/// two FMAs a cycle of the widest vector the core executes at full width. AVX-512 counts as
+/// 512 bits (64) on Intel and on AMD from Zen 5 (family 26), whose FMA units are 512 bits
+/// wide; Zen 4 (family 25) splits each 512-bit FMA into two 256-bit halves, so it counts as
+/// AVX2 + FMA (32). AVX alone (no FMA) 16, else SSE 8.
+pub fn fp32_flops_per_cycle(flags: &[&str], vendor: &str, family: u32) -> f64 {
+    let has = |f: &str| flags.contains(&f);
+    let full_width_avx512 = match vendor {
+        "GenuineIntel" => true,
+        "AuthenticAMD" => family >= 26,
+        _ => false,
+    };
+    if has("avx512f") && full_width_avx512 {
+        64.0
+    } else if has("fma") && has("avx2") {
+        32.0
+    } else if has("avx") {
+        16.0
+    } else {
+        8.0
+    }
 }
 
 /// Measures every pipeline of `bundle` on one provider (strictly: no fallback).
@@ -802,6 +812,23 @@ pub fn render_markdown(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn flops_per_cycle_follow_the_widest_full_width_fma() {
+        let avx512 = ["sse2", "avx", "avx2", "fma", "avx512f"];
+        let avx2 = ["sse2", "avx", "avx2", "fma"];
+        // Zen 5 (this repository's 2026-12-07 benchmark host) and Intel: 512-bit FMAs.
+        assert_eq!(fp32_flops_per_cycle(&avx512, "AuthenticAMD", 26), 64.0);
+        assert_eq!(fp32_flops_per_cycle(&avx512, "GenuineIntel", 6), 64.0);
+        // Zen 4 runs AVX-512 as two 256-bit halves.
+        assert_eq!(fp32_flops_per_cycle(&avx512, "AuthenticAMD", 25), 32.0);
+        assert_eq!(fp32_flops_per_cycle(&avx2, "AuthenticAMD", 23), 32.0);
+        assert_eq!(
+            fp32_flops_per_cycle(&["sse2", "avx"], "GenuineIntel", 6),
+            16.0
+        );
+        assert_eq!(fp32_flops_per_cycle(&["sse2"], "", 0), 8.0);
+    }
+
     use super::*;
 
     #[test]

@@ -124,6 +124,11 @@ pub fn extend_run(
         Stage::Generate => {
             let mut c: GenerateTrainConfig = serde_json::from_value(config)?;
             c.model.vocab_size = grown_size(c.model.vocab_size)?;
+            c.tokenizer = Some(TokenizerOrigin::Extended {
+                path: reused.file.clone(),
+                sha256: reused.sha256.clone(),
+                added: words.clone(),
+            });
             c.init = run.to_path_buf();
             c.command = command.to_owned();
             (serde_json::to_value(&c)?, c.model)

@@ -9,31 +9,8 @@ use duet_run::checkpoint::{load_weights, read_json, TrainState, STATE_FILE, WEIG
 use duet_train::backend::CpuBackend;
 
 mod common;
-use common::{chain, max_difference};
+use common::{chain, dream_args, max_difference};
 use duet_train::stages::dream::{fit_dream, DreamFitArgs};
-
-fn dream_args(init: &Path, data: &Path, out: &Path, steps: usize, resume: bool) -> DreamFitArgs {
-    DreamFitArgs {
-        init: init.to_path_buf(),
-        data: vec![data.to_path_buf()],
-        out: out.to_path_buf(),
-        steps: Some(steps),
-        batch_size: Some(4),
-        lr: None,
-        queries: Some(3),
-        understanding_weight: None,
-        distill_weight: None,
-        generation_weight: None,
-        token_weight: None,
-        seed: 5,
-        resume,
-        device: "cpu".into(),
-        devices: 1,
-        network: None,
-        command: "test".into(),
-        quiet: true,
-    }
-}
 
 #[test]
 fn dream_trains_decoder_and_queries_keeps_the_rest_and_resumes_exactly() {

@@ -123,25 +123,20 @@ fn two_cpu_peers_train_fusion_and_restore_like_one_device() {
     let device = Default::default();
     let (_, generate) = chain(dir.path(), &data);
     let pair = |init: &Path, out: &Path, devices, steps| PairFitArgs {
-        init: init.to_path_buf(),
-        out: out.to_path_buf(),
         task: Some(PairTask::ColourColumn),
-        data: None,
         train_examples: Some(64),
         test_examples: Some(16),
         steps: Some(steps),
         batch_size: Some(16),
-        lr: None,
         seed: 3,
         settings: Some(RestoreSettings {
             token_steps: 3,
             ..RestoreSettings::default()
         }),
-        device: "cpu".into(),
         devices,
-        network: None,
         command: "test".into(),
         quiet: true,
+        ..PairFitArgs::new(init, out)
     };
     let fusion = |out: &Path, devices| {
         fit_fusion::<CpuBackend>(&pair(&generate, out, devices, 4), &device).unwrap();

@@ -17,11 +17,11 @@ use duet_run::{
 };
 use duet_train::backend::CpuBackend;
 use duet_train::stages::caption::fit;
-use duet_train::stages::dream::{fit_dream, DreamFitArgs};
+use duet_train::stages::dream::fit_dream;
 use duet_train::vocab::{extend_run, folder_texts};
 
 mod common;
-use common::{caption_args, chain};
+use common::{caption_args, chain, dream_args};
 
 type Infer = burn::backend::NdArray<f32>;
 
@@ -223,26 +223,7 @@ fn a_grown_generate_run_trains_the_dream_stage_and_keeps_the_generator() {
 
     let device = Default::default();
     let dream = dir.path().join("dream");
-    let args = DreamFitArgs {
-        init: out.clone(),
-        data: vec![asked.clone()],
-        out: dream.clone(),
-        steps: Some(2),
-        batch_size: Some(4),
-        lr: None,
-        queries: Some(3),
-        understanding_weight: None,
-        distill_weight: None,
-        generation_weight: None,
-        token_weight: None,
-        seed: 5,
-        resume: false,
-        device: "cpu".into(),
-        devices: 1,
-        network: None,
-        command: "test".into(),
-        quiet: true,
-    };
+    let args = dream_args(&out, &asked, &dream, 2, false);
     fit_dream::<CpuBackend>(&args, &device).unwrap();
     let dream_cfg: serde_json::Value = read_json(&dream.join(CONFIG_FILE)).unwrap();
     assert_eq!(dream_cfg["model"]["vocab_size"], cfg.model.vocab_size);

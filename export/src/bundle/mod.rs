@@ -453,34 +453,51 @@ fn provenance(opts: &ExportOptions) -> serde_json::Value {
     })
 }
 
-/// Where the run's tokenizer came from, said by the caption run at the root of its `init`
-/// chain (later stages copy the captioner's tokenizer unchanged). `None` when a link of the
-/// chain cannot be read (e.g. a relative `init` from another working directory).
-/// The `config.json` of the caption run at the start of `run`'s chain (`init` links), parsed
-/// loosely: the captioner's tokenizer origin and questions live there.
-fn caption_config(run: &Path) -> Option<serde_json::Value> {
-    let mut dir = run.to_path_buf();
+/// The `config.json` of `run` and of each run of its `init` chain after it, parsed loosely,
+/// newest first, until a link cannot be read (a bundle an imported run names, or a relative
+/// `init` from another working directory) or the chain reaches its caption run.
+fn init_chain(run: &Path) -> Vec<serde_json::Value> {
+    let mut chain = Vec::new();
+    let mut dir = Some(run.to_path_buf());
     // Bounded: a chain is at most a few stages long, and a loop must not hang the export.
-    for _ in 0..16 {
-        let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok()?;
-        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let stage = config
-            .get("stage")
-            .and_then(|s| s.as_str())
-            .unwrap_or("caption");
-        if stage == "caption" {
-            return Some(config);
+    while let Some(d) = dir.take().filter(|_| chain.len() < 16) {
+        let Some(config) = std::fs::read_to_string(d.join(CONFIG_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        else {
+            break;
+        };
+        let stage = config.get("stage").and_then(|s| s.as_str());
+        if !matches!(stage, None | Some("caption")) {
+            dir = config
+                .get("init")
+                .and_then(|i| i.as_str())
+                .map(PathBuf::from);
         }
-        dir = PathBuf::from(config.get("init")?.as_str()?);
+        chain.push(config);
     }
-    None
+    chain
 }
 
+/// Where the run's tokenizer came from: said by the newest run of its `init` chain that says
+/// (every stage made since copies it; older chains say it in their caption run only, or, in
+/// runs made before it was recorded, not at all: trained on the captions). `None` when no run
+/// of the readable chain says and the chain does not reach a caption run.
 fn tokenizer_origin(run: &Path) -> Option<String> {
-    let config = caption_config(run)?;
-    let origin: duet_run::TokenizerOrigin = match config.get("tokenizer") {
-        Some(v) => serde_json::from_value(v.clone()).ok()?,
-        None => duet_run::TokenizerOrigin::default(),
+    let chain = init_chain(run);
+    let origin = match chain
+        .iter()
+        .find_map(|c| c.get("tokenizer").filter(|v| !v.is_null()))
+    {
+        Some(v) => serde_json::from_value::<duet_run::TokenizerOrigin>(v.clone()).ok()?,
+        None => {
+            let root = chain.last()?;
+            let stage = root.get("stage").and_then(|s| s.as_str());
+            if !matches!(stage, None | Some("caption")) {
+                return None;
+            }
+            duet_run::TokenizerOrigin::default()
+        }
     };
     Some(origin.to_string())
 }
@@ -489,21 +506,12 @@ fn tokenizer_origin(run: &Path) -> Option<String> {
 /// latest run of its `init` chain that trained it on questions (the caption stage, or a dream
 /// stage, whose understanding loss trains the same decoder).
 fn trained_questions(run: &Path) -> Option<usize> {
-    let mut dir = run.to_path_buf();
-    // Bounded like `caption_config`.
-    for _ in 0..16 {
-        let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok()?;
-        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let n = config
-            .get("questions")
+    init_chain(run).iter().find_map(|c| {
+        c.get("questions")
             .and_then(|q| q.as_u64())
-            .unwrap_or(0);
-        if n > 0 {
-            return usize::try_from(n).ok();
-        }
-        dir = PathBuf::from(config.get("init")?.as_str()?);
-    }
-    None
+            .filter(|&n| n > 0)
+            .and_then(|n| usize::try_from(n).ok())
+    })
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> ExportError {

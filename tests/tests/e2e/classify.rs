@@ -16,25 +16,17 @@ fn restore_bundle_classifies_with_a_missing_modality_on_ort_and_tract_like_burn(
     // Short stages: this test is about export and serving, not about accuracy (the test above
     // holds the accuracy floors).
     let args = |init: &Path, out: &Path, steps: usize| PairFitArgs {
-        init: init.to_path_buf(),
-        out: out.to_path_buf(),
         task: Some(PairTask::ColourColumn),
-        data: None,
         train_examples: Some(600),
         test_examples: Some(200),
         steps: Some(steps),
-        batch_size: None,
-        lr: None,
-        seed: 0,
         settings: Some(RestoreSettings {
             token_steps: 20,
             ..RestoreSettings::default()
         }),
-        device: "cpu".into(),
-        devices: 1,
-        network: None,
         command: "e2e classify".into(),
         quiet: true,
+        ..PairFitArgs::new(init, out)
     };
     let fusion = root.join("fusion");
     fit_fusion::<duet_train::backend::CpuBackend>(&args(&g.run, &fusion, 150), &Default::default())

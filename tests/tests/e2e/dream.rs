@@ -31,24 +31,10 @@ fn dream_fixture() -> &'static DreamFixture {
             .unwrap_or(CI_DREAM_STEPS);
         let run = root.join("run");
         let args = DreamFitArgs {
-            init: g.run.clone(),
-            data: vec![f.train.clone()],
-            out: run.clone(),
             steps: Some(steps),
-            batch_size: None,
-            lr: None,
-            queries: None,
-            understanding_weight: None,
-            distill_weight: None,
-            generation_weight: None,
-            token_weight: None,
-            seed: 0,
-            resume: false,
-            device: "cpu".into(),
-            devices: 1,
-            network: None,
             command: format!("e2e dream fixture: fit --stage dream --steps {steps}"),
             quiet: true,
+            ..DreamFitArgs::new(&g.run, vec![f.train.clone()], &run)
         };
         let outcome = fit_dream::<duet_train::backend::CpuBackend>(&args, &Default::default())
             .expect("dream training");

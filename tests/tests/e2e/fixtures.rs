@@ -57,23 +57,10 @@ pub(crate) fn train_and_export_captioner(
     what: &str,
 ) {
     let args = FitArgs {
-        preset: duet_models::Preset::Tiny,
-        data: vec![train.to_path_buf()],
-        out: run.to_path_buf(),
         steps: Some(steps),
-        batch_size: None,
-        lr: None,
-        seed: 0,
-        resume: false,
-        image_size: None,
-        image_fit: None,
-        tokenizer: None,
-        init_from: None,
-        device: "cpu".into(),
-        devices: 1,
-        network: None,
         command: format!("e2e {what}: fit --stage caption --preset tiny --steps {steps}"),
         quiet: true,
+        ..FitArgs::new(duet_models::Preset::Tiny, vec![train.to_path_buf()], run)
     };
     duet_train::alloc::keep_freed_memory();
     let outcome =
@@ -195,21 +182,10 @@ pub(crate) fn gen_fixture() -> &'static GenFixture {
             .unwrap_or(CI_GEN_STEPS);
         let run = root.join("run");
         let args = GenerateFitArgs {
-            init: f.run.clone(),
-            data: vec![f.train.clone()],
-            out: run.clone(),
             steps: Some(steps),
-            batch_size: None,
-            lr: None,
-            min_snr_gamma: None,
-            denoiser: Default::default(),
-            seed: 0,
-            resume: false,
-            device: "cpu".into(),
-            devices: 1,
-            network: None,
             command: format!("e2e fixture: fit --stage generate --steps {steps}"),
             quiet: true,
+            ..GenerateFitArgs::new(&f.run, vec![f.train.clone()], &run)
         };
         duet_train::alloc::keep_freed_memory();
         let outcome = fit_generate::<duet_train::backend::CpuBackend>(&args, &Default::default())

@@ -18,25 +18,17 @@ fn restore_stage_freezes_backbones_and_restores_closer_than_mean_fill() {
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("duet-e2e-restore");
     let _ = std::fs::remove_dir_all(&root);
     let args = |init: &Path, out: &Path, steps: usize| PairFitArgs {
-        init: init.to_path_buf(),
-        out: out.to_path_buf(),
         task: Some(PairTask::ColourColumn),
-        data: None,
         train_examples: Some(2000),
         test_examples: Some(500),
         steps: Some(steps),
-        batch_size: None,
-        lr: None,
-        seed: 0,
         settings: Some(RestoreSettings {
             token_steps: 200,
             ..RestoreSettings::default()
         }),
-        device: "cpu".into(),
-        devices: 1,
-        network: None,
         command: "e2e restore".into(),
         quiet: true,
+        ..PairFitArgs::new(init, out)
     };
     let fusion = root.join("fusion");
     let outcome = fit_fusion::<duet_train::backend::CpuBackend>(
@@ -188,25 +180,15 @@ fn fusion_and_restore_learn_a_labelled_folders_classes() {
         Some(Label::Name(task.class_name(examples[i].label)))
     });
     let args = |init: &Path, out: &Path, steps: usize, data: Option<&Path>| PairFitArgs {
-        init: init.to_path_buf(),
-        out: out.to_path_buf(),
-        task: None,
         data: data.map(Path::to_path_buf),
-        train_examples: None,
-        test_examples: None,
         steps: Some(steps),
-        batch_size: None,
-        lr: None,
-        seed: 0,
         settings: Some(RestoreSettings {
             token_steps: 20,
             ..RestoreSettings::default()
         }),
-        device: "cpu".into(),
-        devices: 1,
-        network: None,
         command: "e2e restore folder".into(),
         quiet: true,
+        ..PairFitArgs::new(init, out)
     };
     let cpu = Default::default();
 

@@ -341,6 +341,33 @@ pub struct FitArgs {
     pub quiet: bool,
 }
 
+impl FitArgs {
+    /// A fresh run of `preset` on `data` into `out` with every stage default: seed 0, one CPU
+    /// peer, progress shown, no command recorded. Callers set what they need with struct
+    /// update syntax (`FitArgs { steps: Some(10), ..FitArgs::new(..) }`).
+    pub fn new(preset: Preset, data: Vec<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            preset,
+            data,
+            out: out.into(),
+            steps: None,
+            batch_size: None,
+            lr: None,
+            seed: 0,
+            resume: false,
+            image_size: None,
+            image_fit: None,
+            tokenizer: None,
+            init_from: None,
+            device: "cpu".into(),
+            devices: 1,
+            network: None,
+            command: String::new(),
+            quiet: false,
+        }
+    }
+}
+
 /// Image side of a fresh run whose data has no generated dataset to take it from.
 pub const DEFAULT_IMAGE_SIDE: usize = 32;
 /// How a fresh run fits images of other shapes: padding keeps all of a photo.

@@ -100,6 +100,33 @@ pub struct DreamFitArgs {
     pub quiet: bool,
 }
 
+impl DreamFitArgs {
+    /// A run from the generate run `init` on `data` into `out` with every stage default (see
+    /// [`crate::stages::caption::FitArgs::new`]).
+    pub fn new(init: impl Into<PathBuf>, data: Vec<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            init: init.into(),
+            data,
+            out: out.into(),
+            steps: None,
+            batch_size: None,
+            lr: None,
+            queries: None,
+            understanding_weight: None,
+            distill_weight: None,
+            generation_weight: None,
+            token_weight: None,
+            seed: 0,
+            resume: false,
+            device: "cpu".into(),
+            devices: 1,
+            network: None,
+            command: String::new(),
+            quiet: false,
+        }
+    }
+}
+
 /// Summary of a finished dream run.
 #[derive(Debug, Clone)]
 pub struct DreamOutcome {

@@ -1,5 +1,5 @@
-//! Helpers the training tests share: the tiny caption run they start from, and comparing
-//! checkpoints.
+//! Helpers the training tests share: the tiny caption, generate and dream runs they start
+//! from, and comparing checkpoints.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -9,28 +9,19 @@ use duet_models::params::NamedTensors;
 use duet_models::Preset;
 use duet_train::backend::CpuBackend;
 use duet_train::stages::caption::{fit, FitArgs};
+use duet_train::stages::dream::DreamFitArgs;
 use duet_train::stages::generate::{fit_generate, GenerateFitArgs};
 
 /// A tiny caption run on `data` into `out`: `steps` steps of batch 8, seed 7, one device.
 pub fn caption_args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitArgs {
     FitArgs {
-        preset: Preset::Tiny,
-        data: vec![data.to_path_buf()],
-        out: out.to_path_buf(),
         steps: Some(steps),
         batch_size: Some(8),
-        lr: None,
         seed: 7,
         resume,
-        image_size: None,
-        image_fit: None,
-        tokenizer: None,
-        init_from: None,
-        device: "cpu".into(),
-        devices: 1,
-        network: None,
         command: "test".into(),
         quiet: true,
+        ..FitArgs::new(Preset::Tiny, vec![data.to_path_buf()], out)
     }
 }
 
@@ -38,21 +29,33 @@ pub fn caption_args(data: &Path, out: &Path, steps: usize, resume: bool) -> FitA
 /// batch 8, seed 1, one device.
 pub fn generate_args(init: &Path, data: Vec<PathBuf>, out: &Path, steps: usize) -> GenerateFitArgs {
     GenerateFitArgs {
-        init: init.to_path_buf(),
-        data,
-        out: out.to_path_buf(),
         steps: Some(steps),
         batch_size: Some(8),
-        lr: None,
-        min_snr_gamma: None,
-        denoiser: Default::default(),
         seed: 1,
-        resume: false,
-        device: "cpu".into(),
-        devices: 1,
-        network: None,
         command: "test".into(),
         quiet: true,
+        ..GenerateFitArgs::new(init, data, out)
+    }
+}
+
+/// A tiny dream run from the generate run `init` on `data` into `out`: `steps` steps of batch
+/// 4 with 3 queries, seed 5, one device.
+pub fn dream_args(
+    init: &Path,
+    data: &Path,
+    out: &Path,
+    steps: usize,
+    resume: bool,
+) -> DreamFitArgs {
+    DreamFitArgs {
+        steps: Some(steps),
+        batch_size: Some(4),
+        queries: Some(3),
+        seed: 5,
+        resume,
+        command: "test".into(),
+        quiet: true,
+        ..DreamFitArgs::new(init, vec![data.to_path_buf()], out)
     }
 }
 

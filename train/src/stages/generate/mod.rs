@@ -106,6 +106,30 @@ pub struct GenerateFitArgs {
     pub quiet: bool,
 }
 
+impl GenerateFitArgs {
+    /// A run from the caption run `init` on `data` into `out` with every stage default (see
+    /// [`crate::stages::caption::FitArgs::new`]).
+    pub fn new(init: impl Into<PathBuf>, data: Vec<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            init: init.into(),
+            data,
+            out: out.into(),
+            steps: None,
+            batch_size: None,
+            lr: None,
+            min_snr_gamma: None,
+            denoiser: DenoiserOptions::default(),
+            seed: 0,
+            resume: false,
+            device: "cpu".into(),
+            devices: 1,
+            network: None,
+            command: String::new(),
+            quiet: false,
+        }
+    }
+}
+
 /// Summary of a finished generate run.
 #[derive(Debug, Clone)]
 pub struct GenerateOutcome {
@@ -194,6 +218,7 @@ pub fn fit_generate_on<B: AutodiffBackend>(
                 min_snr_gamma: args.min_snr_gamma,
                 ..DiffusionSettings::default()
             },
+            tokenizer: Some(init.tokenizer.clone()),
         };
         (cfg, None)
     };

@@ -126,6 +126,7 @@ pub fn fit_fusion<B: AutodiffBackend>(
         None,
         Some(generator.diffusion),
     );
+    cfg.tokenizer = generator.tokenizer;
     // A folder's counts are its own.
     if let Some(e) = &folder_examples {
         cfg.train_examples = e.train.len();

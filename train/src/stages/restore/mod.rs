@@ -69,6 +69,32 @@ pub struct PairFitArgs {
     pub quiet: bool,
 }
 
+impl PairFitArgs {
+    /// A fusion run from the generate run `init`, or a restore run from the fusion run `init`,
+    /// into `out` with every stage default (see [`crate::stages::caption::FitArgs::new`]); a
+    /// fusion run also needs `task` or `data`.
+    pub fn new(init: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            init: init.into(),
+            out: out.into(),
+            task: None,
+            data: None,
+            train_examples: None,
+            test_examples: None,
+            steps: None,
+            batch_size: None,
+            lr: None,
+            seed: 0,
+            settings: None,
+            device: "cpu".into(),
+            devices: 1,
+            network: None,
+            command: String::new(),
+            quiet: false,
+        }
+    }
+}
+
 /// The outcome of a fusion or restore run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PairOutcome {
@@ -114,6 +140,8 @@ fn resolve_config(
         command: args.command.clone(),
         settings: (stage == Stage::Restore).then(|| args.settings.clone().unwrap_or_default()),
         generator_diffusion,
+        // The fusion stage sets its generator's.
+        tokenizer: from.and_then(|f| f.tokenizer.clone()),
     }
 }
 
